@@ -1,0 +1,164 @@
+# gorgon — one non-recursive Makefile; each folder adds itself through module.mk.
+#
+#   make                 build everything (release mode, build/release/)
+#   make test            build and run every Criterion suite
+#   make run             build, start gorgond, talk to it, stop it
+#   make bench           run gorgon-bench suites
+#   make deps            install missing Debian packages (deploy/install-deps.sh)
+#
+# Knobs: MODE=release|debug  SAN=address,undefined|thread  V=1  WERROR=1
+#        CUDA=auto|0|1 (auto: on when nvcc is found)
+
+MODE   ?= release
+SAN    ?=
+V      ?= 0
+WERROR ?= 0
+CUDA   ?= auto
+
+# Each (mode, sanitizer) pair gets its own object tree so that switching knobs
+# never mixes instrumented and plain objects.
+comma := ,
+ifeq ($(SAN),)
+B := build/$(MODE)
+else
+B := build/$(MODE)-$(subst $(comma),_,$(SAN))
+endif
+BIN := build/bin
+
+ifeq ($(V),1)
+Q :=
+else
+Q := @
+endif
+
+CC      ?= cc
+ifeq ($(origin CC),default)
+CC := gcc
+endif
+NVCC_PATH := $(shell command -v nvcc 2>/dev/null || { test -x /usr/local/cuda/bin/nvcc && echo /usr/local/cuda/bin/nvcc; })
+ifeq ($(CUDA),auto)
+ifneq ($(NVCC_PATH),)
+CUDA := 1
+else
+CUDA := 0
+endif
+endif
+NVCC ?= $(if $(NVCC_PATH),$(NVCC_PATH),nvcc)
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
+
+WARN := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Wvla
+ifeq ($(WERROR),1)
+WARN += -Werror
+endif
+
+ifeq ($(MODE),debug)
+OPT := -O0 -g3
+else
+OPT := -O2 -g
+endif
+
+CPPFLAGS += -D_GNU_SOURCE -I. -MMD -MP
+CFLAGS   += -std=c17 $(OPT) $(WARN) -fno-strict-aliasing -pthread -fPIC
+LDFLAGS  += -pthread
+LDLIBS   +=
+
+ifneq ($(SAN),)
+CFLAGS  += -fsanitize=$(SAN) -fno-omit-frame-pointer
+LDFLAGS += -fsanitize=$(SAN)
+ifneq ($(findstring undefined,$(SAN)),)
+CFLAGS  += -fno-sanitize-recover=undefined
+endif
+endif
+
+ifeq ($(CUDA),1)
+CPPFLAGS  += -DGORGON_CUDA=1
+NVCCFLAGS ?= -O2 -std=c++17 -Xcompiler -fPIC,-Wall
+endif
+
+PKG_CFLAGS := $(shell pkg-config --cflags liburing inih 2>/dev/null)
+CPPFLAGS   += $(PKG_CFLAGS)
+
+# ---------------------------------------------------------------------------
+# Helpers used by module.mk files.
+#
+#   $(call add_lib,NAME,SOURCES)           -> $(B)/lib/libNAME.a
+#   $(call add_prog,NAME,SOURCES,LIBS,LDLIBS) -> $(B)/bin/NAME, linked to build/bin/NAME
+#   $(call add_test,NAME,SOURCES,LIBS,LDLIBS) -> $(B)/tests/NAME (Criterion)
+#
+# LIBS are module library names, most dependent first (e.g. "appliance ipc common").
+# ---------------------------------------------------------------------------
+ALL_PROGS :=
+ALL_TESTS :=
+ALL_LIBS  :=
+
+objs = $(patsubst %.c,$(B)/%.o,$(filter %.c,$(1))) $(patsubst %.cu,$(B)/%.cu.o,$(filter %.cu,$(1)))
+libpaths = $(foreach l,$(1),$(B)/lib/lib$(l).a)
+
+define add_lib
+ALL_LIBS += $(B)/lib/lib$(1).a
+$(B)/lib/lib$(1).a: $(call objs,$(2))
+	@mkdir -p $$(@D)
+	@$(if $(filter 1,$(V)),,echo "  AR      $$@")
+	$(Q)rm -f $$@ && ar rcs $$@ $$^
+endef
+
+define add_prog
+ALL_PROGS += $(BIN)/$(1)
+$(B)/bin/$(1): $(call objs,$(2)) $(call libpaths,$(3))
+	@mkdir -p $$(@D)
+	@$(if $(filter 1,$(V)),,echo "  LD      $$@")
+	$(Q)$$(CC) $$(LDFLAGS) -o $$@ $(call objs,$(2)) $(call libpaths,$(3)) $(4) $$(LDLIBS)
+$(BIN)/$(1): $(B)/bin/$(1)
+	@mkdir -p $$(@D)
+	$(Q)ln -sfn ../$(patsubst build/%,%,$(B))/bin/$(1) $$@
+endef
+
+define add_test
+ALL_TESTS += $(B)/tests/$(1)
+$(B)/tests/$(1): $(call objs,$(2)) $(call libpaths,$(3))
+	@mkdir -p $$(@D)
+	@$(if $(filter 1,$(V)),,echo "  LD      $$@")
+	$(Q)$$(CC) $$(LDFLAGS) -o $$@ $(call objs,$(2)) $(call libpaths,$(3)) $(4) -lcriterion $$(LDLIBS)
+endef
+
+.PHONY: all test run bench deps clean fuzz
+all:
+
+# Dependency step: a cheap dpkg check at parse time, the installer only when
+# something is missing, so that `make run` / `make test` work on a fresh machine.
+ifeq ($(filter deps clean,$(MAKECMDGOALS)),)
+ifneq ($(shell deploy/install-deps.sh --check >/dev/null 2>&1 && echo ok),ok)
+$(info gorgon: some Debian packages are missing; running deploy/install-deps.sh)
+DEPS_LOG := $(shell deploy/install-deps.sh >&2; echo $$?)
+ifneq ($(DEPS_LOG),0)
+$(error deploy/install-deps.sh failed; run it by hand to see why)
+endif
+endif
+endif
+
+# Module files, in dependency order (later ones use earlier ones' variables).
+MODULES := common ipc kernels kernels/cuda engine appliance clients tests deploy
+include $(wildcard $(addsuffix /module.mk,$(MODULES)))
+
+all: $(ALL_PROGS) $(ALL_LIBS)
+
+$(B)/%.o: %.c
+	@mkdir -p $(@D)
+	@$(if $(filter 1,$(V)),,echo "  CC      $<")
+	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) $(CFLAGS_$(subst /,_,$*)) -c -o $@ $<
+
+$(B)/%.cu.o: %.cu
+	@mkdir -p $(@D)
+	@$(if $(filter 1,$(V)),,echo "  NVCC    $<")
+	$(Q)$(NVCC) $(NVCCFLAGS) -I. -DGORGON_CUDA=1 -c -o $@ $<
+
+deps:
+	$(Q)deploy/install-deps.sh
+
+test: all $(ALL_TESTS)
+	$(Q)tests/run-tests.sh $(ALL_TESTS)
+
+clean:
+	rm -rf build
+
+-include $(shell find $(B) -name '*.d' 2>/dev/null)

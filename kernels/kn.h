@@ -1,0 +1,172 @@
+/* kernels — the backend op table (kn_ops) that the engine's forward pass runs
+ * on. One table per backend/variant: the scalar CPU table is the reference
+ * every other implementation (AVX2, AVX-512, later CUDA) is tested against.
+ *
+ * Position in the request path: workers call the engine, the engine calls
+ * these ops for every layer of every step. Ops are hot: they allocate nothing,
+ * log nothing and take no locks (scratch comes from the caller or from the
+ * context, sized at setup).
+ *
+ * Threading: a kn_ctx owns a persistent thread pool (created once; no thread
+ * creation per op). Ops on one ctx are called from one thread at a time; they
+ * fan out internally over the pool and return when all work is done.
+ *
+ *   kn_ctx *ctx;
+ *   kn_ctx_create(&ctx, &(kn_ctx_cfg){.n_threads = 2, .variant = KN_VARIANT_AUTO});
+ *   const kn_ops *ops = kn_ctx_ops(ctx);
+ *   ops->matmul(ctx, &W, x, M, y);       // y[M][W.rows] = x[M][W.cols] · Wᵀ
+ *   kn_ctx_destroy(ctx);
+ *
+ * Layouts (GGUF convention): a weight used as y = W·x with x of length n_in
+ * is stored as n_out rows of n_in contiguous elements; quantised types are
+ * stored in blocks of 32 along a row (n_in % 32 == 0 for Q8_0/Q4_0).
+ */
+#ifndef GORGON_KN_H
+#define GORGON_KN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Values equal ggml's type ids so GGUF tensor types map directly. */
+enum kn_dtype {
+    KN_F32 = 0,
+    KN_F16 = 1,
+    KN_Q4_0 = 2,
+    KN_Q8_0 = 8,
+    KN_BF16 = 30,
+};
+
+#define KN_QK 32 /* elements per Q8_0 / Q4_0 block */
+
+/* Bytes of one row of n elements of dtype t; 0 for an unknown type or when n
+ * is not a multiple of the block size. */
+size_t kn_row_bytes(enum kn_dtype t, int64_t n);
+const char *kn_dtype_name(enum kn_dtype t);
+
+/* A read-only 2-D weight: rows × cols, row-major, `data` points into the
+ * mmapped model file (or any caller-owned memory that outlives the tensor). */
+typedef struct kn_tensor {
+    const void *data;
+    enum kn_dtype type;
+    int64_t rows; /* n_out */
+    int64_t cols; /* n_in (contiguous) */
+} kn_tensor;
+
+enum kn_variant {
+    KN_VARIANT_AUTO = 0, /* best the CPU supports (cm_cpu()) */
+    KN_VARIANT_SCALAR,
+    KN_VARIANT_AVX2,
+    KN_VARIANT_AVX512,
+    KN_VARIANT_COUNT,
+};
+const char *kn_variant_name(enum kn_variant v);
+/* Whether this CPU can run variant v (SCALAR: always). */
+int kn_variant_supported(enum kn_variant v);
+
+typedef struct kn_ctx kn_ctx;
+
+typedef struct kn_ctx_cfg {
+    int n_threads;             /* <= 0: number of online CPUs */
+    enum kn_variant variant;   /* AUTO picks the best supported */
+    const int *cpus;           /* optional: pin pool thread i to cpus[i] (n_threads entries) */
+} kn_ctx_cfg;
+
+/* Paged attention over a KV cache.
+ *
+ * The KV pool of one layer is an array of blocks; block b holds, for
+ * block_size consecutive positions, K then V... precisely:
+ *   k_pool: [n_blocks][block_size][n_kv_head][head_dim] float
+ *   v_pool: same shape
+ * Position p of the sequence lives in block block_table[p / block_size] at
+ * slot p % block_size.
+ *
+ * The n_q new tokens occupy positions n_past .. n_past + n_q - 1 in the
+ * cache order (their K/V must already be written there). Query i attends to
+ * every cached position < n_past, and to new token j (cache position
+ * n_past + j) when mask == NULL ? j <= i : mask[i * n_q + j] != 0. (The
+ * RoPE position of a new token is the caller's business: Medusa tree nodes
+ * sit at cache slot n_past + j but have RoPE position n_past + depth.)
+ *
+ *   q:   [n_q][n_head][head_dim]
+ *   out: [n_q][n_head][head_dim]
+ * Query head h uses KV head h / (n_head / n_kv_head). Scores are scaled by
+ * `scale` (normally 1/sqrt(head_dim)); softmax in float32.
+ * `scratch` holds at least kn_attn_scratch_floats(...) floats. */
+typedef struct kn_attn_args {
+    const float *q;
+    float *out;
+    int64_t n_q;
+    int64_t n_past;
+    int n_head, n_kv_head, head_dim;
+    const float *k_pool, *v_pool;
+    const int32_t *block_table;
+    int block_size;
+    const uint8_t *mask; /* optional [n_q][n_q] */
+    float scale;
+    float *scratch;
+} kn_attn_args;
+size_t kn_attn_scratch_floats(int64_t n_ctx_max, int n_threads);
+
+typedef struct kn_ops {
+    const char *name;
+
+    /* y[m][r] = sum_c W[r][c] * x[m][c] for m < M, r < W->rows.
+     * x: [M][W->cols] float, y: [M][W->rows] float (no aliasing).
+     * Quantised weights may quantise x internally into ctx scratch. */
+    void (*matmul)(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t M, float *y);
+
+    /* out[i][:] = dequant(W row ids[i]) for i < n (embedding lookup). */
+    void (*get_rows)(kn_ctx *ctx, const kn_tensor *w, const int32_t *ids, int64_t n,
+                     float *out);
+
+    /* out[m][i] = x[m][i] / sqrt(mean_i(x[m]^2) + eps) * g[i]; in-place allowed. */
+    void (*rmsnorm)(kn_ctx *ctx, const float *x, const float *g, int64_t M, int64_t n,
+                    float eps, float *out);
+
+    /* In place over x[m][n_heads][head_dim]: rotate adjacent pairs (2i, 2i+1)
+     * for 2i < rope_dims by theta = pos[m] * base^(-2i/rope_dims). */
+    void (*rope)(kn_ctx *ctx, float *x, int64_t M, int n_heads, int head_dim, int rope_dims,
+                 const int32_t *pos, float base);
+
+    /* gate[i] = silu(gate[i]) * up[i] for i < n (SwiGLU). */
+    void (*silu_mul)(kn_ctx *ctx, float *gate, const float *up, int64_t n);
+
+    /* y[i] += x[i] for i < n (residual). */
+    void (*add)(kn_ctx *ctx, float *y, const float *x, int64_t n);
+
+    /* See kn_attn_args. */
+    void (*attention)(kn_ctx *ctx, const kn_attn_args *a);
+} kn_ops;
+
+int kn_ctx_create(kn_ctx **out, const kn_ctx_cfg *cfg);
+void kn_ctx_destroy(kn_ctx *ctx);
+const kn_ops *kn_ctx_ops(const kn_ctx *ctx);
+enum kn_variant kn_ctx_variant(const kn_ctx *ctx);
+int kn_ctx_threads(const kn_ctx *ctx);
+
+/* The op table of a given variant (NULL when unsupported on this CPU); lets
+ * tests run every variant against the scalar reference on one ctx. */
+const kn_ops *kn_ops_for(enum kn_variant v);
+
+/* Run fn(arg, i) for i in [0, n) across the ctx's pool (calling thread
+ * included) and wait. For the engine's own parallel loops. */
+typedef void (*kn_task_fn)(void *arg, int64_t i);
+void kn_parallel_for(kn_ctx *ctx, int64_t n, kn_task_fn fn, void *arg);
+
+/* Conversions used by loaders, tests and tools. */
+float kn_f16_to_f32(uint16_t h);
+uint16_t kn_f32_to_f16(float f);
+float kn_bf16_to_f32(uint16_t h);
+uint16_t kn_f32_to_bf16(float f); /* round to nearest even */
+/* Quantise n floats (n % 32 == 0) into dst in dtype t (F32/F16/BF16/Q8_0/Q4_0),
+ * the ggml reference rounding. Returns bytes written or -EINVAL. */
+int64_t kn_quantize_row(enum kn_dtype t, const float *src, int64_t n, void *dst);
+/* Dequantise one row of n elements. */
+void kn_dequantize_row(enum kn_dtype t, const void *src, int64_t n, float *dst);
+
+/* Memory read bandwidth of this machine: the fastest multi-threaded streaming
+ * read over `bytes` (choose well above the last-level cache), best of `reps`.
+ * Returns bytes/s. */
+double kn_measure_read_bandwidth(kn_ctx *ctx, size_t bytes, int reps);
+
+#endif
