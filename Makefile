@@ -113,12 +113,15 @@ $(BIN)/$(1): $(B)/bin/$(1)
 	$(Q)ln -sfn ../$(patsubst build/%,%,$(B))/bin/$(1) $$@
 endef
 
+# Sanitizer builds link a shim that works around Criterion under ASan/TSan (see the file).
+TEST_SHIM := $(if $(SAN),$(B)/tests/sanitizer_shim.o)
+
 define add_test
 ALL_TESTS += $(B)/tests/$(1)
-$(B)/tests/$(1): $(call objs,$(2)) $(call libpaths,$(3))
+$(B)/tests/$(1): $(call objs,$(2)) $(call libpaths,$(3)) $(TEST_SHIM)
 	@mkdir -p $$(@D)
 	@$(if $(filter 1,$(V)),,echo "  LD      $$@")
-	$(Q)$$(CC) $$(LDFLAGS) -o $$@ $(call objs,$(2)) $(call libpaths,$(3)) $(4) -lcriterion $$(LDLIBS)
+	$(Q)$$(CC) $$(LDFLAGS) -o $$@ $(call objs,$(2)) $(TEST_SHIM) $(call libpaths,$(3)) $(4) -lcriterion -ldl $$(LDLIBS)
 endef
 
 .PHONY: all test run bench deps clean fuzz
@@ -137,7 +140,7 @@ endif
 endif
 
 # Module files, in dependency order (later ones use earlier ones' variables).
-MODULES := common ipc kernels kernels/cuda engine appliance clients tests deploy
+MODULES := common ipc kernels kernels/cuda engine appliance clients clients/bench tests tests/fuzz deploy
 include $(wildcard $(addsuffix /module.mk,$(MODULES)))
 
 all: $(ALL_PROGS) $(ALL_LIBS)
@@ -162,3 +165,11 @@ clean:
 	rm -rf build
 
 -include $(shell find $(B) -name '*.d' 2>/dev/null)
+
+run: all
+	$(Q)deploy/run-demo.sh
+
+# Benchmarks: the IPC suite and, when a model is given (MODEL=FILE), the engine suite.
+bench: all
+	$(Q)$(BIN)/gorgon-bench ipc
+	$(Q)if [ -n "$(MODEL)" ]; then $(BIN)/gorgon-bench engine --model "$(MODEL)"; fi

@@ -10,9 +10,10 @@
 #   libcriterion-dev             unit and integration tests
 #   libinih-dev                  INI config files (common/cm_config.c) rather than a hand-written parser
 #   clang, libclang-rt-14-dev    libFuzzer targets under tests/fuzz/
+#   libjansson-dev               strict JSON (safetensors headers, Medusa config.json and trees)
 set -euo pipefail
 
-PKGS=(build-essential pkg-config liburing-dev libnuma-dev libcriterion-dev libinih-dev clang libclang-rt-14-dev)
+PKGS=(build-essential pkg-config liburing-dev libnuma-dev libcriterion-dev libinih-dev clang libclang-rt-14-dev libjansson-dev)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -3,5 +3,5 @@
 engine_SRCS := $(wildcard engine/*.c)
 $(eval $(call add_lib,engine,$(engine_SRCS)))
 ENGINE_LIBS   := engine kernels common
-ENGINE_LDLIBS := $(KERNELS_LDLIBS) $(COMMON_LDLIBS) -lnuma -lm
+ENGINE_LDLIBS := $(KERNELS_LDLIBS) $(COMMON_LDLIBS) -ljansson -lnuma -lm
 $(foreach f,$(wildcard engine/tools/*.c),$(eval $(call add_prog,gorgon-$(subst _,-,$(basename $(notdir $(f)))),$(f),$(ENGINE_LIBS),$(ENGINE_LDLIBS))))

@@ -6,3 +6,6 @@ endef
 $(eval $(call test_dir,common,common,$(COMMON_LDLIBS)))
 $(eval $(call test_dir,kernels,kernels common,$(KERNELS_LDLIBS) $(COMMON_LDLIBS)))
 $(eval $(call test_dir,engine,$(ENGINE_LIBS),$(ENGINE_LDLIBS)))
+$(eval $(call test_dir,ipc,ipc common,$(IPC_LDLIBS) $(COMMON_LDLIBS)))
+$(eval $(call test_dir,clients,gorgon ipc common,$(IPC_LDLIBS) $(COMMON_LDLIBS)))
+$(eval $(call test_dir,appliance,gorgon ipc common,$(IPC_LDLIBS) $(COMMON_LDLIBS)))

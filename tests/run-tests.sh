@@ -8,7 +8,7 @@ for t in "$@"; do
     echo "=== $name"
     out=$("$t" --jobs="${GORGON_TEST_JOBS:-2}" 2>&1)
     rc=$?
-    printf '%s\n' "$out" | grep -vE '^\[----\]|^$' | grep -E '\[FAIL\]|\[SKIP\]|CRASH|Assertion|Timed out|signal|ERROR|Synthesis' || true
+    printf '%s\n' "$out" | grep -E '\[FAIL\]|\[SKIP\]|^\[----\] .*:[0-9]+:|CRASH|Timed out|Synthesis' || true
     syn=$(printf '%s\n' "$out" | grep 'Synthesis' | tail -n 1)
     if [[ -z "$syn" ]]; then
         echo "$name: no Criterion summary (exit $rc)"

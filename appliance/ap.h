@@ -1,0 +1,72 @@
+/* ap — gorgond, the supervisor: one io_uring loop that accepts clients on the
+ * control socket, gives each a sealed shared-memory region (its session),
+ * busy-polls every session's submission ring for `poll_us`, then sleeps on
+ * IORING_OP_FUTEX_WAIT of every SQ doorbell together with the accept, the
+ * client hang-up polls, a signalfd and the stats timer.
+ *
+ * Threading: single-threaded. Everything here runs on the loop thread; the
+ * only cross-process state is the client regions, which are untrusted.
+ *
+ *   ap_config cfg;
+ *   ap_config_defaults(&cfg);
+ *   if (ap_config_from_args(&cfg, argc, argv) < 0) return 2;   // file + flags
+ *   ap_server *srv;
+ *   if (ap_server_create(&srv, &cfg) < 0) return 1;
+ *   int rc = ap_server_run(srv);          // returns 0 after SIGTERM/SIGINT
+ *   ap_server_destroy(srv);               // unlinks the socket
+ */
+#ifndef GORGON_AP_H
+#define GORGON_AP_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <sys/types.h>
+
+#define AP_MAX_ALLOW 64
+#define AP_PATH_MAX 108 /* sizeof(sockaddr_un.sun_path) */
+
+typedef struct ap_config {
+    char socket[AP_PATH_MAX];
+    char config_path[4096]; /* "" when no --config; SIGHUP re-reads log_level from it */
+    uid_t allow_uids[AP_MAX_ALLOW];
+    size_t n_allow_uids;
+    gid_t allow_gids[AP_MAX_ALLOW];
+    size_t n_allow_gids;
+    int64_t poll_us;          /* busy-poll budget before sleeping; 0: sleep at once */
+    uint32_t sq_entries;      /* per client, power of two */
+    uint32_t cq_entries;      /* per client, power of two */
+    uint32_t slots;           /* request slots per client */
+    uint32_t slot_in_bytes;   /* per slot */
+    uint32_t slot_out_bytes;  /* per slot */
+    uint32_t max_clients;     /* established sessions at once */
+    int64_t stats_interval_s; /* 0: no periodic stats line */
+    bool hugepages;
+    int numa_node; /* -1: no binding */
+    int log_level; /* enum cm_log_level */
+    bool foreground;
+    bool eventfd_doorbells; /* force the eventfd fallback (testing) */
+} ap_config;
+
+/* Built-in defaults (socket: $GORGON_SOCKET, else IPC_DEFAULT_SOCKET). */
+void ap_config_defaults(ap_config *cfg);
+/* Apply `--config FILE` (section [gorgond]) first, then every other flag on
+ * top (flags override the file). Returns 0, 1 when --help/--version was
+ * printed (caller exits 0), or -EINVAL with the error printed to stderr. */
+int ap_config_from_args(ap_config *cfg, int argc, char **argv);
+/* Apply the [gorgond] keys of one INI file. 0, -ENOENT or -EINVAL (message
+ * printed to stderr naming the key). */
+int ap_config_load_file(ap_config *cfg, const char *path);
+void ap_config_usage(FILE *f);
+
+typedef struct ap_server ap_server;
+
+/* Listen on cfg->socket (creating its parent directory) and set up the loop.
+ * On error nothing is left open and the reason is logged. */
+int ap_server_create(ap_server **out, const ap_config *cfg);
+/* Run until SIGTERM/SIGINT: 0 on a clean stop, -errno on a fatal error. */
+int ap_server_run(ap_server *srv);
+/* Close every session, unlink the socket, free. NULL is a no-op. */
+void ap_server_destroy(ap_server *srv);
+
+#endif

@@ -1,0 +1,329 @@
+/* gorgond configuration: defaults, then the [gorgond] section of --config,
+ * then flags. Every bad value is reported naming the key or flag. */
+#include <errno.h>
+#include <getopt.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "appliance/ap.h"
+#include "common/common.h"
+#include "ipc/ipc.h"
+
+void ap_config_defaults(ap_config *cfg)
+{
+    memset(cfg, 0, sizeof(*cfg));
+    snprintf(cfg->socket, sizeof(cfg->socket), "%s", ipc_socket_path(NULL));
+    cfg->poll_us = 50;
+    cfg->sq_entries = 256;
+    cfg->cq_entries = 512;
+    cfg->slots = 64;
+    cfg->slot_in_bytes = 16384;
+    cfg->slot_out_bytes = 65536;
+    cfg->max_clients = 256;
+    cfg->stats_interval_s = 60;
+    cfg->numa_node = -1;
+    cfg->log_level = CM_LOG_INFO;
+}
+
+void ap_config_usage(FILE *f)
+{
+    fprintf(f,
+            "usage: gorgond [options]\n"
+            "  --config FILE        INI file, section [gorgond] (flags override it)\n"
+            "  --socket PATH        control socket (default: $GORGON_SOCKET or %s)\n"
+            "  --allow-uid U[,U..]  uids allowed to connect (root and our own uid always are)\n"
+            "  --allow-gid G[,G..]  gids allowed to connect\n"
+            "  --poll-us N          busy-poll budget before sleeping (0: sleep at once)\n"
+            "  --sq-entries N       submission ring entries per client (power of two)\n"
+            "  --cq-entries N       completion ring entries per client (power of two)\n"
+            "  --slots N            request slots per client\n"
+            "  --slot-in-bytes N    input buffer per slot\n"
+            "  --slot-out-bytes N   output buffer per slot\n"
+            "  --max-clients N      sessions at once (more get -EUSERS)\n"
+            "  --stats-interval-s N log a stats line every N s (0: never)\n"
+            "  --hugepages          back regions with huge pages when possible\n"
+            "  --numa-node N        bind regions to NUMA node N (-1: no binding)\n"
+            "  --log-level L        error|warn|info|debug|trace\n"
+            "  --foreground         do not fork into the background\n"
+            "  --eventfd-doorbells  sleep on eventfds even if io_uring FUTEX_WAIT works\n"
+            "  --help\n"
+            "config keys: socket allow_uids allow_gids poll_us sq_entries cq_entries slots\n"
+            "  slot_in_bytes slot_out_bytes max_clients stats_interval_s hugepages numa_node\n"
+            "  log_level foreground eventfd_doorbells\n",
+            IPC_DEFAULT_SOCKET);
+}
+
+static int parse_i64(const char *what, const char *s, int64_t min, int64_t max, int64_t *out)
+{
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 0);
+    if (errno || end == s || *end || v < min || v > max) {
+        fprintf(stderr, "gorgond: %s: '%s' is not an integer in [%lld, %lld]\n", what, s,
+                (long long)min, (long long)max);
+        return -EINVAL;
+    }
+    *out = v;
+    return 0;
+}
+
+static int parse_u32(const char *what, const char *s, uint32_t min, uint32_t max, uint32_t *out)
+{
+    int64_t v;
+    int rc = parse_i64(what, s, min, max, &v);
+    if (rc == 0)
+        *out = (uint32_t)v;
+    return rc;
+}
+
+static int parse_id_list(const char *what, const char *s, uint32_t *ids, size_t *n)
+{
+    char buf[1024];
+    if (strlen(s) >= sizeof(buf)) {
+        fprintf(stderr, "gorgond: %s: list too long\n", what);
+        return -EINVAL;
+    }
+    strcpy(buf, s);
+    size_t k = 0;
+    char *save = NULL;
+    for (char *tok = strtok_r(buf, ", ", &save); tok; tok = strtok_r(NULL, ", ", &save)) {
+        int64_t v;
+        if (k == AP_MAX_ALLOW) {
+            fprintf(stderr, "gorgond: %s: more than %d ids\n", what, AP_MAX_ALLOW);
+            return -EINVAL;
+        }
+        CM_TRY(parse_i64(what, tok, 0, UINT32_MAX - 1, &v));
+        ids[k++] = (uint32_t)v;
+    }
+    *n = k;
+    return 0;
+}
+
+static int parse_bool(const char *what, const char *s, bool *out)
+{
+    if (!strcmp(s, "1") || !strcasecmp(s, "true") || !strcasecmp(s, "yes") || !strcasecmp(s, "on")) {
+        *out = true;
+        return 0;
+    }
+    if (!strcmp(s, "0") || !strcasecmp(s, "false") || !strcasecmp(s, "no") || !strcasecmp(s, "off")) {
+        *out = false;
+        return 0;
+    }
+    fprintf(stderr, "gorgond: %s: '%s' is not a boolean\n", what, s);
+    return -EINVAL;
+}
+
+/* One key = value, from the file ("gorgond.key") or a flag (long name). */
+static int apply(ap_config *cfg, const char *key, const char *val)
+{
+    if (!strcmp(key, "socket")) {
+        if (!*val || strlen(val) >= sizeof(cfg->socket)) {
+            fprintf(stderr, "gorgond: socket: path empty or longer than %zu bytes\n",
+                    sizeof(cfg->socket) - 1);
+            return -EINVAL;
+        }
+        snprintf(cfg->socket, sizeof(cfg->socket), "%s", val);
+        return 0;
+    }
+    if (!strcmp(key, "allow_uids") || !strcmp(key, "allow_uid"))
+        return parse_id_list(key, val, cfg->allow_uids, &cfg->n_allow_uids);
+    if (!strcmp(key, "allow_gids") || !strcmp(key, "allow_gid"))
+        return parse_id_list(key, val, cfg->allow_gids, &cfg->n_allow_gids);
+    if (!strcmp(key, "poll_us"))
+        return parse_i64(key, val, 0, 10000000, &cfg->poll_us);
+    if (!strcmp(key, "sq_entries"))
+        return parse_u32(key, val, IPC_RING_MIN_ENTRIES, IPC_RING_MAX_ENTRIES, &cfg->sq_entries);
+    if (!strcmp(key, "cq_entries"))
+        return parse_u32(key, val, IPC_RING_MIN_ENTRIES, IPC_RING_MAX_ENTRIES, &cfg->cq_entries);
+    if (!strcmp(key, "slots"))
+        return parse_u32(key, val, 1, IPC_MAX_SLOTS, &cfg->slots);
+    if (!strcmp(key, "slot_in_bytes"))
+        return parse_u32(key, val, 64, IPC_SLOT_MAX_BYTES, &cfg->slot_in_bytes);
+    if (!strcmp(key, "slot_out_bytes"))
+        return parse_u32(key, val, 64, IPC_SLOT_MAX_BYTES, &cfg->slot_out_bytes);
+    if (!strcmp(key, "max_clients"))
+        return parse_u32(key, val, 1, 65536, &cfg->max_clients);
+    if (!strcmp(key, "stats_interval_s"))
+        return parse_i64(key, val, 0, 86400 * 365, &cfg->stats_interval_s);
+    if (!strcmp(key, "hugepages"))
+        return parse_bool(key, val, &cfg->hugepages);
+    if (!strcmp(key, "foreground"))
+        return parse_bool(key, val, &cfg->foreground);
+    if (!strcmp(key, "eventfd_doorbells"))
+        return parse_bool(key, val, &cfg->eventfd_doorbells);
+    if (!strcmp(key, "numa_node")) {
+        int64_t v;
+        CM_TRY(parse_i64(key, val, -1, 1023, &v));
+        cfg->numa_node = (int)v;
+        return 0;
+    }
+    if (!strcmp(key, "log_level")) {
+        int lvl = cm_log_parse_level(val);
+        if (lvl < 0) {
+            fprintf(stderr, "gorgond: log_level: '%s' is not error|warn|info|debug|trace\n", val);
+            return -EINVAL;
+        }
+        cfg->log_level = lvl;
+        return 0;
+    }
+    fprintf(stderr, "gorgond: unknown key '%s'\n", key);
+    return -EINVAL;
+}
+
+static bool is_pow2(uint32_t v)
+{
+    return v && !(v & (v - 1));
+}
+
+static int check(const ap_config *cfg)
+{
+    if (!is_pow2(cfg->sq_entries) || !is_pow2(cfg->cq_entries)) {
+        fprintf(stderr, "gorgond: sq_entries (%u) and cq_entries (%u) must be powers of two\n",
+                cfg->sq_entries, cfg->cq_entries);
+        return -EINVAL;
+    }
+    if (cfg->slot_out_bytes < sizeof(struct ipc_stats)) {
+        fprintf(stderr, "gorgond: slot_out_bytes must be at least %zu\n", sizeof(struct ipc_stats));
+        return -EINVAL;
+    }
+    return 0;
+}
+
+int ap_config_load_file(ap_config *cfg, const char *path)
+{
+    cm_config *c;
+    int rc = cm_config_load(&c, path);
+    if (rc < 0) {
+        fprintf(stderr, "gorgond: config %s: %s\n", path,
+                rc == -ENOENT ? "no such file" : cm_config_error());
+        return rc;
+    }
+    size_t n = cm_config_count(c);
+    for (size_t i = 0; i < n && rc == 0; i++) {
+        const char *key, *val;
+        if (cm_config_entry(c, i, &key, &val) < 0)
+            continue;
+        if (strncmp(key, "gorgond.", 8) != 0)
+            continue; /* other sections belong to other programs */
+        rc = apply(cfg, key + 8, val);
+        if (rc < 0)
+            fprintf(stderr, "gorgond: in %s [gorgond] %s\n", path, key + 8);
+    }
+    cm_config_destroy(c);
+    return rc;
+}
+
+enum {
+    OPT_CONFIG = 256,
+    OPT_SOCKET,
+    OPT_ALLOW_UID,
+    OPT_ALLOW_GID,
+    OPT_POLL_US,
+    OPT_SQ,
+    OPT_CQ,
+    OPT_SLOTS,
+    OPT_SLOT_IN,
+    OPT_SLOT_OUT,
+    OPT_MAX_CLIENTS,
+    OPT_STATS,
+    OPT_HUGEPAGES,
+    OPT_NUMA,
+    OPT_LOG_LEVEL,
+    OPT_FOREGROUND,
+    OPT_EVENTFD,
+    OPT_HELP,
+};
+
+static const struct option long_opts[] = {
+    {"config", required_argument, NULL, OPT_CONFIG},
+    {"socket", required_argument, NULL, OPT_SOCKET},
+    {"allow-uid", required_argument, NULL, OPT_ALLOW_UID},
+    {"allow-gid", required_argument, NULL, OPT_ALLOW_GID},
+    {"poll-us", required_argument, NULL, OPT_POLL_US},
+    {"sq-entries", required_argument, NULL, OPT_SQ},
+    {"cq-entries", required_argument, NULL, OPT_CQ},
+    {"slots", required_argument, NULL, OPT_SLOTS},
+    {"slot-in-bytes", required_argument, NULL, OPT_SLOT_IN},
+    {"slot-out-bytes", required_argument, NULL, OPT_SLOT_OUT},
+    {"max-clients", required_argument, NULL, OPT_MAX_CLIENTS},
+    {"stats-interval-s", required_argument, NULL, OPT_STATS},
+    {"hugepages", no_argument, NULL, OPT_HUGEPAGES},
+    {"numa-node", required_argument, NULL, OPT_NUMA},
+    {"log-level", required_argument, NULL, OPT_LOG_LEVEL},
+    {"foreground", no_argument, NULL, OPT_FOREGROUND},
+    {"eventfd-doorbells", no_argument, NULL, OPT_EVENTFD},
+    {"help", no_argument, NULL, OPT_HELP},
+    {NULL, 0, NULL, 0},
+};
+
+static const char *opt_key(int c)
+{
+    switch (c) {
+    case OPT_SOCKET: return "socket";
+    case OPT_ALLOW_UID: return "allow_uids";
+    case OPT_ALLOW_GID: return "allow_gids";
+    case OPT_POLL_US: return "poll_us";
+    case OPT_SQ: return "sq_entries";
+    case OPT_CQ: return "cq_entries";
+    case OPT_SLOTS: return "slots";
+    case OPT_SLOT_IN: return "slot_in_bytes";
+    case OPT_SLOT_OUT: return "slot_out_bytes";
+    case OPT_MAX_CLIENTS: return "max_clients";
+    case OPT_STATS: return "stats_interval_s";
+    case OPT_NUMA: return "numa_node";
+    case OPT_LOG_LEVEL: return "log_level";
+    default: return NULL;
+    }
+}
+
+int ap_config_from_args(ap_config *cfg, int argc, char **argv)
+{
+    /* Pass 1: only --config and --help, so the file is applied before any flag. */
+    opterr = 0;
+    optind = 1;
+    int c;
+    while ((c = getopt_long(argc, argv, "", long_opts, NULL)) != -1) {
+        if (c == OPT_HELP) {
+            ap_config_usage(stdout);
+            return 1;
+        }
+        if (c == OPT_CONFIG) {
+            if (strlen(optarg) >= sizeof(cfg->config_path)) {
+                fprintf(stderr, "gorgond: --config: path too long\n");
+                return -EINVAL;
+            }
+            snprintf(cfg->config_path, sizeof(cfg->config_path), "%s", optarg);
+            CM_TRY(ap_config_load_file(cfg, optarg));
+        }
+    }
+    opterr = 1;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "", long_opts, NULL)) != -1) {
+        const char *key = opt_key(c);
+        if (key) {
+            int rc = apply(cfg, key, optarg);
+            if (rc < 0) {
+                fprintf(stderr, "gorgond: bad value for --%s\n", long_opts[c - OPT_CONFIG].name);
+                return rc;
+            }
+            continue;
+        }
+        switch (c) {
+        case OPT_CONFIG:
+        case OPT_HELP: break;
+        case OPT_HUGEPAGES: cfg->hugepages = true; break;
+        case OPT_FOREGROUND: cfg->foreground = true; break;
+        case OPT_EVENTFD: cfg->eventfd_doorbells = true; break;
+        default:
+            ap_config_usage(stderr);
+            return -EINVAL;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "gorgond: unexpected argument '%s'\n", argv[optind]);
+        return -EINVAL;
+    }
+    return check(cfg);
+}

@@ -1,0 +1,118 @@
+/* ap_int.h — gorgond internals shared by ap_loop.c, ap_session.c and
+ * ap_config.c. Never included outside appliance/. */
+#ifndef GORGON_AP_INT_H
+#define GORGON_AP_INT_H
+
+#include <liburing.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/signalfd.h>
+
+#include "appliance/ap.h"
+#include "ipc/ipc.h"
+
+/* io_uring user_data: [tag:8][gen:24][index:32]. The generation makes a
+ * completion that arrives after its session was reclaimed (and the index
+ * reused) recognisably stale. */
+enum ap_tag {
+    AP_TAG_NONE = 0, /* completions we do not care about (cancels, link timeouts) */
+    AP_TAG_ACCEPT,
+    AP_TAG_SIGNAL,
+    AP_TAG_STATS,
+    AP_TAG_HELLO,  /* POLLIN on a connection waiting for its hello */
+    AP_TAG_HUP,    /* POLLRDHUP|POLLHUP on an established session's socket */
+    AP_TAG_FUTEX,  /* FUTEX_WAIT on a session's SQ doorbell (or POLLIN on its wake eventfd) */
+};
+
+static inline uint64_t ap_ud(enum ap_tag tag, uint32_t gen, uint32_t idx)
+{
+    return ((uint64_t)tag << 56) | ((uint64_t)(gen & 0xffffffu) << 32) | idx;
+}
+static inline enum ap_tag ap_ud_tag(uint64_t ud) { return (enum ap_tag)(ud >> 56); }
+static inline uint32_t ap_ud_gen(uint64_t ud) { return (uint32_t)(ud >> 32) & 0xffffffu; }
+static inline uint32_t ap_ud_idx(uint64_t ud) { return (uint32_t)ud; }
+
+enum ap_sess_state {
+    AP_SESS_FREE = 0,
+    AP_SESS_HELLO, /* accepted, waiting for the hello */
+    AP_SESS_LIVE,  /* region handed over, serving */
+};
+
+/* Most descriptors handled per ring per pass: bounds the time one busy
+ * client can hold the loop and sizes the on-stack burst buffers. */
+#define AP_BURST 64u
+
+typedef struct ap_session {
+    enum ap_sess_state state;
+    uint32_t gen;
+    uint32_t idx;
+    int sock;
+    int wake_fd; /* SQ wake eventfd (fallback without IORING_OP_FUTEX_WAIT), else -1 */
+    uid_t uid;
+    pid_t pid;
+    ipc_region reg;
+    ipc_ring sq; /* consumer */
+    ipc_ring cq; /* producer */
+    /* slot_busy_until[s]: CQ position just after the completion that last
+     * used slot s. The slot is in flight until the client's CQ head passes
+     * it (the client has consumed the completion and may reuse the slot). */
+    uint32_t *slot_busy_until;
+    uint8_t *slot_used; /* slot has ever been used (busy_until meaningful) */
+    uint32_t live_pos;  /* position in ap_server.live while LIVE */
+    bool hello_armed, hup_armed, futex_armed;
+    uint64_t requests;
+} ap_session;
+
+typedef struct ap_counters {
+    uint64_t clients_total;
+    uint64_t sessions_reclaimed;
+    uint64_t requests_total;
+    uint64_t protocol_errors;
+    uint64_t bad_requests;
+    uint64_t loop_wakeups;
+    uint64_t refused;
+} ap_counters;
+
+struct ap_server {
+    ap_config cfg;
+    struct io_uring ring;
+    bool ring_ok;
+    int listen_fd;
+    int signal_fd;
+    bool futex_uring; /* IORING_OP_FUTEX_WAIT usable; else eventfd doorbells */
+    bool accept_armed;
+    bool stopping;
+    struct signalfd_siginfo sigbuf;
+    struct __kernel_timespec stats_ts, hello_ts;
+    ap_session *sess;  /* table of n_sess entries */
+    uint32_t n_sess;   /* max_clients + handshake headroom */
+    uint32_t n_live;   /* established sessions: live[0..n_live) */
+    uint32_t *live;    /* indices of live sessions, packed: the poll loop
+                        * touches only these, however large the table */
+    uint32_t n_used;   /* live + handshaking */
+    ap_counters ctr;
+    ipc_allow allow;
+};
+
+/* Get an SQE, submitting the queue first when it is full. Never NULL unless
+ * the kernel refuses to take SQEs (then the error is logged). */
+struct io_uring_sqe *ap_get_sqe(struct ap_server *srv);
+
+/* ap_session.c */
+/* Accepted connection: take a free table entry and wait for its hello. */
+void ap_session_accepted(struct ap_server *srv, int fd);
+/* The hello poll fired (res = poll mask or -errno): finish the handshake. */
+void ap_session_hello(struct ap_server *srv, ap_session *s, int res);
+/* Serve what is on the session's SQ: > 0 descriptors handled, 0 nothing,
+ * < 0 the session was disconnected (protocol error). */
+int ap_session_poll(struct ap_server *srv, ap_session *s);
+/* Drop a session: cancel its io_uring ops, unmap, close, count it. */
+void ap_session_close(struct ap_server *srv, ap_session *s, const char *why);
+/* Arm the doorbell wait before sleeping. 1: work is already there (don't
+ * sleep), 0: armed (or already armed). */
+int ap_session_arm(struct ap_server *srv, ap_session *s);
+/* After waking: clear NEED_WAKEUP so the client stops ringing while we poll. */
+void ap_session_disarm_flag(ap_session *s);
+void ap_fill_stats(const struct ap_server *srv, struct ipc_stats *st);
+
+#endif

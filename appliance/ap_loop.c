@@ -1,0 +1,420 @@
+/* gorgond's one io_uring loop.
+ *
+ *   for (;;) {
+ *       reap io_uring completions (accept, hello, hang-up, signals, timer)
+ *       serve every live session's SQ
+ *       work seen in the last poll_us? -> spin again
+ *       else: arm FUTEX_WAIT on every SQ doorbell (NEED_WAKEUP set) and
+ *             sleep in io_uring_submit_and_wait
+ *   }
+ *
+ * Busy-polling keeps a round trip at the cost of two cache-line transfers
+ * while traffic flows; the futex sleep gives the core back when it stops. */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "appliance/ap_int.h"
+#include "common/common.h"
+
+#define TAG "gorgond"
+#define AP_RING_ENTRIES 1024u
+#define AP_HELLO_TIMEOUT_S 2
+
+struct io_uring_sqe *ap_get_sqe(struct ap_server *srv)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&srv->ring);
+    if (sqe)
+        return sqe;
+    int rc = io_uring_submit(&srv->ring);
+    sqe = io_uring_get_sqe(&srv->ring);
+    if (!sqe)
+        CM_LOG_ERROR(TAG, "io_uring submission queue stuck: %s",
+                     cm_strerror(rc < 0 ? rc : -EBUSY));
+    return sqe;
+}
+
+static int mkdir_parent(const char *path)
+{
+    char dir[AP_PATH_MAX];
+    snprintf(dir, sizeof(dir), "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (!slash || slash == dir)
+        return 0;
+    *slash = '\0';
+    /* Create each missing component (like mkdir -p). */
+    for (char *p = dir + 1; *p; p++) {
+        if (*p != '/')
+            continue;
+        *p = '\0';
+        if (mkdir(dir, 0755) < 0 && errno != EEXIST)
+            return cm_neg_errno();
+        *p = '/';
+    }
+    if (mkdir(dir, 0755) < 0 && errno != EEXIST)
+        return cm_neg_errno();
+    return 0;
+}
+
+static void arm_accept(struct ap_server *srv)
+{
+    struct io_uring_sqe *sqe = ap_get_sqe(srv);
+    if (!sqe)
+        return;
+    io_uring_prep_multishot_accept(sqe, srv->listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    io_uring_sqe_set_data64(sqe, ap_ud(AP_TAG_ACCEPT, 0, 0));
+    srv->accept_armed = true;
+}
+
+static void arm_signal(struct ap_server *srv)
+{
+    struct io_uring_sqe *sqe = ap_get_sqe(srv);
+    if (!sqe)
+        return;
+    io_uring_prep_read(sqe, srv->signal_fd, &srv->sigbuf, sizeof(srv->sigbuf), 0);
+    io_uring_sqe_set_data64(sqe, ap_ud(AP_TAG_SIGNAL, 0, 0));
+}
+
+static void arm_stats(struct ap_server *srv)
+{
+    if (srv->cfg.stats_interval_s <= 0)
+        return;
+    struct io_uring_sqe *sqe = ap_get_sqe(srv);
+    if (!sqe)
+        return;
+    io_uring_prep_timeout(sqe, &srv->stats_ts, 0, 0);
+    io_uring_sqe_set_data64(sqe, ap_ud(AP_TAG_STATS, 0, 0));
+}
+
+int ap_server_create(ap_server **out, const ap_config *cfg)
+{
+    *out = NULL;
+    ap_server *srv = calloc(1, sizeof(*srv));
+    if (!srv)
+        return -ENOMEM;
+    srv->cfg = *cfg;
+    srv->listen_fd = -1;
+    srv->signal_fd = -1;
+    srv->allow = (ipc_allow){.uids = srv->cfg.allow_uids, .n_uids = srv->cfg.n_allow_uids,
+                             .gids = srv->cfg.allow_gids, .n_gids = srv->cfg.n_allow_gids};
+    srv->stats_ts = (struct __kernel_timespec){.tv_sec = cfg->stats_interval_s};
+    srv->hello_ts = (struct __kernel_timespec){.tv_sec = AP_HELLO_TIMEOUT_S};
+    cm_log_set_level((enum cm_log_level)cfg->log_level);
+
+    /* Handshake headroom: a burst of connects may all be mid-hello. */
+    srv->n_sess = cfg->max_clients + 64;
+    srv->sess = calloc(srv->n_sess, sizeof(*srv->sess));
+    srv->live = calloc(srv->n_sess, sizeof(*srv->live));
+    int rc = -ENOMEM;
+    if (!srv->sess || !srv->live)
+        goto fail;
+    for (uint32_t i = 0; i < srv->n_sess; i++) {
+        srv->sess[i].idx = i;
+        srv->sess[i].sock = -1;
+        srv->sess[i].reg.fd = -1;
+        srv->sess[i].wake_fd = -1;
+    }
+
+    rc = mkdir_parent(cfg->socket);
+    if (rc < 0) {
+        CM_LOG_ERROR(TAG, "cannot create the directory of %s: %s", cfg->socket, cm_strerror(rc));
+        goto fail;
+    }
+    rc = ipc_ctl_listen(cfg->socket, 128);
+    if (rc < 0) {
+        CM_LOG_ERROR(TAG, "cannot listen on %s: %s", cfg->socket, cm_strerror(rc));
+        goto fail;
+    }
+    srv->listen_fd = rc;
+
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGHUP);
+    if (sigprocmask(SIG_BLOCK, &set, NULL) < 0 ||
+        (srv->signal_fd = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK)) < 0) {
+        rc = cm_neg_errno();
+        CM_LOG_ERROR(TAG, "signalfd: %s", cm_strerror(rc));
+        goto fail;
+    }
+    /* A client that vanishes mid-welcome must not kill us. */
+    signal(SIGPIPE, SIG_IGN);
+
+    uint32_t entries = AP_RING_ENTRIES;
+    while (entries < 4 * srv->n_sess && entries < 32768)
+        entries *= 2;
+    struct io_uring_params p = {.flags = IORING_SETUP_CQSIZE, .cq_entries = entries * 4};
+    rc = io_uring_queue_init_params(entries, &srv->ring, &p);
+    if (rc < 0) {
+        CM_LOG_ERROR(TAG, "io_uring_queue_init: %s", cm_strerror(rc));
+        goto fail;
+    }
+    srv->ring_ok = true;
+    /* Probe first: it must be the only request in flight on the ring. */
+    srv->futex_uring = ipc_uring_futex_supported(&srv->ring) == 1 && !cfg->eventfd_doorbells;
+
+    arm_accept(srv);
+    arm_signal(srv);
+    arm_stats(srv);
+    rc = io_uring_submit(&srv->ring);
+    if (rc < 0) {
+        CM_LOG_ERROR(TAG, "io_uring_submit: %s", cm_strerror(rc));
+        goto fail;
+    }
+    CM_LOG_INFO(TAG, "listening on %s (futex wait: %s)", cfg->socket,
+                srv->futex_uring ? "io_uring" : "eventfd");
+    CM_LOG_DEBUG(TAG, "poll_us=%lld sq=%u cq=%u slots=%u in=%u out=%u max_clients=%u",
+                 (long long)cfg->poll_us, cfg->sq_entries, cfg->cq_entries, cfg->slots,
+                 cfg->slot_in_bytes, cfg->slot_out_bytes, cfg->max_clients);
+    *out = srv;
+    return 0;
+fail:
+    ap_server_destroy(srv);
+    return rc;
+}
+
+static void log_stats(struct ap_server *srv)
+{
+    CM_LOG_INFO(TAG,
+                "stats: clients %u (total %llu, reclaimed %llu, refused %llu), requests %llu, "
+                "bad requests %llu, protocol errors %llu, wakeups %llu",
+                srv->n_live, (unsigned long long)srv->ctr.clients_total,
+                (unsigned long long)srv->ctr.sessions_reclaimed,
+                (unsigned long long)srv->ctr.refused, (unsigned long long)srv->ctr.requests_total,
+                (unsigned long long)srv->ctr.bad_requests,
+                (unsigned long long)srv->ctr.protocol_errors,
+                (unsigned long long)srv->ctr.loop_wakeups);
+}
+
+static void on_signal(struct ap_server *srv, int res)
+{
+    if (res == (int)sizeof(srv->sigbuf)) {
+        int sig = (int)srv->sigbuf.ssi_signo;
+        if (sig == SIGTERM || sig == SIGINT) {
+            CM_LOG_INFO(TAG, "%s: stopping", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+            srv->stopping = true;
+            return;
+        }
+        if (sig == SIGHUP) {
+            /* Reload what can change at run time: the log level. */
+            if (srv->cfg.config_path[0]) {
+                ap_config tmp;
+                ap_config_defaults(&tmp);
+                if (ap_config_load_file(&tmp, srv->cfg.config_path) == 0) {
+                    cm_log_set_level((enum cm_log_level)tmp.log_level);
+                    CM_LOG_INFO(TAG, "SIGHUP: log level now %s",
+                                cm_log_level_name((enum cm_log_level)tmp.log_level));
+                }
+            } else {
+                CM_LOG_INFO(TAG, "SIGHUP: no --config file to reload; ignored");
+            }
+        }
+    } else if (res < 0 && res != -EAGAIN && res != -EINTR) {
+        CM_LOG_ERROR(TAG, "signalfd read: %s", cm_strerror(res));
+    }
+    arm_signal(srv);
+}
+
+static ap_session *session_of(struct ap_server *srv, uint64_t ud)
+{
+    uint32_t idx = ap_ud_idx(ud);
+    if (idx >= srv->n_sess)
+        return NULL;
+    ap_session *s = &srv->sess[idx];
+    if (s->state == AP_SESS_FREE || (s->gen & 0xffffffu) != ap_ud_gen(ud))
+        return NULL; /* stale: the session this was for is gone */
+    return s;
+}
+
+static void dispatch(struct ap_server *srv, const struct io_uring_cqe *cqe)
+{
+    uint64_t ud = io_uring_cqe_get_data64(cqe);
+    int res = cqe->res;
+    ap_session *s;
+    switch (ap_ud_tag(ud)) {
+    case AP_TAG_ACCEPT:
+        if (!(cqe->flags & IORING_CQE_F_MORE))
+            srv->accept_armed = false;
+        if (res >= 0) {
+            if (srv->stopping)
+                close(res);
+            else
+                ap_session_accepted(srv, res);
+        } else if (res != -ECANCELED) {
+            CM_LOG_WARN(TAG, "accept: %s", cm_strerror(res));
+        }
+        /* Multishot ends on errors (e.g. EMFILE) and overflow: re-arm. */
+        if (!srv->accept_armed && !srv->stopping)
+            arm_accept(srv);
+        break;
+    case AP_TAG_SIGNAL:
+        on_signal(srv, res);
+        break;
+    case AP_TAG_STATS:
+        log_stats(srv);
+        arm_stats(srv);
+        break;
+    case AP_TAG_HELLO:
+        if ((s = session_of(srv, ud)) && s->state == AP_SESS_HELLO)
+            ap_session_hello(srv, s, res);
+        break;
+    case AP_TAG_HUP:
+        if ((s = session_of(srv, ud))) {
+            s->hup_armed = false;
+            if (res == -ECANCELED)
+                break;
+            ap_session_close(srv, s, res < 0 ? "socket error" : "client hung up");
+        }
+        break;
+    case AP_TAG_FUTEX:
+        /* 0: woken by the client; -EAGAIN: the value had changed already
+         * (work arrived between prepare and arm). Either way: poll. With
+         * eventfd doorbells, drain before the ring is re-checked so that a
+         * later write leaves the fd readable for the next sleep. */
+        if ((s = session_of(srv, ud))) {
+            s->futex_armed = false;
+            if (s->wake_fd >= 0)
+                (void)ipc_wake_fd_drain(s->wake_fd);
+        }
+        break;
+    case AP_TAG_NONE:
+        break;
+    }
+}
+
+/* Reap everything that is ready; returns how many completions were seen. */
+static unsigned reap(struct ap_server *srv)
+{
+    struct io_uring_cqe *cqe;
+    unsigned head, n = 0;
+    io_uring_for_each_cqe(&srv->ring, head, cqe)
+    {
+        dispatch(srv, cqe);
+        n++;
+    }
+    if (n)
+        io_uring_cq_advance(&srv->ring, n);
+    return n;
+}
+
+static int poll_sessions(struct ap_server *srv)
+{
+    int work = 0;
+    /* Backwards: a session closed on a protocol error is swap-removed. */
+    for (uint32_t i = srv->n_live; i-- > 0;) {
+        ap_session *s = &srv->sess[srv->live[i]];
+        int rc = ap_session_poll(srv, s);
+        if (rc > 0)
+            work += rc;
+    }
+    return work;
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Arm every doorbell and sleep. Returns -errno only on a fatal error. */
+static int sleep_once(struct ap_server *srv)
+{
+    bool work = false;
+    for (uint32_t i = 0; i < srv->n_live; i++)
+        if (ap_session_arm(srv, &srv->sess[srv->live[i]]))
+            work = true;
+    if (!work) {
+        int rc = io_uring_submit_and_wait(&srv->ring, 1);
+        if (rc < 0 && rc != -EINTR && rc != -ETIME) {
+            CM_LOG_ERROR(TAG, "io_uring wait: %s", cm_strerror(rc));
+            return rc;
+        }
+        srv->ctr.loop_wakeups++;
+    }
+    /* Awake and polling: clients need not ring us until we sleep again. */
+    for (uint32_t i = 0; i < srv->n_live; i++)
+        ap_session_disarm_flag(&srv->sess[srv->live[i]]);
+    return 0;
+}
+
+int ap_server_run(ap_server *srv)
+{
+    const uint64_t budget_ns = (uint64_t)srv->cfg.poll_us * 1000u;
+    uint64_t last_work = cm_now_ns();
+    unsigned spins = 0;
+    while (!srv->stopping) {
+        reap(srv);
+        if (srv->stopping)
+            break;
+        int work = poll_sessions(srv);
+        if (io_uring_sq_ready(&srv->ring))
+            io_uring_submit(&srv->ring);
+        if (work > 0) {
+            last_work = 0; /* refreshed lazily below */
+            spins = 0;
+            continue;
+        }
+        if (budget_ns) {
+            /* The clock is read every 64 idle spins: cheap, and precise
+             * enough for a budget of microseconds. */
+            if ((++spins & 63u) != 0) {
+                cpu_relax();
+                continue;
+            }
+            uint64_t now = cm_now_ns();
+            if (last_work == 0)
+                last_work = now;
+            if (now - last_work < budget_ns) {
+                cpu_relax();
+                continue;
+            }
+        }
+        int rc = sleep_once(srv);
+        if (rc < 0)
+            return rc;
+        last_work = cm_now_ns();
+        spins = 0;
+    }
+    return 0;
+}
+
+void ap_server_destroy(ap_server *srv)
+{
+    if (!srv)
+        return;
+    if (srv->sess) {
+        for (uint32_t i = 0; i < srv->n_sess; i++) {
+            ap_session *s = &srv->sess[i];
+            if (s->state == AP_SESS_LIVE)
+                ap_session_close(srv, s, "gorgond stopping");
+            else if (s->state == AP_SESS_HELLO)
+                ap_session_close(srv, s, "gorgond stopping");
+        }
+    }
+    if (srv->ring_ok) {
+        /* Cancels whatever is still armed (accept, futex waits, polls). */
+        io_uring_queue_exit(&srv->ring);
+    }
+    if (srv->listen_fd >= 0) {
+        close(srv->listen_fd);
+        if (unlink(srv->cfg.socket) < 0 && errno != ENOENT)
+            CM_LOG_WARN(TAG, "cannot remove %s: %s", srv->cfg.socket, strerror(errno));
+    }
+    if (srv->signal_fd >= 0)
+        close(srv->signal_fd);
+    if (srv->ctr.clients_total || srv->ctr.requests_total)
+        log_stats(srv);
+    free(srv->sess);
+    free(srv->live);
+    free(srv);
+}

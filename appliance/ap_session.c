@@ -1,0 +1,443 @@
+/* Client sessions: handshake, serving the submission ring, reclaim.
+ *
+ * The region is written by an untrusted peer: every descriptor is popped
+ * (copied) once, validated as a private copy, and handled from the copy. A
+ * ring index that cannot be right (-EPROTO) disconnects that client only. */
+#include <errno.h>
+#include <poll.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "appliance/ap_int.h"
+#include "common/common.h"
+
+#define TAG "gorgond"
+
+static void reject(int fd, int status, const char *reason)
+{
+    struct ipc_welcome w = {.magic = IPC_MAGIC, .abi_version = IPC_ABI_VERSION, .status = status};
+    snprintf(w.reason, sizeof(w.reason), "%s", reason);
+    (void)ipc_ctl_send_welcome(fd, &w, -1);
+}
+
+void ap_session_accepted(struct ap_server *srv, int fd)
+{
+    ap_session *s = NULL;
+    for (uint32_t i = 0; i < srv->n_sess; i++) {
+        if (srv->sess[i].state == AP_SESS_FREE) {
+            s = &srv->sess[i];
+            break;
+        }
+    }
+    if (!s) {
+        /* Every entry is live or mid-handshake: refuse without waiting for
+         * the hello (the client reads the welcome after sending it). */
+        srv->ctr.refused++;
+        reject(fd, -EUSERS, "too many clients");
+        close(fd);
+        return;
+    }
+    /* The poll and its linked timeout must go into the same submission: a
+     * link that ends a batch would lose its timeout. */
+    if (io_uring_sq_space_left(&srv->ring) < 2)
+        io_uring_submit(&srv->ring);
+    struct io_uring_sqe *sqe = ap_get_sqe(srv);
+    if (!sqe) {
+        close(fd);
+        return;
+    }
+    s->state = AP_SESS_HELLO;
+    s->sock = fd;
+    s->gen++;
+    s->hello_armed = true;
+    srv->n_used++;
+    /* The hello follows the connect at once; a peer that never sends it
+     * loses its entry when the linked timeout cancels the poll. */
+    io_uring_prep_poll_add(sqe, fd, POLLIN | POLLRDHUP | POLLHUP);
+    io_uring_sqe_set_data64(sqe, ap_ud(AP_TAG_HELLO, s->gen, s->idx));
+    sqe->flags |= IOSQE_IO_LINK;
+    sqe = ap_get_sqe(srv);
+    if (sqe) {
+        io_uring_prep_link_timeout(sqe, &srv->hello_ts, 0);
+        io_uring_sqe_set_data64(sqe, ap_ud(AP_TAG_NONE, 0, 0));
+    }
+}
+
+static void free_entry(struct ap_server *srv, ap_session *s)
+{
+    if (s->sock >= 0)
+        close(s->sock);
+    s->sock = -1;
+    if (s->wake_fd >= 0)
+        close(s->wake_fd);
+    s->wake_fd = -1;
+    free(s->slot_busy_until);
+    free(s->slot_used);
+    s->slot_busy_until = NULL;
+    s->slot_used = NULL;
+    if (s->state == AP_SESS_LIVE) {
+        /* Swap-remove: the loops walk `live` from the end, so the entry
+         * moved into this place has already been visited. */
+        uint32_t last = srv->live[--srv->n_live];
+        srv->live[s->live_pos] = last;
+        srv->sess[last].live_pos = s->live_pos;
+    }
+    srv->n_used--;
+    s->state = AP_SESS_FREE;
+    s->gen++; /* whatever completion is still in flight is now stale */
+    s->hello_armed = s->hup_armed = s->futex_armed = false;
+}
+
+static void arm_hup(struct ap_server *srv, ap_session *s)
+{
+    struct io_uring_sqe *sqe = ap_get_sqe(srv);
+    if (!sqe)
+        return;
+    io_uring_prep_poll_add(sqe, s->sock, POLLRDHUP | POLLHUP | POLLERR);
+    io_uring_sqe_set_data64(sqe, ap_ud(AP_TAG_HUP, s->gen, s->idx));
+    s->hup_armed = true;
+}
+
+void ap_session_hello(struct ap_server *srv, ap_session *s, int res)
+{
+    s->hello_armed = false;
+    if (res < 0 || !(res & POLLIN)) {
+        CM_LOG_DEBUG(TAG, "connection dropped before its hello (%s)",
+                     res == -ECANCELED ? "timed out" : res < 0 ? cm_strerror(res) : "hung up");
+        free_entry(srv, s);
+        return;
+    }
+    struct ipc_hello h;
+    int rc = ipc_ctl_recv_hello(s->sock, &h);
+    if (rc == -EAGAIN) {
+        /* Spurious readiness: wait again (with a fresh timeout). */
+        int fd = s->sock;
+        s->sock = -1;
+        free_entry(srv, s);
+        ap_session_accepted(srv, fd);
+        return;
+    }
+    if (rc == -ECONNRESET || rc == -EPIPE) {
+        CM_LOG_DEBUG(TAG, "connection closed before its hello");
+        free_entry(srv, s);
+        return;
+    }
+    if (rc < 0) {
+        srv->ctr.protocol_errors++;
+        CM_LOG_WARN(TAG, "bad hello: %s", cm_strerror(rc));
+        reject(s->sock, rc, rc == -EPROTONOSUPPORT ? "ABI version mismatch" : "bad hello");
+        free_entry(srv, s);
+        return;
+    }
+    uid_t uid = (uid_t)-1;
+    gid_t gid = (gid_t)-1;
+    pid_t pid = -1;
+    rc = ipc_ctl_check_peer(s->sock, &srv->allow, &uid, &gid, &pid);
+    if (rc < 0) {
+        srv->ctr.refused++;
+        CM_LOG_WARN(TAG, "refused pid %d uid %u gid %u: not in the allow-list", (int)pid,
+                    (unsigned)uid, (unsigned)gid);
+        reject(s->sock, -EACCES, "uid/gid not allowed by gorgond");
+        free_entry(srv, s);
+        return;
+    }
+    if (srv->n_live >= srv->cfg.max_clients) {
+        srv->ctr.refused++;
+        char why[48];
+        snprintf(why, sizeof(why), "too many clients (max_clients=%u)", srv->cfg.max_clients);
+        CM_LOG_WARN(TAG, "refused pid %d: %s", (int)pid, why);
+        reject(s->sock, -EUSERS, why);
+        free_entry(srv, s);
+        return;
+    }
+    char name[32];
+    snprintf(name, sizeof(name), "gorgon-session-%u", s->idx);
+    ipc_region_cfg rc_cfg = {
+        .sq_entries = srv->cfg.sq_entries,
+        .cq_entries = srv->cfg.cq_entries,
+        .n_slots = srv->cfg.slots,
+        .slot_in_bytes = srv->cfg.slot_in_bytes,
+        .slot_out_bytes = srv->cfg.slot_out_bytes,
+        .session_id = (uint32_t)(srv->ctr.clients_total + 1),
+        .hugepages = srv->cfg.hugepages,
+        .numa_node = srv->cfg.numa_node,
+        .name = name,
+    };
+    memset(&s->reg, 0, sizeof(s->reg));
+    s->reg.fd = -1;
+    s->slot_busy_until = calloc(srv->cfg.slots, sizeof(*s->slot_busy_until));
+    s->slot_used = calloc(srv->cfg.slots, 1);
+    if (!s->slot_busy_until || !s->slot_used) {
+        reject(s->sock, -ENOMEM, "out of memory");
+        free_entry(srv, s);
+        return;
+    }
+    rc = ipc_region_create(&s->reg, &rc_cfg);
+    if (rc < 0) {
+        CM_LOG_ERROR(TAG, "cannot create a region for pid %d: %s", (int)pid, cm_strerror(rc));
+        reject(s->sock, rc, "cannot create the shared region");
+        free_entry(srv, s);
+        return;
+    }
+    if ((rc = ipc_region_sq(&s->reg, IPC_RING_CONSUMER, &s->sq)) < 0 ||
+        (rc = ipc_region_cq(&s->reg, IPC_RING_PRODUCER, &s->cq)) < 0) {
+        CM_LOG_ERROR(TAG, "region views: %s", cm_strerror(rc));
+        reject(s->sock, rc, "internal error");
+        ipc_region_unmap(&s->reg);
+        free_entry(srv, s);
+        return;
+    }
+    if (!srv->futex_uring) {
+        s->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (s->wake_fd < 0 || (rc = ipc_ring_set_wake_fd(&s->sq, s->wake_fd)) < 0) {
+            rc = s->wake_fd < 0 ? cm_neg_errno() : rc;
+            CM_LOG_ERROR(TAG, "wake eventfd: %s", cm_strerror(rc));
+            reject(s->sock, rc, "internal error");
+            ipc_region_unmap(&s->reg);
+            free_entry(srv, s);
+            return;
+        }
+    }
+    struct ipc_welcome w = {
+        .magic = IPC_MAGIC,
+        .abi_version = IPC_ABI_VERSION,
+        .status = 0,
+        .session_id = rc_cfg.session_id,
+        .region_bytes = s->reg.size,
+    };
+    rc = ipc_ctl_send_welcome_wake(s->sock, &w, s->reg.fd, s->wake_fd);
+    if (rc < 0) {
+        CM_LOG_WARN(TAG, "welcome to pid %d failed: %s", (int)pid, cm_strerror(rc));
+        ipc_region_unmap(&s->reg);
+        free_entry(srv, s);
+        return;
+    }
+    /* The client has its own fd now; ours only kept the memfd alive until the
+     * mapping existed. Closing it here keeps gorgond's fd count at one per
+     * session (the socket). */
+    close(s->reg.fd);
+    s->reg.fd = -1;
+    s->state = AP_SESS_LIVE;
+    s->uid = uid;
+    s->pid = pid;
+    s->requests = 0;
+    s->live_pos = srv->n_live;
+    srv->live[srv->n_live++] = s->idx;
+    srv->ctr.clients_total++;
+    CM_LOG_DEBUG(TAG, "session %u: pid %d uid %u, region %zu bytes%s", w.session_id, (int)pid,
+                 (unsigned)uid, s->reg.size, s->reg.hugepages ? " (huge pages)" : "");
+    arm_hup(srv, s);
+}
+
+void ap_session_close(struct ap_server *srv, ap_session *s, const char *why)
+{
+    if (s->state == AP_SESS_FREE)
+        return;
+    uint64_t uds[3] = {
+        s->hello_armed ? ap_ud(AP_TAG_HELLO, s->gen, s->idx) : 0,
+        s->hup_armed ? ap_ud(AP_TAG_HUP, s->gen, s->idx) : 0,
+        s->futex_armed ? ap_ud(AP_TAG_FUTEX, s->gen, s->idx) : 0,
+    };
+    for (int i = 0; i < 3; i++) {
+        if (!uds[i])
+            continue;
+        struct io_uring_sqe *sqe = ap_get_sqe(srv);
+        if (!sqe)
+            break;
+        io_uring_prep_cancel64(sqe, uds[i], 0);
+        io_uring_sqe_set_data64(sqe, ap_ud(AP_TAG_NONE, 0, 0));
+    }
+    if (s->state == AP_SESS_LIVE) {
+        CM_LOG_DEBUG(TAG, "session of pid %d closed: %s (%llu requests)", (int)s->pid, why,
+                     (unsigned long long)s->requests);
+        ipc_region_unmap(&s->reg);
+        srv->ctr.sessions_reclaimed++;
+    }
+    free_entry(srv, s);
+}
+
+void ap_fill_stats(const struct ap_server *srv, struct ipc_stats *st)
+{
+    memset(st, 0, sizeof(*st));
+    st->clients_now = srv->n_live;
+    st->clients_total = srv->ctr.clients_total;
+    st->sessions_reclaimed = srv->ctr.sessions_reclaimed;
+    st->requests_total = srv->ctr.requests_total;
+    st->protocol_errors = srv->ctr.protocol_errors;
+    st->loop_wakeups = srv->ctr.loop_wakeups;
+}
+
+/* ---- the operation table (hot: validate + handle) ------------------------ */
+
+typedef void (*op_fn)(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
+                      struct ipc_cqe *cqe);
+
+static void op_nop(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
+                   struct ipc_cqe *cqe)
+{
+    (void)srv, (void)s, (void)sqe;
+    cqe->result = 0;
+}
+
+static void op_ping(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
+                    struct ipc_cqe *cqe)
+{
+    (void)srv;
+    if (sqe->in_len > s->reg.layout.slot_out_bytes) {
+        cqe->result = -EMSGSIZE;
+        return;
+    }
+    /* in_off/in_len were validated against the private layout. */
+    memcpy(ipc_region_slot_out(&s->reg, sqe->slot),
+           ipc_region_slot_in(&s->reg, sqe->slot) + sqe->in_off, sqe->in_len);
+    cqe->out_off = 0;
+    cqe->out_len = sqe->in_len;
+    cqe->result = (int32_t)sqe->in_len;
+}
+
+static void op_stats(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
+                     struct ipc_cqe *cqe)
+{
+    struct ipc_stats st;
+    ap_fill_stats(srv, &st);
+    memcpy(ipc_region_slot_out(&s->reg, sqe->slot), &st, sizeof(st));
+    cqe->out_off = 0;
+    cqe->out_len = sizeof(st);
+    cqe->result = (int32_t)sizeof(st);
+}
+
+static const struct {
+    op_fn fn;
+    bool uses_slot; /* reads or writes the slot's buffers: subject to busy tracking */
+} op_table[IPC_OP__COUNT] = {
+    [IPC_OP_NOP] = {op_nop, false},
+    [IPC_OP_PING] = {op_ping, true},
+    [IPC_OP_STATS] = {op_stats, true},
+    /* GENERATE and CANCEL: reserved for the serving issue -> -EOPNOTSUPP */
+};
+
+/* The client's CQ head, re-read from shared memory only when a slot looks
+ * busy by the last value seen (one cache miss on the hot path saved). */
+struct head_view {
+    ap_session *s;
+    uint32_t head;
+    bool fresh;
+};
+
+static bool slot_busy(struct head_view *hv, uint32_t slot)
+{
+    ap_session *s = hv->s;
+    if (!s->slot_used[slot])
+        return false;
+    /* Busy until the client's CQ head moves past the completion that last
+     * used the slot (signed distance: free-running indices). */
+    if ((int32_t)(hv->head - s->slot_busy_until[slot]) >= 0)
+        return false;
+    if (!hv->fresh) {
+        hv->head = atomic_load_explicit((_Atomic uint32_t *)&s->cq.sh->head, memory_order_acquire);
+        hv->fresh = true;
+    }
+    return (int32_t)(hv->head - s->slot_busy_until[slot]) < 0;
+}
+
+/* Handle one private copy; cq_pos is where its completion will land. */
+static void handle(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
+                   struct ipc_cqe *cqe, uint32_t cq_pos, struct head_view *hv)
+{
+    memset(cqe, 0, sizeof(*cqe));
+    cqe->opcode = sqe->opcode;
+    cqe->slot = sqe->slot;
+    cqe->user_data = sqe->user_data;
+    const char *why = NULL;
+    int rc = ipc_sqe_validate(sqe, &s->reg.layout, &why);
+    if (rc < 0) {
+        srv->ctr.bad_requests++;
+        cqe->result = rc;
+        CM_LOG_TRACE(TAG, "pid %d: bad descriptor: %s", (int)s->pid, why ? why : "?");
+        return;
+    }
+    if (sqe->opcode >= IPC_OP__COUNT || !op_table[sqe->opcode].fn) {
+        cqe->result = -EOPNOTSUPP;
+        return;
+    }
+    if (op_table[sqe->opcode].uses_slot) {
+        if (slot_busy(hv, sqe->slot)) {
+            cqe->result = -EBUSY;
+            return;
+        }
+        s->slot_used[sqe->slot] = 1;
+        s->slot_busy_until[sqe->slot] = cq_pos + 1;
+    }
+    op_table[sqe->opcode].fn(srv, s, sqe, cqe);
+}
+
+int ap_session_poll(struct ap_server *srv, ap_session *s)
+{
+    /* Never take more than the CQ can hold: completions are produced in
+     * the same pass, and a client that does not reap just stalls itself.
+     * The client's head is re-read only when the last value seen leaves
+     * less room than a full burst. */
+    uint32_t size = s->cq.mask + 1;
+    uint32_t space = size - (s->cq.local - s->cq.cached);
+    if (space < AP_BURST) {
+        int rc = ipc_ring_count(&s->cq);
+        if (rc < 0)
+            goto proto;
+        space = (uint32_t)rc;
+        if (space == 0)
+            return 0;
+    }
+    uint32_t n = space < AP_BURST ? space : AP_BURST;
+    struct ipc_sqe sqes[AP_BURST];
+    int got = ipc_ring_pop_burst(&s->sq, sqes, n);
+    if (got < 0)
+        goto proto;
+    if (got == 0)
+        return 0;
+    struct ipc_cqe cqes[AP_BURST];
+    struct head_view hv = {.s = s, .head = s->cq.cached, .fresh = false};
+    uint32_t pos = s->cq.local;
+    for (int i = 0; i < got; i++)
+        handle(srv, s, &sqes[i], &cqes[i], pos + (uint32_t)i, &hv);
+    int pushed = ipc_ring_push_burst(&s->cq, cqes, (uint32_t)got);
+    if (pushed != got)
+        goto proto; /* it promised space: the head was scribbled on */
+    ipc_doorbell_notify(&s->cq);
+    s->requests += (uint64_t)got;
+    srv->ctr.requests_total += (uint64_t)got;
+    return got;
+proto:
+    srv->ctr.protocol_errors++;
+    CM_LOG_WARN(TAG, "pid %d: impossible ring index, disconnecting", (int)s->pid);
+    ap_session_close(srv, s, "protocol error");
+    return -EPROTO;
+}
+
+int ap_session_arm(struct ap_server *srv, ap_session *s)
+{
+    uint32_t val;
+    int rc = ipc_doorbell_prepare(&s->sq, &val);
+    if (rc != 0)
+        return 1; /* entries arrived (or a bad index: the poll will say) */
+    if (s->futex_armed)
+        return 0; /* an armed wait is woken by any later notify */
+    struct io_uring_sqe *sqe = ap_get_sqe(srv);
+    if (!sqe)
+        return 1; /* cannot sleep safely: keep polling */
+    if (s->wake_fd >= 0)
+        io_uring_prep_poll_add(sqe, s->wake_fd, POLLIN);
+    else
+        ipc_uring_prep_futex_wait(sqe, &s->sq.sh->doorbell, val);
+    io_uring_sqe_set_data64(sqe, ap_ud(AP_TAG_FUTEX, s->gen, s->idx));
+    s->futex_armed = true;
+    return 0;
+}
+
+void ap_session_disarm_flag(ap_session *s)
+{
+    ipc_doorbell_finish(&s->sq);
+}

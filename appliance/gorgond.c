@@ -1,0 +1,76 @@
+/* gorgond — the gorgon supervisor daemon. See appliance/ap.h. */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "appliance/ap.h"
+#include "common/common.h"
+
+/* Fork into the background; the parent exits only once the child reports
+ * that the socket listens (so `gorgond && gorgon ping` works). Returns the
+ * write end of the ready pipe in the child, never returns in the parent. */
+static int background(void)
+{
+    int p[2];
+    if (pipe2(p, O_CLOEXEC) < 0) {
+        perror("gorgond: pipe");
+        exit(1);
+    }
+    pid_t pid = fork();
+    if (pid < 0) {
+        perror("gorgond: fork");
+        exit(1);
+    }
+    if (pid > 0) {
+        close(p[1]);
+        char ok = 0;
+        ssize_t n;
+        do
+            n = read(p[0], &ok, 1);
+        while (n < 0 && errno == EINTR);
+        _exit(n == 1 && ok == 1 ? 0 : 1);
+    }
+    close(p[0]);
+    setsid();
+    int fd = open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (fd >= 0) {
+        dup2(fd, STDIN_FILENO);
+        dup2(fd, STDOUT_FILENO);
+        close(fd);
+    }
+    /* stderr stays: it is where the log goes (journald under systemd). */
+    return p[1];
+}
+
+int main(int argc, char **argv)
+{
+    ap_config cfg;
+    ap_config_defaults(&cfg);
+    int rc = ap_config_from_args(&cfg, argc, argv);
+    if (rc == 1)
+        return 0;
+    if (rc < 0)
+        return 2;
+    int ready = cfg.foreground ? -1 : background();
+    ap_server *srv;
+    rc = ap_server_create(&srv, &cfg);
+    if (ready >= 0) {
+        char ok = rc == 0 ? 1 : 0;
+        if (write(ready, &ok, 1) != 1)
+            ok = 0;
+        close(ready);
+    }
+    if (rc < 0)
+        return 1;
+    rc = ap_server_run(srv);
+    ap_server_destroy(srv);
+    if (rc < 0) {
+        fprintf(stderr, "gorgond: stopped on error: %s\n", cm_strerror(rc));
+        return 1;
+    }
+    return 0;
+}

@@ -1,0 +1,180 @@
+/* gorgon.h — libgorgon, the client side of gorgon's shared-memory transport.
+ *
+ * An application connects to gorgond over its control socket once; gorgond
+ * hands back a private shared-memory region with a submission ring (SQ), a
+ * completion ring (CQ) and request slots. Requests and completions then move
+ * through memory only: no syscall while both sides are awake, a futex wake
+ * only when the other side sleeps (the NEED_WAKEUP protocol).
+ *
+ * Conventions: every function returns 0 or a count on success and -errno on
+ * failure; errno is left as it was (never the error channel). Handles are
+ * opaque. -EPIPE means gorgond went away: close the client and connect again.
+ *
+ * Threading: a gorgon_client is used by one thread at a time (no internal
+ * locks: serialise externally if you share it). Different clients are
+ * independent; a process may hold several, one per thread for best latency.
+ * gorgon_last_socket()/gorgon_last_refusal() are thread-local.
+ *
+ *   gorgon_client *cli;
+ *   int rc = gorgon_connect(&cli, NULL);      // $GORGON_SOCKET or /run/gorgon/gorgon.sock
+ *   if (rc < 0) { fprintf(stderr, "%s\n", gorgon_strerror(rc)); return 1; }
+ *   uint64_t rtt;
+ *   rc = gorgon_ping(cli, "hello", 5, 1000000000, &rtt);   // 5 (bytes echoed)
+ *
+ *   // asynchronous: submit, then reap
+ *   gorgon_submit_ping(cli, "abc", 3, 42);    // user_data 42
+ *   gorgon_completion c[16];
+ *   int n = gorgon_wait(cli, c, 16, 1000000000);
+ *   for (int i = 0; i < n; i++) {
+ *       size_t len;
+ *       const void *out = gorgon_cqe_output(&c[i], &len);  // valid until the next poll/wait
+ *       use(gorgon_cqe_user_data(&c[i]), gorgon_cqe_result(&c[i]), out, len);
+ *   }
+ *   gorgon_close(cli);
+ */
+#ifndef GORGON_H
+#define GORGON_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct gorgon_client gorgon_client;
+
+/* gorgon_opts.flags */
+#define GORGON_BUSY_POLL 1u /* gorgon_wait never sleeps: spins for the whole timeout
+                             * (lowest latency, burns a core) */
+#define GORGON_NO_SPIN 2u   /* gorgon_wait sleeps at once (no spin phase) */
+
+typedef struct gorgon_opts {
+    const char *socket_path; /* NULL: $GORGON_SOCKET, else /run/gorgon/gorgon.sock */
+    uint32_t flags;          /* GORGON_* */
+    int64_t spin_ns;         /* gorgon_wait spin phase before sleeping; 0: default (50 us) */
+} gorgon_opts;
+
+/* Connect and map the session region. opts may be NULL. Errors:
+ * -ENOENT / -ECONNREFUSED (no gorgond on that socket), -EACCES (not in the
+ * allow-list), -EUSERS (gorgond full), -EPROTONOSUPPORT (ABI mismatch).
+ * gorgon_last_refusal() gives gorgond's reason text for a refusal. */
+int gorgon_connect(gorgon_client **out, const gorgon_opts *opts);
+/* Unmap and hang up (gorgond reclaims the session). NULL is a no-op. */
+void gorgon_close(gorgon_client *cli);
+/* The socket path the last gorgon_connect in this thread used, and the
+ * reason text of its refusal ("" if none). Thread-local, static storage. */
+const char *gorgon_last_socket(void);
+const char *gorgon_last_refusal(void);
+/* strerror-like text for a -errno from this library (never NULL). */
+const char *gorgon_strerror(int err);
+
+/* ---- slots: the request's input and output buffers ------------------- */
+
+/* Take a free slot for a request: slot index (>= 0) or -EAGAIN (all busy). */
+int gorgon_slot_acquire(gorgon_client *cli);
+/* Give a slot back once its last completion was handled. */
+int gorgon_slot_release(gorgon_client *cli, uint32_t slot);
+/* A slot's input buffer (write the payload here) and output buffer (the
+ * server writes here); *cap receives the capacity. NULL for a bad slot. */
+void *gorgon_slot_input(gorgon_client *cli, uint32_t slot, size_t *cap);
+const void *gorgon_slot_output(gorgon_client *cli, uint32_t slot, size_t *cap);
+
+/* ---- submitting --------------------------------------------------------- */
+
+enum gorgon_op {
+    GORGON_OP_NOP = 0,
+    GORGON_OP_PING = 1,  /* echo the slot's input into its output */
+    GORGON_OP_STATS = 4, /* write gorgond's counters into the output */
+};
+
+typedef struct gorgon_request {
+    uint32_t opcode;    /* enum gorgon_op */
+    uint32_t slot;      /* from gorgon_slot_acquire (ignored for NOP) */
+    uint32_t in_len;    /* payload bytes at the start of the slot's input */
+    uint64_t user_data; /* echoed in the completion */
+} gorgon_request;
+
+/* Push one request on a slot the caller acquired. 0, -EAGAIN (SQ full:
+ * reap completions and retry), -EINVAL (bad slot/length), -EPIPE. */
+int gorgon_submit(gorgon_client *cli, const gorgon_request *req);
+/* Push up to n requests with one publish and at most one wake-up: the
+ * count pushed (0 when the SQ is full), or -EINVAL / -EPIPE. */
+int gorgon_submit_burst(gorgon_client *cli, const gorgon_request *reqs, uint32_t n);
+/* Conveniences that manage the slot: it is taken here and released by the
+ * gorgon_poll/gorgon_wait call after the one that returned its completion
+ * (so the completion's output stays readable until then).
+ * 0, -EAGAIN (no free slot or SQ full), -EMSGSIZE (len > slot), -EPIPE. */
+int gorgon_submit_ping(gorgon_client *cli, const void *payload, size_t len, uint64_t user_data);
+int gorgon_submit_nop(gorgon_client *cli, uint64_t user_data);
+
+/* ---- completions --------------------------------------------------------- */
+
+typedef struct gorgon_completion {
+    uint64_t user_data;
+    int32_t result;      /* >= 0 success (PING: bytes echoed), < 0 -errno */
+    uint32_t opcode;
+    uint32_t slot;
+    uint32_t flags;      /* GORGON_CQE_F_MORE: more completions follow */
+    const void *out;     /* new output bytes in the slot (NULL if none) */
+    size_t out_len;
+} gorgon_completion;
+
+#define GORGON_CQE_F_MORE 1u
+
+static inline int32_t gorgon_cqe_result(const gorgon_completion *c) { return c->result; }
+static inline uint64_t gorgon_cqe_user_data(const gorgon_completion *c) { return c->user_data; }
+static inline const void *gorgon_cqe_output(const gorgon_completion *c, size_t *len)
+{
+    if (len)
+        *len = c->out_len;
+    return c->out;
+}
+
+/* Reap up to max completions without blocking: the count (0 if none), or
+ * -EPROTO (gorgond's CQ indices are impossible) / -EPIPE. */
+int gorgon_poll(gorgon_client *cli, gorgon_completion *out, uint32_t max);
+/* Like gorgon_poll but waits up to timeout_ns (< 0: forever) for at least
+ * one: spins for spin_ns, then sleeps on the CQ doorbell. Wakes up within
+ * ~50 ms when gorgond dies (-EPIPE), never hangs. 0 on timeout. */
+int gorgon_wait(gorgon_client *cli, gorgon_completion *out, uint32_t max, int64_t timeout_ns);
+
+/* ---- synchronous conveniences (no other request may be in flight) ------ */
+
+typedef struct gorgon_counters {
+    uint64_t clients_now;
+    uint64_t clients_total;
+    uint64_t sessions_reclaimed;
+    uint64_t requests_total;
+    uint64_t protocol_errors;
+    uint64_t loop_wakeups;
+} gorgon_counters;
+
+/* Round trip of one PING. Returns the bytes echoed (checked byte for byte:
+ * -EIO on a mismatch), -ETIMEDOUT, -EBUSY (other requests in flight), or an
+ * error from submit/wait. *rtt_ns (may be NULL) gets the round-trip time. */
+int gorgon_ping(gorgon_client *cli, const void *payload, size_t len, int64_t timeout_ns,
+                uint64_t *rtt_ns);
+/* gorgond's counters (IPC_OP_STATS round trip, 1 s timeout). */
+int gorgon_stats(gorgon_client *cli, gorgon_counters *st);
+
+/* ---- integration with an event loop ---------------------------------------- */
+
+/* The control socket: POLLHUP/POLLRDHUP on it means gorgond is gone. */
+int gorgon_fd(const gorgon_client *cli);
+/* Sleep protocol for callers that wait themselves (e.g. io_uring
+ * IORING_OP_FUTEX_WAIT, non-private, 32-bit): gorgon_wait_prepare returns 1
+ * if completions are ready (do not sleep), else 0 with *addr and *val set: wait
+ * while *addr == *val, then call gorgon_wait_finish and gorgon_poll. */
+int gorgon_wait_prepare(gorgon_client *cli, const uint32_t **addr, uint32_t *val);
+void gorgon_wait_finish(gorgon_client *cli);
+/* Requests submitted whose final completion was not reaped yet. */
+uint32_t gorgon_inflight(const gorgon_client *cli);
+/* Session id gorgond assigned (for logs). */
+uint32_t gorgon_session_id(const gorgon_client *cli);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,567 @@
+/* libgorgon: see clients/gorgon.h.
+ *
+ * The region is gorgond's, but the client still checks what it reads from
+ * it (CQ indices through ipc_ring, slot and output bounds here) so that a
+ * broken daemon yields -EPROTO rather than a wild pointer. */
+#include <errno.h>
+#include <poll.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "clients/gorgon.h"
+#include "common/common.h"
+#include "ipc/ipc.h"
+
+#define GORGON_DEFAULT_SPIN_NS 50000
+/* Longest a sleeping waiter goes without looking at the control socket:
+ * bounds how long it takes to notice that gorgond died. */
+#define GORGON_HUP_CHECK_NS 50000000
+#define GORGON_BURST 64u
+
+/* The API promises that errno is left alone: every public entry point that
+ * can reach a syscall restores it. */
+#define KEEP_ERRNO(call)                                                       \
+    do {                                                                       \
+        int keep_errno_ = errno;                                               \
+        int keep_rc_ = (call);                                                 \
+        errno = keep_errno_;                                                   \
+        return keep_rc_;                                                       \
+    } while (0)
+
+enum slot_state { SLOT_FREE = 0, SLOT_USER, SLOT_AUTO, SLOT_AUTO_DONE };
+
+struct gorgon_client {
+    ipc_ring sq; /* producer */
+    ipc_ring cq; /* consumer */
+    ipc_region reg;
+    int sock;
+    int wake_fd; /* SQ eventfd when gorgond uses the eventfd fallback, else -1 */
+    uint32_t flags;
+    int64_t spin_ns;
+    uint32_t n_slots;
+    size_t in_cap, out_cap;
+    uint32_t inflight;
+    bool dead;
+    uint8_t *slot_state;   /* enum slot_state per slot */
+    uint32_t *free_slots;  /* stack of free slot indices */
+    uint32_t n_free;
+    uint32_t *release_q;   /* auto slots whose final completion was returned */
+    uint32_t n_release;
+    uint64_t seq;
+    uint32_t session_id;
+};
+
+static _Thread_local char last_socket[108];
+static _Thread_local char last_refusal[64];
+
+const char *gorgon_last_socket(void) { return last_socket; }
+const char *gorgon_last_refusal(void) { return last_refusal; }
+
+const char *gorgon_strerror(int err)
+{
+    switch (err) {
+    case -EPIPE: return "gorgond went away (connection lost)";
+    case -EUSERS: return "gorgond has too many clients";
+    case -EACCES: return "not allowed by gorgond (uid/gid not in its allow-list)";
+    case -EPROTONOSUPPORT: return "gorgond speaks another ABI version";
+    case -EPROTO: return "protocol error (corrupt shared ring)";
+    default: return cm_strerror(err);
+    }
+}
+
+void gorgon_close(gorgon_client *cli)
+{
+    if (!cli)
+        return;
+    int saved = errno;
+    ipc_region_unmap(&cli->reg);
+    if (cli->sock >= 0)
+        close(cli->sock);
+    if (cli->wake_fd >= 0)
+        close(cli->wake_fd);
+    free(cli->slot_state);
+    free(cli->free_slots);
+    free(cli->release_q);
+    free(cli);
+    errno = saved;
+}
+
+static int connect_impl(gorgon_client **out, const gorgon_opts *opts)
+{
+    if (!out)
+        return -EINVAL;
+    *out = NULL;
+    last_refusal[0] = '\0';
+    const char *path = ipc_socket_path(opts ? opts->socket_path : NULL);
+    snprintf(last_socket, sizeof(last_socket), "%s", path);
+    gorgon_client *cli = calloc(1, sizeof(*cli));
+    if (!cli)
+        return -ENOMEM;
+    cli->sock = -1;
+    cli->wake_fd = -1;
+    cli->reg.fd = -1;
+    cli->flags = opts ? opts->flags : 0;
+    cli->spin_ns = opts && opts->spin_ns > 0 ? opts->spin_ns : GORGON_DEFAULT_SPIN_NS;
+    if (cli->flags & GORGON_NO_SPIN)
+        cli->spin_ns = 0;
+
+    int rc = ipc_ctl_connect(path);
+    if (rc < 0)
+        goto fail;
+    cli->sock = rc;
+    struct ipc_welcome w;
+    rc = ipc_ctl_client_handshake_wake(cli->sock, &w, &cli->wake_fd);
+    if (rc < 0) {
+        snprintf(last_refusal, sizeof(last_refusal), "%s", w.reason);
+        goto fail;
+    }
+    rc = ipc_region_map(&cli->reg, rc);
+    if (rc < 0)
+        goto fail;
+    if ((rc = ipc_region_sq(&cli->reg, IPC_RING_PRODUCER, &cli->sq)) < 0 ||
+        (rc = ipc_region_cq(&cli->reg, IPC_RING_CONSUMER, &cli->cq)) < 0)
+        goto fail;
+    if (cli->wake_fd >= 0 && (rc = ipc_ring_set_wake_fd(&cli->sq, cli->wake_fd)) < 0)
+        goto fail;
+    cli->session_id = w.session_id;
+    cli->n_slots = cli->reg.layout.n_slots;
+    cli->in_cap = cli->reg.layout.slot_in_bytes;
+    cli->out_cap = cli->reg.layout.slot_out_bytes;
+    cli->slot_state = calloc(cli->n_slots, 1);
+    cli->free_slots = calloc(cli->n_slots, sizeof(uint32_t));
+    cli->release_q = calloc(cli->n_slots, sizeof(uint32_t));
+    rc = -ENOMEM;
+    if (!cli->slot_state || !cli->free_slots || !cli->release_q)
+        goto fail;
+    /* Lowest index on top: slot 0 is handed out first. */
+    for (uint32_t i = 0; i < cli->n_slots; i++)
+        cli->free_slots[i] = cli->n_slots - 1 - i;
+    cli->n_free = cli->n_slots;
+    *out = cli;
+    return 0;
+fail:
+    gorgon_close(cli);
+    return rc;
+}
+
+int gorgon_fd(const gorgon_client *cli) { return cli ? cli->sock : -EINVAL; }
+uint32_t gorgon_inflight(const gorgon_client *cli) { return cli ? cli->inflight : 0; }
+uint32_t gorgon_session_id(const gorgon_client *cli) { return cli ? cli->session_id : 0; }
+
+/* One non-blocking look at the control socket. gorgond never writes after
+ * the welcome, so anything but silence means it is gone. */
+static bool peer_gone(gorgon_client *cli)
+{
+    if (cli->dead)
+        return true;
+    struct pollfd p = {.fd = cli->sock, .events = POLLIN | POLLRDHUP};
+    int n = poll(&p, 1, 0);
+    if (n > 0 && (p.revents & (POLLHUP | POLLRDHUP | POLLERR | POLLIN | POLLNVAL)))
+        cli->dead = true;
+    return cli->dead;
+}
+
+/* ---- slots ----------------------------------------------------------------- */
+
+int gorgon_slot_acquire(gorgon_client *cli)
+{
+    if (!cli)
+        return -EINVAL;
+    if (!cli->n_free)
+        return -EAGAIN;
+    uint32_t s = cli->free_slots[--cli->n_free];
+    cli->slot_state[s] = SLOT_USER;
+    return (int)s;
+}
+
+static void slot_put(gorgon_client *cli, uint32_t slot)
+{
+    cli->slot_state[slot] = SLOT_FREE;
+    cli->free_slots[cli->n_free++] = slot;
+}
+
+int gorgon_slot_release(gorgon_client *cli, uint32_t slot)
+{
+    if (!cli || slot >= cli->n_slots || cli->slot_state[slot] != SLOT_USER)
+        return -EINVAL;
+    slot_put(cli, slot);
+    return 0;
+}
+
+void *gorgon_slot_input(gorgon_client *cli, uint32_t slot, size_t *cap)
+{
+    if (!cli || slot >= cli->n_slots)
+        return NULL;
+    if (cap)
+        *cap = cli->in_cap;
+    return ipc_region_slot_in(&cli->reg, slot);
+}
+
+const void *gorgon_slot_output(gorgon_client *cli, uint32_t slot, size_t *cap)
+{
+    if (!cli || slot >= cli->n_slots)
+        return NULL;
+    if (cap)
+        *cap = cli->out_cap;
+    return ipc_region_slot_out(&cli->reg, slot);
+}
+
+/* ---- submit ----------------------------------------------------------------- */
+
+static int fill_sqe(gorgon_client *cli, const gorgon_request *rq, struct ipc_sqe *sqe)
+{
+    bool uses_slot = rq->opcode != GORGON_OP_NOP;
+    if (rq->opcode >= IPC_OP__COUNT || (uses_slot && rq->slot >= cli->n_slots) ||
+        rq->in_len > cli->in_cap)
+        return -EINVAL;
+    memset(sqe, 0, sizeof(*sqe));
+    sqe->opcode = (uint8_t)rq->opcode;
+    sqe->slot = uses_slot ? rq->slot : 0;
+    sqe->user_data = rq->user_data;
+    sqe->in_len = rq->in_len;
+    return 0;
+}
+
+/* Full ring: the one place where a submitter can learn that gorgond died
+ * without waiting (it will never drain the ring again). */
+static int full_or_dead(gorgon_client *cli)
+{
+    return peer_gone(cli) ? -EPIPE : -EAGAIN;
+}
+
+static int submit_impl(gorgon_client *cli, const gorgon_request *req)
+{
+    if (!cli || !req)
+        return -EINVAL;
+    if (cli->dead)
+        return -EPIPE;
+    struct ipc_sqe sqe;
+    CM_TRY(fill_sqe(cli, req, &sqe));
+    int rc = ipc_ring_push(&cli->sq, &sqe);
+    if (rc == -EAGAIN)
+        return full_or_dead(cli);
+    if (rc < 0)
+        return rc;
+    cli->inflight++;
+    ipc_doorbell_notify(&cli->sq);
+    return 0;
+}
+
+static int submit_burst_impl(gorgon_client *cli, const gorgon_request *reqs, uint32_t n)
+{
+    if (!cli || (!reqs && n))
+        return -EINVAL;
+    if (cli->dead)
+        return -EPIPE;
+    /* Check everything first: on -EINVAL nothing has been pushed. */
+    for (uint32_t i = 0; i < n; i++) {
+        struct ipc_sqe probe;
+        CM_TRY(fill_sqe(cli, &reqs[i], &probe));
+    }
+    uint32_t done = 0;
+    while (done < n) {
+        struct ipc_sqe sqes[GORGON_BURST];
+        uint32_t k = n - done < GORGON_BURST ? n - done : GORGON_BURST;
+        for (uint32_t i = 0; i < k; i++)
+            (void)fill_sqe(cli, &reqs[done + i], &sqes[i]);
+        int rc = ipc_ring_push_burst(&cli->sq, sqes, k);
+        if (rc < 0)
+            return rc;
+        done += (uint32_t)rc;
+        cli->inflight += (uint32_t)rc;
+        if ((uint32_t)rc < k)
+            break;
+    }
+    if (done)
+        ipc_doorbell_notify(&cli->sq);
+    else if (n)
+        return peer_gone(cli) ? -EPIPE : 0;
+    return (int)done;
+}
+
+static int submit_auto(gorgon_client *cli, uint32_t op, const void *payload, size_t len,
+                       uint64_t user_data)
+{
+    if (!cli || (len && !payload))
+        return -EINVAL;
+    if (cli->dead)
+        return -EPIPE;
+    if (len > cli->in_cap)
+        return -EMSGSIZE;
+    if (!cli->n_free)
+        return -EAGAIN;
+    uint32_t slot = cli->free_slots[cli->n_free - 1];
+    if (len)
+        memcpy(ipc_region_slot_in(&cli->reg, slot), payload, len);
+    struct ipc_sqe sqe = {.opcode = (uint8_t)op, .slot = slot, .user_data = user_data,
+                          .in_len = (uint32_t)len};
+    int rc = ipc_ring_push(&cli->sq, &sqe);
+    if (rc == -EAGAIN)
+        return full_or_dead(cli);
+    if (rc < 0)
+        return rc;
+    cli->n_free--;
+    cli->slot_state[slot] = SLOT_AUTO;
+    cli->inflight++;
+    ipc_doorbell_notify(&cli->sq);
+    return 0;
+}
+
+int gorgon_submit_ping(gorgon_client *cli, const void *payload, size_t len, uint64_t user_data)
+{
+    KEEP_ERRNO(submit_auto(cli, IPC_OP_PING, payload, len, user_data));
+}
+
+int gorgon_submit_nop(gorgon_client *cli, uint64_t user_data)
+{
+    if (!cli)
+        return -EINVAL;
+    gorgon_request rq = {.opcode = GORGON_OP_NOP, .user_data = user_data};
+    KEEP_ERRNO(submit_impl(cli, &rq));
+}
+
+/* ---- completions ------------------------------------------------------------ */
+
+static void convert(gorgon_client *cli, const struct ipc_cqe *c, gorgon_completion *o)
+{
+    o->user_data = c->user_data;
+    o->result = c->result;
+    o->opcode = c->opcode;
+    o->slot = c->slot;
+    o->flags = c->flags & IPC_CQE_F_MORE;
+    o->out = NULL;
+    o->out_len = 0;
+    bool more = (c->flags & IPC_CQE_F_MORE) != 0;
+    if (!more && cli->inflight)
+        cli->inflight--;
+    if (c->opcode == IPC_OP_NOP)
+        return;
+    if (c->slot >= cli->n_slots) {
+        if (o->result >= 0)
+            o->result = -EPROTO;
+        return;
+    }
+    if (c->out_len) {
+        uint64_t end = (uint64_t)c->out_off + c->out_len;
+        if (end > cli->out_cap) {
+            if (o->result >= 0)
+                o->result = -EPROTO;
+        } else {
+            o->out = ipc_region_slot_out(&cli->reg, c->slot) + c->out_off;
+            o->out_len = c->out_len;
+        }
+    }
+    if (!more && cli->slot_state[c->slot] == SLOT_AUTO) {
+        cli->slot_state[c->slot] = SLOT_AUTO_DONE;
+        cli->release_q[cli->n_release++] = c->slot;
+    }
+}
+
+int gorgon_poll(gorgon_client *cli, gorgon_completion *out, uint32_t max)
+{
+    if (!cli || (!out && max))
+        return -EINVAL;
+    /* Slots whose completions were returned by the previous call: the
+     * caller has had its chance to read their output. */
+    while (cli->n_release) {
+        uint32_t s = cli->release_q[--cli->n_release];
+        if (cli->slot_state[s] == SLOT_AUTO_DONE)
+            slot_put(cli, s);
+    }
+    uint32_t done = 0;
+    while (done < max) {
+        struct ipc_cqe cqes[GORGON_BURST];
+        uint32_t k = max - done < GORGON_BURST ? max - done : GORGON_BURST;
+        int n = ipc_ring_pop_burst(&cli->cq, cqes, k);
+        if (n < 0) {
+            cli->dead = true; /* the session cannot be trusted any more */
+            return done ? (int)done : n;
+        }
+        for (int i = 0; i < n; i++)
+            convert(cli, &cqes[i], &out[done + (uint32_t)i]);
+        done += (uint32_t)n;
+        if ((uint32_t)n < k)
+            break;
+    }
+    if (!done && cli->dead)
+        return -EPIPE;
+    return (int)done;
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static int wait_impl(gorgon_client *cli, gorgon_completion *out, uint32_t max, int64_t timeout_ns)
+{
+    int n = gorgon_poll(cli, out, max);
+    if (n != 0 || max == 0)
+        return n;
+    uint64_t start = cm_now_ns();
+    uint64_t deadline = timeout_ns >= 0 ? start + (uint64_t)timeout_ns : UINT64_MAX;
+    uint64_t next_check = start + GORGON_HUP_CHECK_NS;
+    bool busy = (cli->flags & GORGON_BUSY_POLL) != 0;
+    uint64_t spin_end = busy ? deadline : start + (uint64_t)cli->spin_ns;
+    /* Spin phase: no syscall while gorgond answers quickly. */
+    for (unsigned i = 1; busy || cli->spin_ns > 0; i++) {
+        if ((n = gorgon_poll(cli, out, max)) != 0)
+            return n;
+        if ((i & 63u) == 0) {
+            uint64_t now = cm_now_ns();
+            if (now >= deadline)
+                return 0;
+            if (now >= spin_end)
+                break;
+            if (now >= next_check) {
+                if (peer_gone(cli))
+                    return -EPIPE;
+                next_check = now + GORGON_HUP_CHECK_NS;
+            }
+        }
+        cpu_relax();
+    }
+    /* Sleep phase: NEED_WAKEUP on the CQ, then futex-wait in slices so a
+     * dead gorgond (which will never ring) is noticed. */
+    for (;;) {
+        uint32_t val;
+        int rc = ipc_doorbell_prepare(&cli->cq, &val);
+        if (rc == 0) {
+            uint64_t now = cm_now_ns();
+            if (now >= deadline) {
+                ipc_doorbell_finish(&cli->cq);
+                return 0;
+            }
+            uint64_t slice = deadline - now < GORGON_HUP_CHECK_NS ? deadline - now
+                                                                  : GORGON_HUP_CHECK_NS;
+            rc = ipc_futex_wait(&cli->cq.sh->doorbell, val, (int64_t)slice);
+            ipc_doorbell_finish(&cli->cq);
+            if (rc == -ETIMEDOUT && peer_gone(cli)) {
+                n = gorgon_poll(cli, out, max); /* what it answered before dying */
+                return n ? n : -EPIPE;
+            }
+        }
+        if ((n = gorgon_poll(cli, out, max)) != 0)
+            return n;
+        if (cm_now_ns() >= deadline)
+            return 0;
+    }
+}
+
+int gorgon_connect(gorgon_client **out, const gorgon_opts *opts)
+{
+    KEEP_ERRNO(connect_impl(out, opts));
+}
+
+int gorgon_submit(gorgon_client *cli, const gorgon_request *req)
+{
+    KEEP_ERRNO(submit_impl(cli, req));
+}
+
+int gorgon_submit_burst(gorgon_client *cli, const gorgon_request *reqs, uint32_t n)
+{
+    KEEP_ERRNO(submit_burst_impl(cli, reqs, n));
+}
+
+int gorgon_wait(gorgon_client *cli, gorgon_completion *out, uint32_t max, int64_t timeout_ns)
+{
+    KEEP_ERRNO(wait_impl(cli, out, max, timeout_ns));
+}
+
+int gorgon_wait_prepare(gorgon_client *cli, const uint32_t **addr, uint32_t *val)
+{
+    if (!cli || !addr || !val)
+        return -EINVAL;
+    *addr = &cli->cq.sh->doorbell;
+    return ipc_doorbell_prepare(&cli->cq, val);
+}
+
+void gorgon_wait_finish(gorgon_client *cli)
+{
+    if (cli)
+        ipc_doorbell_finish(&cli->cq);
+}
+
+/* ---- synchronous conveniences ------------------------------------------------ */
+
+/* Submit one auto-slot request and wait for its completion. */
+static int round_trip(gorgon_client *cli, uint32_t op, const void *payload, size_t len,
+                      int64_t timeout_ns, gorgon_completion *c, uint64_t *rtt_ns)
+{
+    if (!cli)
+        return -EINVAL;
+    if (cli->dead)
+        return -EPIPE;
+    if (cli->inflight)
+        return -EBUSY;
+    uint64_t ud = ++cli->seq | (1ull << 63);
+    uint64_t t0 = cm_now_ns();
+    /* Drain the release queue first so a slot is free. */
+    int rc = gorgon_poll(cli, c, 0);
+    if (rc < 0)
+        return rc;
+    rc = submit_auto(cli, op, payload, len, ud);
+    if (rc < 0)
+        return rc;
+    for (;;) {
+        int64_t left = -1;
+        if (timeout_ns >= 0) {
+            uint64_t el = cm_now_ns() - t0;
+            if (el >= (uint64_t)timeout_ns)
+                return -ETIMEDOUT;
+            left = timeout_ns - (int64_t)el;
+        }
+        rc = wait_impl(cli, c, 1, left);
+        if (rc < 0)
+            return rc;
+        if (rc == 1 && c->user_data == ud)
+            break;
+        /* rc == 0: timed out, the loop decides; a foreign completion cannot
+         * happen (inflight was 0), but would simply be dropped. */
+    }
+    if (rtt_ns)
+        *rtt_ns = cm_now_ns() - t0;
+    return c->result;
+}
+
+int gorgon_ping(gorgon_client *cli, const void *payload, size_t len, int64_t timeout_ns,
+                uint64_t *rtt_ns)
+{
+    gorgon_completion c;
+    int saved = errno;
+    int rc = round_trip(cli, IPC_OP_PING, payload, len, timeout_ns, &c, rtt_ns);
+    errno = saved;
+    if (rc < 0)
+        return rc;
+    if ((size_t)rc != len || c.out_len != len || (len && memcmp(c.out, payload, len) != 0))
+        return -EIO;
+    return rc;
+}
+
+int gorgon_stats(gorgon_client *cli, gorgon_counters *st)
+{
+    if (!st)
+        return -EINVAL;
+    gorgon_completion c;
+    int saved = errno;
+    int rc = round_trip(cli, IPC_OP_STATS, NULL, 0, 1000000000, &c, NULL);
+    errno = saved;
+    if (rc < 0)
+        return rc;
+    struct ipc_stats s;
+    if (c.out_len < sizeof(s) || !c.out)
+        return -EPROTO;
+    memcpy(&s, c.out, sizeof(s));
+    st->clients_now = s.clients_now;
+    st->clients_total = s.clients_total;
+    st->sessions_reclaimed = s.sessions_reclaimed;
+    st->requests_total = s.requests_total;
+    st->protocol_errors = s.protocol_errors;
+    st->loop_wakeups = s.loop_wakeups;
+    return 0;
+}

@@ -1,0 +1,21 @@
+# clients: libgorgon (static and shared) and the `gorgon` CLI.
+# The shared library carries the ipc and common objects it needs and exports
+# only the gorgon_* API (clients/libgorgon.map).
+gorgon_SRCS := $(wildcard clients/*.c)
+$(eval $(call add_lib,gorgon,$(gorgon_SRCS)))
+
+GORGON_SONAME := libgorgon.so.0
+GORGON_SO_OBJS := $(call objs,$(gorgon_SRCS) $(ipc_SRCS) $(common_SRCS))
+ALL_LIBS += $(B)/lib/libgorgon.so build/lib/libgorgon.so build/lib/$(GORGON_SONAME)
+$(B)/lib/$(GORGON_SONAME): $(GORGON_SO_OBJS) clients/libgorgon.map
+	@mkdir -p $(@D)
+	@$(if $(filter 1,$(V)),,echo "  LD      $@")
+	$(Q)$(CC) $(LDFLAGS) -shared -Wl,-soname,$(GORGON_SONAME) -Wl,--version-script=clients/libgorgon.map -Wl,-z,defs -o $@ $(GORGON_SO_OBJS) $(IPC_LDLIBS) $(COMMON_LDLIBS)
+$(B)/lib/libgorgon.so: $(B)/lib/$(GORGON_SONAME)
+	$(Q)ln -sfn $(GORGON_SONAME) $@
+# build/lib/ holds the library of the last mode built (like build/bin/).
+build/lib/libgorgon.so build/lib/$(GORGON_SONAME): $(B)/lib/libgorgon.so
+	@mkdir -p $(@D)
+	$(Q)ln -sfn ../$(patsubst build/%,%,$(B))/lib/$(GORGON_SONAME) $@
+
+$(eval $(call add_prog,gorgon,clients/cli/gorgon_cli.c,gorgon ipc common,$(IPC_LDLIBS) $(COMMON_LDLIBS)))

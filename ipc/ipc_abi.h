@@ -1,0 +1,190 @@
+/* ipc_abi.h — every byte that crosses a process boundary in gorgon.
+ *
+ * A client region is one sealed memfd that gorgond creates per session and
+ * hands to the client over the control socket (SCM_RIGHTS). Layout, all
+ * offsets from the region start, each part 64-byte (cache line) aligned:
+ *
+ *   [ipc_region_hdr]                      4096 bytes (one page)
+ *   [SQ: ipc_ring_shared + sq_entries × ipc_sqe]   client → gorgond
+ *   [CQ: ipc_ring_shared + cq_entries × ipc_cqe]   gorgond → client
+ *   [n_slots × (ipc_slot_hdr + in_bytes + out_bytes)]
+ *
+ * The same ring layout (ipc_ring_shared + 64-byte entries) is used between
+ * gorgond and its workers (command and event rings).
+ *
+ * Rules (ARCHITECTURE.md §3): fixed-width fields, explicit padding, offsets
+ * never pointers. Everything in a region may be scribbled on by the peer at
+ * any time: the reader copies a descriptor out once, then validates the copy
+ * (ipc_sqe_validate); indices are checked (tail - head <= entries) and masked.
+ *
+ * Sleep protocol (the io_uring SQPOLL / AF_XDP NEED_WAKEUP pattern): the
+ * consumer of a ring sets IPC_RING_NEED_WAKEUP in that ring's `flags`, issues
+ * a full fence, re-checks the ring, then futex-waits on `doorbell`. The
+ * producer publishes the tail, issues a full fence, and only if the flag is
+ * set increments `doorbell` and calls FUTEX_WAKE. Doorbells are plain
+ * (non-private) futex words: the memory is shared between processes.
+ */
+#ifndef GORGON_IPC_ABI_H
+#define GORGON_IPC_ABI_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define IPC_MAGIC 0x4e4f4752u /* "RGON" little-endian: 'R','G','O','N' */
+#define IPC_ABI_VERSION 1u
+#define IPC_DESC_SIZE 64u
+#define IPC_CACHELINE 64u
+#define IPC_HDR_BYTES 4096u
+
+/* Limits a region may be created with (checked at create and at map). */
+#define IPC_RING_MIN_ENTRIES 2u
+#define IPC_RING_MAX_ENTRIES 65536u
+#define IPC_MAX_SLOTS 4096u
+#define IPC_SLOT_MAX_BYTES (64u << 20) /* per input or output buffer */
+
+/* ---- rings ------------------------------------------------------------- */
+
+/* ring flags (ipc_ring_shared.flags), set by the ring's consumer */
+#define IPC_RING_NEED_WAKEUP 1u
+/* The consumer sleeps in poll() on an eventfd instead of on the futex (kernel
+ * without IORING_OP_FUTEX_WAIT): a producer that holds that eventfd (handed
+ * over with the region, see ipc_ctl_send_welcome_wake) writes it instead of
+ * calling FUTEX_WAKE. The doorbell word is still incremented. */
+#define IPC_RING_WAKE_EVENTFD 2u
+
+/* Control block at the start of each ring. head is written only by the
+ * consumer, tail only by the producer; each on its own cache line so the two
+ * sides never false-share. Indices are free-running u32: entry = idx & mask. */
+struct ipc_ring_shared {
+    uint32_t head; /* consumer: next entry to read (atomic) */
+    uint8_t pad0[IPC_CACHELINE - 4];
+    uint32_t tail; /* producer: next entry to write (atomic) */
+    uint8_t pad1[IPC_CACHELINE - 4];
+    uint32_t flags;    /* consumer-set IPC_RING_NEED_WAKEUP (atomic) */
+    uint32_t doorbell; /* futex word: producer increments, then wakes (atomic) */
+    uint8_t pad2[IPC_CACHELINE - 8];
+};
+_Static_assert(sizeof(struct ipc_ring_shared) == 3 * IPC_CACHELINE, "ring control block");
+_Static_assert(offsetof(struct ipc_ring_shared, tail) == IPC_CACHELINE, "tail on its own line");
+_Static_assert(offsetof(struct ipc_ring_shared, flags) == 2 * IPC_CACHELINE, "flags line");
+
+/* ---- descriptors -------------------------------------------------------- */
+
+/* Opcodes (ipc_sqe.opcode). The table in the server decides what is valid. */
+enum ipc_op {
+    IPC_OP_NOP = 0,
+    IPC_OP_PING = 1,     /* echo in[in_off, +in_len) into the slot's output */
+    IPC_OP_GENERATE = 2, /* reserved for the serving issue */
+    IPC_OP_CANCEL = 3,   /* reserved: cancel the request in `slot` */
+    IPC_OP_STATS = 4,    /* write an ipc_stats into the slot's output */
+    IPC_OP__COUNT,
+};
+
+/* Submission: client → gorgond. */
+struct ipc_sqe {
+    uint8_t opcode;  /* enum ipc_op */
+    uint8_t flags;   /* none defined yet: must be 0 */
+    uint16_t rsvd0;  /* must be 0 */
+    uint32_t slot;   /* request slot index < n_slots */
+    uint64_t user_data; /* opaque, echoed in every completion */
+    uint32_t in_off; /* payload in the slot's input buffer */
+    uint32_t in_len;
+    uint64_t arg[4]; /* opcode-specific */
+    uint8_t pad[8];
+};
+_Static_assert(sizeof(struct ipc_sqe) == IPC_DESC_SIZE, "sqe is one descriptor");
+_Static_assert(offsetof(struct ipc_sqe, user_data) == 8, "sqe layout");
+_Static_assert(offsetof(struct ipc_sqe, in_off) == 16, "sqe layout");
+_Static_assert(offsetof(struct ipc_sqe, arg) == 24, "sqe layout");
+
+/* completion flags (ipc_cqe.flags) */
+#define IPC_CQE_F_MORE 1u /* more completions will follow for this request */
+
+/* Completion: gorgond → client. */
+struct ipc_cqe {
+    uint8_t opcode; /* the request's opcode */
+    uint8_t flags;  /* IPC_CQE_F_* */
+    uint16_t rsvd0;
+    uint32_t slot;
+    uint64_t user_data;
+    int32_t result;   /* >= 0 success (opcode-specific count), < 0 -errno */
+    uint32_t out_off; /* new output bytes: [out_off, out_off + out_len) of the slot's output */
+    uint32_t out_len;
+    uint32_t rsvd1;
+    uint64_t arg[4]; /* opcode-specific (usage, timings) */
+};
+_Static_assert(sizeof(struct ipc_cqe) == IPC_DESC_SIZE, "cqe is one descriptor");
+_Static_assert(offsetof(struct ipc_cqe, result) == 16, "cqe layout");
+_Static_assert(offsetof(struct ipc_cqe, arg) == 32, "cqe layout");
+
+/* ---- request slots ------------------------------------------------------ */
+
+/* Each slot: this header, then in_bytes of input, then out_bytes of output.
+ * The client owns slot allocation; gorgond tracks privately which slots are
+ * in flight and refuses a second request on a busy slot. */
+struct ipc_slot_hdr {
+    uint32_t out_consumed; /* client: output bytes it has consumed (atomic; streaming flow control) */
+    uint32_t rsvd[15];
+};
+_Static_assert(sizeof(struct ipc_slot_hdr) == IPC_CACHELINE, "slot header");
+
+/* ---- region header ------------------------------------------------------ */
+
+/* Written once by gorgond before the fd is sent; read-only by convention
+ * afterwards (the client re-validates it at map time, gorgond never reads it
+ * back: it keeps its own private copy of the layout). */
+struct ipc_region_hdr {
+    uint32_t magic;       /* IPC_MAGIC */
+    uint32_t abi_version; /* IPC_ABI_VERSION */
+    uint64_t region_bytes;
+    uint32_t sq_entries; /* power of two */
+    uint32_t cq_entries; /* power of two */
+    uint32_t n_slots;
+    uint32_t slot_in_bytes;  /* multiple of 64 */
+    uint32_t slot_out_bytes; /* multiple of 64 */
+    uint32_t session_id;
+    uint64_t sq_off; /* -> ipc_ring_shared, entries follow at sq_off + sizeof(ipc_ring_shared) */
+    uint64_t cq_off;
+    uint64_t slots_off;   /* slot i at slots_off + i * slot_stride */
+    uint64_t slot_stride; /* sizeof(ipc_slot_hdr) + in + out */
+    uint8_t pad[IPC_HDR_BYTES - 72];
+};
+_Static_assert(sizeof(struct ipc_region_hdr) == IPC_HDR_BYTES, "region header is one page");
+_Static_assert(offsetof(struct ipc_region_hdr, sq_off) == 40, "hdr layout");
+_Static_assert(offsetof(struct ipc_region_hdr, slot_stride) == 64, "hdr layout");
+
+/* ---- control socket ----------------------------------------------------- */
+
+/* client → gorgond, first message on the SOCK_SEQPACKET control socket */
+struct ipc_hello {
+    uint32_t magic;       /* IPC_MAGIC */
+    uint32_t abi_version; /* IPC_ABI_VERSION */
+    uint32_t flags;       /* none yet: 0 */
+    uint32_t rsvd;
+};
+_Static_assert(sizeof(struct ipc_hello) == 16, "hello");
+
+/* gorgond → client, carries the region fd via SCM_RIGHTS when status == 0 */
+struct ipc_welcome {
+    uint32_t magic;
+    uint32_t abi_version; /* server's version */
+    int32_t status;       /* 0 or -errno (-EPROTONOSUPPORT, -EACCES, -EUSERS) */
+    uint32_t session_id;
+    uint64_t region_bytes;
+    char reason[48]; /* NUL-terminated text when status < 0 */
+};
+_Static_assert(sizeof(struct ipc_welcome) == 72, "welcome");
+
+/* IPC_OP_STATS output (gorgond → client) */
+struct ipc_stats {
+    uint64_t clients_now;
+    uint64_t clients_total;
+    uint64_t sessions_reclaimed;
+    uint64_t requests_total;
+    uint64_t protocol_errors;
+    uint64_t loop_wakeups;
+    uint64_t rsvd[10];
+};
+_Static_assert(sizeof(struct ipc_stats) == 128, "stats");
+
+#endif

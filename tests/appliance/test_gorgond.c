@@ -1,0 +1,424 @@
+/* gorgond end to end: many clients, dying clients, a malicious client,
+ * clean shutdown, configuration. Each test starts its own gorgond. */
+#include <criterion/criterion.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/wait.h>
+
+#include "clients/gorgon.h"
+#include "ipc/ipc.h"
+#include "tests/clients/util/gd_proc.h"
+
+static gd_proc gd;
+
+#define START_GORGOND(...)                                                                   \
+    do {                                                                                     \
+        int rc_ = gd_start(&gd, __VA_ARGS__);                                                \
+        if (rc_ == -ENOENT)                                                                  \
+            cr_skip_test("gorgond not built (looked in $GORGON_GORGOND, the test's build "    \
+                         "tree and build/bin/gorgond): run `make build/bin/gorgond`");       \
+        cr_assert_eq(rc_, 0, "gorgond did not start: %s", strerror(-rc_));                   \
+    } while (0)
+
+/* Cleanup when a test failed half-way; tests that pass end with GD_END. */
+static void teardown(void)
+{
+    gd_stop(&gd);
+}
+
+static int connect_to(gorgon_client **cli, uint32_t flags)
+{
+    gorgon_opts o = {.socket_path = gd.sock, .flags = flags};
+    return gorgon_connect(cli, &o);
+}
+
+static gorgon_counters stats_of(void)
+{
+    gorgon_client *cli;
+    int rc = connect_to(&cli, 0);
+    cr_assert_eq(rc, 0, "stats connect: %s", gorgon_strerror(rc));
+    gorgon_counters st;
+    rc = gorgon_stats(cli, &st);
+    cr_assert_eq(rc, 0, "gorgon_stats: %s", gorgon_strerror(rc));
+    gorgon_close(cli);
+    return st;
+}
+
+/* ---- 32 clients, some killed mid-flight ------------------------------------- */
+
+#define N_THREADS 24
+#define N_PROCS 8
+#define PINGS_PER_THREAD 400
+
+struct pinger {
+    int id;
+    int ok, bad;
+    char err[128];
+};
+
+static atomic_int pingers_ready;
+
+static void *pinger_main(void *arg)
+{
+    struct pinger *p = arg;
+    gorgon_client *cli;
+    int rc = connect_to(&cli, 0);
+    if (rc < 0) {
+        snprintf(p->err, sizeof(p->err), "connect: %s", gorgon_strerror(rc));
+        atomic_fetch_add(&pingers_ready, 1);
+        return NULL;
+    }
+    atomic_fetch_add(&pingers_ready, 1);
+    uint8_t buf[512];
+    for (int i = 0; i < PINGS_PER_THREAD; i++) {
+        size_t len = (size_t)((p->id * 37 + i * 13) % (int)sizeof(buf)) + 1;
+        for (size_t b = 0; b < len; b++)
+            buf[b] = (uint8_t)(p->id ^ (i * 11) ^ (int)b);
+        /* gorgon_ping checks the echo byte for byte (-EIO otherwise). */
+        rc = gorgon_ping(cli, buf, len, 5000000000ll, NULL);
+        if (rc == (int)len) {
+            p->ok++;
+        } else {
+            p->bad++;
+            snprintf(p->err, sizeof(p->err), "ping %d: %d (%s)", i, rc, gorgon_strerror(rc));
+        }
+    }
+    gorgon_close(cli);
+    return NULL;
+}
+
+static void doomed_child(int ready_fd)
+{
+    gorgon_client *cli;
+    if (connect_to(&cli, 0) < 0)
+        _exit(3);
+    char one = 1;
+    if (write(ready_fd, &one, 1) != 1)
+        _exit(4);
+    /* Keep requests flowing until SIGKILL arrives. */
+    for (;;) {
+        if (gorgon_ping(cli, "doomed", 6, 5000000000ll, NULL) != 6)
+            _exit(5);
+    }
+}
+
+Test(appliance_gorgond, sessions_reclaimed_when_clients_killed, .fini = teardown, .timeout = 60)
+{
+    START_GORGOND("--max-clients", "64", NULL);
+    int pfd[2];
+    cr_assert_eq(pipe(pfd), 0);
+    pid_t kids[N_PROCS];
+    /* Fork before any thread exists. */
+    for (int i = 0; i < N_PROCS; i++) {
+        kids[i] = fork();
+        cr_assert_geq(kids[i], 0);
+        if (kids[i] == 0) {
+            close(pfd[0]);
+            doomed_child(pfd[1]);
+        }
+    }
+    close(pfd[1]);
+    for (int i = 0; i < N_PROCS; i++) {
+        char c;
+        cr_assert_eq(read(pfd[0], &c, 1), 1, "child %d never connected", i);
+    }
+    close(pfd[0]);
+
+    static struct pinger ps[N_THREADS];
+    pthread_t th[N_THREADS];
+    atomic_store(&pingers_ready, 0);
+    for (int i = 0; i < N_THREADS; i++) {
+        ps[i] = (struct pinger){.id = i};
+        cr_assert_eq(pthread_create(&th[i], NULL, pinger_main, &ps[i]), 0);
+    }
+    while (atomic_load(&pingers_ready) < N_THREADS)
+        gd_sleep_ms(1);
+    gd_sleep_ms(30);
+    for (int i = 0; i < N_PROCS; i++) {
+        kill(kids[i], SIGKILL);
+        int st;
+        cr_assert_eq(waitpid(kids[i], &st, 0), kids[i]);
+        cr_assert(WIFSIGNALED(st), "child %d exited by itself (status %d)", i, st);
+    }
+    /* The dead clients' sessions go away while the living keep working. */
+    gorgon_counters st = {0};
+    uint64_t t0 = gd_now_ms();
+    do {
+        st = stats_of();
+        if (st.sessions_reclaimed >= N_PROCS)
+            break;
+        gd_sleep_ms(10);
+    } while (gd_now_ms() - t0 < 5000);
+    cr_assert_geq(st.sessions_reclaimed, N_PROCS, "only %llu sessions reclaimed",
+                  (unsigned long long)st.sessions_reclaimed);
+
+    for (int i = 0; i < N_THREADS; i++)
+        pthread_join(th[i], NULL);
+    for (int i = 0; i < N_THREADS; i++) {
+        cr_assert_eq(ps[i].err[0], '\0', "client %d: %s", i, ps[i].err);
+        cr_assert_eq(ps[i].ok, PINGS_PER_THREAD, "client %d: %d ok", i, ps[i].ok);
+    }
+    st = stats_of();
+    cr_assert_eq(st.clients_now, 1, "clients_now %llu after everyone left (only the stats "
+                 "client should remain)", (unsigned long long)st.clients_now);
+    cr_assert_geq(st.clients_total, N_PROCS + N_THREADS);
+    cr_assert_eq(st.protocol_errors, 0);
+    cr_assert_geq(st.requests_total, (uint64_t)N_THREADS * PINGS_PER_THREAD);
+    GD_END(&gd);
+}
+
+/* ---- a client that scribbles over its region ---------------------------------- */
+
+struct raw {
+    int sock;
+    ipc_region reg;
+    ipc_ring sq, cq;
+};
+
+static void raw_connect(struct raw *r)
+{
+    memset(r, 0, sizeof(*r));
+    r->sock = ipc_ctl_connect(gd.sock);
+    cr_assert_geq(r->sock, 0, "ipc_ctl_connect: %s", strerror(-r->sock));
+    struct ipc_welcome w;
+    int fd = ipc_ctl_client_handshake(r->sock, &w);
+    cr_assert_geq(fd, 0, "handshake: %s (%s)", strerror(-fd), w.reason);
+    cr_assert_eq(ipc_region_map(&r->reg, fd), 0);
+    cr_assert_eq(ipc_region_sq(&r->reg, IPC_RING_PRODUCER, &r->sq), 0);
+    cr_assert_eq(ipc_region_cq(&r->reg, IPC_RING_CONSUMER, &r->cq), 0);
+}
+
+static int raw_reap(struct raw *r, struct ipc_cqe *out, int want, long timeout_ms)
+{
+    int got = 0;
+    uint64_t t0 = gd_now_ms();
+    while (got < want && (long)(gd_now_ms() - t0) < timeout_ms) {
+        int n = ipc_ring_pop(&r->cq, &out[got]);
+        cr_assert_geq(n, 0);
+        if (n == 0) {
+            ipc_doorbell_wait(&r->cq, 10000000);
+            continue;
+        }
+        got++;
+    }
+    return got;
+}
+
+static bool hung_up_within(int sock, int timeout_ms)
+{
+    struct pollfd p = {.fd = sock, .events = POLLRDHUP};
+    return poll(&p, 1, timeout_ms) == 1 && (p.revents & (POLLHUP | POLLRDHUP));
+}
+
+Test(appliance_gorgond, bad_descriptors_get_errors_and_busy_slots_ebusy, .fini = teardown,
+     .timeout = 20)
+{
+    START_GORGOND("--slots", "4", NULL);
+    struct raw r;
+    raw_connect(&r);
+    uint8_t *in = ipc_region_slot_in(&r.reg, 1);
+    memcpy(in, "abcd", 4);
+    struct ipc_sqe s[7];
+    memset(s, 0, sizeof(s));
+    s[0] = (struct ipc_sqe){.opcode = IPC_OP_PING, .slot = 1, .user_data = 1, .in_len = 4};
+    s[1] = (struct ipc_sqe){.opcode = IPC_OP_PING, .slot = 1, .user_data = 2, .in_len = 4};
+    s[2] = (struct ipc_sqe){.opcode = IPC_OP_GENERATE, .slot = 2, .user_data = 3};
+    s[3] = (struct ipc_sqe){.opcode = IPC_OP_PING, .slot = 4, .user_data = 4};
+    s[4] = (struct ipc_sqe){.opcode = 200, .slot = 0, .user_data = 5};
+    s[5] = (struct ipc_sqe){.opcode = IPC_OP_PING, .slot = 0, .user_data = 6,
+                            .in_off = 0xfffffff0u, .in_len = 0x20};
+    s[6] = (struct ipc_sqe){.opcode = IPC_OP_NOP, .flags = 1, .user_data = 7};
+    cr_assert_eq(ipc_ring_push_burst(&r.sq, s, 7), 7);
+    ipc_doorbell_notify(&r.sq);
+    struct ipc_cqe c[7];
+    cr_assert_eq(raw_reap(&r, c, 7, 5000), 7);
+    int32_t want[7] = {4, -EBUSY, -EOPNOTSUPP, -EINVAL, -EINVAL, -EINVAL, -EINVAL};
+    for (int i = 0; i < 7; i++) {
+        cr_assert_eq(c[i].user_data, (uint64_t)i + 1);
+        if (i >= 3) /* the validator may call framing errors -EPROTO */
+            cr_assert(c[i].result == -EINVAL || c[i].result == -EPROTO,
+                      "request %d: result %d", i + 1, c[i].result);
+        else
+            cr_assert_eq(c[i].result, want[i], "request %d: result %d, want %d", i + 1,
+                         c[i].result, want[i]);
+    }
+    cr_assert_eq(memcmp(ipc_region_slot_out(&r.reg, 1), "abcd", 4), 0);
+    /* The completion was consumed: slot 1 is free again. */
+    cr_assert_eq(ipc_ring_push(&r.sq, &s[1]), 0);
+    ipc_doorbell_notify(&r.sq);
+    cr_assert_eq(raw_reap(&r, c, 1, 5000), 1);
+    cr_assert_eq(c[0].result, 4);
+    ipc_region_unmap(&r.reg);
+    close(r.sock);
+    GD_END(&gd);
+}
+
+Test(appliance_gorgond, scribbling_client_disconnected_others_served, .fini = teardown,
+     .timeout = 30)
+{
+    START_GORGOND(NULL);
+    gorgon_client *good;
+    cr_assert_eq(connect_to(&good, 0), 0);
+    struct raw r;
+    raw_connect(&r);
+    /* Random descriptors with a well-formed tail: each gets an error (or,
+     * rarely, a harmless success), never a crash. */
+    unsigned seed = 12345;
+    for (int round = 0; round < 20; round++) {
+        uint8_t junk[16][IPC_DESC_SIZE];
+        for (size_t i = 0; i < sizeof(junk); i++)
+            ((uint8_t *)junk)[i] = (uint8_t)rand_r(&seed);
+        int n = ipc_ring_push_burst(&r.sq, junk, 16);
+        cr_assert_eq(n, 16);
+        ipc_doorbell_notify(&r.sq);
+        struct ipc_cqe c[16];
+        cr_assert_eq(raw_reap(&r, c, 16, 5000), 16, "round %d", round);
+        for (int i = 0; i < 16; i++)
+            cr_assert_lt(c[i].result, 0, "random descriptor accepted (result %d)", c[i].result);
+        cr_assert_eq(gorgon_ping(good, "still", 5, 2000000000, NULL), 5);
+    }
+    /* Now the indices themselves: a tail far beyond the head is impossible. */
+    struct ipc_ring_shared *sh = r.sq.sh;
+    for (int i = 0; i < 1000; i++)
+        ((volatile uint8_t *)sh)[(unsigned)rand_r(&seed) % IPC_CACHELINE] = (uint8_t)rand_r(&seed);
+    __atomic_store_n(&sh->tail, __atomic_load_n(&sh->head, __ATOMIC_RELAXED) + 0x40000000u,
+                     __ATOMIC_RELEASE);
+    __atomic_store_n(&sh->flags, 0xffffffffu, __ATOMIC_RELAXED);
+    ipc_futex_wake(&sh->doorbell, 1);
+    cr_assert(hung_up_within(r.sock, 5000), "gorgond kept a client with an impossible SQ tail");
+    for (int i = 0; i < 100; i++)
+        cr_assert_eq(gorgon_ping(good, "alive", 5, 2000000000, NULL), 5);
+    gorgon_counters st;
+    cr_assert_eq(gorgon_stats(good, &st), 0);
+    cr_assert_geq(st.protocol_errors, 1);
+    cr_assert_eq(st.clients_now, 1);
+    ipc_region_unmap(&r.reg);
+    close(r.sock);
+
+    /* Same for an impossible CQ head (gorgond is the CQ producer). gorgond
+     * reads the head only when its last view leaves too little room, so
+     * keep requests coming until it has to look. */
+    raw_connect(&r);
+    __atomic_store_n(&r.cq.sh->head, 0x80000000u, __ATOMIC_RELEASE);
+    struct ipc_sqe nops[64];
+    memset(nops, 0, sizeof(nops));
+    bool dropped = false;
+    for (uint64_t t0 = gd_now_ms(); !dropped && gd_now_ms() - t0 < 5000;) {
+        int n = ipc_ring_push_burst(&r.sq, nops, 64);
+        cr_assert_geq(n, 0);
+        ipc_doorbell_notify(&r.sq);
+        dropped = hung_up_within(r.sock, 1);
+    }
+    cr_assert(dropped, "gorgond kept a client with an impossible CQ head");
+    cr_assert_eq(gorgon_ping(good, "alive", 5, 2000000000, NULL), 5);
+    ipc_region_unmap(&r.reg);
+    close(r.sock);
+    gorgon_close(good);
+    GD_END(&gd);
+}
+
+/* ---- lifecycle and configuration ------------------------------------------------ */
+
+Test(appliance_gorgond, sigterm_exits_zero_and_removes_socket, .fini = teardown, .timeout = 20)
+{
+    START_GORGOND(NULL);
+    gorgon_client *cli;
+    cr_assert_eq(connect_to(&cli, 0), 0);
+    cr_assert_eq(gorgon_ping(cli, "x", 1, 2000000000, NULL), 1);
+    cr_assert_eq(kill(gd.pid, SIGTERM), 0);
+    int st = gd_wait_exit(&gd, 5000);
+    cr_assert_neq(st, -1, "gorgond did not exit within 5 s of SIGTERM");
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "exit status %d", st);
+    cr_assert_neq(access(gd.sock, F_OK), 0, "socket file %s still there", gd.sock);
+    gorgon_completion c;
+    cr_assert_eq(gorgon_submit_nop(cli, 1), 0);
+    cr_assert_eq(gorgon_wait(cli, &c, 1, 5000000000ll), -EPIPE);
+    gorgon_close(cli);
+}
+
+Test(appliance_gorgond, sighup_keeps_serving, .fini = teardown, .timeout = 20)
+{
+    START_GORGOND(NULL);
+    cr_assert_eq(kill(gd.pid, SIGHUP), 0);
+    gd_sleep_ms(50);
+    gorgon_client *cli;
+    cr_assert_eq(connect_to(&cli, 0), 0);
+    cr_assert_eq(gorgon_ping(cli, "hup", 3, 2000000000, NULL), 3);
+    gorgon_close(cli);
+    GD_END(&gd);
+}
+
+Test(appliance_gorgond, flags_override_config_file, .fini = teardown, .timeout = 20)
+{
+    char path[] = "/tmp/gorgon-test-cfg-XXXXXX";
+    int fd = mkstemp(path);
+    cr_assert_geq(fd, 0);
+    const char *ini = "[gorgond]\nmax_clients = 1\nslots = 2\npoll_us = 0\n"
+                      "[other]\nignored = yes\n";
+    cr_assert_eq(write(fd, ini, strlen(ini)), (ssize_t)strlen(ini));
+    close(fd);
+    START_GORGOND("--config", path, "--max-clients", "2", NULL);
+    unlink(path);
+    gorgon_client *a, *b, *c;
+    cr_assert_eq(connect_to(&a, 0), 0);
+    cr_assert_eq(connect_to(&b, 0), 0, "--max-clients 2 must override max_clients = 1");
+    cr_assert_eq(connect_to(&c, 0), -EUSERS);
+    /* slots = 2 from the file: two auto-slot pings in flight, the third has none. */
+    cr_assert_eq(gorgon_submit_ping(a, "1", 1, 1), 0);
+    cr_assert_eq(gorgon_submit_ping(a, "2", 1, 2), 0);
+    cr_assert_eq(gorgon_submit_ping(a, "3", 1, 3), -EAGAIN);
+    gorgon_close(a);
+    gorgon_close(b);
+    GD_END(&gd);
+}
+
+Test(appliance_gorgond, bad_config_exits_2_naming_key, .timeout = 20)
+{
+    char bin[PATH_MAX];
+    if (gd_find_binary(bin, sizeof(bin)) < 0)
+        cr_skip_test("gorgond not built");
+    int p[2];
+    cr_assert_eq(pipe(p), 0);
+    pid_t pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        dup2(p[1], 2);
+        close(p[0]);
+        execl(bin, bin, "--foreground", "--socket", "/tmp/gorgon-test-never.sock", "--sq-entries",
+              "100", (char *)NULL);
+        _exit(127);
+    }
+    close(p[1]);
+    char out[1024] = {0};
+    size_t n = 0;
+    ssize_t k;
+    while (n < sizeof(out) - 1 && (k = read(p[0], out + n, sizeof(out) - 1 - n)) > 0)
+        n += (size_t)k;
+    close(p[0]);
+    int st;
+    cr_assert_eq(waitpid(pid, &st, 0), pid);
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 2, "status %d, output: %s", st, out);
+    cr_assert(strstr(out, "sq_entries"), "message does not name the key: %s", out);
+}
+
+Test(appliance_gorgond, silent_connection_dropped_without_blocking_others, .fini = teardown,
+     .timeout = 20)
+{
+    START_GORGOND(NULL);
+    /* Connected but never says hello: must not hold up anyone else, and
+     * loses its place after the handshake timeout (2 s). */
+    int silent = ipc_ctl_connect(gd.sock);
+    cr_assert_geq(silent, 0);
+    gorgon_client *cli;
+    uint64_t t0 = gd_now_ms();
+    cr_assert_eq(connect_to(&cli, 0), 0);
+    cr_assert_eq(gorgon_ping(cli, "next", 4, 2000000000, NULL), 4);
+    cr_assert_lt(gd_now_ms() - t0, 1000, "a silent connection delayed the next client");
+    cr_assert(hung_up_within(silent, 5000), "silent connection never dropped");
+    close(silent);
+    gorgon_close(cli);
+    GD_END(&gd);
+}
