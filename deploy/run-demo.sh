@@ -22,7 +22,7 @@ cleanup() {
 trap cleanup EXIT
 
 echo "== starting gorgond on $sock"
-"$BIN/gorgond" --socket "$sock" --poll-us 50 &
+"$BIN/gorgond" --foreground --socket "$sock" --poll-us 50 &
 gpid=$!
 for _ in $(seq 100); do [[ -S "$sock" ]] && break; sleep 0.05; done
 [[ -S "$sock" ]] || { echo "gorgond did not come up" >&2; exit 1; }
