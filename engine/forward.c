@@ -1,0 +1,411 @@
+/* The batched forward pass: every new token of every sequence in one M × dim
+ * activation matrix, so each weight matrix is streamed once per call. */
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/common.h"
+#include "engine/eng_err.h"
+#include "engine/engine.h"
+#include "engine/model_int.h"
+
+struct eng_ctx {
+    const eng_model *m;
+    kn_ctx *kn;
+    const kn_ops *ops;
+    int64_t max_tokens, max_outputs, max_ctx;
+
+    /* Activations, M = max_tokens rows (shapes per row): */
+    float *x;    /* [M][dim]  residual stream */
+    float *xb;   /* [M][dim]  normed input / Wo and Wdown outputs */
+    /* q [M][n_head*hd], then k and v [M][n_kv_head*hd] each, packed for the
+     * M of the call: with M == 1 the q and k rows are adjacent and RoPE runs
+     * as one op over n_head + n_kv_head heads (one pool round trip less). */
+    float *qkv;
+    float *att;  /* [M][n_head*hd] attention output */
+    float *hb;   /* [M][ffn] gate, then silu(gate)*up */
+    float *hb2;  /* [M][ffn] up */
+    float *hsel; /* [O][dim] output rows, final-normed */
+    float *attn_scratch;
+    int32_t *tok; /* [M] */
+    int32_t *pos; /* [M] RoPE positions */
+    int64_t *out_rows; /* [O] row of x for each output */
+    /* per sequence of the batch (at most M of them) */
+    int *seq_id;
+    int64_t *seq_n, *seq_past, *seq_row;
+};
+
+int eng_ctx_create(eng_ctx **out, const eng_model *m, const eng_ctx_cfg *cfg)
+{
+    *out = NULL;
+    if (!cfg->kn || cfg->max_tokens <= 0 || cfg->max_outputs < 0 || cfg->max_ctx < 0)
+        return eng_fail(-EINVAL, "forward: ctx needs a kernels ctx and max_tokens > 0");
+    const eng_hparams *hp = &m->hp;
+    eng_ctx *c = calloc(1, sizeof(*c));
+    if (!c)
+        return -ENOMEM;
+    c->m = m;
+    c->kn = cfg->kn;
+    c->ops = kn_ctx_ops(cfg->kn);
+    c->max_tokens = cfg->max_tokens;
+    c->max_outputs = cfg->max_outputs ? cfg->max_outputs : cfg->max_tokens;
+    c->max_ctx = cfg->max_ctx ? cfg->max_ctx : hp->n_ctx;
+    const size_t M = (size_t)c->max_tokens, O = (size_t)c->max_outputs, fs = sizeof(float);
+    const size_t qd = (size_t)hp->n_head * (size_t)hp->head_dim;
+    const size_t kvd = (size_t)hp->n_kv_head * (size_t)hp->head_dim;
+    const size_t dim = (size_t)hp->dim, ffn = (size_t)hp->ffn_dim;
+    c->x = malloc(M * dim * fs);
+    c->xb = malloc(M * dim * fs);
+    c->qkv = malloc(M * (qd + 2 * kvd) * fs);
+    c->att = malloc(M * qd * fs);
+    c->hb = malloc(M * ffn * fs);
+    c->hb2 = malloc(M * ffn * fs);
+    c->hsel = malloc(O * dim * fs);
+    c->attn_scratch =
+        malloc(kn_attn_scratch_floats(c->max_ctx + c->max_tokens, kn_ctx_threads(cfg->kn)) * fs);
+    c->tok = malloc(M * sizeof(int32_t));
+    c->pos = malloc(M * sizeof(int32_t));
+    c->out_rows = malloc(O * sizeof(int64_t));
+    c->seq_id = malloc(M * sizeof(int));
+    c->seq_n = malloc(M * sizeof(int64_t));
+    c->seq_past = malloc(M * sizeof(int64_t));
+    c->seq_row = malloc(M * sizeof(int64_t));
+    if (!c->x || !c->xb || !c->qkv || !c->att || !c->hb || !c->hb2 ||
+        !c->hsel || !c->attn_scratch || !c->tok || !c->pos || !c->out_rows || !c->seq_id ||
+        !c->seq_n || !c->seq_past || !c->seq_row) {
+        eng_ctx_destroy(c);
+        return -ENOMEM;
+    }
+    *out = c;
+    return 0;
+}
+
+void eng_ctx_destroy(eng_ctx *c)
+{
+    if (!c)
+        return;
+    free(c->x);
+    free(c->xb);
+    free(c->qkv);
+    free(c->att);
+    free(c->hb);
+    free(c->hb2);
+    free(c->hsel);
+    free(c->attn_scratch);
+    free(c->tok);
+    free(c->pos);
+    free(c->out_rows);
+    free(c->seq_id);
+    free(c->seq_n);
+    free(c->seq_past);
+    free(c->seq_row);
+    free(c);
+}
+
+void eng_ctx_set_ops(eng_ctx *c, const kn_ops *ops)
+{
+    c->ops = ops ? ops : kn_ctx_ops(c->kn);
+}
+
+const eng_model *eng_ctx_model(const eng_ctx *c)
+{
+    return c->m;
+}
+
+/* Check the batch and lay it out in ctx scratch; returns the output count.
+ * Touches nothing but scratch. */
+static int64_t plan_batch(eng_ctx *c, eng_kv *kv, const eng_seq_in *seqs, int n_seqs)
+{
+    const eng_hparams *hp = &c->m->hp;
+    if (n_seqs <= 0 || !seqs)
+        return eng_fail(-EINVAL, "forward: empty batch");
+    int64_t row = 0, n_out = 0;
+    for (int s = 0; s < n_seqs; s++) {
+        const eng_seq_in *in = &seqs[s];
+        int64_t n = in->n_tokens;
+        int64_t past = eng_kv_seq_len(kv, in->seq);
+        if (past < 0)
+            return eng_fail(-EINVAL, "forward: batch entry %d: KV sequence %d is not allocated",
+                            s, in->seq);
+        if (n <= 0 || !in->tokens)
+            return eng_fail(-EINVAL, "forward: batch entry %d has no tokens", s);
+        if (n > c->max_tokens - row)
+            return eng_fail(-EINVAL, "forward: batch has more than the %" PRId64 " tokens the "
+                                     "ctx was made for",
+                            c->max_tokens);
+        if (past + n > c->max_ctx)
+            return eng_fail(-EINVAL, "forward: sequence %d would reach %" PRId64 " positions, "
+                                     "more than the ctx limit of %" PRId64,
+                            in->seq, past + n, c->max_ctx);
+        c->seq_id[s] = in->seq;
+        c->seq_n[s] = n;
+        c->seq_past[s] = past;
+        c->seq_row[s] = row;
+        for (int64_t i = 0; i < n; i++) {
+            int32_t t = in->tokens[i];
+            if (t < 0 || t >= hp->n_vocab)
+                return eng_fail(-EINVAL, "forward: batch entry %d token %" PRId64 " id %" PRId32
+                                         " is outside the vocabulary of %" PRId64,
+                                s, i, t, hp->n_vocab);
+            int64_t p = in->pos ? in->pos[i] : past + i;
+            if (p < 0 || p > INT32_MAX)
+                return eng_fail(-EINVAL, "forward: batch entry %d token %" PRId64 " has "
+                                         "position %" PRId64,
+                                s, i, p);
+            if (in->mask && !in->mask[i * n + i])
+                return eng_fail(-EINVAL, "forward: batch entry %d: mask row %" PRId64 " does "
+                                         "not let the token see itself",
+                                s, i);
+            c->tok[row + i] = t;
+            c->pos[row + i] = (int32_t)p;
+            bool want = in->want ? in->want[i] != 0 : i == n - 1;
+            if (want) {
+                if (n_out >= c->max_outputs)
+                    return eng_fail(-EINVAL, "forward: more than the %" PRId64 " outputs the "
+                                             "ctx was made for",
+                                    c->max_outputs);
+                c->out_rows[n_out++] = row + i;
+            }
+        }
+        row += n;
+    }
+    return n_out;
+}
+
+int64_t eng_forward(eng_ctx *c, eng_kv *kv, const eng_seq_in *seqs, int n_seqs, float *logits,
+                    float *hidden)
+{
+    const eng_model *m = c->m;
+    const eng_hparams *hp = &m->hp;
+    const kn_ops *ops = c->ops;
+    kn_ctx *kn = c->kn;
+    if (!kv)
+        return eng_fail(-EINVAL, "forward: no KV cache");
+    if (n_seqs > c->max_tokens)
+        return eng_fail(-EINVAL, "forward: %d sequences exceed the ctx's %" PRId64 " tokens",
+                        n_seqs, c->max_tokens);
+    int64_t n_out = plan_batch(c, kv, seqs, n_seqs);
+    if (n_out < 0)
+        return n_out;
+    /* All-or-nothing: after this nothing can fail. */
+    int rc = eng_kv_reserve_batch(kv, c->seq_id, c->seq_n, n_seqs);
+    if (rc < 0)
+        return rc;
+
+    const int64_t M = c->seq_row[n_seqs - 1] + c->seq_n[n_seqs - 1];
+    const int64_t dim = hp->dim, ffn = hp->ffn_dim;
+    const int hd = hp->head_dim;
+    const int64_t qd = (int64_t)hp->n_head * hd, kvd = (int64_t)hp->n_kv_head * hd;
+    const size_t kv_bytes = (size_t)kvd * sizeof(float);
+    const float scale = 1.0f / sqrtf((float)hd);
+    float *q = c->qkv, *k = q + M * qd, *v = k + M * kvd;
+
+    ops->get_rows(kn, &m->tok_embd, c->tok, M, c->x);
+    for (int l = 0; l < hp->n_layer; l++) {
+        const eng_layer *L = &m->layers[l];
+        /* attention */
+        ops->rmsnorm(kn, c->x, L->attn_norm, M, dim, hp->rms_eps, c->xb);
+        ops->matmul(kn, &L->wq, c->xb, M, q);
+        ops->matmul(kn, &L->wk, c->xb, M, k);
+        ops->matmul(kn, &L->wv, c->xb, M, v);
+        if (M == 1) {
+            ops->rope(kn, q, 1, hp->n_head + hp->n_kv_head, hd, hp->rope_dims, c->pos,
+                      hp->rope_base);
+        } else {
+            ops->rope(kn, q, M, hp->n_head, hd, hp->rope_dims, c->pos, hp->rope_base);
+            ops->rope(kn, k, M, hp->n_kv_head, hd, hp->rope_dims, c->pos, hp->rope_base);
+        }
+        float *kp = eng_kv_k(kv, l), *vp = eng_kv_v(kv, l);
+        for (int s = 0; s < n_seqs; s++) {
+            const int64_t r0 = c->seq_row[s], past = c->seq_past[s];
+            for (int64_t i = 0; i < c->seq_n[s]; i++) {
+                memcpy(eng_kv_k_at(kv, l, c->seq_id[s], past + i), k + (r0 + i) * kvd,
+                       kv_bytes);
+                memcpy(eng_kv_v_at(kv, l, c->seq_id[s], past + i), v + (r0 + i) * kvd,
+                       kv_bytes);
+            }
+            kn_attn_args a = {
+                .q = q + r0 * qd,
+                .out = c->att + r0 * qd,
+                .n_q = c->seq_n[s],
+                .n_past = past,
+                .n_head = hp->n_head,
+                .n_kv_head = hp->n_kv_head,
+                .head_dim = hd,
+                .k_pool = kp,
+                .v_pool = vp,
+                .block_table = eng_kv_seq_blocks(kv, c->seq_id[s]),
+                .block_size = eng_kv_block_size(kv),
+                .mask = seqs[s].mask,
+                .scale = scale,
+                .scratch = c->attn_scratch,
+            };
+            ops->attention(kn, &a);
+        }
+        ops->matmul(kn, &L->wo, c->att, M, c->xb);
+        ops->add(kn, c->x, c->xb, M * dim);
+        /* SwiGLU feed-forward */
+        ops->rmsnorm(kn, c->x, L->ffn_norm, M, dim, hp->rms_eps, c->xb);
+        ops->matmul(kn, &L->w_gate, c->xb, M, c->hb);
+        ops->matmul(kn, &L->w_up, c->xb, M, c->hb2);
+        ops->silu_mul(kn, c->hb, c->hb2, M * ffn);
+        ops->matmul(kn, &L->w_down, c->hb, M, c->xb);
+        ops->add(kn, c->x, c->xb, M * dim);
+    }
+
+    for (int s = 0; s < n_seqs; s++) {
+        int64_t len = eng_kv_seq_append(kv, c->seq_id[s], c->seq_n[s]);
+        CM_ASSERT(len == c->seq_past[s] + c->seq_n[s]); /* capacity was reserved */
+    }
+    if (n_out == 0 || (!logits && !hidden))
+        return n_out;
+    /* Only the rows asked for go through the final norm and the (large)
+     * output matrix. */
+    float *h = hidden ? hidden : c->hsel;
+    for (int64_t o = 0; o < n_out; o++)
+        memcpy(h + o * dim, c->x + c->out_rows[o] * dim, (size_t)dim * sizeof(float));
+    ops->rmsnorm(kn, h, m->output_norm, n_out, dim, hp->rms_eps, h);
+    if (logits)
+        ops->matmul(kn, &m->output, h, n_out, logits);
+    return n_out;
+}
+
+/* ---- in-process generation ---------------------------------------------- */
+
+typedef struct gen_io {
+    const eng_gen_cfg *cfg;
+    const eng_tok *tok;
+    eng_tok_stream ts;
+    eng_stop stop;
+    char *piece, *text; /* decode output, stop-filtered output */
+    size_t piece_cap, text_cap;
+    bool aborted;
+} gen_io;
+
+static int gen_emit(gen_io *io, int32_t token, const char *s, size_t n)
+{
+    if (io->cfg->on_token && io->cfg->on_token(io->cfg->arg, token, s, n) < 0)
+        io->aborted = true;
+    return 0;
+}
+
+/* Decode token into io->piece; returns its length (0 without a tokenizer). */
+static int64_t gen_decode(gen_io *io, int32_t token)
+{
+    if (!io->tok)
+        return 0;
+    int64_t n = eng_tok_stream_push(io->tok, &io->ts, token, io->piece, io->piece_cap);
+    return n < 0 ? 0 : n;
+}
+
+int eng_generate(eng_ctx *c, eng_kv *kv, int seq, const eng_gen_cfg *cfg, eng_gen_result *res)
+{
+    memset(res, 0, sizeof(*res));
+    const eng_model *m = c->m;
+    const eng_tok *tok = m->tok;
+    if (!cfg->prompt || cfg->n_prompt < 1 || cfg->steps < 1)
+        return eng_fail(-EINVAL, "generate: need a prompt of at least one token and steps > 0");
+    const int64_t n_pre = cfg->n_prompt < cfg->steps ? cfg->n_prompt : cfg->steps;
+    if (n_pre > c->max_tokens)
+        return eng_fail(-EINVAL, "generate: prompt of %" PRId64 " tokens exceeds the ctx's "
+                                 "batch of %" PRId64,
+                        n_pre, c->max_tokens);
+    gen_io io = {.cfg = cfg, .tok = tok};
+    int32_t ends[2];
+    int n_ends = 0;
+    if (tok) {
+        if (eng_tok_bos(tok) >= 0)
+            ends[n_ends++] = eng_tok_bos(tok);
+        if (eng_tok_eos(tok) >= 0)
+            ends[n_ends++] = eng_tok_eos(tok);
+    }
+    int rc = eng_stop_init(&io.stop, &(eng_stop_cfg){.eos = ends,
+                                                     .n_eos = n_ends,
+                                                     .stop = cfg->stop,
+                                                     .n_stop = cfg->n_stop,
+                                                     .max_tokens = cfg->steps - n_pre + 1});
+    if (rc < 0)
+        return rc;
+    io.piece_cap = (tok ? 3 * eng_tok_max_piece_bytes(tok) : 0) + ENG_TOK_STREAM_SLACK;
+    io.text_cap = io.piece_cap + ENG_STOP_MAX_LEN;
+    float *logits = malloc((size_t)m->hp.n_vocab * sizeof(float));
+    io.piece = malloc(io.piece_cap);
+    io.text = malloc(io.text_cap);
+    if (!logits || !io.piece || !io.text) {
+        rc = -ENOMEM;
+        goto out;
+    }
+    eng_tok_stream_init(&io.ts, cfg->prompt[0]);
+
+    uint64_t t0 = cm_now_ns();
+    eng_seq_in in = {.seq = seq, .tokens = cfg->prompt, .n_tokens = n_pre};
+    int64_t n = eng_forward(c, kv, &in, 1, logits, NULL);
+    if (n < 0) {
+        rc = (int)n;
+        goto out;
+    }
+    res->prefill_ns = cm_now_ns() - t0;
+    res->n_prompt = n_pre;
+    /* Prompt text is printed verbatim (stop strings apply to new text). */
+    for (int64_t i = 1; i < n_pre && !io.aborted; i++)
+        gen_emit(&io, cfg->prompt[i], io.piece, (size_t)gen_decode(&io, cfg->prompt[i]));
+    if (cfg->sampler)
+        for (int64_t i = 0; i < n_pre; i++)
+            eng_sampler_accept(cfg->sampler, cfg->prompt[i]);
+    if (n_pre < cfg->n_prompt) { /* steps ran out inside the prompt */
+        gen_emit(&io, cfg->prompt[n_pre], io.piece, (size_t)gen_decode(&io, cfg->prompt[n_pre]));
+        res->finish = ENG_FINISH_LENGTH;
+        goto flush;
+    }
+
+    t0 = cm_now_ns();
+    int64_t pos = n_pre;
+    while (!io.aborted) {
+        int32_t next = cfg->sampler ? eng_sampler_sample(cfg->sampler, logits)
+                                    : eng_argmax(logits, m->hp.n_vocab);
+        res->n_generated++;
+        if (cfg->sampler)
+            eng_sampler_accept(cfg->sampler, next);
+        bool is_end = false;
+        for (int i = 0; i < n_ends; i++)
+            is_end |= next == ends[i];
+        size_t plen = is_end ? 0 : (size_t)gen_decode(&io, next);
+        size_t tlen = 0;
+        int fin = eng_stop_feed(&io.stop, next, io.piece, plen, io.text, io.text_cap, &tlen);
+        if (fin < 0) {
+            rc = fin;
+            break;
+        }
+        if (!is_end)
+            gen_emit(&io, next, io.text, tlen);
+        if (fin != ENG_FINISH_NONE) {
+            res->finish = (enum eng_finish)fin;
+            break;
+        }
+        if (pos >= cfg->steps) { /* not reached: the stop's max_tokens ends first */
+            res->finish = ENG_FINISH_LENGTH;
+            break;
+        }
+        in = (eng_seq_in){.seq = seq, .tokens = &next, .n_tokens = 1};
+        n = eng_forward(c, kv, &in, 1, logits, NULL);
+        if (n < 0) {
+            rc = (int)n;
+            break;
+        }
+        pos++;
+    }
+    res->decode_ns = cm_now_ns() - t0;
+flush:
+    if (tok && !io.aborted) {
+        int64_t f = eng_tok_stream_flush(tok, &io.ts, io.piece, io.piece_cap);
+        if (f > 0)
+            gen_emit(&io, -1, io.piece, (size_t)f);
+    }
+out:
+    free(logits);
+    free(io.piece);
+    free(io.text);
+    return rc;
+}

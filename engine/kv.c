@@ -1,0 +1,349 @@
+#include "engine/kv.h"
+
+#include <errno.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "common/common.h"
+#include "engine/eng_err.h"
+
+typedef struct kv_seq {
+    bool used;
+    int64_t len;      /* positions written */
+    int64_t n_blocks; /* entries of table in use */
+    int32_t *table;   /* [max_blocks_per_seq] */
+} kv_seq;
+
+struct eng_kv {
+    eng_kv_cfg cfg;
+    int64_t max_blocks_per_seq;
+    int64_t layer_floats; /* floats of one layer's K (or V) pool */
+    int64_t pos_floats;   /* n_kv_head * head_dim */
+    float *pool;          /* K0 V0 K1 V1 ... */
+    size_t pool_bytes;
+    bool pool_mapped; /* we mmapped it */
+
+    /* Free blocks as a stack: a freed block is the next one handed out, which
+     * keeps the working set of the pool small and warm in cache. */
+    int32_t *free_stack;
+    int64_t n_free;
+
+    kv_seq *seqs;
+    int32_t *tables; /* max_seqs * max_blocks_per_seq */
+};
+
+static int64_t div_up(int64_t a, int64_t b)
+{
+    return (a + b - 1) / b;
+}
+
+size_t eng_kv_pool_bytes(const eng_kv_cfg *c)
+{
+    if (!c || c->n_layer <= 0 || c->n_kv_head <= 0 || c->head_dim <= 0 || c->block_size <= 0 ||
+        c->n_blocks <= 0)
+        return 0;
+    __int128 b = (__int128)c->n_layer * 2 * c->n_blocks * c->block_size * c->n_kv_head *
+                 c->head_dim * (int64_t)sizeof(float);
+    if (b > (__int128)(SIZE_MAX / 2))
+        return 0;
+    return (size_t)b;
+}
+
+int eng_kv_create(eng_kv **out, const eng_kv_cfg *cfg)
+{
+    *out = NULL;
+    size_t bytes = eng_kv_pool_bytes(cfg);
+    if (!bytes)
+        return eng_fail(-EINVAL, "kv: bad geometry (layers, kv heads, head_dim, block size and "
+                                 "block count must be > 0 and fit in memory)");
+    if (cfg->max_seqs <= 0 || cfg->max_seq_len <= 0)
+        return eng_fail(-EINVAL, "kv: max_seqs (%d) and max_seq_len (%lld) must be > 0",
+                        cfg->max_seqs, (long long)cfg->max_seq_len);
+    if (cfg->n_blocks > INT32_MAX)
+        return eng_fail(-EINVAL, "kv: %lld blocks exceed the 32-bit block table",
+                        (long long)cfg->n_blocks);
+    if (cfg->mem) {
+        if (cfg->mem_size < bytes)
+            return eng_fail(-EINVAL, "kv: caller area of %zu bytes is smaller than the %zu "
+                                     "bytes the pool needs",
+                            cfg->mem_size, bytes);
+        if ((uintptr_t)cfg->mem % 64)
+            return eng_fail(-EINVAL, "kv: caller area is not 64-byte aligned");
+    }
+
+    eng_kv *kv = calloc(1, sizeof(*kv));
+    if (!kv)
+        return -ENOMEM;
+    kv->cfg = *cfg;
+    kv->max_blocks_per_seq = div_up(cfg->max_seq_len, cfg->block_size);
+    kv->pos_floats = (int64_t)cfg->n_kv_head * cfg->head_dim;
+    kv->layer_floats = cfg->n_blocks * cfg->block_size * kv->pos_floats;
+    kv->pool_bytes = bytes;
+    kv->free_stack = malloc((size_t)cfg->n_blocks * sizeof(int32_t));
+    kv->seqs = calloc((size_t)cfg->max_seqs, sizeof(kv_seq));
+    kv->tables = malloc((size_t)cfg->max_seqs * (size_t)kv->max_blocks_per_seq * sizeof(int32_t));
+    if (!kv->free_stack || !kv->seqs || !kv->tables) {
+        eng_kv_destroy(kv);
+        return -ENOMEM;
+    }
+    if (cfg->mem) {
+        kv->pool = cfg->mem;
+    } else {
+        void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) {
+            int rc = cm_neg_errno();
+            eng_kv_destroy(kv);
+            return eng_fail(rc, "kv: cannot map a %zu-byte pool: %s", bytes, cm_strerror(rc));
+        }
+        kv->pool = p;
+        kv->pool_mapped = true;
+    }
+    /* Block 0 on top of the stack, so a fresh cache hands out 0, 1, 2, ... */
+    for (int64_t i = 0; i < cfg->n_blocks; i++)
+        kv->free_stack[i] = (int32_t)(cfg->n_blocks - 1 - i);
+    kv->n_free = cfg->n_blocks;
+    for (int i = 0; i < cfg->max_seqs; i++)
+        kv->seqs[i].table = kv->tables + (size_t)i * (size_t)kv->max_blocks_per_seq;
+    *out = kv;
+    return 0;
+}
+
+void eng_kv_destroy(eng_kv *kv)
+{
+    if (!kv)
+        return;
+    if (kv->pool_mapped)
+        munmap(kv->pool, kv->pool_bytes);
+    free(kv->free_stack);
+    free(kv->seqs);
+    free(kv->tables);
+    free(kv);
+}
+
+static kv_seq *seq_get(const eng_kv *kv, int seq)
+{
+    if (seq < 0 || seq >= kv->cfg.max_seqs || !kv->seqs[seq].used)
+        return NULL;
+    return &kv->seqs[seq];
+}
+
+int eng_kv_seq_alloc(eng_kv *kv)
+{
+    for (int i = 0; i < kv->cfg.max_seqs; i++) {
+        kv_seq *s = &kv->seqs[i];
+        if (!s->used) {
+            s->used = true;
+            s->len = 0;
+            s->n_blocks = 0;
+            return i;
+        }
+    }
+    return eng_fail(-ENOSPC, "kv: all %d sequence slots are in use", kv->cfg.max_seqs);
+}
+
+static void release_blocks(eng_kv *kv, kv_seq *s, int64_t keep)
+{
+    while (s->n_blocks > keep)
+        kv->free_stack[kv->n_free++] = s->table[--s->n_blocks];
+}
+
+int eng_kv_seq_free(eng_kv *kv, int seq)
+{
+    kv_seq *s = seq_get(kv, seq);
+    if (!s)
+        return eng_fail(-EINVAL, "kv: sequence %d is not allocated", seq);
+    release_blocks(kv, s, 0);
+    s->len = 0;
+    s->used = false;
+    return 0;
+}
+
+int64_t eng_kv_seq_len(const eng_kv *kv, int seq)
+{
+    const kv_seq *s = seq_get(kv, seq);
+    return s ? s->len : -EINVAL;
+}
+
+int64_t eng_kv_seq_capacity(const eng_kv *kv, int seq)
+{
+    const kv_seq *s = seq_get(kv, seq);
+    return s ? s->n_blocks * kv->cfg.block_size : -EINVAL;
+}
+
+const int32_t *eng_kv_seq_blocks(const eng_kv *kv, int seq)
+{
+    const kv_seq *s = seq_get(kv, seq);
+    return s ? s->table : NULL;
+}
+
+/* Blocks seq needs beyond what it has to hold n_total positions, or -ENOSPC
+ * when n_total exceeds the per-sequence limit. */
+static int64_t blocks_needed(const eng_kv *kv, const kv_seq *s, int seq, int64_t n_total)
+{
+    if (n_total > kv->cfg.max_seq_len)
+        return eng_fail(-ENOSPC, "kv: sequence %d would hold %lld positions, more than the "
+                                 "%lld allowed per sequence",
+                        seq, (long long)n_total, (long long)kv->cfg.max_seq_len);
+    int64_t want = div_up(n_total, kv->cfg.block_size);
+    return want > s->n_blocks ? want - s->n_blocks : 0;
+}
+
+static void grab_blocks(eng_kv *kv, kv_seq *s, int64_t n)
+{
+    CM_ASSERT(n <= kv->n_free);
+    for (int64_t i = 0; i < n; i++)
+        s->table[s->n_blocks++] = kv->free_stack[--kv->n_free];
+}
+
+static int no_space(const eng_kv *kv, int64_t need)
+{
+    return eng_fail(-ENOSPC, "kv: cache full: %lld more blocks of %d positions needed, %lld of "
+                             "%lld free",
+                    (long long)need, kv->cfg.block_size, (long long)kv->n_free,
+                    (long long)kv->cfg.n_blocks);
+}
+
+int eng_kv_seq_reserve(eng_kv *kv, int seq, int64_t n_total)
+{
+    kv_seq *s = seq_get(kv, seq);
+    if (!s || n_total < 0)
+        return eng_fail(-EINVAL, "kv: reserve on bad sequence %d or negative size", seq);
+    int64_t need = blocks_needed(kv, s, seq, n_total);
+    if (need < 0)
+        return (int)need;
+    if (need > kv->n_free)
+        return no_space(kv, need);
+    grab_blocks(kv, s, need);
+    return 0;
+}
+
+int eng_kv_reserve_batch(eng_kv *kv, const int *seqs, const int64_t *n_new, int n)
+{
+    int64_t total = 0;
+    for (int i = 0; i < n; i++) {
+        kv_seq *s = seq_get(kv, seqs[i]);
+        if (!s || n_new[i] < 0)
+            return eng_fail(-EINVAL, "kv: batch entry %d: bad sequence %d or negative size", i,
+                            seqs[i]);
+        for (int j = 0; j < i; j++)
+            if (seqs[j] == seqs[i])
+                return eng_fail(-EINVAL, "kv: sequence %d appears twice in one batch", seqs[i]);
+        int64_t need = blocks_needed(kv, s, seqs[i], s->len + n_new[i]);
+        if (need < 0)
+            return (int)need;
+        total += need;
+    }
+    if (total > kv->n_free)
+        return no_space(kv, total);
+    for (int i = 0; i < n; i++) {
+        kv_seq *s = &kv->seqs[seqs[i]];
+        grab_blocks(kv, s, blocks_needed(kv, s, seqs[i], s->len + n_new[i]));
+    }
+    return 0;
+}
+
+int64_t eng_kv_seq_append(eng_kv *kv, int seq, int64_t n)
+{
+    kv_seq *s = seq_get(kv, seq);
+    if (!s || n < 0)
+        return eng_fail(-EINVAL, "kv: append on bad sequence %d or negative count", seq);
+    int rc = eng_kv_seq_reserve(kv, seq, s->len + n);
+    if (rc < 0)
+        return rc;
+    s->len += n;
+    return s->len;
+}
+
+int eng_kv_seq_truncate(eng_kv *kv, int seq, int64_t len)
+{
+    kv_seq *s = seq_get(kv, seq);
+    if (!s || len < 0 || len > s->len)
+        return eng_fail(-EINVAL, "kv: truncate sequence %d to %lld: bad sequence or longer than "
+                                 "its %lld positions",
+                        seq, (long long)len, s ? (long long)s->len : -1LL);
+    s->len = len;
+    release_blocks(kv, s, div_up(len, kv->cfg.block_size));
+    return 0;
+}
+
+static size_t pos_offset(const eng_kv *kv, const kv_seq *s, int64_t pos)
+{
+    int64_t bs = kv->cfg.block_size;
+    return (size_t)(((int64_t)s->table[pos / bs] * bs + pos % bs) * kv->pos_floats);
+}
+
+float *eng_kv_k(eng_kv *kv, int layer)
+{
+    return kv->pool + (size_t)(2 * layer) * (size_t)kv->layer_floats;
+}
+
+float *eng_kv_v(eng_kv *kv, int layer)
+{
+    return kv->pool + (size_t)(2 * layer + 1) * (size_t)kv->layer_floats;
+}
+
+float *eng_kv_k_at(eng_kv *kv, int layer, int seq, int64_t pos)
+{
+    return eng_kv_k(kv, layer) + pos_offset(kv, &kv->seqs[seq], pos);
+}
+
+float *eng_kv_v_at(eng_kv *kv, int layer, int seq, int64_t pos)
+{
+    return eng_kv_v(kv, layer) + pos_offset(kv, &kv->seqs[seq], pos);
+}
+
+int eng_kv_copy_positions(eng_kv *kv, int seq, const int32_t *src, const int32_t *dst, int64_t n)
+{
+    kv_seq *s = seq_get(kv, seq);
+    if (!s || n < 0)
+        return eng_fail(-EINVAL, "kv: copy on bad sequence %d", seq);
+    for (int64_t i = 0; i < n; i++) {
+        if (src[i] < 0 || src[i] >= s->len || dst[i] < 0 || dst[i] >= s->len)
+            return eng_fail(-EINVAL, "kv: copy %d -> %d outside sequence %d of length %lld",
+                            src[i], dst[i], seq, (long long)s->len);
+        for (int64_t j = i + 1; j < n; j++)
+            if (dst[i] == src[j])
+                return eng_fail(-EINVAL, "kv: copy entry %lld overwrites position %d before "
+                                         "entry %lld reads it",
+                                (long long)i, dst[i], (long long)j);
+    }
+    size_t bytes = (size_t)kv->pos_floats * sizeof(float);
+    for (int l = 0; l < kv->cfg.n_layer; l++) {
+        float *k = eng_kv_k(kv, l), *v = eng_kv_v(kv, l);
+        for (int64_t i = 0; i < n; i++) {
+            if (src[i] == dst[i])
+                continue;
+            size_t so = pos_offset(kv, s, src[i]), d = pos_offset(kv, s, dst[i]);
+            memcpy(k + d, k + so, bytes);
+            memcpy(v + d, v + so, bytes);
+        }
+    }
+    return 0;
+}
+
+int64_t eng_kv_free_blocks(const eng_kv *kv)
+{
+    return kv->n_free;
+}
+
+int64_t eng_kv_n_blocks(const eng_kv *kv)
+{
+    return kv->cfg.n_blocks;
+}
+
+int eng_kv_block_size(const eng_kv *kv)
+{
+    return kv->cfg.block_size;
+}
+
+int eng_kv_max_seqs(const eng_kv *kv)
+{
+    return kv->cfg.max_seqs;
+}
+
+int64_t eng_kv_max_seq_len(const eng_kv *kv)
+{
+    return kv->cfg.max_seq_len;
+}

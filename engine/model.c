@@ -1,0 +1,344 @@
+/* Model loading and validation; the forward pass is in forward.c. */
+#include "engine/model.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/common.h"
+#include "engine/eng_err.h"
+#include "engine/model_int.h"
+
+/* ---- hyper-parameters --------------------------------------------------- */
+
+/* A required u32 key in [lo, hi]. */
+static int key_u32(const eng_gguf *g, const char *key, uint32_t lo, uint32_t hi, uint32_t *out)
+{
+    int rc = eng_gguf_get_u32(g, key, out);
+    if (rc == -ENOENT)
+        return eng_fail(-EBADMSG, "model: missing key %s", key);
+    if (rc < 0)
+        return eng_fail(-EBADMSG, "model: key %s is not an unsigned integer", key);
+    if (*out < lo || *out > hi)
+        return eng_fail(-EBADMSG, "model: key %s = %" PRIu32 " is outside [%" PRIu32 ", %" PRIu32
+                                  "]",
+                        key, *out, lo, hi);
+    return 0;
+}
+
+/* An optional u32 key: *out keeps def when absent. */
+static int key_u32_opt(const eng_gguf *g, const char *key, uint32_t lo, uint32_t hi,
+                       uint32_t def, uint32_t *out)
+{
+    if (eng_gguf_find_kv(g, key) < 0) {
+        *out = def;
+        return 0;
+    }
+    return key_u32(g, key, lo, hi, out);
+}
+
+static int key_f32_opt(const eng_gguf *g, const char *key, float def, float *out)
+{
+    if (eng_gguf_find_kv(g, key) < 0) {
+        *out = def;
+        return 0;
+    }
+    if (eng_gguf_get_f32(g, key, out) < 0)
+        return eng_fail(-EBADMSG, "model: key %s is not a number", key);
+    if (!(*out > 0.0f) || !isfinite(*out))
+        return eng_fail(-EBADMSG, "model: key %s = %g must be a positive number", key,
+                        (double)*out);
+    return 0;
+}
+
+static int read_hparams(const eng_gguf *g, eng_hparams *hp)
+{
+    const char *arch = NULL;
+    if (eng_gguf_get_str(g, "general.architecture", &arch, NULL) < 0)
+        return eng_fail(-EBADMSG, "model: missing key general.architecture");
+    if (strcmp(arch, "llama") != 0)
+        return eng_fail(-EBADMSG, "model: architecture \"%s\" is not supported (only llama)",
+                        arch);
+    const uint32_t big = 1u << 24;
+    uint32_t dim, ffn, nl, nh, nkv, hd, rd, nctx;
+    CM_TRY(key_u32(g, "llama.embedding_length", 1, big, &dim));
+    CM_TRY(key_u32(g, "llama.feed_forward_length", 1, big, &ffn));
+    CM_TRY(key_u32(g, "llama.block_count", 1, 4096, &nl));
+    CM_TRY(key_u32(g, "llama.attention.head_count", 1, 4096, &nh));
+    CM_TRY(key_u32_opt(g, "llama.attention.head_count_kv", 1, 4096, nh, &nkv));
+    if (dim % nh)
+        return eng_fail(-EBADMSG, "model: embedding length %" PRIu32 " is not a multiple of "
+                                  "the head count %" PRIu32,
+                        dim, nh);
+    CM_TRY(key_u32_opt(g, "llama.attention.key_length", 2, 65536, dim / nh, &hd));
+    if (nh % nkv)
+        return eng_fail(-EBADMSG, "model: head count %" PRIu32 " is not a multiple of the KV "
+                                  "head count %" PRIu32,
+                        nh, nkv);
+    CM_TRY(key_u32_opt(g, "llama.rope.dimension_count", 0, hd, hd, &rd));
+    if (rd % 2)
+        return eng_fail(-EBADMSG, "model: llama.rope.dimension_count %" PRIu32 " is odd", rd);
+    CM_TRY(key_u32_opt(g, "llama.context_length", 1, 1u << 30, 2048, &nctx));
+    hp->dim = dim;
+    hp->ffn_dim = ffn;
+    hp->n_layer = (int)nl;
+    hp->n_head = (int)nh;
+    hp->n_kv_head = (int)nkv;
+    hp->head_dim = (int)hd;
+    hp->rope_dims = (int)rd;
+    hp->n_ctx = nctx;
+    CM_TRY(key_f32_opt(g, "llama.rope.freq_base", 10000.0f, &hp->rope_base));
+    CM_TRY(key_f32_opt(g, "llama.attention.layer_norm_rms_epsilon", 1e-5f, &hp->rms_eps));
+    return 0;
+}
+
+/* ---- tensors ------------------------------------------------------------ */
+
+static void fmt_shape(char *buf, size_t cap, int n, const int64_t *ne)
+{
+    size_t o = (size_t)snprintf(buf, cap, "[");
+    for (int i = 0; i < n && o < cap; i++)
+        o += (size_t)snprintf(buf + o, cap - o, "%s%" PRId64, i ? ", " : "", ne[i]);
+    if (o < cap)
+        snprintf(buf + o, cap - o, "]");
+}
+
+/* Find `name` and check it is a tensor of shape [ne0] (ne1 == 0) or
+ * [ne0, ne1] (GGUF order: ne0 contiguous). */
+static int get_tensor(const eng_gguf *g, const char *name, int64_t ne0, int64_t ne1,
+                      const struct eng_gguf_tensor **out)
+{
+    const struct eng_gguf_tensor *t = eng_gguf_find_tensor(g, name);
+    if (!t)
+        return eng_fail(-EBADMSG, "model: missing tensor %s", name);
+    int want_dims = ne1 ? 2 : 1;
+    int64_t want[2] = {ne0, ne1};
+    int dims = t->n_dims;
+    /* trailing 1s do not change the shape */
+    while (dims > want_dims && t->ne[dims - 1] == 1)
+        dims--;
+    bool ok = dims == want_dims && t->ne[0] == ne0 && (want_dims == 1 || t->ne[1] == ne1);
+    if (!ok) {
+        char e[64], f[96];
+        fmt_shape(e, sizeof(e), want_dims, want);
+        fmt_shape(f, sizeof(f), t->n_dims, t->ne);
+        return eng_fail(-EBADMSG, "model: tensor %s has shape %s, expected %s", name, f, e);
+    }
+    *out = t;
+    return 0;
+}
+
+static int get_norm(const eng_gguf *g, const char *name, int64_t dim, const float **out)
+{
+    const struct eng_gguf_tensor *t;
+    CM_TRY(get_tensor(g, name, dim, 0, &t));
+    if (t->type != KN_F32)
+        return eng_fail(-EBADMSG, "model: tensor %s is %s, expected f32 (norm weights)", name,
+                        kn_dtype_name(t->type));
+    *out = t->data;
+    return 0;
+}
+
+/* A weight used as y = W x with x of length n_in: GGUF ne = [n_in, n_out]. */
+static int get_matrix(const eng_gguf *g, const char *name, int64_t n_in, int64_t n_out,
+                      kn_tensor *out)
+{
+    const struct eng_gguf_tensor *t;
+    CM_TRY(get_tensor(g, name, n_in, n_out, &t));
+    switch (t->type) {
+    case KN_F32:
+    case KN_F16:
+    case KN_BF16:
+    case KN_Q8_0:
+    case KN_Q4_0:
+        break;
+    default:
+        return eng_fail(-EBADMSG, "model: tensor %s has unsupported type %s", name,
+                        kn_dtype_name(t->type));
+    }
+    if (kn_row_bytes(t->type, n_in) == 0)
+        return eng_fail(-EBADMSG, "model: tensor %s: rows of %" PRId64 " %s values are not "
+                                  "whole blocks",
+                        name, n_in, kn_dtype_name(t->type));
+    *out = (kn_tensor){.data = t->data, .type = t->type, .rows = n_out, .cols = n_in};
+    return 0;
+}
+
+static int load_weights(eng_model *m)
+{
+    const eng_gguf *g = m->gguf;
+    eng_hparams *hp = &m->hp;
+    const struct eng_gguf_tensor *emb = eng_gguf_find_tensor(g, "token_embd.weight");
+    if (!emb)
+        return eng_fail(-EBADMSG, "model: missing tensor token_embd.weight");
+    if (emb->n_dims < 2 || emb->ne[1] < 1 || emb->ne[1] > INT32_MAX) {
+        char f[96];
+        fmt_shape(f, sizeof(f), emb->n_dims, emb->ne);
+        return eng_fail(-EBADMSG, "model: tensor token_embd.weight has shape %s, expected "
+                                  "[%" PRId64 ", n_vocab]",
+                        f, hp->dim);
+    }
+    hp->n_vocab = emb->ne[1];
+    CM_TRY(get_matrix(g, "token_embd.weight", hp->dim, hp->n_vocab, &m->tok_embd));
+    CM_TRY(get_norm(g, "output_norm.weight", hp->dim, &m->output_norm));
+    if (eng_gguf_find_tensor(g, "output.weight")) {
+        CM_TRY(get_matrix(g, "output.weight", hp->dim, hp->n_vocab, &m->output));
+        hp->tied_output = false;
+    } else {
+        m->output = m->tok_embd;
+        hp->tied_output = true;
+    }
+    m->layers = calloc((size_t)hp->n_layer, sizeof(eng_layer));
+    if (!m->layers)
+        return -ENOMEM;
+    const int64_t qd = (int64_t)hp->n_head * hp->head_dim;
+    const int64_t kvd = (int64_t)hp->n_kv_head * hp->head_dim;
+    for (int l = 0; l < hp->n_layer; l++) {
+        eng_layer *L = &m->layers[l];
+        char n[64];
+#define NAME(s) (snprintf(n, sizeof(n), "blk.%d." s ".weight", l), n)
+        CM_TRY(get_norm(g, NAME("attn_norm"), hp->dim, &L->attn_norm));
+        CM_TRY(get_matrix(g, NAME("attn_q"), hp->dim, qd, &L->wq));
+        CM_TRY(get_matrix(g, NAME("attn_k"), hp->dim, kvd, &L->wk));
+        CM_TRY(get_matrix(g, NAME("attn_v"), hp->dim, kvd, &L->wv));
+        CM_TRY(get_matrix(g, NAME("attn_output"), qd, hp->dim, &L->wo));
+        CM_TRY(get_norm(g, NAME("ffn_norm"), hp->dim, &L->ffn_norm));
+        CM_TRY(get_matrix(g, NAME("ffn_gate"), hp->dim, hp->ffn_dim, &L->w_gate));
+        CM_TRY(get_matrix(g, NAME("ffn_up"), hp->dim, hp->ffn_dim, &L->w_up));
+        CM_TRY(get_matrix(g, NAME("ffn_down"), hp->ffn_dim, hp->dim, &L->w_down));
+#undef NAME
+    }
+    return 0;
+}
+
+static int64_t matrix_bytes(const kn_tensor *t)
+{
+    return (int64_t)kn_row_bytes(t->type, t->cols) * t->rows;
+}
+
+int eng_model_open_gguf(eng_model **out, eng_gguf *g)
+{
+    *out = NULL;
+    eng_model *m = calloc(1, sizeof(*m));
+    if (!m) {
+        eng_gguf_close(g);
+        return -ENOMEM;
+    }
+    m->gguf = g;
+    int rc = read_hparams(g, &m->hp);
+    if (rc == 0)
+        rc = load_weights(m);
+    if (rc == 0) {
+        rc = eng_tok_create(&m->tok, g);
+        if (rc == -ENOENT) {
+            m->tok = NULL;
+            rc = 0;
+        } else if (rc == 0 && eng_tok_n_vocab(m->tok) != m->hp.n_vocab) {
+            rc = eng_fail(-EBADMSG, "model: tokenizer has %d tokens but token_embd.weight has "
+                                    "%" PRId64 " rows",
+                          eng_tok_n_vocab(m->tok), m->hp.n_vocab);
+        }
+    }
+    if (rc < 0) {
+        eng_model_close(m);
+        return rc;
+    }
+    int64_t b = matrix_bytes(&m->output) + (int64_t)kn_row_bytes(m->tok_embd.type, m->hp.dim);
+    int64_t params = m->output.rows * m->output.cols;
+    b += m->hp.dim * (int64_t)sizeof(float) * (1 + 2 * m->hp.n_layer);
+    for (int l = 0; l < m->hp.n_layer; l++) {
+        const kn_tensor *ts[] = {&m->layers[l].wq,     &m->layers[l].wk,   &m->layers[l].wv,
+                                 &m->layers[l].wo,     &m->layers[l].w_gate,
+                                 &m->layers[l].w_up,   &m->layers[l].w_down};
+        for (size_t i = 0; i < CM_ARRAY_LEN(ts); i++) {
+            b += matrix_bytes(ts[i]);
+            params += ts[i]->rows * ts[i]->cols;
+        }
+    }
+    m->bytes_per_token = b;
+    m->matmul_params = params;
+    *out = m;
+    return 0;
+}
+
+int eng_model_open(eng_model **out, const char *path)
+{
+    *out = NULL;
+    eng_gguf *g;
+    int rc = eng_gguf_open(&g, path);
+    if (rc < 0)
+        return rc;
+    return eng_model_open_gguf(out, g);
+}
+
+void eng_model_close(eng_model *m)
+{
+    if (!m)
+        return;
+    eng_tok_destroy(m->tok);
+    eng_gguf_close(m->gguf);
+    free(m->layers);
+    free(m);
+}
+
+const eng_hparams *eng_model_hparams(const eng_model *m)
+{
+    return &m->hp;
+}
+
+const eng_tok *eng_model_tokenizer(const eng_model *m)
+{
+    return m->tok;
+}
+
+const eng_gguf *eng_model_gguf(const eng_model *m)
+{
+    return m->gguf;
+}
+
+const eng_layer *eng_model_layer(const eng_model *m, int l)
+{
+    return l >= 0 && l < m->hp.n_layer ? &m->layers[l] : NULL;
+}
+
+const kn_tensor *eng_model_tok_embd(const eng_model *m)
+{
+    return &m->tok_embd;
+}
+
+const kn_tensor *eng_model_output(const eng_model *m)
+{
+    return &m->output;
+}
+
+const float *eng_model_output_norm(const eng_model *m)
+{
+    return m->output_norm;
+}
+
+int64_t eng_model_bytes_per_token(const eng_model *m)
+{
+    return m->bytes_per_token;
+}
+
+int64_t eng_model_matmul_params(const eng_model *m)
+{
+    return m->matmul_params;
+}
+
+void eng_model_kv_cfg(const eng_model *m, int block_size, int64_t n_blocks, int max_seqs,
+                      int64_t max_seq_len, eng_kv_cfg *out)
+{
+    *out = (eng_kv_cfg){
+        .n_layer = m->hp.n_layer,
+        .n_kv_head = m->hp.n_kv_head,
+        .head_dim = m->hp.head_dim,
+        .block_size = block_size,
+        .n_blocks = n_blocks,
+        .max_seqs = max_seqs,
+        .max_seq_len = max_seq_len,
+    };
+}

@@ -1,0 +1,150 @@
+/* engine model — a Llama-architecture model read from GGUF (hyper-parameters
+ * and weights, used in place from the file mapping), and the batched forward
+ * pass over it.
+ *
+ * Role in the request path: a worker opens the model once, creates one
+ * eng_ctx (scratch for the largest batch it will run) and then, step after
+ * step, calls eng_forward() with every sequence it is advancing — prompt
+ * chunks being prefilled, single decode tokens, Medusa candidate trees — in
+ * ONE call: all new tokens are stacked into one M × dim activation matrix so
+ * every weight matrix is read once per step for the whole batch.
+ *
+ * Forward, per GGUF llama (see REFERENCES.md): x = embd[tok]; per layer
+ *   h = x + Wo · attn(rope(Wq·n), rope(Wk·n), Wv·n), n = rmsnorm(x)·g_attn
+ *   x = h + Wdown · (silu(Wgate·m) ⊙ Wup·m),          m = rmsnorm(h)·g_ffn
+ * hidden = rmsnorm(x)·g_out (the FINAL-NORM output, what llama.cpp returns as
+ * embeddings and what Medusa heads consume), logits = Wout · hidden.
+ *
+ * Threading: an eng_model is immutable after open and may be shared by any
+ * number of eng_ctx on any threads. An eng_ctx (and the eng_kv it is given)
+ * is used by one thread at a time; parallelism comes from its kn_ctx pool.
+ * eng_forward() allocates nothing.
+ *
+ *   eng_model *m;
+ *   if (eng_model_open(&m, "stories260K.gguf") < 0) { puts(eng_error()); ... }
+ *   const eng_hparams *hp = eng_model_hparams(m);
+ *   eng_ctx *c;
+ *   eng_ctx_create(&c, m, &(eng_ctx_cfg){.kn = kn, .max_tokens = 512});
+ *   eng_kv_cfg kc;      // 16-position blocks, 1024 of them, 4 sequences
+ *   eng_model_kv_cfg(m, 16, 1024, 4, hp->n_ctx, &kc);
+ *   eng_kv *kv;
+ *   eng_kv_create(&kv, &kc);
+ *   int s = eng_kv_seq_alloc(kv);
+ *   eng_seq_in in = {.seq = s, .tokens = ids, .n_tokens = n};  // outputs: last token
+ *   int64_t n_out = eng_forward(c, kv, &in, 1, logits, NULL); // logits[1][n_vocab]
+ */
+#ifndef GORGON_ENG_MODEL_H
+#define GORGON_ENG_MODEL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "engine/gguf.h"
+#include "engine/kv.h"
+#include "engine/tokenizer.h"
+#include "kernels/kn.h"
+
+/* Hyper-parameters (from the llama.* keys and the tensor shapes). */
+typedef struct eng_hparams {
+    int64_t n_vocab;   /* rows of token_embd */
+    int64_t dim;       /* llama.embedding_length */
+    int64_t ffn_dim;   /* llama.feed_forward_length */
+    int n_layer;       /* llama.block_count */
+    int n_head;        /* llama.attention.head_count */
+    int n_kv_head;     /* llama.attention.head_count_kv (default n_head) */
+    int head_dim;      /* dim / n_head (llama.attention.key_length if present) */
+    int rope_dims;     /* llama.rope.dimension_count (default head_dim) */
+    float rope_base;   /* llama.rope.freq_base (default 10000) */
+    float rms_eps;     /* llama.attention.layer_norm_rms_epsilon (default 1e-5) */
+    int64_t n_ctx;     /* llama.context_length (default 2048) */
+    bool tied_output;  /* no output.weight: logits use token_embd */
+} eng_hparams;
+
+/* One block's weights (views into the file mapping). */
+typedef struct eng_layer {
+    const float *attn_norm, *ffn_norm; /* [dim] */
+    kn_tensor wq, wk, wv, wo;          /* [n_head*hd][dim], [n_kv*hd][dim] x2, [dim][n_head*hd] */
+    kn_tensor w_gate, w_up, w_down;    /* [ffn][dim] x2, [dim][ffn] */
+} eng_layer;
+
+typedef struct eng_model eng_model;
+
+/* Open and validate a GGUF llama model (and its tokenizer when the file has
+ * one). Errors: -errno of open/mmap, -EBADMSG for a file that is not a
+ * usable llama model — unknown architecture, missing key, a tensor missing or
+ * with the wrong type or shape (the message names the tensor and gives the
+ * expected and found shape) — -ENOMEM. Message in eng_error(). */
+int eng_model_open(eng_model **out, const char *path);
+/* Same over an already open GGUF; the model takes ownership of g (also on
+ * failure: g is closed). */
+int eng_model_open_gguf(eng_model **out, eng_gguf *g);
+void eng_model_close(eng_model *m); /* NULL: no-op */
+
+const eng_hparams *eng_model_hparams(const eng_model *m);
+/* NULL when the file carries no tokenizer. Owned by the model. */
+const eng_tok *eng_model_tokenizer(const eng_model *m);
+const eng_gguf *eng_model_gguf(const eng_model *m);
+const eng_layer *eng_model_layer(const eng_model *m, int l);
+const kn_tensor *eng_model_tok_embd(const eng_model *m); /* [n_vocab][dim] */
+const kn_tensor *eng_model_output(const eng_model *m);   /* [n_vocab][dim] (tied: token_embd) */
+const float *eng_model_output_norm(const eng_model *m);  /* [dim] */
+/* Bytes of weights one decode token reads: every matrix once (output matrix
+ * included), one embedding row, the norm vectors. */
+int64_t eng_model_bytes_per_token(const eng_model *m);
+/* Parameters in matrices multiplied per token (for FLOP counts: 2 per param). */
+int64_t eng_model_matmul_params(const eng_model *m);
+
+/* A KV cache configuration that fits this model. */
+void eng_model_kv_cfg(const eng_model *m, int block_size, int64_t n_blocks, int max_seqs,
+                      int64_t max_seq_len, eng_kv_cfg *out);
+
+/* ---- forward ------------------------------------------------------------ */
+
+typedef struct eng_ctx eng_ctx;
+
+typedef struct eng_ctx_cfg {
+    kn_ctx *kn;          /* kernels context (threads, variant); required, outlives ctx */
+    int64_t max_tokens;  /* most new tokens (all sequences together) of one forward */
+    int64_t max_outputs; /* most output rows of one forward (0: max_tokens) */
+    int64_t max_ctx;     /* longest sequence attended over (0: the model's n_ctx) */
+} eng_ctx_cfg;
+
+/* -EINVAL (message), -ENOMEM. Allocates all forward scratch. */
+int eng_ctx_create(eng_ctx **out, const eng_model *m, const eng_ctx_cfg *cfg);
+void eng_ctx_destroy(eng_ctx *c); /* NULL: no-op */
+/* Run the forward with another op table on the same kn_ctx (tests compare
+ * kernel variants); NULL restores kn_ctx_ops(). */
+void eng_ctx_set_ops(eng_ctx *c, const kn_ops *ops);
+const eng_model *eng_ctx_model(const eng_ctx *c);
+
+/* New tokens of one sequence. They go to KV positions n_past .. n_past+n-1
+ * where n_past = eng_kv_seq_len(kv, seq) before the call. */
+typedef struct eng_seq_in {
+    int seq;               /* eng_kv sequence */
+    const int32_t *tokens; /* [n_tokens] */
+    int64_t n_tokens;      /* > 0 */
+    /* RoPE positions [n_tokens]; NULL: n_past + i. (Medusa tree nodes:
+     * n_past + depth.) */
+    const int32_t *pos;
+    /* [n_tokens][n_tokens]: new token i attends to new token j when
+     * mask[i*n+j] != 0 (plus every cached position < n_past); the diagonal
+     * must be set. NULL: causal (j <= i). */
+    const uint8_t *mask;
+    /* [n_tokens] flags: rows to output; NULL: only the last token. */
+    const uint8_t *want;
+} eng_seq_in;
+
+/* Run every sequence's new tokens through the model in one pass, append
+ * their K/V to kv and return the number of output rows. Output rows are in
+ * order of sequences, then of tokens within a sequence:
+ *   logits [n_out][n_vocab], hidden [n_out][dim] (final-norm output);
+ * either may be NULL to skip it (logits NULL also skips the output matmul).
+ * Errors, with nothing changed (KV lengths, contents of cached positions):
+ * -EINVAL (bad token id, sequence listed twice or not allocated, bad mask,
+ * more tokens or outputs than the ctx was made for, a sequence longer than
+ * max_ctx), -ENOSPC (KV pool exhausted). Message in eng_error(). */
+int64_t eng_forward(eng_ctx *c, eng_kv *kv, const eng_seq_in *seqs, int n_seqs, float *logits,
+                    float *hidden);
+
+#endif

@@ -1,0 +1,176 @@
+/* Golden outputs: greedy (and llama2.c-seeded) generation from the real test
+ * models must reproduce the reference text byte for byte. */
+#include <criterion/criterion.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "engine/engine.h"
+
+/* The models directory: $GORGON_TEST_MODELS, else ../shared/models from the
+ * working directory (make test runs from the repo root), else the same path
+ * relative to the repo root found from this executable
+ * (build/<mode>/tests/NAME). */
+static const char *models_dir(void)
+{
+    static char buf[PATH_MAX];
+    const char *e = getenv("GORGON_TEST_MODELS");
+    if (e && *e)
+        return e;
+    if (access("../shared/models/stories260K", R_OK) == 0)
+        return "../shared/models";
+    ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
+    if (n > 0) {
+        buf[n] = 0;
+        for (int up = 0; up < 4; up++) {
+            char *s = strrchr(buf, '/');
+            if (s)
+                *s = 0;
+        }
+        strncat(buf, "/../shared/models", sizeof(buf) - strlen(buf) - 1);
+        if (access(buf, R_OK) == 0)
+            return buf;
+    }
+    return "../shared/models";
+}
+
+static char *model_path(const char *rel)
+{
+    static char p[PATH_MAX];
+    snprintf(p, sizeof(p), "%s/%s", models_dir(), rel);
+    cr_assert_eq(access(p, R_OK), 0, "test model %s not found (set GORGON_TEST_MODELS)", p);
+    return p;
+}
+
+static char *read_file(const char *rel, size_t *len)
+{
+    FILE *f = fopen(model_path(rel), "rb");
+    cr_assert_not_null(f);
+    static char buf[1 << 16];
+    *len = fread(buf, 1, sizeof(buf) - 1, f);
+    buf[*len] = 0;
+    fclose(f);
+    return buf;
+}
+
+typedef struct text_buf {
+    char s[1 << 16];
+    size_t n;
+} text_buf;
+
+static int collect(void *arg, int32_t token, const char *s, size_t n)
+{
+    (void)token;
+    text_buf *t = arg;
+    cr_assert(t->n + n < sizeof(t->s));
+    memcpy(t->s + t->n, s, n);
+    t->n += n;
+    return 0;
+}
+
+/* Generate like gorgon-run (which prints a final newline, as llama2.c). */
+static void generate(const char *model, enum kn_variant variant, int threads, const char *prompt,
+                     int steps, eng_sampler *smp, text_buf *out)
+{
+    kn_ctx *kn;
+    cr_assert_eq(kn_ctx_create(&kn, &(kn_ctx_cfg){.n_threads = threads, .variant = variant}), 0);
+    eng_model *m;
+    cr_assert_eq(eng_model_open(&m, model_path(model)), 0, "%s", eng_error());
+    const eng_tok *tok = eng_model_tokenizer(m);
+    cr_assert_not_null(tok);
+    int32_t ids[256];
+    int64_t n = eng_tok_encode(tok, prompt, strlen(prompt), true, ids, 256);
+    cr_assert_geq(n, 1);
+    eng_ctx *c;
+    cr_assert_eq(eng_ctx_create(&c, m, &(eng_ctx_cfg){.kn = kn, .max_tokens = 64}), 0);
+    eng_kv_cfg kc;
+    eng_model_kv_cfg(m, 16, 64, 1, 1024, &kc);
+    eng_kv *kv;
+    cr_assert_eq(eng_kv_create(&kv, &kc), 0);
+    int seq = eng_kv_seq_alloc(kv);
+    out->n = 0;
+    eng_gen_result r;
+    cr_assert_eq(eng_generate(c, kv, seq,
+                              &(eng_gen_cfg){.prompt = ids, .n_prompt = n, .steps = steps,
+                                             .sampler = smp, .on_token = collect, .arg = out},
+                              &r),
+                 0, "%s", eng_error());
+    collect(out, -1, "\n", 1);
+    eng_kv_destroy(kv);
+    eng_ctx_destroy(c);
+    eng_model_close(m);
+    kn_ctx_destroy(kn);
+}
+
+static void expect_golden(const char *golden, const text_buf *got)
+{
+    size_t n;
+    const char *want = read_file(golden, &n);
+    size_t i = 0;
+    while (i < n && i < got->n && want[i] == got->s[i])
+        i++;
+    cr_assert(i == n && n == got->n,
+              "%s: first difference at byte %zu (got %zu bytes, want %zu)\n got: %.60s\nwant: "
+              "%.60s",
+              golden, i, got->n, n, got->s + (i > 20 ? i - 20 : 0), want + (i > 20 ? i - 20 : 0));
+}
+
+#define S260 "stories260K/stories260K.gguf"
+
+Test(engine_golden, stories260k_greedy_n200_from_bos, .timeout = 60)
+{
+    static text_buf t;
+    generate(S260, KN_VARIANT_AUTO, 1, "", 200, NULL, &t);
+    expect_golden("stories260K/golden_greedy_n200.txt", &t);
+}
+
+Test(engine_golden, stories260k_greedy_n256_every_kernel_variant, .timeout = 120)
+{
+    static text_buf t;
+    for (int v = KN_VARIANT_SCALAR; v < KN_VARIANT_COUNT; v++) {
+        if (!kn_variant_supported((enum kn_variant)v))
+            continue;
+        generate(S260, (enum kn_variant)v, 1, "", 256, NULL, &t);
+        expect_golden("stories260K/golden_greedy_n256.txt", &t);
+    }
+}
+
+/* Fewer steps than the others: a 2-thread pool on a loaded 2-core machine
+ * pays a scheduler round trip per op. */
+Test(engine_golden, stories260k_greedy_prompt_two_threads, .timeout = 120)
+{
+    static text_buf t;
+    generate(S260, KN_VARIANT_AUTO, 2, "Lily and Tom", 64, NULL, &t);
+    expect_golden("stories260K/golden_greedy_prompt_LilyAndTom_n64.txt", &t);
+}
+
+Test(engine_golden, stories260k_greedy_prompt_lily_and_tom_n64, .timeout = 60)
+{
+    static text_buf t;
+    generate(S260, KN_VARIANT_AUTO, 1, "Lily and Tom", 64, NULL, &t);
+    expect_golden("stories260K/golden_greedy_prompt_LilyAndTom_n64.txt", &t);
+}
+
+Test(engine_golden, babyllama_greedy_n256_from_bos, .timeout = 60)
+{
+    static text_buf t;
+    generate("babyllama-tok105/babyllama-tok105.gguf", KN_VARIANT_AUTO, 1, "", 256, NULL, &t);
+    expect_golden("babyllama-tok105/golden_greedy_n256.txt", &t);
+}
+
+Test(engine_golden, stories260k_llama2c_rng_t1_p09_seed133742, .timeout = 60)
+{
+    /* llama2.c's xorshift RNG and top-p path reproduce its sampled output */
+    static text_buf t;
+    eng_sampler *s;
+    cr_assert_eq(eng_sampler_create(&s,
+                                    &(eng_sampler_cfg){.temperature = 1.0f, .top_p = 0.9f,
+                                                       .seed = 133742, .rng = ENG_RNG_LLAMA2C},
+                                    512),
+                 0);
+    generate(S260, KN_VARIANT_SCALAR, 1, "", 256, s, &t);
+    expect_golden("stories260K/golden_t1.0_p0.9_s133742.txt", &t);
+    eng_sampler_destroy(s);
+}

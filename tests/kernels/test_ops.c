@@ -1,0 +1,702 @@
+/* kernels: every op of every variant this CPU supports against the scalar
+ * reference (and the scalar reference against double-precision definitions),
+ * quantisation formats, the thread pool and variant dispatch.
+ *
+ * Error bounds (all relative to a magnitude the result cannot beat):
+ *  - matmul with unquantised activations (F32/F16/BF16/Q4_0 weights, and
+ *    Q8_0 on the float path): variants see bit-identical weights, so only the
+ *    f32 summation order differs: |y - ref| <= 2e-5 * sum_k |w x|.
+ *  - Q8_0 on the quantised-activation (integer dot) path: the result must
+ *    match, within the same 2e-5, the test's own emulation of that path (x
+ *    rounded to int8 per block of 32 with an f32 scale amax/127, exact
+ *    integer block dots, f32 block scales); an element whose x*127/amax lies
+ *    within 1e-5 of a .5 tie may round either way and widens the bound by
+ *    its |w| * scale. A Q8_0 result must match one of the two paths (the
+ *    AVX-512 variant takes the integer path for M > 4, others the float one).
+ *    The loose worst-case bound of activation rounding alone
+ *    (sum_b amax_b/254 * sum_b|w|) would hide real bugs such as a wrong bias
+ *    correction, so it is not used.
+ *  - elementwise ops: 1e-5 relative (+1e-6 absolute where values cross 0);
+ *    vector exp is a polynomial (~2 ulp), rope angles are computed identically.
+ *  - attention: 2e-5 relative to max |v| (softmax weights sum to 1).
+ * Outputs are poisoned with NaN before every run and NaN never compares ok. */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <math.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "common/common.h"
+#include "kernels/kn.h"
+
+/* ---- helpers ------------------------------------------------------------- */
+
+static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
+
+static uint64_t rnd(void)
+{
+    g_rng ^= g_rng << 13;
+    g_rng ^= g_rng >> 7;
+    g_rng ^= g_rng << 17;
+    return g_rng;
+}
+
+static float frand(void) /* uniform in [-1, 1) */
+{
+    return (float)((double)(rnd() >> 11) * 0x1p-53 * 2.0 - 1.0);
+}
+
+static float *fvec(int64_t n)
+{
+    float *v = malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
+    cr_assert_not_null(v);
+    for (int64_t i = 0; i < n; i++)
+        v[i] = frand();
+    return v;
+}
+
+static void poison(float *v, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++)
+        v[i] = NAN;
+}
+
+static kn_ctx *make_ctx(int threads, enum kn_variant v)
+{
+    kn_ctx *ctx = NULL;
+    cr_assert_eq(kn_ctx_create(&ctx, &(kn_ctx_cfg){.n_threads = threads, .variant = v}), 0);
+    return ctx;
+}
+
+/* The non-reference variants this CPU runs (plus scalar itself, so that the
+ * loops below are never empty and the scalar path is exercised twice). */
+static int variants(enum kn_variant *out)
+{
+    int n = 0;
+    for (int v = KN_VARIANT_SCALAR; v < KN_VARIANT_COUNT; v++)
+        if (kn_ops_for((enum kn_variant)v))
+            out[n++] = (enum kn_variant)v;
+    return n;
+}
+
+/* Weight rows x cols of dtype t from random floats, quantised row by row. */
+static void *make_weight(enum kn_dtype t, int64_t rows, int64_t cols, kn_tensor *w)
+{
+    size_t rb = kn_row_bytes(t, cols);
+    cr_assert_gt(rb, 0);
+    char *data = malloc(rb * (size_t)rows);
+    float *src = fvec(cols);
+    cr_assert_not_null(data);
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t c = 0; c < cols; c++)
+            src[c] = frand();
+        cr_assert_eq(kn_quantize_row(t, src, cols, data + rb * (size_t)r), (int64_t)rb);
+    }
+    free(src);
+    *w = (kn_tensor){.data = data, .type = t, .rows = rows, .cols = cols};
+    return data;
+}
+
+static int close_rel(float got, float want, double mag, double tol)
+{
+    if (isnan(got) || isnan(want))
+        return 0;
+    return fabs((double)got - want) <= tol * mag + 1e-30;
+}
+
+/* ---- conversions and quantisation ----------------------------------------- */
+
+Test(kernels_quant, f16_round_trips_every_value)
+{
+    for (uint32_t h = 0; h < 65536; h++) {
+        float f = kn_f16_to_f32((uint16_t)h);
+        if ((h & 0x7c00) == 0x7c00 && (h & 0x3ff)) {
+            cr_assert(isnan(f), "0x%04x must decode to NaN", h);
+            cr_assert_eq(kn_f32_to_f16(f) & 0x7c00, 0x7c00);
+            continue;
+        }
+        cr_assert_eq(kn_f32_to_f16(f), h, "0x%04x -> %g -> 0x%04x", h, f, kn_f32_to_f16(f));
+    }
+}
+
+Test(kernels_quant, f16_rounds_to_nearest_even)
+{
+    cr_assert_eq(kn_f32_to_f16(1.0f), 0x3c00);
+    cr_assert_eq(kn_f32_to_f16(65504.0f), 0x7bff);
+    cr_assert_eq(kn_f32_to_f16(65519.0f), 0x7bff);
+    cr_assert_eq(kn_f32_to_f16(65520.0f), 0x7c00, "halfway above max rounds to inf");
+    cr_assert_eq(kn_f32_to_f16(-INFINITY), 0xfc00);
+    cr_assert_eq(kn_f32_to_f16(0x1p-24f), 0x0001);
+    cr_assert_eq(kn_f32_to_f16(0x1p-25f), 0x0000, "tie rounds to even (0)");
+    cr_assert_eq(kn_f32_to_f16(0x1.8p-24f), 0x0002, "tie rounds to even (2)");
+    cr_assert_eq(kn_f32_to_f16(1.0f + 0x1p-11f), 0x3c00, "tie rounds to even");
+    cr_assert_eq(kn_f32_to_f16(1.0f + 0x1.8p-11f), 0x3c01);
+    cr_assert_eq(kn_f32_to_f16(0x1.ffcp-15f), 0x0400, "rounds up into the normals");
+}
+
+Test(kernels_quant, bf16_rounds_to_nearest_even)
+{
+    cr_assert_eq(kn_f32_to_bf16(1.0f), 0x3f80);
+    cr_assert_eq(kn_f32_to_bf16(1.0f + 0x1p-8f), 0x3f80, "tie to even");
+    cr_assert_eq(kn_f32_to_bf16(1.0f + 0x1.8p-8f), 0x3f81);
+    cr_assert_eq(kn_f32_to_bf16(1.0f + 0x1.8p-7f), 0x3f82, "tie to even, up");
+    cr_assert(isnan(kn_bf16_to_f32(kn_f32_to_bf16(NAN))));
+    cr_assert_eq(kn_bf16_to_f32(0xc000), -2.0f);
+}
+
+Test(kernels_quant, row_bytes_and_names)
+{
+    cr_assert_eq(kn_row_bytes(KN_F32, 10), 40);
+    cr_assert_eq(kn_row_bytes(KN_F16, 10), 20);
+    cr_assert_eq(kn_row_bytes(KN_BF16, 10), 20);
+    cr_assert_eq(kn_row_bytes(KN_Q8_0, 64), 68);
+    cr_assert_eq(kn_row_bytes(KN_Q4_0, 64), 36);
+    cr_assert_eq(kn_row_bytes(KN_Q8_0, 40), 0, "not a multiple of the block");
+    cr_assert_eq(kn_row_bytes((enum kn_dtype)99, 32), 0);
+    cr_assert_str_eq(kn_dtype_name(KN_Q8_0), "q8_0");
+    cr_assert_str_eq(kn_dtype_name((enum kn_dtype)99), "unknown");
+    float x[40] = {0};
+    char buf[256];
+    cr_assert_eq(kn_quantize_row(KN_Q8_0, x, 40, buf), -EINVAL);
+    cr_assert_eq(kn_quantize_row((enum kn_dtype)99, x, 32, buf), -EINVAL);
+}
+
+Test(kernels_quant, q8_0_matches_ggml_reference)
+{
+    float x[32];
+    for (int j = 0; j < 32; j++)
+        x[j] = (float)(j - 16) * 0.25f; /* amax = 4 at j = 0 */
+    unsigned char b[34];
+    cr_assert_eq(kn_quantize_row(KN_Q8_0, x, 32, b), 34);
+    uint16_t d16;
+    memcpy(&d16, b, 2);
+    cr_assert_eq(d16, kn_f32_to_f16(4.0f / 127.0f));
+    const float id = 127.0f / 4.0f;
+    for (int j = 0; j < 32; j++)
+        cr_assert_eq((int8_t)b[2 + j], (int8_t)roundf(x[j] * id), "element %d", j);
+    float y[32];
+    kn_dequantize_row(KN_Q8_0, b, 32, y);
+    for (int j = 0; j < 32; j++)
+        cr_assert_leq(fabsf(y[j] - x[j]), 4.0f / 127.0f * 0.5f + 4e-3f, "element %d", j);
+}
+
+Test(kernels_quant, q4_0_layout_and_round_trip)
+{
+    float x[64];
+    for (int j = 0; j < 64; j++)
+        x[j] = frand();
+    x[5] = -1.5f; /* the largest magnitude, negative: d = -1.5 / -8 > 0 */
+    unsigned char b[36];
+    cr_assert_eq(kn_quantize_row(KN_Q4_0, x, 64, b), 36);
+    uint16_t d16;
+    memcpy(&d16, b, 2);
+    const float d = kn_f16_to_f32(d16);
+    cr_assert_float_eq(d, 1.5f / 8.0f, 1e-3);
+    cr_assert_eq(b[2 + 5] & 0x0f, 0, "the extreme value maps to nibble 0 (-8)");
+    float y[64];
+    kn_dequantize_row(KN_Q4_0, b, 64, y);
+    for (int j = 0; j < 32; j++) {
+        int lo = b[2 + (j % 16)] & 0x0f, hi = b[2 + (j % 16)] >> 4;
+        int q = j < 16 ? lo : hi;
+        cr_assert_eq(y[j], (float)(q - 8) * d, "element %d takes the %s nibble", j,
+                     j < 16 ? "low" : "high");
+        cr_assert_leq(fabsf(y[j] - x[j]), d * 0.5f + 1e-3f, "element %d", j);
+    }
+}
+
+Test(kernels_quant, float_types_round_trip)
+{
+    float x[48], y[48];
+    uint16_t h[48];
+    for (int j = 0; j < 48; j++)
+        x[j] = frand() * 100.0f;
+    cr_assert_eq(kn_quantize_row(KN_F16, x, 48, h), 96);
+    kn_dequantize_row(KN_F16, h, 48, y);
+    for (int j = 0; j < 48; j++)
+        cr_assert_leq(fabsf(y[j] - x[j]), fabsf(x[j]) * 0x1p-11f);
+    cr_assert_eq(kn_quantize_row(KN_BF16, x, 48, h), 96);
+    kn_dequantize_row(KN_BF16, h, 48, y);
+    for (int j = 0; j < 48; j++)
+        cr_assert_leq(fabsf(y[j] - x[j]), fabsf(x[j]) * 0x1p-8f);
+}
+
+/* ---- matmul -------------------------------------------------------------- */
+
+/* Checks y (from variant v) against the scalar reference yr and both against
+ * a double-precision definition. */
+static void check_matmul(enum kn_dtype t, int64_t N, int64_t K, int64_t M, int threads)
+{
+    kn_tensor w;
+    void *data = make_weight(t, N, K, &w);
+    float *x = fvec(M * K), *y = fvec(M * N), *yr = fvec(M * N);
+    float *wf = malloc((size_t)N * K * sizeof(float));
+    cr_assert_not_null(wf);
+    size_t rb = kn_row_bytes(t, K);
+    for (int64_t r = 0; r < N; r++)
+        kn_dequantize_row(t, (char *)data + rb * (size_t)r, K, wf + r * K);
+    kn_ctx *ctx = make_ctx(threads, KN_VARIANT_SCALAR);
+    poison(yr, M * N);
+    kn_ops_for(KN_VARIANT_SCALAR)->matmul(ctx, &w, x, M, yr);
+    enum kn_variant vs[KN_VARIANT_COUNT];
+    int nv = variants(vs);
+    for (int iv = 0; iv < nv; iv++) {
+        const kn_ops *ops = kn_ops_for(vs[iv]);
+        poison(y, M * N);
+        ops->matmul(ctx, &w, x, M, y);
+        for (int64_t m = 0; m < M; m++) {
+            for (int64_t r = 0; r < N; r++) {
+                double exact = 0, mag = 0, emu = 0, emu_mag = 0, emu_tie = 0;
+                for (int64_t b = 0; b < K; b += 32) {
+                    float amax = 0;
+                    for (int64_t k = b; k < K && k < b + 32; k++) {
+                        double p = (double)wf[r * K + k] * x[m * K + k];
+                        exact += p;
+                        mag += fabs(p);
+                        amax = fmaxf(amax, fabsf(x[m * K + k]));
+                    }
+                    if (t != KN_Q8_0)
+                        continue;
+                    const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+                    for (int64_t k = b; k < b + 32; k++) {
+                        float v = x[m * K + k] * id;
+                        double q = roundf(v);
+                        emu += wf[r * K + k] * q * d;
+                        emu_mag += fabs(wf[r * K + k] * q * d);
+                        if (fabs(fabs(v - truncf(v)) - 0.5) < 1e-5)
+                            emu_tie += fabs(wf[r * K + k]) * d;
+                    }
+                }
+                float ref = yr[m * N + r], got = y[m * N + r];
+                cr_assert(close_rel(ref, (float)exact, mag, 2e-5),
+                          "scalar %s N=%ld K=%ld M=%ld [%ld][%ld]: %g vs exact %g", kn_dtype_name(t),
+                          (long)N, (long)K, (long)M, (long)m, (long)r, ref, exact);
+                int ok = !isnan(got) && fabs((double)got - ref) <= 2e-5 * mag + 1e-30;
+                if (!ok && t == KN_Q8_0)
+                    ok = !isnan(got) &&
+                         fabs((double)got - emu) <= 2e-5 * emu_mag + emu_tie + 1e-30;
+                cr_assert(ok,
+                          "%s %s N=%ld K=%ld M=%ld threads=%d [%ld][%ld]: %g vs ref %g "
+                          "(int8-activation emulation %g)",
+                          ops->name, kn_dtype_name(t), (long)N, (long)K, (long)M, threads, (long)m,
+                          (long)r, got, ref, emu);
+            }
+        }
+    }
+    kn_ctx_destroy(ctx);
+    free(wf);
+    free(x);
+    free(y);
+    free(yr);
+    free(data);
+}
+
+static const enum kn_dtype all_types[] = {KN_F32, KN_F16, KN_BF16, KN_Q8_0, KN_Q4_0};
+
+Test(kernels_matmul, matches_reference_small_m, .timeout = 60)
+{
+    static const int64_t Ms[] = {1, 2, 3, 4};
+    for (size_t t = 0; t < 5; t++)
+        for (size_t im = 0; im < 4; im++) {
+            check_matmul(all_types[t], 37, 96, Ms[im], 2);
+            check_matmul(all_types[t], 5, 64, Ms[im], 1);
+        }
+}
+
+Test(kernels_matmul, matches_reference_odd_widths)
+{
+    /* F32/F16/BF16 rows need not be whole blocks: vector tails. */
+    static const int64_t Ks[] = {1, 7, 37, 50, 300};
+    for (size_t t = 0; t < 3; t++)
+        for (size_t ik = 0; ik < 5; ik++) {
+            check_matmul(all_types[t], 19, Ks[ik], 1, 2);
+            check_matmul(all_types[t], 19, Ks[ik], 17, 2);
+        }
+}
+
+Test(kernels_matmul, matches_reference_gemm_shapes, .timeout = 120)
+{
+    /* M past the matvec cut-off, partial row/col tiles, K spanning several
+     * KC blocks (KC = 256) with a ragged last one. */
+    static const int64_t Ms[] = {5, 17, 33};
+    for (size_t t = 0; t < 5; t++)
+        for (size_t im = 0; im < 3; im++)
+            check_matmul(all_types[t], 45, 544, Ms[im], 2);
+    check_matmul(KN_F32, 70, 160, 9, 7);
+    check_matmul(KN_Q8_0, 70, 160, 64, 7);
+    check_matmul(KN_F16, 1, 32, 40, 2);
+}
+
+Test(kernels_matmul, ignores_invalid_arguments)
+{
+    kn_ctx *ctx = make_ctx(2, KN_VARIANT_AUTO);
+    float x[32] = {0}, y[4] = {1, 2, 3, 4};
+    kn_tensor bad = {.data = x, .type = KN_Q8_0, .rows = 1, .cols = 20};
+    kn_ctx_ops(ctx)->matmul(ctx, &bad, x, 1, y);
+    kn_ctx_ops(ctx)->matmul(ctx, NULL, x, 1, y);
+    cr_assert_eq(y[0], 1.0f, "an invalid weight must leave y alone");
+    kn_ctx_destroy(ctx);
+}
+
+/* ---- get_rows ------------------------------------------------------------ */
+
+Test(kernels_get_rows, matches_dequantize_row)
+{
+    kn_ctx *ctx = make_ctx(2, KN_VARIANT_AUTO);
+    enum kn_variant vs[KN_VARIANT_COUNT];
+    int nv = variants(vs);
+    for (size_t t = 0; t < 5; t++) {
+        const int64_t cols = t < 3 ? 72 + 3 : 96;
+        kn_tensor w;
+        void *data = make_weight(all_types[t], 11, cols, &w);
+        const int32_t ids[] = {3, 0, 10, 3, 11, -1};
+        float out[6 * 96], want[96];
+        for (int iv = 0; iv < nv; iv++) {
+            poison(out, 6 * 96);
+            kn_ops_for(vs[iv])->get_rows(ctx, &w, ids, 6, out);
+            for (int i = 0; i < 6; i++) {
+                if (ids[i] < 0 || ids[i] >= 11)
+                    memset(want, 0, sizeof(want));
+                else
+                    kn_dequantize_row(all_types[t],
+                                      (char *)data + kn_row_bytes(all_types[t], cols) * ids[i],
+                                      cols, want);
+                for (int64_t c = 0; c < cols; c++)
+                    cr_assert_eq(out[i * cols + c], want[c], "%s %s row %d col %ld",
+                                 kn_variant_name(vs[iv]), kn_dtype_name(all_types[t]), i, (long)c);
+            }
+        }
+        free(data);
+    }
+    kn_ctx_destroy(ctx);
+}
+
+/* ---- elementwise --------------------------------------------------------- */
+
+static const int64_t ew_sizes[] = {1, 7, 16, 33, 200, 40000};
+
+Test(kernels_elementwise, rmsnorm_matches_definition)
+{
+    kn_ctx *ctx = make_ctx(2, KN_VARIANT_AUTO);
+    enum kn_variant vs[KN_VARIANT_COUNT];
+    int nv = variants(vs);
+    for (size_t s = 0; s < 6; s++) {
+        const int64_t n = ew_sizes[s] > 4000 ? 768 : ew_sizes[s];
+        const int64_t M = ew_sizes[s] > 4000 ? 60 : 3;
+        float *x = fvec(M * n), *g = fvec(n), *out = fvec(M * n);
+        for (int iv = 0; iv < nv; iv++) {
+            poison(out, M * n);
+            kn_ops_for(vs[iv])->rmsnorm(ctx, x, g, M, n, 1e-5f, out);
+            for (int64_t m = 0; m < M; m++) {
+                double ss = 0;
+                for (int64_t i = 0; i < n; i++)
+                    ss += (double)x[m * n + i] * x[m * n + i];
+                double inv = 1.0 / sqrt(ss / n + 1e-5);
+                for (int64_t i = 0; i < n; i++) {
+                    double want = x[m * n + i] * inv * g[i];
+                    cr_assert(close_rel(out[m * n + i], (float)want, fabs(want) + 1e-6, 1e-5),
+                              "%s n=%ld [%ld][%ld] %g vs %g", kn_variant_name(vs[iv]), (long)n,
+                              (long)m, (long)i, out[m * n + i], want);
+                }
+            }
+        }
+        /* in place */
+        float *cp = malloc((size_t)(M * n) * sizeof(float));
+        memcpy(cp, out, (size_t)(M * n) * sizeof(float));
+        kn_ctx_ops(ctx)->rmsnorm(ctx, x, g, M, n, 1e-5f, x);
+        cr_assert_arr_eq(x, cp, (size_t)(M * n) * sizeof(float), "in-place must equal out-of-place");
+        free(cp);
+        free(x);
+        free(g);
+        free(out);
+    }
+    kn_ctx_destroy(ctx);
+}
+
+Test(kernels_elementwise, silu_mul_and_add_match_definition)
+{
+    kn_ctx *ctx = make_ctx(2, KN_VARIANT_AUTO);
+    enum kn_variant vs[KN_VARIANT_COUNT];
+    int nv = variants(vs);
+    for (size_t s = 0; s < 6; s++) {
+        const int64_t n = ew_sizes[s];
+        float *g = fvec(n), *u = fvec(n), *y = fvec(n);
+        for (int64_t i = 0; i < n; i++)
+            g[i] *= 30.0f; /* reach both tails of the sigmoid */
+        g[0] = -100.0f;
+        for (int iv = 0; iv < nv; iv++) {
+            memcpy(y, g, (size_t)n * sizeof(float));
+            kn_ops_for(vs[iv])->silu_mul(ctx, y, u, n);
+            for (int64_t i = 0; i < n; i++) {
+                double want = g[i] / (1.0 + exp(-(double)g[i])) * u[i];
+                cr_assert(close_rel(y[i], (float)want, fabs(want) + 1e-6, 1e-5),
+                          "silu %s n=%ld [%ld] %g vs %g (g=%g)", kn_variant_name(vs[iv]), (long)n,
+                          (long)i, y[i], want, g[i]);
+            }
+            memcpy(y, g, (size_t)n * sizeof(float));
+            kn_ops_for(vs[iv])->add(ctx, y, u, n);
+            for (int64_t i = 0; i < n; i++)
+                cr_assert_eq(y[i], g[i] + u[i], "add %s [%ld]", kn_variant_name(vs[iv]), (long)i);
+        }
+        free(g);
+        free(u);
+        free(y);
+    }
+    kn_ctx_destroy(ctx);
+}
+
+Test(kernels_elementwise, rope_rotates_adjacent_pairs)
+{
+    kn_ctx *ctx = make_ctx(2, KN_VARIANT_AUTO);
+    enum kn_variant vs[KN_VARIANT_COUNT];
+    int nv = variants(vs);
+    static const int hds[] = {8, 64, 128};
+    for (int ih = 0; ih < 3; ih++) {
+        const int hd = hds[ih], nh = 3;
+        const int64_t M = 4;
+        const int rds[] = {hd, hd / 2};
+        const int32_t pos[] = {0, 1, 17, 4095};
+        for (int ir = 0; ir < 2; ir++) {
+            const int rd = rds[ir];
+            float *x = fvec(M * nh * hd), *y = fvec(M * nh * hd);
+            for (int iv = 0; iv < nv; iv++) {
+                memcpy(y, x, (size_t)(M * nh * hd) * sizeof(float));
+                kn_ops_for(vs[iv])->rope(ctx, y, M, nh, hd, rd, pos, 10000.0f);
+                for (int64_t m = 0; m < M; m++)
+                    for (int h = 0; h < nh; h++)
+                        for (int i = 0; i < hd; i += 2) {
+                            const float *a = x + (m * nh + h) * hd, *b = y + (m * nh + h) * hd;
+                            double w0 = a[i], w1 = a[i + 1];
+                            if (i < rd) {
+                                double th = pos[m] * pow(10000.0, -(double)i / rd);
+                                w0 = a[i] * cos(th) - a[i + 1] * sin(th);
+                                w1 = a[i] * sin(th) + a[i + 1] * cos(th);
+                            }
+                            cr_assert(close_rel(b[i], (float)w0, 1.0, 1e-5) &&
+                                          close_rel(b[i + 1], (float)w1, 1.0, 1e-5),
+                                      "%s hd=%d rd=%d m=%ld h=%d i=%d", kn_variant_name(vs[iv]), hd,
+                                      rd, (long)m, h, i);
+                        }
+            }
+            free(x);
+            free(y);
+        }
+    }
+    kn_ctx_destroy(ctx);
+}
+
+/* ---- attention ----------------------------------------------------------- */
+
+struct attn_case {
+    int n_head, n_kv_head, head_dim, block_size;
+    int64_t n_past, n_q;
+    int use_mask;
+};
+
+static void check_attention(const struct attn_case *c, int threads)
+{
+    const int64_t n_ctx = c->n_past + c->n_q;
+    const int64_t n_blocks_used = (n_ctx + c->block_size - 1) / c->block_size;
+    const int64_t n_blocks = n_blocks_used + 3;
+    const int64_t row = (int64_t)c->n_kv_head * c->head_dim;
+    float *k = fvec(n_blocks * c->block_size * row), *v = fvec(n_blocks * c->block_size * row);
+    float *q = fvec(c->n_q * c->n_head * c->head_dim);
+    float *out = fvec(c->n_q * c->n_head * c->head_dim);
+    int32_t *bt = malloc((size_t)n_blocks_used * sizeof(int32_t));
+    uint8_t *mask = malloc((size_t)(c->n_q * c->n_q));
+    for (int64_t b = 0; b < n_blocks_used; b++) /* scattered, not identity */
+        bt[b] = (int32_t)((b * 7 + 2) % n_blocks);
+    for (int64_t b = 0; b < n_blocks_used; b++)
+        for (int64_t b2 = 0; b2 < b; b2++)
+            if (bt[b] == bt[b2])
+                bt[b] = (int32_t)(n_blocks - 1 - b); /* keep it a permutation */
+    for (int64_t i = 0; i < c->n_q; i++)
+        for (int64_t j = 0; j < c->n_q; j++) /* tree-like: root + own branch */
+            mask[i * c->n_q + j] = j == 0 || j == i || (j < i && (i - j) % 2 == 0);
+    kn_ctx *ctx = make_ctx(threads, KN_VARIANT_SCALAR);
+    float *scratch = malloc(kn_attn_scratch_floats(n_ctx, threads) * sizeof(float));
+    kn_attn_args a = {.q = q, .out = out, .n_q = c->n_q, .n_past = c->n_past,
+                      .n_head = c->n_head, .n_kv_head = c->n_kv_head, .head_dim = c->head_dim,
+                      .k_pool = k, .v_pool = v, .block_table = bt, .block_size = c->block_size,
+                      .mask = c->use_mask ? mask : NULL, .scale = 1.0f / sqrtf((float)c->head_dim),
+                      .scratch = scratch};
+    enum kn_variant vs[KN_VARIANT_COUNT];
+    int nv = variants(vs);
+    const int grp = c->n_head / c->n_kv_head;
+    double *sc = malloc((size_t)n_ctx * sizeof(double));
+    for (int iv = 0; iv < nv; iv++) {
+        poison(out, c->n_q * c->n_head * c->head_dim);
+        kn_ops_for(vs[iv])->attention(ctx, &a);
+        for (int64_t i = 0; i < c->n_q; i++)
+            for (int h = 0; h < c->n_head; h++) {
+                const float *qi = q + (i * c->n_head + h) * c->head_dim;
+                double mx = -INFINITY, sum = 0;
+                for (int64_t p = 0; p < n_ctx; p++) {
+                    int64_t j = p - c->n_past;
+                    int vis = j < 0 || (c->use_mask ? mask[i * c->n_q + j] : j <= i);
+                    sc[p] = -INFINITY;
+                    if (!vis)
+                        continue;
+                    const float *kr = k + (bt[p / c->block_size] * c->block_size +
+                                           p % c->block_size) * row + (h / grp) * c->head_dim;
+                    double s = 0;
+                    for (int d = 0; d < c->head_dim; d++)
+                        s += (double)qi[d] * kr[d];
+                    sc[p] = s * a.scale;
+                    mx = fmax(mx, sc[p]);
+                }
+                for (int64_t p = 0; p < n_ctx; p++)
+                    sum += sc[p] == -INFINITY ? 0 : exp(sc[p] - mx);
+                for (int d = 0; d < c->head_dim; d++) {
+                    double want = 0;
+                    for (int64_t p = 0; p < n_ctx; p++) {
+                        if (sc[p] == -INFINITY)
+                            continue;
+                        const float *vr = v + (bt[p / c->block_size] * c->block_size +
+                                               p % c->block_size) * row + (h / grp) * c->head_dim;
+                        want += exp(sc[p] - mx) / sum * vr[d];
+                    }
+                    float got = out[(i * c->n_head + h) * c->head_dim + d];
+                    cr_assert(close_rel(got, (float)want, 1.0, 2e-5),
+                              "%s hd=%d heads=%d/%d past=%ld nq=%ld mask=%d [%ld][%d][%d]: %g vs %g",
+                              kn_variant_name(vs[iv]), c->head_dim, c->n_head, c->n_kv_head,
+                              (long)c->n_past, (long)c->n_q, c->use_mask, (long)i, h, d, got, want);
+                }
+            }
+    }
+    kn_ctx_destroy(ctx);
+    free(sc);
+    free(scratch);
+    free(k);
+    free(v);
+    free(q);
+    free(out);
+    free(bt);
+    free(mask);
+}
+
+Test(kernels_attention, matches_definition_over_paged_kv, .timeout = 60)
+{
+    static const struct attn_case cases[] = {
+        {4, 4, 8, 16, 0, 1, 0},     {4, 2, 64, 16, 40, 1, 0},   {8, 2, 128, 5, 21, 3, 0},
+        {4, 1, 64, 16, 5, 7, 1},    {6, 3, 8, 3, 0, 9, 1},      {2, 2, 24, 7, 33, 17, 0},
+        {4, 4, 64, 16, 100, 4, 1},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        check_attention(&cases[i], 2);
+        check_attention(&cases[i], 3);
+    }
+}
+
+/* ---- pool ---------------------------------------------------------------- */
+
+struct cover {
+    _Atomic int *hits;
+};
+
+static void cover_fn(void *arg, int64_t i)
+{
+    struct cover *c = arg;
+    atomic_fetch_add_explicit(&c->hits[i], 1, memory_order_relaxed);
+}
+
+Test(kernels_pool, parallel_for_covers_each_index_once, .timeout = 60)
+{
+    static const int threads[] = {1, 2, 7};
+    for (int t = 0; t < 3; t++) {
+        kn_ctx *ctx = make_ctx(threads[t], KN_VARIANT_SCALAR);
+        cr_assert_eq(kn_ctx_threads(ctx), threads[t]);
+        _Atomic int hits[300];
+        struct cover c = {hits};
+        for (int rep = 0; rep < 1500; rep++) {
+            const int64_t n = 1 + rep % 300;
+            for (int64_t i = 0; i < n; i++)
+                atomic_init(&hits[i], 0);
+            kn_parallel_for(ctx, n, cover_fn, &c);
+            for (int64_t i = 0; i < n; i++)
+                cr_assert_eq(atomic_load(&hits[i]), 1, "threads=%d rep=%d n=%ld index %ld",
+                             threads[t], rep, (long)n, (long)i);
+            if (rep % 500 == 499)
+                usleep(2000); /* let workers fall asleep: exercises the futex path */
+        }
+        kn_ctx_destroy(ctx);
+    }
+}
+
+Test(kernels_pool, create_rejects_bad_config)
+{
+    kn_ctx *ctx = (kn_ctx *)1;
+    cr_assert_eq(kn_ctx_create(&ctx, &(kn_ctx_cfg){.variant = KN_VARIANT_COUNT}), -EINVAL);
+    cr_assert_null(ctx);
+    cr_assert_eq(kn_ctx_create(&ctx, &(kn_ctx_cfg){.n_threads = 100000}), -EINVAL);
+    cr_assert_eq(kn_ctx_create(NULL, &(kn_ctx_cfg){0}), -EINVAL);
+    kn_ctx_destroy(NULL);
+    cr_assert_eq(kn_ctx_create(&ctx, &(kn_ctx_cfg){.n_threads = 0}), 0);
+    cr_assert_eq(kn_ctx_threads(ctx), cm_cpu()->n_cpus);
+    kn_ctx_destroy(ctx);
+}
+
+Test(kernels_pool, measures_positive_bandwidth)
+{
+    kn_ctx *ctx = make_ctx(2, KN_VARIANT_AUTO);
+    double bw = kn_measure_read_bandwidth(ctx, 4u << 20, 2);
+    cr_assert_gt(bw, 1e8, "bandwidth %g B/s", bw);
+    cr_assert_eq(kn_measure_read_bandwidth(ctx, 100, 2), 0.0, "below one page: rejected");
+    kn_ctx_destroy(ctx);
+}
+
+/* ---- dispatch ------------------------------------------------------------ */
+
+Test(kernels_dispatch, auto_picks_best_supported)
+{
+    const struct cm_cpu_features *f = cm_cpu();
+    cr_assert(kn_variant_supported(KN_VARIANT_SCALAR));
+    cr_assert_eq(kn_variant_supported(KN_VARIANT_AVX2), f->avx2 && f->fma && f->f16c);
+    if (kn_variant_supported(KN_VARIANT_AVX512))
+        cr_assert(f->avx512f && f->avx512bw && f->avx512vl && f->avx512_vnni);
+    enum kn_variant best = kn_variant_supported(KN_VARIANT_AVX512) ? KN_VARIANT_AVX512
+                           : kn_variant_supported(KN_VARIANT_AVX2) ? KN_VARIANT_AVX2
+                                                                   : KN_VARIANT_SCALAR;
+    kn_ctx *ctx = make_ctx(1, KN_VARIANT_AUTO);
+    cr_assert_eq(kn_ctx_variant(ctx), best);
+    cr_assert_eq(kn_ctx_ops(ctx), kn_ops_for(best));
+    cr_assert_str_eq(kn_ctx_ops(ctx)->name, kn_variant_name(best));
+    kn_ctx_destroy(ctx);
+    for (int v = KN_VARIANT_SCALAR; v < KN_VARIANT_COUNT; v++)
+        cr_assert_eq(kn_ops_for((enum kn_variant)v) != NULL,
+                     kn_variant_supported((enum kn_variant)v) != 0);
+}
+
+/* cm_cpu() reads GORGON_CPU_MAX once per process: check it in a child forked
+ * before this process calls cm_cpu() (each Criterion test is a fresh
+ * process). */
+static int child_caps(const char *cap)
+{
+    pid_t pid = fork();
+    if (pid == 0) {
+        setenv("GORGON_CPU_MAX", cap, 1);
+        /* avx2 cap on a CPU without AVX2 legitimately ends at scalar */
+        enum kn_variant expect = strcmp(cap, "avx2") == 0 && kn_variant_supported(KN_VARIANT_AVX2)
+                                     ? KN_VARIANT_AVX2
+                                     : KN_VARIANT_SCALAR;
+        kn_ctx *ctx = NULL;
+        int ok = kn_ctx_create(&ctx, &(kn_ctx_cfg){.n_threads = 1}) == 0 &&
+                 kn_ctx_variant(ctx) == expect && kn_ops_for(KN_VARIANT_AVX512) == NULL;
+        kn_ctx_destroy(ctx);
+        if (strcmp(cap, "scalar") == 0)
+            ok = ok && kn_ctx_create(&ctx, &(kn_ctx_cfg){.variant = KN_VARIANT_AVX2}) == -ENOTSUP &&
+                 kn_ops_for(KN_VARIANT_AVX2) == NULL;
+        _exit(ok ? 0 : 1);
+    }
+    int st = 0;
+    waitpid(pid, &st, 0);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 2;
+}
+
+Test(kernels_dispatch, honours_gorgon_cpu_max, .timeout = 30)
+{
+    cr_assert_eq(child_caps("scalar"), 0, "GORGON_CPU_MAX=scalar not honoured");
+    cr_assert_eq(child_caps("avx2"), 0, "GORGON_CPU_MAX=avx2 not honoured");
+}
