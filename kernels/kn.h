@@ -9,7 +9,19 @@
  *
  * Threading: a kn_ctx owns a persistent thread pool (created once; no thread
  * creation per op). Ops on one ctx are called from one thread at a time; they
- * fan out internally over the pool and return when all work is done.
+ * fan out internally over the pool and return when all work is done. Pool
+ * threads poll for ~tens of microseconds after an op, then sleep on a futex
+ * (no polling at all when n_threads exceeds the online CPUs); n_threads = 1
+ * runs everything on the calling thread with no synchronisation.
+ *
+ * Scratch: matmul uses ctx-owned scratch (quantised activations, weight
+ * panels) that grows on first use of a larger M and is kept; run one
+ * warm-up step at the largest batch to make later steps allocation-free. If
+ * memory is short the op falls back to a slower path that needs none.
+ *
+ * Invalid arguments (NULL pointers, non-positive sizes, a row length that is
+ * not a whole number of blocks, n_head % n_kv_head != 0) make an op return
+ * without touching its output; nothing is logged on this path.
  *
  *   kn_ctx *ctx;
  *   kn_ctx_create(&ctx, &(kn_ctx_cfg){.n_threads = 2, .variant = KN_VARIANT_AUTO});
@@ -68,7 +80,9 @@ typedef struct kn_ctx kn_ctx;
 typedef struct kn_ctx_cfg {
     int n_threads;             /* <= 0: number of online CPUs */
     enum kn_variant variant;   /* AUTO picks the best supported */
-    const int *cpus;           /* optional: pin pool thread i to cpus[i] (n_threads entries) */
+    const int *cpus;           /* optional: pin pool thread i to cpus[i] (n_threads entries);
+                                * thread 0 is the thread calling kn_ctx_create, which is
+                                * pinned there and then (it must be the one calling ops) */
 } kn_ctx_cfg;
 
 /* Paged attention over a KV cache.
@@ -91,7 +105,10 @@ typedef struct kn_ctx_cfg {
  *   out: [n_q][n_head][head_dim]
  * Query head h uses KV head h / (n_head / n_kv_head). Scores are scaled by
  * `scale` (normally 1/sqrt(head_dim)); softmax in float32.
- * `scratch` holds at least kn_attn_scratch_floats(...) floats. */
+ * `scratch` holds at least kn_attn_scratch_floats(n_past + n_q,
+ * kn_ctx_threads(ctx)) floats (sizing it once for the largest context is
+ * fine). Out-of-range block_table entries are the caller's responsibility.
+ * A query that sees no position at all gets a zero output row. */
 typedef struct kn_attn_args {
     const float *q;
     float *out;
@@ -112,10 +129,15 @@ typedef struct kn_ops {
 
     /* y[m][r] = sum_c W[r][c] * x[m][c] for m < M, r < W->rows.
      * x: [M][W->cols] float, y: [M][W->rows] float (no aliasing).
-     * Quantised weights may quantise x internally into ctx scratch. */
+     * Quantised weights may quantise x internally into ctx scratch: the
+     * AVX-512 table does so for Q8_0 (int8 activations per block of 32 with
+     * an f32 scale, VNNI integer dots; error vs the scalar reference is that
+     * of int8 activation rounding); every other case multiplies dequantised
+     * weights by the float activations (the scalar definition). */
     void (*matmul)(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t M, float *y);
 
-    /* out[i][:] = dequant(W row ids[i]) for i < n (embedding lookup). */
+    /* out[i][:] = dequant(W row ids[i]) for i < n (embedding lookup); an id
+     * outside [0, W->rows) yields a zero row rather than an out-of-bounds read. */
     void (*get_rows)(kn_ctx *ctx, const kn_tensor *w, const int32_t *ids, int64_t n,
                      float *out);
 
@@ -149,7 +171,8 @@ int kn_ctx_threads(const kn_ctx *ctx);
 const kn_ops *kn_ops_for(enum kn_variant v);
 
 /* Run fn(arg, i) for i in [0, n) across the ctx's pool (calling thread
- * included) and wait. For the engine's own parallel loops. */
+ * included) and wait. For the engine's own parallel loops. Indices are handed
+ * out dynamically in small contiguous chunks; each runs exactly once. */
 typedef void (*kn_task_fn)(void *arg, int64_t i);
 void kn_parallel_for(kn_ctx *ctx, int64_t n, kn_task_fn fn, void *arg);
 

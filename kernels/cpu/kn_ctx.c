@@ -23,10 +23,11 @@
 #include "common/common.h"
 #include "kernels/cpu/kn_int.h"
 
-/* ~tens of microseconds of polling before sleeping: long enough to bridge
- * the gap between consecutive ops, short enough not to steal a core that
- * other processes need when the engine is idle. */
-#define KN_SPIN_ITERS 20000
+/* Polling budget before sleeping, in time rather than iterations (PAUSE
+ * costs ~20 ns on some x86 cores and ~140 cycles on others): long enough to
+ * bridge the gap between consecutive ops of a forward pass, short enough
+ * that a waiter does not hold a CPU for long that a preempted peer needs. */
+#define KN_SPIN_NS 50000
 
 struct kn_worker {
     kn_ctx *ctx;
@@ -39,10 +40,10 @@ struct kn_ctx {
     const kn_impl *impl;
     enum kn_variant variant;
     int n_threads;
-    /* Polling budget before sleeping: KN_SPIN_ITERS, or 0 when the pool has
-     * more threads than the machine has CPUs (a spinning thread would then
-     * hold the CPU that the thread it waits for needs). */
-    int spin_iters;
+    /* Poll for KN_SPIN_NS before sleeping; never when the pool has more
+     * threads than the machine has CPUs (a spinning thread would then hold
+     * the CPU that the thread it waits for needs). */
+    bool spin;
     struct kn_worker *workers; /* n_threads - 1 of them */
 
     /* Written by the ctx thread before the release-increment of gen; read by
@@ -78,6 +79,19 @@ static inline void cpu_relax(void)
 #endif
 }
 
+/* True while a poll that began at *t0 (0: not started) is within budget. */
+static inline bool keep_spinning(const kn_ctx *ctx, int *spins, uint64_t *t0)
+{
+    if (!ctx->spin)
+        return false;
+    if ((++*spins & 63) != 0)
+        return true;
+    uint64_t now = cm_now_ns();
+    if (*t0 == 0)
+        *t0 = now;
+    return now - *t0 < KN_SPIN_NS;
+}
+
 static void pin_self(int cpu)
 {
     if (cpu < 0 || cpu >= CPU_SETSIZE)
@@ -101,9 +115,10 @@ static void *worker_main(void *p)
     for (;;) {
         unsigned g;
         int spins = 0;
+        uint64_t t0 = 0;
         /* G2: acquire pairs with the release increment G1 in kn_run. */
         while ((g = atomic_load_explicit(&ctx->gen, memory_order_acquire)) == seen) {
-            if (++spins < ctx->spin_iters) {
+            if (keep_spinning(ctx, &spins, &t0)) {
                 cpu_relax();
                 continue;
             }
@@ -112,6 +127,7 @@ static void *worker_main(void *p)
                 futex_wait(&ctx->gen, seen);
             atomic_fetch_sub_explicit(&ctx->gen_sleepers, 1, memory_order_relaxed);
             spins = 0;
+            t0 = 0;
         }
         seen = g;
         if (atomic_load_explicit(&ctx->stop, memory_order_acquire))
@@ -145,9 +161,10 @@ void kn_run(kn_ctx *ctx, kn_job_fn job, void *arg)
     job(arg, 0, ctx->n_threads);
     unsigned v;
     int spins = 0;
+    uint64_t t0 = 0;
     /* D2: acquire pairs with the workers' decrements D1. */
     while ((v = atomic_load_explicit(&ctx->pending, memory_order_acquire)) != 0) {
-        if (++spins < ctx->spin_iters) {
+        if (keep_spinning(ctx, &spins, &t0)) {
             cpu_relax();
             continue;
         }
@@ -157,6 +174,7 @@ void kn_run(kn_ctx *ctx, kn_job_fn job, void *arg)
             futex_wait(&ctx->pending, v);
         atomic_store_explicit(&ctx->done_sleeper, false, memory_order_relaxed);
         spins = 0;
+        t0 = 0;
     }
 }
 
@@ -272,7 +290,7 @@ int kn_ctx_create(kn_ctx **out, const kn_ctx_cfg *cfg)
     ctx->impl = impl;
     ctx->variant = resolve(cfg->variant);
     ctx->n_threads = n;
-    ctx->spin_iters = n <= cm_cpu()->n_cpus ? KN_SPIN_ITERS : 0;
+    ctx->spin = n <= cm_cpu()->n_cpus;
     atomic_init(&ctx->gen, 0);
     atomic_init(&ctx->gen_sleepers, 0);
     atomic_init(&ctx->stop, false);

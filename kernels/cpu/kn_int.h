@@ -71,9 +71,9 @@ typedef struct kn_block_q4_0 {
 _Static_assert(sizeof(kn_block_q8_0) == 34, "ggml q8_0 block is 34 bytes");
 _Static_assert(sizeof(kn_block_q4_0) == 18, "ggml q4_0 block is 18 bytes");
 
-/* Activations quantised for the integer-dot paths: one f32 scale per block
+/* Activations quantised for the integer-dot GEMM: one f32 scale per block
  * (f32, not f16, so the activation side adds no rounding of its own beyond
- * the int8 step) and the block's element sum (for offset-binary tricks). */
+ * the int8 step) and the block's element sum (cancels the +128 weight bias). */
 typedef struct kn_block_q8_x {
     float d;
     int32_t sum;
@@ -81,7 +81,6 @@ typedef struct kn_block_q8_x {
 } kn_block_q8_x;
 
 /* Scalar helpers shared by every variant (tails, get_rows, reference). */
-void kn_scalar_quantize_q8_x(const float *x, int64_t n, kn_block_q8_x *out);
 float kn_scalar_dot_f32(const float *a, const float *b, int64_t n);
 
 /* The scalar ops, for variants that have nothing better for a case. */

@@ -74,6 +74,7 @@ static inline vf vmask_ninf(vf s, vf e)
 }
 
 #define KN_HAVE_Q8_GEMM 1
+#define KN_HAVE_Q8_MATVEC 1
 #include "kernels/cpu/kn_simd_tmpl.h"
 
 /* ---- Q8_0 GEMM on VNNI ----------------------------------------------------
@@ -99,6 +100,30 @@ struct q8_args {
     atomic_llong next;
 };
 
+/* One block of 32 activations to int8 with the reference's rounding
+ * (roundf: half away from zero) and an f32 scale; returns the int8 sum. */
+static inline int32_t quant_block(const float *x, int8_t *qs, float *d_out)
+{
+    __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
+    __m512 am = _mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1));
+    const float d = _mm512_reduce_max_ps(am) / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    const __m512 half = _mm512_set1_ps(0.5f), zero = _mm512_setzero_ps();
+    __m512 s0 = _mm512_mul_ps(v0, _mm512_set1_ps(id));
+    __m512 s1 = _mm512_mul_ps(v1, _mm512_set1_ps(id));
+    /* trunc(v + copysign(0.5, v)) == roundf(v) except where v + 0.5 itself
+     * rounds up (v just below a .5 tie); the tests allow either there. */
+    s0 = _mm512_add_ps(s0, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(s0, zero, _CMP_LT_OQ), half,
+                                                _mm512_sub_ps(zero, half)));
+    s1 = _mm512_add_ps(s1, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(s1, zero, _CMP_LT_OQ), half,
+                                                _mm512_sub_ps(zero, half)));
+    __m512i i0 = _mm512_cvttps_epi32(s0), i1 = _mm512_cvttps_epi32(s1);
+    _mm_storeu_si128((__m128i *)qs, _mm512_cvtsepi32_epi8(i0));
+    _mm_storeu_si128((__m128i *)(qs + 16), _mm512_cvtsepi32_epi8(i1));
+    *d_out = d;
+    return _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+}
+
 static void q8_quant_job(void *p, int ith, int nth)
 {
     struct q8_args *a = p;
@@ -108,22 +133,8 @@ static void q8_quant_job(void *p, int ith, int nth)
     for (int64_t m = lo; m < hi; m++) {
         const float *xm = a->x + m * K;
         kn_block_q8_x *o = a->xq + m * nb;
-        for (int64_t b = 0; b < nb; b++) {
-            __m512 v0 = _mm512_loadu_ps(xm + b * 32), v1 = _mm512_loadu_ps(xm + b * 32 + 16);
-            __m512 am = _mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1));
-            const float d = _mm512_reduce_max_ps(am) / 127.0f;
-            const float id = d != 0.0f ? 1.0f / d : 0.0f;
-            /* round half away from zero, as roundf in the reference */
-            __m512 s0 = _mm512_mul_ps(v0, _mm512_set1_ps(id));
-            __m512 s1 = _mm512_mul_ps(v1, _mm512_set1_ps(id));
-            s0 = _mm512_add_ps(s0, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(s0, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_set1_ps(0.5f), _mm512_set1_ps(-0.5f)));
-            s1 = _mm512_add_ps(s1, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(s1, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_set1_ps(0.5f), _mm512_set1_ps(-0.5f)));
-            __m512i i0 = _mm512_cvttps_epi32(s0), i1 = _mm512_cvttps_epi32(s1);
-            _mm_storeu_si128((__m128i *)o[b].qs, _mm512_cvtsepi32_epi8(i0));
-            _mm_storeu_si128((__m128i *)(o[b].qs + 16), _mm512_cvtsepi32_epi8(i1));
-            o[b].d = d;
-            o[b].sum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
-        }
+        for (int64_t b = 0; b < nb; b++)
+            o[b].sum = quant_block(xm + b * KN_QK, o[b].qs, &o[b].d);
     }
 }
 
@@ -205,5 +216,113 @@ static int q8_gemm(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t M, f
     atomic_init(&a.next, 0);
     kn_run(ctx, q8_quant_job, &a);
     kn_run(ctx, q8_gemm_job, &a);
+    return 0;
+}
+
+/* ---- Q8_0 matvec on VNNI (M <= 4) -------------------------------------------
+ * Decode is bandwidth bound, but the float path (widen int8, convert, scale,
+ * FMA) tops out below DRAM speed for 34-byte blocks. Here x is quantised
+ * once per call into a layout made for 64-byte loads:
+ *   per row m: qs[K] int8 | bias[nb/2 pairs] __m512i | d[nb] float
+ * bias of a block pair holds -128 * sum(x block) in lanes 0 and 8 (the
+ * accumulator start that cancels the +128 that makes weights u8), and each
+ * zmm covers two weight blocks. */
+struct q8mv_args {
+    const kn_tensor *w;
+    int64_t M;
+    float *y;
+    const char *xs; /* M rows of stride xstride */
+    size_t xstride;
+    int64_t chunk;
+    atomic_llong next;
+};
+
+static size_t q8mv_stride(int64_t K)
+{
+    const int64_t nb = K / KN_QK, np = (nb + 1) / 2;
+    return (size_t)((K + 63) / 64 * 64 + np * 64 + (nb * 4 + 63) / 64 * 64);
+}
+
+static void q8mv_quantize(const float *x, int64_t K, char *dst)
+{
+    const int64_t nb = K / KN_QK, np = (nb + 1) / 2;
+    int8_t *qs = (int8_t *)dst;
+    int32_t *bias = (int32_t *)(dst + (K + 63) / 64 * 64);
+    float *d = (float *)((char *)bias + np * 64);
+    memset(bias, 0, (size_t)np * 64);
+    for (int64_t b = 0; b < nb; b++)
+        bias[(b / 2) * 16 + (b % 2) * 8] = -128 * quant_block(x + b * KN_QK, qs + b * KN_QK, &d[b]);
+}
+
+static void q8mv_job(void *p, int ith, int nth)
+{
+    (void)ith;
+    (void)nth;
+    struct q8mv_args *a = p;
+    const int64_t K = a->w->cols, N = a->w->rows, nb = K / KN_QK, np = (nb + 1) / 2;
+    const size_t rb = kn_row_bytes(KN_Q8_0, K);
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (;;) {
+        const int64_t lo = atomic_fetch_add_explicit(&a->next, a->chunk, memory_order_relaxed);
+        if (lo >= N)
+            return;
+        const int64_t hi = lo + a->chunk < N ? lo + a->chunk : N;
+        for (int64_t r = lo; r < hi; r++) {
+            const kn_block_q8_0 *row = (const kn_block_q8_0 *)((const char *)a->w->data +
+                                                               (size_t)r * rb);
+            for (int64_t m = 0; m < a->M; m++) {
+                const char *xm = a->xs + (size_t)m * a->xstride;
+                const int8_t *qs = (const int8_t *)xm;
+                const __m512i *bias = (const __m512i *)(xm + (K + 63) / 64 * 64);
+                const float *d = (const float *)((const char *)bias + np * 64);
+                __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+                int64_t pi = 0;
+                for (; pi < np; pi++) {
+                    const int64_t b = 2 * pi;
+                    __builtin_prefetch((const char *)(row + b) + 1024);
+                    __builtin_prefetch((const char *)(row + b) + 1024 + 64);
+                    __m512i wv, xv;
+                    float s1 = 0.0f;
+                    if (b + 1 < nb) {
+                        wv = _mm512_inserti64x4(
+                            _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)row[b].qs)),
+                            _mm256_loadu_si256((const __m256i *)row[b + 1].qs), 1);
+                        xv = _mm512_loadu_si512((const void *)(qs + b * KN_QK));
+                        s1 = _cvtsh_ss(row[b + 1].d) * d[b + 1];
+                    } else { /* odd last block: upper half zero on both sides */
+                        wv = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)row[b].qs));
+                        xv = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(qs + b * KN_QK)));
+                    }
+                    const float s0 = _cvtsh_ss(row[b].d) * d[b];
+                    __m512i iv = _mm512_dpbusd_epi32(_mm512_load_si512(bias + pi),
+                                                     _mm512_xor_si512(wv, flip), xv);
+                    const __m512 sc = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(s0),
+                                                           _mm512_set1_ps(s1));
+                    if (pi & 1)
+                        acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iv), sc, acc1);
+                    else
+                        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iv), sc, acc0);
+                }
+                a->y[m * N + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+            }
+        }
+    }
+}
+
+static int q8_matvec(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t M, float *y)
+{
+    const int64_t K = w->cols;
+    struct q8mv_args a = {.w = w, .M = M, .y = y, .xstride = q8mv_stride(K)};
+    char *xs = kn_scratch(ctx, KN_SCRATCH_ACT, a.xstride * (size_t)M);
+    if (!xs)
+        return -ENOMEM;
+    for (int64_t m = 0; m < M; m++)
+        q8mv_quantize(x + m * K, K, xs + (size_t)m * a.xstride);
+    a.xs = xs;
+    a.chunk = (w->rows / ((int64_t)kn_nthreads(ctx) * 8) + 15) / 16 * 16;
+    if (a.chunk < 16)
+        a.chunk = 16;
+    atomic_init(&a.next, 0);
+    kn_run(ctx, q8mv_job, &a);
     return 0;
 }

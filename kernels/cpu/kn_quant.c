@@ -226,28 +226,6 @@ void kn_dequantize_row(enum kn_dtype t, const void *src, int64_t n, float *dst)
     }
 }
 
-/* Activation quantiser for the integer-dot paths: same rounding as ggml's
- * q8_0 but the scale stays f32 (see kn_block_q8_x). */
-void kn_scalar_quantize_q8_x(const float *x, int64_t n, kn_block_q8_x *out)
-{
-    for (int64_t b = 0; b < n / KN_QK; b++) {
-        const float *xb = x + b * KN_QK;
-        float amax = 0.0f;
-        for (int j = 0; j < KN_QK; j++)
-            amax = fmaxf(amax, fabsf(xb[j]));
-        const float d = amax / 127.0f;
-        const float id = d != 0.0f ? 1.0f / d : 0.0f;
-        int32_t sum = 0;
-        out[b].d = d;
-        for (int j = 0; j < KN_QK; j++) {
-            int8_t q = (int8_t)roundf(xb[j] * id);
-            out[b].qs[j] = q;
-            sum += q;
-        }
-        out[b].sum = sum;
-    }
-}
-
 float kn_scalar_dot_f32(const float *a, const float *b, int64_t n)
 {
     float s = 0.0f;

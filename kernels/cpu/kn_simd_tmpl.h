@@ -113,6 +113,29 @@ KN_AI void dot_rows(const void *wr, const float *x, int64_t K, float *y, int64_t
                                          : 64;
     const char *pf = (const char *)wr + KN_PF;
     int64_t k = 0;
+    if (MR == 1) {
+        /* Decode: one x row leaves registers free for a second accumulator
+         * set, which halves the FMA dependency chain per step (it, not
+         * memory, bounded quantised rows, whose steps are only 18-34 bytes). */
+        vf acc2[U];
+        _Pragma("GCC unroll 16") for (int u = 0; u < U; u++)
+            acc2[u] = vzero();
+        for (; k + 64 <= K; k += 64, pf += 2 * sb) {
+            __builtin_prefetch(pf);
+            __builtin_prefetch(pf + 64);
+            if (sb > 64) {
+                __builtin_prefetch(pf + 128);
+                __builtin_prefetch(pf + 192);
+            }
+            _Pragma("GCC unroll 16") for (int u = 0; u < U; u++) {
+                acc[0][u] = vfma(wload(wr, k + u * VL, type), vld(x + k + u * VL), acc[0][u]);
+                acc2[u] = vfma(wload(wr, k + 32 + u * VL, type), vld(x + k + 32 + u * VL),
+                               acc2[u]);
+            }
+        }
+        _Pragma("GCC unroll 16") for (int u = 0; u < U; u++)
+            acc[0][u] = vadd(acc[0][u], acc2[u]);
+    }
     for (; k + 32 <= K; k += 32, pf += sb) {
         __builtin_prefetch(pf);
         if (sb > 64)
@@ -286,6 +309,11 @@ KN_DEF_GEMM(KN_BF16, bf16)
 KN_DEF_GEMM(KN_Q8_0, q8_0)
 KN_DEF_GEMM(KN_Q4_0, q4_0)
 
+#ifdef KN_HAVE_Q8_MATVEC
+/* Provided by the includer: integer-dot matvec for Q8_0 weights, M <= 4;
+ * returns 0 when it ran, < 0 when it could not get scratch. */
+static int q8_matvec(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t M, float *y);
+#endif
 #ifdef KN_HAVE_Q8_GEMM
 /* Provided by the includer: integer-dot GEMM for Q8_0 weights; returns 0
  * when it ran, < 0 when it needs scratch it could not get. */
@@ -300,6 +328,10 @@ static void simd_matmul(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t
     struct mm_args a = {.w = w, .x = x, .M = M, .y = y};
     atomic_init(&a.next, 0);
     if (M <= KN_MATVEC_MAX) {
+#ifdef KN_HAVE_Q8_MATVEC
+        if (w->type == KN_Q8_0 && q8_matvec(ctx, w, x, M, y) == 0)
+            return;
+#endif
         /* ~8 chunks per thread, whole multiples of 16 rows (64 bytes of y) */
         a.chunk = (w->rows / ((int64_t)kn_nthreads(ctx) * 8) + 15) / 16 * 16;
         if (a.chunk < 16)
