@@ -25,6 +25,7 @@
 
 #include <math.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 
 #include "kernels/cpu/kn_int.h"
 
@@ -644,6 +645,19 @@ struct attn_job_args {
     int64_t stride;
 };
 
+/* Dot product for head_dim below one vector (e.g. 8 on AVX-512): a plain loop
+ * the compiler unrolls beats a masked vector plus a horizontal sum. */
+KN_AI float sdot(const float *a, const float *b, int n)
+{
+    float s = 0.0f;
+    for (int i = 0; i < n; i++)
+        s += a[i] * b[i];
+    return s;
+}
+
+/* One (query, head) pair. The cache is walked block by block (no division
+ * per position), and without a mask only positions <= the query's own are
+ * visited: the causal future is never touched. */
 static void attn_task(const kn_attn_args *a, int64_t task, float *sc)
 {
     const int64_t i = task / a->n_head;
@@ -652,20 +666,28 @@ static void attn_task(const kn_attn_args *a, int64_t task, float *sc)
     const int hd = a->head_dim;
     const int64_t bs = a->block_size;
     const int64_t row_stride = (int64_t)a->n_kv_head * hd;
+    const int64_t blk_stride = bs * row_stride;
     const float *q = a->q + (i * a->n_head + h) * (int64_t)hd;
     float *o = a->out + (i * a->n_head + h) * (int64_t)hd;
-    const int64_t n_ctx = a->n_past + a->n_q;
+    const int64_t n_end = a->mask ? a->n_past + a->n_q : a->n_past + i + 1;
+    const uint8_t *mrow = a->mask ? a->mask + i * a->n_q - a->n_past : NULL;
+    const float *kbase = a->k_pool + (int64_t)kvh * hd;
+    const float *vbase = a->v_pool + (int64_t)kvh * hd;
+    const bool wide = hd >= VL;
+
     float mx = -INFINITY;
-    for (int64_t p = 0; p < n_ctx; p++) {
-        const int64_t j = p - a->n_past;
-        if (j >= 0 && !(a->mask ? a->mask[i * a->n_q + j] != 0 : j <= i)) {
-            sc[p] = -INFINITY;
-            continue;
+    for (int64_t p0 = 0, b = 0; p0 < n_end; p0 += bs, b++) {
+        const float *kr = kbase + (int64_t)a->block_table[b] * blk_stride;
+        const int64_t pe = p0 + bs < n_end ? p0 + bs : n_end;
+        for (int64_t p = p0; p < pe; p++, kr += row_stride) {
+            if (mrow && p >= a->n_past && !mrow[p]) {
+                sc[p] = -INFINITY;
+                continue;
+            }
+            const float s = (wide ? vdot(q, kr, hd) : sdot(q, kr, hd)) * a->scale;
+            sc[p] = s;
+            mx = s > mx ? s : mx;
         }
-        const float *kr = a->k_pool + ((int64_t)a->block_table[p / bs] * bs + p % bs) *
-                                          row_stride + (int64_t)kvh * hd;
-        sc[p] = vdot(q, kr, hd) * a->scale;
-        mx = sc[p] > mx ? sc[p] : mx;
     }
     for (int d = 0; d < hd; d++)
         o[d] = 0.0f;
@@ -676,7 +698,7 @@ static void attn_task(const kn_attn_args *a, int64_t task, float *sc)
     vf vs = vzero();
     const vf vmx = vset1(mx);
     int64_t p = 0;
-    for (; p + VL <= n_ctx; p += VL) {
+    for (; p + VL <= n_end; p += VL) {
         vf s = vld(sc + p);
         vf e = vexp(vsub(s, vmx));
         e = vmask_ninf(s, e);
@@ -684,22 +706,27 @@ static void attn_task(const kn_attn_args *a, int64_t task, float *sc)
         vs = vadd(vs, e);
     }
     float sum = vhsum(vs);
-    for (; p < n_ctx; p++) {
+    for (; p < n_end; p++) {
         sc[p] = sc[p] == -INFINITY ? 0.0f : expf(sc[p] - mx);
         sum += sc[p];
     }
     const float inv = 1.0f / sum;
-    for (p = 0; p < n_ctx; p++) {
-        if (sc[p] == 0.0f)
-            continue;
-        const float *vr = a->v_pool + ((int64_t)a->block_table[p / bs] * bs + p % bs) *
-                                          row_stride + (int64_t)kvh * hd;
-        const vf wv = vset1(sc[p] * inv);
-        int d = 0;
-        for (; d + VL <= hd; d += VL)
-            vst(o + d, vfma(wv, vld(vr + d), vld(o + d)));
-        for (; d < hd; d++)
-            o[d] += sc[p] * inv * vr[d];
+    for (int64_t p0 = 0, b = 0; p0 < n_end; p0 += bs, b++) {
+        const float *vr = vbase + (int64_t)a->block_table[b] * blk_stride;
+        const int64_t pe = p0 + bs < n_end ? p0 + bs : n_end;
+        for (int64_t pp = p0; pp < pe; pp++, vr += row_stride) {
+            if (sc[pp] == 0.0f)
+                continue;
+            const float w = sc[pp] * inv;
+            int d = 0;
+            if (wide) {
+                const vf wv = vset1(w);
+                for (; d + VL <= hd; d += VL)
+                    vst(o + d, vfma(wv, vld(vr + d), vld(o + d)));
+            }
+            for (; d < hd; d++)
+                o[d] += w * vr[d];
+        }
     }
 }
 
