@@ -1,0 +1,469 @@
+/* The Medusa decoding step (see medusa.h). Index conventions follow
+ * FasterDecoding/Medusa (generate_candidates, tree_decoding,
+ * evaluate_posterior, update_inference_inputs) so that traces can be
+ * compared with the reference implementation. */
+#include "engine/medusa.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/common.h"
+#include "engine/eng_err.h"
+
+/* Flattened candidates per sequence, as Medusa's `candidates` before
+ * tree_indices picks from it: [root, head0 top-TOPK, head1 top-TOPK, ...]. */
+#define CAND_STRIDE(nh) (1 + (int64_t)(nh) * ENG_MEDUSA_TOPK)
+
+struct eng_medusa {
+    const eng_model *m;
+    kn_ctx *kn;
+    const kn_ops *ops;
+    const eng_medusa_heads *heads;
+    const eng_medusa_tree *t;
+    int max_seqs;
+    enum eng_medusa_accept accept;
+    float temp, eps, alpha;
+    int64_t V, H;
+    int nn, nh, md; /* tree nodes, heads used, max depth */
+
+    /* Per sequence id [max_seqs]. */
+    bool *active;
+    eng_rng_state *rng;
+    float *pend_logits; /* [max_seqs][V] logits at the last emitted token */
+    float *pend_hidden; /* [max_seqs][H] its final-norm hidden state */
+    uint32_t *stamp;    /* duplicate detection within one call */
+    uint32_t call;
+
+    /* Step scratch, b = position of a sequence in the batch. */
+    eng_rng_state *rng_save; /* [max_seqs] to undo root draws on error */
+    float *h_in;             /* [max_seqs][H] pending hidden of the batch */
+    float *h_mid;            /* [max_seqs][H] W h + b, then SiLU of it, then + h */
+    float *h_logits;         /* [max_seqs][V] one head's logits */
+    int32_t *cand;           /* [max_seqs][CAND_STRIDE] */
+    int32_t *tok;            /* [max_seqs][nn] tree node tokens */
+    int32_t *pos;            /* [max_seqs][nn] RoPE positions len + depth */
+    int64_t *len0;           /* [max_seqs] KV length before the step */
+    uint8_t *want;           /* [nn] all ones: every node's logits are needed */
+    eng_seq_in *in;          /* [max_seqs] */
+    float *out_logits;       /* [max_seqs * nn][V] */
+    float *out_hidden;       /* [max_seqs * nn][H] */
+    int32_t *node_am;        /* [nn] greedy: argmax at each node */
+    float *node_lse, *node_thr; /* [nn] typical: log-sum-exp and threshold */
+};
+
+int64_t eng_medusa_step_tokens(const eng_medusa *md, int n_seqs)
+{
+    return md && n_seqs > 0 ? (int64_t)n_seqs * md->nn : 0;
+}
+
+void eng_medusa_destroy(eng_medusa *md)
+{
+    if (!md)
+        return;
+    free(md->active);
+    free(md->rng);
+    free(md->pend_logits);
+    free(md->pend_hidden);
+    free(md->stamp);
+    free(md->rng_save);
+    free(md->h_in);
+    free(md->h_mid);
+    free(md->h_logits);
+    free(md->cand);
+    free(md->tok);
+    free(md->pos);
+    free(md->len0);
+    free(md->want);
+    free(md->in);
+    free(md->out_logits);
+    free(md->out_hidden);
+    free(md->node_am);
+    free(md->node_lse);
+    free(md->node_thr);
+    free(md);
+}
+
+static void *alloc_n(size_t n, size_t size)
+{
+    return calloc(n ? n : 1, size);
+}
+
+int eng_medusa_create(eng_medusa **out, const eng_medusa_cfg *cfg)
+{
+    if (!out || !cfg || !cfg->model || !cfg->kn || !cfg->heads || !cfg->tree)
+        return eng_fail(-EINVAL, "medusa: model, kernels ctx, heads and tree are required");
+    const eng_hparams *hp = eng_model_hparams(cfg->model);
+    const eng_medusa_tree *t = cfg->tree;
+    if (cfg->max_seqs < 1)
+        return eng_fail(-EINVAL, "medusa: max_seqs must be >= 1 (got %d)", cfg->max_seqs);
+    if (t->n_nodes < 1 || t->max_depth < 1 || t->max_depth > ENG_MEDUSA_MAX_DEPTH)
+        return eng_fail(-EINVAL, "medusa: malformed tree (%d nodes, depth %d)", t->n_nodes,
+                        t->max_depth);
+    int n_heads = eng_medusa_heads_count(cfg->heads);
+    if (n_heads < t->n_heads)
+        return eng_fail(-EINVAL, "medusa: the tree is %d deep and needs %d heads, the "
+                                 "checkpoint has %d",
+                        t->max_depth, t->n_heads, n_heads);
+    if (eng_medusa_heads_hidden(cfg->heads) != hp->dim ||
+        eng_medusa_heads_vocab(cfg->heads) != hp->n_vocab)
+        return eng_fail(-EINVAL, "medusa: heads are for hidden %" PRId64 " / vocabulary %" PRId64
+                                 ", the model has %" PRId64 " / %" PRId64,
+                        eng_medusa_heads_hidden(cfg->heads), eng_medusa_heads_vocab(cfg->heads),
+                        hp->dim, hp->n_vocab);
+    if (cfg->accept != ENG_MEDUSA_GREEDY && cfg->accept != ENG_MEDUSA_TYPICAL)
+        return eng_fail(-EINVAL, "medusa: unknown acceptance mode %d", (int)cfg->accept);
+    float temp = cfg->temperature == 0 ? 1.0f : cfg->temperature;
+    float eps = cfg->eps == 0 ? ENG_MEDUSA_EPS_DEFAULT : cfg->eps;
+    float alpha = cfg->alpha == 0 ? ENG_MEDUSA_ALPHA_DEFAULT : cfg->alpha;
+    if (!(temp > 0 && temp <= 100) || !(eps > 0 && eps <= 1) || !(alpha > 0 && alpha <= 1))
+        return eng_fail(-EINVAL, "medusa: typical acceptance needs temperature in (0, 100], "
+                                 "eps and alpha in (0, 1] (got %g, %g, %g)",
+                        (double)temp, (double)eps, (double)alpha);
+
+    eng_medusa *md = calloc(1, sizeof(*md));
+    if (!md)
+        return eng_fail(-ENOMEM, "out of memory");
+    md->m = cfg->model;
+    md->kn = cfg->kn;
+    md->ops = kn_ctx_ops(cfg->kn);
+    md->heads = cfg->heads;
+    md->t = t;
+    md->max_seqs = cfg->max_seqs;
+    md->accept = cfg->accept;
+    md->temp = temp;
+    md->eps = eps;
+    md->alpha = alpha;
+    md->V = hp->n_vocab;
+    md->H = hp->dim;
+    md->nn = t->n_nodes;
+    md->nh = t->n_heads;
+    md->md = t->max_depth;
+
+    const size_t S = (size_t)cfg->max_seqs, V = (size_t)md->V, H = (size_t)md->H;
+    const size_t NN = (size_t)md->nn, fs = sizeof(float);
+    md->active = alloc_n(S, sizeof(bool));
+    md->rng = alloc_n(S, sizeof(eng_rng_state));
+    md->pend_logits = alloc_n(S * V, fs);
+    md->pend_hidden = alloc_n(S * H, fs);
+    md->stamp = alloc_n(S, sizeof(uint32_t));
+    md->rng_save = alloc_n(S, sizeof(eng_rng_state));
+    md->h_in = alloc_n(S * H, fs);
+    md->h_mid = alloc_n(S * H, fs);
+    md->h_logits = alloc_n(S * V, fs);
+    md->cand = alloc_n(S * (size_t)CAND_STRIDE(md->nh), sizeof(int32_t));
+    md->tok = alloc_n(S * NN, sizeof(int32_t));
+    md->pos = alloc_n(S * NN, sizeof(int32_t));
+    md->len0 = alloc_n(S, sizeof(int64_t));
+    md->want = alloc_n(NN, 1);
+    md->in = alloc_n(S, sizeof(eng_seq_in));
+    md->out_logits = alloc_n(S * NN * V, fs);
+    md->out_hidden = alloc_n(S * NN * H, fs);
+    md->node_am = alloc_n(NN, sizeof(int32_t));
+    md->node_lse = alloc_n(NN, fs);
+    md->node_thr = alloc_n(NN, fs);
+    if (!md->active || !md->rng || !md->pend_logits || !md->pend_hidden || !md->stamp ||
+        !md->rng_save || !md->h_in || !md->h_mid || !md->h_logits || !md->cand || !md->tok ||
+        !md->pos || !md->len0 || !md->want || !md->in || !md->out_logits || !md->out_hidden ||
+        !md->node_am || !md->node_lse || !md->node_thr) {
+        eng_medusa_destroy(md);
+        return eng_fail(-ENOMEM, "medusa: out of memory for %d sequences x %d tree nodes",
+                        cfg->max_seqs, md->nn);
+    }
+    memset(md->want, 1, NN);
+    *out = md;
+    return 0;
+}
+
+int eng_medusa_seq_begin(eng_medusa *md, int seq, const float *logits, const float *hidden,
+                         uint64_t seed)
+{
+    if (!md || !logits || !hidden)
+        return eng_fail(-EINVAL, "medusa: seq_begin: NULL argument");
+    if (seq < 0 || seq >= md->max_seqs)
+        return eng_fail(-EINVAL, "medusa: sequence %d outside 0..%d", seq, md->max_seqs - 1);
+    memcpy(md->pend_logits + (size_t)seq * (size_t)md->V, logits, (size_t)md->V * sizeof(float));
+    memcpy(md->pend_hidden + (size_t)seq * (size_t)md->H, hidden, (size_t)md->H * sizeof(float));
+    eng_rng_seed(&md->rng[seq], ENG_RNG_XOSHIRO, seed);
+    md->active[seq] = true;
+    return 0;
+}
+
+void eng_medusa_seq_end(eng_medusa *md, int seq)
+{
+    if (md && seq >= 0 && seq < md->max_seqs)
+        md->active[seq] = false;
+}
+
+const float *eng_medusa_seq_logits(const eng_medusa *md, int seq)
+{
+    if (!md || seq < 0 || seq >= md->max_seqs || !md->active[seq])
+        return NULL;
+    return md->pend_logits + (size_t)seq * (size_t)md->V;
+}
+
+const float *eng_medusa_seq_hidden(const eng_medusa *md, int seq)
+{
+    if (!md || seq < 0 || seq >= md->max_seqs || !md->active[seq])
+        return NULL;
+    return md->pend_hidden + (size_t)seq * (size_t)md->H;
+}
+
+float eng_medusa_typical_threshold(const float *logits, int64_t n_vocab, float temperature,
+                                   float eps, float alpha, float *lse)
+{
+    const double inv = 1.0 / (double)temperature;
+    double mx = -INFINITY;
+    for (int64_t i = 0; i < n_vocab; i++)
+        mx = fmax(mx, (double)logits[i] * inv);
+    double sum = 0;
+    for (int64_t i = 0; i < n_vocab; i++)
+        sum += exp((double)logits[i] * inv - mx);
+    const double l = mx + log(sum);
+    /* Medusa's entropy: -Σ p log(p + 1e-5) (the 1e-5 keeps p = 0 finite). */
+    double ent = 0;
+    for (int64_t i = 0; i < n_vocab; i++) {
+        double p = exp((double)logits[i] * inv - l);
+        ent -= p * log(p + 1e-5);
+    }
+    if (lse)
+        *lse = (float)l;
+    return fminf(eps, (float)((double)alpha * exp(-ent)));
+}
+
+/* Medusa's get_typical_one_token: drop tokens with p < threshold, renormalise,
+ * draw. The argmax always survives (threshold <= alpha·exp(-H) < p_max). */
+static int32_t sample_typical(const eng_medusa *md, const float *logits, eng_rng_state *rng)
+{
+    float lse;
+    const float thr = eng_medusa_typical_threshold(logits, md->V, md->temp, md->eps, md->alpha,
+                                                   &lse);
+    const double inv = 1.0 / (double)md->temp;
+    double kept = 0;
+    int32_t last = eng_argmax(logits, md->V);
+    for (int64_t i = 0; i < md->V; i++) {
+        double p = exp((double)logits[i] * inv - lse);
+        if (!(p < thr))
+            kept += p;
+    }
+    const double u = (double)eng_rng_f32(rng) * kept;
+    double cdf = 0;
+    for (int64_t i = 0; i < md->V; i++) {
+        double p = exp((double)logits[i] * inv - lse);
+        if (p < thr)
+            continue;
+        cdf += p;
+        last = (int32_t)i;
+        if (u < cdf)
+            break;
+    }
+    return last;
+}
+
+/* The k best ids of x[n], best first; ties: lower id first. */
+static void top_k(const float *x, int64_t n, int k, int32_t *idx)
+{
+    float val[ENG_MEDUSA_TOPK];
+    int c = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const float v = x[i];
+        int j;
+        if (c < k)
+            j = c++;
+        else if (v > val[k - 1])
+            j = k - 1;
+        else
+            continue;
+        while (j > 0 && val[j - 1] < v) {
+            val[j] = val[j - 1];
+            idx[j] = idx[j - 1];
+            j--;
+        }
+        val[j] = v;
+        idx[j] = (int32_t)i;
+    }
+}
+
+static float silu(float x)
+{
+    return x / (1.0f + expf(-x));
+}
+
+/* Every head on the batch's pending hidden states → top-k candidates. */
+static void run_heads(eng_medusa *md, int n)
+{
+    const int64_t H = md->H, V = md->V, stride = CAND_STRIDE(md->nh);
+    for (int h = 0; h < md->nh; h++) {
+        const eng_medusa_head *hd = eng_medusa_heads_get(md->heads, h);
+        md->ops->matmul(md->kn, &hd->w, md->h_in, n, md->h_mid);
+        for (int b = 0; b < n; b++) {
+            float *y = md->h_mid + (size_t)b * (size_t)H;
+            const float *x = md->h_in + (size_t)b * (size_t)H;
+            for (int64_t i = 0; i < H; i++)
+                y[i] = x[i] + silu(y[i] + hd->bias[i]);
+        }
+        md->ops->matmul(md->kn, &hd->lm_head, md->h_mid, n, md->h_logits);
+        const int k = md->t->topk[h];
+        for (int b = 0; b < n; b++)
+            top_k(md->h_logits + (size_t)b * (size_t)V, V, k,
+                  md->cand + b * stride + 1 + (int64_t)h * ENG_MEDUSA_TOPK);
+    }
+}
+
+/* Best retrieve path for batch entry b: fills path[0..len] (node indices,
+ * path[0] = root) and returns len (accepted candidates). */
+static int accept_path(eng_medusa *md, int b, int32_t path[ENG_MEDUSA_MAX_DEPTH + 1])
+{
+    const eng_medusa_tree *t = md->t;
+    const int64_t V = md->V;
+    const float *L = md->out_logits + (size_t)b * (size_t)md->nn * (size_t)V;
+    const int32_t *tok = md->tok + (size_t)b * (size_t)md->nn;
+    const bool greedy = md->accept == ENG_MEDUSA_GREEDY;
+    const double inv = 1.0 / (double)md->temp;
+    /* Per-node statistics; a leaf's are never used but cost one pass. */
+    for (int j = 0; j < md->nn; j++) {
+        const float *row = L + (size_t)j * (size_t)V;
+        if (greedy)
+            md->node_am[j] = eng_argmax(row, V);
+        else
+            md->node_thr[j] = eng_medusa_typical_threshold(row, V, md->temp, md->eps, md->alpha,
+                                                           &md->node_lse[j]);
+    }
+    const int cols = t->max_depth + 1;
+    int best_len = 0, best_row = -1;
+    double best_ll = -INFINITY;
+    for (int r = 0; r < t->n_leaves; r++) {
+        const int32_t *rp = t->retrieve + (size_t)r * (size_t)cols;
+        int len = 0;
+        double ll = 0;
+        for (int d = 1; d < cols && rp[d] >= 0; d++) {
+            const int32_t par = rp[d - 1], node = rp[d];
+            if (greedy) {
+                if (tok[node] != md->node_am[par])
+                    break;
+            } else {
+                double p = exp((double)L[(size_t)par * (size_t)V + (size_t)tok[node]] * inv -
+                               (double)md->node_lse[par]);
+                if (!(p > (double)md->node_thr[par]))
+                    break;
+                ll += log(p);
+            }
+            len++;
+        }
+        if (len > best_len || (len == best_len && len > 0 && !greedy && ll > best_ll)) {
+            best_len = len;
+            best_row = r;
+            best_ll = ll;
+        }
+    }
+    path[0] = 0;
+    for (int d = 1; d <= best_len; d++)
+        path[d] = t->retrieve[(size_t)best_row * (size_t)cols + (size_t)d];
+    return best_len;
+}
+
+int64_t eng_medusa_step(eng_medusa *md, eng_ctx *c, eng_kv *kv, const int *seqs, int n_seqs,
+                        eng_medusa_result *res)
+{
+    if (!md || !c || !kv || !seqs || !res)
+        return eng_fail(-EINVAL, "medusa: step: NULL argument");
+    if (n_seqs < 1 || n_seqs > md->max_seqs)
+        return eng_fail(-EINVAL, "medusa: step over %d sequences (1 to %d)", n_seqs,
+                        md->max_seqs);
+    if (++md->call == 0) { /* stamps wrapped: forget old ones */
+        memset(md->stamp, 0, (size_t)md->max_seqs * sizeof(uint32_t));
+        md->call = 1;
+    }
+    for (int b = 0; b < n_seqs; b++) {
+        const int s = seqs[b];
+        if (s < 0 || s >= md->max_seqs || !md->active[s])
+            return eng_fail(-EINVAL, "medusa: step: sequence %d was not started "
+                                     "(eng_medusa_seq_begin)",
+                            s);
+        if (md->stamp[s] == md->call)
+            return eng_fail(-EINVAL, "medusa: step: sequence %d listed twice", s);
+        md->stamp[s] = md->call;
+        const int64_t len = eng_kv_seq_len(kv, s);
+        if (len < 0)
+            return eng_fail(-EINVAL, "medusa: step: KV sequence %d is not allocated", s);
+        if (len + md->nn > INT32_MAX)
+            return eng_fail(-EINVAL, "medusa: step: sequence %d is too long for a tree", s);
+        md->len0[b] = len;
+    }
+
+    const eng_medusa_tree *t = md->t;
+    const int64_t V = md->V, H = md->H, stride = CAND_STRIDE(md->nh);
+    const int nn = md->nn;
+    /* 1. roots (RNG state saved so that a failed forward changes nothing) */
+    for (int b = 0; b < n_seqs; b++) {
+        const int s = seqs[b];
+        const float *pl = md->pend_logits + (size_t)s * (size_t)V;
+        md->rng_save[b] = md->rng[s];
+        md->cand[b * stride] = md->accept == ENG_MEDUSA_GREEDY
+                                   ? eng_argmax(pl, V)
+                                   : sample_typical(md, pl, &md->rng[s]);
+        memcpy(md->h_in + (size_t)b * (size_t)H, md->pend_hidden + (size_t)s * (size_t)H,
+               (size_t)H * sizeof(float));
+    }
+    /* 2. heads → candidates → tree tokens */
+    run_heads(md, n_seqs);
+    for (int b = 0; b < n_seqs; b++) {
+        int32_t *tok = md->tok + (size_t)b * (size_t)nn, *pos = md->pos + (size_t)b * (size_t)nn;
+        for (int j = 0; j < nn; j++) {
+            tok[j] = md->cand[b * stride + t->tree_indices[j]];
+            pos[j] = (int32_t)(md->len0[b] + t->depth[j]);
+        }
+        md->in[b] = (eng_seq_in){.seq = seqs[b],
+                                 .tokens = tok,
+                                 .n_tokens = nn,
+                                 .pos = pos,
+                                 .mask = t->mask,
+                                 .want = md->want};
+    }
+    /* 3. one forward over every tree */
+    int64_t n_out = eng_forward(c, kv, md->in, n_seqs, md->out_logits, md->out_hidden);
+    if (n_out < 0) {
+        for (int b = 0; b < n_seqs; b++)
+            md->rng[seqs[b]] = md->rng_save[b];
+        return n_out;
+    }
+    CM_ASSERT(n_out == (int64_t)n_seqs * nn);
+
+    /* 4. acceptance, 5. compaction; nothing below can fail */
+    int64_t total = 0;
+    for (int b = 0; b < n_seqs; b++) {
+        const int s = seqs[b];
+        int32_t path[ENG_MEDUSA_MAX_DEPTH + 1];
+        const int acc = accept_path(md, b, path);
+        const int32_t *tok = md->tok + (size_t)b * (size_t)nn;
+        eng_medusa_result *r = &res[b];
+        r->n_accepted = acc;
+        r->n_tokens = acc + 1;
+        for (int d = 0; d <= acc; d++)
+            r->tokens[d] = tok[path[d]];
+        /* Node indices grow with depth (path[d] >= d), so no destination is
+         * a later source: eng_kv_copy_positions' in-place rule holds. */
+        int32_t src[ENG_MEDUSA_MAX_DEPTH], dst[ENG_MEDUSA_MAX_DEPTH];
+        int64_t n_mv = 0;
+        for (int d = 1; d <= acc; d++) {
+            if (path[d] == d)
+                continue;
+            src[n_mv] = (int32_t)(md->len0[b] + path[d]);
+            dst[n_mv] = (int32_t)(md->len0[b] + d);
+            n_mv++;
+        }
+        int rc = n_mv ? eng_kv_copy_positions(kv, s, src, dst, n_mv) : 0;
+        CM_ASSERT(rc == 0);
+        rc = eng_kv_seq_truncate(kv, s, md->len0[b] + 1 + acc);
+        CM_ASSERT(rc == 0);
+        const size_t row = (size_t)b * (size_t)nn + (size_t)path[acc];
+        memcpy(md->pend_logits + (size_t)s * (size_t)V, md->out_logits + row * (size_t)V,
+               (size_t)V * sizeof(float));
+        memcpy(md->pend_hidden + (size_t)s * (size_t)H, md->out_hidden + row * (size_t)H,
+               (size_t)H * sizeof(float));
+        total += r->n_tokens;
+    }
+    return total;
+}
