@@ -4,6 +4,12 @@
  * IORING_OP_FUTEX_WAIT of every SQ doorbell together with the accept, the
  * client hang-up polls, a signalfd and the stats timer.
  *
+ * With cfg.model set it also serves GENERATE: it keeps the tokenizer, runs
+ * one gorgon-worker process (model, KV cache, batching scheduler) over a
+ * shared command/event ring pair, watches it with a pidfd and the event
+ * ring's doorbell in the same loop, and streams decoded text to clients
+ * (appliance/ap_gen.c).
+ *
  * Threading: single-threaded. Everything here runs on the loop thread; the
  * only cross-process state is the client regions, which are untrusted.
  *
@@ -46,6 +52,14 @@ typedef struct ap_config {
     int log_level; /* enum cm_log_level */
     bool foreground;
     bool eventfd_doorbells; /* force the eventfd fallback (testing) */
+    /* generation (appliance/ap_gen.c) */
+    char model[4096];        /* GGUF model; "" = no generation (GENERATE -> -ENOTSUP) */
+    int threads;             /* worker kernel threads */
+    int64_t kv_blocks;       /* worker KV pool blocks (0: auto) */
+    uint32_t max_seqs;       /* sequences the worker decodes at once */
+    uint32_t batch_tokens;   /* new tokens per forward (prefill chunk budget) */
+    uint32_t max_requests;   /* generate requests in flight, all clients together */
+    int64_t grace_ms;        /* SIGTERM: time in-flight requests get to finish */
 } ap_config;
 
 /* Built-in defaults (socket: $GORGON_SOCKET, else IPC_DEFAULT_SOCKET). */

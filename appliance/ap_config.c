@@ -25,6 +25,11 @@ void ap_config_defaults(ap_config *cfg)
     cfg->stats_interval_s = 60;
     cfg->numa_node = -1;
     cfg->log_level = CM_LOG_INFO;
+    cfg->threads = 1;
+    cfg->max_seqs = 64;
+    cfg->batch_tokens = 256;
+    cfg->max_requests = 512;
+    cfg->grace_ms = 5000;
 }
 
 void ap_config_usage(FILE *f)
@@ -48,10 +53,18 @@ void ap_config_usage(FILE *f)
             "  --log-level L        error|warn|info|debug|trace\n"
             "  --foreground         do not fork into the background\n"
             "  --eventfd-doorbells  sleep on eventfds even if io_uring FUTEX_WAIT works\n"
+            "  --model FILE.gguf    serve generation with this model (worker: gorgon-worker)\n"
+            "  --threads N          worker kernel threads (default 1)\n"
+            "  --kv-blocks N        worker KV pool, 16-position blocks (0: auto)\n"
+            "  --max-seqs N         sequences decoded together (default 64)\n"
+            "  --batch-tokens N     new tokens per forward pass, prefill chunks (default 256)\n"
+            "  --max-requests N     generate requests in flight, all clients (default 512)\n"
+            "  --grace-ms N         SIGTERM: time in-flight requests get to finish (default 5000)\n"
             "  --help\n"
             "config keys: socket allow_uids allow_gids poll_us sq_entries cq_entries slots\n"
             "  slot_in_bytes slot_out_bytes max_clients stats_interval_s hugepages numa_node\n"
-            "  log_level foreground eventfd_doorbells\n",
+            "  log_level foreground eventfd_doorbells model threads kv_blocks max_seqs\n"
+            "  batch_tokens max_requests grace_ms\n",
             IPC_DEFAULT_SOCKET);
 }
 
@@ -159,6 +172,30 @@ static int apply(ap_config *cfg, const char *key, const char *val)
         cfg->numa_node = (int)v;
         return 0;
     }
+    if (!strcmp(key, "model")) {
+        if (strlen(val) >= sizeof(cfg->model)) {
+            fprintf(stderr, "gorgond: model: path longer than %zu bytes\n", sizeof(cfg->model) - 1);
+            return -EINVAL;
+        }
+        snprintf(cfg->model, sizeof(cfg->model), "%s", val);
+        return 0;
+    }
+    if (!strcmp(key, "threads")) {
+        int64_t v;
+        CM_TRY(parse_i64(key, val, 1, 1024, &v));
+        cfg->threads = (int)v;
+        return 0;
+    }
+    if (!strcmp(key, "kv_blocks"))
+        return parse_i64(key, val, 0, (int64_t)1 << 32, &cfg->kv_blocks);
+    if (!strcmp(key, "max_seqs"))
+        return parse_u32(key, val, 1, 4096, &cfg->max_seqs);
+    if (!strcmp(key, "batch_tokens"))
+        return parse_u32(key, val, 1, 1u << 20, &cfg->batch_tokens);
+    if (!strcmp(key, "max_requests"))
+        return parse_u32(key, val, 1, IPC_MAX_SLOTS, &cfg->max_requests);
+    if (!strcmp(key, "grace_ms"))
+        return parse_i64(key, val, 0, 3600000, &cfg->grace_ms);
     if (!strcmp(key, "log_level")) {
         int lvl = cm_log_parse_level(val);
         if (lvl < 0) {
@@ -233,6 +270,13 @@ enum {
     OPT_LOG_LEVEL,
     OPT_FOREGROUND,
     OPT_EVENTFD,
+    OPT_MODEL,
+    OPT_THREADS,
+    OPT_KV_BLOCKS,
+    OPT_MAX_SEQS,
+    OPT_BATCH_TOKENS,
+    OPT_MAX_REQUESTS,
+    OPT_GRACE,
     OPT_HELP,
 };
 
@@ -254,6 +298,13 @@ static const struct option long_opts[] = {
     {"log-level", required_argument, NULL, OPT_LOG_LEVEL},
     {"foreground", no_argument, NULL, OPT_FOREGROUND},
     {"eventfd-doorbells", no_argument, NULL, OPT_EVENTFD},
+    {"model", required_argument, NULL, OPT_MODEL},
+    {"threads", required_argument, NULL, OPT_THREADS},
+    {"kv-blocks", required_argument, NULL, OPT_KV_BLOCKS},
+    {"max-seqs", required_argument, NULL, OPT_MAX_SEQS},
+    {"batch-tokens", required_argument, NULL, OPT_BATCH_TOKENS},
+    {"max-requests", required_argument, NULL, OPT_MAX_REQUESTS},
+    {"grace-ms", required_argument, NULL, OPT_GRACE},
     {"help", no_argument, NULL, OPT_HELP},
     {NULL, 0, NULL, 0},
 };
@@ -274,6 +325,13 @@ static const char *opt_key(int c)
     case OPT_STATS: return "stats_interval_s";
     case OPT_NUMA: return "numa_node";
     case OPT_LOG_LEVEL: return "log_level";
+    case OPT_MODEL: return "model";
+    case OPT_THREADS: return "threads";
+    case OPT_KV_BLOCKS: return "kv_blocks";
+    case OPT_MAX_SEQS: return "max_seqs";
+    case OPT_BATCH_TOKENS: return "batch_tokens";
+    case OPT_MAX_REQUESTS: return "max_requests";
+    case OPT_GRACE: return "grace_ms";
     default: return NULL;
     }
 }

@@ -22,6 +22,8 @@ enum ap_tag {
     AP_TAG_HELLO,  /* POLLIN on a connection waiting for its hello */
     AP_TAG_HUP,    /* POLLRDHUP|POLLHUP on an established session's socket */
     AP_TAG_FUTEX,  /* FUTEX_WAIT on a session's SQ doorbell (or POLLIN on its wake eventfd) */
+    AP_TAG_WK_EVT, /* FUTEX_WAIT on the worker's event ring doorbell (or its eventfd) */
+    AP_TAG_WK_PID, /* POLLIN on the worker's pidfd: it exited */
 };
 
 static inline uint64_t ap_ud(enum ap_tag tag, uint32_t gen, uint32_t idx)
@@ -58,6 +60,7 @@ typedef struct ap_session {
      * it (the client has consumed the completion and may reuse the slot). */
     uint32_t *slot_busy_until;
     uint8_t *slot_used; /* slot has ever been used (busy_until meaningful) */
+    int32_t *slot_gen;  /* generate request running on the slot (ap_gen.c index), else -1 */
     uint32_t live_pos;  /* position in ap_server.live while LIVE */
     bool hello_armed, hup_armed, futex_armed;
     uint64_t requests;
@@ -82,6 +85,9 @@ struct ap_server {
     bool futex_uring; /* IORING_OP_FUTEX_WAIT usable; else eventfd doorbells */
     bool accept_armed;
     bool stopping;
+    bool draining;             /* SIGTERM with generations in flight: finish them first */
+    uint64_t drain_deadline;   /* cm_now_ns() after which they are cancelled */
+    struct ap_gen_state *gen;  /* ap_gen.c */
     struct signalfd_siginfo sigbuf;
     struct __kernel_timespec stats_ts, hello_ts;
     ap_session *sess;  /* table of n_sess entries */
@@ -114,5 +120,31 @@ int ap_session_arm(struct ap_server *srv, ap_session *s);
 /* After waking: clear NEED_WAKEUP so the client stops ringing while we poll. */
 void ap_session_disarm_flag(ap_session *s);
 void ap_fill_stats(const struct ap_server *srv, struct ipc_stats *st);
+
+/* ap_gen.c: generation, the worker process (see the file's comment). */
+/* Load the tokenizer and start the worker when cfg.model is set. */
+int ap_gen_create(struct ap_server *srv);
+void ap_gen_destroy(struct ap_server *srv); /* kills the worker */
+/* Worker events in, pending output out: > 0 when something was done. */
+int ap_gen_poll(struct ap_server *srv);
+/* Output is waiting for a client to read (or reap): sleep with a timeout. */
+bool ap_gen_busy(const struct ap_server *srv);
+/* Requests whose client has not had the final completion yet. */
+uint32_t ap_gen_active(const struct ap_server *srv);
+/* Before sleeping: 1 when events are already there, else 0 (wait armed). */
+int ap_gen_arm(struct ap_server *srv);
+void ap_gen_disarm_flag(struct ap_server *srv);
+void ap_gen_dispatch(struct ap_server *srv, uint64_t ud, int res);
+/* IPC_OP_GENERATE: 1 when cqe holds an immediate (error) completion, 0 when
+ * the request was started (its completions come from ap_gen_poll). */
+int ap_gen_submit(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
+                  struct ipc_cqe *cqe);
+/* IPC_OP_CANCEL of the request on `slot`: 0 or -ENOENT. */
+int ap_gen_cancel(struct ap_server *srv, ap_session *s, uint32_t slot);
+/* The session is going away: cancel its requests in the worker. */
+void ap_gen_session_closed(struct ap_server *srv, ap_session *s);
+/* Cancel every request in flight (gorgond stopping) and post what can be. */
+void ap_gen_abort_all(struct ap_server *srv, const char *why);
+void ap_gen_fill_stats(const struct ap_server *srv, struct ipc_stats *st);
 
 #endif

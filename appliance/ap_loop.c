@@ -162,6 +162,11 @@ int ap_server_create(ap_server **out, const ap_config *cfg)
     /* Probe first: it must be the only request in flight on the ring. */
     srv->futex_uring = ipc_uring_futex_supported(&srv->ring) == 1 && !cfg->eventfd_doorbells;
 
+    rc = ap_gen_create(srv);
+    if (rc < 0) {
+        CM_LOG_ERROR(TAG, "cannot serve generation with %s: %s", cfg->model, cm_strerror(rc));
+        goto fail;
+    }
     arm_accept(srv);
     arm_signal(srv);
     arm_stats(srv);
@@ -200,9 +205,22 @@ static void on_signal(struct ap_server *srv, int res)
     if (res == (int)sizeof(srv->sigbuf)) {
         int sig = (int)srv->sigbuf.ssi_signo;
         if (sig == SIGTERM || sig == SIGINT) {
-            CM_LOG_INFO(TAG, "%s: stopping", sig == SIGTERM ? "SIGTERM" : "SIGINT");
-            srv->stopping = true;
-            return;
+            if (srv->draining) {
+                CM_LOG_INFO(TAG, "second %s: stopping now", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+                srv->drain_deadline = 0;
+            } else if (srv->gen && ap_gen_active(srv)) {
+                /* Requests in flight get the grace period to finish; new
+                 * connections and new GENERATEs are refused meanwhile. */
+                CM_LOG_INFO(TAG, "%s: stopping after %u requests in flight (at most %lld ms)",
+                            sig == SIGTERM ? "SIGTERM" : "SIGINT", ap_gen_active(srv),
+                            (long long)srv->cfg.grace_ms);
+                srv->draining = true;
+                srv->drain_deadline = cm_now_ns() + (uint64_t)srv->cfg.grace_ms * 1000000u;
+            } else {
+                CM_LOG_INFO(TAG, "%s: stopping", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+                srv->stopping = true;
+                return;
+            }
         }
         if (sig == SIGHUP) {
             /* Reload what can change at run time: the log level. */
@@ -245,7 +263,7 @@ static void dispatch(struct ap_server *srv, const struct io_uring_cqe *cqe)
         if (!(cqe->flags & IORING_CQE_F_MORE))
             srv->accept_armed = false;
         if (res >= 0) {
-            if (srv->stopping)
+            if (srv->stopping || srv->draining)
                 close(res);
             else
                 ap_session_accepted(srv, res);
@@ -285,6 +303,10 @@ static void dispatch(struct ap_server *srv, const struct io_uring_cqe *cqe)
             if (s->wake_fd >= 0)
                 (void)ipc_wake_fd_drain(s->wake_fd);
         }
+        break;
+    case AP_TAG_WK_EVT:
+    case AP_TAG_WK_PID:
+        ap_gen_dispatch(srv, ud, res);
         break;
     case AP_TAG_NONE:
         break;
@@ -333,8 +355,19 @@ static int sleep_once(struct ap_server *srv)
     for (uint32_t i = 0; i < srv->n_live; i++)
         if (ap_session_arm(srv, &srv->sess[srv->live[i]]))
             work = true;
+    if (ap_gen_arm(srv))
+        work = true;
     if (!work) {
-        int rc = io_uring_submit_and_wait(&srv->ring, 1);
+        int rc;
+        if (ap_gen_busy(srv) || srv->draining) {
+            /* A client's out_consumed / CQ head moves without ringing us:
+             * look again soon. */
+            struct __kernel_timespec ts = {.tv_nsec = 1000000};
+            struct io_uring_cqe *cqe;
+            rc = io_uring_submit_and_wait_timeout(&srv->ring, &cqe, 1, &ts, NULL);
+        } else {
+            rc = io_uring_submit_and_wait(&srv->ring, 1);
+        }
         if (rc < 0 && rc != -EINTR && rc != -ETIME) {
             CM_LOG_ERROR(TAG, "io_uring wait: %s", cm_strerror(rc));
             return rc;
@@ -344,6 +377,7 @@ static int sleep_once(struct ap_server *srv)
     /* Awake and polling: clients need not ring us until we sleep again. */
     for (uint32_t i = 0; i < srv->n_live; i++)
         ap_session_disarm_flag(&srv->sess[srv->live[i]]);
+    ap_gen_disarm_flag(srv);
     return 0;
 }
 
@@ -357,6 +391,19 @@ int ap_server_run(ap_server *srv)
         if (srv->stopping)
             break;
         int work = poll_sessions(srv);
+        work += ap_gen_poll(srv);
+        if (srv->draining) {
+            if (!ap_gen_active(srv)) {
+                srv->stopping = true;
+                break;
+            }
+            if (cm_now_ns() >= srv->drain_deadline) {
+                CM_LOG_WARN(TAG, "grace period over: cancelling %u requests", ap_gen_active(srv));
+                ap_gen_abort_all(srv, "gorgond is shutting down");
+                srv->stopping = true;
+                break;
+            }
+        }
         if (io_uring_sq_ready(&srv->ring))
             io_uring_submit(&srv->ring);
         if (work > 0) {
@@ -401,6 +448,7 @@ void ap_server_destroy(ap_server *srv)
                 ap_session_close(srv, s, "gorgond stopping");
         }
     }
+    ap_gen_destroy(srv);
     if (srv->ring_ok) {
         /* Cancels whatever is still armed (accept, futex waits, polls). */
         io_uring_queue_exit(&srv->ring);

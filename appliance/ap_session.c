@@ -77,8 +77,10 @@ static void free_entry(struct ap_server *srv, ap_session *s)
     s->wake_fd = -1;
     free(s->slot_busy_until);
     free(s->slot_used);
+    free(s->slot_gen);
     s->slot_busy_until = NULL;
     s->slot_used = NULL;
+    s->slot_gen = NULL;
     if (s->state == AP_SESS_LIVE) {
         /* Swap-remove: the loops walk `live` from the end, so the entry
          * moved into this place has already been visited. */
@@ -169,13 +171,17 @@ void ap_session_hello(struct ap_server *srv, ap_session *s, int res)
     };
     memset(&s->reg, 0, sizeof(s->reg));
     s->reg.fd = -1;
+    s->slot_gen = NULL;
     s->slot_busy_until = calloc(srv->cfg.slots, sizeof(*s->slot_busy_until));
     s->slot_used = calloc(srv->cfg.slots, 1);
-    if (!s->slot_busy_until || !s->slot_used) {
+    s->slot_gen = malloc(srv->cfg.slots * sizeof(*s->slot_gen));
+    if (!s->slot_busy_until || !s->slot_used || !s->slot_gen) {
         reject(s->sock, -ENOMEM, "out of memory");
         free_entry(srv, s);
         return;
     }
+    for (uint32_t i = 0; i < srv->cfg.slots; i++)
+        s->slot_gen[i] = -1;
     rc = ipc_region_create(&s->reg, &rc_cfg);
     if (rc < 0) {
         CM_LOG_ERROR(TAG, "cannot create a region for pid %d: %s", (int)pid, cm_strerror(rc));
@@ -254,6 +260,7 @@ void ap_session_close(struct ap_server *srv, ap_session *s, const char *why)
     if (s->state == AP_SESS_LIVE) {
         CM_LOG_DEBUG(TAG, "session of pid %d closed: %s (%llu requests)", (int)s->pid, why,
                      (unsigned long long)s->requests);
+        ap_gen_session_closed(srv, s);
         ipc_region_unmap(&s->reg);
         srv->ctr.sessions_reclaimed++;
     }
@@ -269,27 +276,31 @@ void ap_fill_stats(const struct ap_server *srv, struct ipc_stats *st)
     st->requests_total = srv->ctr.requests_total;
     st->protocol_errors = srv->ctr.protocol_errors;
     st->loop_wakeups = srv->ctr.loop_wakeups;
+    ap_gen_fill_stats(srv, st);
 }
 
 /* ---- the operation table (hot: validate + handle) ------------------------ */
 
-typedef void (*op_fn)(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
-                      struct ipc_cqe *cqe);
+/* Returns 1 when cqe is the request's completion, 0 when the request goes
+ * on and completes later (GENERATE). */
+typedef int (*op_fn)(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
+                     struct ipc_cqe *cqe);
 
-static void op_nop(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
-                   struct ipc_cqe *cqe)
+static int op_nop(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
+                  struct ipc_cqe *cqe)
 {
     (void)srv, (void)s, (void)sqe;
     cqe->result = 0;
+    return 1;
 }
 
-static void op_ping(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
-                    struct ipc_cqe *cqe)
+static int op_ping(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
+                   struct ipc_cqe *cqe)
 {
     (void)srv;
     if (sqe->in_len > s->reg.layout.slot_out_bytes) {
         cqe->result = -EMSGSIZE;
-        return;
+        return 1;
     }
     /* in_off/in_len were validated against the private layout. */
     memcpy(ipc_region_slot_out(&s->reg, sqe->slot),
@@ -297,10 +308,11 @@ static void op_ping(struct ap_server *srv, ap_session *s, const struct ipc_sqe *
     cqe->out_off = 0;
     cqe->out_len = sqe->in_len;
     cqe->result = (int32_t)sqe->in_len;
+    return 1;
 }
 
-static void op_stats(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
-                     struct ipc_cqe *cqe)
+static int op_stats(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
+                    struct ipc_cqe *cqe)
 {
     struct ipc_stats st;
     ap_fill_stats(srv, &st);
@@ -308,6 +320,20 @@ static void op_stats(struct ap_server *srv, ap_session *s, const struct ipc_sqe 
     cqe->out_off = 0;
     cqe->out_len = sizeof(st);
     cqe->result = (int32_t)sizeof(st);
+    return 1;
+}
+
+static int op_generate(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
+                       struct ipc_cqe *cqe)
+{
+    return ap_gen_submit(srv, s, sqe, cqe);
+}
+
+static int op_cancel(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
+                     struct ipc_cqe *cqe)
+{
+    cqe->result = ap_gen_cancel(srv, s, sqe->slot);
+    return 1;
 }
 
 static const struct {
@@ -317,7 +343,8 @@ static const struct {
     [IPC_OP_NOP] = {op_nop, false},
     [IPC_OP_PING] = {op_ping, true},
     [IPC_OP_STATS] = {op_stats, true},
-    /* GENERATE and CANCEL: reserved for the serving issue -> -EOPNOTSUPP */
+    [IPC_OP_GENERATE] = {op_generate, true},
+    [IPC_OP_CANCEL] = {op_cancel, false}, /* names the slot of another request */
 };
 
 /* The client's CQ head, re-read from shared memory only when a slot looks
@@ -331,6 +358,8 @@ struct head_view {
 static bool slot_busy(struct head_view *hv, uint32_t slot)
 {
     ap_session *s = hv->s;
+    if (s->slot_gen[slot] >= 0)
+        return true; /* a generation streams into it */
     if (!s->slot_used[slot])
         return false;
     /* Busy until the client's CQ head moves past the completion that last
@@ -344,8 +373,9 @@ static bool slot_busy(struct head_view *hv, uint32_t slot)
     return (int32_t)(hv->head - s->slot_busy_until[slot]) < 0;
 }
 
-/* Handle one private copy; cq_pos is where its completion will land. */
-static void handle(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
+/* Handle one private copy; cq_pos is where its completion will land.
+ * Returns 1 when *cqe is to be posted now. */
+static int handle(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
                    struct ipc_cqe *cqe, uint32_t cq_pos, struct head_view *hv)
 {
     memset(cqe, 0, sizeof(*cqe));
@@ -358,21 +388,21 @@ static void handle(struct ap_server *srv, ap_session *s, const struct ipc_sqe *s
         srv->ctr.bad_requests++;
         cqe->result = rc;
         CM_LOG_TRACE(TAG, "pid %d: bad descriptor: %s", (int)s->pid, why ? why : "?");
-        return;
+        return 1;
     }
     if (sqe->opcode >= IPC_OP__COUNT || !op_table[sqe->opcode].fn) {
         cqe->result = -EOPNOTSUPP;
-        return;
+        return 1;
     }
     if (op_table[sqe->opcode].uses_slot) {
         if (slot_busy(hv, sqe->slot)) {
             cqe->result = -EBUSY;
-            return;
+            return 1;
         }
         s->slot_used[sqe->slot] = 1;
         s->slot_busy_until[sqe->slot] = cq_pos + 1;
     }
-    op_table[sqe->opcode].fn(srv, s, sqe, cqe);
+    return op_table[sqe->opcode].fn(srv, s, sqe, cqe);
 }
 
 int ap_session_poll(struct ap_server *srv, ap_session *s)
@@ -401,12 +431,15 @@ int ap_session_poll(struct ap_server *srv, ap_session *s)
     struct ipc_cqe cqes[AP_BURST];
     struct head_view hv = {.s = s, .head = s->cq.cached, .fresh = false};
     uint32_t pos = s->cq.local;
+    uint32_t n_cqe = 0;
     for (int i = 0; i < got; i++)
-        handle(srv, s, &sqes[i], &cqes[i], pos + (uint32_t)i, &hv);
-    int pushed = ipc_ring_push_burst(&s->cq, cqes, (uint32_t)got);
-    if (pushed != got)
-        goto proto; /* it promised space: the head was scribbled on */
-    ipc_doorbell_notify(&s->cq);
+        n_cqe += (uint32_t)handle(srv, s, &sqes[i], &cqes[n_cqe], pos + n_cqe, &hv);
+    if (n_cqe) {
+        int pushed = ipc_ring_push_burst(&s->cq, cqes, n_cqe);
+        if (pushed != (int)n_cqe)
+            goto proto; /* it promised space: the head was scribbled on */
+        ipc_doorbell_notify(&s->cq);
+    }
     s->requests += (uint64_t)got;
     srv->ctr.requests_total += (uint64_t)got;
     return got;

@@ -1,3 +1,4 @@
 # appliance: gorgond, the supervisor daemon (one io_uring loop).
 appliance_SRCS := $(wildcard appliance/*.c)
-$(eval $(call add_prog,gorgond,$(appliance_SRCS),ipc common,$(IPC_LDLIBS) $(COMMON_LDLIBS)))
+# Only the tokenizer and the GGUF reader of libengine end up in gorgond (no kernels).
+$(eval $(call add_prog,gorgond,$(appliance_SRCS),ipc engine common,$(IPC_LDLIBS) $(ENGINE_LDLIBS)))

@@ -30,6 +30,15 @@
  *       const void *out = gorgon_cqe_output(&c[i], &len);  // valid until the next poll/wait
  *       use(gorgon_cqe_user_data(&c[i]), gorgon_cqe_result(&c[i]), out, len);
  *   }
+ *
+ *   // generation: stream text, then the finish reason and usage
+ *   gorgon_gen_params gp = {.prompt = "Once upon a time", .max_tokens = 64};  // greedy
+ *   uint32_t req;
+ *   gorgon_generate_submit(cli, &gp, 7, &req);
+ *   gorgon_gen_chunk ch;
+ *   while ((rc = gorgon_generate_next(cli, req, &ch, -1)) == 1)
+ *       fwrite(ch.text, 1, ch.len, stdout);       // valid until the next call
+ *   // rc == 0: ch.finish, ch.usage; rc < 0: failed, ch.text holds gorgond's message
  *   gorgon_close(cli);
  */
 #ifndef GORGON_H
@@ -85,6 +94,8 @@ const void *gorgon_slot_output(gorgon_client *cli, uint32_t slot, size_t *cap);
 enum gorgon_op {
     GORGON_OP_NOP = 0,
     GORGON_OP_PING = 1,  /* echo the slot's input into its output */
+    GORGON_OP_GENERATE = 2, /* see gorgon_generate_submit */
+    GORGON_OP_CANCEL = 3,   /* see gorgon_cancel */
     GORGON_OP_STATS = 4, /* write gorgond's counters into the output */
 };
 
@@ -118,6 +129,7 @@ typedef struct gorgon_completion {
     uint32_t flags;      /* GORGON_CQE_F_MORE: more completions follow */
     const void *out;     /* new output bytes in the slot (NULL if none) */
     size_t out_len;
+    uint64_t arg[4];     /* opcode-specific (GENERATE final: finish, usage, timings) */
 } gorgon_completion;
 
 #define GORGON_CQE_F_MORE 1u
@@ -148,6 +160,13 @@ typedef struct gorgon_counters {
     uint64_t requests_total;
     uint64_t protocol_errors;
     uint64_t loop_wakeups;
+    /* generation (0 without a model) */
+    uint64_t gen_queued, gen_running;   /* in the worker: waiting for KV / running */
+    uint64_t gen_tokens_total;
+    double gen_tokens_per_s;            /* over the last full second */
+    uint64_t kv_blocks_used, kv_blocks_total;
+    uint64_t decode_batch_max;          /* most sequences in one forward pass */
+    uint64_t gen_requests_total, gen_failed, worker_restarts;
 } gorgon_counters;
 
 /* Round trip of one PING. Returns the bytes echoed (checked byte for byte:
@@ -157,6 +176,93 @@ int gorgon_ping(gorgon_client *cli, const void *payload, size_t len, int64_t tim
                 uint64_t *rtt_ns);
 /* gorgond's counters (IPC_OP_STATS round trip, 1 s timeout). */
 int gorgon_stats(gorgon_client *cli, gorgon_counters *st);
+
+/* ---- generation ------------------------------------------------------------------
+ *
+ * A GENERATE request runs on a slot (taken by gorgon_generate_submit,
+ * released after its final chunk was returned): gorgond streams text into
+ * the slot's output ring and completions (IPC_CQE_F_MORE) into the CQ.
+ * Either iterate with gorgon_generate_next (blocking, per request; other
+ * requests' completions it meets are kept for them and for gorgon_poll), or
+ * reap with gorgon_poll/gorgon_wait (opcode GORGON_OP_GENERATE: out/out_len
+ * are text bytes, flags GORGON_CQE_F_MORE until the final one, whose arg[]
+ * is decoded by gorgon_generate_chunk_of). Output bytes stay valid until the
+ * next poll/wait/next call on the client, which then hands them back to
+ * gorgond (flow control: gorgond pauses a stream whose client stops
+ * reading). */
+
+#define GORGON_GEN_PROMPT_IDS 1u /* prompt_ids/n_ids instead of prompt text */
+#define GORGON_GEN_WANT_IDS 2u   /* stream token ids (chunk.ids) instead of text */
+#define GORGON_GEN_MAX_STOP 8
+
+typedef struct gorgon_gen_params {
+    const char *prompt;        /* text (gorgond adds BOS as the model says) */
+    size_t prompt_len;         /* 0: strlen(prompt) */
+    const int32_t *prompt_ids; /* with GORGON_GEN_PROMPT_IDS (BOS included by you) */
+    size_t n_ids;
+    int32_t max_tokens;        /* tokens to generate (>= 1; 0: 256) */
+    float temperature;         /* 0: greedy */
+    int32_t top_k;             /* 0: off */
+    float top_p;               /* 0 or 1: off */
+    float min_p;               /* 0: off */
+    float repeat_penalty;      /* 0 or 1: off */
+    uint64_t seed;
+    const char *const *stop;   /* up to GORGON_GEN_MAX_STOP strings, 1..63 bytes */
+    int n_stop;
+    uint32_t flags;            /* GORGON_GEN_* */
+} gorgon_gen_params;
+
+enum gorgon_finish {
+    GORGON_FINISH_NONE = 0,
+    GORGON_FINISH_EOS = 1,
+    GORGON_FINISH_STOP = 2,
+    GORGON_FINISH_LENGTH = 3,
+    GORGON_FINISH_CANCELLED = 4,
+    GORGON_FINISH_ERROR = 5,
+};
+const char *gorgon_finish_name(int finish);
+
+typedef struct gorgon_gen_usage {
+    uint32_t prompt_tokens, completion_tokens;
+    uint64_t ttft_ns;  /* submission seen by gorgond -> first token */
+    uint64_t total_ns; /* submission seen by gorgond -> final completion */
+} gorgon_gen_usage;
+
+typedef struct gorgon_gen_chunk {
+    const char *text;     /* text bytes (or gorgond's error message when it failed) */
+    size_t len;
+    const int32_t *ids;   /* GORGON_GEN_WANT_IDS: token ids, else NULL */
+    size_t n_ids;
+    int done;             /* 1 on the final chunk */
+    int finish;           /* enum gorgon_finish (final chunk) */
+    int32_t error;        /* final: 0 or -errno */
+    gorgon_gen_usage usage; /* final chunk */
+} gorgon_gen_chunk;
+
+/* Start a generation. *req (a slot number) names it for gorgon_generate_next
+ * and gorgon_cancel. 0, -EINVAL (bad params, e.g. too many stop strings),
+ * -EMSGSIZE (prompt larger than the slot input), -EAGAIN (no free slot or SQ
+ * full), -EPIPE. Parameter errors that need the model (temperature < 0,
+ * context length, ...) come back from gorgond as the request's final chunk. */
+int gorgon_generate_submit(gorgon_client *cli, const gorgon_gen_params *p, uint64_t user_data,
+                           uint32_t *req);
+/* Next piece of req's stream, waiting up to timeout_ns (< 0: forever):
+ * 1 a chunk (more follow), 0 the final chunk of a successful request (may
+ * carry the last text; finish and usage filled; req is released), < 0 the
+ * request failed (final chunk: error, finish, message in text; released),
+ * -ETIMEDOUT (nothing yet; chunk->done == 0, req still running), or a
+ * transport error (-EPIPE). */
+int gorgon_generate_next(gorgon_client *cli, uint32_t req, gorgon_gen_chunk *chunk,
+                         int64_t timeout_ns);
+/* Ask gorgond to stop req: its stream then ends with -ECANCELED
+ * (GORGON_FINISH_CANCELLED); the worker frees its KV at its next step.
+ * 0, -ENOENT (not a running generation of this client), -EAGAIN, -EPIPE. */
+int gorgon_cancel(gorgon_client *cli, uint32_t req);
+/* Decode a GENERATE completion reaped by gorgon_poll/gorgon_wait into a
+ * chunk (before the next poll/wait). Completions of gorgon_cancel's own
+ * CANCEL requests are consumed inside the library, never returned. */
+void gorgon_generate_chunk_of(gorgon_client *cli, const gorgon_completion *c,
+                              gorgon_gen_chunk *chunk);
 
 /* ---- integration with an event loop ---------------------------------------- */
 

@@ -4,7 +4,9 @@
  * it (CQ indices through ipc_ring, slot and output bounds here) so that a
  * broken daemon yields -EPROTO rather than a wild pointer. */
 #include <errno.h>
+#include <math.h>
 #include <poll.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -31,7 +33,10 @@
         return keep_rc_;                                                       \
     } while (0)
 
-enum slot_state { SLOT_FREE = 0, SLOT_USER, SLOT_AUTO, SLOT_AUTO_DONE };
+enum slot_state { SLOT_FREE = 0, SLOT_USER, SLOT_AUTO, SLOT_AUTO_DONE, SLOT_GEN };
+
+/* user_data of gorgon_cancel's own CANCEL requests (consumed internally) */
+#define GORGON_CANCEL_UD 0xc4ace1c4ace10000ull
 
 struct gorgon_client {
     ipc_ring sq; /* producer */
@@ -52,6 +57,13 @@ struct gorgon_client {
     uint32_t n_release;
     uint64_t seq;
     uint32_t session_id;
+    /* generation */
+    uint32_t *consume;     /* output bytes per slot returned to the caller, handed
+                            * back to gorgond (out_consumed) at the next call */
+    uint32_t *consume_list, n_consume;
+    uint32_t *gen_flags;   /* GORGON_GEN_* of the generation on the slot */
+    struct ipc_cqe *stash; /* completions popped but not yet returned, FIFO */
+    uint32_t n_stash, stash_cap;
 };
 
 static _Thread_local char last_socket[108];
@@ -85,6 +97,10 @@ void gorgon_close(gorgon_client *cli)
     free(cli->slot_state);
     free(cli->free_slots);
     free(cli->release_q);
+    free(cli->consume);
+    free(cli->consume_list);
+    free(cli->gen_flags);
+    free(cli->stash);
     free(cli);
     errno = saved;
 }
@@ -133,8 +149,12 @@ static int connect_impl(gorgon_client **out, const gorgon_opts *opts)
     cli->slot_state = calloc(cli->n_slots, 1);
     cli->free_slots = calloc(cli->n_slots, sizeof(uint32_t));
     cli->release_q = calloc(cli->n_slots, sizeof(uint32_t));
+    cli->consume = calloc(cli->n_slots, sizeof(uint32_t));
+    cli->consume_list = calloc(cli->n_slots, sizeof(uint32_t));
+    cli->gen_flags = calloc(cli->n_slots, sizeof(uint32_t));
     rc = -ENOMEM;
-    if (!cli->slot_state || !cli->free_slots || !cli->release_q)
+    if (!cli->slot_state || !cli->free_slots || !cli->release_q || !cli->consume ||
+        !cli->consume_list || !cli->gen_flags)
         goto fail;
     /* Lowest index on top: slot 0 is handed out first. */
     for (uint32_t i = 0; i < cli->n_slots; i++)
@@ -344,6 +364,7 @@ static void convert(gorgon_client *cli, const struct ipc_cqe *c, gorgon_completi
             o->result = -EPROTO;
         return;
     }
+    memcpy(o->arg, c->arg, sizeof(o->arg));
     if (c->out_len) {
         uint64_t end = (uint64_t)c->out_off + c->out_len;
         if (end > cli->out_cap) {
@@ -354,24 +375,91 @@ static void convert(gorgon_client *cli, const struct ipc_cqe *c, gorgon_completi
             o->out_len = c->out_len;
         }
     }
+    if (c->opcode == IPC_OP_GENERATE && cli->slot_state[c->slot] == SLOT_GEN) {
+        /* Hand the bytes back at the next call (they stay readable until then). */
+        if (more && o->out_len) {
+            if (!cli->consume[c->slot])
+                cli->consume_list[cli->n_consume++] = c->slot;
+            cli->consume[c->slot] += (uint32_t)o->out_len;
+        }
+        if (!more) {
+            cli->slot_state[c->slot] = SLOT_AUTO_DONE;
+            cli->release_q[cli->n_release++] = c->slot;
+        }
+        return;
+    }
     if (!more && cli->slot_state[c->slot] == SLOT_AUTO) {
         cli->slot_state[c->slot] = SLOT_AUTO_DONE;
         cli->release_q[cli->n_release++] = c->slot;
     }
 }
 
-int gorgon_poll(gorgon_client *cli, gorgon_completion *out, uint32_t max)
+/* Completions and output returned by the previous call: the caller has had
+ * its chance to read them. */
+static void settle(gorgon_client *cli)
 {
-    if (!cli || (!out && max))
-        return -EINVAL;
-    /* Slots whose completions were returned by the previous call: the
-     * caller has had its chance to read their output. */
+    for (uint32_t i = 0; i < cli->n_consume; i++) {
+        uint32_t s = cli->consume_list[i];
+        if (cli->slot_state[s] == SLOT_GEN) {
+            _Atomic uint32_t *oc =
+                (_Atomic uint32_t *)&ipc_region_slot(&cli->reg, s)->out_consumed;
+            /* R: pairs with gorgond's acquire load before it reuses the bytes. */
+            atomic_store_explicit(oc, atomic_load_explicit(oc, memory_order_relaxed) +
+                                          cli->consume[s],
+                                  memory_order_release);
+        }
+        cli->consume[s] = 0;
+    }
+    cli->n_consume = 0;
     while (cli->n_release) {
         uint32_t s = cli->release_q[--cli->n_release];
         if (cli->slot_state[s] == SLOT_AUTO_DONE)
             slot_put(cli, s);
     }
+}
+
+static int stash_push(gorgon_client *cli, const struct ipc_cqe *c)
+{
+    if (cli->n_stash == cli->stash_cap) {
+        uint32_t cap = cli->stash_cap ? 2 * cli->stash_cap : 64;
+        struct ipc_cqe *n = realloc(cli->stash, cap * sizeof(*n));
+        if (!n)
+            return -ENOMEM;
+        cli->stash = n;
+        cli->stash_cap = cap;
+    }
+    cli->stash[cli->n_stash++] = *c;
+    return 0;
+}
+
+static void stash_take(gorgon_client *cli, uint32_t i, struct ipc_cqe *c)
+{
+    *c = cli->stash[i];
+    memmove(&cli->stash[i], &cli->stash[i + 1], (cli->n_stash - i - 1) * sizeof(*c));
+    cli->n_stash--;
+}
+
+/* Our own CANCEL requests' completions never reach the caller. */
+static bool internal_cqe(gorgon_client *cli, const struct ipc_cqe *c)
+{
+    if (c->opcode != IPC_OP_CANCEL || (c->user_data & ~0xffffull) != GORGON_CANCEL_UD)
+        return false;
+    if (cli->inflight)
+        cli->inflight--;
+    return true;
+}
+
+int gorgon_poll(gorgon_client *cli, gorgon_completion *out, uint32_t max)
+{
+    if (!cli || (!out && max))
+        return -EINVAL;
+    settle(cli);
     uint32_t done = 0;
+    while (done < max && cli->n_stash) {
+        struct ipc_cqe c;
+        stash_take(cli, 0, &c);
+        convert(cli, &c, &out[done++]);
+    }
     while (done < max) {
         struct ipc_cqe cqes[GORGON_BURST];
         uint32_t k = max - done < GORGON_BURST ? max - done : GORGON_BURST;
@@ -380,9 +468,11 @@ int gorgon_poll(gorgon_client *cli, gorgon_completion *out, uint32_t max)
             cli->dead = true; /* the session cannot be trusted any more */
             return done ? (int)done : n;
         }
+        uint32_t kept = 0;
         for (int i = 0; i < n; i++)
-            convert(cli, &cqes[i], &out[done + (uint32_t)i]);
-        done += (uint32_t)n;
+            if (!internal_cqe(cli, &cqes[i]))
+                convert(cli, &cqes[i], &out[done + kept++]);
+        done += kept;
         if ((uint32_t)n < k)
             break;
     }
@@ -563,5 +653,258 @@ int gorgon_stats(gorgon_client *cli, gorgon_counters *st)
     st->requests_total = s.requests_total;
     st->protocol_errors = s.protocol_errors;
     st->loop_wakeups = s.loop_wakeups;
+    st->gen_queued = s.gen_queued;
+    st->gen_running = s.gen_running;
+    st->gen_tokens_total = s.gen_tokens_total;
+    st->gen_tokens_per_s = (double)s.gen_tokens_per_s_milli / 1000.0;
+    st->kv_blocks_used = s.kv_blocks_used;
+    st->kv_blocks_total = s.kv_blocks_total;
+    st->decode_batch_max = s.decode_batch_max;
+    st->gen_requests_total = s.gen_requests_total;
+    st->gen_failed = s.gen_failed;
+    st->worker_restarts = s.worker_restarts;
     return 0;
+}
+
+/* ---- generation ------------------------------------------------------------------ */
+
+const char *gorgon_finish_name(int finish)
+{
+    switch (finish) {
+    case GORGON_FINISH_EOS: return "eos";
+    case GORGON_FINISH_STOP: return "stop";
+    case GORGON_FINISH_LENGTH: return "length";
+    case GORGON_FINISH_CANCELLED: return "cancelled";
+    case GORGON_FINISH_ERROR: return "error";
+    default: return "none";
+    }
+}
+
+static int generate_submit_impl(gorgon_client *cli, const gorgon_gen_params *p,
+                                uint64_t user_data, uint32_t *req)
+{
+    if (!cli || !p || !req)
+        return -EINVAL;
+    if (cli->dead)
+        return -EPIPE;
+    bool ids = (p->flags & GORGON_GEN_PROMPT_IDS) != 0;
+    if (p->flags & ~(GORGON_GEN_PROMPT_IDS | GORGON_GEN_WANT_IDS))
+        return -EINVAL;
+    if ((ids && (!p->prompt_ids || !p->n_ids)) || (!ids && !p->prompt && p->prompt_len))
+        return -EINVAL;
+    if (p->max_tokens < 0 || p->n_stop < 0 || p->n_stop > GORGON_GEN_MAX_STOP ||
+        (p->n_stop && !p->stop))
+        return -EINVAL;
+    size_t plen = ids ? p->n_ids * sizeof(int32_t)
+                      : (p->prompt ? (p->prompt_len ? p->prompt_len : strlen(p->prompt)) : 0);
+    size_t slen = 0;
+    for (int i = 0; i < p->n_stop; i++) {
+        size_t l = p->stop[i] ? strlen(p->stop[i]) : 0;
+        if (l == 0 || l > IPC_GEN_MAX_STOP_LEN)
+            return -EINVAL;
+        slen += l + 1;
+    }
+    size_t total = sizeof(struct ipc_gen_params) + plen + slen;
+    if (total > cli->in_cap || plen > UINT32_MAX)
+        return -EMSGSIZE;
+    settle(cli);
+    if (!cli->n_free)
+        return -EAGAIN;
+    uint32_t slot = cli->free_slots[cli->n_free - 1];
+    uint8_t *in = ipc_region_slot_in(&cli->reg, slot);
+    float top_p = p->top_p > 0.0f && p->top_p < 1.0f ? p->top_p : 1.0f;
+    if (isnan(p->top_p))
+        top_p = p->top_p; /* let gorgond name the error */
+    struct ipc_gen_params gp = {
+        .flags = (ids ? IPC_GEN_F_PROMPT_IDS : 0) |
+                 (p->flags & GORGON_GEN_WANT_IDS ? IPC_GEN_F_OUT_IDS : 0),
+        .max_tokens = p->max_tokens ? (uint32_t)p->max_tokens : 256,
+        .temperature = p->temperature,
+        .top_p = top_p,
+        .min_p = p->min_p,
+        .repeat_penalty = p->repeat_penalty,
+        .top_k = p->top_k,
+        .n_stop = (uint32_t)p->n_stop,
+        .seed = p->seed,
+        .prompt_off = sizeof(gp),
+        .prompt_len = (uint32_t)plen,
+        .stop_off = (uint32_t)(sizeof(gp) + plen),
+        .stop_len = (uint32_t)slen,
+    };
+    memcpy(in, &gp, sizeof(gp));
+    if (plen)
+        memcpy(in + sizeof(gp), ids ? (const void *)p->prompt_ids : (const void *)p->prompt, plen);
+    uint8_t *sp = in + sizeof(gp) + plen;
+    for (int i = 0; i < p->n_stop; i++) {
+        size_t l = strlen(p->stop[i]) + 1;
+        memcpy(sp, p->stop[i], l);
+        sp += l;
+    }
+    /* A new stream starts at position 0 of the output ring. */
+    atomic_store_explicit((_Atomic uint32_t *)&ipc_region_slot(&cli->reg, slot)->out_consumed, 0,
+                          memory_order_relaxed);
+    struct ipc_sqe sqe = {.opcode = IPC_OP_GENERATE, .slot = slot, .user_data = user_data,
+                          .in_len = (uint32_t)total};
+    int rc = ipc_ring_push(&cli->sq, &sqe);
+    if (rc == -EAGAIN)
+        return full_or_dead(cli);
+    if (rc < 0)
+        return rc;
+    cli->n_free--;
+    cli->slot_state[slot] = SLOT_GEN;
+    cli->gen_flags[slot] = p->flags;
+    cli->inflight++;
+    ipc_doorbell_notify(&cli->sq);
+    *req = slot;
+    return 0;
+}
+
+int gorgon_generate_submit(gorgon_client *cli, const gorgon_gen_params *p, uint64_t user_data,
+                           uint32_t *req)
+{
+    KEEP_ERRNO(generate_submit_impl(cli, p, user_data, req));
+}
+
+void gorgon_generate_chunk_of(gorgon_client *cli, const gorgon_completion *c,
+                              gorgon_gen_chunk *ch)
+{
+    memset(ch, 0, sizeof(*ch));
+    bool more = (c->flags & GORGON_CQE_F_MORE) != 0;
+    ch->done = !more;
+    bool want_ids = cli && c->slot < cli->n_slots && (cli->gen_flags[c->slot] & GORGON_GEN_WANT_IDS);
+    if (!more) {
+        ch->finish = (int)c->arg[0];
+        ch->error = c->result < 0 ? c->result : 0;
+        ch->usage.prompt_tokens = (uint32_t)c->arg[1];
+        ch->usage.completion_tokens = (uint32_t)(c->arg[1] >> 32);
+        ch->usage.ttft_ns = c->arg[2];
+        ch->usage.total_ns = c->arg[3];
+        if (ch->error && ch->finish == GORGON_FINISH_NONE)
+            ch->finish = GORGON_FINISH_ERROR;
+    }
+    if (want_ids && !ch->error) {
+        ch->ids = c->out_len ? (const int32_t *)c->out : NULL;
+        ch->n_ids = c->out_len / sizeof(int32_t);
+    } else {
+        ch->text = c->out ? (const char *)c->out : "";
+        ch->len = c->out_len;
+    }
+}
+
+/* Wait until the CQ has entries: 1, 0 at the deadline, -EPIPE. */
+static int wait_ring(gorgon_client *cli, uint64_t deadline)
+{
+    uint64_t start = cm_now_ns();
+    uint64_t spin_end = (cli->flags & GORGON_BUSY_POLL) ? deadline : start + (uint64_t)cli->spin_ns;
+    uint64_t next_check = start + GORGON_HUP_CHECK_NS;
+    for (unsigned i = 1;; i++) {
+        if (!ipc_ring_empty(&cli->cq))
+            return 1;
+        if ((i & 63u) == 0) {
+            uint64_t now = cm_now_ns();
+            if (now >= deadline)
+                return 0;
+            if (now >= spin_end)
+                break;
+            if (now >= next_check) {
+                if (peer_gone(cli))
+                    return -EPIPE;
+                next_check = now + GORGON_HUP_CHECK_NS;
+            }
+        }
+        cpu_relax();
+    }
+    for (;;) {
+        uint32_t val;
+        if (ipc_doorbell_prepare(&cli->cq, &val) != 0)
+            return 1;
+        uint64_t now = cm_now_ns();
+        if (now >= deadline) {
+            ipc_doorbell_finish(&cli->cq);
+            return 0;
+        }
+        uint64_t slice = deadline - now < GORGON_HUP_CHECK_NS ? deadline - now : GORGON_HUP_CHECK_NS;
+        int rc = ipc_futex_wait(&cli->cq.sh->doorbell, val, (int64_t)slice);
+        ipc_doorbell_finish(&cli->cq);
+        if (!ipc_ring_empty(&cli->cq))
+            return 1;
+        if (rc == -ETIMEDOUT && peer_gone(cli))
+            return ipc_ring_empty(&cli->cq) ? -EPIPE : 1;
+    }
+}
+
+static int generate_next_impl(gorgon_client *cli, uint32_t req, gorgon_gen_chunk *ch,
+                              int64_t timeout_ns)
+{
+    if (!cli || !ch || req >= cli->n_slots)
+        return -EINVAL;
+    memset(ch, 0, sizeof(*ch));
+    if (cli->slot_state[req] != SLOT_GEN)
+        return -EINVAL;
+    settle(cli);
+    uint64_t deadline = timeout_ns >= 0 ? cm_now_ns() + (uint64_t)timeout_ns : UINT64_MAX;
+    for (;;) {
+        for (uint32_t i = 0; i < cli->n_stash; i++) {
+            if (cli->stash[i].slot != req || cli->stash[i].opcode != IPC_OP_GENERATE)
+                continue;
+            struct ipc_cqe c;
+            stash_take(cli, i, &c);
+            gorgon_completion o;
+            convert(cli, &c, &o);
+            gorgon_generate_chunk_of(cli, &o, ch);
+            if (!ch->done)
+                return 1;
+            return ch->error ? ch->error : 0;
+        }
+        /* Move what gorgond posted into the stash, in order. */
+        struct ipc_cqe cqes[GORGON_BURST];
+        int n = ipc_ring_pop_burst(&cli->cq, cqes, GORGON_BURST);
+        if (n < 0) {
+            cli->dead = true;
+            return -EPIPE;
+        }
+        for (int i = 0; i < n; i++)
+            if (!internal_cqe(cli, &cqes[i]) && stash_push(cli, &cqes[i]) < 0)
+                return -ENOMEM;
+        if (n > 0)
+            continue;
+        if (cli->dead)
+            return -EPIPE;
+        int rc = wait_ring(cli, deadline);
+        if (rc < 0)
+            return rc;
+        if (rc == 0)
+            return -ETIMEDOUT;
+    }
+}
+
+int gorgon_generate_next(gorgon_client *cli, uint32_t req, gorgon_gen_chunk *chunk,
+                         int64_t timeout_ns)
+{
+    KEEP_ERRNO(generate_next_impl(cli, req, chunk, timeout_ns));
+}
+
+static int cancel_impl(gorgon_client *cli, uint32_t req)
+{
+    if (!cli)
+        return -EINVAL;
+    if (cli->dead)
+        return -EPIPE;
+    if (req >= cli->n_slots || cli->slot_state[req] != SLOT_GEN)
+        return -ENOENT;
+    struct ipc_sqe sqe = {.opcode = IPC_OP_CANCEL, .slot = req,
+                          .user_data = GORGON_CANCEL_UD | req};
+    int rc = ipc_ring_push(&cli->sq, &sqe);
+    if (rc == -EAGAIN)
+        return full_or_dead(cli);
+    if (rc < 0)
+        return rc;
+    cli->inflight++;
+    ipc_doorbell_notify(&cli->sq);
+    return 0;
+}
+
+int gorgon_cancel(gorgon_client *cli, uint32_t req)
+{
+    KEEP_ERRNO(cancel_impl(cli, req));
 }

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# `make run`: start a real gorgond on a private socket, talk to it through
-# libgorgon (ping + stats), stop it with SIGTERM; then generate text in-process
-# with the engine (gorgon-run) on MODEL (default: the stories260K test model,
-# else a random-weight model from gorgon-mkmodel — its text is noise).
+# `make run`: start a real gorgond with a model on a private socket, talk to
+# it through libgorgon (ping, stats), generate text through it (gorgond ->
+# gorgon-worker -> streamed back over shared memory), then stop it with
+# SIGTERM.
 #
-# Serving generation *through* gorgond arrives with the serving issue; until
-# then the daemon answers PING/STATS only.
+# MODEL=/path/to/model.gguf (default: the stories260K test model, else a
+# random-weight model from gorgon-mkmodel, whose text is noise),
+# PROMPT="..." and STEPS=N (new tokens) are taken from the environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=build/bin
@@ -21,35 +22,42 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "== starting gorgond on $sock"
-"$BIN/gorgond" --foreground --socket "$sock" --poll-us 50 &
+if [[ -z "$MODEL" ]]; then
+    models=${GORGON_TEST_MODELS:-../shared/models}
+    if [[ -f "$models/stories260K/stories260K.gguf" ]]; then
+        MODEL="$models/stories260K/stories260K.gguf"
+    else
+        MODEL="$sock_dir/random.gguf"
+        echo "== no model found: writing a random-weight model; its text will be noise."
+        echo "   Run 'make run MODEL=/path/to/model.gguf' for a real one."
+        "$BIN/gorgon-mkmodel" --out "$MODEL" --preset tiny
+    fi
+fi
+
+echo "== starting gorgond --model $MODEL on $sock"
+"$BIN/gorgond" --foreground --socket "$sock" --poll-us 50 --model "$MODEL" &
 gpid=$!
 for _ in $(seq 100); do [[ -S "$sock" ]] && break; sleep 0.05; done
 [[ -S "$sock" ]] || { echo "gorgond did not come up" >&2; exit 1; }
 
 echo "== gorgon ping (shared-memory round trip through gorgond)"
-"$BIN/gorgon" ping --socket "$sock" -c 5
+"$BIN/gorgon" ping --socket "$sock" -c 5 -i 50
+
+echo "== gorgon generate -p \"$PROMPT\" -n $STEPS (greedy, streamed through gorgond)"
+printf '%s' "$PROMPT"
+"$BIN/gorgon" generate --socket "$sock" -p "$PROMPT" -n "$STEPS"
+
+echo "== gorgon generate, sampled: --temp 0.8 --top-p 0.9 --seed 42 -n 48"
+printf '%s' "$PROMPT"
+"$BIN/gorgon" generate --socket "$sock" -p "$PROMPT" -n 48 --temp 0.8 --top-p 0.9 --seed 42
+
 echo "== gorgon stats"
 "$BIN/gorgon" stats --socket "$sock"
 
 echo "== stopping gorgond (SIGTERM)"
 kill -TERM "$gpid"
-wait "$gpid"; rc=$?; gpid=
+rc=0
+wait "$gpid" || rc=$?
+gpid=
 echo "gorgond exited with status $rc"
-
-if [[ -x "$BIN/gorgon-run" ]]; then
-    if [[ -z "$MODEL" ]]; then
-        models=${GORGON_TEST_MODELS:-../shared/models}
-        if [[ -f "$models/stories260K/stories260K.gguf" ]]; then
-            MODEL="$models/stories260K/stories260K.gguf"
-        else
-            MODEL="$sock_dir/random.gguf"
-            echo "== no model given: writing a random-weight model (its text will be noise;"
-            echo "   run 'make run MODEL=/path/to/model.gguf' for a real one)"
-            "$BIN/gorgon-mkmodel" --out "$MODEL" --preset tiny
-        fi
-    fi
-    echo "== gorgon-run --model $MODEL -p \"$PROMPT\" -n $STEPS"
-    "$BIN/gorgon-run" --model "$MODEL" -p "$PROMPT" -n "$STEPS"
-    echo
-fi
+exit "$rc"

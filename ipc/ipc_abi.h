@@ -31,7 +31,7 @@
 #include <stdint.h>
 
 #define IPC_MAGIC 0x4e4f4752u /* "RGON" little-endian: 'R','G','O','N' */
-#define IPC_ABI_VERSION 1u
+#define IPC_ABI_VERSION 2u /* 2: GENERATE/CANCEL, worker rings, generation stats */
 #define IPC_DESC_SIZE 64u
 #define IPC_CACHELINE 64u
 #define IPC_HDR_BYTES 4096u
@@ -74,8 +74,8 @@ _Static_assert(offsetof(struct ipc_ring_shared, flags) == 2 * IPC_CACHELINE, "fl
 enum ipc_op {
     IPC_OP_NOP = 0,
     IPC_OP_PING = 1,     /* echo in[in_off, +in_len) into the slot's output */
-    IPC_OP_GENERATE = 2, /* reserved for the serving issue */
-    IPC_OP_CANCEL = 3,   /* reserved: cancel the request in `slot` */
+    IPC_OP_GENERATE = 2, /* ipc_gen_params in the slot's input; streams output (see below) */
+    IPC_OP_CANCEL = 3,   /* cancel the GENERATE running in `slot` */
     IPC_OP_STATS = 4,    /* write an ipc_stats into the slot's output */
     IPC_OP__COUNT,
 };
@@ -127,6 +127,111 @@ struct ipc_slot_hdr {
     uint32_t rsvd[15];
 };
 _Static_assert(sizeof(struct ipc_slot_hdr) == IPC_CACHELINE, "slot header");
+
+/* ---- GENERATE ------------------------------------------------------------
+ *
+ * Request: the slot's input at in_off holds an ipc_gen_params; prompt and
+ * stop strings follow at offsets relative to the params (all inside in_len).
+ * The client zeroes the slot's ipc_slot_hdr.out_consumed before submitting.
+ *
+ * Output: the slot's output buffer is a BYTE RING of slot_out_bytes. gorgond
+ * writes stream position w at buffer offset w % slot_out_bytes and never
+ * lets w - out_consumed exceed slot_out_bytes; one completion never wraps
+ * (out_off + out_len <= slot_out_bytes). The client adds out_len to
+ * out_consumed (atomic release store) once it is done with a chunk's bytes.
+ * Chunks carry IPC_CQE_F_MORE, result = bytes, arg[0] = tokens so far. The
+ * last completion has no MORE flag and may carry the final bytes:
+ *   result  0 (finished) or -errno (failed / cancelled: the bytes are then a
+ *           NUL-free error message, not generated text)
+ *   arg[0]  enum ipc_finish
+ *   arg[1]  prompt tokens | completion tokens << 32
+ *   arg[2]  time to first token, ns (0 when no token was produced)
+ *   arg[3]  total time, ns (submission seen -> final completion)
+ * With IPC_GEN_F_OUT_IDS the bytes are little-endian int32 token ids, every
+ * chunk a multiple of 4 bytes at a 4-aligned offset (an EOS/BOS token that
+ * ends the stream is not sent; stop strings still end it, but the ids of
+ * the tokens that formed the stop string have already been sent).
+ *
+ * CANCEL: sqe.slot names the slot of a running GENERATE; result 0 (the
+ * GENERATE then ends with -ECANCELED, IPC_FINISH_CANCELLED) or -ENOENT. */
+#define IPC_GEN_F_PROMPT_IDS 1u /* prompt is int32 token ids (BOS included by the caller) */
+#define IPC_GEN_F_OUT_IDS 2u    /* stream token ids instead of text */
+#define IPC_GEN_F__ALL (IPC_GEN_F_PROMPT_IDS | IPC_GEN_F_OUT_IDS)
+#define IPC_GEN_MAX_STOP 8       /* stop strings */
+#define IPC_GEN_MAX_STOP_LEN 63  /* bytes of one, without its NUL */
+
+enum ipc_finish {
+    IPC_FINISH_NONE = 0,
+    IPC_FINISH_EOS = 1,       /* end-of-sequence token */
+    IPC_FINISH_STOP = 2,      /* a stop string */
+    IPC_FINISH_LENGTH = 3,    /* max_tokens */
+    IPC_FINISH_CANCELLED = 4, /* IPC_OP_CANCEL, or gorgond stopping */
+    IPC_FINISH_ERROR = 5,     /* result < 0: the output holds the message */
+};
+
+struct ipc_gen_params {
+    uint32_t flags;       /* IPC_GEN_F_* */
+    uint32_t max_tokens;  /* >= 1; prompt + max_tokens <= the model's context */
+    float temperature;    /* >= 0 (0: greedy) */
+    float top_p;          /* (0, 1]; 1: off */
+    float min_p;          /* [0, 1) */
+    float repeat_penalty; /* 0 or 1: off; else > 0 */
+    int32_t top_k;        /* <= 0: off */
+    uint32_t n_stop;      /* <= IPC_GEN_MAX_STOP */
+    uint64_t seed;
+    uint32_t prompt_off, prompt_len; /* bytes, from the start of these params */
+    uint32_t stop_off, stop_len;     /* n_stop NUL-terminated strings, packed */
+    uint32_t rsvd[2];                /* must be 0 */
+};
+_Static_assert(sizeof(struct ipc_gen_params) == 64, "gen params");
+
+/* ---- gorgond <-> worker -------------------------------------------------------
+ *
+ * A worker region is an ipc region (same header and layout) that gorgond
+ * creates per worker process and passes as an inherited fd: its SQ is the
+ * command ring (gorgond -> worker, ipc_wcmd), its CQ the event ring (worker ->
+ * gorgond, ipc_wevt), and slot i belongs to worker request i: its input holds
+ * the prompt as int32 token ids. gorgond hands a request slot to the worker
+ * with START and owns it again after the worker's DONE for it. */
+enum ipc_wcmd_op {
+    IPC_WCMD_START = 1,  /* run request `req` */
+    IPC_WCMD_CANCEL = 2, /* drop request `req` (answered by DONE, CANCELLED) */
+};
+
+struct ipc_wcmd {
+    uint8_t op;
+    uint8_t rsvd0[3];
+    uint32_t req;        /* request slot */
+    uint32_t n_prompt;   /* ids in the slot's input */
+    uint32_t max_tokens;
+    float temperature, top_p, min_p, repeat_penalty;
+    int32_t top_k;
+    uint32_t rsvd1;
+    uint64_t seed;
+    uint8_t pad[16];
+};
+_Static_assert(sizeof(struct ipc_wcmd) == IPC_DESC_SIZE, "worker command is one descriptor");
+
+enum ipc_wevt_op {
+    IPC_WEVT_READY = 1, /* model loaded: arg[0] kv blocks, arg[1] max sequences */
+    IPC_WEVT_TOKEN = 2, /* tokens[0..n_tokens) sampled for req */
+    IPC_WEVT_DONE = 3,  /* req finished: finish, result; the slot is gorgond's again */
+    IPC_WEVT_STEP = 4,  /* scheduler state after a step: arg[0] queued | running << 32,
+                         * arg[1] kv used | kv total << 32; n_tokens = sequences in
+                         * that step's forward */
+};
+
+struct ipc_wevt {
+    uint8_t op;
+    uint8_t finish;    /* DONE: enum ipc_finish */
+    uint16_t n_tokens; /* TOKEN: <= 8 */
+    uint32_t req;
+    int32_t result;    /* DONE: 0 or -errno (-E2BIG: arg[0] blocks needed, arg[1] pool) */
+    uint32_t n_gen;    /* tokens generated for req so far */
+    int32_t tokens[8];
+    uint64_t arg[2];
+};
+_Static_assert(sizeof(struct ipc_wevt) == IPC_DESC_SIZE, "worker event is one descriptor");
 
 /* ---- region header ------------------------------------------------------ */
 
@@ -183,7 +288,17 @@ struct ipc_stats {
     uint64_t requests_total;
     uint64_t protocol_errors;
     uint64_t loop_wakeups;
-    uint64_t rsvd[10];
+    /* generation (ABI 2; all 0 without a model) */
+    uint64_t gen_queued;       /* admitted by the worker, waiting for KV room */
+    uint64_t gen_running;      /* prefilling or decoding */
+    uint64_t gen_tokens_total; /* tokens generated since start */
+    uint64_t gen_tokens_per_s_milli; /* over the last full second, x1000 */
+    uint64_t kv_blocks_used;
+    uint64_t kv_blocks_total;
+    uint64_t decode_batch_max; /* most sequences in one forward pass so far */
+    uint64_t gen_requests_total;
+    uint64_t gen_failed;       /* ended with an error (cancellations not counted) */
+    uint64_t worker_restarts;
 };
 _Static_assert(sizeof(struct ipc_stats) == 128, "stats");
 

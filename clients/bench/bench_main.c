@@ -4,10 +4,6 @@
 
 #include "clients/bench/bench.h"
 
-/* TEMPORARY while suites land in parallel (lead removes before commit). */
-#pragma weak bench_ipc_main
-#pragma weak bench_engine_main
-
 struct suite {
     const char *name;
     int (*main)(int argc, char **argv);
@@ -17,6 +13,7 @@ struct suite {
 static const struct suite suites[] = {
     {"ipc", bench_ipc_main, "round trip client -> gorgond -> client: shm busy-poll, shm futex, AF_UNIX"},
     {"engine", bench_engine_main, "prefill and decode tokens/s against the memory-bandwidth roofline"},
+    {"serve", bench_serve_main, "load a running gorgond --model: TTFT/TPOT/ITL/E2EL, throughput (vllm bench serve)"},
 };
 
 static void usage(FILE *f)
@@ -34,7 +31,7 @@ int main(int argc, char **argv)
         return argc < 2 ? 2 : 0;
     }
     for (size_t i = 0; i < sizeof(suites) / sizeof(suites[0]); i++)
-        if (!strcmp(argv[1], suites[i].name) && suites[i].main)
+        if (!strcmp(argv[1], suites[i].name))
             return suites[i].main(argc - 1, argv + 1);
     fprintf(stderr, "gorgon-bench: unknown suite '%s'\n", argv[1]);
     usage(stderr);

@@ -1,7 +1,8 @@
-/* gorgon — command-line client: `gorgon ping`, `gorgon stats`. */
+/* gorgon — command-line client: `gorgon ping`, `gorgon stats`, `gorgon generate`. */
 #include <errno.h>
 #include <getopt.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,6 +19,11 @@ static void usage(FILE *f)
                "        round trips through gorgond; per-ping and min/avg/p50/p99 latency\n"
                "  stats [--socket PATH]\n"
                "        gorgond's counters\n"
+               "  generate [-p PROMPT | -f FILE] [-n N] [--temp T] [--top-p P] [--top-k K]\n"
+               "           [--min-p P] [--repeat-penalty R] [--seed S] [--stop STR]...\n"
+               "           [--socket PATH]\n"
+               "        stream generated text to stdout (N new tokens, default 256; greedy\n"
+               "        unless --temp > 0); usage and timings to stderr\n"
                "\n"
                "The socket defaults to $GORGON_SOCKET, else /run/gorgon/gorgon.sock.\n");
 }
@@ -172,7 +178,168 @@ static int cmd_stats(int argc, char **argv)
     printf("requests_total      %llu\n", (unsigned long long)st.requests_total);
     printf("protocol_errors     %llu\n", (unsigned long long)st.protocol_errors);
     printf("loop_wakeups        %llu\n", (unsigned long long)st.loop_wakeups);
+    printf("gen_requests_total  %llu\n", (unsigned long long)st.gen_requests_total);
+    printf("gen_failed          %llu\n", (unsigned long long)st.gen_failed);
+    printf("gen_queued          %llu\n", (unsigned long long)st.gen_queued);
+    printf("gen_running         %llu\n", (unsigned long long)st.gen_running);
+    printf("gen_tokens_total    %llu\n", (unsigned long long)st.gen_tokens_total);
+    printf("gen_tokens_per_s    %.1f\n", st.gen_tokens_per_s);
+    printf("kv_blocks_used      %llu / %llu\n", (unsigned long long)st.kv_blocks_used,
+           (unsigned long long)st.kv_blocks_total);
+    printf("decode_batch_max    %llu\n", (unsigned long long)st.decode_batch_max);
+    printf("worker_restarts     %llu\n", (unsigned long long)st.worker_restarts);
     return 0;
+}
+
+static double parse_double(const char *what, const char *s, double min, double max)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || *end || !(v >= min && v <= max)) {
+        fprintf(stderr, "gorgon: %s: '%s' is not a number in [%g, %g]\n", what, s, min, max);
+        exit(2);
+    }
+    return v;
+}
+
+static char *read_all(const char *path, size_t *len)
+{
+    FILE *f = strcmp(path, "-") ? fopen(path, "rb") : stdin;
+    if (!f) {
+        fprintf(stderr, "gorgon: %s: %s\n", path, strerror(errno));
+        return NULL;
+    }
+    size_t cap = 4096, n = 0;
+    char *buf = malloc(cap);
+    while (buf) {
+        size_t k = fread(buf + n, 1, cap - n, f);
+        n += k;
+        if (k == 0)
+            break;
+        if (n == cap) {
+            char *nb = realloc(buf, cap * 2);
+            if (!nb) {
+                free(buf);
+                buf = NULL;
+                break;
+            }
+            buf = nb;
+            cap *= 2;
+        }
+    }
+    if (f != stdin)
+        fclose(f);
+    if (!buf)
+        fprintf(stderr, "gorgon: %s: out of memory\n", path);
+    *len = n;
+    return buf;
+}
+
+static int cmd_generate(int argc, char **argv)
+{
+    enum { O_TEMP = 256, O_TOPP, O_TOPK, O_MINP, O_REP, O_SEED, O_STOP };
+    static const struct option opts[] = {
+        {"socket", required_argument, NULL, 'S'}, {"prompt", required_argument, NULL, 'p'},
+        {"file", required_argument, NULL, 'f'},   {"tokens", required_argument, NULL, 'n'},
+        {"temp", required_argument, NULL, O_TEMP}, {"top-p", required_argument, NULL, O_TOPP},
+        {"top-k", required_argument, NULL, O_TOPK}, {"min-p", required_argument, NULL, O_MINP},
+        {"repeat-penalty", required_argument, NULL, O_REP},
+        {"seed", required_argument, NULL, O_SEED}, {"stop", required_argument, NULL, O_STOP},
+        {"help", no_argument, NULL, 'h'},         {NULL, 0, NULL, 0},
+    };
+    const char *sock = NULL, *prompt = "", *file = NULL;
+    const char *stops[GORGON_GEN_MAX_STOP];
+    gorgon_gen_params gp = {.max_tokens = 256, .top_p = 1.0f};
+    int c;
+    while ((c = getopt_long(argc, argv, "p:f:n:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'S': sock = optarg; break;
+        case 'p': prompt = optarg; break;
+        case 'f': file = optarg; break;
+        case 'n': gp.max_tokens = (int32_t)parse_long("-n", optarg, 1, 1 << 30); break;
+        case O_TEMP: gp.temperature = (float)parse_double("--temp", optarg, 0, 100); break;
+        case O_TOPP: gp.top_p = (float)parse_double("--top-p", optarg, 1e-6, 1); break;
+        case O_TOPK: gp.top_k = (int32_t)parse_long("--top-k", optarg, 0, 1 << 30); break;
+        case O_MINP: gp.min_p = (float)parse_double("--min-p", optarg, 0, 0.999999); break;
+        case O_REP: gp.repeat_penalty = (float)parse_double("--repeat-penalty", optarg, 0, 100); break;
+        case O_SEED: gp.seed = (uint64_t)strtoull(optarg, NULL, 0); break;
+        case O_STOP:
+            if (gp.n_stop == GORGON_GEN_MAX_STOP) {
+                fprintf(stderr, "gorgon: at most %d --stop strings\n", GORGON_GEN_MAX_STOP);
+                return 2;
+            }
+            stops[gp.n_stop++] = optarg;
+            break;
+        case 'h': usage(stdout); return 0;
+        default: usage(stderr); return 2;
+        }
+    }
+    gp.stop = stops;
+    char *text = NULL;
+    size_t len = strlen(prompt);
+    if (file) {
+        if (!(text = read_all(file, &len)))
+            return 1;
+        prompt = text;
+    }
+    gp.prompt = prompt;
+    gp.prompt_len = len;
+    gorgon_client *cli;
+    if (connect_or_explain(&cli, sock) < 0) {
+        free(text);
+        return 1;
+    }
+    signal(SIGINT, on_sigint);
+    uint32_t req;
+    int rc = gorgon_generate_submit(cli, &gp, 1, &req);
+    free(text);
+    if (rc < 0) {
+        fprintf(stderr, "gorgon: generate: %s%s\n", gorgon_strerror(rc),
+                rc == -EMSGSIZE ? " (prompt larger than gorgond's slot input)" : "");
+        gorgon_close(cli);
+        return rc == -EINVAL || rc == -EMSGSIZE ? 2 : 1;
+    }
+    gorgon_gen_chunk ch;
+    bool cancelled = false;
+    for (;;) {
+        rc = gorgon_generate_next(cli, req, &ch, 100000000);
+        if (rc == -ETIMEDOUT && !ch.done) {
+            if (interrupted && !cancelled) {
+                gorgon_cancel(cli, req);
+                cancelled = true;
+            }
+            continue;
+        }
+        if (ch.len && !ch.error)
+            fwrite(ch.text, 1, ch.len, stdout);
+        fflush(stdout);
+        if (rc != 1)
+            break;
+    }
+    int status = 0;
+    if (ch.done && !ch.error) {
+        fputc('\n', stdout);
+        fflush(stdout);
+        fprintf(stderr,
+                "[finish %s, prompt %u tokens, completion %u tokens, ttft %.2f ms, total %.2f ms, "
+                "%.1f tokens/s overall]\n",
+                gorgon_finish_name(ch.finish), ch.usage.prompt_tokens,
+                ch.usage.completion_tokens, (double)ch.usage.ttft_ns / 1e6,
+                (double)ch.usage.total_ns / 1e6,
+                ch.usage.total_ns
+                    ? (double)ch.usage.completion_tokens * 1e9 / (double)ch.usage.total_ns
+                    : 0.0);
+    } else if (ch.done) {
+        fprintf(stderr, "\ngorgon: generate failed: %.*s (%s)\n", (int)ch.len, ch.text,
+                gorgon_strerror(ch.error));
+        status = ch.error == -ECANCELED ? 130 : 1;
+    } else {
+        fprintf(stderr, "\ngorgon: generate: %s\n", gorgon_strerror(rc));
+        status = 1;
+    }
+    gorgon_close(cli);
+    return status;
 }
 
 int main(int argc, char **argv)
@@ -190,6 +357,8 @@ int main(int argc, char **argv)
         return cmd_ping(argc - 1, argv + 1);
     if (!strcmp(cmd, "stats"))
         return cmd_stats(argc - 1, argv + 1);
+    if (!strcmp(cmd, "generate"))
+        return cmd_generate(argc - 1, argv + 1);
     fprintf(stderr, "gorgon: unknown command '%s'\n", cmd);
     usage(stderr);
     return 2;

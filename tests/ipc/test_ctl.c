@@ -399,7 +399,7 @@ Test(ipc_ctl, server_rejects_malformed_hellos)
     b = ok; b.magic = 1;
     raw_send(sv[0], &b, sizeof(b), NULL, 0);
     cr_expect_eq(ipc_ctl_recv_hello(sv[1], &h), -EPROTO, "magic");
-    b = ok; b.abi_version = 2;
+    b = ok; b.abi_version = IPC_ABI_VERSION + 1;
     raw_send(sv[0], &b, sizeof(b), NULL, 0);
     cr_expect_eq(ipc_ctl_recv_hello(sv[1], &h), -EPROTONOSUPPORT, "version");
     b = ok; b.flags = 1;

@@ -12,7 +12,7 @@
  *    integer block dots, f32 block scales); an element whose x*127/amax lies
  *    within 1e-5 of a .5 tie may round either way and widens the bound by
  *    its |w| * scale. A Q8_0 result must match one of the two paths (the
- *    AVX-512 variant takes the integer path for M > 4, others the float one).
+ *    AVX-512 variant takes the integer path for every M, others the float one).
  *    The loose worst-case bound of activation rounding alone
  *    (sum_b amax_b/254 * sum_b|w|) would hide real bugs such as a wrong bias
  *    correction, so it is not used.

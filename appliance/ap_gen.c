@@ -1,0 +1,1037 @@
+/* Generation in gorgond: the worker process and the requests it serves.
+ *
+ * gorgond owns what is cheap and per-client: validating GENERATE, encoding
+ * the prompt, decoding the worker's token ids with one streaming decoder per
+ * request, stop strings, the byte ring of the client's slot output and the
+ * completions. The worker (gorgon-worker, engine/worker.h) owns the model,
+ * the KV cache, the samplers and the batching scheduler; it ends a request
+ * itself on EOS/BOS and max_tokens (the same rule as eng_generate), and
+ * gorgond ends it early on a stop string, a cancel or a client that went
+ * away, by sending CANCEL (the worker frees the KV at its next step).
+ *
+ * A request holds one worker request slot ("gen" below) from submission
+ * until BOTH its final completion was posted to the client AND the worker's
+ * DONE for it was seen; the worker slot is reused only then, so an event is
+ * never attributed to the wrong request.
+ *
+ * Worker death: every request it held ends with -EIO and a message saying
+ * so; nothing is retried (a half-streamed answer cannot be replayed without
+ * duplicating text, and a request that streamed nothing may still have side
+ * effects the client timed). The worker is restarted at once; after three
+ * deaths in a row before it reported READY gorgond gives up on it and
+ * GENERATE fails with -EIO. */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <math.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "appliance/ap_int.h"
+#include "common/common.h"
+#include "engine/engine.h"
+
+#define TAG "gorgond"
+#define AP_GEN_PEND 16384u   /* text a request may hold while its client does not read
+                              * (at least 4 tokens' worth for vocabularies of long pieces) */
+#define AP_EVT_ENTRIES 4096u /* worker event ring */
+#define AP_EVT_BURST 256u
+#define AP_WORKER_MAX_EARLY_DEATHS 3
+
+enum gen_state { G_FREE = 0, G_ACTIVE, G_ZOMBIE /* client side done, worker still holds it */ };
+
+typedef struct ap_gen {
+    uint8_t state;
+    bool in_worker; /* START sent, DONE not seen yet */
+    bool final;     /* result decided; the final completion is still to be posted */
+    bool listed;    /* on the flush list */
+    uint32_t sess_idx, sess_gen, slot;
+    uint64_t user_data;
+    uint32_t flags;
+    eng_tok_stream ts;
+    eng_stop stop;
+    uint64_t t_submit, t_first, t_end;
+    uint32_t n_prompt, n_gen;
+    uint32_t out_w; /* stream position in the slot's output ring */
+    int32_t result;
+    uint8_t finish;
+    uint32_t n_pend;
+    char *pend; /* [pend_cap] */
+} ap_gen;
+
+struct ap_gen_state {
+    eng_tok *tok;
+    int64_t n_ctx;
+    int32_t n_vocab, bos;
+    char *piece, *text;
+    size_t piece_cap, text_cap, pend_cap;
+    uint32_t n_gens;
+    ap_gen *g;
+    uint32_t *free_list, n_free;
+    uint32_t *list, n_list; /* gens with output or a final completion to post */
+    uint32_t n_active;      /* G_ACTIVE */
+    /* the worker */
+    char bin[PATH_MAX];
+    pid_t pid;
+    int pidfd, wake_fd;
+    uint32_t wgen;
+    ipc_region reg;
+    ipc_ring cmd, evt;
+    bool have_worker, ready, failed, evt_armed, pid_armed;
+    int early_deaths;
+    /* counters */
+    uint64_t queued, running, kv_used, kv_total, batch_max, tokens_total, requests_total,
+        failed_total, restarts;
+    uint64_t rate_t0, rate_tok0, rate_milli;
+    bool rate_full;
+};
+
+static int worker_spawn(struct ap_server *srv);
+
+/* ---- worker process ------------------------------------------------------- */
+
+static int find_worker(char *out, size_t cap)
+{
+    const char *env = getenv("GORGON_WORKER");
+    if (env && *env) {
+        snprintf(out, cap, "%s", env);
+        return access(out, X_OK) == 0 ? 0 : -ENOENT;
+    }
+    char self[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+    if (n <= 0)
+        return -ENOENT;
+    self[n] = '\0';
+    char *slash = strrchr(self, '/');
+    if (!slash)
+        return -ENOENT;
+    *slash = '\0';
+    if ((size_t)snprintf(out, cap, "%s/gorgon-worker", self) >= cap)
+        return -ENAMETOOLONG;
+    return access(out, X_OK) == 0 ? 0 : -ENOENT;
+}
+
+static void arm_pid(struct ap_server *srv)
+{
+    struct ap_gen_state *G = srv->gen;
+    struct io_uring_sqe *sqe = ap_get_sqe(srv);
+    if (!sqe)
+        return;
+    io_uring_prep_poll_add(sqe, G->pidfd, POLLIN);
+    io_uring_sqe_set_data64(sqe, ap_ud(AP_TAG_WK_PID, G->wgen, 0));
+    G->pid_armed = true;
+}
+
+static uint32_t pow2_at_least(uint32_t v)
+{
+    uint32_t p = 2;
+    while (p < v)
+        p *= 2;
+    return p;
+}
+
+static int worker_spawn(struct ap_server *srv)
+{
+    struct ap_gen_state *G = srv->gen;
+    const ap_config *cfg = &srv->cfg;
+    G->wgen++;
+    G->ready = false;
+    memset(&G->reg, 0, sizeof(G->reg));
+    G->reg.fd = -1;
+    size_t in_bytes = ((size_t)G->n_ctx * sizeof(int32_t) + 63) & ~(size_t)63;
+    ipc_region_cfg rc_cfg = {
+        /* START and CANCEL at most once per request between two DONEs: the
+         * command ring can never fill. */
+        .sq_entries = pow2_at_least(2 * G->n_gens),
+        .cq_entries = AP_EVT_ENTRIES,
+        .n_slots = G->n_gens,
+        .slot_in_bytes = (uint32_t)in_bytes,
+        .slot_out_bytes = 64,
+        .numa_node = -1,
+        .name = "gorgon-worker",
+    };
+    int rc = ipc_region_create(&G->reg, &rc_cfg);
+    if (rc < 0) {
+        CM_LOG_ERROR(TAG, "worker region: %s", cm_strerror(rc));
+        return rc;
+    }
+    if ((rc = ipc_region_sq(&G->reg, IPC_RING_PRODUCER, &G->cmd)) < 0 ||
+        (rc = ipc_region_cq(&G->reg, IPC_RING_CONSUMER, &G->evt)) < 0)
+        goto fail;
+    G->wake_fd = -1;
+    if (!srv->futex_uring) {
+        G->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (G->wake_fd < 0) {
+            rc = cm_neg_errno();
+            goto fail;
+        }
+        if ((rc = ipc_ring_set_wake_fd(&G->evt, G->wake_fd)) < 0)
+            goto fail;
+    }
+    char a_threads[16], a_kv[24], a_seqs[16], a_batch[16], a_parent[16], a_wake[16];
+    snprintf(a_threads, sizeof(a_threads), "%d", cfg->threads);
+    snprintf(a_kv, sizeof(a_kv), "%" PRId64, cfg->kv_blocks);
+    snprintf(a_seqs, sizeof(a_seqs), "%u", cfg->max_seqs);
+    snprintf(a_batch, sizeof(a_batch), "%u", cfg->batch_tokens);
+    snprintf(a_parent, sizeof(a_parent), "%d", (int)getpid());
+    snprintf(a_wake, sizeof(a_wake), "%d", G->wake_fd >= 0 ? 4 : -1);
+    const char *argv[] = {G->bin,         "--model",     cfg->model,   "--threads", a_threads,
+                          "--kv-blocks",  a_kv,          "--max-seqs", a_seqs,
+                          "--batch-tokens", a_batch,     "--parent",   a_parent,
+                          "--region-fd",  "3",           "--wake-fd",  a_wake,
+                          "--log-level",  cm_log_level_name(cm_log_get_level()), NULL};
+    pid_t pid = fork();
+    if (pid < 0) {
+        rc = cm_neg_errno();
+        CM_LOG_ERROR(TAG, "fork for the worker: %s", cm_strerror(rc));
+        goto fail;
+    }
+    if (pid == 0) {
+        /* Child: undo what gorgond set for itself, then put the region at fd
+         * 3 and the wake eventfd at fd 4 (dup2 clears close-on-exec). */
+        sigset_t all;
+        sigfillset(&all);
+        sigprocmask(SIG_UNBLOCK, &all, NULL);
+        signal(SIGPIPE, SIG_DFL);
+        int rfd = fcntl(G->reg.fd, F_DUPFD_CLOEXEC, 10);
+        int wfd = G->wake_fd >= 0 ? fcntl(G->wake_fd, F_DUPFD_CLOEXEC, 10) : -1;
+        if (rfd < 0 || dup2(rfd, 3) < 0 || (wfd >= 0 && dup2(wfd, 4) < 0))
+            _exit(126);
+        execv(G->bin, (char *const *)argv);
+        _exit(127);
+    }
+    G->pid = pid;
+    G->pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+    if (G->pidfd < 0) {
+        rc = cm_neg_errno();
+        CM_LOG_ERROR(TAG, "pidfd_open: %s", cm_strerror(rc));
+        kill(pid, SIGKILL);
+        waitpid(pid, NULL, 0);
+        G->pid = 0;
+        goto fail;
+    }
+    /* The worker has its own fd now. */
+    close(G->reg.fd);
+    G->reg.fd = -1;
+    G->have_worker = true;
+    G->evt_armed = false;
+    arm_pid(srv);
+    CM_LOG_INFO(TAG, "worker pid %d started: %s", (int)pid, cfg->model);
+    return 0;
+fail:
+    if (G->wake_fd >= 0)
+        close(G->wake_fd);
+    G->wake_fd = -1;
+    ipc_region_unmap(&G->reg);
+    return rc;
+}
+
+static void push_cmd(struct ap_gen_state *G, const struct ipc_wcmd *c)
+{
+    int rc = ipc_ring_push(&G->cmd, c);
+    /* The ring is sized so that it cannot be full (see worker_spawn); a
+     * failure means the worker scribbled on the head: it is killed and
+     * restarted, which fails its requests. */
+    if (rc < 0) {
+        CM_LOG_ERROR(TAG, "worker command ring: %s; killing the worker", cm_strerror(rc));
+        if (G->pid > 0)
+            kill(G->pid, SIGKILL);
+        return;
+    }
+    ipc_doorbell_notify(&G->cmd);
+}
+
+static void send_cancel(struct ap_gen_state *G, uint32_t gi)
+{
+    if (!G->have_worker || !G->g[gi].in_worker)
+        return;
+    struct ipc_wcmd c = {.op = IPC_WCMD_CANCEL, .req = gi};
+    push_cmd(G, &c);
+}
+
+/* ---- requests --------------------------------------------------------------- */
+
+static void list_add(struct ap_gen_state *G, uint32_t gi)
+{
+    if (G->g[gi].listed)
+        return;
+    G->g[gi].listed = true;
+    G->list[G->n_list++] = gi;
+}
+
+static void gen_free(struct ap_gen_state *G, uint32_t gi)
+{
+    ap_gen *g = &G->g[gi];
+    if (g->state == G_ACTIVE)
+        G->n_active--;
+    g->state = G_FREE;
+    g->final = false;
+    g->n_pend = 0;
+    G->free_list[G->n_free++] = gi;
+}
+
+/* Client side of the request is over (final posted or client gone). */
+static void gen_client_done(struct ap_gen_state *G, uint32_t gi)
+{
+    ap_gen *g = &G->g[gi];
+    if (g->in_worker) {
+        if (g->state == G_ACTIVE)
+            G->n_active--;
+        g->state = G_ZOMBIE;
+        g->final = false;
+        g->n_pend = 0;
+    } else {
+        gen_free(G, gi);
+    }
+}
+
+static void pend_text(ap_gen *g, const char *s, size_t n)
+{
+    memcpy(g->pend + g->n_pend, s, n);
+    g->n_pend += (uint32_t)n;
+}
+
+/* Decide the result; the completion is posted by flush(). A message
+ * replaces whatever text was still pending (the request failed). */
+static void finalize(struct ap_gen_state *G, uint32_t gi, int32_t result, enum ipc_finish fin,
+                     const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+static void finalize(struct ap_gen_state *G, uint32_t gi, int32_t result, enum ipc_finish fin,
+                     const char *fmt, ...)
+{
+    ap_gen *g = &G->g[gi];
+    if (g->state != G_ACTIVE || g->final)
+        return;
+    g->final = true;
+    g->result = result;
+    g->finish = (uint8_t)fin;
+    g->t_end = cm_now_ns();
+    if (fmt) {
+        va_list ap;
+        va_start(ap, fmt);
+        int n = vsnprintf(g->pend, G->pend_cap, fmt, ap);
+        va_end(ap);
+        g->n_pend = n < 0 ? 0 : (uint32_t)((size_t)n < G->pend_cap ? (size_t)n : G->pend_cap - 1);
+    }
+    if (result < 0 && fin == IPC_FINISH_ERROR)
+        G->failed_total++;
+    list_add(G, gi);
+}
+
+/* Post what fits of a request's pending output and, once everything is
+ * out, its final completion. */
+static void flush(struct ap_server *srv, uint32_t gi)
+{
+    struct ap_gen_state *G = srv->gen;
+    ap_gen *g = &G->g[gi];
+    if (g->state != G_ACTIVE)
+        return;
+    ap_session *s = &srv->sess[g->sess_idx];
+    if (s->state != AP_SESS_LIVE || s->gen != g->sess_gen) {
+        gen_client_done(G, gi); /* cannot happen: session close detaches first */
+        return;
+    }
+    const uint32_t cap = s->reg.layout.slot_out_bytes;
+    uint8_t *out = ipc_region_slot_out(&s->reg, g->slot);
+    struct ipc_slot_hdr *hdr = ipc_region_slot(&s->reg, g->slot);
+    uint32_t consumed = atomic_load_explicit((_Atomic uint32_t *)&hdr->out_consumed,
+                                             memory_order_acquire);
+    uint32_t used = g->out_w - consumed;
+    if (used > cap) {
+        /* out_consumed is the client's: a value past what was written is a
+         * broken client, like a bad ring index. */
+        srv->ctr.protocol_errors++;
+        CM_LOG_WARN(TAG, "pid %d: slot %u out_consumed %u is past the %u bytes written",
+                    (int)s->pid, g->slot, consumed, g->out_w);
+        ap_session_close(srv, s, "protocol error (out_consumed)");
+        return;
+    }
+    uint32_t room = cap - used;
+    bool posted = false;
+    for (;;) {
+        uint32_t off = g->out_w % cap;
+        uint32_t k = g->n_pend;
+        if (k > room)
+            k = room;
+        if (k > cap - off)
+            k = cap - off;
+        if ((g->flags & IPC_GEN_F_OUT_IDS) && !(g->final && g->result < 0))
+            k &= ~3u;
+        bool last = g->final && k == g->n_pend;
+        if (k == 0 && !last)
+            break;
+        struct ipc_cqe c = {.opcode = IPC_OP_GENERATE, .slot = g->slot,
+                            .user_data = g->user_data, .out_off = off, .out_len = k};
+        uint32_t pos = s->cq.local;
+        if (last) {
+            c.result = g->result;
+            c.arg[0] = g->finish;
+            c.arg[1] = (uint64_t)g->n_prompt | (uint64_t)g->n_gen << 32;
+            c.arg[2] = g->t_first ? g->t_first - g->t_submit : 0;
+            c.arg[3] = g->t_end - g->t_submit;
+        } else {
+            c.flags = IPC_CQE_F_MORE;
+            c.result = (int32_t)k;
+            c.arg[0] = g->n_gen;
+        }
+        if (k)
+            memcpy(out + off, g->pend, k);
+        int rc = ipc_ring_push(&s->cq, &c);
+        if (rc == -EAGAIN)
+            break; /* the client does not reap: retried on the next pass */
+        if (rc < 0) {
+            srv->ctr.protocol_errors++;
+            ap_session_close(srv, s, "protocol error (CQ index)");
+            return;
+        }
+        posted = true;
+        g->out_w += k;
+        room -= k;
+        g->n_pend -= k;
+        memmove(g->pend, g->pend + k, g->n_pend);
+        if (last) {
+            s->slot_gen[g->slot] = -1;
+            s->slot_used[g->slot] = 1;
+            s->slot_busy_until[g->slot] = pos + 1;
+            gen_client_done(G, gi);
+            break;
+        }
+    }
+    if (posted)
+        ipc_doorbell_notify(&s->cq);
+}
+
+static void flush_list(struct ap_server *srv)
+{
+    struct ap_gen_state *G = srv->gen;
+    uint32_t keep = 0;
+    for (uint32_t i = 0; i < G->n_list; i++) {
+        uint32_t gi = G->list[i];
+        flush(srv, gi);
+        ap_gen *g = &G->g[gi];
+        if (g->state == G_ACTIVE && (g->n_pend || g->final))
+            G->list[keep++] = gi;
+        else
+            g->listed = false;
+    }
+    G->n_list = keep;
+}
+
+/* One token from the worker. */
+static void on_token(struct ap_gen_state *G, uint32_t gi, int32_t t, uint32_t n_gen)
+{
+    ap_gen *g = &G->g[gi];
+    if (g->state != G_ACTIVE || g->final)
+        return; /* ended here already (stop string, cancel): the worker catches up */
+    if (!g->t_first)
+        g->t_first = cm_now_ns();
+    g->n_gen = n_gen;
+    if (t < 0 || t >= G->n_vocab) {
+        finalize(G, gi, -EIO, IPC_FINISH_ERROR, "worker sent token id %d out of range", t);
+        send_cancel(G, gi);
+        return;
+    }
+    bool end = t == G->bos || eng_tok_is_eog(G->tok, t);
+    bool ids = (g->flags & IPC_GEN_F_OUT_IDS) != 0;
+    size_t room = G->pend_cap - g->n_pend;
+    if (room < G->text_cap + ENG_TOK_STREAM_SLACK + sizeof(int32_t)) {
+        finalize(G, gi, -ENOBUFS, IPC_FINISH_ERROR,
+                 "client did not read its output: %u bytes pending", g->n_pend);
+        send_cancel(G, gi);
+        return;
+    }
+    if (ids && !end)
+        pend_text(g, (const char *)&t, sizeof(t));
+    size_t tlen = 0;
+    int fin;
+    if (end) {
+        tlen = eng_stop_flush(&g->stop, G->text, G->text_cap);
+        fin = ENG_FINISH_EOS;
+    } else {
+        int64_t plen = eng_tok_stream_push(G->tok, &g->ts, t, G->piece, G->piece_cap);
+        fin = eng_stop_feed(&g->stop, t, G->piece, plen > 0 ? (size_t)plen : 0, G->text,
+                            G->text_cap, &tlen);
+        if (fin < 0) {
+            finalize(G, gi, fin, IPC_FINISH_ERROR, "stop-string filter failed");
+            send_cancel(G, gi);
+            return;
+        }
+    }
+    if (!ids)
+        pend_text(g, G->text, tlen);
+    if (fin == ENG_FINISH_NONE) {
+        list_add(G, gi);
+        return;
+    }
+    if (fin != ENG_FINISH_STOP && !ids) {
+        /* Like eng_generate: an incomplete UTF-8 tail becomes U+FFFD. */
+        int64_t f = eng_tok_stream_flush(G->tok, &g->ts, G->piece, G->piece_cap);
+        if (f > 0)
+            pend_text(g, G->piece, (size_t)f);
+    }
+    enum ipc_finish why = fin == ENG_FINISH_EOS    ? IPC_FINISH_EOS
+                          : fin == ENG_FINISH_STOP ? IPC_FINISH_STOP
+                                                   : IPC_FINISH_LENGTH;
+    finalize(G, gi, 0, why, NULL);
+    if (why == IPC_FINISH_STOP)
+        send_cancel(G, gi); /* EOS and LENGTH: the worker ends it by the same rule */
+}
+
+static void on_done(struct ap_gen_state *G, const struct ipc_wevt *e)
+{
+    uint32_t gi = e->req;
+    ap_gen *g = &G->g[gi];
+    if (!g->in_worker)
+        return;
+    g->in_worker = false;
+    if (g->state == G_ZOMBIE) {
+        gen_free(G, gi);
+        return;
+    }
+    if (g->state != G_ACTIVE || g->final)
+        return; /* freed when its final completion is posted */
+    if (e->result == -E2BIG)
+        finalize(G, gi, -E2BIG, IPC_FINISH_ERROR,
+                 "request needs %" PRIu64 " KV blocks, the worker's whole pool has %" PRIu64
+                 " (shorten prompt/max_tokens or raise kv_blocks)",
+                 e->arg[0], e->arg[1]);
+    else if (e->result < 0)
+        finalize(G, gi, e->result, IPC_FINISH_ERROR, "worker failed the request: %s",
+                 cm_strerror(e->result));
+    else
+        /* The worker's end rule is gorgond's own: reaching here means the
+         * two disagreed; end the request with what was produced. */
+        finalize(G, gi, 0, e->finish >= IPC_FINISH_EOS && e->finish <= IPC_FINISH_LENGTH
+                               ? (enum ipc_finish)e->finish
+                               : IPC_FINISH_LENGTH,
+                 NULL);
+}
+
+static void rate_update(struct ap_gen_state *G)
+{
+    uint64_t now = cm_now_ns();
+    if (!G->rate_t0) {
+        G->rate_t0 = now;
+        G->rate_tok0 = G->tokens_total;
+        return;
+    }
+    uint64_t dt = now - G->rate_t0;
+    if (dt < 1000000000ull) {
+        /* Before the first full second, the partial one. */
+        if (!G->rate_full && dt >= 100000000ull)
+            G->rate_milli = (G->tokens_total - G->rate_tok0) * 1000000000000ull / dt;
+        return;
+    }
+    G->rate_full = true;
+    G->rate_milli = (G->tokens_total - G->rate_tok0) * 1000000000000ull / dt;
+    G->rate_t0 = now;
+    G->rate_tok0 = G->tokens_total;
+}
+
+/* Drain the event ring; the number of events handled. */
+static int drain_events(struct ap_server *srv)
+{
+    struct ap_gen_state *G = srv->gen;
+    if (!G->have_worker)
+        return 0;
+    int total = 0;
+    for (;;) {
+        struct ipc_wevt ev[AP_EVT_BURST];
+        int n = ipc_ring_pop_burst(&G->evt, ev, AP_EVT_BURST);
+        if (n < 0) {
+            CM_LOG_ERROR(TAG, "worker event ring index impossible; killing the worker");
+            if (G->pid > 0)
+                kill(G->pid, SIGKILL);
+            return total;
+        }
+        for (int i = 0; i < n; i++) {
+            const struct ipc_wevt *e = &ev[i];
+            if (e->op != IPC_WEVT_READY && e->op != IPC_WEVT_STEP && e->req >= G->n_gens)
+                continue;
+            switch (e->op) {
+            case IPC_WEVT_READY:
+                G->ready = true;
+                G->early_deaths = 0;
+                G->kv_total = e->arg[0];
+                CM_LOG_INFO(TAG, "worker pid %d ready: %" PRIu64 " KV blocks, %" PRIu64
+                            " sequences", (int)G->pid, e->arg[0], e->arg[1]);
+                break;
+            case IPC_WEVT_STEP:
+                G->queued = (uint32_t)e->arg[0];
+                G->running = e->arg[0] >> 32;
+                G->kv_used = (uint32_t)e->arg[1];
+                G->kv_total = e->arg[1] >> 32;
+                if (e->n_tokens > G->batch_max)
+                    G->batch_max = e->n_tokens;
+                break;
+            case IPC_WEVT_TOKEN: {
+                uint32_t k = e->n_tokens <= 8 ? e->n_tokens : 8;
+                for (uint32_t j = 0; j < k; j++)
+                    on_token(G, e->req, e->tokens[j], e->n_gen - (k - 1 - j));
+                G->tokens_total += k;
+                break;
+            }
+            case IPC_WEVT_DONE: on_done(G, e); break;
+            default: break;
+            }
+        }
+        total += n;
+        if ((uint32_t)n < AP_EVT_BURST)
+            break;
+    }
+    if (total)
+        rate_update(G);
+    return total;
+}
+
+static void worker_died(struct ap_server *srv)
+{
+    struct ap_gen_state *G = srv->gen;
+    int st = 0;
+    pid_t r = waitpid(G->pid, &st, WNOHANG);
+    if (r == 0)
+        return; /* spurious readiness: not dead yet */
+    G->pid_armed = false;
+    /* Tokens it produced before dying are real: deliver them first. */
+    drain_events(srv);
+    char how[64];
+    if (r == G->pid && WIFSIGNALED(st))
+        snprintf(how, sizeof(how), "killed by signal %d", WTERMSIG(st));
+    else if (r == G->pid && WIFEXITED(st))
+        snprintf(how, sizeof(how), "exited with status %d", WEXITSTATUS(st));
+    else
+        snprintf(how, sizeof(how), "gone");
+    CM_LOG_ERROR(TAG, "worker pid %d %s%s", (int)G->pid, how,
+                 G->ready ? "" : " before it was ready");
+    if (G->evt_armed) {
+        struct io_uring_sqe *sqe = ap_get_sqe(srv);
+        if (sqe) {
+            io_uring_prep_cancel64(sqe, ap_ud(AP_TAG_WK_EVT, G->wgen, 0), 0);
+            io_uring_sqe_set_data64(sqe, ap_ud(AP_TAG_NONE, 0, 0));
+        }
+        G->evt_armed = false;
+    }
+    for (uint32_t gi = 0; gi < G->n_gens; gi++) {
+        ap_gen *g = &G->g[gi];
+        if (!g->in_worker)
+            continue;
+        g->in_worker = false;
+        if (g->state == G_ZOMBIE)
+            gen_free(G, gi);
+        else
+            finalize(G, gi, -EIO, IPC_FINISH_ERROR,
+                     "the worker process died (%s) while running this request; it was not "
+                     "retried",
+                     how);
+    }
+    close(G->pidfd);
+    G->pidfd = -1;
+    G->pid = 0;
+    G->have_worker = false;
+    if (G->wake_fd >= 0)
+        close(G->wake_fd);
+    G->wake_fd = -1;
+    ipc_region_unmap(&G->reg);
+    G->queued = G->running = G->kv_used = 0;
+    if (!G->ready && ++G->early_deaths >= AP_WORKER_MAX_EARLY_DEATHS) {
+        G->failed = true;
+        CM_LOG_ERROR(TAG, "the worker died %d times before loading the model: generation "
+                     "disabled (see the worker's messages above)", G->early_deaths);
+        return;
+    }
+    if (srv->stopping || srv->draining)
+        return;
+    G->restarts++;
+    if (worker_spawn(srv) < 0)
+        G->failed = true;
+}
+
+/* ---- gorgond hooks (ap_int.h) -------------------------------------------------- */
+
+int ap_gen_create(struct ap_server *srv)
+{
+    struct ap_gen_state *G = calloc(1, sizeof(*G));
+    if (!G)
+        return -ENOMEM;
+    srv->gen = G;
+    G->pidfd = -1;
+    G->wake_fd = -1;
+    G->reg.fd = -1;
+    if (!srv->cfg.model[0])
+        return 0;
+    eng_gguf *gg;
+    int rc = eng_gguf_open(&gg, srv->cfg.model);
+    if (rc < 0) {
+        CM_LOG_ERROR(TAG, "model %s: %s", srv->cfg.model, eng_error());
+        return rc;
+    }
+    uint32_t nctx = 2048; /* eng_model's default when the key is absent */
+    (void)eng_gguf_get_u32(gg, "llama.context_length", &nctx);
+    rc = eng_tok_create(&G->tok, gg);
+    eng_gguf_close(gg);
+    if (rc < 0) {
+        CM_LOG_ERROR(TAG, "model %s: tokenizer: %s", srv->cfg.model, eng_error());
+        return rc;
+    }
+    G->n_ctx = nctx;
+    G->n_vocab = eng_tok_n_vocab(G->tok);
+    G->bos = eng_tok_bos(G->tok);
+    G->piece_cap = 3 * eng_tok_max_piece_bytes(G->tok) + ENG_TOK_STREAM_SLACK;
+    G->text_cap = G->piece_cap + ENG_STOP_MAX_LEN;
+    G->pend_cap = AP_GEN_PEND > 4 * G->text_cap ? AP_GEN_PEND : 4 * G->text_cap;
+    G->piece = malloc(G->piece_cap);
+    G->text = malloc(G->text_cap);
+    G->n_gens = srv->cfg.max_requests;
+    G->g = calloc(G->n_gens, sizeof(*G->g));
+    G->free_list = calloc(G->n_gens, sizeof(uint32_t));
+    G->list = calloc(G->n_gens, sizeof(uint32_t));
+    if (!G->piece || !G->text || !G->g || !G->free_list || !G->list)
+        return -ENOMEM;
+    for (uint32_t i = 0; i < G->n_gens; i++) {
+        if (!(G->g[i].pend = malloc(G->pend_cap)))
+            return -ENOMEM;
+        G->free_list[G->n_free++] = G->n_gens - 1 - i;
+    }
+    if ((rc = find_worker(G->bin, sizeof(G->bin))) < 0) {
+        CM_LOG_ERROR(TAG, "gorgon-worker not found next to gorgond (or $GORGON_WORKER): %s",
+                     cm_strerror(rc));
+        return rc;
+    }
+    CM_LOG_INFO(TAG, "model %s: context %" PRId64 ", vocabulary %d", srv->cfg.model, G->n_ctx,
+                G->n_vocab);
+    return worker_spawn(srv);
+}
+
+void ap_gen_destroy(struct ap_server *srv)
+{
+    struct ap_gen_state *G = srv->gen;
+    if (!G)
+        return;
+    if (G->pid > 0) {
+        kill(G->pid, SIGKILL);
+        waitpid(G->pid, NULL, 0);
+    }
+    if (G->pidfd >= 0)
+        close(G->pidfd);
+    if (G->wake_fd >= 0)
+        close(G->wake_fd);
+    ipc_region_unmap(&G->reg);
+    if (G->g)
+        for (uint32_t i = 0; i < G->n_gens; i++)
+            free(G->g[i].pend);
+    free(G->g);
+    free(G->free_list);
+    free(G->list);
+    free(G->piece);
+    free(G->text);
+    eng_tok_destroy(G->tok);
+    free(G);
+    srv->gen = NULL;
+}
+
+int ap_gen_poll(struct ap_server *srv)
+{
+    struct ap_gen_state *G = srv->gen;
+    int n = drain_events(srv);
+    if (G->n_list)
+        flush_list(srv);
+    return n;
+}
+
+bool ap_gen_busy(const struct ap_server *srv)
+{
+    return srv->gen->n_list > 0;
+}
+
+uint32_t ap_gen_active(const struct ap_server *srv)
+{
+    return srv->gen->n_active;
+}
+
+int ap_gen_arm(struct ap_server *srv)
+{
+    struct ap_gen_state *G = srv->gen;
+    if (!G->have_worker)
+        return 0;
+    uint32_t val;
+    if (ipc_doorbell_prepare(&G->evt, &val) != 0)
+        return 1;
+    if (G->evt_armed)
+        return 0;
+    struct io_uring_sqe *sqe = ap_get_sqe(srv);
+    if (!sqe)
+        return 1;
+    if (G->wake_fd >= 0)
+        io_uring_prep_poll_add(sqe, G->wake_fd, POLLIN);
+    else
+        ipc_uring_prep_futex_wait(sqe, &G->evt.sh->doorbell, val);
+    io_uring_sqe_set_data64(sqe, ap_ud(AP_TAG_WK_EVT, G->wgen, 0));
+    G->evt_armed = true;
+    return 0;
+}
+
+void ap_gen_disarm_flag(struct ap_server *srv)
+{
+    if (srv->gen->have_worker)
+        ipc_doorbell_finish(&srv->gen->evt);
+}
+
+void ap_gen_dispatch(struct ap_server *srv, uint64_t ud, int res)
+{
+    struct ap_gen_state *G = srv->gen;
+    (void)res;
+    if (ap_ud_gen(ud) != (G->wgen & 0xffffffu))
+        return; /* for a worker that is gone */
+    if (ap_ud_tag(ud) == AP_TAG_WK_EVT) {
+        G->evt_armed = false;
+        if (G->wake_fd >= 0)
+            (void)ipc_wake_fd_drain(G->wake_fd);
+    } else if (ap_ud_tag(ud) == AP_TAG_WK_PID) {
+        G->pid_armed = false;
+        if (res == -ECANCELED)
+            return;
+        worker_died(srv);
+        if (G->have_worker && !G->pid_armed && G->pid > 0)
+            arm_pid(srv); /* it was a spurious wake-up */
+    }
+}
+
+static int reject(ap_session *s, const struct ipc_sqe *sqe, struct ipc_cqe *cqe, int err,
+                  const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+static int reject(ap_session *s, const struct ipc_sqe *sqe, struct ipc_cqe *cqe, int err,
+                  const char *fmt, ...)
+{
+    char *out = (char *)ipc_region_slot_out(&s->reg, sqe->slot);
+    size_t cap = s->reg.layout.slot_out_bytes;
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(out, cap, fmt, ap);
+    va_end(ap);
+    cqe->result = err;
+    cqe->out_off = 0;
+    cqe->out_len = n < 0 ? 0 : (uint32_t)((size_t)n < cap ? (size_t)n : cap - 1);
+    cqe->arg[0] = IPC_FINISH_ERROR;
+    return 1;
+}
+
+static bool finite_in(float v, float lo, float hi)
+{
+    return isfinite(v) && v >= lo && v <= hi;
+}
+
+int ap_gen_submit(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
+                  struct ipc_cqe *cqe)
+{
+    struct ap_gen_state *G = srv->gen;
+    if (!G->tok)
+        return reject(s, sqe, cqe, -ENOTSUP,
+                      "gorgond was started without --model: generation is not available");
+    if (srv->draining)
+        return reject(s, sqe, cqe, -ESHUTDOWN, "gorgond is shutting down");
+    if (G->failed)
+        return reject(s, sqe, cqe, -EIO,
+                      "the worker cannot load the model (see gorgond's log): generation is "
+                      "disabled");
+    struct ipc_gen_params p;
+    if (sqe->in_len < sizeof(p))
+        return reject(s, sqe, cqe, -EINVAL, "GENERATE input: %u bytes, need at least %zu "
+                      "(struct ipc_gen_params)", sqe->in_len, sizeof(p));
+    const uint8_t *in = ipc_region_slot_in(&s->reg, sqe->slot) + sqe->in_off;
+    memcpy(&p, in, sizeof(p)); /* one copy; everything below checks the copy */
+    if (p.flags & ~IPC_GEN_F__ALL)
+        return reject(s, sqe, cqe, -EINVAL, "flags: unknown bits 0x%x", p.flags & ~IPC_GEN_F__ALL);
+    if (p.rsvd[0] || p.rsvd[1])
+        return reject(s, sqe, cqe, -EINVAL, "reserved fields must be 0");
+    if (!finite_in(p.temperature, 0.0f, 1e6f))
+        return reject(s, sqe, cqe, -EINVAL, "temperature %g: must be >= 0", (double)p.temperature);
+    if (!(isfinite(p.top_p) && p.top_p > 0.0f && p.top_p <= 1.0f))
+        return reject(s, sqe, cqe, -EINVAL, "top_p %g: must be in (0, 1]", (double)p.top_p);
+    if (!(isfinite(p.min_p) && p.min_p >= 0.0f && p.min_p < 1.0f))
+        return reject(s, sqe, cqe, -EINVAL, "min_p %g: must be in [0, 1)", (double)p.min_p);
+    if (!finite_in(p.repeat_penalty, 0.0f, 1e6f))
+        return reject(s, sqe, cqe, -EINVAL, "repeat_penalty %g: must be >= 0",
+                      (double)p.repeat_penalty);
+    if (p.top_k < 0 || p.top_k > G->n_vocab)
+        return reject(s, sqe, cqe, -EINVAL, "top_k %d: must be in [0, %d]", p.top_k, G->n_vocab);
+    if (p.max_tokens < 1)
+        return reject(s, sqe, cqe, -EINVAL, "max_tokens must be >= 1");
+    if (p.n_stop > IPC_GEN_MAX_STOP)
+        return reject(s, sqe, cqe, -EINVAL, "%u stop strings: at most %d", p.n_stop,
+                      IPC_GEN_MAX_STOP);
+    if ((uint64_t)p.prompt_off + p.prompt_len > sqe->in_len ||
+        (uint64_t)p.stop_off + p.stop_len > sqe->in_len)
+        return reject(s, sqe, cqe, -EINVAL, "prompt or stop strings outside the %u input bytes",
+                      sqe->in_len);
+    /* Stop strings: copied out of shared memory before they are parsed. */
+    char stops[IPC_GEN_MAX_STOP][IPC_GEN_MAX_STOP_LEN + 1];
+    const char *stop_ptrs[IPC_GEN_MAX_STOP];
+    {
+        char sb[IPC_GEN_MAX_STOP * (IPC_GEN_MAX_STOP_LEN + 1)];
+        if (p.stop_len > sizeof(sb))
+            return reject(s, sqe, cqe, -EINVAL, "stop strings: %u bytes, at most %zu", p.stop_len,
+                          sizeof(sb));
+        memcpy(sb, in + p.stop_off, p.stop_len);
+        size_t at = 0;
+        for (uint32_t i = 0; i < p.n_stop; i++) {
+            const char *z = memchr(sb + at, '\0', p.stop_len - at);
+            size_t len = z ? (size_t)(z - (sb + at)) : 0;
+            if (!z || len == 0 || len > IPC_GEN_MAX_STOP_LEN)
+                return reject(s, sqe, cqe, -EINVAL,
+                              "stop string %u: must be 1..%d bytes and NUL-terminated", i,
+                              IPC_GEN_MAX_STOP_LEN);
+            memcpy(stops[i], sb + at, len + 1);
+            stop_ptrs[i] = stops[i];
+            at += len + 1;
+        }
+    }
+    if (!G->n_free)
+        return reject(s, sqe, cqe, -EBUSY,
+                      "too many generate requests in flight (max_requests=%u)", G->n_gens);
+    uint32_t gi = G->free_list[G->n_free - 1];
+    ap_gen *g = &G->g[gi];
+    int32_t *ids = (int32_t *)ipc_region_slot_in(&G->reg, gi);
+    int64_t n;
+    if (p.flags & IPC_GEN_F_PROMPT_IDS) {
+        if (p.prompt_len % 4 || p.prompt_len == 0)
+            return reject(s, sqe, cqe, -EINVAL, "prompt ids: %u bytes is not a positive multiple "
+                          "of 4", p.prompt_len);
+        n = p.prompt_len / 4;
+        if (n > G->n_ctx)
+            return reject(s, sqe, cqe, -EINVAL, "prompt of %" PRId64 " tokens is longer than the "
+                          "context (%" PRId64 ")", n, G->n_ctx);
+        memcpy(ids, in + p.prompt_off, p.prompt_len);
+        for (int64_t i = 0; i < n; i++)
+            if (ids[i] < 0 || ids[i] >= G->n_vocab)
+                return reject(s, sqe, cqe, -EINVAL, "prompt id %" PRId64 ": %d is not in "
+                              "[0, %d)", i, ids[i], G->n_vocab);
+    } else {
+        /* The encoder allocates scratch for the text; its input is a
+         * private copy (the client may scribble during the encode). */
+        char *text = malloc(p.prompt_len + 1);
+        if (!text)
+            return reject(s, sqe, cqe, -ENOMEM, "out of memory");
+        memcpy(text, in + p.prompt_off, p.prompt_len);
+        n = eng_tok_encode(G->tok, text, p.prompt_len, eng_tok_add_bos(G->tok), ids,
+                           (size_t)G->n_ctx);
+        free(text);
+        if (n == -ENOSPC)
+            return reject(s, sqe, cqe, -EINVAL, "prompt is longer than the context (%" PRId64
+                          " tokens)", G->n_ctx);
+        if (n < 0)
+            return reject(s, sqe, cqe, (int)n, "prompt cannot be tokenized: %s", eng_error());
+        if (n == 0)
+            return reject(s, sqe, cqe, -EINVAL, "prompt is empty (and the model adds no BOS)");
+    }
+    if (n + (int64_t)p.max_tokens > G->n_ctx)
+        return reject(s, sqe, cqe, -EINVAL, "prompt (%" PRId64 " tokens) + max_tokens (%u) "
+                      "exceeds the context (%" PRId64 ")", n, p.max_tokens, G->n_ctx);
+    memset(&g->stop, 0, sizeof(g->stop));
+    int rc = eng_stop_init(&g->stop, &(eng_stop_cfg){.stop = stop_ptrs, .n_stop = (int)p.n_stop,
+                                                     .max_tokens = p.max_tokens});
+    if (rc < 0)
+        return reject(s, sqe, cqe, rc, "stop strings: %s", eng_error());
+    G->n_free--;
+    g->state = G_ACTIVE;
+    g->in_worker = true;
+    g->final = false;
+    /* g->listed stays: an entry left on the flush list by the previous
+     * request of this gen now serves this one (never two entries). */
+    g->sess_idx = s->idx;
+    g->sess_gen = s->gen;
+    g->slot = sqe->slot;
+    g->user_data = sqe->user_data;
+    g->flags = p.flags;
+    eng_tok_stream_init(&g->ts, ids[n - 1]);
+    g->t_submit = cm_now_ns();
+    g->t_first = g->t_end = 0;
+    g->n_prompt = (uint32_t)n;
+    g->n_gen = 0;
+    g->out_w = 0;
+    g->n_pend = 0;
+    g->result = 0;
+    g->finish = 0;
+    s->slot_gen[sqe->slot] = (int32_t)gi;
+    G->n_active++;
+    G->requests_total++;
+    struct ipc_wcmd c = {.op = IPC_WCMD_START,
+                         .req = gi,
+                         .n_prompt = (uint32_t)n,
+                         .max_tokens = p.max_tokens,
+                         .temperature = p.temperature,
+                         .top_p = p.top_p,
+                         .min_p = p.min_p,
+                         .repeat_penalty = p.repeat_penalty,
+                         .top_k = p.top_k,
+                         .seed = p.seed};
+    if (!G->have_worker) {
+        /* Between a death and the restart (or while stopping). */
+        g->in_worker = false;
+        finalize(G, gi, -EIO, IPC_FINISH_ERROR, "no worker is running");
+        return 0;
+    }
+    push_cmd(G, &c);
+    return 0;
+}
+
+int ap_gen_cancel(struct ap_server *srv, ap_session *s, uint32_t slot)
+{
+    struct ap_gen_state *G = srv->gen;
+    int32_t gi = s->slot_gen ? s->slot_gen[slot] : -1;
+    if (gi < 0 || G->g[gi].state != G_ACTIVE || G->g[gi].final)
+        return -ENOENT;
+    finalize(G, (uint32_t)gi, -ECANCELED, IPC_FINISH_CANCELLED, "cancelled by the client");
+    send_cancel(G, (uint32_t)gi);
+    return 0;
+}
+
+void ap_gen_session_closed(struct ap_server *srv, ap_session *s)
+{
+    struct ap_gen_state *G = srv->gen;
+    if (!G || !s->slot_gen)
+        return;
+    for (uint32_t slot = 0; slot < s->reg.layout.n_slots; slot++) {
+        int32_t gi = s->slot_gen[slot];
+        if (gi < 0)
+            continue;
+        s->slot_gen[slot] = -1;
+        send_cancel(G, (uint32_t)gi);
+        gen_client_done(G, (uint32_t)gi);
+    }
+}
+
+void ap_gen_abort_all(struct ap_server *srv, const char *why)
+{
+    struct ap_gen_state *G = srv->gen;
+    for (uint32_t gi = 0; gi < G->n_gens; gi++)
+        if (G->g[gi].state == G_ACTIVE && !G->g[gi].final) {
+            finalize(G, gi, -ECANCELED, IPC_FINISH_CANCELLED, "%s", why);
+            send_cancel(G, gi);
+        }
+    flush_list(srv);
+}
+
+void ap_gen_fill_stats(const struct ap_server *srv, struct ipc_stats *st)
+{
+    struct ap_gen_state *G = srv->gen;
+    if (!G)
+        return;
+    rate_update(G);
+    st->gen_queued = G->queued;
+    st->gen_running = G->running;
+    st->gen_tokens_total = G->tokens_total;
+    st->gen_tokens_per_s_milli = G->rate_milli;
+    st->kv_blocks_used = G->kv_used;
+    st->kv_blocks_total = G->kv_total;
+    st->decode_batch_max = G->batch_max;
+    st->gen_requests_total = G->requests_total;
+    st->gen_failed = G->failed_total;
+    st->worker_restarts = G->restarts;
+}

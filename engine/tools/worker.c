@@ -1,0 +1,84 @@
+/* gorgon-worker — started by gorgond, never by hand: owns the model and runs
+ * the continuous-batching decode loop (engine/worker.h) over the worker
+ * region whose fd it inherits. */
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/common.h"
+#include "engine/worker.h"
+
+static void usage(FILE *f)
+{
+    fputs("usage: gorgon-worker --model FILE --region-fd FD [--wake-fd FD] [--threads N]\n"
+          "                     [--kv-blocks N] [--max-seqs N] [--batch-tokens N]\n"
+          "                     [--parent PID] [--log-level LEVEL]\n"
+          "Started by gorgond; serves the worker region passed as an inherited fd.\n",
+          f);
+}
+
+static int num(const char *opt, const char *s, long long lo, long long hi, long long *out)
+{
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno || end == s || *end || v < lo || v > hi) {
+        fprintf(stderr, "gorgon-worker: %s: '%s' is not a number in [%lld, %lld]\n", opt, s, lo,
+                hi);
+        return -EINVAL;
+    }
+    *out = v;
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    eng_worker_cfg cfg = {.region_fd = -1, .wake_fd = -1, .n_threads = 1};
+    enum { O_REGION = 256, O_WAKE, O_KV, O_SEQS, O_BATCH, O_PARENT, O_LOG };
+    static const struct option opts[] = {
+        {"model", required_argument, 0, 'm'},       {"threads", required_argument, 0, 't'},
+        {"region-fd", required_argument, 0, O_REGION}, {"wake-fd", required_argument, 0, O_WAKE},
+        {"kv-blocks", required_argument, 0, O_KV},  {"max-seqs", required_argument, 0, O_SEQS},
+        {"batch-tokens", required_argument, 0, O_BATCH},
+        {"parent", required_argument, 0, O_PARENT}, {"log-level", required_argument, 0, O_LOG},
+        {"help", no_argument, 0, 'h'},              {0, 0, 0, 0},
+    };
+    int c;
+    long long v = 0;
+    while ((c = getopt_long(argc, argv, "m:t:h", opts, NULL)) != -1) {
+        int rc = 0;
+        switch (c) {
+        case 'm': cfg.model_path = optarg; break;
+        case 't': rc = num("--threads", optarg, 1, 1024, &v), cfg.n_threads = (int)v; break;
+        case O_REGION: rc = num("--region-fd", optarg, 0, 1 << 20, &v), cfg.region_fd = (int)v; break;
+        case O_WAKE: rc = num("--wake-fd", optarg, -1, 1 << 20, &v), cfg.wake_fd = (int)v; break;
+        case O_KV: rc = num("--kv-blocks", optarg, 0, 1ll << 40, &v), cfg.kv_blocks = v; break;
+        case O_SEQS: rc = num("--max-seqs", optarg, 0, 4096, &v), cfg.max_seqs = (int)v; break;
+        case O_BATCH:
+            rc = num("--batch-tokens", optarg, 0, 1 << 20, &v), cfg.max_batch_tokens = v;
+            break;
+        case O_PARENT: rc = num("--parent", optarg, 0, 1ll << 31, &v), cfg.parent = (pid_t)v; break;
+        case O_LOG: {
+            int lvl = cm_log_parse_level(optarg);
+            if (lvl < 0) {
+                fprintf(stderr, "gorgon-worker: --log-level: unknown level '%s'\n", optarg);
+                return 2;
+            }
+            cm_log_set_level((enum cm_log_level)lvl);
+            break;
+        }
+        case 'h': usage(stdout); return 0;
+        default: usage(stderr); return 2;
+        }
+        if (rc < 0)
+            return 2;
+    }
+    if (!cfg.model_path || cfg.region_fd < 0) {
+        fprintf(stderr, "gorgon-worker: --model and --region-fd are required\n");
+        usage(stderr);
+        return 2;
+    }
+    return eng_worker_run(&cfg) < 0 ? 1 : 0;
+}

@@ -1,0 +1,55 @@
+/* engine worker — the process that owns the model, the paged KV cache and
+ * one sampler per request, and runs the continuous-batching decode loop for
+ * gorgond (program gorgon-worker, engine/tools/worker.c).
+ *
+ * Role in the request path: gorgond tokenizes and validates, then pushes
+ * IPC_WCMD_START (prompt ids in the request's slot) on the command ring of
+ * the worker region (ipc_abi.h, "gorgond <-> worker"); the worker streams
+ * back IPC_WEVT_TOKEN per generated token and IPC_WEVT_DONE when the request
+ * ends (EOS or BOS token, max_tokens, cancel, error), and gorgond decodes
+ * the ids to text and applies stop strings.
+ *
+ * Scheduler (one thread, step by step):
+ *   QUEUED  -> admitted in FIFO order when its worst case
+ *              ceil((prompt + max_tokens - 1) / block_size) KV blocks fit
+ *              beside every running request's worst case (so a running
+ *              request never runs out of KV); a request whose worst case
+ *              exceeds the whole pool is refused at once (-E2BIG);
+ *   PREFILL -> prompt chunks, at most `max_batch_tokens` new tokens per step
+ *              for all sequences together (decode tokens go first);
+ *   DECODE  -> one token per step;
+ * every step is ONE eng_forward() over all running sequences; commands are
+ * read at step boundaries, so new requests join the running batch at the
+ * next step and a cancelled request's KV blocks go back at the next step.
+ *
+ * Threading: eng_worker_run() runs the loop on the calling thread (the
+ * kernels' thread pool does the parallel work) until gorgond goes away.
+ *
+ *   eng_worker_cfg cfg = {.model_path = "m.gguf", .region_fd = 3, .wake_fd = -1,
+ *                         .n_threads = 2};
+ *   return eng_worker_run(&cfg) < 0;
+ */
+#ifndef GORGON_ENG_WORKER_H
+#define GORGON_ENG_WORKER_H
+
+#include <stdint.h>
+#include <sys/types.h>
+
+typedef struct eng_worker_cfg {
+    const char *model_path;
+    int region_fd;            /* worker region (ipc region), taken over */
+    int wake_fd;              /* eventfd to write for gorgond (eventfd doorbells), else -1 */
+    int n_threads;            /* kernel threads (>= 1) */
+    int64_t kv_blocks;        /* KV pool blocks; 0: enough for max_seqs full contexts / 4 */
+    int block_size;           /* positions per KV block; 0: 16 */
+    int max_seqs;             /* running sequences at once; 0: 64 */
+    int64_t max_batch_tokens; /* new tokens per forward; 0: 256 */
+    pid_t parent;             /* exit when the parent is no longer this pid (0: no check) */
+} eng_worker_cfg;
+
+/* Load the model, map the region, announce READY and serve until the
+ * parent dies or the command ring breaks. Returns 0 when gorgond went away,
+ * -errno on a setup error (message logged). */
+int eng_worker_run(const eng_worker_cfg *cfg);
+
+#endif

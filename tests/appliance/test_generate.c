@@ -1,0 +1,587 @@
+/* Generation through gorgond end to end: a real gorgond with --model spawns
+ * a real gorgon-worker; clients stream through libgorgon. Golden outputs of
+ * the engine must come back byte for byte, concurrent batched requests must
+ * equal the same requests run alone, bad parameters fail only their request. */
+#include <criterion/criterion.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "clients/gorgon.h"
+#include "ipc/ipc.h"
+#include "tests/clients/util/gd_proc.h"
+
+static gd_proc gd;
+
+static void teardown(void)
+{
+    gd_stop(&gd);
+}
+
+/* $GORGON_TEST_MODELS, else ../shared/models from the working directory or
+ * from the repo root found from this executable (build/<mode>/tests/NAME). */
+static const char *model_path(const char *rel)
+{
+    static char p[PATH_MAX];
+    const char *e = getenv("GORGON_TEST_MODELS");
+    char dir[PATH_MAX] = "../shared/models";
+    if (e && *e) {
+        snprintf(dir, sizeof(dir), "%s", e);
+    } else if (access("../shared/models/stories260K", R_OK) != 0) {
+        char self[PATH_MAX];
+        ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+        if (n > 0) {
+            self[n] = 0;
+            for (int up = 0; up < 4; up++) {
+                char *s = strrchr(self, '/');
+                if (s)
+                    *s = 0;
+            }
+            snprintf(dir, sizeof(dir), "%.3800s/../shared/models", self);
+        }
+    }
+    snprintf(p, sizeof(p), "%s/%s", dir, rel);
+    cr_assert_eq(access(p, R_OK), 0, "test model %s not found (set GORGON_TEST_MODELS)", p);
+    return p;
+}
+
+#define S260 "stories260K/stories260K.gguf"
+
+static char model_buf[PATH_MAX];
+
+#define START_GORGOND(...)                                                                   \
+    do {                                                                                     \
+        int rc_ = gd_start(&gd, __VA_ARGS__);                                                \
+        if (rc_ == -ENOENT)                                                                  \
+            cr_skip_test("gorgond not built: run `make build/bin/gorgond`");                 \
+        cr_assert_eq(rc_, 0, "gorgond did not start: %s", strerror(-rc_));                   \
+    } while (0)
+
+#define START_WITH_MODEL(...)                                                                \
+    do {                                                                                     \
+        snprintf(model_buf, sizeof(model_buf), "%s", model_path(S260));                      \
+        START_GORGOND("--model", model_buf, __VA_ARGS__);                                    \
+    } while (0)
+
+static gorgon_client *connect_cli(void)
+{
+    gorgon_client *cli;
+    gorgon_opts o = {.socket_path = gd.sock};
+    int rc = gorgon_connect(&cli, &o);
+    cr_assert_eq(rc, 0, "connect: %s", gorgon_strerror(rc));
+    return cli;
+}
+
+typedef struct gen_out {
+    char text[8192];
+    size_t len;
+    int rc;          /* gorgon_generate_next's last return */
+    gorgon_gen_chunk last;
+    char msg[256];   /* error message */
+} gen_out;
+
+/* Run one request to its end. */
+static void run_one(gorgon_client *cli, const gorgon_gen_params *p, gen_out *o)
+{
+    memset(o, 0, sizeof(*o));
+    uint32_t req;
+    int rc = gorgon_generate_submit(cli, p, 1, &req);
+    cr_assert_eq(rc, 0, "submit: %s", gorgon_strerror(rc));
+    gorgon_gen_chunk ch;
+    for (;;) {
+        rc = gorgon_generate_next(cli, req, &ch, 20000000000ll);
+        cr_assert(rc != -ETIMEDOUT || ch.done, "generation timed out");
+        if (!ch.error && ch.len) {
+            cr_assert_lt(o->len + ch.len, sizeof(o->text));
+            memcpy(o->text + o->len, ch.text, ch.len);
+            o->len += ch.len;
+        }
+        if (rc != 1)
+            break;
+    }
+    o->rc = rc;
+    o->last = ch;
+    if (ch.error)
+        snprintf(o->msg, sizeof(o->msg), "%.*s", (int)ch.len, ch.text);
+}
+
+static void expect_golden(const char *golden, const char *prefix, const gen_out *o)
+{
+    FILE *f = fopen(model_path(golden), "rb");
+    cr_assert_not_null(f);
+    static char want[1 << 16];
+    size_t n = fread(want, 1, sizeof(want), f);
+    fclose(f);
+    static char got[1 << 16];
+    int k = snprintf(got, sizeof(got), "%s%.*s\n", prefix, (int)o->len, o->text);
+    size_t i = 0;
+    while (i < n && i < (size_t)k && want[i] == got[i])
+        i++;
+    cr_assert(i == n && n == (size_t)k,
+              "%s: first difference at byte %zu (got %d bytes, want %zu)\n got: %.60s\nwant: %.60s",
+              golden, i, k, n, got + (i > 20 ? i - 20 : 0), want + (i > 20 ? i - 20 : 0));
+}
+
+/* tests/engine/test_golden.c runs eng_generate with `steps` positions
+ * including BOS and the prompt, printing the prompt (after BOS) and then the
+ * generated text and a final newline: through gorgond that is max_tokens =
+ * steps - prompt tokens + 1 (BOS included in the prompt tokens) and the
+ * prompt text prepended. */
+Test(appliance_generate, greedy_from_bos_matches_golden_n256, .fini = teardown, .timeout = 60)
+{
+    START_WITH_MODEL(NULL);
+    gorgon_client *cli = connect_cli();
+    gen_out o;
+    run_one(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 256}, &o);
+    cr_assert_eq(o.rc, 0, "generate failed: %d %s", o.rc, o.msg);
+    cr_assert_eq(o.last.usage.prompt_tokens, 1);
+    cr_assert_eq(o.last.finish, GORGON_FINISH_LENGTH);
+    cr_assert_eq(o.last.usage.completion_tokens, 256);
+    cr_assert_gt(o.last.usage.ttft_ns, 0);
+    cr_assert_geq(o.last.usage.total_ns, o.last.usage.ttft_ns);
+    expect_golden("stories260K/golden_greedy_n256.txt", "", &o);
+    gorgon_close(cli);
+    GD_END(&gd);
+}
+
+Test(appliance_generate, greedy_prompt_matches_golden_lily_and_tom_n64, .fini = teardown,
+     .timeout = 60)
+{
+    START_WITH_MODEL(NULL);
+    gorgon_client *cli = connect_cli();
+    gen_out o;
+    /* "Lily and Tom" is BOS + 4 tokens: steps 64 -> 60 new tokens. */
+    run_one(cli, &(gorgon_gen_params){.prompt = "Lily and Tom", .max_tokens = 60}, &o);
+    cr_assert_eq(o.rc, 0, "generate failed: %d %s", o.rc, o.msg);
+    cr_assert_eq(o.last.usage.prompt_tokens, 5);
+    expect_golden("stories260K/golden_greedy_prompt_LilyAndTom_n64.txt", "Lily and Tom", &o);
+    gorgon_close(cli);
+    GD_END(&gd);
+}
+
+Test(appliance_generate, token_ids_in_and_out_match_text, .fini = teardown, .timeout = 60)
+{
+    START_WITH_MODEL(NULL);
+    gorgon_client *cli = connect_cli();
+    gen_out text;
+    run_one(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 40}, &text);
+    cr_assert_eq(text.rc, 0, "%s", text.msg);
+    /* Same request with ids in (BOS = 1) and ids out. */
+    int32_t bos = 1;
+    uint32_t req;
+    cr_assert_eq(gorgon_generate_submit(cli,
+                                        &(gorgon_gen_params){.prompt_ids = &bos, .n_ids = 1,
+                                                             .max_tokens = 40,
+                                                             .flags = GORGON_GEN_PROMPT_IDS |
+                                                                      GORGON_GEN_WANT_IDS},
+                                        2, &req),
+                 0);
+    int32_t ids[64];
+    size_t n = 0;
+    gorgon_gen_chunk ch;
+    int rc;
+    while ((rc = gorgon_generate_next(cli, req, &ch, 20000000000ll)) >= 0) {
+        cr_assert_leq(n + ch.n_ids, 64);
+        if (ch.n_ids)
+            memcpy(ids + n, ch.ids, ch.n_ids * sizeof(int32_t));
+        n += ch.n_ids;
+        if (rc == 0)
+            break;
+    }
+    cr_assert_eq(rc, 0);
+    cr_assert_eq(n, 40, "got %zu ids", n);
+    cr_assert_eq(ch.usage.completion_tokens, 40);
+    for (size_t i = 0; i < n; i++)
+        cr_assert(ids[i] >= 0 && ids[i] < 512);
+    gorgon_close(cli);
+    GD_END(&gd);
+}
+
+Test(appliance_generate, stop_string_ends_text_before_it, .fini = teardown, .timeout = 60)
+{
+    START_WITH_MODEL(NULL);
+    gorgon_client *cli = connect_cli();
+    gen_out o;
+    const char *stop[] = {"park"};
+    run_one(cli, &(gorgon_gen_params){.prompt = "Lily and Tom", .max_tokens = 60, .stop = stop,
+                                      .n_stop = 1},
+            &o);
+    cr_assert_eq(o.rc, 0, "%s", o.msg);
+    cr_assert_eq(o.last.finish, GORGON_FINISH_STOP);
+    cr_assert_str_eq((o.text[o.len] = 0, o.text), " were playing in the ");
+    /* The worker was told to stop: its KV goes back. */
+    gorgon_counters st;
+    for (int i = 0; i < 200; i++) {
+        cr_assert_eq(gorgon_stats(cli, &st), 0);
+        if (st.kv_blocks_used == 0 && st.gen_running == 0)
+            break;
+        gd_sleep_ms(10);
+    }
+    cr_assert_eq(st.kv_blocks_used, 0);
+    gorgon_close(cli);
+    GD_END(&gd);
+}
+
+Test(appliance_generate, bad_params_fail_only_that_request, .fini = teardown, .timeout = 60)
+{
+    START_WITH_MODEL(NULL);
+    gorgon_client *cli = connect_cli();
+    struct {
+        gorgon_gen_params p;
+        const char *word; /* gorgond's message names the field */
+    } bad[] = {
+        {{.prompt = "x", .max_tokens = 4, .temperature = -1.0f}, "temperature"},
+        {{.prompt = "x", .max_tokens = 4, .top_p = 0.5f, .min_p = 2.0f}, "min_p"},
+        {{.prompt = "x", .max_tokens = 4096}, "context"},
+        {{.prompt = "x", .max_tokens = 4, .top_k = 100000}, "top_k"},
+    };
+    /* top_p outside (0,1] cannot be sent through libgorgon (it maps 0/1 to
+     * off): a raw NaN gets through and must be refused. */
+    gorgon_gen_params nan_p = {.prompt = "x", .max_tokens = 4, .top_p = __builtin_nanf("")};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        gen_out o;
+        run_one(cli, &bad[i].p, &o);
+        cr_assert_eq(o.rc, -EINVAL, "case %zu: rc %d", i, o.rc);
+        cr_assert_eq(o.last.finish, GORGON_FINISH_ERROR);
+        cr_assert(strstr(o.msg, bad[i].word), "case %zu: message '%s' lacks '%s'", i, o.msg,
+                  bad[i].word);
+        /* and the next good request works */
+        run_one(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 3}, &o);
+        cr_assert_eq(o.rc, 0, "good request after bad case %zu: %s", i, o.msg);
+    }
+    gen_out o;
+    run_one(cli, &nan_p, &o);
+    cr_assert_eq(o.rc, -EINVAL);
+    cr_assert(strstr(o.msg, "top_p"), "%s", o.msg);
+    /* Raw descriptors: an unknown flag bit, and a too-short parameter block. */
+    int slot = gorgon_slot_acquire(cli);
+    cr_assert_geq(slot, 0);
+    struct ipc_gen_params gp = {.flags = 0x80, .max_tokens = 4, .top_p = 1.0f};
+    memcpy(gorgon_slot_input(cli, (uint32_t)slot, NULL), &gp, sizeof(gp));
+    cr_assert_eq(gorgon_submit(cli, &(gorgon_request){.opcode = GORGON_OP_GENERATE,
+                                                      .slot = (uint32_t)slot,
+                                                      .in_len = sizeof(gp), .user_data = 9}),
+                 0);
+    gorgon_completion c;
+    cr_assert_eq(gorgon_wait(cli, &c, 1, 5000000000ll), 1);
+    cr_assert_eq(c.result, -EINVAL);
+    cr_assert(c.out_len && strstr(c.out, "flags"));
+    cr_assert_eq(gorgon_submit(cli, &(gorgon_request){.opcode = GORGON_OP_GENERATE,
+                                                      .slot = (uint32_t)slot, .in_len = 8,
+                                                      .user_data = 10}),
+                 0);
+    cr_assert_eq(gorgon_wait(cli, &c, 1, 5000000000ll), 1);
+    cr_assert_eq(c.result, -EINVAL);
+    gorgon_slot_release(cli, (uint32_t)slot);
+    gorgon_close(cli);
+    GD_END(&gd);
+}
+
+Test(appliance_generate, without_model_generate_is_enotsup_with_message, .fini = teardown,
+     .timeout = 30)
+{
+    START_GORGOND(NULL);
+    gorgon_client *cli = connect_cli();
+    gen_out o;
+    run_one(cli, &(gorgon_gen_params){.prompt = "hi", .max_tokens = 4}, &o);
+    cr_assert_eq(o.rc, -ENOTSUP);
+    cr_assert(strstr(o.msg, "--model"), "%s", o.msg);
+    uint64_t rtt;
+    cr_assert_eq(gorgon_ping(cli, "abc", 3, 1000000000, &rtt), 3);
+    gorgon_close(cli);
+    GD_END(&gd);
+}
+
+Test(appliance_generate, cancel_ends_stream_and_frees_kv, .fini = teardown, .timeout = 60)
+{
+    START_WITH_MODEL(NULL);
+    gorgon_client *cli = connect_cli();
+    uint32_t req;
+    cr_assert_eq(gorgon_generate_submit(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 2000},
+                                        1, &req),
+                 0);
+    gorgon_gen_chunk ch;
+    int rc = gorgon_generate_next(cli, req, &ch, 20000000000ll);
+    cr_assert_eq(rc, 1, "first chunk: %d", rc);
+    cr_assert_eq(gorgon_cancel(cli, req), 0);
+    while ((rc = gorgon_generate_next(cli, req, &ch, 20000000000ll)) == 1)
+        ;
+    cr_assert_eq(rc, -ECANCELED);
+    cr_assert_eq(ch.finish, GORGON_FINISH_CANCELLED);
+    cr_assert_lt(ch.usage.completion_tokens, 2000);
+    cr_assert_eq(gorgon_cancel(cli, req), -ENOENT);
+    gorgon_counters st;
+    for (int i = 0; i < 200; i++) {
+        cr_assert_eq(gorgon_stats(cli, &st), 0);
+        if (st.kv_blocks_used == 0 && st.gen_running == 0)
+            break;
+        gd_sleep_ms(10);
+    }
+    cr_assert_eq(st.kv_blocks_used, 0, "KV still used after cancel: %llu",
+                 (unsigned long long)st.kv_blocks_used);
+    gorgon_close(cli);
+    GD_END(&gd);
+}
+
+/* ---- continuous batching: 16 clients x 8 requests at once ---------------------- */
+
+#define N_CLIENTS 16
+#define N_REQ 8
+#define N_COMBO 24
+
+static const char *prompts[6] = {
+    "", "Lily and Tom", "Once upon a time", "The dog", "One day, a little girl named Sue went",
+    "Tim had a red ball. He",
+};
+
+static gorgon_gen_params combo(int k)
+{
+    static const int lens[4] = {5, 17, 40, 72};
+    return (gorgon_gen_params){.prompt = prompts[k % 6], .max_tokens = lens[(k / 6) % 4]};
+}
+
+static gen_out alone[N_COMBO];
+
+struct client_arg {
+    int id;
+    int mismatches;
+    char err[256];
+};
+
+static void *client_main(void *p)
+{
+    struct client_arg *a = p;
+    gorgon_client *cli;
+    gorgon_opts o = {.socket_path = gd.sock};
+    if (gorgon_connect(&cli, &o) < 0) {
+        snprintf(a->err, sizeof(a->err), "connect failed");
+        return NULL;
+    }
+    uint32_t req[N_REQ];
+    static _Thread_local char buf[N_REQ][8192];
+    size_t len[N_REQ] = {0};
+    int done[N_REQ] = {0}, k[N_REQ];
+    for (int r = 0; r < N_REQ; r++) {
+        k[r] = (a->id * N_REQ + r) % N_COMBO;
+        gorgon_gen_params gp = combo(k[r]);
+        int rc = gorgon_generate_submit(cli, &gp, (uint64_t)r, &req[r]);
+        if (rc < 0) {
+            snprintf(a->err, sizeof(a->err), "submit %d: %s", r, gorgon_strerror(rc));
+            gorgon_close(cli);
+            return NULL;
+        }
+    }
+    /* Read the streams round-robin, a chunk at a time. */
+    int left = N_REQ;
+    while (left) {
+        for (int r = 0; r < N_REQ; r++) {
+            if (done[r])
+                continue;
+            gorgon_gen_chunk ch;
+            int rc = gorgon_generate_next(cli, req[r], &ch, 1000000);
+            if (rc == -ETIMEDOUT && !ch.done)
+                continue;
+            if (rc < 0) {
+                snprintf(a->err, sizeof(a->err), "request %d failed: %d %.*s", r, rc,
+                         (int)ch.len, ch.text);
+                gorgon_close(cli);
+                return NULL;
+            }
+            if (ch.len && len[r] + ch.len < sizeof(buf[r])) {
+                memcpy(buf[r] + len[r], ch.text, ch.len);
+                len[r] += ch.len;
+            }
+            if (rc == 0) {
+                done[r] = 1;
+                left--;
+                if (len[r] != alone[k[r]].len || memcmp(buf[r], alone[k[r]].text, len[r]) != 0)
+                    a->mismatches++;
+            }
+        }
+    }
+    gorgon_close(cli);
+    return NULL;
+}
+
+Test(appliance_generate, sixteen_clients_batched_equal_alone_runs, .fini = teardown,
+     .timeout = 240)
+{
+    START_WITH_MODEL("--max-seqs", "32", "--batch-tokens", "64", NULL);
+    gorgon_client *cli = connect_cli();
+    for (int k = 0; k < N_COMBO; k++) {
+        gorgon_gen_params gp = combo(k);
+        run_one(cli, &gp, &alone[k]);
+        cr_assert_eq(alone[k].rc, 0, "alone %d: %s", k, alone[k].msg);
+    }
+    gorgon_counters st;
+    cr_assert_eq(gorgon_stats(cli, &st), 0);
+    cr_assert_eq(st.decode_batch_max, 1, "requests run alone batched %llu",
+                 (unsigned long long)st.decode_batch_max);
+    pthread_t th[N_CLIENTS];
+    static struct client_arg args[N_CLIENTS];
+    for (int i = 0; i < N_CLIENTS; i++) {
+        args[i] = (struct client_arg){.id = i};
+        cr_assert_eq(pthread_create(&th[i], NULL, client_main, &args[i]), 0);
+    }
+    int mism = 0;
+    for (int i = 0; i < N_CLIENTS; i++) {
+        pthread_join(th[i], NULL);
+        cr_assert_eq(args[i].err[0], 0, "client %d: %s", i, args[i].err);
+        mism += args[i].mismatches;
+    }
+    cr_assert_eq(mism, 0, "%d of %d batched outputs differ from the same request alone", mism,
+                 N_CLIENTS * N_REQ);
+    cr_assert_eq(gorgon_stats(cli, &st), 0);
+    cr_assert_gt(st.decode_batch_max, 1, "never batched: decode_batch_max %llu",
+                 (unsigned long long)st.decode_batch_max);
+    cr_assert_eq(st.gen_requests_total, N_COMBO + N_CLIENTS * N_REQ);
+    cr_assert_eq(st.gen_failed, 0);
+    gorgon_close(cli);
+    GD_END(&gd);
+}
+
+/* A request that can never fit the KV pool is refused at once; one that
+ * fits only later waits for room instead of failing. */
+Test(appliance_generate, kv_admission_waits_or_refuses, .fini = teardown, .timeout = 60)
+{
+    /* 8 blocks of 16 positions = 128 positions in all. */
+    START_WITH_MODEL("--kv-blocks", "8", NULL);
+    gorgon_client *cli = connect_cli();
+    gen_out o;
+    run_one(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 200}, &o);
+    cr_assert_eq(o.rc, -E2BIG, "rc %d: %s", o.rc, o.msg);
+    cr_assert(strstr(o.msg, "KV blocks"), "%s", o.msg);
+    /* Two of 100 positions each: the second waits for the first. */
+    uint32_t a, b;
+    cr_assert_eq(gorgon_generate_submit(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 100},
+                                        1, &a),
+                 0);
+    cr_assert_eq(gorgon_generate_submit(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 100},
+                                        2, &b),
+                 0);
+    gorgon_gen_chunk ch;
+    int rc;
+    uint32_t reqs[2] = {a, b};
+    for (int i = 0; i < 2; i++) {
+        while ((rc = gorgon_generate_next(cli, reqs[i], &ch, 20000000000ll)) == 1)
+            ;
+        cr_assert_eq(rc, 0, "request %d: %d %.*s", i, rc, (int)ch.len, ch.text);
+        cr_assert_eq(ch.usage.completion_tokens, 100);
+    }
+    gorgon_close(cli);
+    GD_END(&gd);
+}
+
+/* Exactly one final completion per request: nothing more arrives after it. */
+Test(appliance_generate, one_final_per_request_then_silence, .fini = teardown, .timeout = 60)
+{
+    START_WITH_MODEL(NULL);
+    gorgon_client *cli = connect_cli();
+    for (int i = 0; i < 20; i++) {
+        gen_out o;
+        run_one(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 1 + i % 3}, &o);
+        cr_assert_eq(o.rc, 0, "%s", o.msg);
+        gorgon_completion c[8];
+        uint64_t t0 = gd_now_ms();
+        while (gd_now_ms() - t0 < 20) {
+            int n = gorgon_poll(cli, c, 8);
+            cr_assert_eq(n, 0, "request %d: %d completions after the final (ud %llu res %d "
+                               "flags %u)",
+                         i, n, (unsigned long long)c[0].user_data, c[0].result, c[0].flags);
+        }
+    }
+    gorgon_close(cli);
+    GD_END(&gd);
+}
+
+/* Kernels without IORING_OP_FUTEX_WAIT: gorgond sleeps on an eventfd that
+ * the worker writes (the same fallback as the client rings). */
+Test(appliance_generate, eventfd_doorbells_serve_golden_output, .fini = teardown, .timeout = 60)
+{
+    START_WITH_MODEL("--eventfd-doorbells", "--poll-us", "0", NULL);
+    gorgon_client *cli = connect_cli();
+    gen_out o;
+    run_one(cli, &(gorgon_gen_params){.prompt = "Lily and Tom", .max_tokens = 60}, &o);
+    cr_assert_eq(o.rc, 0, "generate failed: %d %s", o.rc, o.msg);
+    expect_golden("stories260K/golden_greedy_prompt_LilyAndTom_n64.txt", "Lily and Tom", &o);
+    gorgon_close(cli);
+    GD_END(&gd);
+}
+
+/* A prompt prefilled in chunks of 16 tokens (several steps, interleaved
+ * with other sequences' decode steps) gives the output of a one-step
+ * prefill. */
+Test(appliance_generate, chunked_prefill_equals_one_step_prefill, .fini = teardown, .timeout = 120)
+{
+    static char prompt[4096];
+    size_t n = 0;
+    for (int i = 0; i < 20; i++)
+        n += (size_t)snprintf(prompt + n, sizeof(prompt) - n, "Lily and Tom went to the park %d. ", i);
+    static gen_out ref, got;
+    START_WITH_MODEL("--batch-tokens", "1024", NULL);
+    gorgon_client *cli = connect_cli();
+    run_one(cli, &(gorgon_gen_params){.prompt = prompt, .max_tokens = 40}, &ref);
+    cr_assert_eq(ref.rc, 0, "%s", ref.msg);
+    cr_assert_gt(ref.last.usage.prompt_tokens, 100);
+    gorgon_close(cli);
+    GD_END(&gd);
+
+    START_WITH_MODEL("--batch-tokens", "16", NULL);
+    cli = connect_cli();
+    gorgon_client *cli2 = connect_cli();
+    /* A decoding neighbour shares every step with the chunks. */
+    uint32_t nb;
+    cr_assert_eq(gorgon_generate_submit(cli2, &(gorgon_gen_params){.prompt = "", .max_tokens = 300},
+                                        5, &nb),
+                 0);
+    run_one(cli, &(gorgon_gen_params){.prompt = prompt, .max_tokens = 40}, &got);
+    cr_assert_eq(got.rc, 0, "%s", got.msg);
+    cr_assert(got.len == ref.len && memcmp(got.text, ref.text, ref.len) == 0,
+              "chunked prefill changed the output:\n got: %.80s\nwant: %.80s", got.text, ref.text);
+    gorgon_gen_chunk ch;
+    int rc;
+    while ((rc = gorgon_generate_next(cli2, nb, &ch, 20000000000ll)) == 1)
+        ;
+    cr_assert_eq(rc, 0);
+    gorgon_counters st;
+    cr_assert_eq(gorgon_stats(cli, &st), 0);
+    cr_assert_gt(st.decode_batch_max, 1);
+    gorgon_close(cli2);
+    gorgon_close(cli);
+    GD_END(&gd);
+}
+
+/* A 128-byte output ring and a client that starts reading late: gorgond
+ * holds the text back (flow control through out_consumed) and wraps the
+ * ring many times; the text arrives whole and in order. */
+Test(appliance_generate, small_output_ring_wraps_and_waits_for_reader, .fini = teardown,
+     .timeout = 60)
+{
+    START_WITH_MODEL("--slot-out-bytes", "128", NULL);
+    gorgon_client *cli = connect_cli();
+    uint32_t req;
+    cr_assert_eq(gorgon_generate_submit(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 256},
+                                        1, &req),
+                 0);
+    gd_sleep_ms(200); /* generation finishes meanwhile; at most 128 bytes can be out */
+    static gen_out o;
+    gorgon_gen_chunk ch;
+    int rc;
+    size_t chunks = 0;
+    while ((rc = gorgon_generate_next(cli, req, &ch, 20000000000ll)) >= 0) {
+        cr_assert_leq(ch.len, 128);
+        memcpy(o.text + o.len, ch.text, ch.len);
+        o.len += ch.len;
+        chunks++;
+        if (rc == 0)
+            break;
+    }
+    cr_assert_eq(rc, 0, "rc %d", rc);
+    cr_assert_gt(chunks, 8, "the ring never wrapped (%zu chunks)", chunks);
+    expect_golden("stories260K/golden_greedy_n256.txt", "", &o);
+    gorgon_close(cli);
+    GD_END(&gd);
+}
