@@ -7,5 +7,6 @@
 int bench_ipc_main(int argc, char **argv);
 int bench_engine_main(int argc, char **argv);
 int bench_serve_main(int argc, char **argv);
+int bench_medusa_main(int argc, char **argv);
 
 #endif

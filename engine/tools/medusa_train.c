@@ -15,6 +15,12 @@
  *      {k}.0.linear.bias [H], {k}.1.weight [V,H], F32) and DIR/config.json;
  *      top-1 / top-5 of every head on held-out sequences (before and after
  *      training) go to stderr.
+ *   4. Tree: the heads' rank-wise top-10 accuracies on the held-out
+ *      sequences and the measured cost of a tree step on this backend
+ *      (forward over n tree nodes plus the heads, relative to a plain
+ *      one-token decode, at a context of COST_CTX tokens) give a fitted
+ *      candidate tree (engine/medusa_fit.h), written as
+ *      DIR/medusa_choices.json; gorgon-run --medusa DIR uses it by default.
  *
  * Forward matrix products go through the kernels (kn_ops.matmul); the
  * backward's row updates are independent per row and run on the kernels'
@@ -31,6 +37,7 @@
 
 #include "common/common.h"
 #include "engine/engine.h"
+#include "engine/medusa_fit.h"
 #include "engine/medusa_heads.h"
 #include "engine/safetensors.h"
 
@@ -114,7 +121,9 @@ static void usage(FILE *f)
             "  --batch B    positions per AdamW step (default 64)\n"
             "  --lr LR      AdamW learning rate (default 1e-3), --wd weight decay (0.01)\n"
             "  --temp T, --top-p P  sampling of the training text (default 0.8, 0.95)\n"
-            "  --holdout F  fraction of sequences held out for top-k accuracy (0.1)\n",
+            "  --holdout F  fraction of sequences held out for top-k accuracy (0.1)\n"
+            "  --threads N  kernel threads; the tree in DIR/medusa_choices.json is fitted to\n"
+            "               the step cost measured with them (default: all cores)\n",
             MAX_HEADS);
 }
 
@@ -449,12 +458,15 @@ static void load_batch(trainer *T, const dataset *d, const posn *ps, int64_t n, 
     }
 }
 
-/* Top-1 / top-5 of every head over positions ps[0..n). */
-static void evaluate(trainer *T, const dataset *d, const posn *ps, int64_t n, const char *when)
+/* Top-1 / top-5 of every head over positions ps[0..n). With acc non-NULL,
+ * also acc[k][r] = fraction of positions where the target is head k's
+ * rank-r candidate (r < ENG_MEDUSA_TOPK; rank-wise, not cumulative). */
+static void evaluate(trainer *T, const dataset *d, const posn *ps, int64_t n, const char *when,
+                     double *acc)
 {
     fprintf(stderr, "held-out (%s):", when);
     for (int k = 0; k < T->K; k++) {
-        int64_t n1 = 0, n5 = 0, cnt = 0;
+        int64_t n1 = 0, n5 = 0, cnt = 0, at_rank[ENG_MEDUSA_TOPK] = {0};
         for (int64_t i = 0; i < n; i += T->B) {
             const int64_t m = n - i < T->B ? n - i : T->B;
             load_batch(T, d, ps + i, m, k);
@@ -464,13 +476,17 @@ static void evaluate(trainer *T, const dataset *d, const posn *ps, int64_t n, co
                     continue;
                 const float *l = T->lg + r * T->V, lt = l[T->tgt[r]];
                 int64_t above = 0;
-                for (int64_t v = 0; v < T->V && above < 5; v++)
+                for (int64_t v = 0; v < T->V && above < ENG_MEDUSA_TOPK; v++)
                     above += l[v] > lt || (l[v] == lt && v < T->tgt[r]);
                 n1 += above < 1;
                 n5 += above < 5;
+                if (above < ENG_MEDUSA_TOPK)
+                    at_rank[above]++;
                 cnt++;
             }
         }
+        for (int r = 0; acc && r < ENG_MEDUSA_TOPK; r++)
+            acc[k * ENG_MEDUSA_TOPK + r] = cnt ? (double)at_rank[r] / (double)cnt : 0.0;
         fprintf(stderr, "  head %d top-1 %.1f%% top-5 %.1f%%", k,
                 cnt ? 100.0 * (double)n1 / (double)cnt : 0.0,
                 cnt ? 100.0 * (double)n5 / (double)cnt : 0.0);
@@ -528,6 +544,172 @@ static int write_heads(const trainer *T, const opts *o)
         rc = cm_neg_errno();
         return eng_fail(rc, "%s: %s", path, cm_strerror(rc));
     }
+    return 0;
+}
+
+/* ---- tree fitted to this backend ---------------------------------------- */
+
+#define COST_CTX 128 /* context the cost is measured at (less if the model is shorter) */
+#define COST_MAX_NODES 64
+static const int64_t COST_NS[] = {1, 2, 4, 8, 16, 32, 64};
+#define COST_PTS ((int)(sizeof(COST_NS) / sizeof(COST_NS[0])))
+
+/* cost[n-1], n = 1..COST_MAX_NODES: (forward of n tree nodes with their
+ * logits and hidden states + the heads) / (plain one-token decode); n = 1 is
+ * the plain step itself. Best of interleaved rounds, so a burst of load from
+ * other processes hits every size alike. */
+static int measure_cost(kn_ctx *kn, const eng_model *m, trainer *T, const dataset *d,
+                        double *cost)
+{
+    const eng_hparams *hp = eng_model_hparams(m);
+    const int64_t V = hp->n_vocab, H = hp->dim, N = COST_MAX_NODES;
+    int64_t ctx = hp->n_ctx - N - 1 < COST_CTX ? hp->n_ctx - N - 1 : COST_CTX;
+    if (ctx < 1)
+        return eng_fail(-EINVAL, "context of %" PRId64 " is too short to time a %" PRId64
+                                 "-node tree",
+                        hp->n_ctx, N);
+    const int64_t max_len = ctx + N, rows = ctx > N ? ctx : N;
+    eng_ctx *c = NULL;
+    eng_kv *kv = NULL;
+    eng_kv_cfg kc;
+    eng_model_kv_cfg(m, 16, (max_len + 15) / 16, 1, max_len, &kc);
+    float *logits = malloc((size_t)(rows * V) * sizeof(float));
+    float *hidden = malloc((size_t)(rows * H) * sizeof(float));
+    int32_t *ids = malloc((size_t)rows * sizeof(int32_t));
+    int32_t *pos = malloc((size_t)N * sizeof(int32_t));
+    uint8_t *mask = calloc((size_t)(N * N), 1);
+    uint8_t *want = malloc((size_t)N);
+    int rc = logits && hidden && ids && pos && mask && want ? 0 : -ENOMEM;
+    if (rc == 0)
+        rc = eng_ctx_create(&c, m, &(eng_ctx_cfg){.kn = kn, .max_tokens = rows,
+                                                   .max_ctx = max_len});
+    if (rc == 0)
+        rc = eng_kv_create(&kv, &kc);
+    int seq = rc == 0 ? eng_kv_seq_alloc(kv) : -1;
+    double best[COST_PTS + 1], head_t = 1e30;
+    for (int i = 0; i <= COST_PTS; i++)
+        best[i] = 1e30;
+    if (rc == 0) {
+        /* the context: a held-out-like text of the base model's own */
+        for (int64_t i = 0; i < rows; i++)
+            ids[i] = d->tok[i % d->n_tok[0]];
+        memset(want, 1, (size_t)N);
+        eng_seq_in in = {.seq = seq, .tokens = ids, .n_tokens = ctx};
+        if (eng_forward(c, kv, &in, 1, logits, NULL) < 0)
+            rc = -EIO;
+    }
+    memcpy(T->x, d->hid, (size_t)H * sizeof(float));
+    T->nb = 1;
+    const uint64_t t_start = cm_now_ns();
+    for (int round = 0; rc == 0 && round < 400; round++) {
+        if (round >= 8 && cm_now_ns() - t_start > 3000000000ull)
+            break;
+        for (int i = 0; i <= COST_PTS && rc == 0; i++) {
+            /* i == 0: the plain decode step (one token, logits only) */
+            const int64_t n = i == 0 ? 1 : COST_NS[i - 1];
+            for (int64_t j = 0; j < n; j++)
+                pos[j] = (int32_t)(ctx + (j > 0));
+            /* a wide tree's mask (node attends the root and itself); the
+             * work is the same for any tree of n nodes */
+            for (int64_t a = 0; a < n; a++)
+                for (int64_t b = 0; b < n; b++)
+                    mask[a * n + b] = a == b || b == 0;
+            eng_seq_in in = i == 0 ? (eng_seq_in){.seq = seq, .tokens = ids, .n_tokens = 1}
+                                   : (eng_seq_in){.seq = seq, .tokens = ids, .n_tokens = n,
+                                                  .pos = pos, .mask = mask, .want = want};
+            /* the first call wakes the kernels' thread pool; decode steps
+             * run back to back, so time only the calls after it */
+            for (int rep = 0; rep < 4 && rc == 0; rep++) {
+                const uint64_t t0 = cm_now_ns();
+                int64_t got = eng_forward(c, kv, &in, 1, logits, i == 0 ? NULL : hidden);
+                const double t = (double)(cm_now_ns() - t0);
+                if (got < 0 || eng_kv_seq_truncate(kv, seq, ctx) < 0)
+                    rc = -EIO;
+                if (rep > 0)
+                    best[i] = t < best[i] ? t : best[i];
+            }
+        }
+        for (int rep = 0; rep < 4; rep++) {
+            const uint64_t t0 = cm_now_ns();
+            for (int k = 0; k < T->K; k++)
+                head_forward(T, k);
+            const double t = (double)(cm_now_ns() - t0);
+            if (rep > 0)
+                head_t = t < head_t ? t : head_t;
+        }
+    }
+    if (rc == 0) {
+        double pts[COST_PTS];
+        pts[0] = 1.0; /* a root-only tree is the plain step */
+        for (int i = 1; i < COST_PTS; i++)
+            pts[i] = (best[i + 1] + head_t) / best[0];
+        fprintf(stderr, "tree step cost on %s kernels, %d thread(s), context %" PRId64
+                        " (plain decode %.1f us, heads %.1f us):",
+                kn_variant_name(kn_ctx_variant(kn)), kn_ctx_threads(kn), ctx, best[0] * 1e-3,
+                head_t * 1e-3);
+        for (int i = 0; i < COST_PTS; i++)
+            fprintf(stderr, " n=%" PRId64 " %.2f", COST_NS[i], pts[i]);
+        fprintf(stderr, "\n");
+        rc = eng_medusa_fit_interp_cost(COST_NS, pts, COST_PTS, N, cost);
+    } else if (rc == -EIO) {
+        rc = eng_fail(-EIO, "timing a tree forward: %s", eng_error());
+    }
+    eng_kv_destroy(kv);
+    eng_ctx_destroy(c);
+    free(logits), free(hidden), free(ids), free(pos), free(mask), free(want);
+    return rc;
+}
+
+/* Fit the tree to acc and this backend's cost; write DIR/medusa_choices.json. */
+static int fit_and_write(kn_ctx *kn, const eng_model *m, trainer *T, const dataset *d,
+                         const double *acc, const opts *o)
+{
+    double cost[COST_MAX_NODES];
+    int rc = measure_cost(kn, m, T, d, cost);
+    if (rc < 0)
+        return rc;
+    eng_medusa_fit *f = malloc(sizeof(*f));
+    char *text = malloc(ENG_MEDUSA_FIT_TEXT_MAX);
+    if (!f || !text) {
+        free(f), free(text);
+        return eng_fail(-ENOMEM, "out of memory fitting the tree");
+    }
+    const int heads = T->K < ENG_MEDUSA_MAX_DEPTH ? T->K : ENG_MEDUSA_MAX_DEPTH;
+    rc = eng_medusa_fit_tree(acc, heads, ENG_MEDUSA_TOPK, cost, COST_MAX_NODES, f);
+    int64_t len = rc < 0 ? rc : eng_medusa_fit_format(f, text, ENG_MEDUSA_FIT_TEXT_MAX);
+    if (len < 0) {
+        free(f), free(text);
+        return rc < 0 ? rc : eng_fail((int)len, "formatting the tree");
+    }
+    char path[PATH_MAX];
+    if (snprintf(path, sizeof(path), "%s/%s", o->out, "medusa_choices.json") >=
+        (int)sizeof(path)) {
+        free(f), free(text);
+        return eng_fail(-ENAMETOOLONG, "%s: path too long", o->out);
+    }
+    FILE *fp = fopen(path, "we");
+    if (!fp || fprintf(fp, "%s\n", text) < 0 || fclose(fp) != 0) {
+        rc = cm_neg_errno();
+        free(f), free(text);
+        return eng_fail(rc, "%s: %s", path, cm_strerror(rc));
+    }
+    fprintf(stderr, "held-out rank-wise accuracy (rank 0..%d):\n", ENG_MEDUSA_TOPK - 1);
+    for (int k = 0; k < heads; k++) {
+        fprintf(stderr, "  head %d:", k);
+        for (int r = 0; r < ENG_MEDUSA_TOPK; r++)
+            fprintf(stderr, " %.3f", acc[k * ENG_MEDUSA_TOPK + r]);
+        fprintf(stderr, "\n");
+    }
+    fprintf(stderr,
+            "fitted tree: %" PRId64 " nodes, expected %.3f tokens/step at cost %.2f x a plain "
+            "step (projected speedup %.2fx)\n%s\nwrote %s\n",
+            f->n_paths + 1, f->expected_tokens, f->cost, f->expected_tokens / f->cost, text,
+            path);
+    if (f->expected_tokens < f->cost)
+        fprintf(stderr, "note: no tree is expected to beat plain decoding on this backend "
+                        "(best %.2fx); the list above is the least bad one\n",
+                f->expected_tokens / f->cost);
+    free(f), free(text);
     return 0;
 }
 
@@ -634,10 +816,11 @@ int main(int argc, char **argv)
         }
     const posn *hold = ps + n_train;
     const int64_t n_hold = n_pos - n_train;
-    evaluate(&T, &d, hold, n_hold, "base output matrix, untrained");
+    evaluate(&T, &d, hold, n_hold, "base output matrix, untrained", NULL);
     g_adam = (adam){.lr = o.lr, .wd = o.wd, .b1 = 0.9, .b2 = 0.999};
     g_shuf ^= o.seed * 0x9e3779b97f4a7c15ull;
     int64_t step = 0;
+    double acc[MAX_HEADS * ENG_MEDUSA_TOPK] = {0};
     for (int e = 0; e < o.epochs; e++) {
         for (int64_t i = n_train - 1; i > 0; i--) { /* Fisher-Yates over the train part */
             int64_t j = (int64_t)(shuf_next() % (uint64_t)(i + 1));
@@ -664,7 +847,7 @@ int main(int argc, char **argv)
             fprintf(stderr, "  head %d %.3f", k, cnt ? loss[k] / (double)cnt : 0.0);
         fprintf(stderr, "\n");
     }
-    evaluate(&T, &d, hold, n_hold, "trained");
+    evaluate(&T, &d, hold, n_hold, "trained", acc);
     if ((rc = write_heads(&T, &o)) < 0) {
         fprintf(stderr, "gorgon-medusa-train: %s\n",
                 eng_error()[0] ? eng_error() : cm_strerror(rc));
@@ -672,6 +855,11 @@ int main(int argc, char **argv)
     }
     fprintf(stderr, "wrote %s/%s and %s/%s\n", o.out, ENG_MEDUSA_HEADS_FILE, o.out,
             ENG_MEDUSA_CONFIG_FILE);
+    if ((rc = fit_and_write(kn, m, &T, &d, acc, &o)) < 0) {
+        fprintf(stderr, "gorgon-medusa-train: fitting the tree: %s\n",
+                eng_error()[0] ? eng_error() : cm_strerror(rc));
+        goto out;
+    }
     status = 0;
 out:
     free(ps);

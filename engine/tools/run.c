@@ -14,6 +14,7 @@
 #include "common/common.h"
 #include "engine/engine.h"
 #include "engine/medusa.h"
+#include "engine/medusa_fit.h"
 
 static void usage(FILE *f)
 {
@@ -30,7 +31,8 @@ static void usage(FILE *f)
             "                      --temp 0: greedy acceptance (same text as without heads),\n"
             "                      --temp T > 0: typical acceptance (implied)\n"
             "  --medusa-tree SPEC  a built-in tree (mc_sim_7b_63, chain1..chain8) or a list\n"
-            "                      such as \"[[0],[0,0],[1]]\" (default: the 16 most likely\n"
+            "                      such as \"[[0],[0,0],[1]]\" (default: DIR/medusa_choices.json\n"
+            "                      as fitted by gorgon-medusa-train, else the 16 most likely\n"
             "                      paths of mc_sim_7b_63, sized for CPUs)\n"
             "  --eps E, --alpha A  typical acceptance: p > min(E, A*exp(-H)) (0.09, 0.3)\n");
 }
@@ -114,8 +116,14 @@ static int run_medusa(kn_ctx *kn, const eng_model *m, const int32_t *ids, int64_
     float *logits = NULL, *hidden = NULL;
     medusa_out o = {.tok = tok, .emit = print_ids ? on_id : on_text};
     int rc;
+    /* Default tree: the one gorgon-medusa-train fitted to these heads, if
+     * any (-ENOENT: none), else CPU_TREE. */
+    if (!mo->tree && (rc = eng_medusa_fit_load(&tree, mo->dir)) < 0 && rc != -ENOENT) {
+        fprintf(stderr, "gorgon-run: %s\n", eng_error());
+        goto out;
+    }
     if ((rc = eng_medusa_heads_open(&mh, mo->dir, hp->dim, hp->n_vocab)) < 0 ||
-        (rc = eng_medusa_tree_from_spec(&tree, mo->tree ? mo->tree : CPU_TREE)) < 0 ||
+        (!tree && (rc = eng_medusa_tree_from_spec(&tree, mo->tree ? mo->tree : CPU_TREE)) < 0) ||
         (rc = eng_medusa_create(&md, &(eng_medusa_cfg){
                                          .model = m,
                                          .kn = kn,
