@@ -1,7 +1,8 @@
 # Every tests/DIR/test_NAME.c becomes the Criterion binary test-DIR-NAME,
-# linked with DIR's libraries; tests/DIR/util/*.c are shared helpers of DIR.
+# linked with DIR's libraries, tests/DIR/util/*.c (helpers of DIR) and
+# tests/util/*.c (helpers of every suite).
 define test_dir
-$(foreach f,$(wildcard tests/$(1)/test_*.c),$(eval $(call add_test,test-$(1)-$(patsubst test_%.c,%,$(notdir $(f))),$(f) $(wildcard tests/$(1)/util/*.c),$(2),$(3))))
+$(foreach f,$(wildcard tests/$(1)/test_*.c),$(eval $(call add_test,test-$(1)-$(patsubst test_%.c,%,$(notdir $(f))),$(f) $(wildcard tests/$(1)/util/*.c) $(wildcard tests/util/*.c),$(2),$(3))))
 endef
 $(eval $(call test_dir,common,common,$(COMMON_LDLIBS)))
 $(eval $(call test_dir,kernels,kernels common,$(KERNELS_LDLIBS) $(COMMON_LDLIBS)))

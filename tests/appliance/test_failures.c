@@ -12,6 +12,7 @@
 #include "clients/gorgon.h"
 #include "ipc/ipc.h"
 #include "tests/clients/util/gd_proc.h"
+#include "tests/util/test_models.h"
 
 static gd_proc gd;
 static char model_buf[PATH_MAX];
@@ -21,35 +22,10 @@ static void teardown(void)
     gd_stop(&gd);
 }
 
-static const char *model_path(const char *rel)
-{
-    static char p[PATH_MAX];
-    const char *e = getenv("GORGON_TEST_MODELS");
-    char dir[PATH_MAX] = "../shared/models";
-    if (e && *e) {
-        snprintf(dir, sizeof(dir), "%s", e);
-    } else if (access("../shared/models/stories260K", R_OK) != 0) {
-        char self[PATH_MAX];
-        ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
-        if (n > 0) {
-            self[n] = 0;
-            for (int up = 0; up < 4; up++) {
-                char *s = strrchr(self, '/');
-                if (s)
-                    *s = 0;
-            }
-            snprintf(dir, sizeof(dir), "%.3800s/../shared/models", self);
-        }
-    }
-    snprintf(p, sizeof(p), "%s/%s", dir, rel);
-    cr_assert_eq(access(p, R_OK), 0, "test model %s not found (set GORGON_TEST_MODELS)", p);
-    return p;
-}
-
 #define START_WITH_MODEL(...)                                                                \
     do {                                                                                     \
         snprintf(model_buf, sizeof(model_buf), "%s",                                         \
-                 model_path("stories260K/stories260K.gguf"));                                \
+                 tu_model_path("stories260K/stories260K.gguf"));                                \
         int rc_ = gd_start(&gd, "--model", model_buf, __VA_ARGS__);                          \
         if (rc_ == -ENOENT)                                                                  \
             cr_skip_test("gorgond not built: run `make build/bin/gorgond`");                 \

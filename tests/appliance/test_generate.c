@@ -13,39 +13,13 @@
 #include "clients/gorgon.h"
 #include "ipc/ipc.h"
 #include "tests/clients/util/gd_proc.h"
+#include "tests/util/test_models.h"
 
 static gd_proc gd;
 
 static void teardown(void)
 {
     gd_stop(&gd);
-}
-
-/* $GORGON_TEST_MODELS, else ../shared/models from the working directory or
- * from the repo root found from this executable (build/<mode>/tests/NAME). */
-static const char *model_path(const char *rel)
-{
-    static char p[PATH_MAX];
-    const char *e = getenv("GORGON_TEST_MODELS");
-    char dir[PATH_MAX] = "../shared/models";
-    if (e && *e) {
-        snprintf(dir, sizeof(dir), "%s", e);
-    } else if (access("../shared/models/stories260K", R_OK) != 0) {
-        char self[PATH_MAX];
-        ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
-        if (n > 0) {
-            self[n] = 0;
-            for (int up = 0; up < 4; up++) {
-                char *s = strrchr(self, '/');
-                if (s)
-                    *s = 0;
-            }
-            snprintf(dir, sizeof(dir), "%.3800s/../shared/models", self);
-        }
-    }
-    snprintf(p, sizeof(p), "%s/%s", dir, rel);
-    cr_assert_eq(access(p, R_OK), 0, "test model %s not found (set GORGON_TEST_MODELS)", p);
-    return p;
 }
 
 #define S260 "stories260K/stories260K.gguf"
@@ -62,7 +36,7 @@ static char model_buf[PATH_MAX];
 
 #define START_WITH_MODEL(...)                                                                \
     do {                                                                                     \
-        snprintf(model_buf, sizeof(model_buf), "%s", model_path(S260));                      \
+        snprintf(model_buf, sizeof(model_buf), "%s", tu_model_path(S260));                      \
         START_GORGOND("--model", model_buf, __VA_ARGS__);                                    \
     } while (0)
 
@@ -110,7 +84,7 @@ static void run_one(gorgon_client *cli, const gorgon_gen_params *p, gen_out *o)
 
 static void expect_golden(const char *golden, const char *prefix, const gen_out *o)
 {
-    FILE *f = fopen(model_path(golden), "rb");
+    FILE *f = fopen(tu_model_path(golden), "rb");
     cr_assert_not_null(f);
     static char want[1 << 16];
     size_t n = fread(want, 1, sizeof(want), f);

@@ -11,29 +11,7 @@
 #include <unistd.h>
 
 #include "engine/engine.h"
-
-static const char *models_dir(void)
-{
-    static char buf[PATH_MAX];
-    const char *e = getenv("GORGON_TEST_MODELS");
-    if (e && *e)
-        return e;
-    if (access("../shared/models/stories260K", R_OK) == 0)
-        return "../shared/models";
-    ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
-    if (n > 0) {
-        buf[n] = 0;
-        for (int up = 0; up < 4; up++) {
-            char *s = strrchr(buf, '/');
-            if (s)
-                *s = 0;
-        }
-        strncat(buf, "/../shared/models", sizeof(buf) - strlen(buf) - 1);
-        if (access(buf, R_OK) == 0)
-            return buf;
-    }
-    return "../shared/models";
-}
+#include "tests/util/test_models.h"
 
 static kn_ctx *g_kn;
 static eng_model *g_m;
@@ -44,7 +22,7 @@ static int64_t V;
 static void setup(void)
 {
     char p[PATH_MAX];
-    snprintf(p, sizeof(p), "%s/stories260K/stories260K.gguf", models_dir());
+    snprintf(p, sizeof(p), "%s/stories260K/stories260K.gguf", tu_models_dir());
     cr_assert_eq(access(p, R_OK), 0, "test model %s not found (set GORGON_TEST_MODELS)", p);
     cr_assert_eq(kn_ctx_create(&g_kn, &(kn_ctx_cfg){.n_threads = 1}), 0);
     cr_assert_eq(eng_model_open(&g_m, p), 0, "%s", eng_error());

@@ -2,6 +2,8 @@
  * files, and one test per class of hostile file (each must be refused with
  * -EBADMSG and a message naming the problem, never a crash). */
 #include <criterion/criterion.h>
+
+#include "tests/util/test_models.h"
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -105,12 +107,6 @@ static void expect_bad(struct rb *b, const char *what)
         eng_gguf_close(g);
     free(b->p);
     *b = (struct rb){0};
-}
-
-static const char *models_dir(void)
-{
-    const char *d = getenv("GORGON_TEST_MODELS");
-    return d ? d : "../shared/models";
 }
 
 /* ---- writer round trip ------------------------------------------------- */
@@ -430,7 +426,7 @@ Test(engine_gguf, shared_models_open)
     int opened = 0;
     for (size_t i = 0; i < 3; i++) {
         char path[1024];
-        snprintf(path, sizeof(path), "%s/%s", models_dir(), files[i]);
+        snprintf(path, sizeof(path), "%s/%s", tu_models_dir(), files[i]);
         if (access(path, R_OK) != 0)
             continue;
         eng_gguf *g;
@@ -464,7 +460,7 @@ Test(engine_gguf, shared_models_open)
         eng_gguf_close(g);
     }
     if (!opened)
-        cr_skip_test("no models under %s", models_dir());
+        cr_skip_test("no models under %s", tu_models_dir());
 }
 
 /* ---- hostile files ----------------------------------------------------- */

@@ -8,45 +8,11 @@
 #include <unistd.h>
 
 #include "engine/engine.h"
-
-/* The models directory: $GORGON_TEST_MODELS, else ../shared/models from the
- * working directory (make test runs from the repo root), else the same path
- * relative to the repo root found from this executable
- * (build/<mode>/tests/NAME). */
-static const char *models_dir(void)
-{
-    static char buf[PATH_MAX];
-    const char *e = getenv("GORGON_TEST_MODELS");
-    if (e && *e)
-        return e;
-    if (access("../shared/models/stories260K", R_OK) == 0)
-        return "../shared/models";
-    ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
-    if (n > 0) {
-        buf[n] = 0;
-        for (int up = 0; up < 4; up++) {
-            char *s = strrchr(buf, '/');
-            if (s)
-                *s = 0;
-        }
-        strncat(buf, "/../shared/models", sizeof(buf) - strlen(buf) - 1);
-        if (access(buf, R_OK) == 0)
-            return buf;
-    }
-    return "../shared/models";
-}
-
-static char *model_path(const char *rel)
-{
-    static char p[PATH_MAX];
-    snprintf(p, sizeof(p), "%s/%s", models_dir(), rel);
-    cr_assert_eq(access(p, R_OK), 0, "test model %s not found (set GORGON_TEST_MODELS)", p);
-    return p;
-}
+#include "tests/util/test_models.h"
 
 static char *read_file(const char *rel, size_t *len)
 {
-    FILE *f = fopen(model_path(rel), "rb");
+    FILE *f = fopen(tu_model_path(rel), "rb");
     cr_assert_not_null(f);
     static char buf[1 << 16];
     *len = fread(buf, 1, sizeof(buf) - 1, f);
@@ -77,7 +43,7 @@ static void generate(const char *model, enum kn_variant variant, int threads, co
     kn_ctx *kn;
     cr_assert_eq(kn_ctx_create(&kn, &(kn_ctx_cfg){.n_threads = threads, .variant = variant}), 0);
     eng_model *m;
-    cr_assert_eq(eng_model_open(&m, model_path(model)), 0, "%s", eng_error());
+    cr_assert_eq(eng_model_open(&m, tu_model_path(model)), 0, "%s", eng_error());
     const eng_tok *tok = eng_model_tokenizer(m);
     cr_assert_not_null(tok);
     int32_t ids[256];

@@ -11,45 +11,15 @@
 #include <unistd.h>
 
 #include "engine/engine.h"
+#include "tests/util/test_models.h"
 #include "engine/gguf_write.h"
-
-static const char *models_dir(void)
-{
-    static char buf[PATH_MAX];
-    const char *e = getenv("GORGON_TEST_MODELS");
-    if (e && *e)
-        return e;
-    if (access("../shared/models/stories260K", R_OK) == 0)
-        return "../shared/models";
-    ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
-    if (n > 0) {
-        buf[n] = 0;
-        for (int up = 0; up < 4; up++) {
-            char *s = strrchr(buf, '/');
-            if (s)
-                *s = 0;
-        }
-        strncat(buf, "/../shared/models", sizeof(buf) - strlen(buf) - 1);
-        if (access(buf, R_OK) == 0)
-            return buf;
-    }
-    return "../shared/models";
-}
-
-static const char *model_path(const char *rel)
-{
-    static char p[PATH_MAX];
-    snprintf(p, sizeof(p), "%s/%s", models_dir(), rel);
-    cr_assert_eq(access(p, R_OK), 0, "test model %s not found (set GORGON_TEST_MODELS)", p);
-    return p;
-}
 
 #define S260 "stories260K/stories260K.gguf"
 
 Test(engine_model, hparams_of_stories260k)
 {
     eng_model *m;
-    cr_assert_eq(eng_model_open(&m, model_path(S260)), 0, "%s", eng_error());
+    cr_assert_eq(eng_model_open(&m, tu_model_path(S260)), 0, "%s", eng_error());
     const eng_hparams *hp = eng_model_hparams(m);
     cr_assert_eq(hp->dim, 64);
     cr_assert_eq(hp->ffn_dim, 172);
@@ -80,7 +50,7 @@ Test(engine_model, hparams_of_stories260k)
 Test(engine_model, hparams_of_babyllama)
 {
     eng_model *m;
-    cr_assert_eq(eng_model_open(&m, model_path("babyllama-tok105/babyllama-tok105.gguf")), 0,
+    cr_assert_eq(eng_model_open(&m, tu_model_path("babyllama-tok105/babyllama-tok105.gguf")), 0,
                  "%s", eng_error());
     const eng_hparams *hp = eng_model_hparams(m);
     cr_assert_eq(hp->dim, 128);
@@ -109,7 +79,7 @@ typedef struct change {
 static int rebuild(const change *ch, eng_model **m, void **buf)
 {
     eng_gguf *src;
-    cr_assert_eq(eng_gguf_open(&src, model_path(S260)), 0);
+    cr_assert_eq(eng_gguf_open(&src, tu_model_path(S260)), 0);
     eng_gguf_writer *w;
     cr_assert_eq(eng_gguf_writer_create(&w, 3, 0), 0);
     for (int64_t i = 0; i < eng_gguf_kv_count(src); i++) {
@@ -275,7 +245,7 @@ Test(engine_model, tied_output_uses_token_embd, .timeout = 30)
      * not change a single token */
     eng_model *m, *tied;
     void *buf;
-    cr_assert_eq(eng_model_open(&m, model_path(S260)), 0);
+    cr_assert_eq(eng_model_open(&m, tu_model_path(S260)), 0);
     cr_assert_eq(rebuild(&(change){.drop_tensor = "output.weight"}, &tied, &buf), 0, "%s",
                  eng_error());
     cr_assert(eng_model_hparams(tied)->tied_output);

@@ -2,6 +2,8 @@
  * encoder, the shared models' vocabularies, streaming decode of split UTF-8
  * characters, and refusal of malformed tokenizer metadata. */
 #include <criterion/criterion.h>
+
+#include "tests/util/test_models.h"
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,12 +15,6 @@
 #include "engine/gguf_write.h"
 #include "engine/tokenizer.h"
 
-static const char *models_dir(void)
-{
-    const char *d = getenv("GORGON_TEST_MODELS");
-    return d ? d : "../shared/models";
-}
-
 struct loaded {
     eng_gguf *g;
     eng_tok *t;
@@ -28,7 +24,7 @@ struct loaded {
 static struct loaded load_model(const char *rel)
 {
     char path[1024];
-    snprintf(path, sizeof(path), "%s/%s", models_dir(), rel);
+    snprintf(path, sizeof(path), "%s/%s", tu_models_dir(), rel);
     if (access(path, R_OK) != 0)
         cr_skip_test("model %s not present", path);
     struct loaded l = {0};
@@ -171,8 +167,8 @@ Test(engine_tokenizer, llama_spm_vocab_46_cases, .timeout = 60)
 {
     struct loaded l = load_model("llama2-vocab/ggml-vocab-llama-spm.gguf");
     char p_in[1024], p_out[1024];
-    snprintf(p_in, sizeof(p_in), "%s/llama2-vocab/ggml-vocab-llama-spm.gguf.inp", models_dir());
-    snprintf(p_out, sizeof(p_out), "%s/llama2-vocab/ggml-vocab-llama-spm.gguf.out", models_dir());
+    snprintf(p_in, sizeof(p_in), "%s/llama2-vocab/ggml-vocab-llama-spm.gguf.inp", tu_models_dir());
+    snprintf(p_out, sizeof(p_out), "%s/llama2-vocab/ggml-vocab-llama-spm.gguf.out", tu_models_dir());
     size_t ni, no;
     char *inp = slurp(p_in, &ni), *outp = slurp(p_out, &no);
     /* As llama.cpp's test-tokenizer-0: cases separated by this line, no BOS
@@ -313,7 +309,7 @@ Test(engine_tokenizer, stories260k_lily_and_tom)
     cr_expect_eq(memcmp(out, "Lily and Tom", 12), 0);
     char gp[1024];
     snprintf(gp, sizeof(gp), "%s/stories260K/golden_greedy_prompt_LilyAndTom_n64.txt",
-             models_dir());
+             tu_models_dir());
     if (access(gp, R_OK) == 0) {
         size_t gl;
         char *golden = slurp(gp, &gl);
