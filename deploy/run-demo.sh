@@ -40,8 +40,10 @@ gpid=$!
 for _ in $(seq 100); do [[ -S "$sock" ]] && break; sleep 0.05; done
 [[ -S "$sock" ]] || { echo "gorgond did not come up" >&2; exit 1; }
 
-echo "== gorgon ping (shared-memory round trip through gorgond)"
+echo "== gorgon ping (shared-memory round trip through gorgond; spaced pings let gorgond sleep)"
 "$BIN/gorgon" ping --socket "$sock" -c 5 -i 50
+echo "== gorgon ping -c 2000 -i 0 (back to back: both sides stay in busy-poll)"
+"$BIN/gorgon" ping --socket "$sock" -c 2000 -i 0 | tail -n 2
 
 echo "== gorgon generate -p \"$PROMPT\" -n $STEPS (greedy, streamed through gorgond)"
 printf '%s' "$PROMPT"
