@@ -33,35 +33,6 @@ static void usage(FILE *f)
                "one token per forward. Best of R repetitions for each.\n");
 }
 
-static int parse_i64(const char *opt, const char *s, int64_t lo, int64_t hi, int64_t *out)
-{
-    char *end;
-    errno = 0;
-    long long v = strtoll(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi) {
-        fprintf(stderr, "gorgon-bench engine: %s: expected an integer in [%" PRId64 ", %" PRId64
-                        "], got \"%s\"\n",
-                opt, lo, hi, s);
-        return -EINVAL;
-    }
-    *out = v;
-    return 0;
-}
-
-/* s as a JSON string body (quotes, backslashes and control bytes escaped). */
-static void json_puts(const char *s)
-{
-    for (; *s; s++) {
-        unsigned char ch = (unsigned char)*s;
-        if (ch == '"' || ch == '\\')
-            printf("\\%c", ch);
-        else if (ch < 0x20)
-            printf("\\u%04x", ch);
-        else
-            putchar(ch);
-    }
-}
-
 typedef struct bench_env {
     eng_model *m;
     eng_ctx *c;
@@ -123,12 +94,12 @@ int bench_engine_main(int argc, char **argv)
         int rc = 0;
         switch (o) {
         case 'm': path = optarg; break;
-        case 't': rc = parse_i64("--threads", optarg, 1, 1024, &threads); break;
+        case 't': rc = bench_parse_i64("engine", "--threads", optarg, 1, 1024, &threads); break;
         case 'j': json = true; break;
-        case 'p': rc = parse_i64("--prompt-len", optarg, 1, 1 << 20, &prompt_len); break;
-        case 'n': rc = parse_i64("--decode-tokens", optarg, 1, 1 << 20, &decode_n); break;
-        case 'r': rc = parse_i64("--reps", optarg, 1, 1000, &reps); break;
-        case 'b': rc = parse_i64("--bw-mib", optarg, 16, 1 << 20, &bw_mib); break;
+        case 'p': rc = bench_parse_i64("engine", "--prompt-len", optarg, 1, 1 << 20, &prompt_len); break;
+        case 'n': rc = bench_parse_i64("engine", "--decode-tokens", optarg, 1, 1 << 20, &decode_n); break;
+        case 'r': rc = bench_parse_i64("engine", "--reps", optarg, 1, 1000, &reps); break;
+        case 'b': rc = bench_parse_i64("engine", "--bw-mib", optarg, 16, 1 << 20, &bw_mib); break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
@@ -217,7 +188,7 @@ int bench_engine_main(int argc, char **argv)
 
     if (json) {
         printf("{\"suite\":\"engine\",\"model\":\"");
-        json_puts(path);
+        bench_json_puts(path);
         printf("\",\"weights\":\"%s\",\"threads\":%" PRId64
                ",\"kernels\":\"%s\",\"prompt_len\":%" PRId64 ",\"decode_tokens\":%" PRId64
                ",\"prefill_tok_s\":%.2f,\"prefill_gflop_s\":%.3f,\"decode_tok_s\":%.2f,"

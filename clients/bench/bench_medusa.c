@@ -64,34 +64,6 @@ static void usage(FILE *f)
             "  --step-cost-only  report only the cost of a Medusa step over a plain one\n");
 }
 
-static int parse_i64(const char *opt, const char *s, int64_t lo, int64_t hi, int64_t *out)
-{
-    char *end;
-    errno = 0;
-    long long v = strtoll(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi) {
-        fprintf(stderr, "gorgon-bench medusa: %s: expected an integer in [%" PRId64 ", %" PRId64
-                        "], got \"%s\"\n",
-                opt, lo, hi, s);
-        return -EINVAL;
-    }
-    *out = v;
-    return 0;
-}
-
-static void json_puts(const char *s)
-{
-    for (; *s; s++) {
-        unsigned char ch = (unsigned char)*s;
-        if (ch == '"' || ch == '\\')
-            printf("\\%c", ch);
-        else if (ch < 0x20)
-            printf("\\u%04x", ch);
-        else
-            putchar(ch);
-    }
-}
-
 /* Random heads for n_heads heads into a fresh temp dir (path in dir). The
  * ResBlock weights are small so h' stays near h; the projection is random,
  * so the heads' guesses are essentially never accepted. */
@@ -282,10 +254,10 @@ int bench_medusa_main(int argc, char **argv)
         case 'm': path = optarg; break;
         case 'd': dir = optarg; break;
         case O_TREE: spec = optarg; break;
-        case O_PROMPTS: rc = parse_i64("--prompts", optarg, 1, N_PROMPTS, &n_prompts); break;
-        case O_TOKENS: rc = parse_i64("--tokens", optarg, 2, 1 << 20, &n_tokens); break;
-        case 't': rc = parse_i64("--threads", optarg, 1, 1024, &threads); break;
-        case O_REPS: rc = parse_i64("--reps", optarg, 1, 1000, &reps); break;
+        case O_PROMPTS: rc = bench_parse_i64("medusa", "--prompts", optarg, 1, N_PROMPTS, &n_prompts); break;
+        case O_TOKENS: rc = bench_parse_i64("medusa", "--tokens", optarg, 2, 1 << 20, &n_tokens); break;
+        case 't': rc = bench_parse_i64("medusa", "--threads", optarg, 1, 1024, &threads); break;
+        case O_REPS: rc = bench_parse_i64("medusa", "--reps", optarg, 1, 1000, &reps); break;
         case O_COST: cost_only = true; break;
         case 'j': json = true; break;
         case 'h': usage(stdout); return 0;
@@ -446,9 +418,9 @@ int bench_medusa_main(int argc, char **argv)
     const char *variant = kn_variant_name(kn_ctx_variant(kn));
     if (json) {
         printf("{\"suite\":\"medusa\",\"model\":\"");
-        json_puts(path);
+        bench_json_puts(path);
         printf("\",\"medusa\":\"");
-        json_puts(random_heads ? "random" : dir);
+        bench_json_puts(random_heads ? "random" : dir);
         printf("\",\"tree_nodes\":%d,\"tree_heads\":%d,\"tree_from\":\"%s\",\"threads\":%" PRId64
                ",\"kernels\":\"%s\",\"prompts\":%" PRId64 ",\"tokens\":%" PRId64
                ",\"outputs_identical\":%s,\"step_cost_ratio\":%.4f",

@@ -142,7 +142,8 @@ static void add_itl(sreq *r, double ms)
 int bench_serve_main(int argc, char **argv)
 {
     const char *sock = NULL;
-    long n_prompts = 100, conc = 0, in_len = 32, out_len = 64;
+    int64_t n_prompts = 100, conc = 0, in_len = 32, out_len = 64, seed = 0;
+    int bad = 0;
     double rate = INFINITY, burst = 1.0, slo_ttft = 0, slo_tpot = 0, slo_e2el = 0;
     bool json = false;
     enum { O_SOCK = 256, O_N, O_RATE, O_BURST, O_CONC, O_IN, O_OUT, O_GOOD, O_JSON, O_SEED };
@@ -159,13 +160,21 @@ int bench_serve_main(int argc, char **argv)
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (c) {
         case O_SOCK: sock = optarg; break;
-        case O_N: n_prompts = strtol(optarg, NULL, 0); break;
-        case O_RATE: rate = strcmp(optarg, "inf") ? strtod(optarg, NULL) : INFINITY; break;
-        case O_BURST: burst = strtod(optarg, NULL); break;
-        case O_CONC: conc = strtol(optarg, NULL, 0); break;
-        case O_IN: in_len = strtol(optarg, NULL, 0); break;
-        case O_OUT: out_len = strtol(optarg, NULL, 0); break;
-        case O_SEED: rng_state = strtoull(optarg, NULL, 0) * 2654435761u + 1; break;
+        case O_N: bad = bench_parse_i64("serve", "--num-prompts", optarg, 1, 10000000, &n_prompts); break;
+        case O_RATE:
+            if (strcmp(optarg, "inf"))
+                bad = bench_parse_f64("serve", "--request-rate", optarg, 1e-9, 1e9, &rate);
+            else
+                rate = INFINITY;
+            break;
+        case O_BURST: bad = bench_parse_f64("serve", "--burstiness", optarg, 1e-6, 1e6, &burst); break;
+        case O_CONC: bad = bench_parse_i64("serve", "--concurrency", optarg, 0, 1000000, &conc); break;
+        case O_IN: bad = bench_parse_i64("serve", "--input-len", optarg, 1, 1 << 24, &in_len); break;
+        case O_OUT: bad = bench_parse_i64("serve", "--output-len", optarg, 1, 1 << 24, &out_len); break;
+        case O_SEED:
+            bad = bench_parse_i64("serve", "--seed", optarg, 0, INT64_MAX, &seed);
+            rng_state = (uint64_t)seed * 2654435761u + 1;
+            break;
         case O_GOOD:
             if (parse_goodput(optarg, &slo_ttft, &slo_tpot, &slo_e2el) < 0) {
                 fprintf(stderr, "gorgon-bench serve: --goodput %s: want ttft:MS, tpot:MS or e2el:MS\n",
@@ -181,6 +190,8 @@ int bench_serve_main(int argc, char **argv)
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
+        if (bad < 0)
+            return 2;
     }
     if (n_prompts < 1 || in_len < 1 || out_len < 1 || conc < 0 || !(rate > 0) || !(burst > 0)) {
         fprintf(stderr, "gorgon-bench serve: --num-prompts, --input-len, --output-len, "
