@@ -488,54 +488,21 @@ static inline void cpu_relax(void)
 #endif
 }
 
+static int wait_ring(gorgon_client *cli, uint64_t deadline);
+
 static int wait_impl(gorgon_client *cli, gorgon_completion *out, uint32_t max, int64_t timeout_ns)
 {
     int n = gorgon_poll(cli, out, max);
     if (n != 0 || max == 0)
         return n;
-    uint64_t start = cm_now_ns();
-    uint64_t deadline = timeout_ns >= 0 ? start + (uint64_t)timeout_ns : UINT64_MAX;
-    uint64_t next_check = start + GORGON_HUP_CHECK_NS;
-    bool busy = (cli->flags & GORGON_BUSY_POLL) != 0;
-    uint64_t spin_end = busy ? deadline : start + (uint64_t)cli->spin_ns;
-    /* Spin phase: no syscall while gorgond answers quickly. */
-    for (unsigned i = 1; busy || cli->spin_ns > 0; i++) {
-        if ((n = gorgon_poll(cli, out, max)) != 0)
-            return n;
-        if ((i & 63u) == 0) {
-            uint64_t now = cm_now_ns();
-            if (now >= deadline)
-                return 0;
-            if (now >= spin_end)
-                break;
-            if (now >= next_check) {
-                if (peer_gone(cli))
-                    return -EPIPE;
-                next_check = now + GORGON_HUP_CHECK_NS;
-            }
-        }
-        cpu_relax();
-    }
-    /* Sleep phase: NEED_WAKEUP on the CQ, then futex-wait in slices so a
-     * dead gorgond (which will never ring) is noticed. */
+    uint64_t deadline = timeout_ns >= 0 ? cm_now_ns() + (uint64_t)timeout_ns : UINT64_MAX;
     for (;;) {
-        uint32_t val;
-        int rc = ipc_doorbell_prepare(&cli->cq, &val);
-        if (rc == 0) {
-            uint64_t now = cm_now_ns();
-            if (now >= deadline) {
-                ipc_doorbell_finish(&cli->cq);
-                return 0;
-            }
-            uint64_t slice = deadline - now < GORGON_HUP_CHECK_NS ? deadline - now
-                                                                  : GORGON_HUP_CHECK_NS;
-            rc = ipc_futex_wait(&cli->cq.sh->doorbell, val, (int64_t)slice);
-            ipc_doorbell_finish(&cli->cq);
-            if (rc == -ETIMEDOUT && peer_gone(cli)) {
-                n = gorgon_poll(cli, out, max); /* what it answered before dying */
-                return n ? n : -EPIPE;
-            }
-        }
+        /* Entries may arrive that gorgon_poll keeps for gorgon_generate_next
+         * (or a dying gorgond's last answers): deliver what there is, then
+         * wait again until the deadline. */
+        int rc = wait_ring(cli, deadline);
+        if (rc <= 0)
+            return rc;
         if ((n = gorgon_poll(cli, out, max)) != 0)
             return n;
         if (cm_now_ns() >= deadline)
