@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -241,6 +242,44 @@ static int measure_burst(const bench_cfg *c, const char *sock, double *msgs_per_
     return 0;
 }
 
+/* The hardware floor: two processes bounce one cache line each way (no
+ * rings, no daemon), pinned like the other runs. What the shm rows cost
+ * beyond this is gorgon's. */
+static int measure_raw(const bench_cfg *c, long iters, uint64_t *rtt, lat *out)
+{
+    uint32_t *m = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED)
+        return cm_neg_errno();
+    uint32_t *ping = &m[0], *pong = &m[16]; /* separate cache lines */
+    const long warm = iters / 10 + 1;
+    pid_t pid = fork();
+    if (pid < 0) {
+        munmap(m, 4096);
+        return cm_neg_errno();
+    }
+    if (pid == 0) {
+        pin(c->cpu_server);
+        for (uint32_t i = 1; i <= (uint32_t)(iters + warm); i++) {
+            while (__atomic_load_n(ping, __ATOMIC_ACQUIRE) != i)
+                ;
+            __atomic_store_n(pong, i, __ATOMIC_RELEASE);
+        }
+        _exit(0);
+    }
+    for (uint32_t i = 1; i <= (uint32_t)(iters + warm); i++) {
+        uint64_t t0 = cm_now_ns();
+        __atomic_store_n(ping, i, __ATOMIC_RELEASE);
+        while (__atomic_load_n(pong, __ATOMIC_ACQUIRE) != i)
+            ;
+        if (i > (uint32_t)warm)
+            rtt[i - 1 - warm] = cm_now_ns() - t0;
+    }
+    waitpid(pid, NULL, 0);
+    munmap(m, 4096);
+    *out = summarize(rtt, (size_t)iters);
+    return 0;
+}
+
 /* The socket baseline: a forked echo process, blocking read/write. */
 static int measure_uds(const bench_cfg *c, long iters, uint64_t *rtt, lat *out)
 {
@@ -367,7 +406,7 @@ int bench_ipc_main(int argc, char **argv)
     bool restore = sched_getaffinity(0, sizeof(saved), &saved) == 0;
     pin(c.cpu_client);
 
-    lat poll_l = {0}, futex_l = {0}, uds_l = {0};
+    lat poll_l = {0}, futex_l = {0}, uds_l = {0}, raw_l = {0};
     double msgs = 0;
     daemon_proc d;
     int rc = daemon_start(&d, &c, "1000000");
@@ -394,6 +433,10 @@ int bench_ipc_main(int argc, char **argv)
         stage = "uds";
         rc = measure_uds(&c, c.iters, rtt, &uds_l);
     }
+    if (rc == 0) {
+        stage = "raw ping-pong";
+        rc = measure_raw(&c, c.iters, rtt, &raw_l);
+    }
     if (restore)
         sched_setaffinity(0, sizeof(saved), &saved);
     free(rtt);
@@ -411,6 +454,7 @@ int bench_ipc_main(int argc, char **argv)
         json_lat("shm_poll", &poll_l, extra);
         json_lat("shm_futex", &futex_l, "");
         json_lat("uds", &uds_l, "");
+        json_lat("raw_pingpong", &raw_l, "");
         printf("\"uds_p50_over_shm_poll_p50\":%.2f,\"uds_p50_over_shm_futex_p50\":%.2f}\n", ratio,
                ratio_futex);
         return 0;
@@ -422,13 +466,17 @@ int bench_ipc_main(int argc, char **argv)
     const struct {
         const char *name;
         const lat *l;
-    } rows[] = {{"shm_poll", &poll_l}, {"shm_futex", &futex_l}, {"uds", &uds_l}};
-    for (size_t i = 0; i < 3; i++) {
+    } rows[] = {{"shm_poll", &poll_l}, {"shm_futex", &futex_l}, {"uds", &uds_l},
+                {"raw_pp", &raw_l}};
+    for (size_t i = 0; i < 4; i++) {
         const lat *l = rows[i].l;
         printf("%-10s %10zu %10llu %10.0f %10llu %10llu %8.1fx\n", rows[i].name, l->n,
                (unsigned long long)l->min, l->avg, (unsigned long long)l->p50,
                (unsigned long long)l->p99, l->p50 ? (double)uds_l.p50 / (double)l->p50 : 0);
     }
     printf("burst      %u NOPs per burst, busy-poll: %.2f M descriptors/s\n", c.burst, msgs / 1e6);
+    printf("raw_pp is a bare cache-line ping-pong between the same two CPUs (the hardware\n"
+           "floor); shm_poll p50 is %.2fx of it\n",
+           raw_l.p50 ? (double)poll_l.p50 / (double)raw_l.p50 : 0);
     return 0;
 }
