@@ -554,7 +554,10 @@ Test(appliance_generate, small_output_ring_wraps_and_waits_for_reader, .fini = t
             break;
     }
     cr_assert_eq(rc, 0, "rc %d", rc);
-    cr_assert_gt(chunks, 8, "the ring never wrapped (%zu chunks)", chunks);
+    /* More than three ring-fulls came through a 128-byte ring, each chunk at
+     * most 128 bytes: the ring wrapped and gorgond waited for the reader.
+     * (How many chunks that takes depends on timing, so it is not asserted.) */
+    cr_assert_gt(o.len, 3 * 128, "only %zu bytes in %zu chunks", o.len, chunks);
     expect_golden("stories260K/golden_greedy_n256.txt", "", &o);
     gorgon_close(cli);
     GD_END(&gd);
