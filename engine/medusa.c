@@ -36,6 +36,7 @@ struct eng_medusa {
     float *pend_hidden; /* [max_seqs][H] its final-norm hidden state */
     uint32_t *stamp;    /* duplicate detection within one call */
     uint32_t call;
+    int prepared; /* sequences of the prepared, not yet finished step */
 
     /* Step scratch, b = position of a sequence in the batch. */
     eng_rng_state *rng_save; /* [max_seqs] to undo root draws on error */
@@ -312,13 +313,13 @@ static void run_heads(eng_medusa *md, int n)
     }
 }
 
-/* Best retrieve path for batch entry b: fills path[0..len] (node indices,
+/* Best retrieve path for batch entry b (L: its nn logits rows): fills path[0..len] (node indices,
  * path[0] = root) and returns len (accepted candidates). */
-static int accept_path(eng_medusa *md, int b, int32_t path[ENG_MEDUSA_MAX_DEPTH + 1])
+static int accept_path(eng_medusa *md, int b, const float *L,
+                       int32_t path[ENG_MEDUSA_MAX_DEPTH + 1])
 {
     const eng_medusa_tree *t = md->t;
     const int64_t V = md->V;
-    const float *L = md->out_logits + (size_t)b * (size_t)md->nn * (size_t)V;
     const int32_t *tok = md->tok + (size_t)b * (size_t)md->nn;
     const bool greedy = md->accept == ENG_MEDUSA_GREEDY;
     const double inv = 1.0 / (double)md->temp;
@@ -364,11 +365,9 @@ static int accept_path(eng_medusa *md, int b, int32_t path[ENG_MEDUSA_MAX_DEPTH 
     return best_len;
 }
 
-int64_t eng_medusa_step(eng_medusa *md, eng_ctx *c, eng_kv *kv, const int *seqs, int n_seqs,
-                        eng_medusa_result *res)
+/* Checks the batch and records each sequence's KV length (len0). */
+static int check_batch(eng_medusa *md, const eng_kv *kv, const int *seqs, int n_seqs)
 {
-    if (!md || !c || !kv || !seqs || !res)
-        return eng_fail(-EINVAL, "medusa: step: NULL argument");
     if (n_seqs < 1 || n_seqs > md->max_seqs)
         return eng_fail(-EINVAL, "medusa: step over %d sequences (1 to %d)", n_seqs,
                         md->max_seqs);
@@ -392,11 +391,21 @@ int64_t eng_medusa_step(eng_medusa *md, eng_ctx *c, eng_kv *kv, const int *seqs,
             return eng_fail(-EINVAL, "medusa: step: sequence %d is too long for a tree", s);
         md->len0[b] = len;
     }
+    return 0;
+}
 
+int64_t eng_medusa_step_prepare(eng_medusa *md, const eng_kv *kv, const int *seqs, int n_seqs,
+                                eng_seq_in *in)
+{
+    if (!md || !kv || !seqs || !in)
+        return eng_fail(-EINVAL, "medusa: step: NULL argument");
+    int rc = check_batch(md, kv, seqs, n_seqs);
+    if (rc < 0)
+        return rc;
     const eng_medusa_tree *t = md->t;
     const int64_t V = md->V, H = md->H, stride = CAND_STRIDE(md->nh);
     const int nn = md->nn;
-    /* 1. roots (RNG state saved so that a failed forward changes nothing) */
+    /* 1. roots (RNG state saved so that an aborted step changes nothing) */
     for (int b = 0; b < n_seqs; b++) {
         const int s = seqs[b];
         const float *pl = md->pend_logits + (size_t)s * (size_t)V;
@@ -415,28 +424,45 @@ int64_t eng_medusa_step(eng_medusa *md, eng_ctx *c, eng_kv *kv, const int *seqs,
             tok[j] = md->cand[b * stride + t->tree_indices[j]];
             pos[j] = (int32_t)(md->len0[b] + t->depth[j]);
         }
-        md->in[b] = (eng_seq_in){.seq = seqs[b],
-                                 .tokens = tok,
-                                 .n_tokens = nn,
-                                 .pos = pos,
-                                 .mask = t->mask,
-                                 .want = md->want};
+        in[b] = (eng_seq_in){.seq = seqs[b],
+                             .tokens = tok,
+                             .n_tokens = nn,
+                             .pos = pos,
+                             .mask = t->mask,
+                             .want = md->want};
     }
-    /* 3. one forward over every tree */
-    int64_t n_out = eng_forward(c, kv, md->in, n_seqs, md->out_logits, md->out_hidden);
-    if (n_out < 0) {
-        for (int b = 0; b < n_seqs; b++)
-            md->rng[seqs[b]] = md->rng_save[b];
-        return n_out;
-    }
-    CM_ASSERT(n_out == (int64_t)n_seqs * nn);
+    md->prepared = n_seqs;
+    return (int64_t)n_seqs * nn;
+}
 
+void eng_medusa_step_abort(eng_medusa *md, const int *seqs, int n_seqs)
+{
+    if (!md || !seqs || n_seqs != md->prepared)
+        return;
+    for (int b = 0; b < n_seqs; b++)
+        md->rng[seqs[b]] = md->rng_save[b];
+    md->prepared = 0;
+}
+
+int64_t eng_medusa_step_finish(eng_medusa *md, eng_kv *kv, const int *seqs, int n_seqs,
+                               const float *logits, const float *hidden,
+                               eng_medusa_result *res)
+{
+    if (!md || !kv || !seqs || !logits || !hidden || !res)
+        return eng_fail(-EINVAL, "medusa: step: NULL argument");
+    if (n_seqs < 1 || n_seqs != md->prepared)
+        return eng_fail(-EINVAL, "medusa: finish of %d sequences after a prepare of %d",
+                        n_seqs, md->prepared);
+    md->prepared = 0;
+    const int64_t V = md->V, H = md->H;
+    const int nn = md->nn;
     /* 4. acceptance, 5. compaction; nothing below can fail */
     int64_t total = 0;
     for (int b = 0; b < n_seqs; b++) {
         const int s = seqs[b];
         int32_t path[ENG_MEDUSA_MAX_DEPTH + 1];
-        const int acc = accept_path(md, b, path);
+        const float *L = logits + (size_t)b * (size_t)nn * (size_t)V;
+        const int acc = accept_path(md, b, L, path);
         const int32_t *tok = md->tok + (size_t)b * (size_t)nn;
         eng_medusa_result *r = &res[b];
         r->n_accepted = acc;
@@ -459,11 +485,29 @@ int64_t eng_medusa_step(eng_medusa *md, eng_ctx *c, eng_kv *kv, const int *seqs,
         rc = eng_kv_seq_truncate(kv, s, md->len0[b] + 1 + acc);
         CM_ASSERT(rc == 0);
         const size_t row = (size_t)b * (size_t)nn + (size_t)path[acc];
-        memcpy(md->pend_logits + (size_t)s * (size_t)V, md->out_logits + row * (size_t)V,
+        memcpy(md->pend_logits + (size_t)s * (size_t)V, logits + row * (size_t)V,
                (size_t)V * sizeof(float));
-        memcpy(md->pend_hidden + (size_t)s * (size_t)H, md->out_hidden + row * (size_t)H,
+        memcpy(md->pend_hidden + (size_t)s * (size_t)H, hidden + row * (size_t)H,
                (size_t)H * sizeof(float));
         total += r->n_tokens;
     }
     return total;
+}
+
+int64_t eng_medusa_step(eng_medusa *md, eng_ctx *c, eng_kv *kv, const int *seqs, int n_seqs,
+                        eng_medusa_result *res)
+{
+    if (!md || !c || !kv || !seqs || !res)
+        return eng_fail(-EINVAL, "medusa: step: NULL argument");
+    int64_t n_tok = eng_medusa_step_prepare(md, kv, seqs, n_seqs, md->in);
+    if (n_tok < 0)
+        return n_tok;
+    /* 3. one forward over every tree */
+    int64_t n_out = eng_forward(c, kv, md->in, n_seqs, md->out_logits, md->out_hidden);
+    if (n_out < 0) {
+        eng_medusa_step_abort(md, seqs, n_seqs);
+        return n_out;
+    }
+    CM_ASSERT(n_out == n_tok);
+    return eng_medusa_step_finish(md, kv, seqs, n_seqs, md->out_logits, md->out_hidden, res);
 }

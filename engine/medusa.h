@@ -129,6 +129,27 @@ const float *eng_medusa_seq_hidden(const eng_medusa *md, int seq);
 int64_t eng_medusa_step(eng_medusa *md, eng_ctx *c, eng_kv *kv, const int *seqs, int n_seqs,
                         eng_medusa_result *res);
 
+/* The same step split around the forward, for a caller that runs the trees
+ * in the same eng_forward() as other sequences (a serving worker batching
+ * Medusa and plain decoding together):
+ *   prepare: draws the roots, runs the heads and fills in[0..n_seqs) with
+ *            the trees (pointing into md's buffers, valid until finish or
+ *            abort); returns the new tokens (n_seqs · n_nodes) or -EINVAL;
+ *   the caller's eng_forward() must ask for every tree row's logits and
+ *   hidden state (in[].want does), in this order;
+ *   finish:  logits [n_seqs·n_nodes][n_vocab] and hidden [..][dim] are those
+ *            rows; accepts, compacts the KV and fills res like step;
+ *   abort:   the forward failed: undoes prepare (RNG state), so that the
+ *            sequences are as before.
+ * Exactly one finish or abort follows each successful prepare, with the same
+ * seqs and n_seqs. */
+int64_t eng_medusa_step_prepare(eng_medusa *md, const eng_kv *kv, const int *seqs, int n_seqs,
+                                eng_seq_in *in);
+int64_t eng_medusa_step_finish(eng_medusa *md, eng_kv *kv, const int *seqs, int n_seqs,
+                               const float *logits, const float *hidden,
+                               eng_medusa_result *res);
+void eng_medusa_step_abort(eng_medusa *md, const int *seqs, int n_seqs);
+
 /* Typical acceptance's threshold for a logits row: with p = softmax(logits /
  * temperature), returns min(eps, alpha · exp(−Σ p log(p + 1e-5))) and stores
  * log Σ exp(logits/temperature) in *lse when lse is non-NULL (so that
