@@ -60,6 +60,9 @@ typedef struct ap_config {
     uint32_t batch_tokens;   /* new tokens per forward (prefill chunk budget) */
     uint32_t max_requests;   /* generate requests in flight, all clients together */
     int64_t grace_ms;        /* SIGTERM: time in-flight requests get to finish */
+    char medusa[4096];       /* Medusa heads directory; "" = plain decoding */
+    char medusa_tree[4096];  /* tree spec; "" = the fitted one in the directory */
+    uint32_t medusa_max_batch; /* largest batch that speculates; 0 = measured */
 } ap_config;
 
 /* Built-in defaults (socket: $GORGON_SOCKET, else IPC_DEFAULT_SOCKET). */

@@ -60,11 +60,16 @@ void ap_config_usage(FILE *f)
             "  --batch-tokens N     new tokens per forward pass, prefill chunks (default 256)\n"
             "  --max-requests N     generate requests in flight, all clients (default 512)\n"
             "  --grace-ms N         SIGTERM: time in-flight requests get to finish (default 5000)\n"
+            "  --medusa DIR         decode greedy requests with these Medusa heads\n"
+            "  --medusa-tree SPEC   tree: a built-in name or a list such as \"[[0],[0,0],[1]]\"\n"
+            "                       (default: DIR/medusa_choices.json, else a 17-node tree)\n"
+            "  --medusa-max-batch N speculate only while at most N sequences decode\n"
+            "                       (0, default: measured at start-up and from acceptance)\n"
             "  --help\n"
             "config keys: socket allow_uids allow_gids poll_us sq_entries cq_entries slots\n"
             "  slot_in_bytes slot_out_bytes max_clients stats_interval_s hugepages numa_node\n"
             "  log_level foreground eventfd_doorbells model threads kv_blocks max_seqs\n"
-            "  batch_tokens max_requests grace_ms\n",
+            "  batch_tokens max_requests grace_ms medusa medusa_tree medusa_max_batch\n",
             IPC_DEFAULT_SOCKET);
 }
 
@@ -129,6 +134,16 @@ static int parse_bool(const char *what, const char *s, bool *out)
 }
 
 /* One key = value, from the file ("gorgond.key") or a flag (long name). */
+static int set_str(const char *key, const char *val, char *dst, size_t cap)
+{
+    if (strlen(val) >= cap) {
+        fprintf(stderr, "gorgond: %s: longer than %zu bytes\n", key, cap - 1);
+        return -EINVAL;
+    }
+    snprintf(dst, cap, "%s", val);
+    return 0;
+}
+
 static int apply(ap_config *cfg, const char *key, const char *val)
 {
     if (!strcmp(key, "socket")) {
@@ -172,14 +187,14 @@ static int apply(ap_config *cfg, const char *key, const char *val)
         cfg->numa_node = (int)v;
         return 0;
     }
-    if (!strcmp(key, "model")) {
-        if (strlen(val) >= sizeof(cfg->model)) {
-            fprintf(stderr, "gorgond: model: path longer than %zu bytes\n", sizeof(cfg->model) - 1);
-            return -EINVAL;
-        }
-        snprintf(cfg->model, sizeof(cfg->model), "%s", val);
-        return 0;
-    }
+    if (!strcmp(key, "model"))
+        return set_str(key, val, cfg->model, sizeof(cfg->model));
+    if (!strcmp(key, "medusa"))
+        return set_str(key, val, cfg->medusa, sizeof(cfg->medusa));
+    if (!strcmp(key, "medusa_tree"))
+        return set_str(key, val, cfg->medusa_tree, sizeof(cfg->medusa_tree));
+    if (!strcmp(key, "medusa_max_batch"))
+        return parse_u32(key, val, 0, 4096, &cfg->medusa_max_batch);
     if (!strcmp(key, "threads")) {
         int64_t v;
         CM_TRY(parse_i64(key, val, 1, 1024, &v));
@@ -277,6 +292,9 @@ enum {
     OPT_BATCH_TOKENS,
     OPT_MAX_REQUESTS,
     OPT_GRACE,
+    OPT_MEDUSA,
+    OPT_MEDUSA_TREE,
+    OPT_MEDUSA_MAX_BATCH,
     OPT_HELP,
 };
 
@@ -305,6 +323,9 @@ static const struct option long_opts[] = {
     {"batch-tokens", required_argument, NULL, OPT_BATCH_TOKENS},
     {"max-requests", required_argument, NULL, OPT_MAX_REQUESTS},
     {"grace-ms", required_argument, NULL, OPT_GRACE},
+    {"medusa", required_argument, NULL, OPT_MEDUSA},
+    {"medusa-tree", required_argument, NULL, OPT_MEDUSA_TREE},
+    {"medusa-max-batch", required_argument, NULL, OPT_MEDUSA_MAX_BATCH},
     {"help", no_argument, NULL, OPT_HELP},
     {NULL, 0, NULL, 0},
 };
@@ -332,6 +353,9 @@ static const char *opt_key(int c)
     case OPT_BATCH_TOKENS: return "batch_tokens";
     case OPT_MAX_REQUESTS: return "max_requests";
     case OPT_GRACE: return "grace_ms";
+    case OPT_MEDUSA: return "medusa";
+    case OPT_MEDUSA_TREE: return "medusa_tree";
+    case OPT_MEDUSA_MAX_BATCH: return "medusa_max_batch";
     default: return NULL;
     }
 }

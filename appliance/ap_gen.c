@@ -61,6 +61,7 @@ typedef struct ap_gen {
     eng_stop stop;
     uint64_t t_submit, t_first, t_end;
     uint32_t n_prompt, n_gen;
+    uint32_t med_steps, med_acc; /* Medusa steps / accepted tokens so far (worker's count) */
     uint32_t out_w; /* stream position in the slot's output ring */
     int32_t result;
     uint8_t finish;
@@ -90,7 +91,7 @@ struct ap_gen_state {
     int early_deaths;
     /* counters */
     uint64_t queued, running, kv_used, kv_total, batch_max, tokens_total, requests_total,
-        failed_total, restarts;
+        failed_total, restarts, med_steps, med_acc, med_limit;
     uint64_t rate_t0, rate_tok0, rate_milli;
     bool rate_full;
 };
@@ -184,11 +185,27 @@ static int worker_spawn(struct ap_server *srv)
     snprintf(a_batch, sizeof(a_batch), "%u", cfg->batch_tokens);
     snprintf(a_parent, sizeof(a_parent), "%d", (int)getpid());
     snprintf(a_wake, sizeof(a_wake), "%d", G->wake_fd >= 0 ? 4 : -1);
-    const char *argv[] = {G->bin,         "--model",     cfg->model,   "--threads", a_threads,
-                          "--kv-blocks",  a_kv,          "--max-seqs", a_seqs,
-                          "--batch-tokens", a_batch,     "--parent",   a_parent,
-                          "--region-fd",  "3",           "--wake-fd",  a_wake,
-                          "--log-level",  cm_log_level_name(cm_log_get_level()), NULL};
+    char a_mbatch[16];
+    snprintf(a_mbatch, sizeof(a_mbatch), "%u", cfg->medusa_max_batch);
+    const char *argv[24] = {G->bin,         "--model",     cfg->model,   "--threads", a_threads,
+                            "--kv-blocks",  a_kv,          "--max-seqs", a_seqs,
+                            "--batch-tokens", a_batch,     "--parent",   a_parent,
+                            "--region-fd",  "3",           "--wake-fd",  a_wake,
+                            "--log-level",  cm_log_level_name(cm_log_get_level())};
+    int argc = 0;
+    while (argv[argc])
+        argc++;
+    if (cfg->medusa[0]) {
+        argv[argc++] = "--medusa";
+        argv[argc++] = cfg->medusa;
+        argv[argc++] = "--medusa-max-batch";
+        argv[argc++] = a_mbatch;
+        if (cfg->medusa_tree[0]) {
+            argv[argc++] = "--medusa-tree";
+            argv[argc++] = cfg->medusa_tree;
+        }
+    }
+    argv[argc] = NULL;
     pid_t pid = fork();
     if (pid < 0) {
         rc = cm_neg_errno();
@@ -373,7 +390,8 @@ static void flush(struct ap_server *srv, uint32_t gi)
         uint32_t pos = s->cq.local;
         if (last) {
             c.result = g->result;
-            c.arg[0] = g->finish;
+            c.arg[0] = g->finish | (uint64_t)(g->med_acc & 0xffffffu) << 8 |
+                       (uint64_t)g->med_steps << 32;
             c.arg[1] = (uint64_t)g->n_prompt | (uint64_t)g->n_gen << 32;
             c.arg[2] = g->t_first ? g->t_first - g->t_submit : 0;
             c.arg[3] = g->t_end - g->t_submit;
@@ -423,6 +441,20 @@ static void flush_list(struct ap_server *srv)
             g->listed = false;
     }
     G->n_list = keep;
+}
+
+/* Medusa counts of a TOKEN event: the worker's running totals for the
+ * request (they only grow; a smaller value is a worker bug and ignored). */
+static void on_medusa(struct ap_gen_state *G, uint32_t gi, uint64_t steps, uint64_t acc)
+{
+    ap_gen *g = &G->g[gi];
+    if (g->state != G_ACTIVE || g->final || steps < g->med_steps || acc < g->med_acc ||
+        steps > UINT32_MAX || acc > UINT32_MAX)
+        return;
+    G->med_steps += steps - g->med_steps;
+    G->med_acc += acc - g->med_acc;
+    g->med_steps = (uint32_t)steps;
+    g->med_acc = (uint32_t)acc;
 }
 
 /* One token from the worker. */
@@ -571,9 +603,12 @@ static int drain_events(struct ap_server *srv)
                 G->kv_total = e->arg[1] >> 32;
                 if (e->n_tokens > G->batch_max)
                     G->batch_max = e->n_tokens;
+                G->med_limit = e->result > 0 ? (uint64_t)e->result : 0;
                 break;
             case IPC_WEVT_TOKEN: {
                 uint32_t k = e->n_tokens <= 8 ? e->n_tokens : 8;
+                /* Counted before the tokens: the last one may end the request. */
+                on_medusa(G, e->req, e->arg[0], e->arg[1]);
                 for (uint32_t j = 0; j < k; j++)
                     on_token(G, e->req, e->tokens[j], e->n_gen - (k - 1 - j));
                 G->tokens_total += k;
@@ -954,6 +989,7 @@ int ap_gen_submit(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sq
     g->t_first = g->t_end = 0;
     g->n_prompt = (uint32_t)n;
     g->n_gen = 0;
+    g->med_steps = g->med_acc = 0;
     g->out_w = 0;
     g->n_pend = 0;
     g->result = 0;
@@ -962,6 +998,7 @@ int ap_gen_submit(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sq
     G->n_active++;
     G->requests_total++;
     struct ipc_wcmd c = {.op = IPC_WCMD_START,
+                         .flags = (p.flags & IPC_GEN_F_NO_MEDUSA) ? IPC_WCMD_F_NO_MEDUSA : 0,
                          .req = gi,
                          .n_prompt = (uint32_t)n,
                          .max_tokens = p.max_tokens,
@@ -1034,4 +1071,7 @@ void ap_gen_fill_stats(const struct ap_server *srv, struct ipc_stats *st)
     st->gen_requests_total = G->requests_total;
     st->gen_failed = G->failed_total;
     st->worker_restarts = G->restarts;
+    st->medusa_steps = G->med_steps;
+    st->medusa_accepted = G->med_acc;
+    st->medusa_max_batch = G->med_limit;
 }

@@ -167,6 +167,11 @@ typedef struct gorgon_counters {
     uint64_t kv_blocks_used, kv_blocks_total;
     uint64_t decode_batch_max;          /* most sequences in one forward pass */
     uint64_t gen_requests_total, gen_failed, worker_restarts;
+    /* Medusa (0 without heads): sequence-steps decoded with it, candidate
+     * tokens they accepted (acceptance: tokens per step = 1 + accepted /
+     * steps), and the decode batch up to which it currently pays (measured
+     * by the worker; larger batches decode plainly). */
+    uint64_t medusa_steps, medusa_accepted, medusa_max_batch;
 } gorgon_counters;
 
 /* Round trip of one PING. Returns the bytes echoed (checked byte for byte:
@@ -193,6 +198,8 @@ int gorgon_stats(gorgon_client *cli, gorgon_counters *st);
 
 #define GORGON_GEN_PROMPT_IDS 1u /* prompt_ids/n_ids instead of prompt text */
 #define GORGON_GEN_WANT_IDS 2u   /* stream token ids (chunk.ids) instead of text */
+#define GORGON_GEN_NO_MEDUSA 4u  /* decode plainly even when gorgond has Medusa heads
+                                  * (by default greedy requests speculate) */
 #define GORGON_GEN_MAX_STOP 8
 
 typedef struct gorgon_gen_params {
@@ -226,6 +233,9 @@ typedef struct gorgon_gen_usage {
     uint32_t prompt_tokens, completion_tokens;
     uint64_t ttft_ns;  /* submission seen by gorgond -> first token */
     uint64_t total_ns; /* submission seen by gorgond -> final completion */
+    /* Medusa: steps that decoded this request and the candidate tokens they
+     * accepted (tokens per step = 1 + accepted / steps); 0 when plain. */
+    uint32_t medusa_steps, medusa_accepted;
 } gorgon_gen_usage;
 
 typedef struct gorgon_gen_chunk {

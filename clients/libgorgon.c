@@ -630,6 +630,9 @@ int gorgon_stats(gorgon_client *cli, gorgon_counters *st)
     st->gen_requests_total = s.gen_requests_total;
     st->gen_failed = s.gen_failed;
     st->worker_restarts = s.worker_restarts;
+    st->medusa_steps = s.medusa_steps;
+    st->medusa_accepted = s.medusa_accepted;
+    st->medusa_max_batch = s.medusa_max_batch;
     return 0;
 }
 
@@ -655,7 +658,7 @@ static int generate_submit_impl(gorgon_client *cli, const gorgon_gen_params *p,
     if (cli->dead)
         return -EPIPE;
     bool ids = (p->flags & GORGON_GEN_PROMPT_IDS) != 0;
-    if (p->flags & ~(GORGON_GEN_PROMPT_IDS | GORGON_GEN_WANT_IDS))
+    if (p->flags & ~(GORGON_GEN_PROMPT_IDS | GORGON_GEN_WANT_IDS | GORGON_GEN_NO_MEDUSA))
         return -EINVAL;
     if ((ids && (!p->prompt_ids || !p->n_ids)) || (!ids && !p->prompt && p->prompt_len))
         return -EINVAL;
@@ -684,7 +687,8 @@ static int generate_submit_impl(gorgon_client *cli, const gorgon_gen_params *p,
         top_p = p->top_p; /* let gorgond name the error */
     struct ipc_gen_params gp = {
         .flags = (ids ? IPC_GEN_F_PROMPT_IDS : 0) |
-                 (p->flags & GORGON_GEN_WANT_IDS ? IPC_GEN_F_OUT_IDS : 0),
+                 (p->flags & GORGON_GEN_WANT_IDS ? IPC_GEN_F_OUT_IDS : 0) |
+                 (p->flags & GORGON_GEN_NO_MEDUSA ? IPC_GEN_F_NO_MEDUSA : 0),
         .max_tokens = p->max_tokens ? (uint32_t)p->max_tokens : 256,
         .temperature = p->temperature,
         .top_p = top_p,
@@ -740,7 +744,9 @@ void gorgon_generate_chunk_of(gorgon_client *cli, const gorgon_completion *c,
     ch->done = !more;
     bool want_ids = cli && c->slot < cli->n_slots && (cli->gen_flags[c->slot] & GORGON_GEN_WANT_IDS);
     if (!more) {
-        ch->finish = (int)c->arg[0];
+        ch->finish = (int)(c->arg[0] & IPC_GEN_FINISH_MASK);
+        ch->usage.medusa_accepted = (uint32_t)(c->arg[0] >> 8) & 0xffffffu;
+        ch->usage.medusa_steps = (uint32_t)(c->arg[0] >> 32);
         ch->error = c->result < 0 ? c->result : 0;
         ch->usage.prompt_tokens = (uint32_t)c->arg[1];
         ch->usage.completion_tokens = (uint32_t)(c->arg[1] >> 32);

@@ -5,6 +5,7 @@
  * by gorgond: each command is copied out once and checked before use. */
 #include <errno.h>
 #include <inttypes.h>
+#include <math.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -15,11 +16,22 @@
 
 #include "common/common.h"
 #include "engine/engine.h"
+#include "engine/medusa.h"
+#include "engine/medusa_fit.h"
 #include "engine/worker.h"
 #include "ipc/ipc.h"
 
 #define TAG "worker"
 #define WK_IDLE_WAIT_NS 200000000 /* idle sleep slice: bounds how late a dead parent is seen */
+#define WK_MED_MAX_ROWS 1024     /* tree rows of one step at most (sizes the Medusa batch cap) */
+#define WK_MED_PROBE 32          /* steps between Medusa probes while it does not pay */
+#define WK_MED_EWMA 0.05         /* weight of one step in the tokens-per-step average */
+#define WK_MED_CAL_PROMPT 8      /* calibration: prompt tokens per sequence */
+#define WK_MED_CAL_REPS 3        /* calibration: timed steps per batch size (min taken) */
+/* Without a fitted medusa_choices.json: the 16 most likely paths of
+ * mc_sim_7b_63 (17 nodes), a size a CPU step can afford. */
+#define WK_MED_DEFAULT_TREE "[[0],[0,0],[1],[0,1],[2],[0,0,0],[1,0],[0,2],[3],[0,3],[4],[0,4]," \
+                            "[2,0],[0,5],[0,0,1],[5]]"
 
 enum wk_state { WK_FREE = 0, WK_QUEUED, WK_PREFILL, WK_DECODE };
 
@@ -29,8 +41,13 @@ typedef struct wk_req {
     eng_sampler *smp;
     int32_t *prompt; /* private copy: [max_prompt] */
     int64_t n_prompt, n_done, max_tokens, n_gen, blocks;
-    int32_t last;
+    int32_t last;    /* the last token emitted, not yet in the KV cache */
     uint32_t next_q; /* FIFO link (UINT32_MAX: end) */
+    /* Medusa: med_ok = greedy request that may speculate; med_pending = the
+     * decoder holds the logits and hidden state at the token before `last`
+     * (from which `last` was taken), so a Medusa step can run. */
+    bool med_ok, med_pending, med_now;
+    uint32_t med_steps, med_acc;
 } wk_req;
 
 typedef struct wk {
@@ -53,9 +70,25 @@ typedef struct wk {
     uint8_t *no_out;  /* all zero: a prefill chunk that needs no logits */
     uint32_t *row_req;
     float *logits;
+    float *hidden;
     uint64_t last_stats[2];
     uint16_t last_batch;
+    int32_t last_limit;
     bool gone;
+    /* Medusa (md NULL: no heads configured) */
+    eng_medusa_heads *mh;
+    eng_medusa_tree *tree;
+    eng_medusa *md;
+    int nn;           /* tree nodes */
+    int med_cap;      /* most sequences in one Medusa step */
+    int med_fixed;    /* > 0: configured batch limit (no cost model) */
+    double *med_cost; /* [med_cap + 1]: tree step / plain step cost at batch b (measured) */
+    double med_tps;   /* tokens per Medusa step per sequence, running average */
+    int med_limit;    /* largest batch at which Medusa pays now */
+    uint32_t med_skip;  /* steps since the last Medusa step while it did not pay */
+    int *med_seqs;
+    uint32_t *med_req;
+    eng_medusa_result *med_res;
 } wk;
 
 /* Push an event, waiting while the ring is full (gorgond drains it on every
@@ -94,6 +127,8 @@ static void req_release(wk *w, uint32_t r)
     wk_req *q = &w->req[r];
     if (q->st == WK_PREFILL || q->st == WK_DECODE) {
         eng_kv_seq_free(w->kv, q->seq);
+        if (w->md)
+            eng_medusa_seq_end(w->md, q->seq);
         w->reserved -= q->blocks;
         w->n_running--;
         for (uint32_t i = 0; i < w->n_running + 1; i++)
@@ -105,6 +140,40 @@ static void req_release(wk *w, uint32_t r)
     eng_sampler_destroy(q->smp);
     q->smp = NULL;
     q->st = WK_FREE;
+}
+
+/* Emit tokens t[0..n) for request r, in TOKEN events of up to 8; the
+ * request ends at the first BOS or end-of-generation token (same end rule
+ * as eng_generate) or at max_tokens, and what follows is dropped. Returns
+ * the tokens emitted. */
+static int emit_tokens(wk *w, uint32_t r, const int32_t *t, int n)
+{
+    wk_req *q = &w->req[r];
+    const int32_t bos = w->tok ? eng_tok_bos(w->tok) : -1;
+    struct ipc_wevt e = {.op = IPC_WEVT_TOKEN, .req = r};
+    bool end = false, eos = false;
+    int i = 0;
+    while (i < n && !end) {
+        eng_sampler_accept(q->smp, t[i]);
+        q->n_gen++;
+        q->last = t[i];
+        e.tokens[e.n_tokens++] = t[i];
+        eos = t[i] == bos || (w->tok && eng_tok_is_eog(w->tok, t[i]));
+        end = eos || q->n_gen >= q->max_tokens;
+        i++;
+        if (e.n_tokens == 8 || end || i == n) {
+            e.n_gen = (uint32_t)q->n_gen;
+            e.arg[0] = q->med_steps;
+            e.arg[1] = q->med_acc;
+            emit(w, &e);
+            e.n_tokens = 0;
+        }
+    }
+    if (end) {
+        req_release(w, r);
+        emit_done(w, r, eos ? IPC_FINISH_EOS : IPC_FINISH_LENGTH, 0, 0, 0);
+    }
+    return i;
 }
 
 static void queue_remove(wk *w, uint32_t r)
@@ -144,6 +213,22 @@ static void cmd_start(wk *w, const struct ipc_wcmd *c)
         emit_done(w, r, IPC_FINISH_ERROR, -E2BIG, (uint64_t)q->blocks, (uint64_t)w->n_blocks);
         return;
     }
+    /* Medusa serves greedy requests (its greedy acceptance is exactly
+     * greedy decoding); a tree step writes n_nodes positions past the
+     * sequence, so such a request reserves that slack too, when the pool
+     * and context allow it, else it decodes plainly. */
+    q->med_ok = false;
+    if (w->md && !(c->flags & IPC_WCMD_F_NO_MEDUSA) && c->temperature == 0.0f &&
+        (c->repeat_penalty == 0.0f || c->repeat_penalty == 1.0f)) {
+        int64_t mpos = positions + w->nn < w->n_ctx ? positions + w->nn : w->n_ctx;
+        int64_t mblocks = (mpos + w->block_size - 1) / w->block_size;
+        if (mblocks <= w->n_blocks) {
+            q->blocks = mblocks;
+            q->med_ok = true;
+        }
+    }
+    q->med_pending = q->med_now = false;
+    q->med_steps = q->med_acc = 0;
     /* One copy out of shared memory; ids are checked here, not trusted. */
     memcpy(q->prompt, ipc_region_slot_in(&w->reg, r), (size_t)n * sizeof(int32_t));
     for (int64_t i = 0; i < n; i++)
@@ -241,24 +326,114 @@ static void emit_step_stats(wk *w, uint16_t batch)
     uint64_t kv_used = (uint64_t)(w->n_blocks - eng_kv_free_blocks(w->kv));
     uint64_t a0 = (uint64_t)w->n_queued | (uint64_t)w->n_running << 32;
     uint64_t a1 = kv_used | (uint64_t)w->n_blocks << 32;
-    if (a0 == w->last_stats[0] && a1 == w->last_stats[1] && batch == w->last_batch)
+    int32_t limit = w->md ? w->med_limit : 0;
+    if (a0 == w->last_stats[0] && a1 == w->last_stats[1] && batch == w->last_batch &&
+        limit == w->last_limit)
         return;
     w->last_stats[0] = a0;
     w->last_stats[1] = a1;
     w->last_batch = batch;
-    struct ipc_wevt e = {.op = IPC_WEVT_STEP, .n_tokens = batch, .arg = {a0, a1}};
+    w->last_limit = limit;
+    struct ipc_wevt e = {.op = IPC_WEVT_STEP, .n_tokens = batch, .result = limit,
+                         .arg = {a0, a1}};
     emit(w, &e);
+}
+
+/* Largest batch at which a Medusa step (med_tps tokens per sequence for
+ * med_cost[b] times a plain step's time) beats plain decoding. */
+static void med_update_limit(wk *w)
+{
+    if (w->med_fixed > 0) {
+        w->med_limit = w->med_fixed;
+        return;
+    }
+    int lim = 0;
+    for (int b = 1; b <= w->med_cap; b++)
+        if (w->med_tps > w->med_cost[b])
+            lim = b;
+    w->med_limit = lim;
+}
+
+/* Which decoding requests take a Medusa step now: those whose decoder
+ * state is ready and whose tree fits their reservation and the context,
+ * when there are at most med_limit of them (the measured break-even, or
+ * the configured limit), or, with a measured limit, every WK_MED_PROBE steps
+ * anyway, so that the acceptance estimate follows the traffic. Returns how many, listed in med_seqs/med_req. */
+static int med_select(wk *w)
+{
+    int n = 0;
+    for (uint32_t i = 0; i < w->n_running; i++) {
+        uint32_t r = w->run[i];
+        wk_req *q = &w->req[r];
+        q->med_now = false;
+        if (q->st != WK_DECODE || !q->med_pending || n == w->med_cap)
+            continue;
+        int64_t len = eng_kv_seq_len(w->kv, q->seq);
+        int64_t room = q->blocks * w->block_size < w->n_ctx ? q->blocks * w->block_size : w->n_ctx;
+        if (len < 0 || len + w->nn > room)
+            continue;
+        w->med_seqs[n] = q->seq;
+        w->med_req[n++] = r;
+    }
+    if (n == 0)
+        return 0;
+    if (n > w->med_limit && (w->med_fixed > 0 || ++w->med_skip < WK_MED_PROBE))
+        return 0;
+    w->med_skip = 0;
+    for (int i = 0; i < n; i++)
+        w->req[w->med_req[i]].med_now = true;
+    return n;
+}
+
+/* After a Medusa step: emit each sequence's accepted tokens and the next
+ * root (the argmax at the last accepted one, which the next step verifies
+ * from), and fold the step into the tokens-per-step average. */
+static void med_emit(wk *w, int n_med)
+{
+    double sum = 0;
+    for (int i = 0; i < n_med; i++) {
+        uint32_t r = w->med_req[i];
+        wk_req *q = &w->req[r];
+        const eng_medusa_result *res = &w->med_res[i];
+        CM_ASSERT(res->tokens[0] == q->last);
+        int32_t t[ENG_MEDUSA_MAX_DEPTH + 1];
+        int n = 0;
+        for (int d = 1; d <= res->n_accepted; d++)
+            t[n++] = res->tokens[d];
+        t[n++] = eng_argmax(eng_medusa_seq_logits(w->md, q->seq), w->n_vocab);
+        sum += res->n_tokens;
+        q->med_steps++;
+        q->med_acc += (uint32_t)res->n_accepted;
+        int done = emit_tokens(w, r, t, n);
+        if (done <= res->n_accepted) /* ended inside the accepted tokens */
+            q->med_acc -= (uint32_t)(res->n_accepted - done);
+    }
+    w->med_tps = (1.0 - WK_MED_EWMA) * w->med_tps + WK_MED_EWMA * sum / n_med;
+    med_update_limit(w);
 }
 
 /* One forward over every running sequence, then sampling. */
 static void step(wk *w)
 {
     int n_in = 0;
+    int n_med = w->md ? med_select(w) : 0;
+    if (n_med > 0) {
+        int64_t rc = eng_medusa_step_prepare(w->md, w->kv, w->med_seqs, n_med, w->ins);
+        if (rc < 0) {
+            /* A broken invariant of this loop, not of a request: run plainly. */
+            CM_LOG_ERROR(TAG, "medusa step: %s", eng_error());
+            for (int i = 0; i < n_med; i++)
+                w->req[w->med_req[i]].med_now = false;
+            n_med = 0;
+        }
+        for (int i = 0; i < n_med; i++)
+            w->row_req[n_in++] = w->med_req[i];
+    }
     int64_t budget = w->cfg.max_batch_tokens;
     /* Decode tokens first: a long prompt must not stall running streams. */
     for (uint32_t i = 0; i < w->n_running; i++) {
         wk_req *q = &w->req[w->run[i]];
-        if (q->st != WK_DECODE || budget < 1)
+        if (q->st != WK_DECODE || q->med_now || budget < 1)
             continue;
         w->ins[n_in] = (eng_seq_in){.seq = q->seq, .tokens = &q->last, .n_tokens = 1};
         w->row_req[n_in++] = w->run[i];
@@ -279,10 +454,12 @@ static void step(wk *w)
     }
     if (n_in == 0)
         return;
-    int64_t n_out = eng_forward(w->ctx, w->kv, w->ins, n_in, w->logits, NULL);
+    int64_t n_out = eng_forward(w->ctx, w->kv, w->ins, n_in, w->logits, w->hidden);
     if (n_out < 0) {
         /* Nothing changed in the cache: fail the requests of this step. */
         CM_LOG_ERROR(TAG, "forward of %d sequences failed: %s", n_in, eng_error());
+        if (n_med > 0)
+            eng_medusa_step_abort(w->md, w->med_seqs, n_med);
         for (int i = 0; i < n_in; i++) {
             uint32_t r = w->row_req[i];
             req_release(w, r);
@@ -291,8 +468,14 @@ static void step(wk *w)
         return;
     }
     int64_t row = 0;
-    int32_t bos = w->tok ? eng_tok_bos(w->tok) : -1;
-    for (int i = 0; i < n_in; i++) {
+    if (n_med > 0) {
+        int64_t got = eng_medusa_step_finish(w->md, w->kv, w->med_seqs, n_med, w->logits,
+                                             w->hidden, w->med_res);
+        CM_ASSERT(got > 0);
+        row = (int64_t)n_med * w->nn;
+    }
+    const int64_t dim = eng_model_hparams(w->m)->dim;
+    for (int i = n_med; i < n_in; i++) {
         uint32_t r = w->row_req[i];
         wk_req *q = &w->req[r];
         if (q->st == WK_PREFILL) {
@@ -300,23 +483,187 @@ static void step(wk *w)
             if (q->n_done < q->n_prompt)
                 continue; /* no output row for a middle chunk */
         }
-        float *lg = w->logits + row++ * w->n_vocab;
-        int32_t t = eng_sampler_sample(q->smp, lg);
-        eng_sampler_accept(q->smp, t);
-        q->n_gen++;
-        q->last = t;
+        float *lg = w->logits + row * w->n_vocab; /* the sampler works in place */
+        const float *hd = w->hidden + row * dim;
+        row++;
         q->st = WK_DECODE;
-        struct ipc_wevt e = {.op = IPC_WEVT_TOKEN, .n_tokens = 1, .req = r,
-                             .n_gen = (uint32_t)q->n_gen, .tokens = {t}};
-        emit(w, &e);
-        /* Same end rule as eng_generate: BOS or an end-of-generation token. */
-        bool end = t == bos || (w->tok && eng_tok_is_eog(w->tok, t));
-        if (end || q->n_gen >= q->max_tokens) {
-            req_release(w, r);
-            emit_done(w, r, end ? IPC_FINISH_EOS : IPC_FINISH_LENGTH, 0, 0, 0);
+        int32_t t;
+        if (q->med_ok) {
+            /* Keep the decoder ready: a later step may speculate from here. */
+            int rc = eng_medusa_seq_begin(w->md, q->seq, lg, hd, 0);
+            CM_ASSERT(rc == 0);
+            q->med_pending = true;
+            t = eng_argmax(lg, w->n_vocab);
+        } else {
+            t = eng_sampler_sample(q->smp, lg);
         }
+        emit_tokens(w, r, &t, 1);
     }
+    if (n_med > 0)
+        med_emit(w, n_med);
     emit_step_stats(w, (uint16_t)n_in);
+}
+
+/* Heads, tree and decoder from the configuration. */
+static int med_open(wk *w)
+{
+    const eng_hparams *hp = eng_model_hparams(w->m);
+    const char *dir = w->cfg.medusa_dir;
+    int rc = eng_medusa_heads_open(&w->mh, dir, hp->dim, hp->n_vocab);
+    if (rc < 0) {
+        CM_LOG_ERROR(TAG, "medusa heads %s: %s", dir, eng_error());
+        return rc;
+    }
+    const char *tree = w->cfg.medusa_tree;
+    if (tree)
+        rc = eng_medusa_tree_from_spec(&w->tree, tree);
+    else if ((rc = eng_medusa_fit_load(&w->tree, dir)) == -ENOENT) {
+        tree = WK_MED_DEFAULT_TREE;
+        rc = eng_medusa_tree_from_spec(&w->tree, tree);
+    } else {
+        tree = dir; /* the fitted medusa_choices.json */
+    }
+    if (rc < 0) {
+        CM_LOG_ERROR(TAG, "medusa tree %s: %s", tree, eng_error());
+        return rc;
+    }
+    rc = eng_medusa_create(&w->md, &(eng_medusa_cfg){.model = w->m, .kn = w->kn,
+                                                     .heads = w->mh, .tree = w->tree,
+                                                     .max_seqs = w->cfg.max_seqs,
+                                                     .accept = ENG_MEDUSA_GREEDY});
+    if (rc < 0) {
+        CM_LOG_ERROR(TAG, "medusa decoder: %s", eng_error());
+        return rc;
+    }
+    w->nn = w->tree->n_nodes;
+    w->med_cap = WK_MED_MAX_ROWS / w->nn;
+    if (w->med_cap < 1)
+        w->med_cap = 1;
+    if (w->med_cap > w->cfg.max_seqs)
+        w->med_cap = w->cfg.max_seqs;
+    w->med_fixed = w->cfg.medusa_max_batch;
+    if (w->med_fixed > w->med_cap)
+        w->med_fixed = w->med_cap;
+    /* Until steps are measured, assume every tree token is accepted: the
+     * first steps speculate and the average falls to what the heads do. */
+    w->med_tps = w->tree->max_depth + 1;
+    w->med_cost = calloc((size_t)w->med_cap + 1, sizeof(double));
+    w->med_seqs = calloc((size_t)w->med_cap, sizeof(int));
+    w->med_req = calloc((size_t)w->med_cap, sizeof(uint32_t));
+    w->med_res = calloc((size_t)w->med_cap, sizeof(eng_medusa_result));
+    if (!w->med_cost || !w->med_seqs || !w->med_req || !w->med_res)
+        return -ENOMEM;
+    CM_LOG_INFO(TAG, "medusa: %d heads from %s, tree of %d nodes (depth %d) from %s",
+                eng_medusa_heads_count(w->mh), dir, w->nn, w->tree->max_depth, tree);
+    return 0;
+}
+
+static void cal_free(wk *w, int n)
+{
+    for (int i = 0; i < n; i++) {
+        eng_medusa_seq_end(w->md, w->med_seqs[i]);
+        eng_kv_seq_free(w->kv, w->med_seqs[i]);
+    }
+}
+
+/* Time a plain decode step and a Medusa step over b dummy sequences; the
+ * ratio, or 0 when the pool or context has no room for b of them. */
+static double cal_ratio(wk *w, int b)
+{
+    const int P = WK_MED_CAL_PROMPT, R = WK_MED_CAL_REPS;
+    const int64_t need = P + R + (int64_t)R * (w->tree->max_depth + 1) + w->nn;
+    const int64_t dim = eng_model_hparams(w->m)->dim;
+    if (need > w->n_ctx || b * ((need + w->block_size - 1) / w->block_size) >
+                               eng_kv_free_blocks(w->kv))
+        return 0;
+    int32_t prompt[WK_MED_CAL_PROMPT], next[WK_MED_MAX_ROWS];
+    for (int i = 0; i < P; i++)
+        prompt[i] = (int32_t)((i * 7919 + 1) % w->n_vocab);
+    int n = 0;
+    for (; n < b; n++) {
+        int s = eng_kv_seq_alloc(w->kv);
+        if (s < 0)
+            break;
+        w->med_seqs[n] = s;
+        w->ins[n] = (eng_seq_in){.seq = s, .tokens = prompt, .n_tokens = P};
+    }
+    double ratio = 0;
+    if (n < b || eng_forward(w->ctx, w->kv, w->ins, b, w->logits, w->hidden) != b)
+        goto out;
+    for (int i = 0; i < b; i++) {
+        eng_medusa_seq_begin(w->md, w->med_seqs[i], w->logits + (int64_t)i * w->n_vocab,
+                             w->hidden + (int64_t)i * dim, 0);
+        next[i] = eng_argmax(w->logits + (int64_t)i * w->n_vocab, w->n_vocab);
+    }
+    double plain = 1e30, tree = 1e30;
+    for (int r = 0; r < R; r++) {
+        for (int i = 0; i < b; i++)
+            w->ins[i] = (eng_seq_in){.seq = w->med_seqs[i], .tokens = &next[i], .n_tokens = 1};
+        uint64_t t0 = cm_now_ns();
+        if (eng_forward(w->ctx, w->kv, w->ins, b, w->logits, w->hidden) != b)
+            goto out;
+        for (int i = 0; i < b; i++)
+            next[i] = eng_argmax(w->logits + (int64_t)i * w->n_vocab, w->n_vocab);
+        double dt = (double)(cm_now_ns() - t0);
+        plain = dt < plain ? dt : plain;
+    }
+    for (int r = 0; r < R; r++) {
+        uint64_t t0 = cm_now_ns();
+        if (eng_medusa_step_prepare(w->md, w->kv, w->med_seqs, b, w->ins) < 0)
+            goto out;
+        if (eng_forward(w->ctx, w->kv, w->ins, b, w->logits, w->hidden) < 0) {
+            eng_medusa_step_abort(w->md, w->med_seqs, b);
+            goto out;
+        }
+        eng_medusa_step_finish(w->md, w->kv, w->med_seqs, b, w->logits, w->hidden, w->med_res);
+        double dt = (double)(cm_now_ns() - t0);
+        tree = dt < tree ? dt : tree;
+    }
+    ratio = tree / plain;
+out:
+    cal_free(w, n);
+    return ratio;
+}
+
+/* med_cost[b] for b = 1..med_cap from steps timed at b = 1, 2, 4, ...
+ * (between two measured sizes the larger one's ratio: speculation is not
+ * assumed to pay where it was not measured to). Sizes the pool cannot hold
+ * for calibration are not used. */
+static int med_calibrate(wk *w)
+{
+    if (w->med_fixed > 0) {
+        med_update_limit(w);
+        CM_LOG_INFO(TAG, "medusa: up to %d sequences per step (configured)", w->med_limit);
+        return 0;
+    }
+    char msg[512];
+    size_t at = 0;
+    int last = 0;
+    for (int b = 1;; b = b * 2 < w->med_cap ? b * 2 : w->med_cap) {
+        double r = cal_ratio(w, b);
+        if (r <= 0)
+            break;
+        for (int k = last + 1; k <= b; k++)
+            w->med_cost[k] = r;
+        last = b;
+        if (at < sizeof(msg))
+            at += (size_t)snprintf(msg + at, sizeof(msg) - at, " %d:%.2f", b, r);
+        if (b == w->med_cap)
+            break;
+    }
+    for (int k = last + 1; k <= w->med_cap; k++)
+        w->med_cost[k] = INFINITY;
+    if (last == 0) {
+        CM_LOG_WARN(TAG, "medusa: no KV room to measure a tree step: Medusa is off");
+        eng_medusa_destroy(w->md);
+        w->md = NULL;
+        return 0;
+    }
+    med_update_limit(w);
+    CM_LOG_INFO(TAG, "medusa: tree step / plain step by batch:%s; pays up to %d sequences "
+                "at %.2f tokens per step (re-evaluated as steps are measured)",
+                msg, w->med_limit, w->med_tps);
+    return 0;
 }
 
 static int setup(wk *w)
@@ -368,9 +715,17 @@ static int setup(wk *w)
         CM_LOG_ERROR(TAG, "KV cache of %" PRId64 " blocks: %s", w->n_blocks, eng_error());
         return rc;
     }
+    if (w->cfg.medusa_dir && (rc = med_open(w)) < 0)
+        return rc;
+    /* Trees ride on top of the prefill budget (decode and trees first, so
+     * they never starve prompts of a step). */
+    int64_t tree_rows = w->md ? (int64_t)w->med_cap * w->nn : 0;
+    if (w->md && tree_rows < (int64_t)w->med_cap * WK_MED_CAL_PROMPT)
+        tree_rows = (int64_t)w->med_cap * WK_MED_CAL_PROMPT;
+    int64_t max_out = w->cfg.max_seqs + tree_rows;
     rc = eng_ctx_create(&w->ctx, w->m,
-                        &(eng_ctx_cfg){.kn = w->kn, .max_tokens = w->cfg.max_batch_tokens,
-                                       .max_outputs = w->cfg.max_seqs, .max_ctx = w->n_ctx});
+                        &(eng_ctx_cfg){.kn = w->kn, .max_tokens = w->cfg.max_batch_tokens + tree_rows,
+                                       .max_outputs = max_out, .max_ctx = w->n_ctx});
     if (rc < 0) {
         CM_LOG_ERROR(TAG, "forward context: %s", eng_error());
         return rc;
@@ -380,9 +735,12 @@ static int setup(wk *w)
     w->ins = calloc((size_t)w->cfg.max_seqs, sizeof(*w->ins));
     w->row_req = calloc((size_t)w->cfg.max_seqs, sizeof(*w->row_req));
     w->no_out = calloc((size_t)w->cfg.max_batch_tokens, 1);
-    w->logits = malloc((size_t)w->cfg.max_seqs * (size_t)w->n_vocab * sizeof(float));
-    if (!w->req || !w->run || !w->ins || !w->row_req || !w->no_out || !w->logits)
+    w->logits = malloc((size_t)max_out * (size_t)w->n_vocab * sizeof(float));
+    w->hidden = malloc((size_t)max_out * (size_t)hp->dim * sizeof(float));
+    if (!w->req || !w->run || !w->ins || !w->row_req || !w->no_out || !w->logits || !w->hidden)
         return -ENOMEM;
+    if (w->md && (rc = med_calibrate(w)) < 0)
+        return rc;
     int64_t max_prompt = w->n_ctx;
     for (uint32_t i = 0; i < w->n_req; i++)
         if (!(w->req[i].prompt = malloc((size_t)max_prompt * sizeof(int32_t))))
@@ -408,6 +766,14 @@ static void teardown(wk *w)
     free(w->row_req);
     free(w->no_out);
     free(w->logits);
+    free(w->hidden);
+    free(w->med_cost);
+    free(w->med_seqs);
+    free(w->med_req);
+    free(w->med_res);
+    eng_medusa_destroy(w->md);
+    eng_medusa_tree_destroy(w->tree);
+    eng_medusa_heads_close(w->mh);
     eng_ctx_destroy(w->ctx);
     eng_kv_destroy(w->kv);
     eng_model_close(w->m);

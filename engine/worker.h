@@ -45,6 +45,13 @@ typedef struct eng_worker_cfg {
     int max_seqs;             /* running sequences at once; 0: 64 */
     int64_t max_batch_tokens; /* new tokens per forward; 0: 256 */
     pid_t parent;             /* exit when the parent is no longer this pid (0: no check) */
+    /* Medusa: heads directory (NULL: none), tree (NULL: the fitted
+     * medusa_choices.json in the directory, else a 17-node default) and the
+     * largest decode batch that speculates (0: measured at start-up and
+     * re-evaluated from the acceptance seen). */
+    const char *medusa_dir;
+    const char *medusa_tree;
+    int medusa_max_batch;
 } eng_worker_cfg;
 
 /* Load the model, map the region, announce READY and serve until the

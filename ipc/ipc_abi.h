@@ -31,7 +31,8 @@
 #include <stdint.h>
 
 #define IPC_MAGIC 0x4e4f4752u /* "RGON" little-endian: 'R','G','O','N' */
-#define IPC_ABI_VERSION 2u /* 2: GENERATE/CANCEL, worker rings, generation stats */
+#define IPC_ABI_VERSION 3u /* 2: GENERATE/CANCEL, worker rings, generation stats;
+                            * 3: Medusa (NO_MEDUSA flag, usage, stats) */
 #define IPC_DESC_SIZE 64u
 #define IPC_CACHELINE 64u
 #define IPC_HDR_BYTES 4096u
@@ -143,7 +144,9 @@ _Static_assert(sizeof(struct ipc_slot_hdr) == IPC_CACHELINE, "slot header");
  * last completion has no MORE flag and may carry the final bytes:
  *   result  0 (finished) or -errno (failed / cancelled: the bytes are then a
  *           NUL-free error message, not generated text)
- *   arg[0]  enum ipc_finish
+ *   arg[0]  bits 0..7 enum ipc_finish; bits 8..31 tokens accepted from
+ *           Medusa candidates; bits 32..63 Medusa steps that decoded this
+ *           request (both 0 when it was decoded plainly)
  *   arg[1]  prompt tokens | completion tokens << 32
  *   arg[2]  time to first token, ns (0 when no token was produced)
  *   arg[3]  total time, ns (submission seen -> final completion)
@@ -156,7 +159,9 @@ _Static_assert(sizeof(struct ipc_slot_hdr) == IPC_CACHELINE, "slot header");
  * GENERATE then ends with -ECANCELED, IPC_FINISH_CANCELLED) or -ENOENT. */
 #define IPC_GEN_F_PROMPT_IDS 1u /* prompt is int32 token ids (BOS included by the caller) */
 #define IPC_GEN_F_OUT_IDS 2u    /* stream token ids instead of text */
-#define IPC_GEN_F__ALL (IPC_GEN_F_PROMPT_IDS | IPC_GEN_F_OUT_IDS)
+#define IPC_GEN_F_NO_MEDUSA 4u  /* decode plainly even when Medusa heads are loaded */
+#define IPC_GEN_F__ALL (IPC_GEN_F_PROMPT_IDS | IPC_GEN_F_OUT_IDS | IPC_GEN_F_NO_MEDUSA)
+#define IPC_GEN_FINISH_MASK 0xffu /* arg[0] of the final completion */
 #define IPC_GEN_MAX_STOP 8       /* stop strings */
 #define IPC_GEN_MAX_STOP_LEN 63  /* bytes of one, without its NUL */
 
@@ -198,9 +203,12 @@ enum ipc_wcmd_op {
     IPC_WCMD_CANCEL = 2, /* drop request `req` (answered by DONE, CANCELLED) */
 };
 
+#define IPC_WCMD_F_NO_MEDUSA 1u /* START: never decode this request with Medusa */
+
 struct ipc_wcmd {
     uint8_t op;
-    uint8_t rsvd0[3];
+    uint8_t flags; /* IPC_WCMD_F_* */
+    uint8_t rsvd0[2];
     uint32_t req;        /* request slot */
     uint32_t n_prompt;   /* ids in the slot's input */
     uint32_t max_tokens;
@@ -214,11 +222,14 @@ _Static_assert(sizeof(struct ipc_wcmd) == IPC_DESC_SIZE, "worker command is one 
 
 enum ipc_wevt_op {
     IPC_WEVT_READY = 1, /* model loaded: arg[0] kv blocks, arg[1] max sequences */
-    IPC_WEVT_TOKEN = 2, /* tokens[0..n_tokens) sampled for req */
+    IPC_WEVT_TOKEN = 2, /* tokens[0..n_tokens) sampled for req; arg[0] Medusa steps
+                         * and arg[1] tokens accepted from Medusa candidates for req
+                         * so far */
     IPC_WEVT_DONE = 3,  /* req finished: finish, result; the slot is gorgond's again */
     IPC_WEVT_STEP = 4,  /* scheduler state after a step: arg[0] queued | running << 32,
                          * arg[1] kv used | kv total << 32; n_tokens = sequences in
-                         * that step's forward */
+                         * that step's forward; result = the largest decode batch
+                         * at which Medusa still pays (measured; 0: no Medusa) */
 };
 
 struct ipc_wevt {
@@ -299,7 +310,12 @@ struct ipc_stats {
     uint64_t gen_requests_total;
     uint64_t gen_failed;       /* ended with an error (cancellations not counted) */
     uint64_t worker_restarts;
+    /* Medusa (ABI 3; all 0 without heads) */
+    uint64_t medusa_steps;      /* sequence-steps decoded with Medusa */
+    uint64_t medusa_accepted;   /* candidate tokens those steps accepted */
+    uint64_t medusa_max_batch;  /* decode batch up to which Medusa pays now (measured) */
+    uint64_t rsvd[5];
 };
-_Static_assert(sizeof(struct ipc_stats) == 128, "stats");
+_Static_assert(sizeof(struct ipc_stats) == 192, "stats");
 
 #endif

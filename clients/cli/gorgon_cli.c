@@ -21,9 +21,10 @@ static void usage(FILE *f)
                "        gorgond's counters\n"
                "  generate [-p PROMPT | -f FILE] [-n N] [--temp T] [--top-p P] [--top-k K]\n"
                "           [--min-p P] [--repeat-penalty R] [--seed S] [--stop STR]...\n"
-               "           [--socket PATH]\n"
+               "           [--no-medusa] [--socket PATH]\n"
                "        stream generated text to stdout (N new tokens, default 256; greedy\n"
-               "        unless --temp > 0); usage and timings to stderr\n"
+               "        unless --temp > 0; greedy requests use gorgond's Medusa heads when it\n"
+               "        has them, unless --no-medusa); usage and timings to stderr\n"
                "\n"
                "The socket defaults to $GORGON_SOCKET, else /run/gorgon/gorgon.sock.\n");
 }
@@ -188,6 +189,12 @@ static int cmd_stats(int argc, char **argv)
            (unsigned long long)st.kv_blocks_total);
     printf("decode_batch_max    %llu\n", (unsigned long long)st.decode_batch_max);
     printf("worker_restarts     %llu\n", (unsigned long long)st.worker_restarts);
+    printf("medusa_steps        %llu\n", (unsigned long long)st.medusa_steps);
+    printf("medusa_accepted     %llu\n", (unsigned long long)st.medusa_accepted);
+    if (st.medusa_steps)
+        printf("medusa_tokens_step  %.2f (1 + accepted / steps)\n",
+               1.0 + (double)st.medusa_accepted / (double)st.medusa_steps);
+    printf("medusa_max_batch    %llu\n", (unsigned long long)st.medusa_max_batch);
     return 0;
 }
 
@@ -238,7 +245,7 @@ static char *read_all(const char *path, size_t *len)
 
 static int cmd_generate(int argc, char **argv)
 {
-    enum { O_TEMP = 256, O_TOPP, O_TOPK, O_MINP, O_REP, O_SEED, O_STOP };
+    enum { O_TEMP = 256, O_TOPP, O_TOPK, O_MINP, O_REP, O_SEED, O_STOP, O_NOMED };
     static const struct option opts[] = {
         {"socket", required_argument, NULL, 'S'}, {"prompt", required_argument, NULL, 'p'},
         {"file", required_argument, NULL, 'f'},   {"tokens", required_argument, NULL, 'n'},
@@ -246,6 +253,7 @@ static int cmd_generate(int argc, char **argv)
         {"top-k", required_argument, NULL, O_TOPK}, {"min-p", required_argument, NULL, O_MINP},
         {"repeat-penalty", required_argument, NULL, O_REP},
         {"seed", required_argument, NULL, O_SEED}, {"stop", required_argument, NULL, O_STOP},
+        {"no-medusa", no_argument, NULL, O_NOMED},
         {"help", no_argument, NULL, 'h'},         {NULL, 0, NULL, 0},
     };
     const char *sock = NULL, *prompt = "", *file = NULL;
@@ -271,6 +279,7 @@ static int cmd_generate(int argc, char **argv)
             }
             stops[gp.n_stop++] = optarg;
             break;
+        case O_NOMED: gp.flags |= GORGON_GEN_NO_MEDUSA; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
@@ -330,6 +339,10 @@ static int cmd_generate(int argc, char **argv)
                 ch.usage.total_ns
                     ? (double)ch.usage.completion_tokens * 1e9 / (double)ch.usage.total_ns
                     : 0.0);
+        if (ch.usage.medusa_steps)
+            fprintf(stderr, "[medusa: %u steps, %u tokens accepted, %.2f tokens per step]\n",
+                    ch.usage.medusa_steps, ch.usage.medusa_accepted,
+                    1.0 + (double)ch.usage.medusa_accepted / (double)ch.usage.medusa_steps);
     } else if (ch.done) {
         fprintf(stderr, "\ngorgon: generate failed: %.*s (%s)\n", (int)ch.len, ch.text,
                 gorgon_strerror(ch.error));

@@ -14,6 +14,7 @@ static void usage(FILE *f)
 {
     fputs("usage: gorgon-worker --model FILE --region-fd FD [--wake-fd FD] [--threads N]\n"
           "                     [--kv-blocks N] [--max-seqs N] [--batch-tokens N]\n"
+          "                     [--medusa DIR [--medusa-tree SPEC] [--medusa-max-batch N]]\n"
           "                     [--parent PID] [--log-level LEVEL]\n"
           "Started by gorgond; serves the worker region passed as an inherited fd.\n",
           f);
@@ -36,13 +37,16 @@ static int num(const char *opt, const char *s, long long lo, long long hi, long 
 int main(int argc, char **argv)
 {
     eng_worker_cfg cfg = {.region_fd = -1, .wake_fd = -1, .n_threads = 1};
-    enum { O_REGION = 256, O_WAKE, O_KV, O_SEQS, O_BATCH, O_PARENT, O_LOG };
+    enum { O_REGION = 256, O_WAKE, O_KV, O_SEQS, O_BATCH, O_PARENT, O_LOG, O_MEDUSA, O_MTREE,
+           O_MBATCH };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},       {"threads", required_argument, 0, 't'},
         {"region-fd", required_argument, 0, O_REGION}, {"wake-fd", required_argument, 0, O_WAKE},
         {"kv-blocks", required_argument, 0, O_KV},  {"max-seqs", required_argument, 0, O_SEQS},
         {"batch-tokens", required_argument, 0, O_BATCH},
         {"parent", required_argument, 0, O_PARENT}, {"log-level", required_argument, 0, O_LOG},
+        {"medusa", required_argument, 0, O_MEDUSA}, {"medusa-tree", required_argument, 0, O_MTREE},
+        {"medusa-max-batch", required_argument, 0, O_MBATCH},
         {"help", no_argument, 0, 'h'},              {0, 0, 0, 0},
     };
     int c;
@@ -58,6 +62,11 @@ int main(int argc, char **argv)
         case O_SEQS: rc = num("--max-seqs", optarg, 0, 4096, &v), cfg.max_seqs = (int)v; break;
         case O_BATCH:
             rc = num("--batch-tokens", optarg, 0, 1 << 20, &v), cfg.max_batch_tokens = v;
+            break;
+        case O_MEDUSA: cfg.medusa_dir = optarg; break;
+        case O_MTREE: cfg.medusa_tree = optarg; break;
+        case O_MBATCH:
+            rc = num("--medusa-max-batch", optarg, 0, 4096, &v), cfg.medusa_max_batch = (int)v;
             break;
         case O_PARENT: rc = num("--parent", optarg, 0, 1ll << 31, &v), cfg.parent = (pid_t)v; break;
         case O_LOG: {
