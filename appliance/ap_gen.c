@@ -187,7 +187,7 @@ static int worker_spawn(struct ap_server *srv)
     snprintf(a_wake, sizeof(a_wake), "%d", G->wake_fd >= 0 ? 4 : -1);
     char a_mbatch[16];
     snprintf(a_mbatch, sizeof(a_mbatch), "%u", cfg->medusa_max_batch);
-    const char *argv[24] = {G->bin,         "--model",     cfg->model,   "--threads", a_threads,
+    const char *argv[32] = {G->bin,         "--model",     cfg->model,   "--threads", a_threads,
                             "--kv-blocks",  a_kv,          "--max-seqs", a_seqs,
                             "--batch-tokens", a_batch,     "--parent",   a_parent,
                             "--region-fd",  "3",           "--wake-fd",  a_wake,
@@ -205,6 +205,7 @@ static int worker_spawn(struct ap_server *srv)
             argv[argc++] = cfg->medusa_tree;
         }
     }
+    CM_ASSERT(argc < (int)(sizeof(argv) / sizeof(argv[0])));
     argv[argc] = NULL;
     pid_t pid = fork();
     if (pid < 0) {
