@@ -24,8 +24,11 @@
 #define TAG "worker"
 #define WK_IDLE_WAIT_NS 200000000 /* idle sleep slice: bounds how late a dead parent is seen */
 #define WK_MED_MAX_ROWS 1024     /* tree rows of one step at most (sizes the Medusa batch cap) */
-#define WK_MED_PROBE 32          /* steps between Medusa probes while it does not pay */
+#define WK_MED_PROBE 32          /* steps between Medusa probes while it does not pay,
+                                  * per unit of tree-step cost */
 #define WK_MED_EWMA 0.05         /* weight of one step in the tokens-per-step average */
+#define WK_MED_WARMUP 8          /* first steps speculate whatever the cost: they measure
+                                  * the acceptance the limit is computed from */
 #define WK_MED_CAL_PROMPT 8      /* calibration: prompt tokens per sequence */
 #define WK_MED_CAL_REPS 3        /* calibration: timed steps per batch size (min taken) */
 /* Without a fitted medusa_choices.json: the 16 most likely paths of
@@ -84,6 +87,7 @@ typedef struct wk {
     int med_fixed;    /* > 0: configured batch limit (no cost model) */
     double *med_cost; /* [med_cap + 1]: tree step / plain step cost at batch b (measured) */
     double med_tps;   /* tokens per Medusa step per sequence, running average */
+    uint32_t med_measured; /* Medusa steps folded into med_tps */
     int med_limit;    /* largest batch at which Medusa pays now */
     uint32_t med_skip;  /* steps since the last Medusa step while it did not pay */
     int *med_seqs;
@@ -357,8 +361,9 @@ static void med_update_limit(wk *w)
 /* Which decoding requests take a Medusa step now: those whose decoder
  * state is ready and whose tree fits their reservation and the context,
  * when there are at most med_limit of them (the measured break-even, or
- * the configured limit), or, with a measured limit, every WK_MED_PROBE steps
- * anyway, so that the acceptance estimate follows the traffic. Returns how many, listed in med_seqs/med_req. */
+ * the configured limit); with a measured limit also during the warm-up and
+ * in occasional probes, so that the acceptance estimate follows the
+ * traffic. Returns how many, listed in med_seqs/med_req. */
 static int med_select(wk *w)
 {
     int n = 0;
@@ -377,7 +382,12 @@ static int med_select(wk *w)
     }
     if (n == 0)
         return 0;
-    if (n > w->med_limit && (w->med_fixed > 0 || ++w->med_skip < WK_MED_PROBE))
+    /* Warm-up steps speculate to measure the acceptance; after that, above
+     * the limit only probes do, spaced by the step's cost so that they add
+     * at most about 1/WK_MED_PROBE to the time of plain decoding. */
+    bool warm = w->med_fixed == 0 && w->med_measured < WK_MED_WARMUP;
+    if (!warm && n > w->med_limit &&
+        (w->med_fixed > 0 || ++w->med_skip < WK_MED_PROBE * w->med_cost[n]))
         return 0;
     w->med_skip = 0;
     for (int i = 0; i < n; i++)
@@ -408,7 +418,10 @@ static void med_emit(wk *w, int n_med)
         if (done <= res->n_accepted) /* ended inside the accepted tokens */
             q->med_acc -= (uint32_t)(res->n_accepted - done);
     }
-    w->med_tps = (1.0 - WK_MED_EWMA) * w->med_tps + WK_MED_EWMA * sum / n_med;
+    /* A plain mean over the warm-up, then an exponential average. */
+    double a = w->med_measured < WK_MED_WARMUP ? 1.0 / (w->med_measured + 1) : WK_MED_EWMA;
+    w->med_tps = (1.0 - a) * w->med_tps + a * sum / n_med;
+    w->med_measured++;
     med_update_limit(w);
 }
 
@@ -544,9 +557,6 @@ static int med_open(wk *w)
     w->med_fixed = w->cfg.medusa_max_batch;
     if (w->med_fixed > w->med_cap)
         w->med_fixed = w->med_cap;
-    /* Until steps are measured, assume every tree token is accepted: the
-     * first steps speculate and the average falls to what the heads do. */
-    w->med_tps = w->tree->max_depth + 1;
     w->med_cost = calloc((size_t)w->med_cap + 1, sizeof(double));
     w->med_seqs = calloc((size_t)w->med_cap, sizeof(int));
     w->med_req = calloc((size_t)w->med_cap, sizeof(uint32_t));
@@ -660,9 +670,9 @@ static int med_calibrate(wk *w)
         return 0;
     }
     med_update_limit(w);
-    CM_LOG_INFO(TAG, "medusa: tree step / plain step by batch:%s; pays up to %d sequences "
-                "at %.2f tokens per step (re-evaluated as steps are measured)",
-                msg, w->med_limit, w->med_tps);
+    CM_LOG_INFO(TAG, "medusa: tree step / plain step by batch:%s; the batch limit follows "
+                "from the tokens per step measured over the first %d steps and then as they "
+                "run", msg, WK_MED_WARMUP);
     return 0;
 }
 

@@ -31,6 +31,7 @@
 typedef struct sreq {
     uint64_t t_submit, t_first, t_last;
     uint32_t n_out;
+    uint32_t med_steps, med_acc; /* Medusa usage of the final chunk */
     int client;
     uint32_t slot;
     bool done, failed;
@@ -103,9 +104,10 @@ static void usage(FILE *f)
     fputs("usage: gorgon-bench serve [--socket PATH] [--num-prompts N]\n"
           "         [--request-rate R [--burstiness B] | --concurrency C]\n"
           "         [--input-len I] [--output-len O] [--goodput ttft:MS [tpot:MS] [e2el:MS]] [--seed S]\n"
-          "         [--json]\n"
+          "         [--no-medusa] [--json]\n"
           "Drives a running gorgond (started with --model). Defaults: 100 prompts, rate inf,\n"
-          "input 32 tokens, output 64 tokens, burstiness 1 (Poisson).\n",
+          "input 32 tokens, output 64 tokens, burstiness 1 (Poisson). Requests are greedy:\n"
+          "with gorgond --medusa they speculate unless --no-medusa.\n",
           f);
 }
 
@@ -145,14 +147,16 @@ int bench_serve_main(int argc, char **argv)
     int64_t n_prompts = 100, conc = 0, in_len = 32, out_len = 64, seed = 0;
     int bad = 0;
     double rate = INFINITY, burst = 1.0, slo_ttft = 0, slo_tpot = 0, slo_e2el = 0;
-    bool json = false;
-    enum { O_SOCK = 256, O_N, O_RATE, O_BURST, O_CONC, O_IN, O_OUT, O_GOOD, O_JSON, O_SEED };
+    bool json = false, no_medusa = false;
+    enum { O_SOCK = 256, O_N, O_RATE, O_BURST, O_CONC, O_IN, O_OUT, O_GOOD, O_JSON, O_SEED,
+           O_NOMED };
     static const struct option opts[] = {
         {"socket", required_argument, 0, O_SOCK},      {"num-prompts", required_argument, 0, O_N},
         {"request-rate", required_argument, 0, O_RATE}, {"burstiness", required_argument, 0, O_BURST},
         {"concurrency", required_argument, 0, O_CONC}, {"input-len", required_argument, 0, O_IN},
         {"output-len", required_argument, 0, O_OUT},   {"goodput", required_argument, 0, O_GOOD},
         {"seed", required_argument, 0, O_SEED},        {"json", no_argument, 0, O_JSON},
+        {"no-medusa", no_argument, 0, O_NOMED},
         {"help", no_argument, 0, 'h'},                 {0, 0, 0, 0},
     };
     int c;
@@ -187,6 +191,7 @@ int bench_serve_main(int argc, char **argv)
                 optind++;
             break;
         case O_JSON: json = true; break;
+        case O_NOMED: no_medusa = true; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
@@ -254,7 +259,8 @@ int bench_serve_main(int argc, char **argv)
                 ids[j] = 10 + (int32_t)(urand() * 250);
             gorgon_gen_params gp = {.prompt_ids = ids, .n_ids = (size_t)in_len,
                                     .max_tokens = (int32_t)out_len,
-                                    .flags = GORGON_GEN_PROMPT_IDS | GORGON_GEN_WANT_IDS};
+                                    .flags = GORGON_GEN_PROMPT_IDS | GORGON_GEN_WANT_IDS |
+                                             (no_medusa ? GORGON_GEN_NO_MEDUSA : 0)};
             uint32_t slot;
             int rc = gorgon_generate_submit(cli[k], &gp, (uint64_t)issued, &slot);
             if (rc == -EAGAIN)
@@ -299,6 +305,8 @@ int bench_serve_main(int argc, char **argv)
                 }
                 if (ch.done) {
                     r->done = true;
+                    r->med_steps = ch.usage.medusa_steps;
+                    r->med_acc = ch.usage.medusa_accepted;
                     r->failed = ch.error != 0;
                     if (r->failed && !json)
                         fprintf(stderr, "request %llu failed: %.*s\n",
@@ -315,13 +323,17 @@ int bench_serve_main(int argc, char **argv)
     }
     double dur = (double)(cm_now_ns() - t0) / 1e9;
     long ok = 0, good = 0;
-    uint64_t out_total = 0, itl_n = 0;
+    uint64_t out_total = 0, itl_n = 0, med_steps = 0, med_acc = 0;
     for (long i = 0; i < n_prompts; i++)
         if (!rq[i].failed) {
             ok++;
             out_total += rq[i].n_out;
             itl_n += rq[i].n_itl;
+            med_steps += rq[i].med_steps;
+            med_acc += rq[i].med_acc;
         }
+    /* Tokens per Medusa step (1 + accepted / steps); 0 when none ran. */
+    double med_tps = med_steps ? 1.0 + (double)med_acc / (double)med_steps : 0.0;
     double *ttft = calloc((size_t)ok + 1, sizeof(double));
     double *tpot = calloc((size_t)ok + 1, sizeof(double));
     double *e2el = calloc((size_t)ok + 1, sizeof(double));
@@ -359,6 +371,8 @@ int bench_serve_main(int argc, char **argv)
                ok, n_prompts - ok, dur, ok * in_len, (unsigned long long)out_total, req_tp, out_tp);
         if (slo)
             printf(", \"request_goodput\": %.4f", (double)good / dur);
+        printf(", \"medusa_steps\": %llu, \"medusa_tokens_per_step\": %.4f",
+               (unsigned long long)med_steps, med_tps);
         const char *names[4] = {"ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"};
         stat3 *v[4] = {&s_ttft, &s_tpot, &s_itl, &s_e2el};
         for (int i = 0; i < 4; i++)
@@ -376,6 +390,8 @@ int bench_serve_main(int argc, char **argv)
         if (slo)
             printf("%-40s %10.2f\n", "Request goodput (req/s):", (double)good / dur);
         printf("%-40s %10.2f\n", "Output token throughput (tok/s):", out_tp);
+        if (med_steps)
+            printf("%-40s %10.2f\n", "Medusa tokens per step:", med_tps);
         const char *names[4] = {"TTFT", "TPOT", "ITL", "E2EL"};
         stat3 *v[4] = {&s_ttft, &s_tpot, &s_itl, &s_e2el};
         for (int i = 0; i < 4; i++) {
