@@ -6,13 +6,15 @@
 #
 # MODEL=/path/to/model.gguf (default: the stories260K test model, else a
 # random-weight model from gorgon-mkmodel, whose text is noise),
-# PROMPT="..." and STEPS=N (new tokens) are taken from the environment.
+# PROMPT="...", STEPS=N (new tokens) and MEDUSA=DIR (heads from
+# gorgon-medusa-train: greedy decoding speculates) come from the environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=build/bin
 MODEL=${MODEL:-}
 PROMPT=${PROMPT:-Once upon a time}
 STEPS=${STEPS:-128}
+MEDUSA=${MEDUSA:-}
 
 sock_dir=$(mktemp -d /tmp/gorgon-run.XXXXXX)
 sock="$sock_dir/gorgon.sock"
@@ -34,8 +36,10 @@ if [[ -z "$MODEL" ]]; then
     fi
 fi
 
-echo "== starting gorgond --model $MODEL on $sock"
-"$BIN/gorgond" --foreground --socket "$sock" --poll-us 50 --model "$MODEL" &
+medusa_args=()
+[[ -n "$MEDUSA" ]] && medusa_args=(--medusa "$MEDUSA")
+echo "== starting gorgond --model $MODEL ${medusa_args[*]} on $sock"
+"$BIN/gorgond" --foreground --socket "$sock" --poll-us 50 --model "$MODEL" "${medusa_args[@]}" &
 gpid=$!
 for _ in $(seq 100); do [[ -S "$sock" ]] && break; sleep 0.05; done
 [[ -S "$sock" ]] || { echo "gorgond did not come up" >&2; exit 1; }
