@@ -32,15 +32,6 @@ static void teardown(void)
         cr_assert_eq(rc_, 0, "gorgond did not start: %s", strerror(-rc_));                   \
     } while (0)
 
-static gorgon_client *connect_cli(void)
-{
-    gorgon_client *cli;
-    gorgon_opts o = {.socket_path = gd.sock};
-    int rc = gorgon_connect(&cli, &o);
-    cr_assert_eq(rc, 0, "connect: %s", gorgon_strerror(rc));
-    return cli;
-}
-
 /* gorgond's gorgon-worker child (0 if none), by scanning /proc. */
 static pid_t worker_pid(void)
 {
@@ -113,7 +104,7 @@ Test(appliance_failures, client_killed_mid_stream_cancelled_others_unaffected, .
      .timeout = 90)
 {
     START_WITH_MODEL(NULL);
-    gorgon_client *cli = connect_cli();
+    gorgon_client *cli = gd_connect(&gd, 0);
     /* Reference of the bystander's request, run alone. */
     static char ref[8192], got[8192];
     size_t ref_len, got_len;
@@ -188,7 +179,7 @@ Test(appliance_failures, worker_killed_requests_fail_clearly_then_restart, .fini
      .timeout = 90)
 {
     START_WITH_MODEL(NULL);
-    gorgon_client *cli = connect_cli();
+    gorgon_client *cli = gd_connect(&gd, 0);
     pid_t wk = wait_worker();
     uint32_t a, b;
     cr_assert_eq(gorgon_generate_submit(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 1900},
@@ -232,12 +223,12 @@ Test(appliance_failures, worker_killed_requests_fail_clearly_then_restart, .fini
 Test(appliance_failures, malformed_params_fail_only_that_request, .fini = teardown, .timeout = 60)
 {
     START_WITH_MODEL(NULL);
-    gorgon_client *good = connect_cli();
+    gorgon_client *good = gd_connect(&gd, 0);
     uint32_t r;
     cr_assert_eq(gorgon_generate_submit(good, &(gorgon_gen_params){.prompt = "", .max_tokens = 300},
                                         1, &r),
                  0);
-    gorgon_client *bad = connect_cli();
+    gorgon_client *bad = gd_connect(&gd, 0);
     struct ipc_gen_params cases[] = {
         {.max_tokens = 4, .top_p = 1.0f, .prompt_off = 0xfffffff0u, .prompt_len = 0x20},
         {.max_tokens = 4, .top_p = 1.0f, .n_stop = 1, .stop_off = 64, .stop_len = 3},
@@ -278,7 +269,7 @@ Test(appliance_failures, sigterm_lets_inflight_finish_refuses_new, .fini = teard
      .timeout = 60)
 {
     START_WITH_MODEL(NULL);
-    gorgon_client *a = connect_cli(), *b = connect_cli();
+    gorgon_client *a = gd_connect(&gd, 0), *b = gd_connect(&gd, 0);
     pid_t wk = wait_worker();
     uint32_t r;
     cr_assert_eq(gorgon_generate_submit(a, &(gorgon_gen_params){.prompt = "", .max_tokens = 100},
@@ -320,7 +311,7 @@ Test(appliance_failures, sigterm_grace_over_cancels_then_exits_zero, .fini = tea
      .timeout = 60)
 {
     START_WITH_MODEL("--grace-ms", "200", NULL);
-    gorgon_client *a = connect_cli();
+    gorgon_client *a = gd_connect(&gd, 0);
     pid_t wk = wait_worker();
     uint32_t r;
     cr_assert_eq(gorgon_generate_submit(a, &(gorgon_gen_params){.prompt = "", .max_tokens = 100},

@@ -40,15 +40,6 @@ static char model_buf[PATH_MAX];
         START_GORGOND("--model", model_buf, __VA_ARGS__);                                    \
     } while (0)
 
-static gorgon_client *connect_cli(void)
-{
-    gorgon_client *cli;
-    gorgon_opts o = {.socket_path = gd.sock};
-    int rc = gorgon_connect(&cli, &o);
-    cr_assert_eq(rc, 0, "connect: %s", gorgon_strerror(rc));
-    return cli;
-}
-
 typedef struct gen_out {
     char text[8192];
     size_t len;
@@ -107,7 +98,7 @@ static void expect_golden(const char *golden, const char *prefix, const gen_out 
 Test(appliance_generate, greedy_from_bos_matches_golden_n256, .fini = teardown, .timeout = 60)
 {
     START_WITH_MODEL(NULL);
-    gorgon_client *cli = connect_cli();
+    gorgon_client *cli = gd_connect(&gd, 0);
     gen_out o;
     run_one(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 256}, &o);
     cr_assert_eq(o.rc, 0, "generate failed: %d %s", o.rc, o.msg);
@@ -125,7 +116,7 @@ Test(appliance_generate, greedy_prompt_matches_golden_lily_and_tom_n64, .fini = 
      .timeout = 60)
 {
     START_WITH_MODEL(NULL);
-    gorgon_client *cli = connect_cli();
+    gorgon_client *cli = gd_connect(&gd, 0);
     gen_out o;
     /* "Lily and Tom" is BOS + 4 tokens: steps 64 -> 60 new tokens. */
     run_one(cli, &(gorgon_gen_params){.prompt = "Lily and Tom", .max_tokens = 60}, &o);
@@ -139,7 +130,7 @@ Test(appliance_generate, greedy_prompt_matches_golden_lily_and_tom_n64, .fini = 
 Test(appliance_generate, token_ids_in_and_out_match_text, .fini = teardown, .timeout = 60)
 {
     START_WITH_MODEL(NULL);
-    gorgon_client *cli = connect_cli();
+    gorgon_client *cli = gd_connect(&gd, 0);
     gen_out text;
     run_one(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 40}, &text);
     cr_assert_eq(text.rc, 0, "%s", text.msg);
@@ -177,7 +168,7 @@ Test(appliance_generate, token_ids_in_and_out_match_text, .fini = teardown, .tim
 Test(appliance_generate, stop_string_ends_text_before_it, .fini = teardown, .timeout = 60)
 {
     START_WITH_MODEL(NULL);
-    gorgon_client *cli = connect_cli();
+    gorgon_client *cli = gd_connect(&gd, 0);
     gen_out o;
     const char *stop[] = {"park"};
     run_one(cli, &(gorgon_gen_params){.prompt = "Lily and Tom", .max_tokens = 60, .stop = stop,
@@ -202,7 +193,7 @@ Test(appliance_generate, stop_string_ends_text_before_it, .fini = teardown, .tim
 Test(appliance_generate, bad_params_fail_only_that_request, .fini = teardown, .timeout = 60)
 {
     START_WITH_MODEL(NULL);
-    gorgon_client *cli = connect_cli();
+    gorgon_client *cli = gd_connect(&gd, 0);
     struct {
         gorgon_gen_params p;
         const char *word; /* gorgond's message names the field */
@@ -258,7 +249,7 @@ Test(appliance_generate, without_model_generate_is_enotsup_with_message, .fini =
      .timeout = 30)
 {
     START_GORGOND(NULL);
-    gorgon_client *cli = connect_cli();
+    gorgon_client *cli = gd_connect(&gd, 0);
     gen_out o;
     run_one(cli, &(gorgon_gen_params){.prompt = "hi", .max_tokens = 4}, &o);
     cr_assert_eq(o.rc, -ENOTSUP);
@@ -272,7 +263,7 @@ Test(appliance_generate, without_model_generate_is_enotsup_with_message, .fini =
 Test(appliance_generate, cancel_ends_stream_and_frees_kv, .fini = teardown, .timeout = 60)
 {
     START_WITH_MODEL(NULL);
-    gorgon_client *cli = connect_cli();
+    gorgon_client *cli = gd_connect(&gd, 0);
     uint32_t req;
     cr_assert_eq(gorgon_generate_submit(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 2000},
                                         1, &req),
@@ -384,7 +375,7 @@ Test(appliance_generate, sixteen_clients_batched_equal_alone_runs, .fini = teard
      .timeout = 240)
 {
     START_WITH_MODEL("--max-seqs", "32", "--batch-tokens", "64", NULL);
-    gorgon_client *cli = connect_cli();
+    gorgon_client *cli = gd_connect(&gd, 0);
     for (int k = 0; k < N_COMBO; k++) {
         gorgon_gen_params gp = combo(k);
         run_one(cli, &gp, &alone[k]);
@@ -423,7 +414,7 @@ Test(appliance_generate, kv_admission_waits_or_refuses, .fini = teardown, .timeo
 {
     /* 8 blocks of 16 positions = 128 positions in all. */
     START_WITH_MODEL("--kv-blocks", "8", NULL);
-    gorgon_client *cli = connect_cli();
+    gorgon_client *cli = gd_connect(&gd, 0);
     gen_out o;
     run_one(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 200}, &o);
     cr_assert_eq(o.rc, -E2BIG, "rc %d: %s", o.rc, o.msg);
@@ -453,7 +444,7 @@ Test(appliance_generate, kv_admission_waits_or_refuses, .fini = teardown, .timeo
 Test(appliance_generate, one_final_per_request_then_silence, .fini = teardown, .timeout = 60)
 {
     START_WITH_MODEL(NULL);
-    gorgon_client *cli = connect_cli();
+    gorgon_client *cli = gd_connect(&gd, 0);
     for (int i = 0; i < 20; i++) {
         gen_out o;
         run_one(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 1 + i % 3}, &o);
@@ -476,7 +467,7 @@ Test(appliance_generate, one_final_per_request_then_silence, .fini = teardown, .
 Test(appliance_generate, eventfd_doorbells_serve_golden_output, .fini = teardown, .timeout = 60)
 {
     START_WITH_MODEL("--eventfd-doorbells", "--poll-us", "0", NULL);
-    gorgon_client *cli = connect_cli();
+    gorgon_client *cli = gd_connect(&gd, 0);
     gen_out o;
     run_one(cli, &(gorgon_gen_params){.prompt = "Lily and Tom", .max_tokens = 60}, &o);
     cr_assert_eq(o.rc, 0, "generate failed: %d %s", o.rc, o.msg);
@@ -496,7 +487,7 @@ Test(appliance_generate, chunked_prefill_equals_one_step_prefill, .fini = teardo
         n += (size_t)snprintf(prompt + n, sizeof(prompt) - n, "Lily and Tom went to the park %d. ", i);
     static gen_out ref, got;
     START_WITH_MODEL("--batch-tokens", "1024", NULL);
-    gorgon_client *cli = connect_cli();
+    gorgon_client *cli = gd_connect(&gd, 0);
     run_one(cli, &(gorgon_gen_params){.prompt = prompt, .max_tokens = 40}, &ref);
     cr_assert_eq(ref.rc, 0, "%s", ref.msg);
     cr_assert_gt(ref.last.usage.prompt_tokens, 100);
@@ -504,8 +495,8 @@ Test(appliance_generate, chunked_prefill_equals_one_step_prefill, .fini = teardo
     GD_END(&gd);
 
     START_WITH_MODEL("--batch-tokens", "16", NULL);
-    cli = connect_cli();
-    gorgon_client *cli2 = connect_cli();
+    cli = gd_connect(&gd, 0);
+    gorgon_client *cli2 = gd_connect(&gd, 0);
     /* A decoding neighbour shares every step with the chunks. */
     uint32_t nb;
     cr_assert_eq(gorgon_generate_submit(cli2, &(gorgon_gen_params){.prompt = "", .max_tokens = 300},
@@ -536,7 +527,7 @@ Test(appliance_generate, small_output_ring_wraps_and_waits_for_reader, .fini = t
      .timeout = 60)
 {
     START_WITH_MODEL("--slot-out-bytes", "192", NULL);
-    gorgon_client *cli = connect_cli();
+    gorgon_client *cli = gd_connect(&gd, 0);
     uint32_t req;
     cr_assert_eq(gorgon_generate_submit(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 256},
                                         1, &req),

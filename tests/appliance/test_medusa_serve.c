@@ -138,15 +138,6 @@ static void start(const char *heads, const char *max_batch)
     cr_assert_eq(rc, 0, "gorgond did not start: %s", strerror(-rc));
 }
 
-static gorgon_client *connect_cli(void)
-{
-    gorgon_client *cli;
-    gorgon_opts o = {.socket_path = gd.sock};
-    int rc = gorgon_connect(&cli, &o);
-    cr_assert_eq(rc, 0, "connect: %s", gorgon_strerror(rc));
-    return cli;
-}
-
 static uint32_t submit(gorgon_client *cli, int p, int max_tokens, bool medusa)
 {
     gorgon_gen_params gp = {.prompt = PROMPTS[p], .max_tokens = max_tokens,
@@ -207,7 +198,7 @@ static void references(gorgon_client *cli)
 static uint64_t check_lossless(const char *heads)
 {
     start(heads, "8");
-    gorgon_client *cli = connect_cli();
+    gorgon_client *cli = gd_connect(&gd, 0);
     references(cli);
     uint64_t steps = 0, acc = 0;
     for (int p = 0; p < N_PROMPTS; p++) {
@@ -238,6 +229,7 @@ static uint64_t check_lossless(const char *heads)
                 (unsigned long long)steps, (unsigned long long)acc,
                 1.0 + (double)acc / (double)steps);
     gorgon_close(cli);
+    GD_END(&gd);
     return acc;
 }
 
@@ -266,7 +258,7 @@ Test(appliance_medusa, batch_limit_switches_speculation_off_and_back_on, .fini =
     char heads[PATH_MAX];
     train_heads(heads, sizeof(heads));
     start(heads, "2");
-    gorgon_client *cli = connect_cli();
+    gorgon_client *cli = gd_connect(&gd, 0);
     static ids_out plain[N_PROMPTS];
     for (int p = 0; p < N_PROMPTS; p++)
         run_alone(cli, p, p < 6 ? 24 : N_GEN, false, &plain[p]);
@@ -288,6 +280,7 @@ Test(appliance_medusa, batch_limit_switches_speculation_off_and_back_on, .fini =
                          "prompt %d never speculated once the batch dropped to 2", p);
     }
     gorgon_close(cli);
+    GD_END(&gd);
 }
 
 /* No limit given: the worker measures the tree step's cost at start-up and
@@ -298,7 +291,7 @@ Test(appliance_medusa, measured_limit_turns_useless_heads_off, .fini = teardown,
     char heads[PATH_MAX];
     random_heads(heads, sizeof(heads));
     start(heads, "0");
-    gorgon_client *cli = connect_cli();
+    gorgon_client *cli = gd_connect(&gd, 0);
     ids_out plain, spec;
     run_alone(cli, 0, N_GEN, false, &plain);
     run_alone(cli, 0, N_GEN, true, &spec);
@@ -312,4 +305,5 @@ Test(appliance_medusa, measured_limit_turns_useless_heads_off, .fini = teardown,
     cr_assert_eq(st.medusa_max_batch, 0, "useless heads still considered worth it up to %llu",
                  (unsigned long long)st.medusa_max_batch);
     gorgon_close(cli);
+    GD_END(&gd);
 }

@@ -25,20 +25,10 @@ static void teardown(void)
     gd_stop(&gd);
 }
 
-static gorgon_client *connect_or_fail(uint32_t flags)
-{
-    gorgon_opts o = {.socket_path = gd.sock, .flags = flags};
-    gorgon_client *cli = NULL;
-    int rc = gorgon_connect(&cli, &o);
-    cr_assert_eq(rc, 0, "gorgon_connect(%s): %s (%s)", gd.sock, gorgon_strerror(rc),
-                 gorgon_last_refusal());
-    return cli;
-}
-
 Test(clients_libgorgon, ping_echoes_payload_when_connected, .fini = teardown, .timeout = 20)
 {
     START_GORGOND(NULL);
-    gorgon_client *cli = connect_or_fail(0);
+    gorgon_client *cli = gd_connect(&gd, 0);
     static const size_t sizes[] = {0, 1, 63, 64, 1000, 16384};
     uint8_t buf[16384];
     for (size_t k = 0; k < sizeof(sizes) / sizeof(sizes[0]); k++) {
@@ -73,7 +63,7 @@ Test(clients_libgorgon, connect_fails_enoent_without_gorgond, .timeout = 10)
 Test(clients_libgorgon, async_requests_complete_with_user_data, .fini = teardown, .timeout = 20)
 {
     START_GORGOND("--poll-us", "0", NULL);
-    gorgon_client *cli = connect_or_fail(GORGON_NO_SPIN);
+    gorgon_client *cli = gd_connect(&gd, GORGON_NO_SPIN);
     cr_assert_eq(gorgon_submit_nop(cli, 100), 0);
     cr_assert_eq(gorgon_submit_ping(cli, "abc", 3, 101), 0);
     int slot = gorgon_slot_acquire(cli);
@@ -134,7 +124,7 @@ Test(clients_libgorgon, async_requests_complete_with_user_data, .fini = teardown
 Test(clients_libgorgon, submit_returns_eagain_when_sq_full, .fini = teardown, .timeout = 20)
 {
     START_GORGOND("--sq-entries", "8", "--cq-entries", "16", NULL);
-    gorgon_client *cli = connect_or_fail(0);
+    gorgon_client *cli = gd_connect(&gd, 0);
     /* A stopped gorgond consumes nothing: the 9th push finds the SQ full. */
     cr_assert_eq(kill(gd.pid, SIGSTOP), 0);
     int st;
@@ -175,7 +165,7 @@ static void *kill_later(void *arg)
 static void wait_sees_epipe(uint32_t flags)
 {
     START_GORGOND(NULL);
-    gorgon_client *cli = connect_or_fail(flags);
+    gorgon_client *cli = gd_connect(&gd, flags);
     cr_assert_eq(kill(gd.pid, SIGSTOP), 0);
     int st;
     cr_assert_eq(waitpid(gd.pid, &st, WUNTRACED), gd.pid);
@@ -265,7 +255,7 @@ Test(clients_libgorgon, connect_refused_eacces_for_uid_not_allowed, .fini = tear
 Test(clients_libgorgon, connect_refused_eusers_when_full, .fini = teardown, .timeout = 20)
 {
     START_GORGOND("--max-clients", "2", NULL);
-    gorgon_client *a = connect_or_fail(0), *b = connect_or_fail(0), *c = NULL;
+    gorgon_client *a = gd_connect(&gd, 0), *b = gd_connect(&gd, 0), *c = NULL;
     gorgon_opts o = {.socket_path = gd.sock};
     cr_assert_eq(gorgon_connect(&c, &o), -EUSERS);
     cr_assert(strstr(gorgon_last_refusal(), "max_clients=2"), "reason: '%s'",
@@ -288,7 +278,7 @@ Test(clients_libgorgon, connect_refused_eusers_when_full, .fini = teardown, .tim
 Test(clients_libgorgon, ping_works_with_eventfd_doorbells, .fini = teardown, .timeout = 20)
 {
     START_GORGOND("--eventfd-doorbells", "--poll-us", "0", NULL);
-    gorgon_client *cli = connect_or_fail(GORGON_NO_SPIN);
+    gorgon_client *cli = gd_connect(&gd, GORGON_NO_SPIN);
     for (int i = 0; i < 50; i++) {
         char p[32];
         int n = snprintf(p, sizeof(p), "ping %d", i);
@@ -306,7 +296,7 @@ Test(clients_libgorgon, ping_works_with_eventfd_doorbells, .fini = teardown, .ti
 Test(clients_libgorgon, doorbell_moves_when_completion_arrives, .fini = teardown, .timeout = 20)
 {
     START_GORGOND("--poll-us", "0", NULL);
-    gorgon_client *cli = connect_or_fail(GORGON_NO_SPIN);
+    gorgon_client *cli = gd_connect(&gd, GORGON_NO_SPIN);
     cr_assert_geq(gorgon_fd(cli), 0);
     const uint32_t *addr;
     uint32_t val;

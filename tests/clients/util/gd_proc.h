@@ -1,5 +1,5 @@
-/* Start and stop a real gorgond for a test (header-only: shared by
- * tests/clients and tests/appliance).
+/* Start, connect to and stop a real gorgond for a test (header-only:
+ * shared by tests/clients and tests/appliance).
  *
  * The binary is $GORGON_GORGOND, else the gorgond of the same build tree as
  * the test binary (build/<mode>/bin/, so ASan tests run an ASan daemon),
@@ -7,6 +7,7 @@
 #ifndef GORGON_TESTS_GD_PROC_H
 #define GORGON_TESTS_GD_PROC_H
 
+#include <criterion/criterion.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -22,6 +23,8 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "clients/gorgon.h"
 
 typedef struct gd_proc {
     pid_t pid;
@@ -192,5 +195,17 @@ static inline int gd_stop(gd_proc *p)
                   "gorgond did not stop cleanly on SIGTERM (wait status %d)", gd_st_); \
     } while (0)
 
+
+/* A client of the gorgond p runs (opts flags GORGON_*); the test fails with
+ * gorgond's reason when it cannot connect. */
+static inline gorgon_client *gd_connect(const gd_proc *p, uint32_t flags)
+{
+    gorgon_opts o = {.socket_path = p->sock, .flags = flags};
+    gorgon_client *cli = NULL;
+    int rc = gorgon_connect(&cli, &o);
+    cr_assert_eq(rc, 0, "gorgon_connect(%s): %s (%s)", p->sock, gorgon_strerror(rc),
+                 gorgon_last_refusal());
+    return cli;
+}
 
 #endif
