@@ -29,6 +29,21 @@ struct eng_medusa {
     int64_t V, H;
     int nn, nh, md; /* tree nodes, heads used, max depth */
 
+    /* Head weights as the step uses them (see prepare_heads): every used
+     * head's ResBlock stacked into one [nh*H][H] matrix (one weight read
+     * for all heads), the vocabulary projections either the base output
+     * matrix shared by all heads (one weight read for all heads' rows) or
+     * each head's own, converted to the base output's type when that is
+     * quantised. */
+    enum eng_medusa_proj proj;
+    kn_tensor w_cat;    /* [nh*H][H] */
+    void *w_cat_data;   /* owned */
+    float *b_cat;       /* [nh*H] */
+    kn_tensor lm[ENG_MEDUSA_MAX_DEPTH]; /* per head (all = base output when shared) */
+    void *lm_data[ENG_MEDUSA_MAX_DEPTH]; /* owned conversions, or NULL */
+    uint32_t *node_done; /* [nn] call stamp of node_am/node_thr, lazily computed */
+    uint32_t node_call;
+
     /* Per sequence id [max_seqs]. */
     bool *active;
     eng_rng_state *rng;
@@ -41,8 +56,9 @@ struct eng_medusa {
     /* Step scratch, b = position of a sequence in the batch. */
     eng_rng_state *rng_save; /* [max_seqs] to undo root draws on error */
     float *h_in;             /* [max_seqs][H] pending hidden of the batch */
-    float *h_mid;            /* [max_seqs][H] W h + b, then SiLU of it, then + h */
-    float *h_logits;         /* [max_seqs][V] one head's logits */
+    float *h_z;              /* [max_seqs][nh*H] W_cat h */
+    float *h_mid;            /* [nh][max_seqs][H] h + SiLU(W_i h + b_i), head-major */
+    float *h_logits;         /* [nh][max_seqs][V] heads' logits */
     int32_t *cand;           /* [max_seqs][CAND_STRIDE] */
     int32_t *tok;            /* [max_seqs][nn] tree node tokens */
     int32_t *pos;            /* [max_seqs][nn] RoPE positions len + depth */
@@ -71,7 +87,13 @@ void eng_medusa_destroy(eng_medusa *md)
     free(md->stamp);
     free(md->rng_save);
     free(md->h_in);
+    free(md->h_z);
     free(md->h_mid);
+    free(md->w_cat_data);
+    free(md->b_cat);
+    for (int i = 0; i < ENG_MEDUSA_MAX_DEPTH; i++)
+        free(md->lm_data[i]);
+    free(md->node_done);
     free(md->h_logits);
     free(md->cand);
     free(md->tok);
@@ -90,6 +112,98 @@ void eng_medusa_destroy(eng_medusa *md)
 static void *alloc_n(size_t n, size_t size)
 {
     return calloc(n ? n : 1, size);
+}
+
+static bool is_quant(enum kn_dtype t)
+{
+    return t == KN_Q8_0 || t == KN_Q4_0;
+}
+
+/* Row r of t as floats. */
+static void tensor_row(const kn_tensor *t, int64_t r, float *out)
+{
+    const size_t rb = kn_row_bytes(t->type, t->cols);
+    kn_dequantize_row(t->type, (const char *)t->data + (size_t)r * rb, t->cols, out);
+}
+
+/* Whether a and b (same shape) hold the same values, compared as floats. */
+static bool same_values(const kn_tensor *a, const kn_tensor *b, float *ra, float *rb)
+{
+    if (a->rows != b->rows || a->cols != b->cols)
+        return false;
+    if (a->data == b->data && a->type == b->type)
+        return true;
+    for (int64_t r = 0; r < a->rows; r++) {
+        tensor_row(a, r, ra);
+        tensor_row(b, r, rb);
+        if (memcmp(ra, rb, (size_t)a->cols * sizeof(float)) != 0)
+            return false;
+    }
+    return true;
+}
+
+/* An owned rows x cols tensor of type t whose row r is row r % src_rows of
+ * src[r / src_rows] (several tensors stacked, converted row by row; row is
+ * scratch of cols floats). */
+static int make_tensor(kn_tensor *out, void **owned, enum kn_dtype t, int64_t rows, int64_t cols,
+                       const kn_tensor *const *src, int64_t src_rows, float *row)
+{
+    const size_t rb = kn_row_bytes(t, cols);
+    char *data = malloc((size_t)rows * rb);
+    if (!data)
+        return -ENOMEM;
+    for (int64_t r = 0; r < rows; r++) {
+        tensor_row(src[r / src_rows], r % src_rows, row);
+        if (kn_quantize_row(t, row, cols, data + (size_t)r * rb) < 0) {
+            free(data);
+            return -EINVAL;
+        }
+    }
+    *owned = data;
+    *out = (kn_tensor){.data = data, .type = t, .rows = rows, .cols = cols};
+    return 0;
+}
+
+/* The step's view of the heads (see struct eng_medusa). A quantised base
+ * model is memory-bound, so heads in F32 would read several times its own
+ * output matrix per step: they are converted to the base output's type
+ * (what the candidates are drawn from changes a little; what is accepted
+ * never does, the verification being exact). */
+static int prepare_heads(eng_medusa *md)
+{
+    const kn_tensor *out = eng_model_output(md->m);
+    const int64_t H = md->H, V = md->V;
+    const bool q = is_quant(out->type) && H % KN_QK == 0;
+    const enum kn_dtype wt = q ? out->type : KN_F32;
+    float *ra = malloc((size_t)H * sizeof(float)), *rb = malloc((size_t)H * sizeof(float));
+    md->b_cat = alloc_n((size_t)md->nh * (size_t)H, sizeof(float));
+    int rc = ra && rb && md->b_cat ? 0 : -ENOMEM;
+    const kn_tensor *src[ENG_MEDUSA_MAX_DEPTH];
+    bool shared = true;
+    for (int i = 0; i < md->nh && rc == 0; i++) {
+        const eng_medusa_head *hd = eng_medusa_heads_get(md->heads, i);
+        src[i] = &hd->w;
+        memcpy(md->b_cat + (size_t)i * (size_t)H, hd->bias, (size_t)H * sizeof(float));
+        shared = shared && same_values(&hd->lm_head, out, ra, rb);
+    }
+    if (rc == 0)
+        rc = make_tensor(&md->w_cat, &md->w_cat_data, wt, md->nh * H, H, src, H, ra);
+    md->proj = shared ? ENG_MEDUSA_PROJ_SHARED
+                      : q ? ENG_MEDUSA_PROJ_QUANTIZED : ENG_MEDUSA_PROJ_HEADS;
+    for (int i = 0; i < md->nh && rc == 0; i++) {
+        const eng_medusa_head *hd = eng_medusa_heads_get(md->heads, i);
+        if (shared) {
+            md->lm[i] = *out;
+        } else if (q) {
+            const kn_tensor *one = &hd->lm_head;
+            rc = make_tensor(&md->lm[i], &md->lm_data[i], wt, V, H, &one, V, ra);
+        } else {
+            md->lm[i] = hd->lm_head;
+        }
+    }
+    free(ra);
+    free(rb);
+    return rc;
 }
 
 int eng_medusa_create(eng_medusa **out, const eng_medusa_cfg *cfg)
@@ -151,9 +265,12 @@ int eng_medusa_create(eng_medusa **out, const eng_medusa_cfg *cfg)
     md->pend_hidden = alloc_n(S * H, fs);
     md->stamp = alloc_n(S, sizeof(uint32_t));
     md->rng_save = alloc_n(S, sizeof(eng_rng_state));
+    const size_t NH = (size_t)md->nh;
     md->h_in = alloc_n(S * H, fs);
-    md->h_mid = alloc_n(S * H, fs);
-    md->h_logits = alloc_n(S * V, fs);
+    md->h_z = alloc_n(S * NH * H, fs);
+    md->h_mid = alloc_n(S * NH * H, fs);
+    md->h_logits = alloc_n(S * NH * V, fs);
+    md->node_done = alloc_n(NN, sizeof(uint32_t));
     md->cand = alloc_n(S * (size_t)CAND_STRIDE(md->nh), sizeof(int32_t));
     md->tok = alloc_n(S * NN, sizeof(int32_t));
     md->pos = alloc_n(S * NN, sizeof(int32_t));
@@ -166,7 +283,8 @@ int eng_medusa_create(eng_medusa **out, const eng_medusa_cfg *cfg)
     md->node_lse = alloc_n(NN, fs);
     md->node_thr = alloc_n(NN, fs);
     if (!md->active || !md->rng || !md->pend_logits || !md->pend_hidden || !md->stamp ||
-        !md->rng_save || !md->h_in || !md->h_mid || !md->h_logits || !md->cand || !md->tok ||
+        !md->rng_save || !md->h_in || !md->h_z || !md->h_mid || !md->h_logits ||
+        !md->node_done || !md->cand || !md->tok ||
         !md->pos || !md->len0 || !md->want || !md->in || !md->out_logits || !md->out_hidden ||
         !md->node_am || !md->node_lse || !md->node_thr) {
         eng_medusa_destroy(md);
@@ -174,6 +292,11 @@ int eng_medusa_create(eng_medusa **out, const eng_medusa_cfg *cfg)
                         cfg->max_seqs, md->nn);
     }
     memset(md->want, 1, NN);
+    int rc = prepare_heads(md);
+    if (rc < 0) {
+        eng_medusa_destroy(md);
+        return eng_fail(rc, "medusa: preparing the heads: %s", cm_strerror(rc));
+    }
     *out = md;
     return 0;
 }
@@ -210,6 +333,11 @@ const float *eng_medusa_seq_hidden(const eng_medusa *md, int seq)
     if (!md || seq < 0 || seq >= md->max_seqs || !md->active[seq])
         return NULL;
     return md->pend_hidden + (size_t)seq * (size_t)md->H;
+}
+
+enum eng_medusa_proj eng_medusa_projection(const eng_medusa *md)
+{
+    return md ? md->proj : ENG_MEDUSA_PROJ_HEADS;
 }
 
 float eng_medusa_typical_threshold(const float *logits, int64_t n_vocab, float temperature,
@@ -295,20 +423,29 @@ static float silu(float x)
 /* Every head on the batch's pending hidden states → top-k candidates. */
 static void run_heads(eng_medusa *md, int n)
 {
-    const int64_t H = md->H, V = md->V, stride = CAND_STRIDE(md->nh);
-    for (int h = 0; h < md->nh; h++) {
-        const eng_medusa_head *hd = eng_medusa_heads_get(md->heads, h);
-        md->ops->matmul(md->kn, &hd->w, md->h_in, n, md->h_mid);
+    const int64_t H = md->H, V = md->V, stride = CAND_STRIDE(md->nh), NH = md->nh;
+    /* z[b] = W_cat h[b]: all heads' ResBlocks in one product */
+    md->ops->matmul(md->kn, &md->w_cat, md->h_in, n, md->h_z);
+    for (int h = 0; h < md->nh; h++)
         for (int b = 0; b < n; b++) {
-            float *y = md->h_mid + (size_t)b * (size_t)H;
+            float *y = md->h_mid + ((size_t)h * (size_t)n + (size_t)b) * (size_t)H;
+            const float *z = md->h_z + ((size_t)b * (size_t)NH + (size_t)h) * (size_t)H;
             const float *x = md->h_in + (size_t)b * (size_t)H;
+            const float *bias = md->b_cat + (size_t)h * (size_t)H;
             for (int64_t i = 0; i < H; i++)
-                y[i] = x[i] + silu(y[i] + hd->bias[i]);
+                y[i] = x[i] + silu(z[i] + bias[i]);
         }
-        md->ops->matmul(md->kn, &hd->lm_head, md->h_mid, n, md->h_logits);
+    if (md->proj == ENG_MEDUSA_PROJ_SHARED) {
+        md->ops->matmul(md->kn, &md->lm[0], md->h_mid, NH * n, md->h_logits);
+    } else {
+        for (int h = 0; h < md->nh; h++)
+            md->ops->matmul(md->kn, &md->lm[h], md->h_mid + (size_t)h * (size_t)n * (size_t)H,
+                            n, md->h_logits + (size_t)h * (size_t)n * (size_t)V);
+    }
+    for (int h = 0; h < md->nh; h++) {
         const int k = md->t->topk[h];
         for (int b = 0; b < n; b++)
-            top_k(md->h_logits + (size_t)b * (size_t)V, V, k,
+            top_k(md->h_logits + ((size_t)h * (size_t)n + (size_t)b) * (size_t)V, V, k,
                   md->cand + b * stride + 1 + (int64_t)h * ENG_MEDUSA_TOPK);
     }
 }
@@ -323,14 +460,11 @@ static int accept_path(eng_medusa *md, int b, const float *L,
     const int32_t *tok = md->tok + (size_t)b * (size_t)md->nn;
     const bool greedy = md->accept == ENG_MEDUSA_GREEDY;
     const double inv = 1.0 / (double)md->temp;
-    /* Per-node statistics; a leaf's are never used but cost one pass. */
-    for (int j = 0; j < md->nn; j++) {
-        const float *row = L + (size_t)j * (size_t)V;
-        if (greedy)
-            md->node_am[j] = eng_argmax(row, V);
-        else
-            md->node_thr[j] = eng_medusa_typical_threshold(row, V, md->temp, md->eps, md->alpha,
-                                                           &md->node_lse[j]);
+    /* Per-node statistics (a pass over V each) only for the parents the
+     * walk below reaches: a path stops at its first rejected token. */
+    if (++md->node_call == 0) { /* stamps wrapped: forget old ones */
+        memset(md->node_done, 0, (size_t)md->nn * sizeof(uint32_t));
+        md->node_call = 1;
     }
     const int cols = t->max_depth + 1;
     int best_len = 0, best_row = -1;
@@ -341,6 +475,15 @@ static int accept_path(eng_medusa *md, int b, const float *L,
         double ll = 0;
         for (int d = 1; d < cols && rp[d] >= 0; d++) {
             const int32_t par = rp[d - 1], node = rp[d];
+            if (md->node_done[par] != md->node_call) {
+                const float *row = L + (size_t)par * (size_t)V;
+                if (greedy)
+                    md->node_am[par] = eng_argmax(row, V);
+                else
+                    md->node_thr[par] = eng_medusa_typical_threshold(
+                        row, V, md->temp, md->eps, md->alpha, &md->node_lse[par]);
+                md->node_done[par] = md->node_call;
+            }
             if (greedy) {
                 if (tok[node] != md->node_am[par])
                     break;

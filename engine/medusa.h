@@ -14,8 +14,12 @@
  *      argmax; typical: sampled from the typical-truncated distribution with
  *      the sequence's own seeded RNG);
  *   2. every head i on the pending hidden state h: h' = h + SiLU(W_i h + b_i),
- *      logits_i = LM_i h' (all sequences stacked, one matmul per weight);
- *      top-k of each → tree node tokens (eng_medusa_tree.tree_indices);
+ *      logits_i = LM_i h' (all sequences stacked; all heads' W_i stacked
+ *      into one product; the LM_i in one product over all heads' rows when
+ *      they all equal the base output matrix, else one per head, converted
+ *      at create to the base output's type when that is quantised — see
+ *      eng_medusa_projection); top-k of each → tree node tokens
+ *      (eng_medusa_tree.tree_indices);
  *   3. the tree's n_nodes tokens go through the model at cache slots
  *      len .. len+n_nodes-1, RoPE positions len + depth, the tree mask;
  *   4. acceptance along the tree's retrieve paths: greedy — the longest path
@@ -87,6 +91,17 @@ typedef struct eng_medusa_cfg {
 
 typedef struct eng_medusa eng_medusa;
 
+/* How the step computes the heads' vocabulary logits (chosen at create). */
+enum eng_medusa_proj {
+    ENG_MEDUSA_PROJ_HEADS = 0, /* each head's own projection, as loaded */
+    ENG_MEDUSA_PROJ_QUANTIZED, /* each head's own, converted at create to the base output
+                                  matrix's quantised type (Q8_0, Q4_0): a quantised
+                                  model decodes memory-bound */
+    ENG_MEDUSA_PROJ_SHARED,    /* every head's projection equals the base output matrix
+                                  (gorgon-medusa-train --freeze-lm): one product over all
+                                  heads' rows reads that matrix once */
+};
+
 /* Per-sequence outcome of one step. */
 typedef struct eng_medusa_result {
     int32_t tokens[ENG_MEDUSA_MAX_DEPTH + 1]; /* root, then accepted candidates */
@@ -98,6 +113,9 @@ typedef struct eng_medusa_result {
  * wrong shape, bad temperature/eps/alpha, max_seqs < 1) or -ENOMEM. */
 int eng_medusa_create(eng_medusa **out, const eng_medusa_cfg *cfg);
 void eng_medusa_destroy(eng_medusa *md); /* NULL: no-op */
+
+/* The projection mode create chose (ENG_MEDUSA_PROJ_HEADS for NULL). */
+enum eng_medusa_proj eng_medusa_projection(const eng_medusa *md);
 
 /* New tokens one forward of a step over n_seqs sequences runs (= the output
  * rows it asks for): the eng_ctx needs max_tokens (and max_outputs) at least

@@ -15,7 +15,9 @@
  *   projected_speedup    tokens_per_step / step_cost_ratio
  * --step-cost-only reports step_cost_ratio alone (heads that predict
  * nothing, e.g. --medusa random: heads with random weights written to a
- * temporary directory, removed afterwards). Times are the best of --reps
+ * temporary directory, removed afterwards; --medusa random-frozen: random
+ * ResBlocks with the base output matrix as projection, the layout the
+ * engine shares across heads). Times are the best of --reps
  * repetitions of the whole prompt set, plain and Medusa interleaved so a
  * burst of load from other processes hits both alike. */
 #include <errno.h>
@@ -58,7 +60,9 @@ static void usage(FILE *f)
             "usage: gorgon-bench medusa --model BASE.gguf --medusa DIR|random [--tree SPEC]\n"
             "         [--prompts N (4)] [--tokens N (128)] [--threads N (1)] [--reps R (3)]\n"
             "         [--step-cost-only] [--json]\n"
-            "  --medusa DIR   heads (medusa_lm_head.safetensors); \"random\": random heads\n"
+            "  --medusa DIR   heads (medusa_lm_head.safetensors); \"random\": random heads;\n"
+            "                 \"random-frozen\": random ResBlocks, projection = the base output\n"
+            "                 matrix (the layout of gorgon-medusa-train --freeze-lm)\n"
             "  --tree SPEC    built-in name or list (default: DIR/medusa_choices.json, else\n"
             "                 the 16 most likely paths of mc_sim_7b_63)\n"
             "  --step-cost-only  report only the cost of a Medusa step over a plain one\n");
@@ -66,8 +70,11 @@ static void usage(FILE *f)
 
 /* Random heads for n_heads heads into a fresh temp dir (path in dir). The
  * ResBlock weights are small so h' stays near h; the projection is random,
- * so the heads' guesses are essentially never accepted. */
-static int write_random_heads(char *dir, size_t cap, int n_heads, int64_t H, int64_t V)
+ * so the heads' guesses are essentially never accepted. With base_out
+ * non-NULL the projection is that matrix instead (what
+ * gorgon-medusa-train --freeze-lm writes; the engine then shares it). */
+static int write_random_heads(char *dir, size_t cap, int n_heads, int64_t H, int64_t V,
+                              const kn_tensor *base_out)
 {
     const char *tmp = getenv("TMPDIR");
     if (snprintf(dir, cap, "%s/gorgon-bench-medusa-XXXXXX", tmp && *tmp ? tmp : "/tmp") >=
@@ -90,10 +97,14 @@ static int write_random_heads(char *dir, size_t cap, int n_heads, int64_t H, int
         x ^= x << 13, x ^= x >> 7, x ^= x << 17;
         w[i] = sw * ((float)(x >> 40) / (float)(1u << 24) - 0.5f);
     }
-    for (int64_t i = 0; i < V * H; i++) {
+    for (int64_t i = 0; i < V * H && !base_out; i++) {
         x ^= x << 13, x ^= x >> 7, x ^= x << 17;
         lm[i] = sl * ((float)(x >> 40) / (float)(1u << 24) - 0.5f);
     }
+    for (int64_t v = 0; v < V && base_out; v++)
+        kn_dequantize_row(base_out->type,
+                          (const char *)base_out->data + (size_t)v * kn_row_bytes(base_out->type, H),
+                          H, lm + (size_t)v * (size_t)H);
     struct eng_st_tensor t[3 * ENG_MEDUSA_MAX_DEPTH];
     char names[3 * ENG_MEDUSA_MAX_DEPTH][32];
     for (int k = 0; k < n_heads; k++) { /* every head shares the same data */
@@ -190,6 +201,7 @@ static double run_plain(run_env *e, const int32_t *ids, int64_t n_ids, int32_t *
 
 typedef struct medusa_stats {
     int64_t steps, tokens;
+    double t_heads, t_fwd, t_acc; /* seconds in prepare (roots + heads), forward, finish */
     int64_t at_depth[ENG_MEDUSA_MAX_DEPTH + 1]; /* steps accepting >= d */
 } medusa_stats;
 
@@ -212,11 +224,24 @@ static double run_medusa(run_env *e, const int32_t *ids, int64_t n_ids, int32_t 
         /* each step's root is the argmax of the pending logits: the same
          * token plain decoding emits next */
         while (n < e->n_tokens) {
+            /* eng_medusa_step's three phases, timed apart */
             eng_medusa_result r;
-            if (eng_medusa_step(e->md, e->c, e->kv, &seq, 1, &r) < 0) {
+            eng_seq_in tin;
+            const uint64_t a = cm_now_ns();
+            const int64_t nt = eng_medusa_step_prepare(e->md, e->kv, &seq, 1, &tin);
+            const uint64_t b = cm_now_ns();
+            const int64_t nf = nt < 0 ? nt : eng_forward(e->c, e->kv, &tin, 1, e->logits, e->hidden);
+            if (nt >= 0 && nf < 0)
+                eng_medusa_step_abort(e->md, &seq, 1);
+            const uint64_t c = cm_now_ns();
+            if (nf < 0 || eng_medusa_step_finish(e->md, e->kv, &seq, 1, e->logits, e->hidden,
+                                                 &r) < 0) {
                 ok = false;
                 break;
             }
+            st->t_heads += (double)(b - a) * 1e-9;
+            st->t_fwd += (double)(c - b) * 1e-9;
+            st->t_acc += (double)(cm_now_ns() - c) * 1e-9;
             st->steps++;
             st->tokens += r.n_tokens;
             for (int d = 1; d <= r.n_accepted; d++)
@@ -288,7 +313,8 @@ int bench_medusa_main(int argc, char **argv)
         goto out;
     }
     const eng_hparams *hp = eng_model_hparams(m);
-    const bool random_heads = !strcmp(dir, "random");
+    const bool frozen_heads = !strcmp(dir, "random-frozen");
+    const bool random_heads = !strcmp(dir, "random") || frozen_heads;
     if (!spec && !random_heads) {
         rc = eng_medusa_fit_load(&tree, dir);
         if (rc < 0 && rc != -ENOENT) {
@@ -304,7 +330,7 @@ int bench_medusa_main(int argc, char **argv)
     }
     if (random_heads) {
         if ((rc = write_random_heads(rnd_dir, sizeof(rnd_dir), tree->n_heads, hp->dim,
-                                     hp->n_vocab)) < 0) {
+                                     hp->n_vocab, frozen_heads ? eng_model_output(m) : NULL)) < 0) {
             fprintf(stderr, "gorgon-bench medusa: random heads: %s\n", eng_error());
             goto out;
         }
@@ -375,7 +401,7 @@ int bench_medusa_main(int argc, char **argv)
     }
 
     double t_plain = 1e30, t_med = 1e30;
-    medusa_stats st = {0};
+    medusa_stats st = {0}, split = {0};
     int64_t mismatches = 0, first_bad_prompt = -1, first_bad_pos = -1;
     float first_bad_gap = 0;
     for (int64_t r = -1; r < reps; r++) { /* r = -1: warm-up */
@@ -404,7 +430,10 @@ int bench_medusa_main(int argc, char **argv)
             continue;
         }
         t_plain = tp < t_plain ? tp : t_plain;
-        t_med = tm < t_med ? tm : t_med;
+        if (tm < t_med) {
+            t_med = tm;
+            split = sr; /* the phases of the fastest repetition */
+        }
     }
 
     const int64_t total = n_prompts * n_tokens;
@@ -415,17 +444,25 @@ int bench_medusa_main(int argc, char **argv)
     const double tps = (double)st.tokens / (double)st.steps;
     const double step_cost = (t_med / (double)st.steps) * plain_tok_s;
     const double speedup = med_tok_s / plain_tok_s;
+    /* the step cost split into its phases, each over one plain step */
+    const double per_step = plain_tok_s / (double)(split.steps ? split.steps : 1);
+    const double c_heads = split.t_heads * per_step, c_fwd = split.t_fwd * per_step,
+                 c_acc = split.t_acc * per_step;
     const char *variant = kn_variant_name(kn_ctx_variant(kn));
+    static const char *const PROJ[] = {"heads", "heads_quantized", "shared_base_output"};
+    const char *proj = PROJ[eng_medusa_projection(e.md)];
     if (json) {
         printf("{\"suite\":\"medusa\",\"model\":\"");
         bench_json_puts(path);
         printf("\",\"medusa\":\"");
-        bench_json_puts(random_heads ? "random" : dir);
+        bench_json_puts(frozen_heads ? "random-frozen" : random_heads ? "random" : dir);
         printf("\",\"tree_nodes\":%d,\"tree_heads\":%d,\"tree_from\":\"%s\",\"threads\":%" PRId64
                ",\"kernels\":\"%s\",\"prompts\":%" PRId64 ",\"tokens\":%" PRId64
-               ",\"outputs_identical\":%s,\"step_cost_ratio\":%.4f",
+               ",\"outputs_identical\":%s,\"projection\":\"%s\",\"step_cost_ratio\":%.4f",
                tree->n_nodes, tree->n_heads, tree_from, threads, variant, n_prompts, n_tokens,
-               mismatches ? "false" : "true", step_cost);
+               mismatches ? "false" : "true", proj, step_cost);
+        printf(",\"step_cost_split\":{\"heads\":%.4f,\"forward\":%.4f,\"accept\":%.4f}", c_heads,
+               c_fwd, c_acc);
         if (!cost_only) {
             printf(",\"tokens_per_step\":%.4f,\"per_head_acceptance\":[", tps);
             for (int d = 1; d <= tree->max_depth; d++)
@@ -438,10 +475,13 @@ int bench_medusa_main(int argc, char **argv)
     } else {
         printf("medusa: %s, heads %s, %d-node tree (%d heads, %s), %" PRId64 " prompt(s) x %" PRId64
                " tokens, %" PRId64 " thread(s), %s kernels\n",
-               path, random_heads ? "random" : dir, tree->n_nodes, tree->n_heads, tree_from,
+               path, frozen_heads ? "random-frozen" : random_heads ? "random" : dir, tree->n_nodes, tree->n_heads, tree_from,
                n_prompts, n_tokens, threads, variant);
-        printf("  outputs identical to plain greedy: %s\n", mismatches ? "NO" : "yes");
-        printf("  step cost ratio (medusa step / plain step): %.3f\n", step_cost);
+        printf("  outputs identical to plain greedy: %s; heads' projection: %s\n",
+               mismatches ? "NO" : "yes", proj);
+        printf("  step cost ratio (medusa step / plain step): %.3f = heads %.3f + tree forward "
+               "%.3f + acceptance %.3f\n",
+               step_cost, c_heads, c_fwd, c_acc);
         if (!cost_only) {
             printf("  tokens/step %.3f; steps accepting >= d candidates:", tps);
             for (int d = 1; d <= tree->max_depth; d++)

@@ -1,10 +1,16 @@
 /* gorgon-medusa-train — Medusa-1 heads by self-distillation on a frozen base
  * model, small enough to run in minutes on a couple of CPU cores.
  *
- *   1. Data: the base model writes its own text (sampled, temperature and
- *      top-p as given) from varied short prompts, many sequences decoded as
- *      one batch; each position's final-norm hidden state is kept (the
- *      base is frozen, so these are the heads' exact inputs).
+ *   1. Data: the base model writes its own text from varied short prompts,
+ *      many sequences decoded as one batch: a sampled prefix of 1..--prefix
+ *      tokens (temperature and top-p as given) spreads the sequences over
+ *      many states, then greedy continuation (--greedy: the fraction of
+ *      sequences that do this; the others are sampled throughout). Greedy
+ *      text is what the heads must predict under greedy acceptance; trained
+ *      on sampled text they learn the sampler's noise instead. Each
+ *      position's final-norm hidden state is kept (the base is frozen, so
+ *      these are the heads' exact inputs; FasterDecoding/Medusa also feeds
+ *      the heads the last hidden state after the final norm).
  *   2. Training: head k (0-based) sees the hidden state at position p and
  *      learns the token at p + k + 2 with cross-entropy, loss weight 0.8^k,
  *      AdamW. As in FasterDecoding/Medusa the ResBlock starts at zero
@@ -14,11 +20,14 @@
  *   3. Output: DIR/medusa_lm_head.safetensors ({k}.0.linear.weight [H,H],
  *      {k}.0.linear.bias [H], {k}.1.weight [V,H], F32) and DIR/config.json;
  *      top-1 / top-5 of every head on held-out sequences (before and after
- *      training) go to stderr.
+ *      training; on all positions and on those whose next k+2 tokens are
+ *      all the base's argmax, which is what greedy acceptance sees) go to
+ *      stderr. --freeze-lm keeps the projections at the output matrix.
  *   4. Tree: the heads' rank-wise top-10 accuracies on the held-out
- *      sequences and the measured cost of a tree step on this backend
- *      (forward over n tree nodes plus the heads, relative to a plain
- *      one-token decode, at a context of COST_CTX tokens) give a fitted
+ *      greedy-chain positions and the measured cost of a tree step on this
+ *      backend (forward over n tree nodes plus the written heads run by
+ *      eng_medusa, relative to a plain one-token decode, at a context of
+ *      COST_CTX tokens) give a fitted
  *      candidate tree (engine/medusa_fit.h), written as
  *      DIR/medusa_choices.json; gorgon-run --medusa DIR uses it by default.
  *
@@ -55,16 +64,19 @@ static const char *const PROMPTS[] = {
 
 typedef struct opts {
     const char *model, *out;
-    int heads, seqs, len, epochs, batch, threads;
-    double lr, wd, temp, top_p, holdout;
+    int heads, seqs, len, epochs, batch, threads, prefix;
+    double lr, wd, temp, top_p, holdout, greedy;
+    bool freeze_lm;
     uint64_t seed;
 } opts;
 
 /* Generated data: seq s has n_tok[s] tokens at tok + s*stride and the hidden
- * states of its first n_tok[s] - 1 positions at hid + s*stride*H. */
+ * states of its first n_tok[s] - 1 positions at hid + s*stride*H; am[i] is 1
+ * where tok[i] is the base model's argmax (a greedy choice). */
 typedef struct dataset {
     int64_t n_seqs, stride, H;
     int32_t *tok;
+    uint8_t *am;
     int64_t *n_tok;
     float *hid;
 } dataset;
@@ -91,6 +103,7 @@ typedef struct trainer {
     int64_t nb;    /* rows in the batch */
     double scale;  /* loss weight / rows */
     int cur;       /* head being updated by the parallel tasks */
+    bool freeze_lm; /* projections stay the base output matrix */
 } trainer;
 
 static int parse_num(const char *opt, const char *s, double lo, double hi, double *out)
@@ -113,15 +126,22 @@ static void usage(FILE *f)
             "usage: gorgon-medusa-train --model FILE --out DIR [--heads K] [--seqs N] [--len L]\n"
             "                           [--epochs E] [--batch B] [--lr LR] [--wd WD]\n"
             "                           [--temp T] [--top-p P] [--holdout F] [--seed S]\n"
-            "                           [--threads N]\n"
+            "                           [--greedy F] [--prefix N] [--freeze-lm] [--threads N]\n"
             "  --heads K    heads to train (default 4, at most %d)\n"
-            "  --seqs N     sequences the base model writes (default 512)\n"
+            "  --seqs N     sequences the base model writes (default 1024)\n"
             "  --len L      tokens generated per sequence (default 128)\n"
-            "  --epochs E   passes over the training positions (default 2)\n"
+            "  --epochs E   passes over the training positions (default 4)\n"
             "  --batch B    positions per AdamW step (default 64)\n"
-            "  --lr LR      AdamW learning rate (default 1e-3), --wd weight decay (0.01)\n"
+            "  --lr LR      AdamW learning rate (default 3e-3), --wd weight decay (0.01)\n"
             "  --temp T, --top-p P  sampling of the training text (default 0.8, 0.95)\n"
             "  --holdout F  fraction of sequences held out for top-k accuracy (0.1)\n"
+            "  --greedy F   fraction of sequences that continue greedily after a sampled\n"
+            "               prefix of 1..N tokens (--prefix N, default 16); the rest are\n"
+            "               sampled throughout (default 1: Medusa is measured and\n"
+            "               lossless under greedy decoding, whose text it must predict)\n"
+            "  --freeze-lm  keep every head's projection equal to the base output matrix\n"
+            "               (the decoder then reads that matrix once for all heads;\n"
+            "               less accurate heads on small models)\n"
             "  --threads N  kernel threads; the tree in DIR/medusa_choices.json is fitted to\n"
             "               the step cost measured with them (default: all cores)\n",
             MAX_HEADS);
@@ -132,6 +152,7 @@ static void usage(FILE *f)
 static void dataset_free(dataset *d)
 {
     free(d->tok);
+    free(d->am);
     free(d->n_tok);
     free(d->hid);
 }
@@ -158,12 +179,13 @@ static int generate(const opts *o, kn_ctx *kn, const eng_model *m, dataset *d)
     d->stride = max_pn + o->len;
     d->H = H;
     d->tok = calloc((size_t)(d->n_seqs * d->stride), sizeof(int32_t));
+    d->am = calloc((size_t)(d->n_seqs * d->stride), 1);
     d->n_tok = calloc((size_t)d->n_seqs, sizeof(int64_t));
     d->hid = calloc((size_t)(d->n_seqs * d->stride * H), sizeof(float));
     float *logits = malloc((size_t)(GEN_BATCH * max_pn * V) * sizeof(float));
     float *hidden = malloc((size_t)(GEN_BATCH * max_pn * H) * sizeof(float));
     uint8_t *want = malloc((size_t)max_pn);
-    if (!d->tok || !d->n_tok || !d->hid || !logits || !hidden || !want) {
+    if (!d->tok || !d->am || !d->n_tok || !d->hid || !logits || !hidden || !want) {
         free(logits);
         free(hidden);
         free(want);
@@ -190,9 +212,17 @@ static int generate(const opts *o, kn_ctx *kn, const eng_model *m, dataset *d)
         eng_seq_in in[GEN_BATCH];
         int seq[GEN_BATCH];
         int32_t next[GEN_BATCH];
+        uint8_t next_am[GEN_BATCH];
+        int64_t n_sampled[GEN_BATCH]; /* tokens sampled before greedy takes over */
         for (int b = 0; b < nb; b++) {
             const int64_t s = s0 + b;
             const int p = (int)(s % N_PROMPTS);
+            /* Greedy sequences: a short sampled prefix (1..prefix tokens)
+             * spreads them over many states, then argmax as in greedy
+             * decoding, whose continuations Medusa must predict. */
+            const uint64_t hsh = (uint64_t)s * 0x9e3779b97f4a7c15ull ^ o->seed;
+            const bool greedy = (double)(hsh >> 11) * 0x1.0p-53 < o->greedy;
+            n_sampled[b] = greedy ? 1 + (int64_t)((hsh >> 3) % (uint64_t)o->prefix) : INT64_MAX;
             seq[b] = eng_kv_seq_alloc(kv);
             memcpy(d->tok + s * d->stride, pr[p], (size_t)pn[p] * sizeof(int32_t));
             d->n_tok[s] = pn[p];
@@ -211,12 +241,16 @@ static int generate(const opts *o, kn_ctx *kn, const eng_model *m, dataset *d)
         for (int b = 0; b < nb; b++) {
             const int64_t s = s0 + b, n = d->n_tok[s];
             memcpy(d->hid + s * d->stride * H, hidden + row * H, (size_t)(n * H) * sizeof(float));
-            next[b] = eng_sampler_sample(smp[b], logits + (row + n - 1) * V);
+            float *l = logits + (row + n - 1) * V;
+            const int32_t am = eng_argmax(l, V);
+            next[b] = n_sampled[b] <= 0 ? am : eng_sampler_sample(smp[b], l);
+            next_am[b] = next[b] == am;
             row += n;
         }
         for (int64_t t = 0; t < o->len; t++) {
             for (int b = 0; b < nb; b++) {
                 const int64_t s = s0 + b;
+                d->am[s * d->stride + d->n_tok[s]] = next_am[b];
                 d->tok[s * d->stride + d->n_tok[s]++] = next[b];
                 in[b] = (eng_seq_in){.seq = seq[b], .tokens = &next[b], .n_tokens = 1};
             }
@@ -231,7 +265,10 @@ static int generate(const opts *o, kn_ctx *kn, const eng_model *m, dataset *d)
                 const int64_t s = s0 + b;
                 memcpy(d->hid + (s * d->stride + d->n_tok[s] - 1) * H, hidden + b * H,
                        (size_t)H * sizeof(float));
-                next[b] = eng_sampler_sample(smp[b], logits + b * V);
+                float *l = logits + b * V;
+                const int32_t am = eng_argmax(l, V);
+                next[b] = t + 1 >= n_sampled[b] ? am : eng_sampler_sample(smp[b], l);
+                next_am[b] = next[b] == am;
             }
         }
         for (int b = 0; b < nb; b++)
@@ -434,7 +471,8 @@ static double head_step(trainer *T, int k)
                 gw[i] += dz * x[i];
         }
     }
-    kn_parallel_for(T->kn, (V + V_CHUNK - 1) / V_CHUNK, task_lm, T);
+    if (!T->freeze_lm)
+        kn_parallel_for(T->kn, (V + V_CHUNK - 1) / V_CHUNK, task_lm, T);
     adam_update(h->w, h->gw, h->mw, h->vw, H * H, true);
     adam_update(h->b, h->gb, h->mb, h->vb, H, false);
     return loss;
@@ -461,12 +499,31 @@ static void load_batch(trainer *T, const dataset *d, const posn *ps, int64_t n, 
 /* Top-1 / top-5 of every head over positions ps[0..n). With acc non-NULL,
  * also acc[k][r] = fraction of positions where the target is head k's
  * rank-r candidate (r < ENG_MEDUSA_TOPK; rank-wise, not cumulative). */
+/* Whether tokens p+1 .. p+k+2 of q's sequence are all the base model's
+ * argmax: the positions greedy decoding's acceptance at depth k+1 sees. */
+static bool greedy_chain(const dataset *d, posn q, int k)
+{
+    const int64_t end = q.p + k + 2;
+    if (end >= d->n_tok[q.s])
+        return false;
+    for (int64_t t = q.p + 1; t <= end; t++)
+        if (!d->am[(int64_t)q.s * d->stride + t])
+            return false;
+    return true;
+}
+
+/* Top-1 / top-5 of every head over positions ps[0..n), on all of them and
+ * on those on a greedy chain (greedy_chain). With acc non-NULL, also
+ * acc[k][r] = fraction of greedy-chain positions (all positions if there
+ * are none) where the target is head k's rank-r candidate
+ * (r < ENG_MEDUSA_TOPK; rank-wise, not cumulative). */
 static void evaluate(trainer *T, const dataset *d, const posn *ps, int64_t n, const char *when,
                      double *acc)
 {
-    fprintf(stderr, "held-out (%s):", when);
+    fprintf(stderr, "held-out (%s), top-1/top-5 on all | greedy-chain positions:\n", when);
     for (int k = 0; k < T->K; k++) {
         int64_t n1 = 0, n5 = 0, cnt = 0, at_rank[ENG_MEDUSA_TOPK] = {0};
+        int64_t g1 = 0, g5 = 0, gcnt = 0, g_rank[ENG_MEDUSA_TOPK] = {0};
         for (int64_t i = 0; i < n; i += T->B) {
             const int64_t m = n - i < T->B ? n - i : T->B;
             load_batch(T, d, ps + i, m, k);
@@ -483,15 +540,24 @@ static void evaluate(trainer *T, const dataset *d, const posn *ps, int64_t n, co
                 if (above < ENG_MEDUSA_TOPK)
                     at_rank[above]++;
                 cnt++;
+                if (greedy_chain(d, ps[i + r], k)) {
+                    g1 += above < 1;
+                    g5 += above < 5;
+                    if (above < ENG_MEDUSA_TOPK)
+                        g_rank[above]++;
+                    gcnt++;
+                }
             }
         }
         for (int r = 0; acc && r < ENG_MEDUSA_TOPK; r++)
-            acc[k * ENG_MEDUSA_TOPK + r] = cnt ? (double)at_rank[r] / (double)cnt : 0.0;
-        fprintf(stderr, "  head %d top-1 %.1f%% top-5 %.1f%%", k,
-                cnt ? 100.0 * (double)n1 / (double)cnt : 0.0,
-                cnt ? 100.0 * (double)n5 / (double)cnt : 0.0);
+            acc[k * ENG_MEDUSA_TOPK + r] = gcnt ? (double)g_rank[r] / (double)gcnt
+                                       : cnt  ? (double)at_rank[r] / (double)cnt
+                                              : 0.0;
+#define PCT(a, b) ((b) ? 100.0 * (double)(a) / (double)(b) : 0.0)
+        fprintf(stderr, "  head %d: %.1f%% / %.1f%% | %.1f%% / %.1f%% (%" PRId64 " positions)\n",
+                k, PCT(n1, cnt), PCT(n5, cnt), PCT(g1, gcnt), PCT(g5, gcnt), gcnt);
+#undef PCT
     }
-    fprintf(stderr, "\n");
 }
 
 static int write_heads(const trainer *T, const opts *o)
@@ -551,7 +617,11 @@ static int write_heads(const trainer *T, const opts *o)
 
 #define COST_CTX 128 /* context the cost is measured at (less if the model is shorter) */
 #define COST_MAX_NODES 64
-static const int64_t COST_NS[] = {1, 2, 4, 8, 16, 32, 64};
+/* Every size up to 16: the kernels change algorithm with the row count
+ * (e.g. one matrix-vector product per row below some M, a GEMM above), so
+ * the curve has steps and dips that coarse points would interpolate over. */
+static const int64_t COST_NS[] = {1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12,
+                                  13, 14, 15, 16, 20, 24, 32, 40, 48, 64};
 #define COST_PTS ((int)(sizeof(COST_NS) / sizeof(COST_NS[0])))
 
 /* cost[n-1], n = 1..COST_MAX_NODES: (forward of n tree nodes with their
@@ -559,7 +629,7 @@ static const int64_t COST_NS[] = {1, 2, 4, 8, 16, 32, 64};
  * the plain step itself. Best of interleaved rounds, so a burst of load from
  * other processes hits every size alike. */
 static int measure_cost(kn_ctx *kn, const eng_model *m, trainer *T, const dataset *d,
-                        double *cost)
+                        const char *dir, double *cost)
 {
     const eng_hparams *hp = eng_model_hparams(m);
     const int64_t V = hp->n_vocab, H = hp->dim, N = COST_MAX_NODES;
@@ -587,6 +657,24 @@ static int measure_cost(kn_ctx *kn, const eng_model *m, trainer *T, const datase
         rc = eng_kv_create(&kv, &kc);
     int seq = rc == 0 ? eng_kv_seq_alloc(kv) : -1;
     double best[COST_PTS + 1], head_t = 1e30;
+    /* The heads as the decoder runs them (the written files through
+     * eng_medusa: stacked ResBlocks, shared or converted projections, top-k),
+     * timed as a step's prepare over a chain using every head; abort undoes
+     * it. */
+    eng_medusa_heads *mh = NULL;
+    eng_medusa_tree *chain = NULL;
+    eng_medusa *md = NULL;
+    eng_seq_in md_in;
+    char chain_name[32];
+    snprintf(chain_name, sizeof(chain_name), "chain%d",
+             T->K < ENG_MEDUSA_MAX_DEPTH ? T->K : ENG_MEDUSA_MAX_DEPTH);
+    if (rc == 0)
+        rc = eng_medusa_heads_open(&mh, dir, H, V);
+    if (rc == 0)
+        rc = eng_medusa_tree_named(&chain, chain_name);
+    if (rc == 0)
+        rc = eng_medusa_create(&md, &(eng_medusa_cfg){.model = m, .kn = kn, .heads = mh,
+                                                      .tree = chain, .max_seqs = 1});
     for (int i = 0; i <= COST_PTS; i++)
         best[i] = 1e30;
     if (rc == 0) {
@@ -597,9 +685,9 @@ static int measure_cost(kn_ctx *kn, const eng_model *m, trainer *T, const datase
         eng_seq_in in = {.seq = seq, .tokens = ids, .n_tokens = ctx};
         if (eng_forward(c, kv, &in, 1, logits, NULL) < 0)
             rc = -EIO;
+        else
+            rc = eng_medusa_seq_begin(md, seq, logits, d->hid, 0);
     }
-    memcpy(T->x, d->hid, (size_t)H * sizeof(float));
-    T->nb = 1;
     const uint64_t t_start = cm_now_ns();
     for (int round = 0; rc == 0 && round < 400; round++) {
         if (round >= 8 && cm_now_ns() - t_start > 3000000000ull)
@@ -629,10 +717,11 @@ static int measure_cost(kn_ctx *kn, const eng_model *m, trainer *T, const datase
                     best[i] = t < best[i] ? t : best[i];
             }
         }
-        for (int rep = 0; rep < 4; rep++) {
+        for (int rep = 0; rep < 4 && rc == 0; rep++) {
             const uint64_t t0 = cm_now_ns();
-            for (int k = 0; k < T->K; k++)
-                head_forward(T, k);
+            if (eng_medusa_step_prepare(md, kv, &seq, 1, &md_in) < 0)
+                rc = -EIO;
+            eng_medusa_step_abort(md, &seq, 1);
             const double t = (double)(cm_now_ns() - t0);
             if (rep > 0)
                 head_t = t < head_t ? t : head_t;
@@ -654,6 +743,9 @@ static int measure_cost(kn_ctx *kn, const eng_model *m, trainer *T, const datase
     } else if (rc == -EIO) {
         rc = eng_fail(-EIO, "timing a tree forward: %s", eng_error());
     }
+    eng_medusa_destroy(md);
+    eng_medusa_tree_destroy(chain);
+    eng_medusa_heads_close(mh);
     eng_kv_destroy(kv);
     eng_ctx_destroy(c);
     free(logits), free(hidden), free(ids), free(pos), free(mask), free(want);
@@ -665,7 +757,7 @@ static int fit_and_write(kn_ctx *kn, const eng_model *m, trainer *T, const datas
                          const double *acc, const opts *o)
 {
     double cost[COST_MAX_NODES];
-    int rc = measure_cost(kn, m, T, d, cost);
+    int rc = measure_cost(kn, m, T, d, o->out, cost);
     if (rc < 0)
         return rc;
     eng_medusa_fit *f = malloc(sizeof(*f));
@@ -724,10 +816,11 @@ static uint64_t shuf_next(void)
 
 int main(int argc, char **argv)
 {
-    opts o = {.heads = 4, .seqs = 512, .len = 128, .epochs = 2, .batch = 64, .threads = 0,
-              .lr = 1e-3, .wd = 0.01, .temp = 0.8, .top_p = 0.95, .holdout = 0.1, .seed = 1};
+    opts o = {.heads = 4, .seqs = 1024, .len = 128, .epochs = 4, .batch = 64, .threads = 0,
+              .lr = 3e-3, .wd = 0.01, .temp = 0.8, .top_p = 0.95, .holdout = 0.1, .seed = 1,
+              .greedy = 1.0, .prefix = 16};
     enum { O_HEADS = 256, O_SEQS, O_LEN, O_EPOCHS, O_BATCH, O_LR, O_WD, O_TEMP, O_TOPP,
-           O_HOLD, O_SEED, O_THREADS };
+           O_HOLD, O_SEED, O_THREADS, O_GREEDY, O_PREFIX, O_FREEZE };
     static const struct option lo[] = {
         {"model", required_argument, 0, 'm'},      {"out", required_argument, 0, 'o'},
         {"heads", required_argument, 0, O_HEADS},  {"seqs", required_argument, 0, O_SEQS},
@@ -736,6 +829,8 @@ int main(int argc, char **argv)
         {"wd", required_argument, 0, O_WD},        {"temp", required_argument, 0, O_TEMP},
         {"top-p", required_argument, 0, O_TOPP},   {"holdout", required_argument, 0, O_HOLD},
         {"seed", required_argument, 0, O_SEED},    {"threads", required_argument, 0, O_THREADS},
+        {"greedy", required_argument, 0, O_GREEDY}, {"prefix", required_argument, 0, O_PREFIX},
+        {"freeze-lm", no_argument, 0, O_FREEZE},
         {"help", no_argument, 0, 'h'},             {0, 0, 0, 0},
     };
     int c, rc = 0;
@@ -758,6 +853,9 @@ int main(int argc, char **argv)
         case O_THREADS:
             rc = parse_num("--threads", optarg, 1, 1024, &v), o.threads = (int)v;
             break;
+        case O_GREEDY: rc = parse_num("--greedy", optarg, 0, 1, &o.greedy); break;
+        case O_PREFIX: rc = parse_num("--prefix", optarg, 1, 1 << 16, &v), o.prefix = (int)v; break;
+        case O_FREEZE: o.freeze_lm = true; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
@@ -805,6 +903,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "gorgon-medusa-train: out of memory\n");
         goto out;
     }
+    T.freeze_lm = o.freeze_lm;
     /* Held-out = the last sequences (every prompt appears in both parts). */
     const int64_t n_hold_seqs = (int64_t)ceil((double)d.n_seqs * o.holdout);
     int64_t n_train = 0, k_pos = 0;
