@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "common/cm_err.h"
 #include "common/cm_log.h"
@@ -319,5 +320,52 @@ int eng_medusa_heads_open(eng_medusa_heads **out, const char *dir, int64_t hidde
                     "ResBlock per head",
                     dir, mh->cfg.num_layers);
     *out = mh;
+    return 0;
+}
+
+int eng_medusa_heads_write(const char *dir, int n_heads, int64_t H, int64_t V,
+                           const float *const *w, const float *const *b, const float *const *lm,
+                           const char *base_model)
+{
+    if (!dir || !w || !b || !lm || n_heads < 1 || n_heads > ENG_MEDUSA_MAX_HEADS || H < 1 ||
+        V < 1)
+        return eng_fail(-EINVAL, "medusa heads: write: bad arguments");
+    if (mkdir(dir, 0755) < 0 && errno != EEXIST) {
+        int rc = cm_neg_errno();
+        return eng_fail(rc, "%s: mkdir: %s", dir, cm_strerror(rc));
+    }
+    struct eng_st_tensor t[3 * ENG_MEDUSA_MAX_HEADS];
+    char names[3 * ENG_MEDUSA_MAX_HEADS][32];
+    for (int k = 0; k < n_heads; k++) {
+        snprintf(names[3 * k], sizeof(names[0]), "%d.0.linear.weight", k);
+        snprintf(names[3 * k + 1], sizeof(names[0]), "%d.0.linear.bias", k);
+        snprintf(names[3 * k + 2], sizeof(names[0]), "%d.1.weight", k);
+        t[3 * k] = (struct eng_st_tensor){.name = names[3 * k], .dtype = KN_F32, .n_dims = 2,
+                                          .shape = {H, H}, .data = w[k],
+                                          .nbytes = (size_t)(H * H) * sizeof(float)};
+        t[3 * k + 1] = (struct eng_st_tensor){.name = names[3 * k + 1], .dtype = KN_F32,
+                                              .n_dims = 1, .shape = {H}, .data = b[k],
+                                              .nbytes = (size_t)H * sizeof(float)};
+        t[3 * k + 2] = (struct eng_st_tensor){.name = names[3 * k + 2], .dtype = KN_F32,
+                                              .n_dims = 2, .shape = {V, H}, .data = lm[k],
+                                              .nbytes = (size_t)(V * H) * sizeof(float)};
+    }
+    char path[PATH_MAX];
+    if (snprintf(path, sizeof(path), "%s/%s", dir, ENG_MEDUSA_HEADS_FILE) >= (int)sizeof(path))
+        return eng_fail(-ENAMETOOLONG, "%s: path too long", dir);
+    int rc = eng_st_write(path, t, 3 * n_heads, NULL, 0);
+    if (rc < 0)
+        return rc;
+    snprintf(path, sizeof(path), "%s/%s", dir, ENG_MEDUSA_CONFIG_FILE);
+    json_t *cfg = json_pack("{s:i, s:i}", "medusa_num_heads", n_heads, "medusa_num_layers", 1);
+    if (!cfg || (base_model && json_object_set_new(cfg, "base_model_name_or_path",
+                                                   json_string(base_model)) < 0)) {
+        json_decref(cfg);
+        return eng_fail(-ENOMEM, "%s: cannot build the JSON", path);
+    }
+    rc = json_dump_file(cfg, path, JSON_INDENT(2)) == 0 ? 0 : -EIO;
+    json_decref(cfg);
+    if (rc < 0)
+        return eng_fail(rc, "%s: cannot write", path);
     return 0;
 }

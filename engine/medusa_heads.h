@@ -78,6 +78,15 @@ int eng_medusa_heads_open(eng_medusa_heads **out, const char *dir, int64_t hidde
 /* NULL is a no-op. */
 void eng_medusa_heads_close(eng_medusa_heads *mh);
 
+/* Write n_heads F32 heads in the layout above to dir (created if missing):
+ * head k has w[k] [H][H], b[k] [H] and lm[k] [V][H]; config.json says
+ * medusa_num_heads n_heads, medusa_num_layers 1 and base_model (may be
+ * NULL). Returns 0, -EINVAL (bad arguments) or -errno; eng_error() names
+ * the file. */
+int eng_medusa_heads_write(const char *dir, int n_heads, int64_t H, int64_t V,
+                           const float *const *w, const float *const *b, const float *const *lm,
+                           const char *base_model);
+
 int eng_medusa_heads_count(const eng_medusa_heads *mh);
 /* Head i (0 <= i < count) or NULL. */
 const eng_medusa_head *eng_medusa_heads_get(const eng_medusa_heads *mh, int i);

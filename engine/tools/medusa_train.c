@@ -562,55 +562,11 @@ static void evaluate(trainer *T, const dataset *d, const posn *ps, int64_t n, co
 
 static int write_heads(const trainer *T, const opts *o)
 {
-    if (mkdir(o->out, 0755) < 0 && errno != EEXIST) {
-        int rc = -errno;
-        return eng_fail(rc, "%s: mkdir: %s", o->out, cm_strerror(rc));
-    }
-    struct eng_st_tensor t[3 * MAX_HEADS];
-    char names[3 * MAX_HEADS][40];
-    const int64_t H = T->H, V = T->V;
-    for (int k = 0; k < T->K; k++) {
-        snprintf(names[3 * k], 40, "%d.0.linear.weight", k);
-        snprintf(names[3 * k + 1], 40, "%d.0.linear.bias", k);
-        snprintf(names[3 * k + 2], 40, "%d.1.weight", k);
-        t[3 * k] = (struct eng_st_tensor){.name = names[3 * k], .dtype = KN_F32, .n_dims = 2,
-                                          .shape = {H, H}, .data = T->hd[k].w,
-                                          .nbytes = (size_t)(H * H) * sizeof(float)};
-        t[3 * k + 1] = (struct eng_st_tensor){.name = names[3 * k + 1], .dtype = KN_F32,
-                                              .n_dims = 1, .shape = {H}, .data = T->hd[k].b,
-                                              .nbytes = (size_t)H * sizeof(float)};
-        t[3 * k + 2] = (struct eng_st_tensor){.name = names[3 * k + 2], .dtype = KN_F32,
-                                              .n_dims = 2, .shape = {V, H}, .data = T->hd[k].lm,
-                                              .nbytes = (size_t)(V * H) * sizeof(float)};
-    }
-    char path[PATH_MAX];
-    if (snprintf(path, sizeof(path), "%s/%s", o->out, ENG_MEDUSA_HEADS_FILE) >= (int)sizeof(path))
-        return eng_fail(-ENAMETOOLONG, "%s: path too long", o->out);
-    int rc = eng_st_write(path, t, 3 * T->K, NULL, 0);
-    if (rc < 0)
-        return rc;
-    snprintf(path, sizeof(path), "%s/%s", o->out, ENG_MEDUSA_CONFIG_FILE);
-    FILE *f = fopen(path, "we");
-    if (!f) {
-        rc = cm_neg_errno();
-        return eng_fail(rc, "%s: %s", path, cm_strerror(rc));
-    }
+    const float *w[MAX_HEADS], *b[MAX_HEADS], *lm[MAX_HEADS];
+    for (int k = 0; k < T->K; k++)
+        w[k] = T->hd[k].w, b[k] = T->hd[k].b, lm[k] = T->hd[k].lm;
     const char *base = strrchr(o->model, '/');
-    base = base ? base + 1 : o->model;
-    fprintf(f, "{\n  \"medusa_num_heads\": %d,\n  \"medusa_num_layers\": 1,\n"
-               "  \"base_model_name_or_path\": \"",
-            T->K);
-    for (const char *p = base; *p; p++) /* JSON-escape the file name */
-        if (*p == '"' || *p == '\\')
-            fprintf(f, "\\%c", *p);
-        else if ((unsigned char)*p >= 0x20)
-            fputc(*p, f);
-    fprintf(f, "\"\n}\n");
-    if (fclose(f) != 0) {
-        rc = cm_neg_errno();
-        return eng_fail(rc, "%s: %s", path, cm_strerror(rc));
-    }
-    return 0;
+    return eng_medusa_heads_write(o->out, T->K, T->H, T->V, w, b, lm, base ? base + 1 : o->model);
 }
 
 /* ---- tree fitted to this backend ---------------------------------------- */

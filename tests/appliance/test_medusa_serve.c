@@ -14,7 +14,6 @@
 #include "clients/gorgon.h"
 #include "engine/engine.h"
 #include "engine/medusa_heads.h"
-#include "engine/safetensors.h"
 #include "tests/clients/util/gd_proc.h"
 #include "tests/util/test_models.h"
 
@@ -89,15 +88,13 @@ static void random_heads(char *out, size_t cap)
     struct stat st;
     if (stat(out, &st) == 0)
         return;
-    cr_assert_eq(mkdir(out, 0700), 0);
     eng_model *m;
     cr_assert_eq(eng_model_open(&m, tu_model_path(S260)), 0, "%s", eng_error());
     const int64_t H = eng_model_hparams(m)->dim, V = eng_model_hparams(m)->n_vocab;
     eng_model_close(m);
     static float w[N_HEADS][64 * 64], b[N_HEADS][64], lm[N_HEADS][512 * 64];
     cr_assert(H <= 64 && V <= 512);
-    struct eng_st_tensor t[3 * N_HEADS];
-    char names[3 * N_HEADS][32];
+    const float *ws[N_HEADS], *bs[N_HEADS], *lms[N_HEADS];
     for (int h = 0; h < N_HEADS; h++) {
         for (int64_t i = 0; i < H * H; i++)
             w[h][i] = frand() * 0.3f;
@@ -105,27 +102,10 @@ static void random_heads(char *out, size_t cap)
             b[h][i] = frand() * 0.1f;
         for (int64_t i = 0; i < V * H; i++)
             lm[h][i] = frand();
-        snprintf(names[3 * h], 32, "%d.0.linear.weight", h);
-        snprintf(names[3 * h + 1], 32, "%d.0.linear.bias", h);
-        snprintf(names[3 * h + 2], 32, "%d.1.weight", h);
-        t[3 * h] = (struct eng_st_tensor){.name = names[3 * h], .dtype = KN_F32, .n_dims = 2,
-                                          .shape = {H, H}, .data = w[h],
-                                          .nbytes = (size_t)(H * H) * sizeof(float)};
-        t[3 * h + 1] = (struct eng_st_tensor){.name = names[3 * h + 1], .dtype = KN_F32,
-                                              .n_dims = 1, .shape = {H}, .data = b[h],
-                                              .nbytes = (size_t)H * sizeof(float)};
-        t[3 * h + 2] = (struct eng_st_tensor){.name = names[3 * h + 2], .dtype = KN_F32,
-                                              .n_dims = 2, .shape = {V, H}, .data = lm[h],
-                                              .nbytes = (size_t)(V * H) * sizeof(float)};
+        ws[h] = w[h], bs[h] = b[h], lms[h] = lm[h];
     }
-    char path[PATH_MAX];
-    snprintf(path, sizeof(path), "%s/%s", out, ENG_MEDUSA_HEADS_FILE);
-    cr_assert_eq(eng_st_write(path, t, 3 * N_HEADS, NULL, 0), 0, "%s", eng_error());
-    snprintf(path, sizeof(path), "%s/%s", out, ENG_MEDUSA_CONFIG_FILE);
-    FILE *f = fopen(path, "w");
-    cr_assert_not_null(f);
-    fprintf(f, "{\"medusa_num_heads\": %d, \"medusa_num_layers\": 1}\n", N_HEADS);
-    fclose(f);
+    cr_assert_eq(eng_medusa_heads_write(out, N_HEADS, H, V, ws, bs, lms, NULL), 0, "%s",
+                 eng_error());
 }
 
 static void start(const char *heads, const char *max_batch)

@@ -125,16 +125,14 @@ static const char *const KIND_NAME[] = {"random", "copy", "oracle"};
 static eng_medusa_heads *make_heads(enum heads_kind kind, const char *sub)
 {
     static int serial;
-    char dir[128], path[192];
+    char dir[128];
     snprintf(dir, sizeof(dir), "%s/%s%d", g_dir, sub, serial++);
-    cr_assert_eq(mkdir(dir, 0700), 0, "mkdir %s", dir);
     const kn_tensor *out = eng_model_output(g_m);
     cr_assert_eq(out->type, KN_F32);
     float *w = calloc((size_t)(H * H), sizeof(float));
     float *b = calloc((size_t)H, sizeof(float));
     float *lm[N_HEADS];
-    struct eng_st_tensor t[3 * N_HEADS];
-    char names[3 * N_HEADS][32];
+    const float *ws[N_HEADS], *bs[N_HEADS], *lms[N_HEADS];
     cr_assert(w && b);
     if (kind == HEADS_RANDOM) {
         for (int64_t i = 0; i < H * H; i++)
@@ -158,28 +156,10 @@ static eng_medusa_heads *make_heads(enum heads_kind kind, const char *sub)
             for (int64_t i = 0; i < V * H; i++)
                 lm[h][i] = kind == HEADS_COPY ? E[i] : frand();
         }
-        snprintf(names[3 * h], 32, "%d.0.linear.weight", h);
-        snprintf(names[3 * h + 1], 32, "%d.0.linear.bias", h);
-        snprintf(names[3 * h + 2], 32, "%d.1.weight", h);
-        t[3 * h] = (struct eng_st_tensor){.name = names[3 * h], .dtype = KN_F32, .n_dims = 2,
-                                          .shape = {H, H}, .data = w,
-                                          .nbytes = (size_t)(H * H) * sizeof(float)};
-        t[3 * h + 1] = (struct eng_st_tensor){.name = names[3 * h + 1], .dtype = KN_F32,
-                                              .n_dims = 1, .shape = {H}, .data = b,
-                                              .nbytes = (size_t)H * sizeof(float)};
-        t[3 * h + 2] = (struct eng_st_tensor){.name = names[3 * h + 2], .dtype = KN_F32,
-                                              .n_dims = 2, .shape = {V, H}, .data = lm[h],
-                                              .nbytes = (size_t)(V * H) * sizeof(float)};
+        ws[h] = w, bs[h] = b, lms[h] = lm[h];
     }
-    snprintf(path, sizeof(path), "%s/%s", dir, ENG_MEDUSA_HEADS_FILE);
-    cr_assert_eq(eng_st_write(path, t, 3 * N_HEADS, NULL, 0), 0, "%s", eng_error());
-    snprintf(path, sizeof(path), "%s/%s", dir, ENG_MEDUSA_CONFIG_FILE);
-    FILE *f = fopen(path, "w");
-    cr_assert_not_null(f);
-    fprintf(f, "{\"medusa_num_heads\": %d, \"medusa_num_layers\": 1, "
-               "\"base_model_name_or_path\": \"stories260K\"}\n",
-            N_HEADS);
-    fclose(f);
+    cr_assert_eq(eng_medusa_heads_write(dir, N_HEADS, H, V, ws, bs, lms, "stories260K"), 0, "%s",
+                 eng_error());
     for (int h = 0; h < N_HEADS; h++)
         free(lm[h]);
     free(w);

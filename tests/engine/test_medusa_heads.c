@@ -282,3 +282,42 @@ Test(engine_medusa_heads, parses_config_text)
     const char *neg = "{\"medusa_num_heads\": -1}";
     cr_expect_eq(eng_medusa_config_parse(&cfg, neg, strlen(neg)), -EBADMSG);
 }
+
+/* What eng_medusa_heads_write writes opens as the same heads, and the base
+ * model's name survives JSON quoting. */
+Test(engine_medusa_heads, write_round_trips_weights_and_config)
+{
+    enum { K = 2, HH = 4, VV = 6 };
+    static float w[K][HH * HH], b[K][HH], lm[K][VV * HH];
+    const float *ws[K], *bs[K], *lms[K];
+    for (int k = 0; k < K; k++) {
+        for (int i = 0; i < HH * HH; i++)
+            w[k][i] = (float)(k * 100 + i) * 0.25f;
+        for (int i = 0; i < HH; i++)
+            b[k][i] = -(float)(k + i);
+        for (int i = 0; i < VV * HH; i++)
+            lm[k][i] = (float)(i % 7) - (float)k;
+        ws[k] = w[k], bs[k] = b[k], lms[k] = lm[k];
+    }
+    char dir[96];
+    snprintf(dir, sizeof(dir), "%s/written", g_dir);
+    const char *name = "odd \"name\"\\x.gguf";
+    cr_assert_eq(eng_medusa_heads_write(dir, K, HH, VV, ws, bs, lms, name), 0, "%s",
+                 eng_error());
+    eng_medusa_heads *mh = NULL;
+    cr_assert_eq(eng_medusa_heads_open(&mh, dir, HH, VV), 0, "%s", eng_error());
+    cr_assert_eq(eng_medusa_heads_count(mh), K);
+    const eng_medusa_config *cfg = eng_medusa_heads_config(mh);
+    cr_assert_eq(cfg->num_heads, K);
+    cr_assert_eq(cfg->num_layers, 1);
+    cr_assert_str_eq(cfg->base_model, name);
+    for (int k = 0; k < K; k++) {
+        const eng_medusa_head *hd = eng_medusa_heads_get(mh, k);
+        cr_assert_eq(hd->w.type, KN_F32);
+        cr_assert_eq(memcmp(hd->w.data, w[k], sizeof(w[k])), 0, "head %d weight", k);
+        cr_assert_eq(memcmp(hd->bias, b[k], sizeof(b[k])), 0, "head %d bias", k);
+        cr_assert_eq(memcmp(hd->lm_head.data, lm[k], sizeof(lm[k])), 0, "head %d projection", k);
+    }
+    eng_medusa_heads_close(mh);
+    cr_assert_eq(eng_medusa_heads_write(dir, 0, HH, VV, ws, bs, lms, NULL), -EINVAL);
+}

@@ -57,12 +57,9 @@ static eng_medusa_heads *make_heads(const eng_model *m, bool frozen, const char 
 {
     const int64_t H = eng_model_hparams(m)->dim, V = eng_model_hparams(m)->n_vocab;
     const kn_tensor *out = eng_model_output(m);
-    char dir[128], path[192];
+    char dir[128];
     snprintf(dir, sizeof(dir), "%s/%s", g_dir, name);
-    cr_assert_eq(mkdir(dir, 0700), 0, "mkdir %s", dir);
     float *w[N_HEADS], *b[N_HEADS], *lm[N_HEADS];
-    struct eng_st_tensor t[3 * N_HEADS];
-    char names[3 * N_HEADS][32];
     for (int h = 0; h < N_HEADS; h++) {
         w[h] = malloc((size_t)(H * H) * sizeof(float));
         b[h] = malloc((size_t)H * sizeof(float));
@@ -81,21 +78,11 @@ static eng_medusa_heads *make_heads(const eng_model *m, bool frozen, const char 
                 for (int64_t i = 0; i < H; i++)
                     lm[h][v * H + i] = frand() * 0.1f;
         }
-        snprintf(names[3 * h], 32, "%d.0.linear.weight", h);
-        snprintf(names[3 * h + 1], 32, "%d.0.linear.bias", h);
-        snprintf(names[3 * h + 2], 32, "%d.1.weight", h);
-        t[3 * h] = (struct eng_st_tensor){.name = names[3 * h], .dtype = KN_F32, .n_dims = 2,
-                                          .shape = {H, H}, .data = w[h],
-                                          .nbytes = (size_t)(H * H) * sizeof(float)};
-        t[3 * h + 1] = (struct eng_st_tensor){.name = names[3 * h + 1], .dtype = KN_F32,
-                                              .n_dims = 1, .shape = {H}, .data = b[h],
-                                              .nbytes = (size_t)H * sizeof(float)};
-        t[3 * h + 2] = (struct eng_st_tensor){.name = names[3 * h + 2], .dtype = KN_F32,
-                                              .n_dims = 2, .shape = {V, H}, .data = lm[h],
-                                              .nbytes = (size_t)(V * H) * sizeof(float)};
     }
-    snprintf(path, sizeof(path), "%s/%s", dir, ENG_MEDUSA_HEADS_FILE);
-    cr_assert_eq(eng_st_write(path, t, 3 * N_HEADS, NULL, 0), 0, "%s", eng_error());
+    cr_assert_eq(eng_medusa_heads_write(dir, N_HEADS, H, V, (const float *const *)w,
+                                        (const float *const *)b, (const float *const *)lm,
+                                        NULL),
+                 0, "%s", eng_error());
     for (int h = 0; h < N_HEADS; h++)
         free(w[h]), free(b[h]), free(lm[h]);
     eng_medusa_heads *mh = NULL;
