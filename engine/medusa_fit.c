@@ -229,3 +229,21 @@ int eng_medusa_fit_load(eng_medusa_tree **out, const char *dir)
     free(text);
     return rc;
 }
+
+int eng_medusa_tree_choose(eng_medusa_tree **out, const char *spec, const char *dir,
+                           const char **from)
+{
+    const char *f = "spec";
+    int rc;
+    if (spec) {
+        rc = eng_medusa_tree_from_spec(out, spec);
+    } else if (dir && (rc = eng_medusa_fit_load(out, dir)) != -ENOENT) {
+        f = ENG_MEDUSA_CHOICES_FILE;
+    } else {
+        f = "default";
+        rc = eng_medusa_tree_from_spec(out, ENG_MEDUSA_TREE_DEFAULT);
+    }
+    if (rc == 0 && from)
+        *from = f;
+    return rc;
+}

@@ -90,4 +90,17 @@ int64_t eng_medusa_fit_format(const eng_medusa_fit *f, char *buf, size_t cap);
  * reading it. */
 int eng_medusa_fit_load(eng_medusa_tree **out, const char *dir);
 
+/* The 16 most likely paths of mc_sim_7b_63 (17 nodes): the default when no
+ * fitted tree is at hand; on a CPU the full 64-node tree rarely pays. */
+#define ENG_MEDUSA_TREE_DEFAULT \
+    "[[0],[0,0],[1],[0,1],[2],[0,0,0],[1,0],[0,2],[3],[0,3],[4],[0,4],[2,0],[0,5],[0,0,1],[5]]"
+
+/* The tree every tool uses: spec when given (a built-in name or a list, as
+ * eng_medusa_tree_from_spec), else the fitted ENG_MEDUSA_CHOICES_FILE in dir
+ * when there is one (dir may be NULL), else ENG_MEDUSA_TREE_DEFAULT. *from
+ * (may be NULL) gets "spec", ENG_MEDUSA_CHOICES_FILE or "default". Errors as
+ * eng_medusa_tree_from_spec / eng_medusa_fit_load (never -ENOENT). */
+int eng_medusa_tree_choose(eng_medusa_tree **out, const char *spec, const char *dir,
+                           const char **from);
+
 #endif

@@ -31,10 +31,6 @@
                                   * the acceptance the limit is computed from */
 #define WK_MED_CAL_PROMPT 8      /* calibration: prompt tokens per sequence */
 #define WK_MED_CAL_REPS 3        /* calibration: timed steps per batch size (min taken) */
-/* Without a fitted medusa_choices.json: the 16 most likely paths of
- * mc_sim_7b_63 (17 nodes), a size a CPU step can afford. */
-#define WK_MED_DEFAULT_TREE "[[0],[0,0],[1],[0,1],[2],[0,0,0],[1,0],[0,2],[3],[0,3],[4],[0,4]," \
-                            "[2,0],[0,5],[0,0,1],[5]]"
 
 enum wk_state { WK_FREE = 0, WK_QUEUED, WK_PREFILL, WK_DECODE };
 
@@ -527,17 +523,9 @@ static int med_open(wk *w)
         CM_LOG_ERROR(TAG, "medusa heads %s: %s", dir, eng_error());
         return rc;
     }
-    const char *tree = w->cfg.medusa_tree;
-    if (tree)
-        rc = eng_medusa_tree_from_spec(&w->tree, tree);
-    else if ((rc = eng_medusa_fit_load(&w->tree, dir)) == -ENOENT) {
-        tree = WK_MED_DEFAULT_TREE;
-        rc = eng_medusa_tree_from_spec(&w->tree, tree);
-    } else {
-        tree = dir; /* the fitted medusa_choices.json */
-    }
-    if (rc < 0) {
-        CM_LOG_ERROR(TAG, "medusa tree %s: %s", tree, eng_error());
+    const char *from = "";
+    if ((rc = eng_medusa_tree_choose(&w->tree, w->cfg.medusa_tree, dir, &from)) < 0) {
+        CM_LOG_ERROR(TAG, "medusa tree: %s", eng_error());
         return rc;
     }
     rc = eng_medusa_create(&w->md, &(eng_medusa_cfg){.model = w->m, .kn = w->kn,
@@ -564,7 +552,8 @@ static int med_open(wk *w)
     if (!w->med_cost || !w->med_seqs || !w->med_req || !w->med_res)
         return -ENOMEM;
     CM_LOG_INFO(TAG, "medusa: %d heads from %s, tree of %d nodes (depth %d) from %s",
-                eng_medusa_heads_count(w->mh), dir, w->nn, w->tree->max_depth, tree);
+                eng_medusa_heads_count(w->mh), dir, w->nn, w->tree->max_depth,
+                w->cfg.medusa_tree ? w->cfg.medusa_tree : from);
     return 0;
 }
 

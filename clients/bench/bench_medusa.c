@@ -35,11 +35,6 @@
 #include "engine/engine.h"
 #include "engine/medusa.h"
 #include "engine/medusa_fit.h"
-#include "engine/safetensors.h"
-
-/* Same default as gorgon-run: the 16 most likely paths of mc_sim_7b_63. */
-#define DEFAULT_TREE "[[0],[0,0],[1],[0,1],[2],[0,0,0],[1,0],[0,2],[3],[0,3],[4],[0,4],[2,0]," \
-                     "[0,5],[0,0,1],[5]]"
 
 static const char *const PROMPTS[] = {
     "Once upon a time, there was a little girl named Lily.",
@@ -105,36 +100,12 @@ static int write_random_heads(char *dir, size_t cap, int n_heads, int64_t H, int
         kn_dequantize_row(base_out->type,
                           (const char *)base_out->data + (size_t)v * kn_row_bytes(base_out->type, H),
                           H, lm + (size_t)v * (size_t)H);
-    struct eng_st_tensor t[3 * ENG_MEDUSA_MAX_DEPTH];
-    char names[3 * ENG_MEDUSA_MAX_DEPTH][32];
-    for (int k = 0; k < n_heads; k++) { /* every head shares the same data */
-        snprintf(names[3 * k], 32, "%d.0.linear.weight", k);
-        snprintf(names[3 * k + 1], 32, "%d.0.linear.bias", k);
-        snprintf(names[3 * k + 2], 32, "%d.1.weight", k);
-        t[3 * k] = (struct eng_st_tensor){.name = names[3 * k], .dtype = KN_F32, .n_dims = 2,
-                                          .shape = {H, H}, .data = w,
-                                          .nbytes = (size_t)(H * H) * sizeof(float)};
-        t[3 * k + 1] = (struct eng_st_tensor){.name = names[3 * k + 1], .dtype = KN_F32,
-                                              .n_dims = 1, .shape = {H}, .data = b,
-                                              .nbytes = (size_t)H * sizeof(float)};
-        t[3 * k + 2] = (struct eng_st_tensor){.name = names[3 * k + 2], .dtype = KN_F32,
-                                              .n_dims = 2, .shape = {V, H}, .data = lm,
-                                              .nbytes = (size_t)(V * H) * sizeof(float)};
-    }
-    char path[PATH_MAX];
-    snprintf(path, sizeof(path), "%s/%s", dir, ENG_MEDUSA_HEADS_FILE);
-    int rc = eng_st_write(path, t, 3 * n_heads, NULL, 0);
+    const float *ws[ENG_MEDUSA_MAX_DEPTH], *bs[ENG_MEDUSA_MAX_DEPTH], *lms[ENG_MEDUSA_MAX_DEPTH];
+    for (int k = 0; k < n_heads; k++) /* every head shares the same data */
+        ws[k] = w, bs[k] = b, lms[k] = lm;
+    int rc = eng_medusa_heads_write(dir, n_heads, H, V, ws, bs, lms, NULL);
     free(w), free(b), free(lm);
-    if (rc < 0)
-        return rc;
-    snprintf(path, sizeof(path), "%s/%s", dir, ENG_MEDUSA_CONFIG_FILE);
-    FILE *f = fopen(path, "we");
-    if (!f || fprintf(f, "{\"medusa_num_heads\": %d, \"medusa_num_layers\": 1}\n", n_heads) < 0 ||
-        fclose(f) != 0) {
-        rc = cm_neg_errno();
-        return eng_fail(rc, "%s: %s", path, cm_strerror(rc));
-    }
-    return 0;
+    return rc;
 }
 
 static void remove_random_heads(const char *dir)
@@ -306,7 +277,7 @@ int bench_medusa_main(int argc, char **argv)
     float *gap = NULL;
     int64_t n_ids[N_PROMPTS], max_ids = 0;
     char rnd_dir[PATH_MAX] = "";
-    const char *tree_from = spec ? "--tree" : "default";
+    const char *tree_from = "--tree";
     if ((rc = eng_model_open(&m, path)) < 0) {
         fprintf(stderr, "gorgon-bench medusa: %s: %s\n", path,
                 eng_error()[0] ? eng_error() : cm_strerror(rc));
@@ -315,17 +286,8 @@ int bench_medusa_main(int argc, char **argv)
     const eng_hparams *hp = eng_model_hparams(m);
     const bool frozen_heads = !strcmp(dir, "random-frozen");
     const bool random_heads = !strcmp(dir, "random") || frozen_heads;
-    if (!spec && !random_heads) {
-        rc = eng_medusa_fit_load(&tree, dir);
-        if (rc < 0 && rc != -ENOENT) {
-            fprintf(stderr, "gorgon-bench medusa: %s\n", eng_error());
-            goto out;
-        }
-        if (rc == 0)
-            tree_from = ENG_MEDUSA_CHOICES_FILE;
-    }
-    if (!tree && (rc = eng_medusa_tree_from_spec(&tree, spec ? spec : DEFAULT_TREE)) < 0) {
-        fprintf(stderr, "gorgon-bench medusa: --tree: %s\n", eng_error());
+    if ((rc = eng_medusa_tree_choose(&tree, spec, random_heads ? NULL : dir, &tree_from)) < 0) {
+        fprintf(stderr, "gorgon-bench medusa: tree: %s\n", eng_error());
         goto out;
     }
     if (random_heads) {

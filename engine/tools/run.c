@@ -57,11 +57,6 @@ static int on_id(void *arg, int32_t token, const char *s, size_t n)
     return 0;
 }
 
-/* The 16 most likely paths of mc_sim_7b_63: on a CPU every tree node costs
- * a token of compute, so the full 64-node tree rarely pays for itself. */
-#define CPU_TREE "[[0],[0,0],[1],[0,1],[2],[0,0,0],[1,0],[0,2],[3],[0,3],[4],[0,4],[2,0]," \
-                 "[0,5],[0,0,1],[5]]"
-
 /* ---- Medusa generation (eng_generate's output rules, Medusa steps) ------ */
 
 typedef struct medusa_opts {
@@ -116,14 +111,12 @@ static int run_medusa(kn_ctx *kn, const eng_model *m, const int32_t *ids, int64_
     float *logits = NULL, *hidden = NULL;
     medusa_out o = {.tok = tok, .emit = print_ids ? on_id : on_text};
     int rc;
-    /* Default tree: the one gorgon-medusa-train fitted to these heads, if
-     * any (-ENOENT: none), else CPU_TREE. */
-    if (!mo->tree && (rc = eng_medusa_fit_load(&tree, mo->dir)) < 0 && rc != -ENOENT) {
+    /* Default tree: the one gorgon-medusa-train fitted to these heads. */
+    if ((rc = eng_medusa_tree_choose(&tree, mo->tree, mo->dir, NULL)) < 0) {
         fprintf(stderr, "gorgon-run: %s\n", eng_error());
         goto out;
     }
     if ((rc = eng_medusa_heads_open(&mh, mo->dir, hp->dim, hp->n_vocab)) < 0 ||
-        (!tree && (rc = eng_medusa_tree_from_spec(&tree, mo->tree ? mo->tree : CPU_TREE)) < 0) ||
         (rc = eng_medusa_create(&md, &(eng_medusa_cfg){
                                          .model = m,
                                          .kn = kn,
