@@ -237,3 +237,35 @@ Test(engine_medusa_fit, load_reads_the_choices_file_and_rejects_bad_ones)
     unlink(path);
     rmdir(dir);
 }
+
+/* spec beats the fitted file, which beats the 17-node default. */
+Test(engine_medusa_fit, choose_prefers_spec_then_fitted_file_then_default)
+{
+    char dir[] = "/tmp/test-medusa-fit-XXXXXX";
+    cr_assert_not_null(mkdtemp(dir));
+    eng_medusa_tree *t = NULL;
+    const char *from = NULL;
+    cr_assert_eq(eng_medusa_tree_choose(&t, NULL, dir, &from), 0);
+    cr_assert_str_eq(from, "default");
+    cr_assert_eq(t->n_nodes, 17);
+    eng_medusa_tree_destroy(t);
+    put_file(dir, "[[0],[0,0],[1]]\n");
+    cr_assert_eq(eng_medusa_tree_choose(&t, NULL, dir, &from), 0);
+    cr_assert_str_eq(from, ENG_MEDUSA_CHOICES_FILE);
+    cr_assert_eq(t->n_nodes, 4);
+    eng_medusa_tree_destroy(t);
+    cr_assert_eq(eng_medusa_tree_choose(&t, "chain2", dir, &from), 0);
+    cr_assert_str_eq(from, "spec");
+    cr_assert_eq(t->n_nodes, 3);
+    eng_medusa_tree_destroy(t);
+    t = NULL;
+    cr_assert_eq(eng_medusa_tree_choose(&t, "[[7,-1]]", dir, &from), -EINVAL);
+    cr_assert_null(t);
+    put_file(dir, "[[1,0]]");
+    cr_assert_eq(eng_medusa_tree_choose(&t, NULL, dir, &from), -EINVAL, "a bad fitted file "
+                 "must not fall back silently");
+    char path[512];
+    snprintf(path, sizeof(path), "%s/%s", dir, ENG_MEDUSA_CHOICES_FILE);
+    unlink(path);
+    rmdir(dir);
+}
