@@ -174,6 +174,37 @@ static int64_t plan_batch(eng_ctx *c, eng_kv *kv, const eng_seq_in *seqs, int n_
     return n_out;
 }
 
+/* Row i of a sequence's new K and V into its cache slot past + i. */
+#define KV_COPY_PAR_MIN 8
+struct kv_copy {
+    eng_kv *kv;
+    int layer, seq;
+    int64_t past;
+    const float *k, *v; /* [n][kvd] */
+    int64_t kvd;
+};
+
+static void kv_copy_row(void *arg, int64_t i)
+{
+    const struct kv_copy *c = arg;
+    const size_t bytes = (size_t)c->kvd * sizeof(float);
+    memcpy(eng_kv_k_at(c->kv, c->layer, c->seq, c->past + i), c->k + i * c->kvd, bytes);
+    memcpy(eng_kv_v_at(c->kv, c->layer, c->seq, c->past + i), c->v + i * c->kvd, bytes);
+}
+
+/* Matmuls that share x: one fused op where the table has it (decode then
+ * pays one pool round trip for Wq/Wk/Wv instead of three). */
+static void matmul_n(const kn_ops *ops, kn_ctx *kn, int n, const kn_tensor *const *w,
+                     const float *x, int64_t M, float *const *y)
+{
+    if (ops->matmul_multi) {
+        ops->matmul_multi(kn, n, w, x, M, y);
+        return;
+    }
+    for (int i = 0; i < n; i++)
+        ops->matmul(kn, w[i], x, M, y[i]);
+}
+
 int64_t eng_forward(eng_ctx *c, eng_kv *kv, const eng_seq_in *seqs, int n_seqs, float *logits,
                     float *hidden)
 {
@@ -198,7 +229,6 @@ int64_t eng_forward(eng_ctx *c, eng_kv *kv, const eng_seq_in *seqs, int n_seqs, 
     const int64_t dim = hp->dim, ffn = hp->ffn_dim;
     const int hd = hp->head_dim;
     const int64_t qd = (int64_t)hp->n_head * hd, kvd = (int64_t)hp->n_kv_head * hd;
-    const size_t kv_bytes = (size_t)kvd * sizeof(float);
     const float scale = 1.0f / sqrtf((float)hd);
     float *q = c->qkv, *k = q + M * qd, *v = k + M * kvd;
 
@@ -207,9 +237,11 @@ int64_t eng_forward(eng_ctx *c, eng_kv *kv, const eng_seq_in *seqs, int n_seqs, 
         const eng_layer *L = &m->layers[l];
         /* attention */
         ops->rmsnorm(kn, c->x, L->attn_norm, M, dim, hp->rms_eps, c->xb);
-        ops->matmul(kn, &L->wq, c->xb, M, q);
-        ops->matmul(kn, &L->wk, c->xb, M, k);
-        ops->matmul(kn, &L->wv, c->xb, M, v);
+        {
+            const kn_tensor *w3[3] = {&L->wq, &L->wk, &L->wv};
+            float *y3[3] = {q, k, v};
+            matmul_n(ops, kn, 3, w3, c->xb, M, y3);
+        }
         if (M == 1) {
             ops->rope(kn, q, 1, hp->n_head + hp->n_kv_head, hd, hp->rope_dims, c->pos,
                       hp->rope_base);
@@ -220,12 +252,13 @@ int64_t eng_forward(eng_ctx *c, eng_kv *kv, const eng_seq_in *seqs, int n_seqs, 
         float *kp = eng_kv_k(kv, l), *vp = eng_kv_v(kv, l);
         for (int s = 0; s < n_seqs; s++) {
             const int64_t r0 = c->seq_row[s], past = c->seq_past[s];
-            for (int64_t i = 0; i < c->seq_n[s]; i++) {
-                memcpy(eng_kv_k_at(kv, l, c->seq_id[s], past + i), k + (r0 + i) * kvd,
-                       kv_bytes);
-                memcpy(eng_kv_v_at(kv, l, c->seq_id[s], past + i), v + (r0 + i) * kvd,
-                       kv_bytes);
-            }
+            struct kv_copy kc = {kv, l, c->seq_id[s], past, k + r0 * kvd, v + r0 * kvd, kvd};
+            /* A prompt writes megabytes per layer: spread it over the pool. */
+            if (c->seq_n[s] >= KV_COPY_PAR_MIN)
+                kn_parallel_for(kn, c->seq_n[s], kv_copy_row, &kc);
+            else
+                for (int64_t i = 0; i < c->seq_n[s]; i++)
+                    kv_copy_row(&kc, i);
             kn_attn_args a = {
                 .q = q + r0 * qd,
                 .out = c->att + r0 * qd,
@@ -248,8 +281,11 @@ int64_t eng_forward(eng_ctx *c, eng_kv *kv, const eng_seq_in *seqs, int n_seqs, 
         ops->add(kn, c->x, c->xb, M * dim);
         /* SwiGLU feed-forward */
         ops->rmsnorm(kn, c->x, L->ffn_norm, M, dim, hp->rms_eps, c->xb);
-        ops->matmul(kn, &L->w_gate, c->xb, M, c->hb);
-        ops->matmul(kn, &L->w_up, c->xb, M, c->hb2);
+        {
+            const kn_tensor *w2[2] = {&L->w_gate, &L->w_up};
+            float *y2[2] = {c->hb, c->hb2};
+            matmul_n(ops, kn, 2, w2, c->xb, M, y2);
+        }
         ops->silu_mul(kn, c->hb, c->hb2, M * ffn);
         ops->matmul(kn, &L->w_down, c->hb, M, c->xb);
         ops->add(kn, c->x, c->xb, M * dim);

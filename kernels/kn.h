@@ -158,6 +158,13 @@ typedef struct kn_ops {
 
     /* See kn_attn_args. */
     void (*attention)(kn_ctx *ctx, const kn_attn_args *a);
+
+    /* (optional: NULL means call matmul n times) matmul(w[i], x, M, y[i])
+     * for i < n, same results; weights of one type and width that share x
+     * (Wq/Wk/Wv, W_gate/W_up) run as one pool job at small M. An invalid
+     * argument in any slot makes the op return without touching any y. */
+    void (*matmul_multi)(kn_ctx *ctx, int n, const kn_tensor *const *w, const float *x,
+                         int64_t M, float *const *y);
 } kn_ops;
 
 int kn_ctx_create(kn_ctx **out, const kn_ctx_cfg *cfg);

@@ -15,6 +15,7 @@
 #include "kernels/kn.h"
 
 #define KN_CACHELINE 64
+#define KN_MULTI_MAX 4 /* weights one fused matmul_multi job takes */
 #define KN_MAX_THREADS 256
 
 typedef void (*kn_job_fn)(void *arg, int ith, int nth);
@@ -58,6 +59,12 @@ static inline void kn_split(int64_t n, int ith, int nth, int64_t align, int64_t 
     *lo = a < n ? a : n;
     *hi = b < n ? b : n;
 }
+
+/* Attention scratch per thread, beyond the score row: the SIMD tiled path's
+ * transposed query tile, output tile and packed K and V tiles (4 buffers of
+ * head_dim x 16 floats for head_dim <= KN_ATT_HD_MAX). */
+#define KN_ATT_HD_MAX 256
+#define KN_ATT_TILE_FLOATS (4 * KN_ATT_HD_MAX * 16)
 
 /* ggml block layouts. */
 typedef struct kn_block_q8_0 {

@@ -83,4 +83,7 @@ static inline vf vmask_ninf(vf s, vf e)
     return _mm256_and_ps(e, _mm256_cmp_ps(s, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ));
 }
 
+/* x where a < b, else y */
+#define vsel_lt(a, b, x, y) _mm256_blendv_ps((y), (x), _mm256_cmp_ps((a), (b), _CMP_LT_OQ))
+
 #include "kernels/cpu/kn_simd_tmpl.h"

@@ -63,6 +63,18 @@ void kn_scalar_matmul(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t M
     kn_run(ctx, mm_job, &a);
 }
 
+static void scalar_matmul_multi(kn_ctx *ctx, int n, const kn_tensor *const *w, const float *x,
+                                int64_t M, float *const *y)
+{
+    if (n <= 0 || !w || !y || !x || M <= 0)
+        return;
+    for (int i = 0; i < n; i++)
+        if (!valid_weight(w[i]) || !y[i])
+            return;
+    for (int i = 0; i < n; i++)
+        kn_scalar_matmul(ctx, w[i], x, M, y[i]);
+}
+
 /* --- get_rows ------------------------------------------------------------- */
 
 void kn_scalar_get_rows(kn_ctx *ctx, const kn_tensor *w, const int32_t *ids, int64_t n,
@@ -148,8 +160,9 @@ size_t kn_attn_scratch_floats(int64_t n_ctx_max, int n_threads)
         n_ctx_max = 0;
     if (n_threads < 1)
         n_threads = 1;
-    /* per thread: one score row, padded so threads' rows never share a line */
-    return (size_t)n_threads * (size_t)((n_ctx_max + 15) / 16 * 16 + 16);
+    /* per thread: one score row, padded so threads' rows never share a line,
+     * then the tiles of the SIMD tiled path */
+    return (size_t)n_threads * (size_t)((n_ctx_max + 15) / 16 * 16 + 16 + KN_ATT_TILE_FLOATS);
 }
 
 static const float *kv_row(const float *pool, const kn_attn_args *a, int64_t p, int kvh)
@@ -227,6 +240,7 @@ void kn_scalar_attention(kn_ctx *ctx, const kn_attn_args *a)
 static const kn_ops scalar_ops = {
     .name = "scalar",
     .matmul = kn_scalar_matmul,
+    .matmul_multi = scalar_matmul_multi,
     .get_rows = kn_scalar_get_rows,
     .rmsnorm = kn_scalar_rmsnorm,
     .rope = kn_scalar_rope,

@@ -12,6 +12,8 @@
  *   vpow2i(n)                       2^n for integral-valued float n in range
  *   vswap_pairs(v)                  exchange lanes 2i and 2i+1
  *   vround(v)                       round to nearest integer
+ *   vmask_ninf(s, e)                e where s != -inf, else 0
+ *   vsel_lt(a, b, x, y)             x where a < b, else y
  *   vi, vi_ld, vi_xor, vi_zero, vi_fold(v) (streaming read)
  *   KN_IMPL, KN_OPS_NAME            names of the exported impl and its ops
  *
@@ -19,7 +21,7 @@
  * streams a contiguous range of weight rows once and computes up to 4 dot
  * products per row, converting weights on the fly; memory bound by design.
  * Larger M (prefill, tree verification): weights are converted once per
- * KN_KC x KN_NR panel into an f32 [KC][NR] buffer that stays in L1 and is
+ * KN_KC x KN_NR panel into an f32 [KC][NR] buffer that stays in cache and is
  * reused by every KN_MR-row tile of x (broadcast-FMA outer products), so the
  * conversion cost is amortised over M rows. */
 
@@ -38,7 +40,10 @@
 #define KN_KC 256
 #endif
 #define KN_MATVEC_MAX 4
+#ifndef KN_PF
 #define KN_PF 2048 /* matvec software prefetch distance, bytes */
+#endif
+
 #define KN_ELEM_PAR_MIN 32768 /* elementwise ops fan out above this many floats */
 
 /* ---- weight access ------------------------------------------------------- */
@@ -91,7 +96,53 @@ struct mm_args {
      * and several cache lines of y wide, so threads never share a line. */
     int64_t chunk;
     atomic_llong next;
+    /* Matvec over several weights sharing x (kn_ops.matmul_multi): chunk c
+     * of the combined list belongs to weight t for c in [c0[t], c0[t+1])
+     * and covers rows (c - c0[t]) * chunks[t] onwards. w/y above are ws[0]/ys[0]. */
+    int n_w;
+    const kn_tensor *ws[KN_MULTI_MAX];
+    float *ys[KN_MULTI_MAX];
+    int64_t chunks[KN_MULTI_MAX];
+    int64_t c0[KN_MULTI_MAX + 1];
 };
+
+/* Rows per dynamic chunk of a matvec over `rows` rows: ~8 chunks per thread,
+ * whole multiples of 16 rows (64 bytes of y) so threads never share a line. */
+static int64_t matvec_chunk(int64_t rows, int nth)
+{
+    int64_t c = (rows / ((int64_t)nth * 8) + 15) / 16 * 16;
+    return c < 16 ? 16 : c;
+}
+
+/* Fill the chunk list of a for weights w[0..n) (n <= KN_MULTI_MAX). */
+static void matvec_plan(struct mm_args *a, int n, const kn_tensor *const *w, float *const *y,
+                        int nth)
+{
+    a->n_w = n;
+    a->c0[0] = 0;
+    for (int t = 0; t < n; t++) {
+        a->ws[t] = w[t];
+        a->ys[t] = y[t];
+        a->chunks[t] = matvec_chunk(w[t]->rows, nth);
+        a->c0[t + 1] = a->c0[t] + (w[t]->rows + a->chunks[t] - 1) / a->chunks[t];
+    }
+}
+
+/* Next chunk of the list: weight index, row range; false when done. */
+KN_AI bool matvec_next(struct mm_args *a, int *t, int64_t *lo, int64_t *hi)
+{
+    const int64_t c = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
+    if (c >= a->c0[a->n_w])
+        return false;
+    int i = 0;
+    while (c >= a->c0[i + 1])
+        i++;
+    const int64_t N = a->ws[i]->rows;
+    *t = i;
+    *lo = (c - a->c0[i]) * a->chunks[i];
+    *hi = *lo + a->chunks[i] < N ? *lo + a->chunks[i] : N;
+    return true;
+}
 
 /* y[m][r] for MR (<= 4) rows of x and one weight row. Steps of 32 elements
  * so that a quantised block is one step; 32 / VL independent accumulators
@@ -157,25 +208,25 @@ KN_AI void dot_rows(const void *wr, const float *x, int64_t K, float *y, int64_t
     }
 }
 
-KN_AI void matvec_range(const struct mm_args *a, int64_t lo, int64_t hi, const int type)
+KN_AI void matvec_range(const kn_tensor *w, const float *x, int64_t M, float *y, int64_t lo,
+                        int64_t hi, const int type)
 {
-    const kn_tensor *w = a->w;
     const int64_t K = w->cols, N = w->rows;
     const size_t rb = kn_row_bytes(w->type, K);
     for (int64_t r = lo; r < hi; r++) {
         const char *wr = (const char *)w->data + (size_t)r * rb;
         int64_t m = 0;
-        for (; m + 4 <= a->M; m += 4)
-            dot_rows(wr, a->x + m * K, K, a->y + m * N + r, N, 4, type);
-        switch (a->M - m) {
+        for (; m + 4 <= M; m += 4)
+            dot_rows(wr, x + m * K, K, y + m * N + r, N, 4, type);
+        switch (M - m) {
         case 3:
-            dot_rows(wr, a->x + m * K, K, a->y + m * N + r, N, 3, type);
+            dot_rows(wr, x + m * K, K, y + m * N + r, N, 3, type);
             break;
         case 2:
-            dot_rows(wr, a->x + m * K, K, a->y + m * N + r, N, 2, type);
+            dot_rows(wr, x + m * K, K, y + m * N + r, N, 2, type);
             break;
         case 1:
-            dot_rows(wr, a->x + m * K, K, a->y + m * N + r, N, 1, type);
+            dot_rows(wr, x + m * K, K, y + m * N + r, N, 1, type);
             break;
         default:
             break;
@@ -189,13 +240,10 @@ KN_AI void matvec_range(const struct mm_args *a, int64_t lo, int64_t hi, const i
         (void)ith;                                                                             \
         (void)nth;                                                                             \
         struct mm_args *a = p;                                                                 \
-        const int64_t N = a->w->rows;                                                          \
-        for (;;) {                                                                             \
-            int64_t lo = atomic_fetch_add_explicit(&a->next, a->chunk, memory_order_relaxed);   \
-            if (lo >= N)                                                                       \
-                return;                                                                        \
-            matvec_range(a, lo, lo + a->chunk < N ? lo + a->chunk : N, T);                     \
-        }                                                                                      \
+        int t;                                                                                 \
+        int64_t lo, hi;                                                                        \
+        while (matvec_next(a, &t, &lo, &hi))                                                   \
+            matvec_range(a->ws[t], a->x, a->M, a->ys[t], lo, hi, T);                           \
     }
 KN_DEF_MATVEC(KN_F32, f32)
 KN_DEF_MATVEC(KN_F16, f16)
@@ -206,27 +254,58 @@ KN_DEF_MATVEC(KN_Q4_0, q4_0)
 /* ---- GEMM (large M) ------------------------------------------------------ */
 
 /* Convert rows [n0, n0+nn) x cols [k0, k0+kc) of W to f32 panel[k][NR]
- * (rows beyond nn are zero). */
+ * (rows beyond nn are zero). Rows are converted to f32 with vector loads (F32
+ * rows are read in place), then transposed 4 x 4 with SSE shuffles: a scalar
+ * element-by-element transpose cost as much as a tenth of the GEMM at M = 512
+ * (it runs once per weight element, the micro-kernel M / VL times). */
 KN_AI void pack_panel(const kn_tensor *w, int64_t n0, int nn, int64_t k0, int kc, float *panel,
                       const int type)
 {
+    enum { SUB = 128 }; /* converted rows go through a [NR][SUB] stack buffer */
+    static const float zrow[SUB] __attribute__((aligned(64)));
     const size_t rb = kn_row_bytes(w->type, w->cols);
-    float tmp[KN_KC] __attribute__((aligned(64)));
-    for (int j = 0; j < KN_NR; j++) {
-        if (j >= nn) {
-            for (int k = 0; k < kc; k++)
-                panel[k * KN_NR + j] = 0.0f;
-            continue;
+    float tmp[KN_NR][SUB] __attribute__((aligned(64)));
+    const float *src[KN_NR];
+    _Static_assert(KN_NR % 4 == 0, "panel rows go in fours");
+    for (int ks = 0; ks < kc; ks += SUB) {
+        const int sc = kc - ks < SUB ? kc - ks : SUB;
+        for (int j = 0; j < KN_NR; j++) {
+            if (j >= nn) {
+                src[j] = zrow;
+                continue;
+            }
+            const char *wr = (const char *)w->data + (size_t)(n0 + j) * rb;
+            if (type == KN_F32) {
+                src[j] = (const float *)wr + k0 + ks;
+                continue;
+            }
+            int k = 0;
+            for (; k + VL <= sc; k += VL)
+                vst(tmp[j] + k, wload(wr, k0 + ks + k, type));
+            for (; k < sc; k++)
+                tmp[j][k] = wscalar(wr, k0 + ks + k, type);
+            src[j] = tmp[j];
         }
-        const char *wr = (const char *)w->data + (size_t)(n0 + j) * rb;
-        int k = 0;
-        for (; k + VL <= kc; k += VL)
-            vst(tmp + k, wload(wr, k0 + k, type));
-        for (; k < kc; k++)
-            tmp[k] = wscalar(wr, k0 + k, type);
-        /* transpose into the panel: strided stores stay within 32 KB */
-        for (k = 0; k < kc; k++)
-            panel[k * KN_NR + j] = tmp[k];
+        float *pk = panel + (size_t)ks * KN_NR;
+        for (int j = 0; j < KN_NR; j += 4) {
+            const float *s0 = src[j], *s1 = src[j + 1], *s2 = src[j + 2], *s3 = src[j + 3];
+            int k = 0;
+            for (; k + 4 <= sc; k += 4) {
+                __m128 r0 = _mm_loadu_ps(s0 + k), r1 = _mm_loadu_ps(s1 + k);
+                __m128 r2 = _mm_loadu_ps(s2 + k), r3 = _mm_loadu_ps(s3 + k);
+                _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+                _mm_storeu_ps(pk + (k + 0) * KN_NR + j, r0);
+                _mm_storeu_ps(pk + (k + 1) * KN_NR + j, r1);
+                _mm_storeu_ps(pk + (k + 2) * KN_NR + j, r2);
+                _mm_storeu_ps(pk + (k + 3) * KN_NR + j, r3);
+            }
+            for (; k < sc; k++) {
+                pk[k * KN_NR + j] = s0[k];
+                pk[k * KN_NR + j + 1] = s1[k];
+                pk[k * KN_NR + j + 2] = s2[k];
+                pk[k * KN_NR + j + 3] = s3[k];
+            }
+        }
     }
 }
 
@@ -311,9 +390,10 @@ KN_DEF_GEMM(KN_Q8_0, q8_0)
 KN_DEF_GEMM(KN_Q4_0, q4_0)
 
 #ifdef KN_HAVE_Q8_MATVEC
-/* Provided by the includer: integer-dot matvec for Q8_0 weights, M <= 4;
- * returns 0 when it ran, < 0 when it could not get scratch. */
-static int q8_matvec(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t M, float *y);
+/* Provided by the includer: integer-dot matvec for Q8_0 weights, M <= 4,
+ * over the chunk list of a (matvec_plan); returns 0 when it ran, < 0 when
+ * it could not get scratch. */
+static int q8_matvec(kn_ctx *ctx, struct mm_args *a);
 #endif
 #ifdef KN_HAVE_Q8_GEMM
 /* Provided by the includer: integer-dot GEMM for Q8_0 weights; returns 0
@@ -321,47 +401,58 @@ static int q8_matvec(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t M,
 static int q8_gemm(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t M, float *y);
 #endif
 
+static bool matmul_args_ok(const kn_tensor *w, const float *x, int64_t M, const float *y)
+{
+    return w && w->data && x && y && M > 0 && w->rows > 0 && w->cols > 0 &&
+           kn_row_bytes(w->type, w->cols) != 0;
+}
+
+/* M <= KN_MATVEC_MAX over n weights of one type and width, as one pool job. */
+static void simd_matvec(kn_ctx *ctx, int n, const kn_tensor *const *w, const float *x, int64_t M,
+                        float *const *y)
+{
+    struct mm_args a = {.w = w[0], .x = x, .M = M, .y = y[0]};
+    atomic_init(&a.next, 0);
+    matvec_plan(&a, n, w, y, kn_nthreads(ctx));
+#ifdef KN_HAVE_Q8_MATVEC
+    if (w[0]->type == KN_Q8_0 && q8_matvec(ctx, &a) == 0)
+        return;
+#endif
+    kn_job_fn job = NULL;
+    switch (w[0]->type) {
+    case KN_F32:
+        job = matvec_job_f32;
+        break;
+    case KN_F16:
+        job = matvec_job_f16;
+        break;
+    case KN_BF16:
+        job = matvec_job_bf16;
+        break;
+    case KN_Q8_0:
+        job = matvec_job_q8_0;
+        break;
+    case KN_Q4_0:
+        job = matvec_job_q4_0;
+        break;
+    }
+    kn_run(ctx, job, &a);
+}
+
 static void simd_matmul(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t M, float *y)
 {
-    if (!w || !w->data || !x || !y || M <= 0 || w->rows <= 0 || w->cols <= 0 ||
-        kn_row_bytes(w->type, w->cols) == 0)
+    if (!matmul_args_ok(w, x, M, y))
         return;
-    struct mm_args a = {.w = w, .x = x, .M = M, .y = y};
-    atomic_init(&a.next, 0);
     if (M <= KN_MATVEC_MAX) {
-#ifdef KN_HAVE_Q8_MATVEC
-        if (w->type == KN_Q8_0 && q8_matvec(ctx, w, x, M, y) == 0)
-            return;
-#endif
-        /* ~8 chunks per thread, whole multiples of 16 rows (64 bytes of y) */
-        a.chunk = (w->rows / ((int64_t)kn_nthreads(ctx) * 8) + 15) / 16 * 16;
-        if (a.chunk < 16)
-            a.chunk = 16;
-        kn_job_fn job = NULL;
-        switch (w->type) {
-        case KN_F32:
-            job = matvec_job_f32;
-            break;
-        case KN_F16:
-            job = matvec_job_f16;
-            break;
-        case KN_BF16:
-            job = matvec_job_bf16;
-            break;
-        case KN_Q8_0:
-            job = matvec_job_q8_0;
-            break;
-        case KN_Q4_0:
-            job = matvec_job_q4_0;
-            break;
-        }
-        kn_run(ctx, job, &a);
+        simd_matvec(ctx, 1, &w, x, M, &y);
         return;
     }
 #ifdef KN_HAVE_Q8_GEMM
     if (w->type == KN_Q8_0 && q8_gemm(ctx, w, x, M, y) == 0)
         return;
 #endif
+    struct mm_args a = {.w = w, .x = x, .M = M, .y = y};
+    atomic_init(&a.next, 0);
     a.panels = kn_scratch(ctx, KN_SCRATCH_PANEL,
                           (size_t)kn_nthreads(ctx) * KN_KC * KN_NR * sizeof(float));
     if (!a.panels) {
@@ -387,6 +478,28 @@ static void simd_matmul(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t
         break;
     }
     kn_run(ctx, job, &a);
+}
+
+/* Decode runs Wq/Wk/Wv and W_gate/W_up on one x: as one matvec job they cost
+ * one pool round trip (and one quantisation of x) instead of several, and
+ * the tail of one weight overlaps the start of the next. */
+static void simd_matmul_multi(kn_ctx *ctx, int n, const kn_tensor *const *w, const float *x,
+                              int64_t M, float *const *y)
+{
+    if (n <= 0 || !w || !y)
+        return;
+    bool fuse = n <= KN_MULTI_MAX && M <= KN_MATVEC_MAX;
+    for (int t = 0; t < n; t++) {
+        if (!matmul_args_ok(w[t], x, M, y[t]))
+            return;
+        fuse = fuse && w[t]->type == w[0]->type && w[t]->cols == w[0]->cols;
+    }
+    if (!fuse) {
+        for (int t = 0; t < n; t++)
+            simd_matmul(ctx, w[t], x, M, y[t]);
+        return;
+    }
+    simd_matvec(ctx, n, w, x, M, y);
 }
 
 /* ---- get_rows ------------------------------------------------------------ */
@@ -581,6 +694,54 @@ static void simd_add(kn_ctx *ctx, float *y, const float *x, int64_t n)
 
 #define KN_ROPE_MAX 1024
 
+struct rope_args {
+    float *x;
+    int64_t M;
+    int n_heads, head_dim, rope_dims;
+    const int32_t *pos;
+    const double *freq; /* [rope_dims / 2] base^(-2i/rope_dims) */
+};
+
+static void rope_rows(const struct rope_args *r, int64_t m0, int64_t m1)
+{
+    /* Per position, cos/sin tables laid out like the data ([c c], [-s s]) so
+     * each vector rotates VL/2 pairs at once; the angles are computed exactly
+     * as the scalar reference computes them (pow hoisted: same value). */
+    float cs[KN_ROPE_MAX] __attribute__((aligned(64)));
+    float sn[KN_ROPE_MAX] __attribute__((aligned(64)));
+    const int rd = r->rope_dims, hd = r->head_dim;
+    for (int64_t m = m0; m < m1; m++) {
+        for (int i = 0; i < rd; i += 2) {
+            double theta = (double)r->pos[m] * r->freq[i / 2];
+            float c = (float)cos(theta), s = (float)sin(theta);
+            cs[i] = cs[i + 1] = c;
+            sn[i] = -s;
+            sn[i + 1] = s;
+        }
+        for (int h = 0; h < r->n_heads; h++) {
+            float *v = r->x + (m * r->n_heads + h) * (int64_t)hd;
+            int i = 0;
+            for (; i + VL <= rd; i += VL) {
+                vf d = vld(v + i);
+                vst(v + i, vfma(vswap_pairs(d), vld(sn + i), vmul(d, vld(cs + i))));
+            }
+            for (; i < rd; i += 2) {
+                float a0 = v[i], b0 = v[i + 1];
+                v[i] = a0 * cs[i] - b0 * sn[i + 1];
+                v[i + 1] = a0 * sn[i + 1] + b0 * cs[i];
+            }
+        }
+    }
+}
+
+static void rope_job(void *p, int ith, int nth)
+{
+    const struct rope_args *r = p;
+    int64_t lo, hi;
+    kn_split(r->M, ith, nth, 1, &lo, &hi);
+    rope_rows(r, lo, hi);
+}
+
 static void simd_rope(kn_ctx *ctx, float *x, int64_t M, int n_heads, int head_dim, int rope_dims,
                       const int32_t *pos, float base)
 {
@@ -593,33 +754,16 @@ static void simd_rope(kn_ctx *ctx, float *x, int64_t M, int n_heads, int head_di
         kn_scalar_rope(ctx, x, M, n_heads, head_dim, rope_dims, pos, base);
         return;
     }
-    /* Per position, cos/sin tables laid out like the data ([c c], [-s s]) so
-     * each vector rotates VL/2 pairs at once; the angles are computed exactly
-     * as the scalar reference computes them. */
-    float cs[KN_ROPE_MAX] __attribute__((aligned(64)));
-    float sn[KN_ROPE_MAX] __attribute__((aligned(64)));
-    for (int64_t m = 0; m < M; m++) {
-        for (int i = 0; i < rope_dims; i += 2) {
-            double theta = (double)pos[m] * pow((double)base, -(double)i / rope_dims);
-            float c = (float)cos(theta), s = (float)sin(theta);
-            cs[i] = cs[i + 1] = c;
-            sn[i] = -s;
-            sn[i + 1] = s;
-        }
-        for (int h = 0; h < n_heads; h++) {
-            float *v = x + (m * n_heads + h) * (int64_t)head_dim;
-            int i = 0;
-            for (; i + VL <= rope_dims; i += VL) {
-                vf d = vld(v + i);
-                vst(v + i, vfma(vswap_pairs(d), vld(sn + i), vmul(d, vld(cs + i))));
-            }
-            for (; i < rope_dims; i += 2) {
-                float a0 = v[i], b0 = v[i + 1];
-                v[i] = a0 * cs[i] - b0 * sn[i + 1];
-                v[i + 1] = a0 * sn[i + 1] + b0 * cs[i];
-            }
-        }
-    }
+    double freq[KN_ROPE_MAX / 2];
+    for (int i = 0; i < rope_dims; i += 2)
+        freq[i / 2] = pow((double)base, -(double)i / rope_dims);
+    struct rope_args r = {x, M, n_heads, head_dim, rope_dims, pos, freq};
+    /* The sin/cos per position dominate: fan out over positions (a row is
+     * n_heads * head_dim floats, far more than a cache line). */
+    if (M > 1 && M * n_heads * head_dim >= KN_ELEM_PAR_MIN)
+        kn_run(ctx, rope_job, &r);
+    else
+        rope_rows(&r, 0, M);
 }
 
 /* ---- attention ----------------------------------------------------------- */
@@ -639,11 +783,6 @@ KN_AI float vdot(const float *a, const float *b, int n)
         s += a[i] * b[i];
     return s;
 }
-
-struct attn_job_args {
-    const kn_attn_args *a;
-    int64_t stride;
-};
 
 /* Dot product for head_dim below one vector (e.g. 8 on AVX-512): a plain loop
  * the compiler unrolls beats a masked vector plus a horizontal sum. */
@@ -730,6 +869,153 @@ static void attn_task(const kn_attn_args *a, int64_t task, float *sc)
     }
 }
 
+/* Tiled attention for batches of queries (prefill, tree verification): one
+ * task is one head and VL consecutive queries, which walk the visible cache
+ * once, VL keys at a time, with an online (running max) softmax. Everything
+ * is laid out with the VL queries across the vector lanes:
+ *   qt[d][VL]        the query tile, transposed once per task
+ *   s[j]             scores of key j for the VL queries (registers)
+ *   ot[d][VL]        the output accumulator, transposed
+ * so the softmax bookkeeping needs no horizontal operation. K and V tiles are
+ * packed as [d/4][j][4] so that the broadcasts of key j's elements sit at
+ * compile-time offsets from one pointer. The per-query path below re-reads
+ * the cache for every query; this one reads it once per VL queries. */
+#define KN_ATT_TILE_MIN 8 /* n_q from which the tiled path is the faster one */
+
+struct attn_job_args {
+    const kn_attn_args *a;
+    int64_t stride;
+    int64_t n_tiles; /* query tiles per head (tiled path) */
+    atomic_llong next;
+};
+
+static void attn_tile(const kn_attn_args *a, int h, int64_t i0, float *buf)
+{
+    const int hd = a->head_dim;
+    const int kvh = h / (a->n_head / a->n_kv_head);
+    const int64_t bs = a->block_size;
+    const int64_t row_stride = (int64_t)a->n_kv_head * hd;
+    const int64_t blk_stride = bs * row_stride;
+    const int64_t q_stride = (int64_t)a->n_head * hd;
+    const int64_t nq = a->n_q - i0 < VL ? a->n_q - i0 : VL;
+    const int64_t n_end = a->mask ? a->n_past + a->n_q : a->n_past + i0 + nq;
+    float *qt = buf, *ot = qt + hd * VL, *kc = ot + hd * VL, *vc = kc + hd * VL;
+    const float *kbase = a->k_pool + (int64_t)kvh * hd;
+    const float *vbase = a->v_pool + (int64_t)kvh * hd;
+
+    /* lanes past the last query repeat it; their results are dropped */
+    for (int l = 0; l < VL; l++) {
+        const float *qr = a->q + (i0 + (l < nq ? l : nq - 1)) * q_stride + (int64_t)h * hd;
+        for (int d = 0; d < hd; d++)
+            qt[d * VL + l] = qr[d];
+    }
+    for (int d = 0; d < hd; d++)
+        vst(ot + d * VL, vzero());
+    float lane[VL] __attribute__((aligned(64)));
+    for (int l = 0; l < VL; l++)
+        lane[l] = (float)(i0 + l);
+    const vf qidx = vld(lane), ninf = vset1(-INFINITY), vscale = vset1(a->scale);
+    vf m = ninf, lsum = vzero();
+
+    for (int64_t p0 = 0; p0 < n_end; p0 += VL) {
+        /* pack keys p0 .. p0+VL-1 (past the end: repeat the last, masked below) */
+        for (int j = 0; j < VL; j++) {
+            const int64_t p = p0 + j < n_end ? p0 + j : n_end - 1;
+            const int64_t off = (int64_t)a->block_table[p / bs] * blk_stride + (p % bs) * row_stride;
+            const float *kr = kbase + off, *vr = vbase + off;
+            for (int d = 0; d < hd; d += 4) {
+                memcpy(kc + d * VL + j * 4, kr + d, 4 * sizeof(float));
+                memcpy(vc + d * VL + j * 4, vr + d, 4 * sizeof(float));
+            }
+        }
+        vf s[VL];
+        _Pragma("GCC unroll 16") for (int j = 0; j < VL; j++)
+            s[j] = vzero();
+        for (int d = 0; d < hd; d += 4) {
+            const float *kd = kc + d * VL;
+            _Pragma("GCC unroll 4") for (int dd = 0; dd < 4; dd++) {
+                const vf qv = vld(qt + (d + dd) * VL);
+                _Pragma("GCC unroll 16") for (int j = 0; j < VL; j++)
+                    s[j] = vfma(vset1(kd[j * 4 + dd]), qv, s[j]);
+            }
+        }
+        /* Keys past the end, causally future ones and masked ones score
+         * -inf. Without a mask only the tile that crosses the diagonal (and
+         * the last one) needs this. */
+        const bool edge = a->mask || p0 + VL > n_end || p0 + VL - 1 - a->n_past > i0;
+        _Pragma("GCC unroll 16") for (int j = 0; j < VL; j++) {
+            s[j] = vmul(s[j], vscale);
+            if (!edge)
+                continue;
+            const int64_t jr = p0 + j - a->n_past; /* index among the new tokens */
+            if (p0 + j >= n_end) {
+                s[j] = ninf;
+            } else if (jr >= 0) {
+                if (a->mask) {
+                    float vis[VL] __attribute__((aligned(64)));
+                    for (int l = 0; l < VL; l++)
+                        vis[l] = a->mask[(i0 + (l < nq ? l : nq - 1)) * a->n_q + jr] ? 1.0f : 0.0f;
+                    s[j] = vsel_lt(vld(vis), vset1(0.5f), ninf, s[j]);
+                } else {
+                    s[j] = vsel_lt(qidx, vset1((float)jr), ninf, s[j]);
+                }
+            }
+        }
+        vf mt = s[0];
+        _Pragma("GCC unroll 16") for (int j = 1; j < VL; j++)
+            mt = vmax(mt, s[j]);
+        const vf mnew = vmax(m, mt);
+        /* A lane that has seen nothing yet keeps max -inf: take 0 as its
+         * reference so that no -inf - -inf appears; vexp clamps its input,
+         * so -inf scores are zeroed explicitly. */
+        const vf mref = vmask_ninf(mnew, mnew);
+        const vf alpha = vmask_ninf(m, vexp(vsub(m, mref)));
+        vf psum = vzero();
+        _Pragma("GCC unroll 16") for (int j = 0; j < VL; j++) {
+            s[j] = vmask_ninf(s[j], vexp(vsub(s[j], mref)));
+            psum = vadd(psum, s[j]);
+        }
+        lsum = vfma(lsum, alpha, psum);
+        m = mnew;
+        for (int d = 0; d < hd; d += 4) {
+            const float *vd = vc + d * VL;
+            _Pragma("GCC unroll 4") for (int dd = 0; dd < 4; dd++) {
+                vf o = vmul(vld(ot + (d + dd) * VL), alpha);
+                _Pragma("GCC unroll 16") for (int j = 0; j < VL; j++)
+                    o = vfma(vset1(vd[j * 4 + dd]), s[j], o);
+                vst(ot + (d + dd) * VL, o);
+            }
+        }
+    }
+    float ls[VL] __attribute__((aligned(64)));
+    vst(ls, lsum);
+    for (int l = 0; l < nq; l++) {
+        /* a query that saw nothing gets a zero row */
+        const float inv = ls[l] > 0.0f ? 1.0f / ls[l] : 0.0f;
+        float *o = a->out + (i0 + l) * q_stride + (int64_t)h * hd;
+        for (int d = 0; d < hd; d++)
+            o[d] = ot[d * VL + l] * inv;
+    }
+}
+
+static void attn_tiled_job(void *p, int ith, int nth)
+{
+    (void)nth;
+    struct attn_job_args *j = p;
+    const kn_attn_args *a = j->a;
+    float *buf = a->scratch + ith * j->stride + (j->stride - KN_ATT_TILE_FLOATS);
+    const int64_t n_tasks = j->n_tiles * a->n_head;
+    for (;;) {
+        const int64_t t = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
+        if (t >= n_tasks)
+            return;
+        /* Last query tiles first: under a causal mask they see the most keys,
+         * so the expensive tasks go out early and the tail is cheap ones. */
+        const int64_t qt = j->n_tiles - 1 - t / a->n_head;
+        attn_tile(a, (int)(t % a->n_head), qt * VL, buf);
+    }
+}
+
 static void attn_job(void *p, int ith, int nth)
 {
     const struct attn_job_args *j = p;
@@ -745,7 +1031,15 @@ static void simd_attention(kn_ctx *ctx, const kn_attn_args *a)
     if (!a || a->n_q <= 0 || a->n_head <= 0 || a->n_kv_head <= 0 || a->head_dim <= 0 ||
         a->n_head % a->n_kv_head != 0 || a->block_size <= 0 || a->n_past < 0 || !a->scratch)
         return;
-    struct attn_job_args j = {a, (a->n_past + a->n_q + 15) / 16 * 16 + 16};
+    /* the per-thread share of kn_attn_scratch_floats(): score row, then tiles */
+    struct attn_job_args j = {
+        .a = a, .stride = (a->n_past + a->n_q + 15) / 16 * 16 + 16 + KN_ATT_TILE_FLOATS};
+    atomic_init(&j.next, 0);
+    if (a->n_q >= KN_ATT_TILE_MIN && a->head_dim % 4 == 0 && a->head_dim <= KN_ATT_HD_MAX) {
+        j.n_tiles = (a->n_q + VL - 1) / VL;
+        kn_run(ctx, attn_tiled_job, &j);
+        return;
+    }
     kn_run(ctx, attn_job, &j);
 }
 
@@ -775,6 +1069,7 @@ static float simd_read_stream(const void *p, size_t bytes)
 static const kn_ops simd_ops = {
     .name = KN_OPS_NAME,
     .matmul = simd_matmul,
+    .matmul_multi = simd_matmul_multi,
     .get_rows = simd_get_rows,
     .rmsnorm = simd_rmsnorm,
     .rope = simd_rope,

@@ -319,7 +319,7 @@ Test(kernels_matmul, matches_reference_odd_widths)
 Test(kernels_matmul, matches_reference_gemm_shapes, .timeout = 120)
 {
     /* M past the matvec cut-off, partial row/col tiles, K spanning several
-     * KC blocks (KC = 256) with a ragged last one. */
+     * KC blocks (KC = 256 on AVX2, 384 on AVX-512) with a ragged last one. */
     static const int64_t Ms[] = {5, 17, 33};
     for (size_t t = 0; t < 5; t++)
         for (size_t im = 0; im < 3; im++)
@@ -327,6 +327,107 @@ Test(kernels_matmul, matches_reference_gemm_shapes, .timeout = 120)
     check_matmul(KN_F32, 70, 160, 9, 7);
     check_matmul(KN_Q8_0, 70, 160, 64, 7);
     check_matmul(KN_F16, 1, 32, 40, 2);
+    /* every height of the ragged last Q8_0 tile (8-row tiles) */
+    static const int64_t Mq[] = {6, 7, 10, 11, 12, 14, 23};
+    for (size_t im = 0; im < sizeof(Mq) / sizeof(Mq[0]); im++)
+        check_matmul(KN_Q8_0, 45, 160, Mq[im], 2);
+    /* K not a multiple of 4: the scalar tail of the 4 x 4 panel transpose */
+    check_matmul(KN_F32, 45, 301, 9, 2);
+    check_matmul(KN_F16, 19, 139, 13, 3);
+    check_matmul(KN_BF16, 19, 37, 6, 2);
+}
+
+/* matmul_multi must equal one matmul per weight, bit for bit (the same
+ * per-row code runs; only the scheduling differs). */
+static void check_matmul_multi(const enum kn_dtype *types, const int64_t *rows, int n, int64_t K,
+                               int64_t M, int threads)
+{
+    kn_tensor w[5];
+    void *data[5];
+    float *y[5], *yr[5];
+    const kn_tensor *wp[5];
+    cr_assert(n <= 5);
+    for (int i = 0; i < n; i++) {
+        data[i] = make_weight(types[i], rows[i], K, &w[i]);
+        wp[i] = &w[i];
+        y[i] = fvec(M * rows[i]);
+        yr[i] = fvec(M * rows[i]);
+    }
+    float *x = fvec(M * K);
+    kn_ctx *ctx = make_ctx(threads, KN_VARIANT_SCALAR);
+    enum kn_variant vs[KN_VARIANT_COUNT];
+    int nv = variants(vs);
+    for (int iv = 0; iv < nv; iv++) {
+        const kn_ops *ops = kn_ops_for(vs[iv]);
+        cr_assert_not_null(ops->matmul_multi, "%s has no matmul_multi", kn_variant_name(vs[iv]));
+        for (int i = 0; i < n; i++) {
+            poison(y[i], M * rows[i]);
+            ops->matmul(ctx, &w[i], x, M, yr[i]);
+        }
+        ops->matmul_multi(ctx, n, wp, x, M, y);
+        for (int i = 0; i < n; i++)
+            for (int64_t e = 0; e < M * rows[i]; e++)
+                cr_assert(memcmp(&y[i][e], &yr[i][e], sizeof(float)) == 0,
+                          "%s n=%d M=%ld weight %d (%s, %ld rows) [%ld]: %g vs %g",
+                          kn_variant_name(vs[iv]), n, (long)M, i, kn_dtype_name(types[i]),
+                          (long)rows[i], (long)e, y[i][e], yr[i][e]);
+    }
+    kn_ctx_destroy(ctx);
+    for (int i = 0; i < n; i++) {
+        free(data[i]);
+        free(y[i]);
+        free(yr[i]);
+    }
+    free(x);
+}
+
+Test(kernels_matmul, multi_matches_separate_matmuls, .timeout = 60)
+{
+    static const int64_t rows[] = {37, 300, 16, 45, 129};
+    static const int64_t Ms[] = {1, 3, 4, 6};
+    for (size_t t = 0; t < 5; t++) {
+        const enum kn_dtype ty[5] = {all_types[t], all_types[t], all_types[t], all_types[t],
+                                     all_types[t]};
+        for (size_t im = 0; im < 4; im++) {
+            check_matmul_multi(ty, rows, 3, 96, Ms[im], 2);
+            check_matmul_multi(ty, rows + 1, 2, 64, Ms[im], 3);
+        }
+        check_matmul_multi(ty, rows, 1, 96, 1, 2);
+        check_matmul_multi(ty, rows, 5, 64, 1, 2); /* more than one fused job takes */
+    }
+    /* mixed types cannot share a job */
+    const enum kn_dtype mixed[3] = {KN_F32, KN_Q8_0, KN_F16};
+    check_matmul_multi(mixed, rows, 3, 64, 1, 2);
+}
+
+Test(kernels_matmul, multi_ignores_invalid_arguments)
+{
+    kn_ctx *ctx = make_ctx(2, KN_VARIANT_SCALAR);
+    kn_tensor w;
+    void *data = make_weight(KN_F32, 16, 32, &w);
+    float x[32] = {0}, y0[16], y1[16];
+    for (int i = 0; i < 16; i++)
+        y0[i] = y1[i] = 7.0f;
+    kn_tensor bad = w;
+    bad.data = NULL;
+    const kn_tensor *ws[2] = {&w, &bad};
+    float *ys[2] = {y0, y1};
+    float *ys_null[2] = {y0, NULL};
+    const kn_tensor *ws_ok[2] = {&w, &w};
+    enum kn_variant vs[KN_VARIANT_COUNT];
+    int nv = variants(vs);
+    for (int iv = 0; iv < nv; iv++) {
+        const kn_ops *ops = kn_ops_for(vs[iv]);
+        ops->matmul_multi(ctx, 2, ws, x, 1, ys);
+        ops->matmul_multi(ctx, 2, ws_ok, x, 1, ys_null);
+        ops->matmul_multi(ctx, 0, ws_ok, x, 1, ys);
+        ops->matmul_multi(ctx, 2, ws_ok, NULL, 1, ys);
+        for (int i = 0; i < 16; i++)
+            cr_assert(y0[i] == 7.0f && y1[i] == 7.0f, "%s touched y[%d]",
+                      kn_variant_name(vs[iv]), i);
+    }
+    kn_ctx_destroy(ctx);
+    free(data);
 }
 
 Test(kernels_matmul, ignores_invalid_arguments)
@@ -452,12 +553,18 @@ Test(kernels_elementwise, rope_rotates_adjacent_pairs)
     kn_ctx *ctx = make_ctx(2, KN_VARIANT_AUTO);
     enum kn_variant vs[KN_VARIANT_COUNT];
     int nv = variants(vs);
-    static const int hds[] = {8, 64, 128};
-    for (int ih = 0; ih < 3; ih++) {
-        const int hd = hds[ih], nh = 3;
-        const int64_t M = 4;
+    /* the last shape is large enough for the SIMD ops to fan out over rows */
+    static const struct {
+        int hd, nh;
+        int64_t M;
+    } shapes[] = {{8, 3, 4}, {64, 3, 4}, {128, 3, 4}, {64, 8, 67}};
+    for (int ih = 0; ih < 4; ih++) {
+        const int hd = shapes[ih].hd, nh = shapes[ih].nh;
+        const int64_t M = shapes[ih].M;
         const int rds[] = {hd, hd / 2};
-        const int32_t pos[] = {0, 1, 17, 4095};
+        int32_t pos[67] = {0, 1, 17, 4095};
+        for (int64_t m = 4; m < M; m++)
+            pos[m] = (int32_t)(m * 37 % 5000);
         for (int ir = 0; ir < 2; ir++) {
             const int rd = rds[ir];
             float *x = fvec(M * nh * hd), *y = fvec(M * nh * hd);
@@ -515,6 +622,8 @@ static void check_attention(const struct attn_case *c, int threads)
     for (int64_t i = 0; i < c->n_q; i++)
         for (int64_t j = 0; j < c->n_q; j++) /* tree-like: root + own branch */
             mask[i * c->n_q + j] = j == 0 || j == i || (j < i && (i - j) % 2 == 0);
+    if (c->use_mask == 2) /* one query sees no new token: with n_past 0, nothing at all */
+        memset(mask + (c->n_q / 2) * c->n_q, 0, (size_t)c->n_q);
     kn_ctx *ctx = make_ctx(threads, KN_VARIANT_SCALAR);
     float *scratch = malloc(kn_attn_scratch_floats(n_ctx, threads) * sizeof(float));
     kn_attn_args a = {.q = q, .out = out, .n_q = c->n_q, .n_past = c->n_past,
@@ -583,6 +692,14 @@ Test(kernels_attention, matches_definition_over_paged_kv, .timeout = 60)
         {4, 4, 8, 16, 0, 1, 0},     {4, 2, 64, 16, 40, 1, 0},   {8, 2, 128, 5, 21, 3, 0},
         {4, 1, 64, 16, 5, 7, 1},    {6, 3, 8, 3, 0, 9, 1},      {2, 2, 24, 7, 33, 17, 0},
         {4, 4, 64, 16, 100, 4, 1},
+        /* n_q >= 8 takes the SIMD tiled path: several query tiles, ragged
+         * last tiles of queries and keys, tiles crossing cache blocks */
+        {4, 2, 64, 16, 0, 40, 0},   {4, 4, 64, 16, 23, 37, 1},  {2, 1, 12, 1, 3, 33, 0},
+        {3, 3, 20, 5, 0, 16, 1},    {2, 2, 32, 7, 50, 8, 0},    {1, 1, 256, 16, 9, 19, 0},
+        /* head_dim not a multiple of 4 stays on the per-query path */
+        {2, 2, 6, 4, 2, 10, 0},
+        /* a query that sees nothing gets a zero row (tiled, per-query path) */
+        {2, 2, 16, 4, 0, 12, 2},    {2, 2, 16, 4, 0, 5, 2},     {2, 2, 16, 4, 3, 20, 2},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         check_attention(&cases[i], 2);
