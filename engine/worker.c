@@ -362,27 +362,31 @@ static void med_update_limit(wk *w)
  * traffic. Returns how many, listed in med_seqs/med_req. */
 static int med_select(wk *w)
 {
-    int n = 0;
+    int n = 0, n_elig = 0;
     for (uint32_t i = 0; i < w->n_running; i++) {
         uint32_t r = w->run[i];
         wk_req *q = &w->req[r];
         q->med_now = false;
-        if (q->st != WK_DECODE || !q->med_pending || n == w->med_cap)
+        if (q->st != WK_DECODE || !q->med_pending)
             continue;
         int64_t len = eng_kv_seq_len(w->kv, q->seq);
         int64_t room = q->blocks * w->block_size < w->n_ctx ? q->blocks * w->block_size : w->n_ctx;
         if (len < 0 || len + w->nn > room)
             continue;
+        n_elig++;
+        if (n == w->med_cap)
+            continue; /* counted for the decision, decoded plainly */
         w->med_seqs[n] = q->seq;
         w->med_req[n++] = r;
     }
     if (n == 0)
         return 0;
     /* Warm-up steps speculate to measure the acceptance; after that, above
-     * the limit only probes do, spaced by the step's cost so that they add
-     * at most about 1/WK_MED_PROBE to the time of plain decoding. */
+     * the limit only probes do (at most med_cap sequences), spaced by the
+     * step's cost so that they add at most about 1/WK_MED_PROBE to the time
+     * of plain decoding. */
     bool warm = w->med_fixed == 0 && w->med_measured < WK_MED_WARMUP;
-    if (!warm && n > w->med_limit &&
+    if (!warm && n_elig > w->med_limit &&
         (w->med_fixed > 0 || ++w->med_skip < WK_MED_PROBE * w->med_cost[n]))
         return 0;
     w->med_skip = 0;
