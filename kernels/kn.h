@@ -133,7 +133,9 @@ typedef struct kn_ops {
      * AVX-512 table does so for Q8_0 (int8 activations per block of 32 with
      * an f32 scale, VNNI integer dots; error vs the scalar reference is that
      * of int8 activation rounding); every other case multiplies dequantised
-     * weights by the float activations (the scalar definition). */
+     * weights by the float activations (the scalar definition).
+     * Row m of y depends only on row m of x, bit for bit, whatever M
+     * (continuous batching and Medusa verification rely on it). */
     void (*matmul)(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t M, float *y);
 
     /* out[i][:] = dequant(W row ids[i]) for i < n (embedding lookup); an id
@@ -156,7 +158,8 @@ typedef struct kn_ops {
     /* y[i] += x[i] for i < n (residual). */
     void (*add)(kn_ctx *ctx, float *y, const float *x, int64_t n);
 
-    /* See kn_attn_args. */
+    /* See kn_attn_args. A query's output does not depend, bit for bit, on
+     * the other queries of the call (only on its cache and mask row). */
     void (*attention)(kn_ctx *ctx, const kn_attn_args *a);
 
     /* (optional: NULL means call matmul n times) matmul(w[i], x, M, y[i])

@@ -13,9 +13,8 @@ typedef __m512i vi;
 #define VL 16
 #define KN_MR 8 /* 8 x 3 accumulators + 3 weights + 1 broadcast = 28 of 32 zmm */
 #define KN_NV 3
-/* 384 x 48 f32 panel = 72 KiB, read from L2: fewer passes over the output
- * tile (K = 768 in 2 blocks) measured 3-5% faster at M = 512 than an
- * L1-sized 128 x 48 panel on Zen 5. */
+/* weight columns per natural-order block the GEMM packs through on the
+ * way to its residue-ordered panel */
 #define KN_KC 384
 #define KN_IMPL kn_impl_avx512
 #define KN_OPS_NAME "avx512"
@@ -92,7 +91,12 @@ static inline vf vmask_ninf(vf s, vf e)
  * the same group of 16 weight rows. vpdpbusd wants u8 x s8; the +128 bias on
  * the weights is removed by starting each block's accumulator at
  * -128 * sum(x block). Integer sums are exact; only the f32 accumulation of
- * per-block products differs from the float path. */
+ * per-block products differs from the float path.
+ *
+ * The f32 accumulation is the canonical one that q8mv_job shares, so that
+ * a row's result does not depend on M (batching, Medusa verification): per
+ * output, two chains, even and odd blocks in order, each
+ * c = fma((float)isum_b, d_w * d_x, c), and y = c_even + c_odd. */
 #define Q8_MR 8
 
 struct q8_args {
@@ -195,6 +199,29 @@ static void q8_pack(const kn_tensor *w, int64_t n0, int nn, int64_t nb, uint8_t 
     }
 }
 
+/* Block b of MR rows into the f32 chain facc. */
+static inline __attribute__((always_inline)) void q8_block(const kn_block_q8_x *const *xr,
+                                                           const uint8_t *wq, const float *wd,
+                                                           int64_t b, __m512 *facc, const int MR)
+{
+    __m512i iacc[Q8_MR];
+    _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++)
+        iacc[m] = _mm512_set1_epi32(-128 * xr[m][b].sum);
+    const uint8_t *wb = wq + b * 512;
+    _Pragma("GCC unroll 8") for (int g = 0; g < 8; g++) {
+        const __m512i wv = _mm512_load_si512((const void *)(wb + g * 64));
+        _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++) {
+            int32_t x4;
+            memcpy(&x4, xr[m][b].qs + 4 * g, 4);
+            iacc[m] = _mm512_dpbusd_epi32(iacc[m], wv, _mm512_set1_epi32(x4));
+        }
+    }
+    const __m512 dw = _mm512_load_ps(wd + b * 16);
+    _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++)
+        facc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[m]),
+                                  _mm512_mul_ps(dw, _mm512_set1_ps(xr[m][b].d)), facc[m]);
+}
+
 /* y rows [m0, m0 + MR) x the 16 columns of the packed panel. */
 static inline __attribute__((always_inline)) void q8_tile(const struct q8_args *a, const uint8_t *wq,
                                                           const float *wd, int64_t m0, int64_t n0,
@@ -204,29 +231,19 @@ static inline __attribute__((always_inline)) void q8_tile(const struct q8_args *
     const kn_block_q8_x *xr[Q8_MR];
     _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++)
         xr[m] = a->xq + (m0 + m) * nb;
-    __m512 facc[Q8_MR];
+    /* even and odd blocks: the two chains of the canonical order */
+    __m512 fe[Q8_MR], fo[Q8_MR];
     _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++)
-        facc[m] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        __m512i iacc[Q8_MR];
-        _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++)
-            iacc[m] = _mm512_set1_epi32(-128 * xr[m][b].sum);
-        const uint8_t *wb = wq + b * 512;
-        _Pragma("GCC unroll 8") for (int g = 0; g < 8; g++) {
-            const __m512i wv = _mm512_load_si512((const void *)(wb + g * 64));
-            _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++) {
-                int32_t x4;
-                memcpy(&x4, xr[m][b].qs + 4 * g, 4);
-                iacc[m] = _mm512_dpbusd_epi32(iacc[m], wv, _mm512_set1_epi32(x4));
-            }
-        }
-        const __m512 dw = _mm512_load_ps(wd + b * 16);
-        _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++)
-            facc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[m]),
-                                      _mm512_mul_ps(dw, _mm512_set1_ps(xr[m][b].d)), facc[m]);
+        fe[m] = fo[m] = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        q8_block(xr, wq, wd, b, fe, MR);
+        q8_block(xr, wq, wd, b + 1, fo, MR);
     }
+    if (b < nb)
+        q8_block(xr, wq, wd, b, fe, MR);
     _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++)
-        _mm512_mask_storeu_ps(a->y + (m0 + m) * N + n0, keep, facc[m]);
+        _mm512_mask_storeu_ps(a->y + (m0 + m) * N + n0, keep, _mm512_add_ps(fe[m], fo[m]));
 }
 
 static void q8_gemm_job(void *p, int ith, int nth)
@@ -289,7 +306,9 @@ static int q8_gemm(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t M, f
  *   per row m: qs[K] int8 | bias[nb/2 pairs] __m512i | d[nb] float
  * bias of a block pair holds -128 * sum(x block) in lanes 0 and 8 (the
  * accumulator start that cancels the +128 that makes weights u8), and each
- * zmm covers two weight blocks. */
+ * zmm covers two weight blocks. Each half's integer dot is summed across its
+ * 8 lanes before the f32 step, which then follows q8_tile's canonical order
+ * (lanes 0-7: even blocks, 8-15: odd blocks). */
 struct q8mv_args {
     struct mm_args *a; /* weights, outputs and the chunk list */
     const char *xs;    /* M rows of stride xstride */
@@ -336,8 +355,44 @@ static void q8mv_job(void *p, int ith, int nth)
                 const int8_t *qs = (const int8_t *)xm;
                 const __m512i *bias = (const __m512i *)(xm + (K + 63) / 64 * 64);
                 const float *d = (const float *)((const char *)bias + np * 64);
-                __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+                __m512 acc = _mm512_setzero_ps();
                 int64_t pi = 0;
+                /* Four whole blocks at a time: two pairs reduced together
+                 * (fewer shuffles), lanes 0 and 8 then fed to the chains in
+                 * block order: b, b + 2 to the even one, b + 1, b + 3 to
+                 * the odd one. */
+                for (; 2 * pi + 4 <= nb; pi += 2) {
+                    const int64_t b = 2 * pi;
+                    __builtin_prefetch((const char *)(row + b) + 1024);
+                    __builtin_prefetch((const char *)(row + b) + 1024 + 64);
+                    __builtin_prefetch((const char *)(row + b) + 1024 + 128);
+                    __m512i w0 = _mm512_inserti64x4(
+                        _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)row[b].qs)),
+                        _mm256_loadu_si256((const __m256i *)row[b + 1].qs), 1);
+                    __m512i w1 = _mm512_inserti64x4(
+                        _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)row[b + 2].qs)),
+                        _mm256_loadu_si256((const __m256i *)row[b + 3].qs), 1);
+                    const __m512i P = _mm512_dpbusd_epi32(
+                        _mm512_load_si512(bias + pi), _mm512_xor_si512(w0, flip),
+                        _mm512_loadu_si512((const void *)(qs + b * KN_QK)));
+                    const __m512i Q = _mm512_dpbusd_epi32(
+                        _mm512_load_si512(bias + pi + 1), _mm512_xor_si512(w1, flip),
+                        _mm512_loadu_si512((const void *)(qs + (b + 2) * KN_QK)));
+                    __m512i s4 = _mm512_add_epi32(_mm512_unpacklo_epi32(P, Q),
+                                                  _mm512_unpackhi_epi32(P, Q));
+                    s4 = _mm512_add_epi32(s4, _mm512_shuffle_epi32(s4, _MM_PERM_BADC));
+                    s4 = _mm512_add_epi32(s4, _mm512_shuffle_i64x2(s4, s4, _MM_SHUFFLE(2, 3, 0, 1)));
+                    /* lane 0: block b, 1: b + 2, 8: b + 1, 9: b + 3 */
+                    const __m512i s4b = _mm512_shuffle_epi32(s4, _MM_PERM_CDAB);
+                    const __m512 sc0 = _mm512_mask_blend_ps(
+                        0xff00, _mm512_set1_ps(_cvtsh_ss(row[b].d) * d[b]),
+                        _mm512_set1_ps(_cvtsh_ss(row[b + 1].d) * d[b + 1]));
+                    const __m512 sc1 = _mm512_mask_blend_ps(
+                        0xff00, _mm512_set1_ps(_cvtsh_ss(row[b + 2].d) * d[b + 2]),
+                        _mm512_set1_ps(_cvtsh_ss(row[b + 3].d) * d[b + 3]));
+                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s4), sc0, acc);
+                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s4b), sc1, acc);
+                }
                 for (; pi < np; pi++) {
                     const int64_t b = 2 * pi;
                     __builtin_prefetch((const char *)(row + b) + 1024);
@@ -357,14 +412,17 @@ static void q8mv_job(void *p, int ith, int nth)
                     const float s0 = _cvtsh_ss(row[b].d) * d[b];
                     __m512i iv = _mm512_dpbusd_epi32(_mm512_load_si512(bias + pi),
                                                      _mm512_xor_si512(wv, flip), xv);
+                    iv = _mm512_add_epi32(iv, _mm512_shuffle_epi32(iv, _MM_PERM_CDAB));
+                    iv = _mm512_add_epi32(iv, _mm512_shuffle_epi32(iv, _MM_PERM_BADC));
+                    iv = _mm512_add_epi32(iv, _mm512_shuffle_i64x2(iv, iv, _MM_SHUFFLE(2, 3, 0, 1)));
                     const __m512 sc = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(s0),
                                                            _mm512_set1_ps(s1));
-                    if (pi & 1)
-                        acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iv), sc, acc1);
-                    else
-                        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iv), sc, acc0);
+                    /* an odd last block leaves the odd chain untouched */
+                    acc = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(iv), sc, acc,
+                                                b + 1 < nb ? 0xffff : 0x00ff);
                 }
-                y[m * N + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+                y[m * N + r] = _mm512_cvtss_f32(acc) +
+                               _mm256_cvtss_f32(_mm512_extractf32x8_ps(acc, 1));
             }
         }
     }

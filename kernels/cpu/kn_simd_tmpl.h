@@ -21,9 +21,15 @@
  * streams a contiguous range of weight rows once and computes up to 4 dot
  * products per row, converting weights on the fly; memory bound by design.
  * Larger M (prefill, tree verification): weights are converted once per
- * KN_KC x KN_NR panel into an f32 [KC][NR] buffer that stays in cache and is
- * reused by every KN_MR-row tile of x (broadcast-FMA outer products), so the
- * conversion cost is amortised over M rows. */
+ * KN_NR-row panel into an f32 buffer that stays in cache and is reused by
+ * every KN_MR-row tile of x (broadcast-FMA outer products), so the
+ * conversion cost is amortised over M rows.
+ *
+ * Both give every output element the same arithmetic, so that a row's
+ * result never depends on the rows batched with it (continuous batching and
+ * Medusa verification promise a request the output it gets alone): the
+ * canonical order is dot_rows' (see there), which the GEMM reproduces with
+ * k split into its 32 residue classes. */
 
 #include <math.h>
 #include <stdatomic.h>
@@ -89,7 +95,8 @@ struct mm_args {
     const float *x;
     int64_t M;
     float *y;
-    float *panels; /* GEMM: per-thread [KC][NR] f32 buffers */
+    float *panels; /* GEMM: per-thread buffers (gemm_thread_floats) */
+    float *xp;     /* GEMM: x in residue order */
     /* Work is handed out in chunks from this counter rather than split
      * statically: on a shared machine a preempted pool thread then costs
      * only its current chunk, not its whole share. Chunks are contiguous
@@ -146,7 +153,13 @@ KN_AI bool matvec_next(struct mm_args *a, int *t, int64_t *lo, int64_t *hi)
 
 /* y[m][r] for MR (<= 4) rows of x and one weight row. Steps of 32 elements
  * so that a quantised block is one step; 32 / VL independent accumulators
- * per x row hide FMA latency. */
+ * per x row hide FMA latency (one chain per lane cost decode a quarter of
+ * its speed). This is the canonical arithmetic of every float-path output,
+ * which gemm_job_t reproduces (so it must not depend on MR): p_c = the FMA
+ * chain over k = c, c + 32, ... below K rounded down to 32, for the 32
+ * residues c (accumulator c / VL, lane c % VL), folded lane-wise
+ * ((p_l + p_{VL+l}) + p_{2VL+l}) + ..., then vhsum (which pairs lane i with
+ * lane i + h for h = VL/2, ..., 1), then the K % 32 tail in order. */
 KN_AI void dot_rows(const void *wr, const float *x, int64_t K, float *y, int64_t ldy, const int MR,
                     const int type)
 {
@@ -165,29 +178,6 @@ KN_AI void dot_rows(const void *wr, const float *x, int64_t K, float *y, int64_t
                                          : 64;
     const char *pf = (const char *)wr + KN_PF;
     int64_t k = 0;
-    if (MR == 1) {
-        /* Decode: one x row leaves registers free for a second accumulator
-         * set, which halves the FMA dependency chain per step (it, not
-         * memory, bounded quantised rows, whose steps are only 18-34 bytes). */
-        vf acc2[U];
-        _Pragma("GCC unroll 16") for (int u = 0; u < U; u++)
-            acc2[u] = vzero();
-        for (; k + 64 <= K; k += 64, pf += 2 * sb) {
-            __builtin_prefetch(pf);
-            __builtin_prefetch(pf + 64);
-            if (sb > 64) {
-                __builtin_prefetch(pf + 128);
-                __builtin_prefetch(pf + 192);
-            }
-            _Pragma("GCC unroll 16") for (int u = 0; u < U; u++) {
-                acc[0][u] = vfma(wload(wr, k + u * VL, type), vld(x + k + u * VL), acc[0][u]);
-                acc2[u] = vfma(wload(wr, k + 32 + u * VL, type), vld(x + k + 32 + u * VL),
-                               acc2[u]);
-            }
-        }
-        _Pragma("GCC unroll 16") for (int u = 0; u < U; u++)
-            acc[0][u] = vadd(acc[0][u], acc2[u]);
-    }
     for (; k + 32 <= K; k += 32, pf += sb) {
         __builtin_prefetch(pf);
         if (sb > 64)
@@ -309,10 +299,12 @@ KN_AI void pack_panel(const kn_tensor *w, int64_t n0, int nn, int64_t k0, int kc
     }
 }
 
-/* C[MR][NR] (+)= X[MR][kc] * panel[kc][NR]. X rows are x0 + m*ldx (rows of a
- * partial tile repeat the last valid row; their results are dropped). */
-KN_AI void micro_kernel(const float *x0, int64_t ldx, int mr, const float *panel, int kc,
-                        float *c, int64_t ldc, int nn, int accumulate)
+/* C[KN_MR][KN_NR] = X[KN_MR][kc] * panel[kc][NR], X row m at x0 + m * ldx:
+ * one FMA chain per element over k in order, stored to C, or added to it
+ * (C + chain) when fold. C is a private tile (row stride KN_NR); rows of a
+ * partial tile repeat the last valid row of x. */
+KN_AI void res_kernel(const float *x0, int64_t ldx, int mr, const float *panel, int kc, float *c,
+                      int fold)
 {
     const float *xr[KN_MR];
     _Pragma("GCC unroll 16") for (int m = 0; m < KN_MR; m++)
@@ -331,34 +323,58 @@ KN_AI void micro_kernel(const float *x0, int64_t ldx, int mr, const float *panel
                 acc[m][v] = vfma(b, wv[v], acc[m][v]);
         }
     }
-    if (mr == KN_MR && nn == KN_NR) {
-        _Pragma("GCC unroll 16") for (int m = 0; m < KN_MR; m++) {
-            float *cm = c + m * ldc;
-            _Pragma("GCC unroll 16") for (int v = 0; v < KN_NV; v++) {
-                if (accumulate)
-                    acc[m][v] = vadd(acc[m][v], vld(cm + v * VL));
-                vst(cm + v * VL, acc[m][v]);
-            }
+    _Pragma("GCC unroll 16") for (int m = 0; m < KN_MR; m++) {
+        float *cm = c + m * KN_NR;
+        _Pragma("GCC unroll 16") for (int v = 0; v < KN_NV; v++) {
+            if (fold)
+                acc[m][v] = vadd(vld(cm + v * VL), acc[m][v]);
+            vst(cm + v * VL, acc[m][v]);
         }
-        return;
-    }
-    float tile[KN_NR] __attribute__((aligned(64)));
-    for (int m = 0; m < mr; m++) {
-        float *cm = c + m * ldc;
-        _Pragma("GCC unroll 16") for (int v = 0; v < KN_NV; v++)
-            vst(tile + v * VL, acc[m][v]);
-        for (int j = 0; j < nn; j++)
-            cm[j] = accumulate ? cm[j] + tile[j] : tile[j];
     }
 }
 
+/* Per-thread GEMM scratch, floats: the residue-ordered panel of K rows, a
+ * natural-order KN_KC block to pack through, and VL lane tiles. */
+static size_t gemm_thread_floats(int64_t K)
+{
+    return ((size_t)K + KN_KC) * KN_NR + (size_t)VL * KN_MR * KN_NR;
+}
+
+/* x in the panel's order (row m: element 32j + c at c * J + j, then the
+ * tail), so that the GEMM reads each residue's x contiguously. */
+static void gemm_xperm_job(void *p, int ith, int nth)
+{
+    struct mm_args *a = p;
+    const int64_t K = a->w->cols, J = K / 32, K32 = J * 32;
+    int64_t lo, hi;
+    kn_split(a->M, ith, nth, 1, &lo, &hi);
+    for (int64_t m = lo; m < hi; m++) {
+        const float *xm = a->x + m * K;
+        float *o = a->xp + m * K;
+        for (int64_t j = 0; j < J; j++)
+            for (int c = 0; c < 32; c++)
+                o[c * J + j] = xm[j * 32 + c];
+        for (int64_t t = K32; t < K; t++)
+            o[t] = xm[t];
+    }
+}
+
+/* The GEMM in dot_rows' order: with J = K / 32, the panel holds row 32j + c
+ * of the weights at c * J + j (then the K % 32 tail rows in order) and xp
+ * holds x the same way, so the chain of residue c is an ordinary
+ * broadcast-FMA GEMM over J panel rows. Residue c goes to lane tile c % VL
+ * (folded in c order, as dot_rows folds its accumulators), and the VL tiles
+ * are summed lane-wise in vhsum's pairing. */
 KN_AI void gemm_job_t(void *p, int ith, int nth, const int type)
 {
     (void)nth;
     struct mm_args *a = p;
     const kn_tensor *w = a->w;
     const int64_t K = w->cols, N = w->rows, M = a->M;
-    float *panel = a->panels + (size_t)ith * KN_KC * KN_NR;
+    const int64_t J = K / 32, K32 = J * 32;
+    float *panel = a->panels + (size_t)ith * gemm_thread_floats(K);
+    float *nat = panel + (size_t)K * KN_NR;
+    float *lt = nat + (size_t)KN_KC * KN_NR; /* [VL][KN_MR][KN_NR] */
     const int64_t n_panels = (N + KN_NR - 1) / KN_NR;
     for (;;) {
         const int64_t pi = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
@@ -368,11 +384,47 @@ KN_AI void gemm_job_t(void *p, int ith, int nth, const int type)
         const int nn = (int)(N - n0 < KN_NR ? N - n0 : KN_NR);
         for (int64_t k0 = 0; k0 < K; k0 += KN_KC) {
             const int kc = (int)(K - k0 < KN_KC ? K - k0 : KN_KC);
-            pack_panel(w, n0, nn, k0, kc, panel, type);
-            for (int64_t m = 0; m < M; m += KN_MR) {
-                const int mr = (int)(M - m < KN_MR ? M - m : KN_MR);
-                micro_kernel(a->x + m * K + k0, K, mr, panel, kc, a->y + m * N + n0, N, nn,
-                             k0 > 0);
+            pack_panel(w, n0, nn, k0, kc, nat, type);
+            for (int kk = 0; kk < kc; kk++) {
+                const int64_t k = k0 + kk;
+                const int64_t dst = k < K32 ? (k % 32) * J + k / 32 : k;
+                _Pragma("GCC unroll 16") for (int v = 0; v < KN_NV; v++)
+                    vst(panel + dst * KN_NR + v * VL, vld(nat + kk * KN_NR + v * VL));
+            }
+        }
+        for (int64_t m0 = 0; m0 < M; m0 += KN_MR) {
+            const int mr = (int)(M - m0 < KN_MR ? M - m0 : KN_MR);
+            const float *x0 = a->x + m0 * K, *xp0 = a->xp + m0 * K;
+            for (int c = 0; c < 32 && J > 0; c++)
+                res_kernel(xp0 + c * J, K, mr, panel + (size_t)c * J * KN_NR, (int)J,
+                           lt + (size_t)(c % VL) * KN_MR * KN_NR, c >= VL);
+            /* lane tiles summed in vhsum's pairing, in registers */
+            const bool direct = J > 0 && K32 == K && nn == KN_NR;
+            for (int m = 0; m < mr; m++) {
+                float *ym = a->y + (m0 + m) * N + n0;
+                _Pragma("GCC unroll 16") for (int v = 0; v < KN_NV; v++) {
+                    const float *t0 = lt + (size_t)m * KN_NR + v * VL;
+                    vf r[VL];
+                    _Pragma("GCC unroll 16") for (int l = 0; l < VL; l++)
+                        r[l] = vld(t0 + (size_t)l * KN_MR * KN_NR);
+                    _Pragma("GCC unroll 16") for (int h = VL / 2; h >= 1; h /= 2)
+                        _Pragma("GCC unroll 16") for (int i = 0; i < h; i++)
+                            r[i] = vadd(r[i], r[i + h]);
+                    if (direct)
+                        vst(ym + v * VL, r[0]);
+                    else
+                        vst(lt + (size_t)m * KN_NR + v * VL, r[0]);
+                }
+                if (direct)
+                    continue;
+                const float *tm = lt + (size_t)m * KN_NR;
+                const float *xm = x0 + m * K;
+                for (int j = 0; j < nn; j++) {
+                    float s = J > 0 ? tm[j] : 0.0f;
+                    for (int64_t t = K32; t < K; t++)
+                        s += panel[t * KN_NR + j] * xm[t];
+                    ym[j] = s;
+                }
             }
         }
     }
@@ -454,9 +506,11 @@ static void simd_matmul(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t
     struct mm_args a = {.w = w, .x = x, .M = M, .y = y};
     atomic_init(&a.next, 0);
     a.panels = kn_scratch(ctx, KN_SCRATCH_PANEL,
-                          (size_t)kn_nthreads(ctx) * KN_KC * KN_NR * sizeof(float));
-    if (!a.panels) {
-        kn_scalar_matmul(ctx, w, x, M, y);
+                          (size_t)kn_nthreads(ctx) * gemm_thread_floats(w->cols) * sizeof(float));
+    a.xp = kn_scratch(ctx, KN_SCRATCH_ACT, (size_t)M * (size_t)w->cols * sizeof(float));
+    if (!a.panels || !a.xp) {
+        /* the matvec takes any M with the same arithmetic, only slower */
+        simd_matvec(ctx, 1, &w, x, M, &y);
         return;
     }
     kn_job_fn job = NULL;
@@ -477,6 +531,7 @@ static void simd_matmul(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t
         job = gemm_job_q4_0;
         break;
     }
+    kn_run(ctx, gemm_xperm_job, &a);
     kn_run(ctx, job, &a);
 }
 
@@ -833,22 +888,23 @@ static void attn_task(const kn_attn_args *a, int64_t task, float *sc)
     if (mx == -INFINITY)
         return;
     /* vexp clamps its input, so a masked slot (-inf) would come out as
-     * exp(-87) > 0: masked slots are zeroed explicitly. */
+     * exp(-87) > 0: masked slots are zeroed explicitly. The row is padded with -inf to whole vectors (the scratch row has the
+     * room) rather than finished by a scalar tail: with a mask, n_end spans
+     * the whole batch, and the sum must not regroup with the batch size
+     * (padding adds exact zeros). */
+    const int64_t n_pad = (n_end + VL - 1) / VL * VL;
+    for (int64_t p = n_end; p < n_pad; p++)
+        sc[p] = -INFINITY;
     vf vs = vzero();
     const vf vmx = vset1(mx);
-    int64_t p = 0;
-    for (; p + VL <= n_end; p += VL) {
+    for (int64_t p = 0; p < n_pad; p += VL) {
         vf s = vld(sc + p);
         vf e = vexp(vsub(s, vmx));
         e = vmask_ninf(s, e);
         vst(sc + p, e);
         vs = vadd(vs, e);
     }
-    float sum = vhsum(vs);
-    for (; p < n_end; p++) {
-        sc[p] = sc[p] == -INFINITY ? 0.0f : expf(sc[p] - mx);
-        sum += sc[p];
-    }
+    const float sum = vhsum(vs);
     const float inv = 1.0f / sum;
     for (int64_t p0 = 0, b = 0; p0 < n_end; p0 += bs, b++) {
         const float *vr = vbase + (int64_t)a->block_table[b] * blk_stride;
@@ -878,9 +934,8 @@ static void attn_task(const kn_attn_args *a, int64_t task, float *sc)
  *   ot[d][VL]        the output accumulator, transposed
  * so the softmax bookkeeping needs no horizontal operation. K and V tiles are
  * packed as [d/4][j][4] so that the broadcasts of key j's elements sit at
- * compile-time offsets from one pointer. The per-query path below re-reads
- * the cache for every query; this one reads it once per VL queries. */
-#define KN_ATT_TILE_MIN 8 /* n_q from which the tiled path is the faster one */
+ * compile-time offsets from one pointer. Used for any number of queries
+ * (see simd_attention); attn_task only serves head sizes this cannot. */
 
 struct attn_job_args {
     const kn_attn_args *a;
@@ -1035,7 +1090,12 @@ static void simd_attention(kn_ctx *ctx, const kn_attn_args *a)
     struct attn_job_args j = {
         .a = a, .stride = (a->n_past + a->n_q + 15) / 16 * 16 + 16 + KN_ATT_TILE_FLOATS};
     atomic_init(&j.next, 0);
-    if (a->n_q >= KN_ATT_TILE_MIN && a->head_dim % 4 == 0 && a->head_dim <= KN_ATT_HD_MAX) {
+    /* One algorithm for every n_q: a query's lanes never mix with its tile
+     * mates', and key tiles are aligned to absolute positions, so its output
+     * does not depend on the queries batched with it (a key tile a query
+     * cannot see is an exact no-op for its lane). Switching to attn_task for
+     * few queries would change the arithmetic with the batch. */
+    if (a->head_dim % 4 == 0 && a->head_dim <= KN_ATT_HD_MAX) {
         j.n_tiles = (a->n_q + VL - 1) / VL;
         kn_run(ctx, attn_tiled_job, &j);
         return;

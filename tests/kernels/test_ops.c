@@ -817,3 +817,142 @@ Test(kernels_dispatch, honours_gorgon_cpu_max, .timeout = 30)
     cr_assert_eq(child_caps("scalar"), 0, "GORGON_CPU_MAX=scalar not honoured");
     cr_assert_eq(child_caps("avx2"), 0, "GORGON_CPU_MAX=avx2 not honoured");
 }
+
+/* A row's product must not depend on the rows batched with it: continuous
+ * batching and Medusa verification promise the output a request gets
+ * alone. Row i of an M-row matmul equals the same row computed alone, bit
+ * for bit, for every weight type, variant and M across the kernels'
+ * matvec/GEMM switch points. */
+Test(kernels_ops, matmul_row_does_not_depend_on_the_batch, .timeout = 60)
+{
+    static const enum kn_dtype types[] = {KN_F32, KN_F16, KN_BF16, KN_Q8_0, KN_Q4_0};
+    static const int64_t Ms[] = {1, 2, 3, 4, 5, 8, 9, 17, 33};
+    const int64_t N = 70, K = 256;
+    enum kn_variant vs[KN_VARIANT_COUNT];
+    int nv = variants(vs);
+    kn_ctx *ctx = make_ctx(2, KN_VARIANT_SCALAR);
+    float *x = fvec(33 * K), *y = fvec(33 * N), *y1 = fvec(N);
+    for (size_t it = 0; it < sizeof(types) / sizeof(types[0]); it++) {
+        kn_tensor w;
+        void *data = make_weight(types[it], N, K, &w);
+        for (int iv = 0; iv < nv; iv++) {
+            const kn_ops *ops = kn_ops_for(vs[iv]);
+            for (size_t im = 0; im < sizeof(Ms) / sizeof(Ms[0]); im++) {
+                const int64_t M = Ms[im];
+                poison(y, M * N);
+                ops->matmul(ctx, &w, x, M, y);
+                for (int64_t m = 0; m < M; m++) {
+                    poison(y1, N);
+                    ops->matmul(ctx, &w, x + m * K, 1, y1);
+                    for (int64_t n = 0; n < N; n++)
+                        cr_assert(memcmp(&y[m * N + n], &y1[n], sizeof(float)) == 0,
+                                  "%s %s: row %ld of M=%ld differs from the row alone at %ld: "
+                                  "%.9g vs %.9g",
+                                  kn_variant_name(vs[iv]), kn_dtype_name(types[it]), (long)m,
+                                  (long)M, (long)n, y[m * N + n], y1[n]);
+                }
+            }
+        }
+        free(data);
+    }
+    kn_ctx_destroy(ctx);
+    free(x);
+    free(y);
+    free(y1);
+}
+
+/* Attention's per-query counterpart of the test above: a query's output
+ * must not depend on the queries that come with it (batch prefill, Medusa
+ * tree verification). Causal: query i of an n_q batch equals the call with
+ * that query alone after the batch's earlier tokens (n_past + i, same cached
+ * K/V). Tree mask: query i equals the same query in the prefix batch 0..i
+ * (its mask row unchanged) and in a batch whose other queries differ. */
+static void check_attention_invariance(int n_head, int n_kv_head, int head_dim, int64_t n_past,
+                                       int64_t n_q, int use_mask)
+{
+    const int bs = 16, threads = 2;
+    const int64_t n_ctx = n_past + n_q, n_blocks = (n_ctx + bs - 1) / bs;
+    const int64_t row = (int64_t)n_kv_head * head_dim, qrow = (int64_t)n_head * head_dim;
+    float *k = fvec(n_blocks * bs * row), *v = fvec(n_blocks * bs * row);
+    float *q = fvec(n_q * qrow), *q2 = fvec(n_q * qrow);
+    float *out = fvec(n_q * qrow), *out1 = fvec(n_q * qrow);
+    int32_t *bt = malloc((size_t)n_blocks * sizeof(int32_t));
+    uint8_t *mask = malloc((size_t)(n_q * n_q)), *sub = malloc((size_t)(n_q * n_q));
+    for (int64_t b = 0; b < n_blocks; b++)
+        bt[b] = (int32_t)(n_blocks - 1 - b);
+    for (int64_t i = 0; i < n_q; i++)
+        for (int64_t j = 0; j < n_q; j++)
+            mask[i * n_q + j] = j == 0 || j == i || (j < i && (i - j) % 3 == 0);
+    float *scratch = malloc(kn_attn_scratch_floats(n_ctx, threads) * sizeof(float));
+    kn_ctx *ctx = make_ctx(threads, KN_VARIANT_SCALAR);
+    enum kn_variant vs[KN_VARIANT_COUNT];
+    int nv = variants(vs);
+    for (int iv = 0; iv < nv; iv++) {
+        const kn_ops *ops = kn_ops_for(vs[iv]);
+        kn_attn_args a = {.q = q, .out = out, .n_q = n_q, .n_past = n_past, .n_head = n_head,
+                          .n_kv_head = n_kv_head, .head_dim = head_dim, .k_pool = k,
+                          .v_pool = v, .block_table = bt, .block_size = bs,
+                          .mask = use_mask ? mask : NULL,
+                          .scale = 1.0f / sqrtf((float)head_dim), .scratch = scratch};
+        poison(out, n_q * qrow);
+        ops->attention(ctx, &a);
+        for (int64_t i = 0; i < n_q; i++) {
+            kn_attn_args b = a;
+            b.out = out1;
+            if (!use_mask) {
+                b.q = q + i * qrow;
+                b.n_q = 1;
+                b.n_past = n_past + i;
+            } else {
+                b.n_q = i + 1;
+                for (int64_t r = 0; r <= i; r++)
+                    memcpy(sub + r * (i + 1), mask + r * n_q, (size_t)(i + 1));
+                b.mask = sub;
+            }
+            poison(out1, n_q * qrow);
+            ops->attention(ctx, &b);
+            const float *got = use_mask ? out1 + i * qrow : out1;
+            cr_assert(memcmp(got, out + i * qrow, (size_t)qrow * sizeof(float)) == 0,
+                      "%s hd=%d heads=%d/%d past=%ld nq=%ld mask=%d: query %ld alone differs",
+                      kn_variant_name(vs[iv]), head_dim, n_head, n_kv_head, (long)n_past,
+                      (long)n_q, use_mask, (long)i);
+            if (!use_mask)
+                continue;
+            /* same query, every other query of the batch different */
+            for (int64_t e = 0; e < n_q * qrow; e++)
+                q2[e] = q[e] * -0.5f + 0.25f;
+            memcpy(q2 + i * qrow, q + i * qrow, (size_t)qrow * sizeof(float));
+            b = a;
+            b.q = q2;
+            b.out = out1;
+            poison(out1, n_q * qrow);
+            ops->attention(ctx, &b);
+            cr_assert(memcmp(out1 + i * qrow, out + i * qrow, (size_t)qrow * sizeof(float)) == 0,
+                      "%s hd=%d heads=%d/%d past=%ld nq=%ld: query %ld depends on its batch mates",
+                      kn_variant_name(vs[iv]), head_dim, n_head, n_kv_head, (long)n_past,
+                      (long)n_q, (long)i);
+        }
+    }
+    kn_ctx_destroy(ctx);
+    free(scratch);
+    free(k);
+    free(v);
+    free(q);
+    free(q2);
+    free(out);
+    free(out1);
+    free(bt);
+    free(mask);
+    free(sub);
+}
+
+Test(kernels_ops, attention_query_does_not_depend_on_the_batch, .timeout = 60)
+{
+    static const int64_t nqs[] = {1, 7, 8, 9, 17, 33};
+    for (size_t i = 0; i < sizeof(nqs) / sizeof(nqs[0]); i++)
+        for (int use_mask = 0; use_mask <= 1; use_mask++) {
+            check_attention_invariance(4, 2, 64, 21, nqs[i], use_mask); /* GQA */
+            check_attention_invariance(2, 2, 32, 0, nqs[i], use_mask);
+            check_attention_invariance(2, 1, 6, 5, nqs[i], use_mask); /* per-query path */
+        }
+}
