@@ -944,6 +944,8 @@ struct attn_job_args {
     atomic_llong next;
 };
 
+#define KN_ATT_QUERY_MAX 4 /* fewer queries than this run one by one (attn_query) */
+
 static void attn_tile(const kn_attn_args *a, int h, int64_t i0, float *buf)
 {
     const int hd = a->head_dim;
@@ -1053,6 +1055,107 @@ static void attn_tile(const kn_attn_args *a, int h, int64_t i0, float *buf)
     }
 }
 
+/* One query alone, with exactly the arithmetic of its lane in attn_tile
+ * (same key tiles, same operation order, the same vector exp applied per
+ * key): bit for bit what attn_tile gives it, without computing VL - 1 idle
+ * lanes. Decode (one query per sequence) runs here. */
+static void attn_query(const kn_attn_args *a, int h, int64_t i, float *buf)
+{
+    const int hd = a->head_dim;
+    const int kvh = h / (a->n_head / a->n_kv_head);
+    const int64_t bs = a->block_size;
+    const int64_t row_stride = (int64_t)a->n_kv_head * hd;
+    const int64_t blk_stride = bs * row_stride;
+    const int64_t q_stride = (int64_t)a->n_head * hd;
+    const int64_t n_end = a->mask ? a->n_past + a->n_q : a->n_past + i + 1;
+    const float *q = a->q + i * q_stride + (int64_t)h * hd;
+    /* o[hd], then the tile's keys transposed: kt[d][VL] (lanes = keys) */
+    float *o = buf, *kt = buf + (hd + VL - 1) / VL * VL;
+    const float *kbase = a->k_pool + (int64_t)kvh * hd;
+    const float *vbase = a->v_pool + (int64_t)kvh * hd;
+    for (int d = 0; d < hd; d++)
+        o[d] = 0.0f;
+    float m = -INFINITY, lsum = 0.0f;
+    float sj[VL] __attribute__((aligned(64))), ej[VL] __attribute__((aligned(64)));
+    const float *vrow[VL];
+    const vf vscale = vset1(a->scale);
+    for (int64_t p0 = 0; p0 < n_end; p0 += VL) {
+        /* Scores for VL keys at once, lanes = keys: per key the same fma
+         * chain over d as attn_tile's lane for this query. */
+        int nk = 0;
+        for (int j = 0; j < VL; j++) {
+            const int64_t p = p0 + j;
+            const int64_t jr = p - a->n_past;
+            /* without a mask, n_end already stops at the query's own position */
+            if (p >= n_end || (a->mask && jr >= 0 && !a->mask[i * a->n_q + jr])) {
+                vrow[j] = NULL;
+                for (int d = 0; d < hd; d++)
+                    kt[d * VL + j] = 0.0f;
+                continue;
+            }
+            const int64_t off = (int64_t)a->block_table[p / bs] * blk_stride + (p % bs) * row_stride;
+            const float *kr = kbase + off;
+            for (int d = 0; d < hd; d++)
+                kt[d * VL + j] = kr[d];
+            vrow[j] = vbase + off;
+            nk++;
+        }
+        if (nk == 0)
+            continue; /* a tile with no visible key is an exact no-op in attn_tile */
+        vf sv = vzero();
+        for (int d = 0; d < hd; d++)
+            sv = vfma(vld(kt + d * VL), vset1(q[d]), sv);
+        vst(sj, vmul(sv, vscale));
+        float mt = -INFINITY;
+        for (int j = 0; j < VL; j++) {
+            if (!vrow[j])
+                sj[j] = -INFINITY;
+            mt = sj[j] > mt ? sj[j] : mt;
+        }
+        const float mnew = m > mt ? m : mt;
+        const float mref = mnew == -INFINITY ? 0.0f : mnew;
+        vst(ej, vexp(vsub(vld(sj), vset1(mref))));
+        float al[VL] __attribute__((aligned(64)));
+        vst(al, vexp(vset1(m - mref)));
+        const float alpha = m == -INFINITY ? 0.0f : al[0];
+        float psum = 0.0f;
+        for (int j = 0; j < VL; j++) {
+            ej[j] = vrow[j] ? ej[j] : 0.0f;
+            psum = psum + ej[j];
+        }
+        lsum = fmaf(lsum, alpha, psum);
+        m = mnew;
+        /* per d, the tile's chain: o * alpha, then + v * p key by key (an
+         * invisible key adds an exact 0 there, so it is skipped here); d
+         * is independent, so the inner loops vectorise */
+        for (int d = 0; d < hd; d++)
+            o[d] = o[d] * alpha;
+        for (int j = 0; j < VL; j++) {
+            const float *vr = vrow[j];
+            if (!vr)
+                continue;
+            const float e = ej[j];
+            for (int d = 0; d < hd; d++)
+                o[d] = fmaf(vr[d], e, o[d]);
+        }
+    }
+    const float inv = lsum > 0.0f ? 1.0f / lsum : 0.0f;
+    float *out = a->out + i * q_stride + (int64_t)h * hd;
+    for (int d = 0; d < hd; d++)
+        out[d] = o[d] * inv;
+}
+
+static void attn_query_job(void *p, int ith, int nth)
+{
+    const struct attn_job_args *j = p;
+    const kn_attn_args *a = j->a;
+    float *buf = a->scratch + ith * j->stride + (j->stride - KN_ATT_TILE_FLOATS);
+    int64_t lo, hi;
+    kn_split(a->n_q * a->n_head, ith, nth, 1, &lo, &hi);
+    for (int64_t t = lo; t < hi; t++)
+        attn_query(a, (int)(t % a->n_head), t / a->n_head, buf);
+}
+
 static void attn_tiled_job(void *p, int ith, int nth)
 {
     (void)nth;
@@ -1096,6 +1199,10 @@ static void simd_attention(kn_ctx *ctx, const kn_attn_args *a)
      * cannot see is an exact no-op for its lane). Switching to attn_task for
      * few queries would change the arithmetic with the batch. */
     if (a->head_dim % 4 == 0 && a->head_dim <= KN_ATT_HD_MAX) {
+        if (a->n_q < KN_ATT_QUERY_MAX) { /* the same arithmetic, one query at a time */
+            kn_run(ctx, attn_query_job, &j);
+            return;
+        }
         j.n_tiles = (a->n_q + VL - 1) / VL;
         kn_run(ctx, attn_tiled_job, &j);
         return;
