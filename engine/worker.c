@@ -23,13 +23,14 @@
 
 #define TAG "worker"
 #define WK_IDLE_WAIT_NS 200000000 /* idle sleep slice: bounds how late a dead parent is seen */
-#define WK_MED_MAX_ROWS 1024     /* tree rows of one step at most (sizes the Medusa batch cap) */
+#define WK_MED_MAX_ROWS 256      /* tree rows of one step at most (sizes the Medusa batch cap) */
 #define WK_MED_PROBE 32          /* steps between Medusa probes while it does not pay,
                                   * per unit of tree-step cost */
 #define WK_MED_EWMA 0.05         /* weight of one step in the tokens-per-step average */
 #define WK_MED_WARMUP 8          /* first steps speculate whatever the cost: they measure
                                   * the acceptance the limit is computed from */
-#define WK_MED_CAL_PROMPT 8      /* calibration: prompt tokens per sequence */
+#define WK_MED_CAL_PROMPT 64     /* calibration: context of each sequence (attention's share
+                                  * of a step grows with it; less when the model's is short) */
 #define WK_MED_CAL_REPS 3        /* calibration: timed steps per batch size (min taken) */
 
 enum wk_state { WK_FREE = 0, WK_QUEUED, WK_PREFILL, WK_DECODE };
@@ -573,26 +574,37 @@ static void cal_free(wk *w, int n)
  * ratio, or 0 when the pool or context has no room for b of them. */
 static double cal_ratio(wk *w, int b)
 {
-    const int P = WK_MED_CAL_PROMPT, R = WK_MED_CAL_REPS;
-    const int64_t need = P + R + (int64_t)R * (w->tree->max_depth + 1) + w->nn;
+    const int R = WK_MED_CAL_REPS;
+    const int64_t after = R + (int64_t)R * (w->tree->max_depth + 1) + w->nn;
+    const int64_t P = WK_MED_CAL_PROMPT + after <= w->n_ctx ? WK_MED_CAL_PROMPT
+                                                             : w->n_ctx - after;
+    const int64_t need = P + after;
     const int64_t dim = eng_model_hparams(w->m)->dim;
-    if (need > w->n_ctx || b * ((need + w->block_size - 1) / w->block_size) >
-                               eng_kv_free_blocks(w->kv))
+    if (P < 1 || b * ((need + w->block_size - 1) / w->block_size) > eng_kv_free_blocks(w->kv))
         return 0;
     int32_t prompt[WK_MED_CAL_PROMPT], next[WK_MED_MAX_ROWS];
-    for (int i = 0; i < P; i++)
+    for (int64_t i = 0; i < P; i++)
         prompt[i] = (int32_t)((i * 7919 + 1) % w->n_vocab);
+    double ratio = 0;
     int n = 0;
     for (; n < b; n++) {
         int s = eng_kv_seq_alloc(w->kv);
         if (s < 0)
-            break;
+            goto out;
         w->med_seqs[n] = s;
-        w->ins[n] = (eng_seq_in){.seq = s, .tokens = prompt, .n_tokens = P};
+        /* one sequence at a time, in chunks the forward context takes */
+        for (int64_t off = 0; off < P; off += w->cfg.max_batch_tokens) {
+            int64_t k = P - off < w->cfg.max_batch_tokens ? P - off : w->cfg.max_batch_tokens;
+            bool last = off + k == P;
+            eng_seq_in in = {.seq = s, .tokens = prompt + off, .n_tokens = k,
+                             .want = last ? NULL : w->no_out};
+            if (eng_forward(w->ctx, w->kv, &in, 1, w->logits + (int64_t)n * w->n_vocab,
+                            w->hidden + (int64_t)n * dim) != (last ? 1 : 0)) {
+                n++;
+                goto out;
+            }
+        }
     }
-    double ratio = 0;
-    if (n < b || eng_forward(w->ctx, w->kv, w->ins, b, w->logits, w->hidden) != b)
-        goto out;
     for (int i = 0; i < b; i++) {
         eng_medusa_seq_begin(w->md, w->med_seqs[i], w->logits + (int64_t)i * w->n_vocab,
                              w->hidden + (int64_t)i * dim, 0);
@@ -723,8 +735,6 @@ static int setup(wk *w)
     /* Trees ride on top of the prefill budget (decode and trees first, so
      * they never starve prompts of a step). */
     int64_t tree_rows = w->md ? (int64_t)w->med_cap * w->nn : 0;
-    if (w->md && tree_rows < (int64_t)w->med_cap * WK_MED_CAL_PROMPT)
-        tree_rows = (int64_t)w->med_cap * WK_MED_CAL_PROMPT;
     int64_t max_out = w->cfg.max_seqs + tree_rows;
     rc = eng_ctx_create(&w->ctx, w->m,
                         &(eng_ctx_cfg){.kn = w->kn, .max_tokens = w->cfg.max_batch_tokens + tree_rows,
