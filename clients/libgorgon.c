@@ -252,6 +252,20 @@ static int full_or_dead(gorgon_client *cli)
     return peer_gone(cli) ? -EPIPE : -EAGAIN;
 }
 
+/* Push one request and ring gorgond's doorbell: 0, -EAGAIN (SQ full),
+ * -EPIPE or a ring error. The caller's own bookkeeping follows a 0. */
+static int push_one(gorgon_client *cli, const struct ipc_sqe *sqe)
+{
+    int rc = ipc_ring_push(&cli->sq, sqe);
+    if (rc == -EAGAIN)
+        return full_or_dead(cli);
+    if (rc < 0)
+        return rc;
+    cli->inflight++;
+    ipc_doorbell_notify(&cli->sq);
+    return 0;
+}
+
 static int submit_impl(gorgon_client *cli, const gorgon_request *req)
 {
     if (!cli || !req)
@@ -260,14 +274,7 @@ static int submit_impl(gorgon_client *cli, const gorgon_request *req)
         return -EPIPE;
     struct ipc_sqe sqe;
     CM_TRY(fill_sqe(cli, req, &sqe));
-    int rc = ipc_ring_push(&cli->sq, &sqe);
-    if (rc == -EAGAIN)
-        return full_or_dead(cli);
-    if (rc < 0)
-        return rc;
-    cli->inflight++;
-    ipc_doorbell_notify(&cli->sq);
-    return 0;
+    return push_one(cli, &sqe);
 }
 
 static int submit_burst_impl(gorgon_client *cli, const gorgon_request *reqs, uint32_t n)
@@ -318,15 +325,9 @@ static int submit_auto(gorgon_client *cli, uint32_t op, const void *payload, siz
         memcpy(ipc_region_slot_in(&cli->reg, slot), payload, len);
     struct ipc_sqe sqe = {.opcode = (uint8_t)op, .slot = slot, .user_data = user_data,
                           .in_len = (uint32_t)len};
-    int rc = ipc_ring_push(&cli->sq, &sqe);
-    if (rc == -EAGAIN)
-        return full_or_dead(cli);
-    if (rc < 0)
-        return rc;
+    CM_TRY(push_one(cli, &sqe));
     cli->n_free--;
     cli->slot_state[slot] = SLOT_AUTO;
-    cli->inflight++;
-    ipc_doorbell_notify(&cli->sq);
     return 0;
 }
 
@@ -716,16 +717,10 @@ static int generate_submit_impl(gorgon_client *cli, const gorgon_gen_params *p,
                           memory_order_relaxed);
     struct ipc_sqe sqe = {.opcode = IPC_OP_GENERATE, .slot = slot, .user_data = user_data,
                           .in_len = (uint32_t)total};
-    int rc = ipc_ring_push(&cli->sq, &sqe);
-    if (rc == -EAGAIN)
-        return full_or_dead(cli);
-    if (rc < 0)
-        return rc;
+    CM_TRY(push_one(cli, &sqe));
     cli->n_free--;
     cli->slot_state[slot] = SLOT_GEN;
     cli->gen_flags[slot] = p->flags;
-    cli->inflight++;
-    ipc_doorbell_notify(&cli->sq);
     *req = slot;
     return 0;
 }
@@ -867,14 +862,7 @@ static int cancel_impl(gorgon_client *cli, uint32_t req)
         return -ENOENT;
     struct ipc_sqe sqe = {.opcode = IPC_OP_CANCEL, .slot = req,
                           .user_data = GORGON_CANCEL_UD | req};
-    int rc = ipc_ring_push(&cli->sq, &sqe);
-    if (rc == -EAGAIN)
-        return full_or_dead(cli);
-    if (rc < 0)
-        return rc;
-    cli->inflight++;
-    ipc_doorbell_notify(&cli->sq);
-    return 0;
+    return push_one(cli, &sqe);
 }
 
 int gorgon_cancel(gorgon_client *cli, uint32_t req)
