@@ -557,56 +557,6 @@ static void simd_matmul_multi(kn_ctx *ctx, int n, const kn_tensor *const *w, con
     simd_matvec(ctx, n, w, x, M, y);
 }
 
-/* ---- get_rows ------------------------------------------------------------ */
-
-static void dequant_row(const void *row, int64_t K, int type, float *out)
-{
-    int64_t k = 0;
-    switch (type) {
-    case KN_F32:
-        memcpy(out, row, (size_t)K * sizeof(float));
-        return;
-    case KN_F16:
-        for (; k + VL <= K; k += VL)
-            vst(out + k, wload(row, k, KN_F16));
-        break;
-    case KN_BF16:
-        for (; k + VL <= K; k += VL)
-            vst(out + k, wload(row, k, KN_BF16));
-        break;
-    case KN_Q8_0:
-        for (; k + VL <= K; k += VL)
-            vst(out + k, wload(row, k, KN_Q8_0));
-        return;
-    case KN_Q4_0:
-        for (; k + VL <= K; k += VL)
-            vst(out + k, wload(row, k, KN_Q4_0));
-        return;
-    default:
-        return;
-    }
-    for (; k < K; k++)
-        out[k] = type == KN_F16 ? _cvtsh_ss(((const uint16_t *)row)[k])
-                                : kn_bf16_to_f32(((const uint16_t *)row)[k]);
-}
-
-static void simd_get_rows(kn_ctx *ctx, const kn_tensor *w, const int32_t *ids, int64_t n,
-                          float *out)
-{
-    (void)ctx;
-    if (!w || !w->data || !ids || !out || w->cols <= 0 || kn_row_bytes(w->type, w->cols) == 0)
-        return;
-    const size_t rb = kn_row_bytes(w->type, w->cols);
-    for (int64_t i = 0; i < n; i++) {
-        float *o = out + i * w->cols;
-        if (ids[i] < 0 || ids[i] >= w->rows) {
-            memset(o, 0, (size_t)w->cols * sizeof(float));
-            continue;
-        }
-        dequant_row((const char *)w->data + (size_t)ids[i] * rb, w->cols, w->type, o);
-    }
-}
-
 /* ---- elementwise --------------------------------------------------------- */
 
 /* exp(x) by 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2]; a degree-6
@@ -1237,7 +1187,7 @@ static const kn_ops simd_ops = {
     .name = KN_OPS_NAME,
     .matmul = simd_matmul,
     .matmul_multi = simd_matmul_multi,
-    .get_rows = simd_get_rows,
+    .get_rows = kn_scalar_get_rows, /* one row per token: dequantising is not the cost */
     .rmsnorm = simd_rmsnorm,
     .rope = simd_rope,
     .silu_mul = simd_silu_mul,
