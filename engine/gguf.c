@@ -130,8 +130,7 @@ const char *eng_gguf_type_name(int type)
     return type >= 0 && type < ENG_GGUF_TYPE_COUNT ? g_type_names[type] : "?";
 }
 
-/* Size of a fixed-size value type; 0 for string/array/unknown. */
-static size_t scalar_size(uint32_t t)
+size_t eng_gguf_type_size(uint32_t t)
 {
     switch (t) {
     case ENG_GGUF_U8:
@@ -411,7 +410,7 @@ static int parse_value(eng_gguf *g, struct cur *c, struct kv *kv, const char *ke
     }
     if (t != ENG_GGUF_ARR) {
         uint8_t buf[8];
-        if ((rc = rd_bytes(c, buf, scalar_size(t), "value")) < 0)
+        if ((rc = rd_bytes(c, buf, eng_gguf_type_size(t), "value")) < 0)
             return refail(rc, "gguf: key '%s'", key_for_msg);
         load_scalar(t, buf, kv);
         return 0;
@@ -431,7 +430,7 @@ static int parse_value(eng_gguf *g, struct cur *c, struct kv *kv, const char *ke
     kv->arr.n = n;
     kv->arr.data = c->p + c->pos;
     if (et != ENG_GGUF_STR) {
-        size_t es = scalar_size(et);
+        size_t es = eng_gguf_type_size(et);
         if (n > cur_left(c) / es)
             return eng_fail(-EBADMSG,
                             "gguf: key '%s': array of %llu %s elements runs past the end of the file",
@@ -978,7 +977,7 @@ int eng_gguf_arr_i64(const eng_gguf_arr *a, uint64_t i, int64_t *out)
         return eng_fail(-EBADMSG, "gguf: array element %llu: not an integer array element",
                         (unsigned long long)i);
     struct kv tmp;
-    size_t es = scalar_size(a->type);
+    size_t es = eng_gguf_type_size(a->type);
     load_scalar(a->type, (const uint8_t *)a->data + i * es, &tmp);
     if (type_is_signed(a->type)) {
         *out = tmp.num.i;
@@ -997,7 +996,7 @@ int eng_gguf_arr_f32(const eng_gguf_arr *a, uint64_t i, float *out)
         return eng_fail(-EBADMSG, "gguf: array element %llu: not a numeric array element",
                         (unsigned long long)i);
     struct kv tmp;
-    size_t es = scalar_size(a->type);
+    size_t es = eng_gguf_type_size(a->type);
     load_scalar(a->type, (const uint8_t *)a->data + i * es, &tmp);
     double d;
     if (a->type == ENG_GGUF_F32 || a->type == ENG_GGUF_F64)

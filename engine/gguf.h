@@ -125,6 +125,8 @@ int64_t eng_gguf_find_kv(const eng_gguf *g, const char *key);
 const char *eng_gguf_kv_key(const eng_gguf *g, int64_t i);
 int eng_gguf_kv_type(const eng_gguf *g, int64_t i);
 const char *eng_gguf_type_name(int type); /* "u32", "string", "array", ... ; "?" if unknown */
+/* Bytes of one value of a fixed-size type; 0 for string, array or unknown. */
+size_t eng_gguf_type_size(uint32_t type);
 
 /* Typed getters. Return 0 and store the value; -ENOENT if the key is absent;
  * -EBADMSG if the stored type cannot represent the request: a non-numeric

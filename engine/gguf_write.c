@@ -210,33 +210,10 @@ int eng_gguf_writer_add_str(eng_gguf_writer *w, const char *key, const char *s)
     return eng_gguf_writer_add_strn(w, key, s, strlen(s));
 }
 
-static size_t elem_size(enum eng_gguf_type t)
-{
-    switch (t) {
-    case ENG_GGUF_U8:
-    case ENG_GGUF_I8:
-    case ENG_GGUF_BOOL:
-        return 1;
-    case ENG_GGUF_U16:
-    case ENG_GGUF_I16:
-        return 2;
-    case ENG_GGUF_U32:
-    case ENG_GGUF_I32:
-    case ENG_GGUF_F32:
-        return 4;
-    case ENG_GGUF_U64:
-    case ENG_GGUF_I64:
-    case ENG_GGUF_F64:
-        return 8;
-    default:
-        return 0;
-    }
-}
-
 int eng_gguf_writer_add_arr(eng_gguf_writer *w, const char *key, enum eng_gguf_type elem,
                             const void *data, size_t n)
 {
-    size_t es = elem_size(elem);
+    size_t es = eng_gguf_type_size(elem);
     if (!es || (!data && n) || n > SIZE_MAX / es)
         return eng_fail(-EINVAL, "gguf writer: key '%s': bad array", key ? key : "");
     size_t mark = w->kv.n;
