@@ -128,9 +128,10 @@ static uint32_t submit(gorgon_client *cli, int p, int max_tokens, bool medusa)
     return req;
 }
 
-static void collect(gorgon_client *cli, uint32_t req, ids_out *o)
+/* Read req's stream into o until it ends or holds at least `until` ids;
+ * 1 while it runs, 0 once it ended. */
+static int collect_until(gorgon_client *cli, uint32_t req, ids_out *o, int until)
 {
-    memset(o, 0, sizeof(*o));
     gorgon_gen_chunk ch;
     int rc;
     do {
@@ -141,8 +142,16 @@ static void collect(gorgon_client *cli, uint32_t req, ids_out *o)
             cr_assert_lt(o->n, N_GEN);
             o->ids[o->n++] = ch.ids[i];
         }
-    } while (rc == 1);
-    o->last = ch;
+    } while (rc == 1 && o->n < until);
+    if (rc == 0)
+        o->last = ch;
+    return rc;
+}
+
+static void collect(gorgon_client *cli, uint32_t req, ids_out *o)
+{
+    memset(o, 0, sizeof(*o));
+    collect_until(cli, req, o, N_GEN + 1);
 }
 
 static void run_alone(gorgon_client *cli, int p, int max_tokens, bool medusa, ids_out *o)
@@ -230,8 +239,9 @@ Test(appliance_medusa, random_heads_greedy_equals_plain_alone_and_batched, .fini
     check_lossless(heads);
 }
 
-/* --medusa-max-batch 2: while 8 requests decode, none speculates; once the
- * six short ones are done, the two long ones do. Outputs stay exact. */
+/* --medusa-max-batch 2: two long requests speculate alone, stop while six
+ * short ones decode beside them (the short ones never speculate), and
+ * speculate again once those are done. Outputs stay exact. */
 Test(appliance_medusa, batch_limit_switches_speculation_off_and_back_on, .fini = teardown,
      .timeout = 600)
 {
@@ -239,25 +249,47 @@ Test(appliance_medusa, batch_limit_switches_speculation_off_and_back_on, .fini =
     train_heads(heads, sizeof(heads));
     start(heads, "2");
     gorgon_client *cli = gd_connect(&gd, 0);
+    /* The two long requests: prompts whose greedy text runs the full
+     * N_GEN tokens (no EOS), so that they outlive the short ones. */
     static ids_out plain[N_PROMPTS];
+    int longp[2], n_long = 0;
+    for (int p = 0; p < N_PROMPTS && n_long < 2; p++) {
+        run_alone(cli, p, N_GEN, false, &plain[p]);
+        if (plain[p].n == N_GEN)
+            longp[n_long++] = p;
+    }
+    cr_assert_eq(n_long, 2, "fewer than two prompts run %d tokens without EOS", N_GEN);
+    bool is_long[N_PROMPTS] = {false};
+    is_long[longp[0]] = is_long[longp[1]] = true;
     for (int p = 0; p < N_PROMPTS; p++)
-        run_alone(cli, p, p < 6 ? 24 : N_GEN, false, &plain[p]);
+        if (!is_long[p])
+            run_alone(cli, p, 24, false, &plain[p]);
+    /* The long ones start first and speculate as a batch of 2; the six
+     * short ones join (in whatever order gorgond passes them on, the batch
+     * is then at least 3) and must decode plainly all their life; once they
+     * are done, the long ones speculate again. */
     uint32_t req[N_PROMPTS];
+    memset(got, 0, sizeof(got));
+    for (int k = 0; k < 2; k++)
+        req[longp[k]] = submit(cli, longp[k], N_GEN, true);
+    for (int k = 0; k < 2; k++)
+        cr_assert_eq(collect_until(cli, req[longp[k]], &got[longp[k]], 16), 1);
     for (int p = 0; p < N_PROMPTS; p++)
-        req[p] = submit(cli, p, p < 6 ? 24 : N_GEN, true);
+        if (!is_long[p])
+            req[p] = submit(cli, p, 24, true);
     for (int p = 0; p < N_PROMPTS; p++) {
-        collect(cli, req[p], &got[p]);
+        if (is_long[p])
+            collect_until(cli, req[p], &got[p], N_GEN + 1);
+        else
+            collect(cli, req[p], &got[p]);
         expect_same(&got[p], &plain[p], p, "limit 2");
-        /* The short ones ran beside 7 others all their life (give or take
-         * a step if the worker saw the first START before the others:
-         * ignoring the limit would be ~15 steps). */
-        if (p < 6 && plain[p].n == 24)
-            cr_assert_leq(got[p].last.usage.medusa_steps, 2,
-                          "prompt %d speculated %u times in a batch of 8 with limit 2", p,
-                          got[p].last.usage.medusa_steps);
-        if (p >= 6 && plain[p].n == N_GEN)
+        if (is_long[p])
             cr_assert_gt(got[p].last.usage.medusa_steps, 0,
-                         "prompt %d never speculated once the batch dropped to 2", p);
+                         "prompt %d never speculated in a batch of 2", p);
+        else
+            cr_assert_eq(got[p].last.usage.medusa_steps, 0,
+                         "prompt %d speculated %u times in a batch of 8 with limit 2", p,
+                         got[p].last.usage.medusa_steps);
     }
     gorgon_close(cli);
     GD_END(&gd);
