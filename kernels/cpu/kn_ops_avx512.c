@@ -98,6 +98,7 @@ static inline vf vmask_ninf(vf s, vf e)
  * output, two chains, even and odd blocks in order, each
  * c = fma((float)isum_b, d_w * d_x, c), and y = c_even + c_odd. */
 #define Q8_MR 8
+#define Q8_CHUNK 8 /* 16-row panels per q8_gemm work item */
 
 struct q8_args {
     const kn_tensor *w;
@@ -175,15 +176,35 @@ static inline void q8_transpose(const __m512i z[8], __m512i g[8])
 }
 
 /* Repack weight rows [n0, n0 + nn) (see the layout above); rows past nn
- * repeat row n0 with a zero scale, so they contribute nothing. */
-static void q8_pack(const kn_tensor *w, int64_t n0, int nn, int64_t nb, uint8_t *wq, float *wd)
+ * repeat row n0 with a zero scale, so they contribute nothing.
+ *
+ * 16 row streams 34 bytes apart per step defeat the hardware prefetcher:
+ * without help the pack waited on DRAM for most of a small-M GEMM. So the
+ * rows of the next panel (contiguous in memory, [next, next + next_bytes))
+ * are prefetched as one linear stream spread over this panel's steps, and
+ * a panel nobody prefetched (cold) first requests the head of every row,
+ * so that those misses overlap. */
+static void q8_pack(const kn_tensor *w, int64_t n0, int nn, int64_t nb, uint8_t *wq, float *wd,
+                    bool cold, const char *next, size_t next_bytes)
 {
     const size_t rb = kn_row_bytes(KN_Q8_0, w->cols);
     const kn_block_q8_0 *rows[16];
     for (int r = 0; r < 16; r++)
         rows[r] = (const kn_block_q8_0 *)((const char *)w->data + (size_t)(n0 + (r < nn ? r : 0)) * rb);
+    if (cold)
+        for (int r = 0; r < nn; r++)
+            for (int64_t b = 0; b < 8 && b < nb; b += 2)
+                __builtin_prefetch(rows[r] + b);
+    /* lines of the next panel per step, rounded up */
+    const size_t pf_step = next ? (next_bytes / 64 + (size_t)nb - 1) / (size_t)nb * 64 : 0;
+    const char *pf = next, *pf_end = next + next_bytes;
     const __m512i flip = _mm512_set1_epi8((char)0x80);
+    const __mmask16 live = (__mmask16)((1u << nn) - 1);
+    const __m512i drow = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)rb));
     for (int64_t b = 0; b < nb; b++) {
+        for (size_t o = 0; o < pf_step && pf < pf_end; o += 64, pf += 64)
+            __builtin_prefetch(pf);
         __m512i z[8], g[8];
         for (int i = 0; i < 8; i++)
             z[i] = _mm512_inserti64x4(
@@ -192,10 +213,11 @@ static void q8_pack(const kn_tensor *w, int64_t n0, int nn, int64_t nb, uint8_t 
         q8_transpose(z, g);
         for (int i = 0; i < 8; i++)
             _mm512_store_si512((void *)(wq + (b * 8 + i) * 64), _mm512_xor_si512(g[i], flip));
-        uint16_t dh[16];
-        for (int r = 0; r < 16; r++)
-            dh[r] = r < nn ? rows[r][b].d : 0;
-        _mm512_store_ps(wd + b * 16, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dh)));
+        /* the 16 scales by one gather (16 scalar stores reloaded as a
+         * vector stalled on store forwarding); rows past nn get 0 */
+        const __m512i dh = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, drow,
+                                                       (const void *)&rows[0][b].d, 1);
+        _mm512_store_ps(wd + b * 16, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dh)));
     }
 }
 
@@ -254,14 +276,24 @@ static void q8_gemm_job(void *p, int ith, int nth)
     uint8_t *wq = (uint8_t *)(a->packs + (size_t)ith * a->pack_bytes);
     float *wd = (float *)(wq + nb * 512);
     const int64_t n_panels = (N + 15) / 16;
-    for (;;) {
-        const int64_t pi = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
+    const size_t rb = kn_row_bytes(KN_Q8_0, K);
+    /* Panels are taken Q8_CHUNK at a time so that a thread knows its next
+     * panel and can prefetch it (q8_pack). */
+    int64_t pi = 0, chunk_end = 0;
+    for (;; pi++) {
+        const bool cold = pi >= chunk_end;
+        if (cold) {
+            pi = Q8_CHUNK * atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
+            chunk_end = pi + Q8_CHUNK < n_panels ? pi + Q8_CHUNK : n_panels;
+        }
         if (pi >= n_panels)
             return;
         const int64_t n0 = pi * 16;
         const int nn = (int)(N - n0 < 16 ? N - n0 : 16);
         const __mmask16 keep = (__mmask16)((1u << nn) - 1);
-        q8_pack(a->w, n0, nn, nb, wq, wd);
+        const int64_t nx = pi + 1 < chunk_end ? (N - n0 - 16 < 16 ? N - n0 - 16 : 16) : 0;
+        q8_pack(a->w, n0, nn, nb, wq, wd, cold, nx ? (const char *)a->w->data + (size_t)(n0 + 16) * rb : NULL,
+                (size_t)nx * rb);
         int64_t m0 = 0;
         for (; m0 + Q8_MR <= M; m0 += Q8_MR)
             q8_tile(a, wq, wd, m0, n0, keep, Q8_MR);

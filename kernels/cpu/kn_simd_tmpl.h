@@ -17,10 +17,11 @@
  *   vi, vi_ld, vi_xor, vi_zero, vi_fold(v) (streaming read)
  *   KN_IMPL, KN_OPS_NAME            names of the exported impl and its ops
  *
- * Matmul strategy. M <= KN_MATVEC_MAX (decode, Medusa heads): each thread
- * streams a contiguous range of weight rows once and computes up to 4 dot
- * products per row, converting weights on the fly; memory bound by design.
- * Larger M (prefill, tree verification): weights are converted once per
+ * Matmul strategy. M <= matvec_max() (decode, Medusa trees): each thread
+ * streams a contiguous range of weight rows once and computes up to
+ * KN_MV_MR dot products per pass over a row (further passes find it in L1),
+ * converting weights on the fly; memory bound at M = 1. Larger M (prefill;
+ * Medusa trees on Q8_0): weights are converted once per
  * KN_NR-row panel into an f32 buffer that stays in cache and is reused by
  * every KN_MR-row tile of x (broadcast-FMA outer products), so the
  * conversion cost is amortised over M rows.
@@ -34,6 +35,8 @@
 #include <math.h>
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <stdint.h>
+#include <string.h>
 
 #include "kernels/cpu/kn_int.h"
 
@@ -45,7 +48,15 @@
 #ifndef KN_KC
 #define KN_KC 256
 #endif
-#define KN_MATVEC_MAX 4
+#ifndef KN_MV_MR
+#define KN_MV_MR 4 /* x rows per matvec pass over a weight row (accumulators: MR * 32 / VL) */
+#endif
+/* Float weights: the matvec (weights streamed once, L1-hot for the 2nd and
+ * 3rd pass of MV_MR rows) beats packing GEMM panels up to ~12 rows, Medusa
+ * trees included (110m shapes, AVX-512: 8 rows 1.8-2.0x one row against
+ * 3.6-6x through the GEMM). Q8_0 with its VNNI GEMM switches at 4 rows:
+ * q8mv pays a horizontal reduction per row and block. */
+#define KN_MATVEC_MAX 12
 #ifndef KN_PF
 #define KN_PF 2048 /* matvec software prefetch distance, bytes */
 #endif
@@ -151,7 +162,7 @@ KN_AI bool matvec_next(struct mm_args *a, int *t, int64_t *lo, int64_t *hi)
     return true;
 }
 
-/* y[m][r] for MR (<= 4) rows of x and one weight row. Steps of 32 elements
+/* y[m][r] for MR (<= KN_MV_MR) rows of x and one weight row. Steps of 32 elements
  * so that a quantised block is one step; 32 / VL independent accumulators
  * per x row hide FMA latency (one chain per lane cost decode a quarter of
  * its speed). This is the canonical arithmetic of every float-path output,
@@ -164,7 +175,8 @@ KN_AI void dot_rows(const void *wr, const float *x, int64_t K, float *y, int64_t
                     const int type)
 {
     enum { U = 32 / VL };
-    vf acc[4][U];
+    _Static_assert(KN_MV_MR >= 1 && KN_MV_MR <= 8, "matvec_range's tails go up to 7");
+    vf acc[KN_MV_MR][U];
     _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++)
         _Pragma("GCC unroll 16") for (int u = 0; u < U; u++)
             acc[m][u] = vzero();
@@ -206,18 +218,23 @@ KN_AI void matvec_range(const kn_tensor *w, const float *x, int64_t M, float *y,
     for (int64_t r = lo; r < hi; r++) {
         const char *wr = (const char *)w->data + (size_t)r * rb;
         int64_t m = 0;
-        for (; m + 4 <= M; m += 4)
-            dot_rows(wr, x + m * K, K, y + m * N + r, N, 4, type);
+        for (; m + KN_MV_MR <= M; m += KN_MV_MR)
+            dot_rows(wr, x + m * K, K, y + m * N + r, N, KN_MV_MR, type);
+        /* the rest at its exact height (the weight row is in L1 by now) */
         switch (M - m) {
-        case 3:
-            dot_rows(wr, x + m * K, K, y + m * N + r, N, 3, type);
-            break;
-        case 2:
-            dot_rows(wr, x + m * K, K, y + m * N + r, N, 2, type);
-            break;
-        case 1:
-            dot_rows(wr, x + m * K, K, y + m * N + r, N, 1, type);
-            break;
+#define KN_MV_TAIL(h)                                                                          \
+    case h:                                                                                    \
+        if (h < KN_MV_MR)                                                                      \
+            dot_rows(wr, x + m * K, K, y + m * N + r, N, h < KN_MV_MR ? h : 1, type);          \
+        break;
+            KN_MV_TAIL(7)
+            KN_MV_TAIL(6)
+            KN_MV_TAIL(5)
+            KN_MV_TAIL(4)
+            KN_MV_TAIL(3)
+            KN_MV_TAIL(2)
+            KN_MV_TAIL(1)
+#undef KN_MV_TAIL
         default:
             break;
         }
@@ -453,6 +470,17 @@ static int q8_matvec(kn_ctx *ctx, struct mm_args *a);
 static int q8_gemm(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t M, float *y);
 #endif
 
+/* Rows up to which the matvec is the faster matmul for weights of type. */
+static int64_t matvec_max(int type)
+{
+#ifdef KN_HAVE_Q8_GEMM
+    if (type == KN_Q8_0)
+        return 4;
+#endif
+    (void)type;
+    return KN_MATVEC_MAX;
+}
+
 static bool matmul_args_ok(const kn_tensor *w, const float *x, int64_t M, const float *y)
 {
     return w && w->data && x && y && M > 0 && w->rows > 0 && w->cols > 0 &&
@@ -470,6 +498,17 @@ static void simd_matvec(kn_ctx *ctx, int n, const kn_tensor *const *w, const flo
     if (w[0]->type == KN_Q8_0 && q8_matvec(ctx, &a) == 0)
         return;
 #endif
+    /* Callers' activations are often malloc'd (16-byte aligned): every x
+     * load would then straddle two cache lines, which cost decode ~10 % and
+     * a 4-row matvec almost half its speed. A copy costs M * K floats. */
+    if ((uintptr_t)x % 64 != 0) {
+        const size_t xb = (size_t)M * (size_t)w[0]->cols * sizeof(float);
+        float *xa = kn_scratch(ctx, KN_SCRATCH_ACT, xb);
+        if (xa) {
+            memcpy(xa, x, xb);
+            a.x = xa;
+        }
+    }
     kn_job_fn job = NULL;
     switch (w[0]->type) {
     case KN_F32:
@@ -495,7 +534,7 @@ static void simd_matmul(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t
 {
     if (!matmul_args_ok(w, x, M, y))
         return;
-    if (M <= KN_MATVEC_MAX) {
+    if (M <= matvec_max(w->type)) {
         simd_matvec(ctx, 1, &w, x, M, &y);
         return;
     }
@@ -543,7 +582,7 @@ static void simd_matmul_multi(kn_ctx *ctx, int n, const kn_tensor *const *w, con
 {
     if (n <= 0 || !w || !y)
         return;
-    bool fuse = n <= KN_MULTI_MAX && M <= KN_MATVEC_MAX;
+    bool fuse = n <= KN_MULTI_MAX && M <= matvec_max(w[0]->type);
     for (int t = 0; t < n; t++) {
         if (!matmul_args_ok(w[t], x, M, y[t]))
             return;

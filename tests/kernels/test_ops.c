@@ -826,12 +826,14 @@ Test(kernels_dispatch, honours_gorgon_cpu_max, .timeout = 30)
 Test(kernels_ops, matmul_row_does_not_depend_on_the_batch, .timeout = 60)
 {
     static const enum kn_dtype types[] = {KN_F32, KN_F16, KN_BF16, KN_Q8_0, KN_Q4_0};
-    static const int64_t Ms[] = {1, 2, 3, 4, 5, 8, 9, 17, 33};
+    static const int64_t Ms[] = {1, 2, 3, 4, 5, 8, 9, 12, 13, 17, 33};
     const int64_t N = 70, K = 256;
     enum kn_variant vs[KN_VARIANT_COUNT];
     int nv = variants(vs);
     kn_ctx *ctx = make_ctx(2, KN_VARIANT_SCALAR);
     float *x = fvec(33 * K), *y = fvec(33 * N), *y1 = fvec(N);
+    /* the row alone comes from a misaligned copy (x of callers that malloc) */
+    float *xu_buf = fvec(K + 1), *xu = xu_buf + 1;
     for (size_t it = 0; it < sizeof(types) / sizeof(types[0]); it++) {
         kn_tensor w;
         void *data = make_weight(types[it], N, K, &w);
@@ -843,7 +845,8 @@ Test(kernels_ops, matmul_row_does_not_depend_on_the_batch, .timeout = 60)
                 ops->matmul(ctx, &w, x, M, y);
                 for (int64_t m = 0; m < M; m++) {
                     poison(y1, N);
-                    ops->matmul(ctx, &w, x + m * K, 1, y1);
+                    memcpy(xu, x + m * K, (size_t)K * sizeof(float));
+                    ops->matmul(ctx, &w, xu, 1, y1);
                     for (int64_t n = 0; n < N; n++)
                         cr_assert(memcmp(&y[m * N + n], &y1[n], sizeof(float)) == 0,
                                   "%s %s: row %ld of M=%ld differs from the row alone at %ld: "
@@ -859,6 +862,7 @@ Test(kernels_ops, matmul_row_does_not_depend_on_the_batch, .timeout = 60)
     free(x);
     free(y);
     free(y1);
+    free(xu_buf);
 }
 
 /* Attention's per-query counterpart of the test above: a query's output
