@@ -159,7 +159,11 @@ typedef struct kn_ops {
     void (*add)(kn_ctx *ctx, float *y, const float *x, int64_t n);
 
     /* See kn_attn_args. A query's output does not depend, bit for bit, on
-     * the other queries of the call (only on its cache and mask row). */
+     * the other queries of the call (only on its cache and mask row). A
+     * masked query's output equals, bit for bit, that of the same query
+     * unmasked (n_q 1) over its visible keys stored contiguously in the same
+     * order: a Medusa tree node (parents at lower slots than children) gets
+     * what decoding its token alone gives. */
     void (*attention)(kn_ctx *ctx, const kn_attn_args *a);
 
     /* (optional: NULL means call matmul n times) matmul(w[i], x, M, y[i])

@@ -840,7 +840,10 @@ KN_AI float sdot(const float *a, const float *b, int n)
 
 /* One (query, head) pair. The cache is walked block by block (no division
  * per position), and without a mask only positions <= the query's own are
- * visited: the causal future is never touched. */
+ * visited: the causal future is never touched. The score row holds visible
+ * keys only (a masked key takes no entry), so a masked query sums exactly as
+ * an unmasked one whose visible keys sit contiguously: a Medusa tree node
+ * gets what decoding it alone gives. */
 static void attn_task(const kn_attn_args *a, int64_t task, float *sc)
 {
     const int64_t i = task / a->n_head;
@@ -859,16 +862,15 @@ static void attn_task(const kn_attn_args *a, int64_t task, float *sc)
     const bool wide = hd >= VL;
 
     float mx = -INFINITY;
+    int64_t n_vis = 0;
     for (int64_t p0 = 0, b = 0; p0 < n_end; p0 += bs, b++) {
         const float *kr = kbase + (int64_t)a->block_table[b] * blk_stride;
         const int64_t pe = p0 + bs < n_end ? p0 + bs : n_end;
         for (int64_t p = p0; p < pe; p++, kr += row_stride) {
-            if (mrow && p >= a->n_past && !mrow[p]) {
-                sc[p] = -INFINITY;
+            if (mrow && p >= a->n_past && !mrow[p])
                 continue;
-            }
             const float s = (wide ? vdot(q, kr, hd) : sdot(q, kr, hd)) * a->scale;
-            sc[p] = s;
+            sc[n_vis++] = s;
             mx = s > mx ? s : mx;
         }
     }
@@ -876,13 +878,11 @@ static void attn_task(const kn_attn_args *a, int64_t task, float *sc)
         o[d] = 0.0f;
     if (mx == -INFINITY)
         return;
-    /* vexp clamps its input, so a masked slot (-inf) would come out as
-     * exp(-87) > 0: masked slots are zeroed explicitly. The row is padded with -inf to whole vectors (the scratch row has the
-     * room) rather than finished by a scalar tail: with a mask, n_end spans
-     * the whole batch, and the sum must not regroup with the batch size
-     * (padding adds exact zeros). */
-    const int64_t n_pad = (n_end + VL - 1) / VL * VL;
-    for (int64_t p = n_end; p < n_pad; p++)
+    /* The row is padded with -inf to whole vectors (the scratch row has the
+     * room); vexp clamps its input, so -inf would come out as exp(-87) > 0:
+     * the padding is zeroed explicitly and adds exact zeros. */
+    const int64_t n_pad = (n_vis + VL - 1) / VL * VL;
+    for (int64_t p = n_vis; p < n_pad; p++)
         sc[p] = -INFINITY;
     vf vs = vzero();
     const vf vmx = vset1(mx);
@@ -895,13 +895,16 @@ static void attn_task(const kn_attn_args *a, int64_t task, float *sc)
     }
     const float sum = vhsum(vs);
     const float inv = 1.0f / sum;
-    for (int64_t p0 = 0, b = 0; p0 < n_end; p0 += bs, b++) {
+    for (int64_t p0 = 0, b = 0, t = 0; p0 < n_end; p0 += bs, b++) {
         const float *vr = vbase + (int64_t)a->block_table[b] * blk_stride;
         const int64_t pe = p0 + bs < n_end ? p0 + bs : n_end;
         for (int64_t pp = p0; pp < pe; pp++, vr += row_stride) {
-            if (sc[pp] == 0.0f)
+            if (mrow && pp >= a->n_past && !mrow[pp])
                 continue;
-            const float w = sc[pp] * inv;
+            const float e = sc[t++];
+            if (e == 0.0f)
+                continue;
+            const float w = e * inv;
             int d = 0;
             if (wide) {
                 const vf wv = vset1(w);
@@ -924,7 +927,11 @@ static void attn_task(const kn_attn_args *a, int64_t task, float *sc)
  * so the softmax bookkeeping needs no horizontal operation. K and V tiles are
  * packed as [d/4][j][4] so that the broadcasts of key j's elements sit at
  * compile-time offsets from one pointer. Used for any number of queries
- * (see simd_attention); attn_task only serves head sizes this cannot. */
+ * (see simd_attention); attn_task only serves head sizes this cannot.
+ * With a mask each lane walks its own visible keys (see attn_query): keys
+ * below n_past are shared and packed as above; a tile that reaches past
+ * n_past (the last one or two: a tree is small) reads each lane's own key
+ * rows, with the same per-lane operations in the same order. */
 
 struct attn_job_args {
     const kn_attn_args *a;
@@ -935,6 +942,119 @@ struct attn_job_args {
 
 #define KN_ATT_QUERY_MAX 4 /* fewer queries than this run one by one (attn_query) */
 
+/* The online softmax step of one key tile (scores s[j], lanes = queries):
+ * s becomes exp(s - new max), *m the new max, *lsum the rescaled running
+ * sum; returns the factor that rescales the output accumulator. */
+KN_AI vf attn_softmax_step(vf *s, vf *m, vf *lsum)
+{
+    vf mt = s[0];
+    _Pragma("GCC unroll 16") for (int j = 1; j < VL; j++)
+        mt = vmax(mt, s[j]);
+    const vf mnew = vmax(*m, mt);
+    /* A lane that has seen nothing yet keeps max -inf: take 0 as its
+     * reference so that no -inf - -inf appears; vexp clamps its input,
+     * so -inf scores are zeroed explicitly. */
+    const vf mref = vmask_ninf(mnew, mnew);
+    const vf alpha = vmask_ninf(*m, vexp(vsub(*m, mref)));
+    vf psum = vzero();
+    _Pragma("GCC unroll 16") for (int j = 0; j < VL; j++) {
+        s[j] = vmask_ninf(s[j], vexp(vsub(s[j], mref)));
+        psum = vadd(psum, s[j]);
+    }
+    *lsum = vfma(*lsum, alpha, psum);
+    *m = mnew;
+    return alpha;
+}
+
+/* A masked tile reaching past n_past: lane l's logical key p0 + j is its own
+ * (cache position p0 + j below n_past, shared by all lanes and broadcast as
+ * in attn_tile; else the lane's next visible new token, read per lane), with
+ * attn_tile's per-lane operations in its order: a lane's own key runs as
+ * scalar fmaf chains, which round as its vector lane does, and the output
+ * update runs key by key over all d instead of d by d over all keys (per
+ * element the same chain). Keys past every lane's end (j >= nj) are
+ * skipped: in attn_tile they score -inf and add exact zeros; so are a lane
+ * past its own end or past the last query (score -inf, weight 0).
+ * lane_col[] advances past the new tokens used. */
+static void attn_tile_gather(const kn_attn_args *a, int h, int64_t i0, int64_t nq, int64_t p0,
+                             int64_t n_end, const int64_t *lane_end, int64_t *lane_col,
+                             const float *qt, float *ot, vf *s, vf *m, vf *lsum)
+{
+    const int hd = a->head_dim;
+    const int kvh = h / (a->n_head / a->n_kv_head);
+    const int64_t bs = a->block_size;
+    const int64_t row_stride = (int64_t)a->n_kv_head * hd;
+    const int64_t blk_stride = bs * row_stride;
+    const float *kbase = a->k_pool + (int64_t)kvh * hd;
+    const float *vbase = a->v_pool + (int64_t)kvh * hd;
+    const int nj = n_end - p0 < VL ? (int)(n_end - p0) : VL;
+    /* [key][lane] cache offsets, -1: lane skipped; lane 0 only if shared */
+    int64_t off[VL][VL];
+    float valid[VL][VL] __attribute__((aligned(64)));
+    for (int j = 0; j < nj; j++) {
+        const int64_t p = p0 + j;
+        if (p < a->n_past) {
+            off[j][0] = (int64_t)a->block_table[p / bs] * blk_stride + (p % bs) * row_stride;
+            continue;
+        }
+        for (int l = 0; l < VL; l++) {
+            const bool in = l < nq && p < lane_end[l];
+            valid[j][l] = in ? 1.0f : 0.0f;
+            off[j][l] = -1;
+            if (!in)
+                continue;
+            const uint8_t *mrow = a->mask + (i0 + l) * a->n_q;
+            while (!mrow[lane_col[l]])
+                lane_col[l]++;
+            const int64_t pl = a->n_past + lane_col[l]++;
+            off[j][l] = (int64_t)a->block_table[pl / bs] * blk_stride + (pl % bs) * row_stride;
+        }
+    }
+    const vf ninf = vset1(-INFINITY), vscale = vset1(a->scale), half = vset1(0.5f);
+    for (int j = 0; j < VL; j++) {
+        vf sj = vzero();
+        if (j >= nj) {
+            s[j] = ninf;
+        } else if (p0 + j < a->n_past) {
+            const float *kr = kbase + off[j][0];
+            for (int d = 0; d < hd; d++)
+                sj = vfma(vset1(kr[d]), vld(qt + d * VL), sj);
+            s[j] = vmul(sj, vscale);
+        } else {
+            float acc[VL] __attribute__((aligned(64)));
+            for (int l = 0; l < VL; l++) {
+                acc[l] = 0.0f;
+                if (off[j][l] < 0)
+                    continue;
+                const float *kr = kbase + off[j][l];
+                for (int d = 0; d < hd; d++)
+                    acc[l] = fmaf(kr[d], qt[d * VL + l], acc[l]);
+            }
+            s[j] = vsel_lt(vld(valid[j]), half, ninf, vmul(vld(acc), vscale));
+        }
+    }
+    const vf alpha = attn_softmax_step(s, m, lsum);
+    for (int d = 0; d < hd; d++)
+        vst(ot + d * VL, vmul(vld(ot + d * VL), alpha));
+    for (int j = 0; j < nj; j++) {
+        if (p0 + j < a->n_past) {
+            const float *vr = vbase + off[j][0];
+            for (int d = 0; d < hd; d++)
+                vst(ot + d * VL, vfma(vset1(vr[d]), s[j], vld(ot + d * VL)));
+            continue;
+        }
+        float e[VL] __attribute__((aligned(64)));
+        vst(e, s[j]);
+        for (int l = 0; l < VL; l++) {
+            if (off[j][l] < 0)
+                continue;
+            const float *vr = vbase + off[j][l];
+            for (int d = 0; d < hd; d++)
+                ot[d * VL + l] = fmaf(vr[d], e[l], ot[d * VL + l]);
+        }
+    }
+}
+
 static void attn_tile(const kn_attn_args *a, int h, int64_t i0, float *buf)
 {
     const int hd = a->head_dim;
@@ -944,7 +1064,6 @@ static void attn_tile(const kn_attn_args *a, int h, int64_t i0, float *buf)
     const int64_t blk_stride = bs * row_stride;
     const int64_t q_stride = (int64_t)a->n_head * hd;
     const int64_t nq = a->n_q - i0 < VL ? a->n_q - i0 : VL;
-    const int64_t n_end = a->mask ? a->n_past + a->n_q : a->n_past + i0 + nq;
     float *qt = buf, *ot = qt + hd * VL, *kc = ot + hd * VL, *vc = kc + hd * VL;
     const float *kbase = a->k_pool + (int64_t)kvh * hd;
     const float *vbase = a->v_pool + (int64_t)kvh * hd;
@@ -962,8 +1081,28 @@ static void attn_tile(const kn_attn_args *a, int h, int64_t i0, float *buf)
         lane[l] = (float)(i0 + l);
     const vf qidx = vld(lane), ninf = vset1(-INFINITY), vscale = vset1(a->scale);
     vf m = ninf, lsum = vzero();
+    /* with a mask, per lane: visible keys (n_past + set bits of its row) and
+     * the next mask column to scan for its next visible new token */
+    int64_t n_end = a->n_past + i0 + nq, lane_end[VL], lane_col[VL];
+    if (a->mask) {
+        n_end = 0;
+        for (int l = 0; l < VL; l++) {
+            const uint8_t *mrow = a->mask + (i0 + (l < nq ? l : nq - 1)) * a->n_q;
+            int64_t c = 0;
+            for (int64_t jj = 0; jj < a->n_q; jj++)
+                c += mrow[jj] != 0;
+            lane_end[l] = a->n_past + c;
+            lane_col[l] = 0;
+            n_end = lane_end[l] > n_end ? lane_end[l] : n_end;
+        }
+    }
 
     for (int64_t p0 = 0; p0 < n_end; p0 += VL) {
+        vf s[VL];
+        if (a->mask && p0 + VL > a->n_past) {
+            attn_tile_gather(a, h, i0, nq, p0, n_end, lane_end, lane_col, qt, ot, s, &m, &lsum);
+            continue;
+        }
         /* pack keys p0 .. p0+VL-1 (past the end: repeat the last, masked below) */
         for (int j = 0; j < VL; j++) {
             const int64_t p = p0 + j < n_end ? p0 + j : n_end - 1;
@@ -974,7 +1113,6 @@ static void attn_tile(const kn_attn_args *a, int h, int64_t i0, float *buf)
                 memcpy(vc + d * VL + j * 4, vr + d, 4 * sizeof(float));
             }
         }
-        vf s[VL];
         _Pragma("GCC unroll 16") for (int j = 0; j < VL; j++)
             s[j] = vzero();
         for (int d = 0; d < hd; d += 4) {
@@ -985,10 +1123,10 @@ static void attn_tile(const kn_attn_args *a, int h, int64_t i0, float *buf)
                     s[j] = vfma(vset1(kd[j * 4 + dd]), qv, s[j]);
             }
         }
-        /* Keys past the end, causally future ones and masked ones score
-         * -inf. Without a mask only the tile that crosses the diagonal (and
-         * the last one) needs this. */
-        const bool edge = a->mask || p0 + VL > n_end || p0 + VL - 1 - a->n_past > i0;
+        /* Keys past the end and causally future ones score -inf: only the
+         * tile that crosses the diagonal (and the last one) needs this. With
+         * a mask this tile lies below n_past: every key is visible. */
+        const bool edge = p0 + VL > n_end || p0 + VL - 1 - a->n_past > i0;
         _Pragma("GCC unroll 16") for (int j = 0; j < VL; j++) {
             s[j] = vmul(s[j], vscale);
             if (!edge)
@@ -997,32 +1135,10 @@ static void attn_tile(const kn_attn_args *a, int h, int64_t i0, float *buf)
             if (p0 + j >= n_end) {
                 s[j] = ninf;
             } else if (jr >= 0) {
-                if (a->mask) {
-                    float vis[VL] __attribute__((aligned(64)));
-                    for (int l = 0; l < VL; l++)
-                        vis[l] = a->mask[(i0 + (l < nq ? l : nq - 1)) * a->n_q + jr] ? 1.0f : 0.0f;
-                    s[j] = vsel_lt(vld(vis), vset1(0.5f), ninf, s[j]);
-                } else {
-                    s[j] = vsel_lt(qidx, vset1((float)jr), ninf, s[j]);
-                }
+                s[j] = vsel_lt(qidx, vset1((float)jr), ninf, s[j]);
             }
         }
-        vf mt = s[0];
-        _Pragma("GCC unroll 16") for (int j = 1; j < VL; j++)
-            mt = vmax(mt, s[j]);
-        const vf mnew = vmax(m, mt);
-        /* A lane that has seen nothing yet keeps max -inf: take 0 as its
-         * reference so that no -inf - -inf appears; vexp clamps its input,
-         * so -inf scores are zeroed explicitly. */
-        const vf mref = vmask_ninf(mnew, mnew);
-        const vf alpha = vmask_ninf(m, vexp(vsub(m, mref)));
-        vf psum = vzero();
-        _Pragma("GCC unroll 16") for (int j = 0; j < VL; j++) {
-            s[j] = vmask_ninf(s[j], vexp(vsub(s[j], mref)));
-            psum = vadd(psum, s[j]);
-        }
-        lsum = vfma(lsum, alpha, psum);
-        m = mnew;
+        const vf alpha = attn_softmax_step(s, &m, &lsum);
         for (int d = 0; d < hd; d += 4) {
             const float *vd = vc + d * VL;
             _Pragma("GCC unroll 4") for (int dd = 0; dd < 4; dd++) {
@@ -1047,8 +1163,16 @@ static void attn_tile(const kn_attn_args *a, int h, int64_t i0, float *buf)
 /* One query alone, with exactly the arithmetic of its lane in attn_tile
  * (same key tiles, same operation order, the same vector exp applied per
  * key): bit for bit what attn_tile gives it, without computing VL - 1 idle
- * lanes. Decode (one query per sequence) runs here. */
-static void attn_query(const kn_attn_args *a, int h, int64_t i, float *buf)
+ * lanes. Decode (one query per sequence) runs here.
+ * With a mask, `vis` lists the new tokens the query sees (ascending j, n_vis
+ * of them) and the walk is over its visible keys, not over slots: logical
+ * key t is slot t for t < n_past, then slot n_past + vis[t - n_past], and
+ * key tiles are aligned to t. A Medusa tree node thus groups its keys as
+ * decoding it alone does (its visible keys contiguous at 0 .. n_past +
+ * depth), and gets the same output bit for bit; with slot-aligned tiles a
+ * node off the main chain would regroup around its siblings' slots. */
+static void attn_query(const kn_attn_args *a, int h, int64_t i, const int32_t *vis,
+                       int64_t n_vis, float *buf)
 {
     const int hd = a->head_dim;
     const int kvh = h / (a->n_head / a->n_kv_head);
@@ -1056,7 +1180,7 @@ static void attn_query(const kn_attn_args *a, int h, int64_t i, float *buf)
     const int64_t row_stride = (int64_t)a->n_kv_head * hd;
     const int64_t blk_stride = bs * row_stride;
     const int64_t q_stride = (int64_t)a->n_head * hd;
-    const int64_t n_end = a->mask ? a->n_past + a->n_q : a->n_past + i + 1;
+    const int64_t n_end = vis ? a->n_past + n_vis : a->n_past + i + 1; /* logical keys */
     const float *q = a->q + i * q_stride + (int64_t)h * hd;
     /* o[hd], then the tile's keys transposed: kt[d][VL] (lanes = keys) */
     float *o = buf, *kt = buf + (hd + VL - 1) / VL * VL;
@@ -1073,15 +1197,16 @@ static void attn_query(const kn_attn_args *a, int h, int64_t i, float *buf)
          * chain over d as attn_tile's lane for this query. */
         int nk = 0;
         for (int j = 0; j < VL; j++) {
-            const int64_t p = p0 + j;
-            const int64_t jr = p - a->n_past;
-            /* without a mask, n_end already stops at the query's own position */
-            if (p >= n_end || (a->mask && jr >= 0 && !a->mask[i * a->n_q + jr])) {
+            int64_t p = p0 + j;
+            /* n_end stops at the query's own position or last visible key */
+            if (p >= n_end) {
                 vrow[j] = NULL;
                 for (int d = 0; d < hd; d++)
                     kt[d * VL + j] = 0.0f;
                 continue;
             }
+            if (vis && p >= a->n_past)
+                p = a->n_past + vis[p - a->n_past];
             const int64_t off = (int64_t)a->block_table[p / bs] * blk_stride + (p % bs) * row_stride;
             const float *kr = kbase + off;
             for (int d = 0; d < hd; d++)
@@ -1090,7 +1215,7 @@ static void attn_query(const kn_attn_args *a, int h, int64_t i, float *buf)
             nk++;
         }
         if (nk == 0)
-            continue; /* a tile with no visible key is an exact no-op in attn_tile */
+            continue; /* defensive: every tile below n_end holds a visible key */
         vf sv = vzero();
         for (int d = 0; d < hd; d++)
             sv = vfma(vld(kt + d * VL), vset1(q[d]), sv);
@@ -1139,10 +1264,23 @@ static void attn_query_job(void *p, int ith, int nth)
     const struct attn_job_args *j = p;
     const kn_attn_args *a = j->a;
     float *buf = a->scratch + ith * j->stride + (j->stride - KN_ATT_TILE_FLOATS);
-    int64_t lo, hi;
+    /* a query's visible new tokens go in the score-row part of the thread's
+     * share, which attn_query does not use (n_q <= its length) */
+    int32_t *vis = a->mask ? (int32_t *)(a->scratch + ith * j->stride) : NULL;
+    int64_t lo, hi, n_vis = 0, vis_of = -1;
     kn_split(a->n_q * a->n_head, ith, nth, 1, &lo, &hi);
-    for (int64_t t = lo; t < hi; t++)
-        attn_query(a, (int)(t % a->n_head), t / a->n_head, buf);
+    for (int64_t t = lo; t < hi; t++) {
+        const int64_t i = t / a->n_head;
+        if (vis && i != vis_of) {
+            const uint8_t *mrow = a->mask + i * a->n_q;
+            n_vis = 0;
+            for (int64_t jj = 0; jj < a->n_q; jj++)
+                if (mrow[jj])
+                    vis[n_vis++] = (int32_t)jj;
+            vis_of = i;
+        }
+        attn_query(a, (int)(t % a->n_head), i, vis, n_vis, buf);
+    }
 }
 
 static void attn_tiled_job(void *p, int ith, int nth)
@@ -1182,13 +1320,15 @@ static void simd_attention(kn_ctx *ctx, const kn_attn_args *a)
     struct attn_job_args j = {
         .a = a, .stride = (a->n_past + a->n_q + 15) / 16 * 16 + 16 + KN_ATT_TILE_FLOATS};
     atomic_init(&j.next, 0);
-    /* One algorithm for every n_q: a query's lanes never mix with its tile
-     * mates', and key tiles are aligned to absolute positions, so its output
-     * does not depend on the queries batched with it (a key tile a query
-     * cannot see is an exact no-op for its lane). Switching to attn_task for
-     * few queries would change the arithmetic with the batch. */
+    /* One arithmetic for every n_q: a query's lanes never mix with its tile
+     * mates', and key tiles are aligned to the query's own key walk, so its
+     * output does not depend on the queries batched with it (a key tile a
+     * query cannot see is an exact no-op for its lane). Switching to
+     * attn_task for few queries would change the arithmetic with the batch.
+     * With a mask the key tiles follow each query's visible keys, so that a
+     * tree node equals its plain decode (attn_query, attn_tile_gather). */
     if (a->head_dim % 4 == 0 && a->head_dim <= KN_ATT_HD_MAX) {
-        if (a->n_q < KN_ATT_QUERY_MAX) { /* the same arithmetic, one query at a time */
+        if (a->n_q < KN_ATT_QUERY_MAX) { /* attn_tile's arithmetic per query */
             kn_run(ctx, attn_query_job, &j);
             return;
         }

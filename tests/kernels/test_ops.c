@@ -960,3 +960,155 @@ Test(kernels_ops, attention_query_does_not_depend_on_the_batch, .timeout = 60)
             check_attention_invariance(2, 1, 6, 5, nqs[i], use_mask); /* per-query path */
         }
 }
+
+/* Medusa's promise "tree verification output == plain decode output" needs a
+ * tree node's attention to equal, bit for bit, that of the same token decoded
+ * alone: decode sees the node's visible keys (the prefix, its ancestors,
+ * itself) at contiguous positions 0 .. n_past + depth, while the tree call
+ * holds them at slots with its siblings' slots in between. */
+
+/* Double-precision attention of one query head over the cache rows at
+ * positions pos[0 .. n_pos-1] (row pointers into k/v given per position). */
+static void attn_ref_row(const float *qh, const float *const *kr, const float *const *vr,
+                         int64_t n_pos, int hd, float scale, double *sc, double *want)
+{
+    double mx = -INFINITY, sum = 0;
+    for (int64_t p = 0; p < n_pos; p++) {
+        double s = 0;
+        for (int d = 0; d < hd; d++)
+            s += (double)qh[d] * kr[p][d];
+        sc[p] = s * scale;
+        mx = fmax(mx, sc[p]);
+    }
+    for (int64_t p = 0; p < n_pos; p++)
+        sum += exp(sc[p] - mx);
+    for (int d = 0; d < hd; d++) {
+        want[d] = 0;
+        for (int64_t p = 0; p < n_pos; p++)
+            want[d] += exp(sc[p] - mx) / sum * vr[p][d];
+    }
+}
+
+/* parent[] lists a tree in cache order (parents before children, -1 for the
+ * depth-1 nodes); every variant's masked call over it is compared with one
+ * unmasked single-query call per node over a contiguous copy of the node's
+ * visible keys, and with the double-precision definition. */
+static void check_masked_equals_decode(int n_head, int n_kv_head, int head_dim, int bs,
+                                       int64_t n_past, const int *parent, int64_t n_q)
+{
+    const int threads = 2, grp = n_head / n_kv_head;
+    const int64_t n_ctx = n_past + n_q, n_blocks = (n_ctx + bs - 1) / bs + 2;
+    const int64_t row = (int64_t)n_kv_head * head_dim, qrow = (int64_t)n_head * head_dim;
+    const float scale = 1.0f / sqrtf((float)head_dim);
+    float *k = fvec(n_blocks * bs * row), *v = fvec(n_blocks * bs * row);
+    float *k2 = fvec(n_blocks * bs * row), *v2 = fvec(n_blocks * bs * row);
+    float *q = fvec(n_q * qrow), *out = fvec(n_q * qrow), *out1 = fvec(qrow);
+    int32_t *bt = malloc((size_t)n_blocks * sizeof(int32_t));
+    int32_t *bt2 = malloc((size_t)n_blocks * sizeof(int32_t));
+    uint8_t *mask = calloc((size_t)(n_q * n_q), 1);
+    int64_t *vis = malloc((size_t)n_ctx * sizeof(int64_t)); /* a node's visible slots */
+    const float **kr = malloc((size_t)n_ctx * sizeof(float *));
+    const float **vr = malloc((size_t)n_ctx * sizeof(float *));
+    double *sc = malloc((size_t)n_ctx * sizeof(double)), *want = malloc(sizeof(double) * 256);
+    float *scratch = malloc(kn_attn_scratch_floats(n_ctx, threads) * sizeof(float));
+    cr_assert(bt && bt2 && mask && vis && kr && vr && sc && want && scratch);
+    /* two different scatterings, so that contiguous positions of the decode
+     * cache do not sit where the tree cache had them */
+    for (int64_t b = 0; b < n_blocks; b++) {
+        bt[b] = (int32_t)(n_blocks - 1 - b);
+        bt2[b] = (int32_t)((b + 1) % n_blocks);
+    }
+    for (int64_t i = 0; i < n_q; i++)
+        for (int64_t j = i; j >= 0; j = parent[j])
+            mask[i * n_q + j] = 1;
+    kn_ctx *ctx = make_ctx(threads, KN_VARIANT_SCALAR);
+    enum kn_variant vs[KN_VARIANT_COUNT];
+    int nv = variants(vs);
+    for (int iv = 0; iv < nv; iv++) {
+        const kn_ops *ops = kn_ops_for(vs[iv]);
+        kn_attn_args a = {.q = q, .out = out, .n_q = n_q, .n_past = n_past, .n_head = n_head,
+                          .n_kv_head = n_kv_head, .head_dim = head_dim, .k_pool = k,
+                          .v_pool = v, .block_table = bt, .block_size = bs, .mask = mask,
+                          .scale = scale, .scratch = scratch};
+        poison(out, n_q * qrow);
+        ops->attention(ctx, &a);
+        for (int64_t i = 0; i < n_q; i++) {
+            int64_t n_vis = 0;
+            for (int64_t p = 0; p < n_ctx; p++)
+                if (p < n_past || mask[i * n_q + p - n_past])
+                    vis[n_vis++] = p;
+            /* the decode cache: visible rows at positions 0 .. n_vis - 1 */
+            for (int64_t t = 0; t < n_vis; t++) {
+                const int64_t src = (bt[vis[t] / bs] * bs + vis[t] % bs) * row;
+                const int64_t dst = (bt2[t / bs] * bs + t % bs) * row;
+                memcpy(k2 + dst, k + src, (size_t)row * sizeof(float));
+                memcpy(v2 + dst, v + src, (size_t)row * sizeof(float));
+            }
+            kn_attn_args b = {.q = q + i * qrow, .out = out1, .n_q = 1, .n_past = n_vis - 1,
+                              .n_head = n_head, .n_kv_head = n_kv_head, .head_dim = head_dim,
+                              .k_pool = k2, .v_pool = v2, .block_table = bt2,
+                              .block_size = bs, .mask = NULL, .scale = scale,
+                              .scratch = scratch};
+            poison(out1, qrow);
+            ops->attention(ctx, &b);
+            cr_assert(memcmp(out1, out + i * qrow, (size_t)qrow * sizeof(float)) == 0,
+                      "%s hd=%d heads=%d/%d bs=%d past=%ld nq=%ld: node %ld (%ld visible "
+                      "keys) differs from its decode over contiguous keys",
+                      kn_variant_name(vs[iv]), head_dim, n_head, n_kv_head, bs, (long)n_past,
+                      (long)n_q, (long)i, (long)n_vis);
+            for (int h = 0; h < n_head; h++) {
+                for (int64_t t = 0; t < n_vis; t++) {
+                    const int64_t off = (bt[vis[t] / bs] * bs + vis[t] % bs) * row +
+                                        (int64_t)(h / grp) * head_dim;
+                    kr[t] = k + off;
+                    vr[t] = v + off;
+                }
+                attn_ref_row(q + i * qrow + h * head_dim, kr, vr, n_vis, head_dim, scale, sc,
+                             want);
+                for (int d = 0; d < head_dim; d++) {
+                    const float got = out[i * qrow + h * head_dim + d];
+                    cr_assert(close_rel(got, (float)want[d], 1.0, 2e-5),
+                              "%s hd=%d past=%ld node %ld [%d][%d]: %g vs %g",
+                              kn_variant_name(vs[iv]), head_dim, (long)n_past, (long)i, h, d,
+                              got, want[d]);
+                }
+            }
+        }
+    }
+    kn_ctx_destroy(ctx);
+    free(scratch);
+    free(want);
+    free(sc);
+    free(vr);
+    free(kr);
+    free(vis);
+    free(mask);
+    free(bt2);
+    free(bt);
+    free(out1);
+    free(out);
+    free(q);
+    free(v2);
+    free(k2);
+    free(v);
+    free(k);
+}
+
+Test(kernels_ops, masked_query_equals_decode_over_contiguous_keys, .timeout = 60)
+{
+    /* depth-1 nodes at slots 0..2, deeper ones after their parents: nodes
+     * off the main chain see keys with their siblings' slots in between */
+    static const int tree[10] = {-1, -1, -1, 0, 0, 1, 3, 3, 5, 6};
+    int big[40]; /* wider than one query tile of any variant */
+    for (int i = 0; i < 40; i++)
+        big[i] = i < 3 ? -1 : (int)(rnd() % (uint64_t)i);
+    static const int64_t pasts[] = {0, 5, 37};
+    for (size_t p = 0; p < sizeof(pasts) / sizeof(pasts[0]); p++) {
+        check_masked_equals_decode(4, 2, 64, 7, pasts[p], tree, 10);
+        check_masked_equals_decode(2, 1, 8, 5, pasts[p], tree, 10);
+        check_masked_equals_decode(3, 3, 48, 11, pasts[p], tree, 10);
+        check_masked_equals_decode(4, 2, 64, 7, pasts[p], tree, 3); /* few queries */
+        check_masked_equals_decode(4, 1, 48, 13, pasts[p], big, 40);
+        check_masked_equals_decode(2, 2, 6, 4, pasts[p], big, 40); /* per-(query, head) path */
+    }
+}
