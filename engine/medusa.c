@@ -89,10 +89,14 @@ void eng_medusa_destroy(eng_medusa *md)
     free(md->h_in);
     free(md->h_z);
     free(md->h_mid);
+    kn_tensor_unpack(&md->w_cat);
     free(md->w_cat_data);
     free(md->b_cat);
-    for (int i = 0; i < ENG_MEDUSA_MAX_DEPTH; i++)
+    for (int i = 0; i < ENG_MEDUSA_MAX_DEPTH; i++) {
+        if (md->lm_data[i]) /* else lm[i] is borrowed (the model's or the checkpoint's) */
+            kn_tensor_unpack(&md->lm[i]);
         free(md->lm_data[i]);
+    }
     free(md->node_done);
     free(md->h_logits);
     free(md->cand);
@@ -161,7 +165,7 @@ static int make_tensor(kn_tensor *out, void **owned, enum kn_dtype t, int64_t ro
     }
     *owned = data;
     *out = (kn_tensor){.data = data, .type = t, .rows = rows, .cols = cols};
-    return 0;
+    return kn_tensor_pack(out); /* like the model's own weights */
 }
 
 /* The step's view of the heads (see struct eng_medusa). A quantised base

@@ -214,6 +214,29 @@ static int load_weights(eng_model *m)
     return 0;
 }
 
+/* Matmul weight i of the model, i < 1 + 7 * n_layer (the tok_embd lookup
+ * is not one: it reads the file's layout). */
+static kn_tensor *matmul_tensor(eng_model *m, int64_t i)
+{
+    if (i == 0)
+        return &m->output;
+    eng_layer *L = &m->layers[(i - 1) / 7];
+    kn_tensor *lt[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
+    return lt[(i - 1) % 7];
+}
+
+/* Repack the matmul weights once for this CPU's matmul (kn_tensor_pack):
+ * Q8_0 on AVX-512 then streams them without per-call repacking. */
+static int pack_weights(eng_model *m)
+{
+    const int64_t n = 1 + 7 * (int64_t)m->hp.n_layer;
+    for (int64_t i = 0; i < n; i++)
+        if (kn_tensor_pack(matmul_tensor(m, i)) < 0)
+            return eng_fail(-ENOMEM, "model: no memory to repack the weights (%" PRId64
+                                     " of %" PRId64 " done)", i, n);
+    return 0;
+}
+
 static int64_t matrix_bytes(const kn_tensor *t)
 {
     return (int64_t)kn_row_bytes(t->type, t->cols) * t->rows;
@@ -231,6 +254,8 @@ int eng_model_open_gguf(eng_model **out, eng_gguf *g)
     int rc = read_hparams(g, &m->hp);
     if (rc == 0)
         rc = load_weights(m);
+    if (rc == 0)
+        rc = pack_weights(m);
     if (rc == 0) {
         rc = eng_tok_create(&m->tok, g);
         if (rc == -ENOENT) {
@@ -279,6 +304,9 @@ void eng_model_close(eng_model *m)
     if (!m)
         return;
     eng_tok_destroy(m->tok);
+    kn_tensor_unpack(&m->output);
+    for (int64_t i = 1; m->layers && i < 1 + 7 * (int64_t)m->hp.n_layer; i++)
+        kn_tensor_unpack(matmul_tensor(m, i));
     eng_gguf_close(m->gguf);
     free(m->layers);
     free(m);

@@ -56,13 +56,27 @@ size_t kn_row_bytes(enum kn_dtype t, int64_t n);
 const char *kn_dtype_name(enum kn_dtype t);
 
 /* A read-only 2-D weight: rows × cols, row-major, `data` points into the
- * mmapped model file (or any caller-owned memory that outlives the tensor). */
+ * mmapped model file (or any caller-owned memory that outlives the tensor).
+ * `packed` is NULL or a copy of data made by kn_tensor_pack. */
 typedef struct kn_tensor {
     const void *data;
     enum kn_dtype type;
     int64_t rows; /* n_out */
     int64_t cols; /* n_in (contiguous) */
+    const void *packed;
 } kn_tensor;
+
+/* Give w a copy of its weights in the layout that this CPU's fastest matmul
+ * streams best, made once (at model load) instead of per call. Today: Q8_0
+ * on AVX-512 VNNI (16-row panels, 4-byte groups of the rows interleaved;
+ * same size as the Q8_0 data). Other types and CPUs, or GORGON_CPU_MAX
+ * below avx512, leave w unchanged. Only matmul reads the copy, and gives
+ * bit for bit the results it gives without it; every other op (get_rows)
+ * reads data. Returns 0 (packed or not) or -ENOMEM. The copy belongs to the
+ * caller: kn_tensor_unpack frees it (and is a no-op on an unpacked tensor);
+ * copies of the struct share it. */
+int kn_tensor_pack(kn_tensor *w);
+void kn_tensor_unpack(kn_tensor *w);
 
 enum kn_variant {
     KN_VARIANT_AUTO = 0, /* best the CPU supports (cm_cpu()) */

@@ -246,6 +246,25 @@ static const kn_impl *impl_for(enum kn_variant v)
     }
 }
 
+int kn_tensor_pack(kn_tensor *w)
+{
+    if (!w || w->packed || resolve(KN_VARIANT_AUTO) != KN_VARIANT_AVX512)
+        return 0;
+    void *p;
+    int rc = kn_avx512_pack(w, &p);
+    if (rc == 0)
+        w->packed = p;
+    return rc;
+}
+
+void kn_tensor_unpack(kn_tensor *w)
+{
+    if (!w)
+        return;
+    free((void *)w->packed);
+    w->packed = NULL;
+}
+
 const kn_ops *kn_ops_for(enum kn_variant v)
 {
     const kn_impl *impl = impl_for(v);

@@ -33,6 +33,10 @@ extern const kn_impl kn_impl_scalar;
 extern const kn_impl kn_impl_avx2;
 extern const kn_impl kn_impl_avx512;
 
+/* The AVX-512 file's packed Q8_0 layout (kn_tensor_pack): *out = an
+ * aligned_alloc'd copy, or NULL when w has no packed form; -ENOMEM. */
+int kn_avx512_pack(const kn_tensor *w, void **out);
+
 /* Run job on every pool thread and wait (see top of file). */
 void kn_run(kn_ctx *ctx, kn_job_fn job, void *arg);
 int kn_nthreads(const kn_ctx *ctx);

@@ -84,9 +84,12 @@ static inline vf vmask_ninf(vf s, vf e)
 
 /* ---- Q8_0 GEMM on VNNI ----------------------------------------------------
  * x is quantised once per call into int8 blocks (kn_block_q8_x, f32 scale).
- * Each thread takes panels of 16 weight rows and repacks them once:
+ * Weights are read in panels of 16 rows, repacked as
  *   wq[b][g][r][4] = W[r].qs[b*32 + 4g .. +3] + 128   (u8, b block, g 0..7)
- *   wd[b][r]       = W[r].d as f32
+ *   wd[b][r]       = W[r].d (f16)
+ * either by each thread as it goes (q8_pack), or once at model load
+ * (kn_tensor_pack: then the whole tensor is stored as consecutive panels,
+ * Q8P_PANEL_BYTES each, and the matmul reads them as one linear stream),
  * so that one vpdpbusd multiplies a broadcast 4-byte group of an x row with
  * the same group of 16 weight rows. vpdpbusd wants u8 x s8; the +128 bias on
  * the weights is removed by starting each block's accumulator at
@@ -97,7 +100,6 @@ static inline vf vmask_ninf(vf s, vf e)
  * a row's result does not depend on M (batching, Medusa verification): per
  * output, two chains, even and odd blocks in order, each
  * c = fma((float)isum_b, d_w * d_x, c), and y = c_even + c_odd. */
-#define Q8_MR 8
 #define Q8_CHUNK 8 /* 16-row panels per q8_gemm work item */
 
 struct q8_args {
@@ -184,7 +186,7 @@ static inline void q8_transpose(const __m512i z[8], __m512i g[8])
  * are prefetched as one linear stream spread over this panel's steps, and
  * a panel nobody prefetched (cold) first requests the head of every row,
  * so that those misses overlap. */
-static void q8_pack(const kn_tensor *w, int64_t n0, int nn, int64_t nb, uint8_t *wq, float *wd,
+static void q8_pack(const kn_tensor *w, int64_t n0, int nn, int64_t nb, uint8_t *wq, uint16_t *wd,
                     bool cold, const char *next, size_t next_bytes)
 {
     const size_t rb = kn_row_bytes(KN_Q8_0, w->cols);
@@ -217,64 +219,53 @@ static void q8_pack(const kn_tensor *w, int64_t n0, int nn, int64_t nb, uint8_t 
          * vector stalled on store forwarding); rows past nn get 0 */
         const __m512i dh = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, drow,
                                                        (const void *)&rows[0][b].d, 1);
-        _mm512_store_ps(wd + b * 16, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dh)));
+        _mm256_store_si256((__m256i *)(wd + b * 16), _mm512_cvtepi32_epi16(dh));
     }
 }
 
-/* Block b of MR rows into the f32 chain facc. */
-static inline __attribute__((always_inline)) void q8_block(const kn_block_q8_x *const *xr,
-                                                           const uint8_t *wq, const float *wd,
-                                                           int64_t b, __m512 *facc, const int MR)
-{
-    __m512i iacc[Q8_MR];
-    _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++)
-        iacc[m] = _mm512_set1_epi32(-128 * xr[m][b].sum);
-    const uint8_t *wb = wq + b * 512;
-    _Pragma("GCC unroll 8") for (int g = 0; g < 8; g++) {
-        const __m512i wv = _mm512_load_si512((const void *)(wb + g * 64));
-        _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++) {
-            int32_t x4;
-            memcpy(&x4, xr[m][b].qs + 4 * g, 4);
-            iacc[m] = _mm512_dpbusd_epi32(iacc[m], wv, _mm512_set1_epi32(x4));
-        }
-    }
-    const __m512 dw = _mm512_load_ps(wd + b * 16);
-    _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++)
-        facc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[m]),
-                                  _mm512_mul_ps(dw, _mm512_set1_ps(xr[m][b].d)), facc[m]);
-}
+#define Q8_CAP 4
+#include "kernels/cpu/kn_q8_tile_tmpl.h"
+#undef Q8_CAP
+#define Q8_CAP 8
+#include "kernels/cpu/kn_q8_tile_tmpl.h"
+#undef Q8_CAP
 
-/* y rows [m0, m0 + MR) x the 16 columns of the packed panel. */
-static inline __attribute__((always_inline)) void q8_tile(const struct q8_args *a, const uint8_t *wq,
-                                                          const float *wd, int64_t m0, int64_t n0,
-                                                          __mmask16 keep, const int MR)
+/* All M rows of y for the panel of rows [n0, n0 + 16) (those below N). */
+static void q8_tiles(const kn_block_q8_x *xq, int64_t nb, int64_t M, float *y, int64_t N,
+                     const uint8_t *wq, const uint16_t *wd, int64_t n0)
 {
-    const int64_t N = a->w->rows, nb = a->w->cols / KN_QK;
-    const kn_block_q8_x *xr[Q8_MR];
-    _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++)
-        xr[m] = a->xq + (m0 + m) * nb;
-    /* even and odd blocks: the two chains of the canonical order */
-    __m512 fe[Q8_MR], fo[Q8_MR];
-    _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++)
-        fe[m] = fo[m] = _mm512_setzero_ps();
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        q8_block(xr, wq, wd, b, fe, MR);
-        q8_block(xr, wq, wd, b + 1, fo, MR);
+    const int nn = (int)(N - n0 < 16 ? N - n0 : 16);
+    const __mmask16 keep = (__mmask16)((1u << nn) - 1);
+    int64_t m0 = 0;
+    /* Few rows (decode batches, Medusa trees): tiles of 4 with two chains
+     * per row beat tiles of 8 (~10 % at 8 and 16 rows); the panel stays in
+     * L1 between them. Prefill keeps the 8-row tiles' weight reuse. */
+    if (M <= 16)
+        for (; m0 + 4 <= M; m0 += 4)
+            q8_tile_4(xq, nb, y, N, wq, wd, m0, n0, keep, 4);
+    for (; m0 + 8 <= M; m0 += 8)
+        q8_tile_8(xq, nb, y, N, wq, wd, m0, n0, keep, 8);
+    /* the ragged last tile at its exact height: Medusa verification runs
+     * ~17 rows, where a padded tile would be a third of the work */
+    switch (M - m0) {
+    case 7: q8_tile_8(xq, nb, y, N, wq, wd, m0, n0, keep, 7); break;
+    case 6: q8_tile_8(xq, nb, y, N, wq, wd, m0, n0, keep, 6); break;
+    case 5: q8_tile_8(xq, nb, y, N, wq, wd, m0, n0, keep, 5); break;
+    case 4: q8_tile_4(xq, nb, y, N, wq, wd, m0, n0, keep, 4); break;
+    case 3: q8_tile_4(xq, nb, y, N, wq, wd, m0, n0, keep, 3); break;
+    case 2: q8_tile_4(xq, nb, y, N, wq, wd, m0, n0, keep, 2); break;
+    case 1: q8_tile_4(xq, nb, y, N, wq, wd, m0, n0, keep, 1); break;
+    default: break;
     }
-    if (b < nb)
-        q8_block(xr, wq, wd, b, fe, MR);
-    _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++)
-        _mm512_mask_storeu_ps(a->y + (m0 + m) * N + n0, keep, _mm512_add_ps(fe[m], fo[m]));
 }
 
 static void q8_gemm_job(void *p, int ith, int nth)
 {
     (void)nth;
     struct q8_args *a = p;
-    const int64_t K = a->w->cols, N = a->w->rows, M = a->M, nb = K / KN_QK;
+    const int64_t K = a->w->cols, N = a->w->rows, nb = K / KN_QK;
     uint8_t *wq = (uint8_t *)(a->packs + (size_t)ith * a->pack_bytes);
-    float *wd = (float *)(wq + nb * 512);
+    uint16_t *wd = (uint16_t *)(wq + nb * 512);
     const int64_t n_panels = (N + 15) / 16;
     const size_t rb = kn_row_bytes(KN_Q8_0, K);
     /* Panels are taken Q8_CHUNK at a time so that a thread knows its next
@@ -290,33 +281,104 @@ static void q8_gemm_job(void *p, int ith, int nth)
             return;
         const int64_t n0 = pi * 16;
         const int nn = (int)(N - n0 < 16 ? N - n0 : 16);
-        const __mmask16 keep = (__mmask16)((1u << nn) - 1);
         const int64_t nx = pi + 1 < chunk_end ? (N - n0 - 16 < 16 ? N - n0 - 16 : 16) : 0;
-        q8_pack(a->w, n0, nn, nb, wq, wd, cold, nx ? (const char *)a->w->data + (size_t)(n0 + 16) * rb : NULL,
-                (size_t)nx * rb);
-        int64_t m0 = 0;
-        for (; m0 + Q8_MR <= M; m0 += Q8_MR)
-            q8_tile(a, wq, wd, m0, n0, keep, Q8_MR);
-        /* the ragged last tile at its exact height: Medusa verification runs
-         * ~17 rows, where a padded tile would be a third of the work */
-        switch (M - m0) {
-        case 7: q8_tile(a, wq, wd, m0, n0, keep, 7); break;
-        case 6: q8_tile(a, wq, wd, m0, n0, keep, 6); break;
-        case 5: q8_tile(a, wq, wd, m0, n0, keep, 5); break;
-        case 4: q8_tile(a, wq, wd, m0, n0, keep, 4); break;
-        case 3: q8_tile(a, wq, wd, m0, n0, keep, 3); break;
-        case 2: q8_tile(a, wq, wd, m0, n0, keep, 2); break;
-        case 1: q8_tile(a, wq, wd, m0, n0, keep, 1); break;
-        default: break;
+        q8_pack(a->w, n0, nn, nb, wq, wd, cold,
+                nx ? (const char *)a->w->data + (size_t)(n0 + 16) * rb : NULL, (size_t)nx * rb);
+        q8_tiles(a->xq, nb, a->M, a->y, N, wq, wd, n0);
+    }
+}
+
+/* ---- Q8_0 weights packed at load (kn_tensor_pack) -------------------------
+ * The same panels as q8_pack writes, made once: the matmul then streams them
+ * linearly, with no per-call repacking, at every M (decode included: no
+ * horizontal reduction per block either, unlike q8mv). Same arithmetic as
+ * the other two Q8_0 paths, so packing changes no result bit. */
+static size_t q8p_panel_bytes(int64_t nb)
+{
+    return (size_t)nb * 512 + ((size_t)nb * 32 + 63) / 64 * 64;
+}
+
+int kn_avx512_pack(const kn_tensor *w, void **out)
+{
+    *out = NULL;
+    if (w->type != KN_Q8_0 || w->rows <= 0 || w->cols <= 0 || w->cols % KN_QK != 0 || !w->data)
+        return 0;
+    const int64_t nb = w->cols / KN_QK, n_panels = (w->rows + 15) / 16;
+    const size_t pb = q8p_panel_bytes(nb);
+    char *buf = aligned_alloc(64, (size_t)n_panels * pb);
+    if (!buf)
+        return -ENOMEM;
+    for (int64_t pi = 0; pi < n_panels; pi++) {
+        const int64_t n0 = pi * 16;
+        uint8_t *wq = (uint8_t *)buf + (size_t)pi * pb;
+        q8_pack(w, n0, (int)(w->rows - n0 < 16 ? w->rows - n0 : 16), nb, wq,
+                (uint16_t *)(wq + nb * 512), false, NULL, 0);
+    }
+    *out = buf;
+    return 0;
+}
+
+struct q8p_args {
+    struct mm_args *a; /* packed weights, outputs, chunk list (16-row multiples) */
+    const kn_block_q8_x *xq;
+};
+
+static void q8p_job(void *p, int ith, int nth)
+{
+    (void)ith;
+    (void)nth;
+    const struct q8p_args *q = p;
+    struct mm_args *a = q->a;
+    const int64_t nb = a->ws[0]->cols / KN_QK;
+    const size_t pb = q8p_panel_bytes(nb);
+    int t;
+    int64_t lo, hi;
+    while (matvec_next(a, &t, &lo, &hi)) {
+        const kn_tensor *w = a->ws[t];
+        for (int64_t n0 = lo; n0 < hi; n0 += 16) {
+            const uint8_t *wq = (const uint8_t *)w->packed + (size_t)(n0 / 16) * pb;
+            q8_tiles(q->xq, nb, a->M, a->ys[t], w->rows, wq, (const uint16_t *)(wq + nb * 512),
+                     n0);
         }
     }
 }
 
+/* The chunk list of a over packed weights: x quantised once, one pool job. */
+static int q8p_run(kn_ctx *ctx, struct mm_args *a)
+{
+    const int64_t nb = a->ws[0]->cols / KN_QK;
+    struct q8_args qa = {.w = a->ws[0], .x = a->x, .M = a->M};
+    qa.xq = kn_scratch(ctx, KN_SCRATCH_ACT, (size_t)a->M * nb * sizeof(kn_block_q8_x));
+    if (!qa.xq)
+        return -ENOMEM;
+    if (a->M * nb < 2048)
+        q8_quant_job(&qa, 0, 1);
+    else
+        kn_run(ctx, q8_quant_job, &qa);
+    struct q8p_args q = {.a = a, .xq = qa.xq};
+    kn_run(ctx, q8p_job, &q);
+    return 0;
+}
+
+static bool q8p_all_packed(const struct mm_args *a)
+{
+    for (int t = 0; t < a->n_w; t++)
+        if (!a->ws[t]->packed)
+            return false;
+    return true;
+}
+
 static int q8_gemm(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t M, float *y)
 {
+    if (w->packed) {
+        struct mm_args pa = {.w = w, .x = x, .M = M, .y = y};
+        atomic_init(&pa.next, 0);
+        matvec_plan(&pa, 1, &w, &y, kn_nthreads(ctx));
+        return q8p_run(ctx, &pa);
+    }
     const int64_t nb = w->cols / KN_QK;
     struct q8_args a = {.w = w, .x = x, .M = M, .y = y};
-    a.pack_bytes = (size_t)nb * (512 + 64);
+    a.pack_bytes = q8p_panel_bytes(nb);
     a.xq = kn_scratch(ctx, KN_SCRATCH_ACT, (size_t)M * nb * sizeof(kn_block_q8_x));
     a.packs = kn_scratch(ctx, KN_SCRATCH_PANEL, (size_t)kn_nthreads(ctx) * a.pack_bytes);
     if (!a.xq || !a.packs)
@@ -462,6 +524,8 @@ static void q8mv_job(void *p, int ith, int nth)
 
 static int q8_matvec(kn_ctx *ctx, struct mm_args *a)
 {
+    if (q8p_all_packed(a))
+        return q8p_run(ctx, a);
     const int64_t K = a->w->cols, M = a->M;
     struct q8mv_args q = {.a = a, .xstride = q8mv_stride(K)};
     char *xs = kn_scratch(ctx, KN_SCRATCH_ACT, q.xstride * (size_t)M);
