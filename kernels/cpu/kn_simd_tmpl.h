@@ -1171,6 +1171,15 @@ static void attn_tile(const kn_attn_args *a, int h, int64_t i0, float *buf)
  * decoding it alone does (its visible keys contiguous at 0 .. n_past +
  * depth), and gets the same output bit for bit; with slot-aligned tiles a
  * node off the main chain would regroup around its siblings' slots. */
+/* Cache offset (floats, before the head's) of attn_query's logical key p. */
+KN_AI int64_t attnq_off(const kn_attn_args *a, const int32_t *vis, int64_t p, int64_t blk_stride,
+                        int64_t row_stride)
+{
+    if (vis && p >= a->n_past)
+        p = a->n_past + vis[p - a->n_past];
+    return (int64_t)a->block_table[p / a->block_size] * blk_stride + (p % a->block_size) * row_stride;
+}
+
 static void attn_query(const kn_attn_args *a, int h, int64_t i, const int32_t *vis,
                        int64_t n_vis, float *buf)
 {
@@ -1192,30 +1201,51 @@ static void attn_query(const kn_attn_args *a, int h, int64_t i, const int32_t *v
     float sj[VL] __attribute__((aligned(64))), ej[VL] __attribute__((aligned(64)));
     const float *vrow[VL];
     const vf vscale = vset1(a->scale);
+    static const float zrow[KN_ATT_HD_MAX] __attribute__((aligned(64)));
+    const float *krow[VL];
     for (int64_t p0 = 0; p0 < n_end; p0 += VL) {
         /* Scores for VL keys at once, lanes = keys: per key the same fma
          * chain over d as attn_tile's lane for this query. */
         int nk = 0;
         for (int j = 0; j < VL; j++) {
-            int64_t p = p0 + j;
             /* n_end stops at the query's own position or last visible key */
-            if (p >= n_end) {
+            if (p0 + j >= n_end) {
+                krow[j] = zrow;
                 vrow[j] = NULL;
-                for (int d = 0; d < hd; d++)
-                    kt[d * VL + j] = 0.0f;
                 continue;
             }
-            if (vis && p >= a->n_past)
-                p = a->n_past + vis[p - a->n_past];
-            const int64_t off = (int64_t)a->block_table[p / bs] * blk_stride + (p % bs) * row_stride;
-            const float *kr = kbase + off;
-            for (int d = 0; d < hd; d++)
-                kt[d * VL + j] = kr[d];
+            const int64_t off = attnq_off(a, vis, p0 + j, blk_stride, row_stride);
+            krow[j] = kbase + off;
             vrow[j] = vbase + off;
             nk++;
         }
         if (nk == 0)
             continue; /* defensive: every tile below n_end holds a visible key */
+        /* Each key row is a few lines at a stride of n_kv_head rows, which
+         * the hardware prefetcher does not follow: request this tile's V
+         * rows and the next tile's K rows now (this walk is most of decode's
+         * time in attention, latency bound without). */
+        for (int j = 0; j < nk; j++)
+            for (int d = 0; d < hd; d += 16)
+                __builtin_prefetch(vrow[j] + d);
+        for (int64_t pn = p0 + VL; pn < p0 + 2 * VL && pn < n_end; pn++) {
+            const float *kn = kbase + attnq_off(a, vis, pn, blk_stride, row_stride);
+            for (int d = 0; d < hd; d += 16)
+                __builtin_prefetch(kn + d);
+        }
+        /* kt[d][j] = krow[j][d], 4 x 4 at a time */
+        for (int j = 0; j < VL; j += 4) {
+            const float *r0 = krow[j], *r1 = krow[j + 1], *r2 = krow[j + 2], *r3 = krow[j + 3];
+            for (int d = 0; d < hd; d += 4) {
+                __m128 x0 = _mm_loadu_ps(r0 + d), x1 = _mm_loadu_ps(r1 + d);
+                __m128 x2 = _mm_loadu_ps(r2 + d), x3 = _mm_loadu_ps(r3 + d);
+                _MM_TRANSPOSE4_PS(x0, x1, x2, x3);
+                _mm_storeu_ps(kt + (d + 0) * VL + j, x0);
+                _mm_storeu_ps(kt + (d + 1) * VL + j, x1);
+                _mm_storeu_ps(kt + (d + 2) * VL + j, x2);
+                _mm_storeu_ps(kt + (d + 3) * VL + j, x3);
+            }
+        }
         vf sv = vzero();
         for (int d = 0; d < hd; d++)
             sv = vfma(vld(kt + d * VL), vset1(q[d]), sv);
@@ -1249,7 +1279,11 @@ static void attn_query(const kn_attn_args *a, int h, int64_t i, const int32_t *v
             if (!vr)
                 continue;
             const float e = ej[j];
-            for (int d = 0; d < hd; d++)
+            const vf ev = vset1(e);
+            int d = 0;
+            for (; d + VL <= hd; d += VL) /* lane-wise the same single-rounding fma */
+                vst(o + d, vfma(vld(vr + d), ev, vld(o + d)));
+            for (; d < hd; d++)
                 o[d] = fmaf(vr[d], e, o[d]);
         }
     }
