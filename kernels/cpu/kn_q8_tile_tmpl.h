@@ -13,7 +13,7 @@
 static inline __attribute__((always_inline)) void Q8_BLOCK(const kn_block_q8_x *const *xr,
                                                            const uint8_t *wq, const uint16_t *wd,
                                                            int64_t b, __m512 *facc, const int MR,
-                                                           const bool pf)
+                                                           const int64_t pfd)
 {
     /* Up to 4 rows the 8 steps run as two chains per row (integer sums are
      * exact, so this changes no bit): one chain of 8 dependent vpdpbusd per
@@ -27,9 +27,9 @@ static inline __attribute__((always_inline)) void Q8_BLOCK(const kn_block_q8_x *
             iacc[NC - 1][m] = _mm512_setzero_si512();
     }
     const uint8_t *wb = wq + b * 512;
-    if (pf) /* packed panels are one linear stream: keep Q8_PF bytes in flight */
+    if (pfd) /* the same block of the next panel (see q8_tiles) */
         _Pragma("GCC unroll 8") for (int l = 0; l < 8; l++)
-            __builtin_prefetch(wb + Q8_PF + l * 64);
+            __builtin_prefetch(wb + pfd + l * 64);
     _Pragma("GCC unroll 8") for (int g = 0; g < 8; g++) {
         const __m512i wv = _mm512_load_si512((const void *)(wb + g * 64));
         _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++) {
@@ -53,7 +53,7 @@ static inline __attribute__((always_inline)) void Q8_TILE(const kn_block_q8_x *x
                                                           float *y, int64_t N, const uint8_t *wq,
                                                           const uint16_t *wd, int64_t m0,
                                                           int64_t n0, __mmask16 keep, const int MR,
-                                                          const bool pf)
+                                                          const int64_t pfd)
 {
     const kn_block_q8_x *xr[Q8_CAP];
     _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++)
@@ -64,11 +64,11 @@ static inline __attribute__((always_inline)) void Q8_TILE(const kn_block_q8_x *x
         fe[m] = fo[m] = _mm512_setzero_ps();
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
-        Q8_BLOCK(xr, wq, wd, b, fe, MR, pf);
-        Q8_BLOCK(xr, wq, wd, b + 1, fo, MR, pf);
+        Q8_BLOCK(xr, wq, wd, b, fe, MR, pfd);
+        Q8_BLOCK(xr, wq, wd, b + 1, fo, MR, pfd);
     }
     if (b < nb)
-        Q8_BLOCK(xr, wq, wd, b, fe, MR, pf);
+        Q8_BLOCK(xr, wq, wd, b, fe, MR, pfd);
     _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++)
         _mm512_mask_storeu_ps(y + (m0 + m) * N + n0, keep, _mm512_add_ps(fe[m], fo[m]));
 }
