@@ -1172,12 +1172,28 @@ static void attn_tile(const kn_attn_args *a, int h, int64_t i0, float *buf)
  * depth), and gets the same output bit for bit; with slot-aligned tiles a
  * node off the main chain would regroup around its siblings' slots. */
 /* Cache offset (floats, before the head's) of attn_query's logical key p. */
-KN_AI int64_t attnq_off(const kn_attn_args *a, const int32_t *vis, int64_t p, int64_t blk_stride,
-                        int64_t row_stride)
+/* attn_query's walk over its logical keys: cache offsets (floats, before
+ * the head's) in order, without a division per key (a tiny model's decode
+ * spent a third of its attention time dividing by the block size). */
+struct attnq_iter {
+    int64_t p, blk, slot; /* next logical key; its block and slot below n_past */
+};
+
+KN_AI int64_t attnq_next(const kn_attn_args *a, const int32_t *vis, struct attnq_iter *it,
+                         int64_t blk_stride, int64_t row_stride)
 {
-    if (vis && p >= a->n_past)
-        p = a->n_past + vis[p - a->n_past];
-    return (int64_t)a->block_table[p / a->block_size] * blk_stride + (p % a->block_size) * row_stride;
+    const int64_t p = it->p++;
+    if (vis && p >= a->n_past) { /* a visible new token: a jump, rare */
+        const int64_t q = a->n_past + vis[p - a->n_past];
+        return (int64_t)a->block_table[q / a->block_size] * blk_stride +
+               (q % a->block_size) * row_stride;
+    }
+    const int64_t off = (int64_t)a->block_table[it->blk] * blk_stride + it->slot * row_stride;
+    if (++it->slot == a->block_size) {
+        it->slot = 0;
+        it->blk++;
+    }
+    return off;
 }
 
 static void attn_query(const kn_attn_args *a, int h, int64_t i, const int32_t *vis,
@@ -1203,24 +1219,20 @@ static void attn_query(const kn_attn_args *a, int h, int64_t i, const int32_t *v
     const vf vscale = vset1(a->scale);
     static const float zrow[KN_ATT_HD_MAX] __attribute__((aligned(64)));
     const float *krow[VL];
-    for (int64_t p0 = 0; p0 < n_end; p0 += VL) {
+    /* offsets of this tile's keys and of the next tile's (prefetched now) */
+    int64_t offs[2][VL];
+    struct attnq_iter it = {0, 0, 0};
+    for (int j = 0; j < VL && j < n_end; j++)
+        offs[0][j] = attnq_next(a, vis, &it, blk_stride, row_stride);
+    for (int64_t p0 = 0, cur = 0; p0 < n_end; p0 += VL, cur ^= 1) {
         /* Scores for VL keys at once, lanes = keys: per key the same fma
-         * chain over d as attn_tile's lane for this query. */
-        int nk = 0;
+         * chain over d as attn_tile's lane for this query. n_end stops at
+         * the query's own position or last visible key. */
+        const int nk = n_end - p0 < VL ? (int)(n_end - p0) : VL;
         for (int j = 0; j < VL; j++) {
-            /* n_end stops at the query's own position or last visible key */
-            if (p0 + j >= n_end) {
-                krow[j] = zrow;
-                vrow[j] = NULL;
-                continue;
-            }
-            const int64_t off = attnq_off(a, vis, p0 + j, blk_stride, row_stride);
-            krow[j] = kbase + off;
-            vrow[j] = vbase + off;
-            nk++;
+            krow[j] = j < nk ? kbase + offs[cur][j] : zrow;
+            vrow[j] = j < nk ? vbase + offs[cur][j] : NULL;
         }
-        if (nk == 0)
-            continue; /* defensive: every tile below n_end holds a visible key */
         /* Each key row is a few lines at a stride of n_kv_head rows, which
          * the hardware prefetcher does not follow: request this tile's V
          * rows and the next tile's K rows now (this walk is most of decode's
@@ -1228,10 +1240,10 @@ static void attn_query(const kn_attn_args *a, int h, int64_t i, const int32_t *v
         for (int j = 0; j < nk; j++)
             for (int d = 0; d < hd; d += 16)
                 __builtin_prefetch(vrow[j] + d);
-        for (int64_t pn = p0 + VL; pn < p0 + 2 * VL && pn < n_end; pn++) {
-            const float *kn = kbase + attnq_off(a, vis, pn, blk_stride, row_stride);
+        for (int j = 0; j < VL && p0 + VL + j < n_end; j++) {
+            offs[cur ^ 1][j] = attnq_next(a, vis, &it, blk_stride, row_stride);
             for (int d = 0; d < hd; d += 16)
-                __builtin_prefetch(kn + d);
+                __builtin_prefetch(kbase + offs[cur ^ 1][j] + d);
         }
         /* kt[d][j] = krow[j][d], 4 x 4 at a time */
         for (int j = 0; j < VL; j += 4) {
