@@ -1295,8 +1295,9 @@ static void attn_query(const kn_attn_args *a, int h, int64_t i, const int32_t *v
             int d = 0;
             for (; d + VL <= hd; d += VL) /* lane-wise the same single-rounding fma */
                 vst(o + d, vfma(vld(vr + d), ev, vld(o + d)));
-            for (; d < hd; d++)
-                o[d] = fmaf(vr[d], e, o[d]);
+            for (; d < hd; d += 4) /* head_dim % 4 == 0 on this path */
+                _mm_storeu_ps(o + d, _mm_fmadd_ps(_mm_loadu_ps(vr + d), _mm_set1_ps(e),
+                                                  _mm_loadu_ps(o + d)));
         }
     }
     const float inv = lsum > 0.0f ? 1.0f / lsum : 0.0f;
