@@ -358,17 +358,31 @@ static size_t gemm_thread_floats(int64_t K)
 }
 
 /* x in the panel's order (row m: element 32j + c at c * J + j, then the
- * tail), so that the GEMM reads each residue's x contiguously. */
+ * tail), so that the GEMM reads each residue's x contiguously: per row, a
+ * transpose of the J x 32 matrix of its blocks, in 4 x 4 SSE tiles (an
+ * element-by-element copy was 4 % of prefill). */
 static void gemm_xperm_job(void *p, int ith, int nth)
 {
     struct mm_args *a = p;
-    const int64_t K = a->w->cols, J = K / 32, K32 = J * 32;
+    const int64_t K = a->w->cols, J = K / 32, K32 = J * 32, J4 = J / 4 * 4;
     int64_t lo, hi;
     kn_split(a->M, ith, nth, 1, &lo, &hi);
     for (int64_t m = lo; m < hi; m++) {
         const float *xm = a->x + m * K;
         float *o = a->xp + m * K;
-        for (int64_t j = 0; j < J; j++)
+        for (int64_t j = 0; j < J4; j += 4)
+            for (int c = 0; c < 32; c += 4) {
+                __m128 r0 = _mm_loadu_ps(xm + (j + 0) * 32 + c);
+                __m128 r1 = _mm_loadu_ps(xm + (j + 1) * 32 + c);
+                __m128 r2 = _mm_loadu_ps(xm + (j + 2) * 32 + c);
+                __m128 r3 = _mm_loadu_ps(xm + (j + 3) * 32 + c);
+                _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+                _mm_storeu_ps(o + (c + 0) * J + j, r0);
+                _mm_storeu_ps(o + (c + 1) * J + j, r1);
+                _mm_storeu_ps(o + (c + 2) * J + j, r2);
+                _mm_storeu_ps(o + (c + 3) * J + j, r3);
+            }
+        for (int64_t j = J4; j < J; j++)
             for (int c = 0; c < 32; c++)
                 o[c * J + j] = xm[j * 32 + c];
         for (int64_t t = K32; t < K; t++)
@@ -481,6 +495,17 @@ static int64_t matvec_max(int type)
     return KN_MATVEC_MAX;
 }
 
+/* Whether weights of type go to the integer-dot GEMM (its own x handling). */
+static bool q8_gemm_type(int type)
+{
+#ifdef KN_HAVE_Q8_GEMM
+    return type == KN_Q8_0;
+#else
+    (void)type;
+    return false;
+#endif
+}
+
 static bool matmul_args_ok(const kn_tensor *w, const float *x, int64_t M, const float *y)
 {
     return w && w->data && x && y && M > 0 && w->rows > 0 && w->cols > 0 &&
@@ -530,6 +555,46 @@ static void simd_matvec(kn_ctx *ctx, int n, const kn_tensor *const *w, const flo
     kn_run(ctx, job, &a);
 }
 
+/* The float GEMM of n weights of one width that share x: x is put in
+ * residue order once for all of them. False (nothing done) when scratch
+ * could not be had. */
+static bool simd_gemm(kn_ctx *ctx, int n, const kn_tensor *const *w, const float *x, int64_t M,
+                      float *const *y)
+{
+    struct mm_args a = {.w = w[0], .x = x, .M = M};
+    a.panels = kn_scratch(ctx, KN_SCRATCH_PANEL,
+                          (size_t)kn_nthreads(ctx) * gemm_thread_floats(w[0]->cols) * sizeof(float));
+    a.xp = kn_scratch(ctx, KN_SCRATCH_ACT, (size_t)M * (size_t)w[0]->cols * sizeof(float));
+    if (!a.panels || !a.xp)
+        return false;
+    kn_run(ctx, gemm_xperm_job, &a);
+    for (int t = 0; t < n; t++) {
+        kn_job_fn job = NULL;
+        switch (w[t]->type) {
+        case KN_F32:
+            job = gemm_job_f32;
+            break;
+        case KN_F16:
+            job = gemm_job_f16;
+            break;
+        case KN_BF16:
+            job = gemm_job_bf16;
+            break;
+        case KN_Q8_0:
+            job = gemm_job_q8_0;
+            break;
+        case KN_Q4_0:
+            job = gemm_job_q4_0;
+            break;
+        }
+        a.w = w[t];
+        a.y = y[t];
+        atomic_init(&a.next, 0);
+        kn_run(ctx, job, &a);
+    }
+    return true;
+}
+
 static void simd_matmul(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t M, float *y)
 {
     if (!matmul_args_ok(w, x, M, y))
@@ -542,36 +607,8 @@ static void simd_matmul(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t
     if (w->type == KN_Q8_0 && q8_gemm(ctx, w, x, M, y) == 0)
         return;
 #endif
-    struct mm_args a = {.w = w, .x = x, .M = M, .y = y};
-    atomic_init(&a.next, 0);
-    a.panels = kn_scratch(ctx, KN_SCRATCH_PANEL,
-                          (size_t)kn_nthreads(ctx) * gemm_thread_floats(w->cols) * sizeof(float));
-    a.xp = kn_scratch(ctx, KN_SCRATCH_ACT, (size_t)M * (size_t)w->cols * sizeof(float));
-    if (!a.panels || !a.xp) {
-        /* the matvec takes any M with the same arithmetic, only slower */
-        simd_matvec(ctx, 1, &w, x, M, &y);
-        return;
-    }
-    kn_job_fn job = NULL;
-    switch (w->type) {
-    case KN_F32:
-        job = gemm_job_f32;
-        break;
-    case KN_F16:
-        job = gemm_job_f16;
-        break;
-    case KN_BF16:
-        job = gemm_job_bf16;
-        break;
-    case KN_Q8_0:
-        job = gemm_job_q8_0;
-        break;
-    case KN_Q4_0:
-        job = gemm_job_q4_0;
-        break;
-    }
-    kn_run(ctx, gemm_xperm_job, &a);
-    kn_run(ctx, job, &a);
+    if (!simd_gemm(ctx, 1, &w, x, M, &y))
+        simd_matvec(ctx, 1, &w, x, M, &y); /* same arithmetic, only slower */
 }
 
 /* Decode runs Wq/Wk/Wv and W_gate/W_up on one x: as one matvec job they cost
@@ -588,12 +625,19 @@ static void simd_matmul_multi(kn_ctx *ctx, int n, const kn_tensor *const *w, con
             return;
         fuse = fuse && w[t]->type == w[0]->type && w[t]->cols == w[0]->cols;
     }
-    if (!fuse) {
-        for (int t = 0; t < n; t++)
-            simd_matmul(ctx, w[t], x, M, y[t]);
+    if (fuse) {
+        simd_matvec(ctx, n, w, x, M, y);
         return;
     }
-    simd_matvec(ctx, n, w, x, M, y);
+    /* prefill: one permutation of x for all float GEMMs of one width */
+    bool share = true;
+    for (int t = 0; t < n; t++)
+        share = share && w[t]->cols == w[0]->cols && M > matvec_max(w[t]->type) &&
+                !q8_gemm_type(w[t]->type);
+    if (share && simd_gemm(ctx, n, w, x, M, y))
+        return;
+    for (int t = 0; t < n; t++)
+        simd_matmul(ctx, w[t], x, M, y[t]);
 }
 
 /* ---- elementwise --------------------------------------------------------- */
@@ -938,6 +982,19 @@ struct attn_job_args {
     int64_t stride;
     int64_t n_tiles; /* query tiles per head (tiled path) */
     atomic_llong next;
+    float *packs;      /* tiled path: per-thread packed key/value tiles, or NULL */
+    int64_t pack_cap;  /* tiles each thread's share holds (of K, and of V) */
+};
+
+/* A thread's packed K/V tiles of one KV head, kept across the query tiles
+ * it runs for that head: packing a key tile cost a third of attn_tile when
+ * every query tile repacked the keys it walks (a causal prefill walks
+ * n^2/2 tiles, n of them distinct). Only full tiles (VL real keys) are
+ * kept; tile t sits at k + t * hd * VL, and tiles [0, n) are valid. */
+struct attn_packs {
+    float *k, *v;
+    int64_t cap, n;
+    int kvh;
 };
 
 #define KN_ATT_QUERY_MAX 4 /* fewer queries than this run one by one (attn_query) */
@@ -1055,7 +1112,8 @@ static void attn_tile_gather(const kn_attn_args *a, int h, int64_t i0, int64_t n
     }
 }
 
-static void attn_tile(const kn_attn_args *a, int h, int64_t i0, float *buf)
+static void attn_tile(const kn_attn_args *a, int h, int64_t i0, float *buf,
+                      struct attn_packs *pk)
 {
     const int hd = a->head_dim;
     const int kvh = h / (a->n_head / a->n_kv_head);
@@ -1068,11 +1126,22 @@ static void attn_tile(const kn_attn_args *a, int h, int64_t i0, float *buf)
     const float *kbase = a->k_pool + (int64_t)kvh * hd;
     const float *vbase = a->v_pool + (int64_t)kvh * hd;
 
-    /* lanes past the last query repeat it; their results are dropped */
-    for (int l = 0; l < VL; l++) {
-        const float *qr = a->q + (i0 + (l < nq ? l : nq - 1)) * q_stride + (int64_t)h * hd;
-        for (int d = 0; d < hd; d++)
-            qt[d * VL + l] = qr[d];
+    /* lanes past the last query repeat it; their results are dropped.
+     * Transposed in 4 x 4 SSE tiles (head_dim % 4 == 0 here): element by
+     * element, this and the output's transpose cost a sixth of attn_tile. */
+    for (int l = 0; l < VL; l += 4) {
+        const float *qr[4];
+        for (int r = 0; r < 4; r++)
+            qr[r] = a->q + (i0 + (l + r < nq ? l + r : nq - 1)) * q_stride + (int64_t)h * hd;
+        for (int d = 0; d < hd; d += 4) {
+            __m128 r0 = _mm_loadu_ps(qr[0] + d), r1 = _mm_loadu_ps(qr[1] + d);
+            __m128 r2 = _mm_loadu_ps(qr[2] + d), r3 = _mm_loadu_ps(qr[3] + d);
+            _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+            _mm_storeu_ps(qt + (d + 0) * VL + l, r0);
+            _mm_storeu_ps(qt + (d + 1) * VL + l, r1);
+            _mm_storeu_ps(qt + (d + 2) * VL + l, r2);
+            _mm_storeu_ps(qt + (d + 3) * VL + l, r3);
+        }
     }
     for (int d = 0; d < hd; d++)
         vst(ot + d * VL, vzero());
@@ -1103,20 +1172,36 @@ static void attn_tile(const kn_attn_args *a, int h, int64_t i0, float *buf)
             attn_tile_gather(a, h, i0, nq, p0, n_end, lane_end, lane_col, qt, ot, s, &m, &lsum);
             continue;
         }
-        /* pack keys p0 .. p0+VL-1 (past the end: repeat the last, masked below) */
-        for (int j = 0; j < VL; j++) {
+        /* pack keys p0 .. p0+VL-1 (past the end: repeat the last, masked
+         * below), or find them packed by an earlier query tile */
+        const int64_t tix = p0 / VL;
+        float *kt = kc, *vt = vc;
+        bool pack = true;
+        if (pk && p0 + VL <= n_end && tix < pk->cap) {
+            if (pk->kvh != kvh) {
+                pk->kvh = kvh;
+                pk->n = 0;
+            }
+            if (tix <= pk->n) { /* tiles come in order: never above */
+                kt = pk->k + tix * hd * VL;
+                vt = pk->v + tix * hd * VL;
+                pack = tix == pk->n;
+                pk->n += pack;
+            }
+        }
+        for (int j = 0; j < VL && pack; j++) {
             const int64_t p = p0 + j < n_end ? p0 + j : n_end - 1;
             const int64_t off = (int64_t)a->block_table[p / bs] * blk_stride + (p % bs) * row_stride;
             const float *kr = kbase + off, *vr = vbase + off;
             for (int d = 0; d < hd; d += 4) {
-                memcpy(kc + d * VL + j * 4, kr + d, 4 * sizeof(float));
-                memcpy(vc + d * VL + j * 4, vr + d, 4 * sizeof(float));
+                memcpy(kt + d * VL + j * 4, kr + d, 4 * sizeof(float));
+                memcpy(vt + d * VL + j * 4, vr + d, 4 * sizeof(float));
             }
         }
         _Pragma("GCC unroll 16") for (int j = 0; j < VL; j++)
             s[j] = vzero();
         for (int d = 0; d < hd; d += 4) {
-            const float *kd = kc + d * VL;
+            const float *kd = kt + d * VL;
             _Pragma("GCC unroll 4") for (int dd = 0; dd < 4; dd++) {
                 const vf qv = vld(qt + (d + dd) * VL);
                 _Pragma("GCC unroll 16") for (int j = 0; j < VL; j++)
@@ -1140,7 +1225,7 @@ static void attn_tile(const kn_attn_args *a, int h, int64_t i0, float *buf)
         }
         const vf alpha = attn_softmax_step(s, &m, &lsum);
         for (int d = 0; d < hd; d += 4) {
-            const float *vd = vc + d * VL;
+            const float *vd = vt + d * VL;
             _Pragma("GCC unroll 4") for (int dd = 0; dd < 4; dd++) {
                 vf o = vmul(vld(ot + (d + dd) * VL), alpha);
                 _Pragma("GCC unroll 16") for (int j = 0; j < VL; j++)
@@ -1151,12 +1236,22 @@ static void attn_tile(const kn_attn_args *a, int h, int64_t i0, float *buf)
     }
     float ls[VL] __attribute__((aligned(64)));
     vst(ls, lsum);
-    for (int l = 0; l < nq; l++) {
-        /* a query that saw nothing gets a zero row */
-        const float inv = ls[l] > 0.0f ? 1.0f / ls[l] : 0.0f;
-        float *o = a->out + (i0 + l) * q_stride + (int64_t)h * hd;
-        for (int d = 0; d < hd; d++)
-            o[d] = ot[d * VL + l] * inv;
+    for (int l = 0; l < nq; l += 4) {
+        __m128 inv[4];
+        float *o[4];
+        for (int r = 0; r < 4; r++) {
+            /* a query that saw nothing gets a zero row */
+            inv[r] = _mm_set1_ps(ls[l + r] > 0.0f ? 1.0f / ls[l + r] : 0.0f);
+            o[r] = l + r < nq ? a->out + (i0 + l + r) * q_stride + (int64_t)h * hd : NULL;
+        }
+        for (int d = 0; d < hd; d += 4) {
+            __m128 r0 = _mm_loadu_ps(ot + (d + 0) * VL + l), r1 = _mm_loadu_ps(ot + (d + 1) * VL + l);
+            __m128 r2 = _mm_loadu_ps(ot + (d + 2) * VL + l), r3 = _mm_loadu_ps(ot + (d + 3) * VL + l);
+            _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+            const __m128 rr[4] = {r0, r1, r2, r3};
+            for (int r = 0; r < 4 && l + r < nq; r++)
+                _mm_storeu_ps(o[r] + d, _mm_mul_ps(rr[r], inv[r]));
+        }
     }
 }
 
@@ -1337,14 +1432,21 @@ static void attn_tiled_job(void *p, int ith, int nth)
     const kn_attn_args *a = j->a;
     float *buf = a->scratch + ith * j->stride + (j->stride - KN_ATT_TILE_FLOATS);
     const int64_t n_tasks = j->n_tiles * a->n_head;
+    struct attn_packs pk = {.cap = j->pack_cap, .kvh = -1};
+    if (j->packs) {
+        pk.k = j->packs + (size_t)ith * 2 * (size_t)j->pack_cap * a->head_dim * VL;
+        pk.v = pk.k + (size_t)j->pack_cap * a->head_dim * VL;
+    }
     for (;;) {
         const int64_t t = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
         if (t >= n_tasks)
             return;
-        /* Last query tiles first: under a causal mask they see the most keys,
-         * so the expensive tasks go out early and the tail is cheap ones. */
-        const int64_t qt = j->n_tiles - 1 - t / a->n_head;
-        attn_tile(a, (int)(t % a->n_head), qt * VL, buf);
+        /* Head by head (the thread's packed keys stay valid across a head's
+         * query tiles), last query tiles first: under a causal mask they see
+         * the most keys, so a head's tail is its cheap tasks. */
+        const int h = (int)(t / j->n_tiles);
+        const int64_t qt = j->n_tiles - 1 - t % j->n_tiles;
+        attn_tile(a, h, qt * VL, buf, j->packs ? &pk : NULL);
     }
 }
 
@@ -1380,6 +1482,13 @@ static void simd_attention(kn_ctx *ctx, const kn_attn_args *a)
             return;
         }
         j.n_tiles = (a->n_q + VL - 1) / VL;
+        /* keys are worth keeping packed when a head has several query tiles */
+        if (j.n_tiles > 1) {
+            j.pack_cap = (a->n_past + a->n_q) / VL;
+            j.packs = kn_scratch(ctx, KN_SCRATCH_PANEL,
+                                 (size_t)kn_nthreads(ctx) * 2 * (size_t)j.pack_cap *
+                                     (size_t)a->head_dim * VL * sizeof(float));
+        }
         kn_run(ctx, attn_tiled_job, &j);
         return;
     }
