@@ -16,6 +16,7 @@ typedef __m512i vi;
 /* weight columns per natural-order block the GEMM packs through on the
  * way to its residue-ordered panel */
 #define KN_KC 384
+#define KN_MV_MR 8 /* x rows per matvec pass: 8 x 2 accumulators */
 #define KN_IMPL kn_impl_avx512
 #define KN_OPS_NAME "avx512"
 

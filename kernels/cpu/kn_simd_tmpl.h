@@ -60,6 +60,10 @@
 #ifndef KN_PF
 #define KN_PF 2048 /* matvec software prefetch distance, bytes */
 #endif
+#ifndef KN_PF_FAR_MR
+#define KN_PF_FAR_MR 6
+#endif
+#define KN_PF_FAR 8192
 
 #define KN_ELEM_PAR_MIN 32768 /* elementwise ops fan out above this many floats */
 
@@ -192,8 +196,13 @@ KN_AI void dot_rows(const void *wr, const float *x, int64_t K, float *y, int64_t
     int64_t k = 0;
     for (; k + 32 <= K; k += 32, pf += sb) {
         __builtin_prefetch(pf);
-        if (sb > 64)
+        if (MR >= KN_PF_FAR_MR)
+            __builtin_prefetch(pf + KN_PF_FAR, 0, 2);
+        if (sb > 64) {
             __builtin_prefetch(pf + 64);
+            if (MR >= KN_PF_FAR_MR)
+                __builtin_prefetch(pf + KN_PF_FAR + 64, 0, 2);
+        }
         _Pragma("GCC unroll 16") for (int u = 0; u < U; u++) {
             vf w = wload(wr, k + u * VL, type);
             _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++)
