@@ -51,8 +51,8 @@
 #ifndef KN_MV_MR
 #define KN_MV_MR 4 /* x rows per matvec pass over a weight row (accumulators: MR * 32 / VL) */
 #endif
-/* Float weights: the matvec (weights streamed once, L1-hot for the 2nd and
- * 3rd pass of MV_MR rows) beats packing GEMM panels up to ~12 rows, Medusa
+/* Float weights: the matvec (weights streamed once, L1-hot for any later
+ * pass of MV_MR rows) beats packing GEMM panels up to ~12 rows, Medusa
  * trees included (110m shapes, AVX-512: 8 rows 1.8-2.0x one row against
  * 3.6-6x through the GEMM). Q8_0 with its VNNI GEMM switches at 4 rows:
  * q8mv pays a horizontal reduction per row and block. */
@@ -60,9 +60,13 @@
 #ifndef KN_PF
 #define KN_PF 2048 /* matvec software prefetch distance, bytes */
 #endif
-#ifndef KN_PF_FAR_MR
-#define KN_PF_FAR_MR 6
-#endif
+/* A pass of 2+ rows computes long enough per line that the L1 prefetch
+ * alone left DRAM idle (8 rows of a DRAM-resident F32 matrix streamed 20
+ * GB/s where one row streams 31): such passes also prefetch KN_PF_FAR
+ * bytes ahead into L2 (2 threads, 614 MB F32: 4 rows 26 -> 20 ms, 8 rows
+ * 31 -> 24 ms). One row is faster without it (the hardware prefetcher
+ * keeps up there; with it, -7 %). */
+#define KN_PF_FAR_MR 2
 #define KN_PF_FAR 8192
 
 #define KN_ELEM_PAR_MIN 32768 /* elementwise ops fan out above this many floats */
@@ -187,7 +191,8 @@ KN_AI void dot_rows(const void *wr, const float *x, int64_t K, float *y, int64_t
     /* Weight bytes per 32-element step; the software prefetch runs KN_PF
      * bytes ahead (into the next row at the end of this one: rows of a
      * thread's range are contiguous) so that DRAM latency is covered from
-     * the first line of every call, before the hardware prefetcher ramps. */
+     * the first line of every call, before the hardware prefetcher ramps;
+     * and KN_PF_FAR ahead into L2 for passes of KN_PF_FAR_MR+ rows. */
     const int64_t sb = type == KN_F32   ? 128
                        : type == KN_Q8_0 ? 34
                        : type == KN_Q4_0 ? 18
