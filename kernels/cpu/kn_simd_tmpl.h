@@ -229,6 +229,11 @@ KN_AI void matvec_range(const kn_tensor *w, const float *x, int64_t M, float *y,
 {
     const int64_t K = w->cols, N = w->rows;
     const size_t rb = kn_row_bytes(w->type, K);
+    if (M == 1) { /* decode: a loop of its own (the general one cost a tiny model 4 %) */
+        for (int64_t r = lo; r < hi; r++)
+            dot_rows((const char *)w->data + (size_t)r * rb, x, K, y + r, N, 1, type);
+        return;
+    }
     for (int64_t r = lo; r < hi; r++) {
         const char *wr = (const char *)w->data + (size_t)r * rb;
         int64_t m = 0;
