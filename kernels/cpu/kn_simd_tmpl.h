@@ -503,17 +503,6 @@ static int q8_matvec(kn_ctx *ctx, struct mm_args *a);
 static int q8_gemm(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t M, float *y);
 #endif
 
-/* Rows up to which the matvec is the faster matmul for weights of type. */
-static int64_t matvec_max(int type)
-{
-#ifdef KN_HAVE_Q8_GEMM
-    if (type == KN_Q8_0)
-        return 4;
-#endif
-    (void)type;
-    return KN_MATVEC_MAX;
-}
-
 /* Whether weights of type go to the integer-dot GEMM (its own x handling). */
 static bool q8_gemm_type(int type)
 {
@@ -523,6 +512,12 @@ static bool q8_gemm_type(int type)
     (void)type;
     return false;
 #endif
+}
+
+/* Rows up to which the matvec is the faster matmul for weights of type. */
+static int64_t matvec_max(int type)
+{
+    return q8_gemm_type(type) ? 4 : KN_MATVEC_MAX;
 }
 
 static bool matmul_args_ok(const kn_tensor *w, const float *x, int64_t M, const float *y)
