@@ -67,10 +67,12 @@ typedef struct kn_tensor {
 } kn_tensor;
 
 /* Give w a copy of its weights in the layout that this CPU's fastest matmul
- * streams best, made once (at model load) instead of per call. Today: Q8_0
- * on AVX-512 VNNI (16-row panels, 4-byte groups of the rows interleaved;
- * same size as the Q8_0 data). Other types and CPUs, or GORGON_CPU_MAX
- * below avx512, leave w unchanged. Only matmul reads the copy, and gives
+ * streams best, made once (at model load) instead of per call. Today, on
+ * AVX-512: Q8_0 (16-row panels, 4-byte groups of the rows interleaved,
+ * VNNI), and F32/F16/BF16 of at least 256 columns and 96 rows (48-row
+ * panels with k in residue order, in the weights' own type). Both are the
+ * size of the data (plus a partial last panel). Other types, shapes and
+ * CPUs, or GORGON_CPU_MAX below avx512, leave w unchanged. Only matmul reads the copy, and gives
  * bit for bit the results it gives without it; every other op (get_rows)
  * reads data. Returns 0 (packed or not) or -ENOMEM. The copy belongs to the
  * caller: kn_tensor_unpack frees it (and is a no-op on an unpacked tensor);

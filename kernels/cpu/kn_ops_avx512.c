@@ -79,6 +79,7 @@ static inline vf vmask_ninf(vf s, vf e)
 /* x where a < b, else y */
 #define vsel_lt(a, b, x, y) _mm512_mask_blend_ps(_mm512_cmp_ps_mask((a), (b), _CMP_LT_OQ), (y), (x))
 
+#define KN_HAVE_FPACK 1
 #define KN_HAVE_Q8_GEMM 1
 #define KN_HAVE_Q8_MATVEC 1
 #include "kernels/cpu/kn_simd_tmpl.h"
@@ -306,7 +307,9 @@ static size_t q8p_panel_bytes(int64_t nb)
 int kn_avx512_pack(const kn_tensor *w, void **out)
 {
     *out = NULL;
-    if (w->type != KN_Q8_0 || w->rows <= 0 || w->cols <= 0 || w->cols % KN_QK != 0 || !w->data)
+    if (w->type != KN_Q8_0)
+        return fpack_tensor(w, out);
+    if (w->rows <= 0 || w->cols <= 0 || w->cols % KN_QK != 0 || !w->data)
         return 0;
     const int64_t nb = w->cols / KN_QK, n_panels = (w->rows + 15) / 16;
     const size_t pb = q8p_panel_bytes(nb);

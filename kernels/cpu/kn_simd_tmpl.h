@@ -24,7 +24,9 @@
  * Medusa trees on Q8_0): weights are converted once per
  * KN_NR-row panel into an f32 buffer that stays in cache and is reused by
  * every KN_MR-row tile of x (broadcast-FMA outer products), so the
- * conversion cost is amortised over M rows.
+ * conversion cost is amortised over M rows. Float weights packed at load
+ * (AVX-512, kn_tensor_pack) are such panels already, and every M runs
+ * panel tiles over them (fpack_matmul).
  *
  * Both give every output element the same arithmetic, so that a row's
  * result never depends on the rows batched with it (continuous batching and
@@ -66,6 +68,11 @@
  * bytes ahead into L2 (2 threads, 614 MB F32: 4 rows 26 -> 20 ms, 8 rows
  * 31 -> 24 ms). One row is faster without it (the hardware prefetcher
  * keeps up there; with it, -7 %). */
+/* Packed panels are prefetched this far ahead into L2 on the first pass
+ * (12 layers of 110m shapes, M = 1, 2 threads: F16 6.1-6.6 ms per token
+ * unpacked; packed with an L1 prefetch 2 KiB ahead 7.0-7.4, with this
+ * 5.75-5.8; F32 12.0-13.1 -> 11.5-12.0). */
+#define KN_PF_PANEL 8192
 #define KN_PF_FAR_MR 2
 #define KN_PF_FAR 8192
 
@@ -335,31 +342,50 @@ KN_AI void pack_panel(const kn_tensor *w, int64_t n0, int nn, int64_t k0, int kc
     }
 }
 
-/* C[KN_MR][KN_NR] = X[KN_MR][kc] * panel[kc][NR], X row m at x0 + m * ldx:
- * one FMA chain per element over k in order, stored to C, or added to it
- * (C + chain) when fold. C is a private tile (row stride KN_NR); rows of a
- * partial tile repeat the last valid row of x. */
-KN_AI void res_kernel(const float *x0, int64_t ldx, int mr, const float *panel, int kc, float *c,
-                      int fold)
+/* One element of a residue-ordered panel row in the panel's own type. */
+KN_AI vf pload(const void *panel, size_t i, const int type)
 {
+    switch (type) {
+    case KN_F16:
+        return vld_f16((const uint16_t *)panel + i);
+    case KN_BF16:
+        return vld_bf16((const uint16_t *)panel + i);
+    default:
+        return vld((const float *)panel + i);
+    }
+}
+
+/* C[MR][KN_NR] = X[MR][kc] * panel[kc][NR], X row m at x0 + m * ldx: one FMA
+ * chain per element over k in order, stored to C, or added to it (C + chain)
+ * when fold. C is a private tile (row stride KN_NR). The panel is in the
+ * weights' type (F32, or F16/BF16 widened as it is read); pf prefetches it
+ * KN_PF_PANEL bytes ahead (the first pass over a panel that is not in cache). */
+KN_AI void res_kernel(const float *x0, int64_t ldx, const int MR, const void *panel, const int type,
+                      int kc, float *c, int fold, bool pf)
+{
+    const size_t rowb = (size_t)KN_NR * (type == KN_F32 ? 4 : 2);
     const float *xr[KN_MR];
-    _Pragma("GCC unroll 16") for (int m = 0; m < KN_MR; m++)
-        xr[m] = x0 + (m < mr ? m : mr - 1) * ldx;
+    _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++)
+        xr[m] = x0 + m * ldx;
     vf acc[KN_MR][KN_NV];
-    _Pragma("GCC unroll 16") for (int m = 0; m < KN_MR; m++)
+    _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++)
         _Pragma("GCC unroll 16") for (int v = 0; v < KN_NV; v++)
             acc[m][v] = vzero();
-    for (int k = 0; k < kc; k++) {
+    const char *pp = (const char *)panel + KN_PF_PANEL;
+    for (int k = 0; k < kc; k++, pp += rowb) {
+        if (pf)
+            _Pragma("GCC unroll 16") for (size_t o = 0; o < rowb; o += 64)
+                __builtin_prefetch(pp + o, 0, 2);
         vf wv[KN_NV];
         _Pragma("GCC unroll 16") for (int v = 0; v < KN_NV; v++)
-            wv[v] = vld(panel + k * KN_NR + v * VL);
-        _Pragma("GCC unroll 16") for (int m = 0; m < KN_MR; m++) {
+            wv[v] = pload(panel, (size_t)k * KN_NR + v * VL, type);
+        _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++) {
             vf b = vset1(xr[m][k]);
             _Pragma("GCC unroll 16") for (int v = 0; v < KN_NV; v++)
                 acc[m][v] = vfma(b, wv[v], acc[m][v]);
         }
     }
-    _Pragma("GCC unroll 16") for (int m = 0; m < KN_MR; m++) {
+    _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++) {
         float *cm = c + m * KN_NR;
         _Pragma("GCC unroll 16") for (int v = 0; v < KN_NV; v++) {
             if (fold)
@@ -409,12 +435,70 @@ static void gemm_xperm_job(void *p, int ith, int nth)
     }
 }
 
-/* The GEMM in dot_rows' order: with J = K / 32, the panel holds row 32j + c
- * of the weights at c * J + j (then the K % 32 tail rows in order) and xp
- * holds x the same way, so the chain of residue c is an ordinary
- * broadcast-FMA GEMM over J panel rows. Residue c goes to lane tile c % VL
- * (folded in c order, as dot_rows folds its accumulators), and the VL tiles
- * are summed lane-wise in vhsum's pairing. */
+/* Rows [0, mr) (mr <= KN_MR) of x, in residue order at xp (row stride K),
+ * against one residue-ordered panel of nn (<= KN_NR) weight rows: the
+ * chain of residue c is an ordinary broadcast-FMA GEMM over J = K / 32
+ * panel rows, it goes to lane tile c % VL of lt (folded in c order, as
+ * dot_rows folds its accumulators), the VL tiles are summed lane-wise in
+ * vhsum's pairing, and the K % 32 tail follows in order. Row m's nn
+ * results go to y + m * ldy. */
+KN_AI void panel_tile(const void *panel, const int type, const float *xp, int64_t K, int mr,
+                      int nn, float *lt, float *y, int64_t ldy, bool pf)
+{
+    const int64_t J = K / 32, K32 = J * 32;
+    for (int c = 0; c < 32 && J > 0; c++) {
+        const void *pc = (const char *)panel + (size_t)c * J * KN_NR * (type == KN_F32 ? 4 : 2);
+        float *ltc = lt + (size_t)(c % VL) * KN_MR * KN_NR;
+        switch (mr) {
+#define KN_RES_MR(h)                                                                           \
+    case h:                                                                                    \
+        res_kernel(xp + c * J, K, h <= KN_MR ? h : 1, pc, type, (int)J, ltc, c >= VL, pf);     \
+        break;
+            KN_RES_MR(1)
+            KN_RES_MR(2)
+            KN_RES_MR(3)
+            KN_RES_MR(4)
+            KN_RES_MR(5)
+            KN_RES_MR(6)
+            KN_RES_MR(7)
+            KN_RES_MR(8)
+#undef KN_RES_MR
+        default:
+            break;
+        }
+    }
+    const bool direct = J > 0 && K32 == K && nn == KN_NR;
+    for (int m = 0; m < mr; m++) {
+        float *ym = y + m * ldy;
+        _Pragma("GCC unroll 16") for (int v = 0; v < KN_NV; v++) {
+            const float *t0 = lt + (size_t)m * KN_NR + v * VL;
+            vf r[VL];
+            _Pragma("GCC unroll 16") for (int l = 0; l < VL; l++)
+                r[l] = vld(t0 + (size_t)l * KN_MR * KN_NR);
+            _Pragma("GCC unroll 16") for (int h = VL / 2; h >= 1; h /= 2)
+                _Pragma("GCC unroll 16") for (int i = 0; i < h; i++)
+                    r[i] = vadd(r[i], r[i + h]);
+            if (direct)
+                vst(ym + v * VL, r[0]);
+            else
+                vst(lt + (size_t)m * KN_NR + v * VL, r[0]);
+        }
+        if (direct)
+            continue;
+        const float *tm = lt + (size_t)m * KN_NR;
+        const float *xm = xp + m * K;
+        for (int j = 0; j < nn; j++) {
+            float s = J > 0 ? tm[j] : 0.0f;
+            for (int64_t t = K32; t < K; t++)
+                s += wscalar(panel, t * KN_NR + j, type) * xm[t];
+            ym[j] = s;
+        }
+    }
+}
+
+/* The GEMM in dot_rows' order for weights as they are: each thread packs
+ * a panel of KN_NR rows at a time (row 32j + c of the weights at c * J + j,
+ * then the K % 32 tail rows in order), then runs panel_tile over all of x. */
 KN_AI void gemm_job_t(void *p, int ith, int nth, const int type)
 {
     (void)nth;
@@ -442,41 +526,9 @@ KN_AI void gemm_job_t(void *p, int ith, int nth, const int type)
                     vst(panel + dst * KN_NR + v * VL, vld(nat + kk * KN_NR + v * VL));
             }
         }
-        for (int64_t m0 = 0; m0 < M; m0 += KN_MR) {
-            const int mr = (int)(M - m0 < KN_MR ? M - m0 : KN_MR);
-            const float *x0 = a->x + m0 * K, *xp0 = a->xp + m0 * K;
-            for (int c = 0; c < 32 && J > 0; c++)
-                res_kernel(xp0 + c * J, K, mr, panel + (size_t)c * J * KN_NR, (int)J,
-                           lt + (size_t)(c % VL) * KN_MR * KN_NR, c >= VL);
-            /* lane tiles summed in vhsum's pairing, in registers */
-            const bool direct = J > 0 && K32 == K && nn == KN_NR;
-            for (int m = 0; m < mr; m++) {
-                float *ym = a->y + (m0 + m) * N + n0;
-                _Pragma("GCC unroll 16") for (int v = 0; v < KN_NV; v++) {
-                    const float *t0 = lt + (size_t)m * KN_NR + v * VL;
-                    vf r[VL];
-                    _Pragma("GCC unroll 16") for (int l = 0; l < VL; l++)
-                        r[l] = vld(t0 + (size_t)l * KN_MR * KN_NR);
-                    _Pragma("GCC unroll 16") for (int h = VL / 2; h >= 1; h /= 2)
-                        _Pragma("GCC unroll 16") for (int i = 0; i < h; i++)
-                            r[i] = vadd(r[i], r[i + h]);
-                    if (direct)
-                        vst(ym + v * VL, r[0]);
-                    else
-                        vst(lt + (size_t)m * KN_NR + v * VL, r[0]);
-                }
-                if (direct)
-                    continue;
-                const float *tm = lt + (size_t)m * KN_NR;
-                const float *xm = x0 + m * K;
-                for (int j = 0; j < nn; j++) {
-                    float s = J > 0 ? tm[j] : 0.0f;
-                    for (int64_t t = K32; t < K; t++)
-                        s += panel[t * KN_NR + j] * xm[t];
-                    ym[j] = s;
-                }
-            }
-        }
+        for (int64_t m0 = 0; m0 < M; m0 += KN_MR)
+            panel_tile(panel, KN_F32, a->xp + m0 * K, K, (int)(M - m0 < KN_MR ? M - m0 : KN_MR),
+                       nn, lt, a->y + m0 * N + n0, N, false);
     }
 }
 
@@ -609,10 +661,201 @@ static bool simd_gemm(kn_ctx *ctx, int n, const kn_tensor *const *w, const float
     return true;
 }
 
+#ifdef KN_HAVE_FPACK
+/* ---- float weights packed at load (kn_tensor_pack) ------------------------
+ * F32, F16 and BF16 weights kept as the GEMM's residue-ordered panels, in
+ * their own type: panel p (fpack_panel_bytes each, consecutive) holds rows
+ * [p * KN_NR, p * KN_NR + KN_NR) with element (row p * KN_NR + j, col k)
+ * at [(k < K32 ? (k % 32) * J + k / 32 : k) * KN_NR + j], rows past the end
+ * zero. Every M then runs the same panel tiles: no per-call repacking
+ * (which reads the weights 48 rows at a time; 110m F32 prefill is 4-10 %
+ * faster without it), one copy serves decode too, and the work splits into
+ * panels and blocks of x rows alike. The arithmetic is panel_tile's, which is the GEMM's, so
+ * packing changes no result bit. Small matrices (tiny models, where the
+ * padding of a partial panel would cost more than it saves) stay as
+ * they are. */
+#define KN_FPACK_MIN_K 256
+#define KN_FPACK_MIN_N (2 * KN_NR)
+#define KN_FPACK_MB (8 * KN_MR) /* x rows per work item, at most */
+
+static bool fpack_type(int type)
+{
+    return type == KN_F32 || type == KN_F16 || type == KN_BF16;
+}
+
+static size_t fpack_panel_bytes(int type, int64_t K)
+{
+    return ((size_t)K * KN_NR * (type == KN_F32 ? 4 : 2) + 63) / 64 * 64;
+}
+
+static bool fpack_wanted(const kn_tensor *w)
+{
+    return fpack_type(w->type) && w->cols >= KN_FPACK_MIN_K && w->rows >= KN_FPACK_MIN_N;
+}
+
+static int fpack_tensor(const kn_tensor *w, void **out)
+{
+    *out = NULL;
+    if (!fpack_wanted(w) || !w->data)
+        return 0;
+    const int64_t K = w->cols, N = w->rows, J = K / 32, K32 = J * 32;
+    const int64_t n_panels = (N + KN_NR - 1) / KN_NR;
+    const size_t es = w->type == KN_F32 ? 4 : 2, pb = fpack_panel_bytes(w->type, K);
+    const size_t rb = kn_row_bytes(w->type, K);
+    char *buf = aligned_alloc(64, (size_t)n_panels * pb);
+    if (!buf)
+        return -ENOMEM;
+    for (int64_t p = 0; p < n_panels; p++) {
+        char *pp = buf + (size_t)p * pb;
+        memset(pp, 0, pb);
+        for (int64_t j = 0; j < KN_NR && p * KN_NR + j < N; j++) {
+            const char *src = (const char *)w->data + (size_t)(p * KN_NR + j) * rb;
+            for (int64_t k = 0; k < K; k++) {
+                const int64_t r = k < K32 ? (k % 32) * J + k / 32 : k;
+                memcpy(pp + ((size_t)r * KN_NR + (size_t)j) * es, src + (size_t)k * es, es);
+            }
+        }
+    }
+    *out = buf;
+    return 0;
+}
+
+/* x in residue order (gemm_xperm_job), here for a few rows, else as a job */
+static float *fpack_xperm(kn_ctx *ctx, struct mm_args *a)
+{
+    const int64_t K = a->w->cols;
+    a->xp = kn_scratch(ctx, KN_SCRATCH_ACT, (size_t)a->M * (size_t)K * sizeof(float));
+    if (!a->xp)
+        return NULL;
+    if (a->M * K < 16384)
+        gemm_xperm_job(a, 0, 1);
+    else
+        kn_run(ctx, gemm_xperm_job, a);
+    return a->xp;
+}
+
+/* Work items: weight t's items are [c0[t], c0[t + 1]), item i of it is
+ * panel i / chunks[t] and x rows [(i % chunks[t]) * mb, + mb) (chunks[]
+ * holds the row blocks per panel here). Consecutive items share a panel,
+ * so the threads working on one at a time find it in the shared cache. */
+struct fpack_args {
+    struct mm_args *a;
+    int64_t mb;
+};
+
+KN_AI void fpack_job_t(void *p, int ith, const int type)
+{
+    const struct fpack_args *f = p;
+    struct mm_args *a = f->a;
+    const int64_t K = a->ws[0]->cols, M = a->M;
+    const size_t pb = fpack_panel_bytes(type, K);
+    float *conv = a->panels + (size_t)ith * gemm_thread_floats(K);
+    float *lt = conv + ((size_t)K + KN_KC) * KN_NR;
+    for (;;) {
+        const int64_t u = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
+        if (u >= a->c0[a->n_w])
+            return;
+        int t = 0;
+        while (u >= a->c0[t + 1])
+            t++;
+        const kn_tensor *w = a->ws[t];
+        const int64_t N = w->rows, i = u - a->c0[t];
+        const int64_t pi = i / a->chunks[t], m_lo = (i % a->chunks[t]) * f->mb;
+        const int64_t m_hi = m_lo + f->mb < M ? m_lo + f->mb : M;
+        const int64_t n0 = pi * KN_NR;
+        const int nn = (int)(N - n0 < KN_NR ? N - n0 : KN_NR);
+        const void *panel = (const char *)w->packed + (size_t)pi * pb;
+        float *y = a->ys[t] + n0;
+        if (type != KN_F32 && m_hi - m_lo > KN_MR) {
+            /* 16-bit weights widened once per item, not once per tile */
+            for (size_t e = 0; e < (size_t)K * KN_NR; e += VL) {
+                __builtin_prefetch((const char *)panel + e * 2 + KN_PF);
+                vst(conv + e, pload(panel, e, type));
+            }
+            for (int64_t m0 = m_lo; m0 < m_hi; m0 += KN_MR)
+                panel_tile(conv, KN_F32, a->xp + m0 * K, K,
+                           (int)(m_hi - m0 < KN_MR ? m_hi - m0 : KN_MR), nn, lt, y + m0 * N, N,
+                           false);
+            continue;
+        }
+        for (int64_t m0 = m_lo; m0 < m_hi; m0 += KN_MR)
+            panel_tile(panel, type, a->xp + m0 * K, K,
+                       (int)(m_hi - m0 < KN_MR ? m_hi - m0 : KN_MR), nn, lt, y + m0 * N, N,
+                       m0 == m_lo);
+    }
+}
+
+#define KN_DEF_FPACK(T, tname)                                                                 \
+    static void fpack_job_##tname(void *p, int ith, int nth)                                   \
+    {                                                                                          \
+        (void)nth;                                                                             \
+        fpack_job_t(p, ith, T);                                                                \
+    }
+KN_DEF_FPACK(KN_F32, f32)
+KN_DEF_FPACK(KN_F16, f16)
+KN_DEF_FPACK(KN_BF16, bf16)
+
+/* Whether fpack_matmul takes these n weights: all packed floats of one type
+ * and width. */
+static bool fpack_all(int n, const kn_tensor *const *w)
+{
+    for (int t = 0; t < n; t++)
+        if (!w[t]->packed || !fpack_type(w[t]->type) || w[t]->type != w[0]->type ||
+            w[t]->cols != w[0]->cols)
+            return false;
+    return true;
+}
+
+/* y[t] = x w[t]^T for packed float weights sharing x, every M, as one job
+ * (after x's permutation). False (nothing done) without scratch. */
+static bool fpack_matmul(kn_ctx *ctx, int n, const kn_tensor *const *w, const float *x,
+                         int64_t M, float *const *y)
+{
+    const int nth = kn_nthreads(ctx);
+    const int64_t K = w[0]->cols;
+    struct mm_args a = {.w = w[0], .x = x, .M = M, .y = y[0], .n_w = n};
+    a.panels = kn_scratch(ctx, KN_SCRATCH_PANEL, (size_t)nth * gemm_thread_floats(K) * sizeof(float));
+    if (!a.panels || !fpack_xperm(ctx, &a))
+        return false;
+    /* x row blocks per panel: enough items for ~32 per thread (a thread
+     * that the host preempts then costs little), none of fewer than
+     * KN_FPACK_MB rows (each block reads the panel again) */
+    int64_t panels = 0;
+    for (int t = 0; t < n; t++)
+        panels += (w[t]->rows + KN_NR - 1) / KN_NR;
+    int64_t nmb = (32 * nth + panels - 1) / panels;
+    const int64_t tiles = (M + KN_MR - 1) / KN_MR;
+    if (nmb > tiles)
+        nmb = tiles;
+    int64_t mb = (tiles + nmb - 1) / nmb * KN_MR;
+    if (mb < (M < KN_FPACK_MB ? M : KN_FPACK_MB))
+        mb = M < KN_FPACK_MB ? M : KN_FPACK_MB;
+    nmb = (M + mb - 1) / mb;
+    a.c0[0] = 0;
+    for (int t = 0; t < n; t++) {
+        a.ws[t] = w[t];
+        a.ys[t] = y[t];
+        a.chunks[t] = nmb;
+        a.c0[t + 1] = a.c0[t] + (w[t]->rows + KN_NR - 1) / KN_NR * nmb;
+    }
+    atomic_init(&a.next, 0);
+    struct fpack_args f = {.a = &a, .mb = mb};
+    kn_job_fn job = w[0]->type == KN_F32 ? fpack_job_f32
+                    : w[0]->type == KN_F16 ? fpack_job_f16
+                                           : fpack_job_bf16;
+    kn_run(ctx, job, &f);
+    return true;
+}
+#endif /* KN_HAVE_FPACK */
+
 static void simd_matmul(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t M, float *y)
 {
     if (!matmul_args_ok(w, x, M, y))
         return;
+#ifdef KN_HAVE_FPACK
+    if (fpack_all(1, &w) && fpack_matmul(ctx, 1, &w, x, M, &y))
+        return;
+#endif
     if (M <= matvec_max(w->type)) {
         simd_matvec(ctx, 1, &w, x, M, &y);
         return;
@@ -639,6 +882,10 @@ static void simd_matmul_multi(kn_ctx *ctx, int n, const kn_tensor *const *w, con
             return;
         fuse = fuse && w[t]->type == w[0]->type && w[t]->cols == w[0]->cols;
     }
+#ifdef KN_HAVE_FPACK
+    if (n <= KN_MULTI_MAX && fpack_all(n, w) && fpack_matmul(ctx, n, w, x, M, y))
+        return;
+#endif
     if (fuse) {
         simd_matvec(ctx, n, w, x, M, y);
         return;

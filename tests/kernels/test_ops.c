@@ -1113,30 +1113,29 @@ Test(kernels_ops, masked_query_equals_decode_over_contiguous_keys, .timeout = 60
     }
 }
 
-/* kn_tensor_pack: packed Q8_0 weights give bit for bit what the same weights
+/* kn_tensor_pack: packed weights give bit for bit what the same weights
  * give unpacked, through matmul and matmul_multi at every M across the
- * switch points, for row counts that leave a partial 16-row panel and an odd
- * number of blocks per row. */
-Test(kernels_pack, q8_0_packed_matmul_equals_unpacked, .timeout = 60)
+ * switch points (one x-row block, several, a partial one), for shapes that
+ * leave a partial panel and, for the float types, a K % 32 tail. */
+static void check_packed_equals_unpacked(enum kn_dtype type, const int64_t (*shapes)[2],
+                                         size_t n_shapes)
 {
-    if (!kn_variant_supported(KN_VARIANT_AVX512))
-        cr_skip_test("no AVX-512 here: nothing is packed");
-    static const int64_t Ms[] = {1, 2, 3, 4, 5, 8, 9, 13, 17, 33};
-    static const int64_t shapes[][2] = {{70, 256}, {35, 96}, {16, 32}, {300, 64}};
+    static const int64_t Ms[] = {1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 17, 33, 64, 65, 130};
+    enum { MMAX = 130 };
     kn_ctx *ctx = make_ctx(2, KN_VARIANT_AVX512);
     const kn_ops *ops = kn_ctx_ops(ctx);
-    for (size_t is = 0; is < sizeof(shapes) / sizeof(shapes[0]); is++) {
+    for (size_t is = 0; is < n_shapes; is++) {
         const int64_t N = shapes[is][0], K = shapes[is][1];
         kn_tensor w[3], wp[3];
         void *data[3];
         for (int i = 0; i < 3; i++) {
-            data[i] = make_weight(KN_Q8_0, N - 3 * i, K, &w[i]);
+            data[i] = make_weight(type, N - 3 * i, K, &w[i]);
             wp[i] = w[i];
             cr_assert_eq(kn_tensor_pack(&wp[i]), 0);
-            cr_assert_not_null(wp[i].packed, "AVX-512 Q8_0 %ldx%ld was not packed", (long)N,
-                               (long)K);
+            cr_assert_not_null(wp[i].packed, "AVX-512 %s %ldx%ld was not packed",
+                               kn_dtype_name(type), (long)w[i].rows, (long)K);
         }
-        float *x = fvec(33 * K), *y = fvec(3 * 33 * N), *yp = fvec(3 * 33 * N);
+        float *x = fvec(MMAX * K), *y = fvec(3 * MMAX * N), *yp = fvec(3 * MMAX * N);
         for (size_t im = 0; im < sizeof(Ms) / sizeof(Ms[0]); im++) {
             const int64_t M = Ms[im];
             poison(y, M * N);
@@ -1145,13 +1144,13 @@ Test(kernels_pack, q8_0_packed_matmul_equals_unpacked, .timeout = 60)
             ops->matmul(ctx, &wp[0], x, M, yp);
             for (int64_t e = 0; e < M * N; e++)
                 cr_assert(!isnan(yp[e]) && memcmp(&y[e], &yp[e], sizeof(float)) == 0,
-                          "%ldx%ld M=%ld: element %ld packed %.9g, unpacked %.9g", (long)N,
-                          (long)K, (long)M, (long)e, yp[e], y[e]);
+                          "%s %ldx%ld M=%ld: element %ld packed %.9g, unpacked %.9g",
+                          kn_dtype_name(type), (long)N, (long)K, (long)M, (long)e, yp[e], y[e]);
             const kn_tensor *ws[3] = {&w[0], &w[1], &w[2]}, *wps[3] = {&wp[0], &wp[1], &wp[2]};
             float *ys[3], *yps[3];
             for (int i = 0; i < 3; i++) {
-                ys[i] = y + i * 33 * N;
-                yps[i] = yp + i * 33 * N;
+                ys[i] = y + i * MMAX * N;
+                yps[i] = yp + i * MMAX * N;
                 poison(ys[i], M * N);
                 poison(yps[i], M * N);
             }
@@ -1160,8 +1159,10 @@ Test(kernels_pack, q8_0_packed_matmul_equals_unpacked, .timeout = 60)
             for (int i = 0; i < 3; i++)
                 for (int64_t e = 0; e < M * w[i].rows; e++)
                     cr_assert(!isnan(yps[i][e]) && memcmp(&ys[i][e], &yps[i][e], sizeof(float)) == 0,
-                              "multi weight %d %ldx%ld M=%ld: element %ld packed %.9g, unpacked %.9g",
-                              i, (long)w[i].rows, (long)K, (long)M, (long)e, yps[i][e], ys[i][e]);
+                              "%s multi weight %d %ldx%ld M=%ld: element %ld packed %.9g, "
+                              "unpacked %.9g",
+                              kn_dtype_name(type), i, (long)w[i].rows, (long)K, (long)M, (long)e,
+                              yps[i][e], ys[i][e]);
         }
         for (int i = 0; i < 3; i++) {
             kn_tensor_unpack(&wp[i]);
@@ -1175,8 +1176,29 @@ Test(kernels_pack, q8_0_packed_matmul_equals_unpacked, .timeout = 60)
     kn_ctx_destroy(ctx);
 }
 
-/* Types without a packed form are left as they are (and unpacking them is a
- * no-op), so every caller may pack every weight. */
+Test(kernels_pack, q8_0_packed_matmul_equals_unpacked, .timeout = 60)
+{
+    if (!kn_variant_supported(KN_VARIANT_AVX512))
+        cr_skip_test("no AVX-512 here: nothing is packed");
+    static const int64_t shapes[][2] = {{70, 256}, {35, 96}, {16, 32}, {300, 64}};
+    check_packed_equals_unpacked(KN_Q8_0, shapes, sizeof(shapes) / sizeof(shapes[0]));
+}
+
+Test(kernels_pack, float_packed_matmul_equals_unpacked, .timeout = 120)
+{
+    if (!kn_variant_supported(KN_VARIANT_AVX512))
+        cr_skip_test("no AVX-512 here: nothing is packed");
+    /* 48-row panels from 96 rows and 256 columns up: partial last panels,
+     * K % 32 = 0, 12 and 31 */
+    static const int64_t shapes[][2] = {{110, 256}, {150, 300}, {105, 511}, {200, 768}};
+    static const enum kn_dtype types[] = {KN_F32, KN_F16, KN_BF16};
+    for (size_t it = 0; it < sizeof(types) / sizeof(types[0]); it++)
+        check_packed_equals_unpacked(types[it], shapes, sizeof(shapes) / sizeof(shapes[0]));
+}
+
+/* Types without a packed form, and float matrices too small to gain from
+ * one, are left as they are (and unpacking them is a no-op), so every
+ * caller may pack every weight. */
 Test(kernels_pack, other_types_stay_unpacked)
 {
     static const enum kn_dtype types[] = {KN_F32, KN_F16, KN_BF16, KN_Q4_0};
