@@ -767,6 +767,19 @@ void eng_gguf_close(eng_gguf *g)
     free(g);
 }
 
+void eng_gguf_release(const eng_gguf *g, const void *p, size_t len)
+{
+    const uintptr_t base = (uintptr_t)g->base, end = base + g->len;
+    const uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t lo = (uintptr_t)p, hi = lo + len;
+    if (!g->mapped || lo < base || hi > end || hi < lo)
+        return;
+    lo = (lo + pg - 1) / pg * pg;
+    hi = hi / pg * pg;
+    if (hi > lo)
+        (void)madvise((void *)lo, hi - lo, MADV_DONTNEED); /* advice: failure changes nothing */
+}
+
 uint32_t eng_gguf_version(const eng_gguf *g)
 {
     return g->version;

@@ -116,6 +116,13 @@ size_t eng_gguf_file_bytes(const eng_gguf *g);    /* whole file length */
 size_t eng_gguf_data_offset(const eng_gguf *g);   /* file offset of the data blob */
 const void *eng_gguf_file_data(const eng_gguf *g); /* start of the mapping */
 
+/* Drop the whole pages of [p, p + len) (inside the file's data) from this
+ * process's memory: a model whose weights were copied elsewhere (packed)
+ * need not also keep the file's pages resident. Reading them again later is
+ * still valid (they come back from the file). A no-op for eng_gguf_open_mem
+ * files (caller memory, which must not be touched). */
+void eng_gguf_release(const eng_gguf *g, const void *p, size_t len);
+
 /* ---- metadata ---------------------------------------------------------- */
 
 int64_t eng_gguf_kv_count(const eng_gguf *g);

@@ -225,21 +225,28 @@ static kn_tensor *matmul_tensor(eng_model *m, int64_t i)
     return lt[(i - 1) % 7];
 }
 
-/* Repack the matmul weights once for this CPU's matmul (kn_tensor_pack):
- * Q8_0 on AVX-512 then streams them without per-call repacking. */
-static int pack_weights(eng_model *m)
-{
-    const int64_t n = 1 + 7 * (int64_t)m->hp.n_layer;
-    for (int64_t i = 0; i < n; i++)
-        if (kn_tensor_pack(matmul_tensor(m, i)) < 0)
-            return eng_fail(-ENOMEM, "model: no memory to repack the weights (%" PRId64
-                                     " of %" PRId64 " done)", i, n);
-    return 0;
-}
-
 static int64_t matrix_bytes(const kn_tensor *t)
 {
     return (int64_t)kn_row_bytes(t->type, t->cols) * t->rows;
+}
+
+/* Repack the matmul weights once for this CPU's matmul (kn_tensor_pack):
+ * on AVX-512 they are then streamed without per-call repacking. Only the
+ * matmul reads a packed tensor's copy, so the file's pages of it are let
+ * go (the embedding lookup keeps reading a tied output's), and the model
+ * costs its size in memory once, not twice. */
+static int pack_weights(eng_model *m)
+{
+    const int64_t n = 1 + 7 * (int64_t)m->hp.n_layer;
+    for (int64_t i = 0; i < n; i++) {
+        kn_tensor *t = matmul_tensor(m, i);
+        if (kn_tensor_pack(t) < 0)
+            return eng_fail(-ENOMEM, "model: no memory to repack the weights (%" PRId64
+                                     " of %" PRId64 " done)", i, n);
+        if (t->packed && t->data != m->tok_embd.data)
+            eng_gguf_release(m->gguf, t->data, (size_t)matrix_bytes(t));
+    }
+    return 0;
 }
 
 int eng_model_open_gguf(eng_model **out, eng_gguf *g)
