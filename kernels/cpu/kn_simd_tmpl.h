@@ -355,18 +355,15 @@ KN_AI vf pload(const void *panel, size_t i, const int type)
     }
 }
 
-/* C[MR][KN_NR] = X[MR][kc] * panel[kc][NR], X row m at x0 + m * ldx: one FMA
- * chain per element over k in order, stored to C, or added to it (C + chain)
+/* C[MR][KN_NR] = X[MR][kc] * panel[kc][NR], X[m][k] at x0[k * xs + m]
+ * (gemm_xperm_job's tiles): one FMA chain per element over k in order, stored to C, or added to it (C + chain)
  * when fold. C is a private tile (row stride KN_NR). The panel is in the
  * weights' type (F32, or F16/BF16 widened as it is read); pf prefetches it
  * KN_PF_PANEL bytes ahead (the first pass over a panel that is not in cache). */
-KN_AI void res_kernel(const float *x0, int64_t ldx, const int MR, const void *panel, const int type,
+KN_AI void res_kernel(const float *x0, int xs, const int MR, const void *panel, const int type,
                       int kc, float *c, int fold, bool pf)
 {
     const size_t rowb = (size_t)KN_NR * (type == KN_F32 ? 4 : 2);
-    const float *xr[KN_MR];
-    _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++)
-        xr[m] = x0 + m * ldx;
     vf acc[KN_MR][KN_NV];
     _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++)
         _Pragma("GCC unroll 16") for (int v = 0; v < KN_NV; v++)
@@ -380,7 +377,7 @@ KN_AI void res_kernel(const float *x0, int64_t ldx, const int MR, const void *pa
         _Pragma("GCC unroll 16") for (int v = 0; v < KN_NV; v++)
             wv[v] = pload(panel, (size_t)k * KN_NR + v * VL, type);
         _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++) {
-            vf b = vset1(xr[m][k]);
+            vf b = vset1(x0[k * xs + m]);
             _Pragma("GCC unroll 16") for (int v = 0; v < KN_NV; v++)
                 acc[m][v] = vfma(b, wv[v], acc[m][v]);
         }
@@ -402,48 +399,85 @@ static size_t gemm_thread_floats(int64_t K)
     return ((size_t)K + KN_KC) * KN_NR + (size_t)VL * KN_MR * KN_NR;
 }
 
-/* x in the panel's order (row m: element 32j + c at c * J + j, then the
- * tail), so that the GEMM reads each residue's x contiguously: per row, a
- * transpose of the J x 32 matrix of its blocks, in 4 x 4 SSE tiles (an
- * element-by-element copy was 4 % of prefill). */
+/* x in the panel's order, X = xperm_width(M) rows interleaved: for the
+ * tile of rows [t * KN_MR, t * KN_MR + KN_MR), element (row t * KN_MR + i,
+ * col k) at xp[t * KN_MR * K + p(k) * X + i], p(32j + c) = c * J + j below
+ * K32 and p(k) = k in the tail. (X is KN_MR but for M < KN_MR, where the
+ * one tile is M wide, so that decode's x stays as compact as it is.) The micro-kernel then broadcasts its KN_MR x
+ * values of a step from one line through one pointer (eight row pointers
+ * had the compiler spill one every step: 8 % of the kernel). Rows past M
+ * are left as they are (no kernel reads them). Whole 8-row tiles go
+ * through AVX 8 x 8 transposes (an element-by-element copy of x was 4 %
+ * of prefill). */
+KN_AI int xperm_width(int64_t M)
+{
+    return M < KN_MR ? (int)M : KN_MR;
+}
+
+static size_t xperm_bytes(int64_t M, int64_t K)
+{
+    return (size_t)((M + KN_MR - 1) / KN_MR * KN_MR) * (size_t)K * sizeof(float);
+}
+
 static void gemm_xperm_job(void *p, int ith, int nth)
 {
     struct mm_args *a = p;
-    const int64_t K = a->w->cols, J = K / 32, K32 = J * 32, J4 = J / 4 * 4;
+    const int64_t K = a->w->cols, J = K / 32, K32 = J * 32, M = a->M;
+    const int X = xperm_width(M);
     int64_t lo, hi;
-    kn_split(a->M, ith, nth, 1, &lo, &hi);
-    for (int64_t m = lo; m < hi; m++) {
-        const float *xm = a->x + m * K;
-        float *o = a->xp + m * K;
-        for (int64_t j = 0; j < J4; j += 4)
-            for (int c = 0; c < 32; c += 4) {
-                __m128 r0 = _mm_loadu_ps(xm + (j + 0) * 32 + c);
-                __m128 r1 = _mm_loadu_ps(xm + (j + 1) * 32 + c);
-                __m128 r2 = _mm_loadu_ps(xm + (j + 2) * 32 + c);
-                __m128 r3 = _mm_loadu_ps(xm + (j + 3) * 32 + c);
-                _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
-                _mm_storeu_ps(o + (c + 0) * J + j, r0);
-                _mm_storeu_ps(o + (c + 1) * J + j, r1);
-                _mm_storeu_ps(o + (c + 2) * J + j, r2);
-                _mm_storeu_ps(o + (c + 3) * J + j, r3);
+    kn_split((M + KN_MR - 1) / KN_MR, ith, nth, 1, &lo, &hi);
+    for (int64_t t = lo; t < hi; t++) {
+        const int64_t m0 = t * KN_MR;
+        const int mr = (int)(M - m0 < KN_MR ? M - m0 : KN_MR);
+        const float *x0 = a->x + m0 * K;
+        float *o = a->xp + m0 * K;
+        int64_t j0 = 0;
+#if KN_MR == 8
+        for (; mr == 8 && j0 < J; j0++)
+            for (int c = 0; c < 32; c += 8) {
+                __m256 r[8], u[8], s[8];
+                for (int i = 0; i < 8; i++)
+                    r[i] = _mm256_loadu_ps(x0 + i * K + j0 * 32 + c);
+                for (int i = 0; i < 8; i += 2) {
+                    u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+                    u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+                }
+                for (int i = 0; i < 8; i += 4) {
+                    s[i + 0] = _mm256_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+                    s[i + 1] = _mm256_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+                    s[i + 2] = _mm256_shuffle_ps(u[i + 1], u[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+                    s[i + 3] = _mm256_shuffle_ps(u[i + 1], u[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+                }
+                /* s[q] (q < 4) holds columns q and q + 4 of rows 0-3 | 0-3
+                 * in its halves, s[4 + q] the same of rows 4-7 */
+                for (int q = 0; q < 4; q++) {
+                    _mm256_storeu_ps(o + ((c + q) * J + j0) * 8,
+                                     _mm256_permute2f128_ps(s[q], s[4 + q], 0x20));
+                    _mm256_storeu_ps(o + ((c + q + 4) * J + j0) * 8,
+                                     _mm256_permute2f128_ps(s[q], s[4 + q], 0x31));
+                }
             }
-        for (int64_t j = J4; j < J; j++)
-            for (int c = 0; c < 32; c++)
-                o[c * J + j] = xm[j * 32 + c];
-        for (int64_t t = K32; t < K; t++)
-            o[t] = xm[t];
+#endif
+        for (int i = 0; i < mr; i++) {
+            const float *xm = x0 + i * K;
+            for (int64_t j = j0; j < J; j++)
+                for (int c = 0; c < 32; c++)
+                    o[(c * J + j) * X + i] = xm[j * 32 + c];
+            for (int64_t k = K32; k < K; k++)
+                o[k * X + i] = xm[k];
+        }
     }
 }
 
-/* Rows [0, mr) (mr <= KN_MR) of x, in residue order at xp (row stride K),
+/* Rows [0, mr) (mr <= KN_MR) of the x tile at xp (gemm_xperm_job's layout, width xs),
  * against one residue-ordered panel of nn (<= KN_NR) weight rows: the
  * chain of residue c is an ordinary broadcast-FMA GEMM over J = K / 32
  * panel rows, it goes to lane tile c % VL of lt (folded in c order, as
  * dot_rows folds its accumulators), the VL tiles are summed lane-wise in
  * vhsum's pairing, and the K % 32 tail follows in order. Row m's nn
  * results go to y + m * ldy. */
-KN_AI void panel_tile(const void *panel, const int type, const float *xp, int64_t K, int mr,
-                      int nn, float *lt, float *y, int64_t ldy, bool pf)
+KN_AI void panel_tile(const void *panel, const int type, const float *xp, int xs, int64_t K,
+                      int mr, int nn, float *lt, float *y, int64_t ldy, bool pf)
 {
     const int64_t J = K / 32, K32 = J * 32;
     for (int c = 0; c < 32 && J > 0; c++) {
@@ -452,7 +486,8 @@ KN_AI void panel_tile(const void *panel, const int type, const float *xp, int64_
         switch (mr) {
 #define KN_RES_MR(h)                                                                           \
     case h:                                                                                    \
-        res_kernel(xp + c * J, K, h <= KN_MR ? h : 1, pc, type, (int)J, ltc, c >= VL, pf);     \
+        res_kernel(xp + c * J * xs, xs, h <= KN_MR ? h : 1, pc, type, (int)J, ltc, c >= VL,   \
+                   pf);                                                                        \
         break;
             KN_RES_MR(1)
             KN_RES_MR(2)
@@ -486,11 +521,10 @@ KN_AI void panel_tile(const void *panel, const int type, const float *xp, int64_
         if (direct)
             continue;
         const float *tm = lt + (size_t)m * KN_NR;
-        const float *xm = xp + m * K;
         for (int j = 0; j < nn; j++) {
             float s = J > 0 ? tm[j] : 0.0f;
             for (int64_t t = K32; t < K; t++)
-                s += wscalar(panel, t * KN_NR + j, type) * xm[t];
+                s += wscalar(panel, t * KN_NR + j, type) * xp[t * xs + m];
             ym[j] = s;
         }
     }
@@ -527,7 +561,7 @@ KN_AI void gemm_job_t(void *p, int ith, int nth, const int type)
             }
         }
         for (int64_t m0 = 0; m0 < M; m0 += KN_MR)
-            panel_tile(panel, KN_F32, a->xp + m0 * K, K, (int)(M - m0 < KN_MR ? M - m0 : KN_MR),
+            panel_tile(panel, KN_F32, a->xp + m0 * K, xperm_width(M), K, (int)(M - m0 < KN_MR ? M - m0 : KN_MR),
                        nn, lt, a->y + m0 * N + n0, N, false);
     }
 }
@@ -630,7 +664,7 @@ static bool simd_gemm(kn_ctx *ctx, int n, const kn_tensor *const *w, const float
     struct mm_args a = {.w = w[0], .x = x, .M = M};
     a.panels = kn_scratch(ctx, KN_SCRATCH_PANEL,
                           (size_t)kn_nthreads(ctx) * gemm_thread_floats(w[0]->cols) * sizeof(float));
-    a.xp = kn_scratch(ctx, KN_SCRATCH_ACT, (size_t)M * (size_t)w[0]->cols * sizeof(float));
+    a.xp = kn_scratch(ctx, KN_SCRATCH_ACT, xperm_bytes(M, w[0]->cols));
     if (!a.panels || !a.xp)
         return false;
     kn_run(ctx, gemm_xperm_job, &a);
@@ -724,7 +758,7 @@ static int fpack_tensor(const kn_tensor *w, void **out)
 static float *fpack_xperm(kn_ctx *ctx, struct mm_args *a)
 {
     const int64_t K = a->w->cols;
-    a->xp = kn_scratch(ctx, KN_SCRATCH_ACT, (size_t)a->M * (size_t)K * sizeof(float));
+    a->xp = kn_scratch(ctx, KN_SCRATCH_ACT, xperm_bytes(a->M, K));
     if (!a->xp)
         return NULL;
     if (a->M * K < 16384)
@@ -773,13 +807,13 @@ KN_AI void fpack_job_t(void *p, int ith, const int type)
                 vst(conv + e, pload(panel, e, type));
             }
             for (int64_t m0 = m_lo; m0 < m_hi; m0 += KN_MR)
-                panel_tile(conv, KN_F32, a->xp + m0 * K, K,
+                panel_tile(conv, KN_F32, a->xp + m0 * K, xperm_width(M), K,
                            (int)(m_hi - m0 < KN_MR ? m_hi - m0 : KN_MR), nn, lt, y + m0 * N, N,
                            false);
             continue;
         }
         for (int64_t m0 = m_lo; m0 < m_hi; m0 += KN_MR)
-            panel_tile(panel, type, a->xp + m0 * K, K,
+            panel_tile(panel, type, a->xp + m0 * K, xperm_width(M), K,
                        (int)(m_hi - m0 < KN_MR ? m_hi - m0 : KN_MR), nn, lt, y + m0 * N, N,
                        m0 == m_lo);
     }
