@@ -355,11 +355,29 @@ KN_AI vf pload(const void *panel, size_t i, const int type)
     }
 }
 
+/* One k step of res_kernel. */
+KN_AI void res_step(vf acc[KN_MR][KN_NV], const float *x0, int xs, const int MR,
+                    const void *panel, const int type, int k, const char *pp, size_t rowb, bool pf)
+{
+    if (pf)
+        _Pragma("GCC unroll 16") for (size_t o = 0; o < rowb; o += 64)
+            __builtin_prefetch(pp + o, 0, 2);
+    vf wv[KN_NV];
+    _Pragma("GCC unroll 16") for (int v = 0; v < KN_NV; v++)
+        wv[v] = pload(panel, (size_t)k * KN_NR + v * VL, type);
+    _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++) {
+        vf b = vset1(x0[k * xs + m]);
+        _Pragma("GCC unroll 16") for (int v = 0; v < KN_NV; v++)
+            acc[m][v] = vfma(b, wv[v], acc[m][v]);
+    }
+}
+
 /* C[MR][KN_NR] = X[MR][kc] * panel[kc][NR], X[m][k] at x0[k * xs + m]
- * (gemm_xperm_job's tiles): one FMA chain per element over k in order, stored to C, or added to it (C + chain)
- * when fold. C is a private tile (row stride KN_NR). The panel is in the
- * weights' type (F32, or F16/BF16 widened as it is read); pf prefetches it
- * KN_PF_PANEL bytes ahead (the first pass over a panel that is not in cache). */
+ * (gemm_xperm_job's tiles): one FMA chain per element over k in order,
+ * stored to C, or added to it (C + chain) when fold. C is a private tile
+ * (row stride KN_NR). The panel is in the weights' type (F32, or F16/BF16
+ * widened as it is read); pf prefetches it KN_PF_PANEL bytes ahead (the
+ * first pass over a panel that is not in cache). */
 KN_AI void res_kernel(const float *x0, int xs, const int MR, const void *panel, const int type,
                       int kc, float *c, int fold, bool pf)
 {
@@ -369,19 +387,15 @@ KN_AI void res_kernel(const float *x0, int xs, const int MR, const void *panel, 
         _Pragma("GCC unroll 16") for (int v = 0; v < KN_NV; v++)
             acc[m][v] = vzero();
     const char *pp = (const char *)panel + KN_PF_PANEL;
-    for (int k = 0; k < kc; k++, pp += rowb) {
-        if (pf)
-            _Pragma("GCC unroll 16") for (size_t o = 0; o < rowb; o += 64)
-                __builtin_prefetch(pp + o, 0, 2);
-        vf wv[KN_NV];
-        _Pragma("GCC unroll 16") for (int v = 0; v < KN_NV; v++)
-            wv[v] = pload(panel, (size_t)k * KN_NR + v * VL, type);
-        _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++) {
-            vf b = vset1(x0[k * xs + m]);
-            _Pragma("GCC unroll 16") for (int v = 0; v < KN_NV; v++)
-                acc[m][v] = vfma(b, wv[v], acc[m][v]);
-        }
-    }
+    /* F32 panels (prefill's, 16-bit ones included, widened per item)
+     * unrolled twice: 1 thread, 110m shapes, M = 512, +1-4 %; the 16-bit
+     * small-M loop (Medusa trees) was slower so */
+    if (type == KN_F32)
+        _Pragma("GCC unroll 2") for (int k = 0; k < kc; k++, pp += rowb)
+            res_step(acc, x0, xs, MR, panel, type, k, pp, rowb, pf);
+    else
+        for (int k = 0; k < kc; k++, pp += rowb)
+            res_step(acc, x0, xs, MR, panel, type, k, pp, rowb, pf);
     _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++) {
         float *cm = c + m * KN_NR;
         _Pragma("GCC unroll 16") for (int v = 0; v < KN_NV; v++) {
