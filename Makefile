@@ -108,9 +108,12 @@ $(B)/bin/$(1): $(call objs,$(2)) $(call libpaths,$(3))
 	@mkdir -p $$(@D)
 	@$(if $(filter 1,$(V)),,echo "  LD      $$@")
 	$(Q)$$(CC) $$(LDFLAGS) -o $$@ $(call objs,$(2)) $(call libpaths,$(3)) $(4) $$(LDLIBS)
-$(BIN)/$(1): $(B)/bin/$(1)
+# (checked every run: make judges a link by its target's age, so a link to
+# another flavour's newer binary, e.g. after SAN=thread, looked up to date)
+$(BIN)/$(1): $(B)/bin/$(1) FORCE
 	@mkdir -p $$(@D)
-	$(Q)ln -sfn ../$(patsubst build/%,%,$(B))/bin/$(1) $$@
+	$(Q)[ "$$$$(readlink $$@)" = ../$(patsubst build/%,%,$(B))/bin/$(1) ] || \
+		ln -sfn ../$(patsubst build/%,%,$(B))/bin/$(1) $$@
 endef
 
 # Sanitizer builds link a shim that works around Criterion under ASan/TSan (see the file).
@@ -124,7 +127,7 @@ $(B)/tests/$(1): $(call objs,$(2)) $(call libpaths,$(3)) $(TEST_SHIM)
 	$(Q)$$(CC) $$(LDFLAGS) -o $$@ $(call objs,$(2)) $(TEST_SHIM) $(call libpaths,$(3)) $(4) -lcriterion -ldl $$(LDLIBS)
 endef
 
-.PHONY: all test run bench deps clean fuzz
+.PHONY: all test run bench deps clean fuzz FORCE
 all:
 
 # Dependency step: a cheap dpkg check at parse time, the installer only when
@@ -144,6 +147,7 @@ MODULES := common ipc kernels kernels/cuda engine appliance clients clients/benc
 include $(wildcard $(addsuffix /module.mk,$(MODULES)))
 
 all: $(ALL_PROGS) $(ALL_LIBS)
+FORCE:
 
 $(B)/%.o: %.c
 	@mkdir -p $(@D)
