@@ -817,7 +817,7 @@ KN_AI void fpack_job_t(void *p, int ith, const int type)
         if (type != KN_F32 && m_hi - m_lo > KN_MR) {
             /* 16-bit weights widened once per item, not once per tile */
             for (size_t e = 0; e < (size_t)K * KN_NR; e += VL) {
-                __builtin_prefetch((const char *)panel + e * 2 + KN_PF);
+                __builtin_prefetch((const char *)panel + e * 2 + KN_PF_PANEL, 0, 2);
                 vst(conv + e, pload(panel, e, type));
             }
             for (int64_t m0 = m_lo; m0 < m_hi; m0 += KN_MR)
