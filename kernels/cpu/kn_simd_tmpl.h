@@ -420,13 +420,13 @@ static size_t gemm_thread_floats(int64_t K)
 /* x in the panel's order, X = xperm_width(M) rows interleaved: for the
  * tile of rows [t * KN_MR, t * KN_MR + KN_MR), element (row t * KN_MR + i,
  * col k) at xp[t * KN_MR * K + p(k) * X + i], p(32j + c) = c * J + j below
- * K32 and p(k) = k in the tail. (X is KN_MR but for M < KN_MR, where the
- * one tile is M wide, so that decode's x stays as compact as it is.) The micro-kernel then broadcasts its KN_MR x
- * values of a step from one line through one pointer (eight row pointers
- * had the compiler spill one every step: 8 % of the kernel). Rows past M
- * are left as they are (no kernel reads them). Whole 8-row tiles go
- * through AVX 8 x 8 transposes (an element-by-element copy of x was 4 %
- * of prefill). */
+ * K32 and p(k) = k in the tail. X is KN_MR, except for M < KN_MR, where the
+ * one tile is M wide so that decode's x stays compact. The micro-kernel
+ * then broadcasts a step's x values from one line through one pointer
+ * (eight row pointers had the compiler spill one every step: 8 % of the
+ * kernel). Rows past M are left as they are (no kernel reads them). Whole
+ * 8-row tiles go through AVX 8 x 8 transposes (an element-by-element copy
+ * of x was 4 % of prefill). */
 KN_AI int xperm_width(int64_t M)
 {
     return M < KN_MR ? (int)M : KN_MR;
@@ -487,8 +487,8 @@ static void gemm_xperm_job(void *p, int ith, int nth)
     }
 }
 
-/* Rows [0, mr) (mr <= KN_MR) of the x tile at xp (gemm_xperm_job's layout, width xs),
- * against one residue-ordered panel of nn (<= KN_NR) weight rows: the
+/* Rows [0, mr) (mr <= KN_MR) of the x tile at xp (gemm_xperm_job's
+ * layout, width xs) against one residue-ordered panel of nn (<= KN_NR) weight rows: the
  * chain of residue c is an ordinary broadcast-FMA GEMM over J = K / 32
  * panel rows, it goes to lane tile c % VL of lt (folded in c order, as
  * dot_rows folds its accumulators), the VL tiles are summed lane-wise in
@@ -579,8 +579,9 @@ KN_AI void gemm_job_t(void *p, int ith, int nth, const int type)
             }
         }
         for (int64_t m0 = 0; m0 < M; m0 += KN_MR)
-            panel_tile(panel, KN_F32, a->xp + m0 * K, xperm_width(M), K, (int)(M - m0 < KN_MR ? M - m0 : KN_MR),
-                       nn, lt, a->y + m0 * N + n0, N, false);
+            panel_tile(panel, KN_F32, a->xp + m0 * K, xperm_width(M), K,
+                       (int)(M - m0 < KN_MR ? M - m0 : KN_MR), nn, lt, a->y + m0 * N + n0, N,
+                       false);
     }
 }
 
@@ -722,13 +723,13 @@ static bool simd_gemm(kn_ctx *ctx, int n, const kn_tensor *const *w, const float
  * zero. Every M then runs the same panel tiles: no per-call repacking
  * (which reads the weights 48 rows at a time; 110m F32 prefill is 4-10 %
  * faster without it), one copy serves decode too, and the work splits into
- * panels and blocks of x rows alike. The arithmetic is panel_tile's, which is the GEMM's, so
- * packing changes no result bit. Small matrices (tiny models, where the
+ * panels and blocks of x rows alike. The arithmetic is panel_tile's, which
+ * is the GEMM's, so packing changes no result bit. Small matrices (tiny models, where the
  * padding of a partial panel would cost more than it saves) stay as
  * they are. */
 #define KN_FPACK_MIN_K 256
 #define KN_FPACK_MIN_N (2 * KN_NR)
-#define KN_FPACK_MB (8 * KN_MR) /* x rows per work item, at most */
+#define KN_FPACK_MB (8 * KN_MR) /* x rows per work item, at least (where M has them) */
 
 static bool fpack_type(int type)
 {
@@ -866,7 +867,8 @@ static bool fpack_matmul(kn_ctx *ctx, int n, const kn_tensor *const *w, const fl
     const int nth = kn_nthreads(ctx);
     const int64_t K = w[0]->cols;
     struct mm_args a = {.w = w[0], .x = x, .M = M, .y = y[0], .n_w = n};
-    a.panels = kn_scratch(ctx, KN_SCRATCH_PANEL, (size_t)nth * gemm_thread_floats(K) * sizeof(float));
+    a.panels =
+        kn_scratch(ctx, KN_SCRATCH_PANEL, (size_t)nth * gemm_thread_floats(K) * sizeof(float));
     if (!a.panels || !fpack_xperm(ctx, &a))
         return false;
     /* x row blocks per panel: enough items for ~32 per thread (a thread
