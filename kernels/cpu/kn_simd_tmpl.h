@@ -342,19 +342,6 @@ KN_AI void pack_panel(const kn_tensor *w, int64_t n0, int nn, int64_t k0, int kc
     }
 }
 
-/* One element of a residue-ordered panel row in the panel's own type. */
-KN_AI vf pload(const void *panel, size_t i, const int type)
-{
-    switch (type) {
-    case KN_F16:
-        return vld_f16((const uint16_t *)panel + i);
-    case KN_BF16:
-        return vld_bf16((const uint16_t *)panel + i);
-    default:
-        return vld((const float *)panel + i);
-    }
-}
-
 /* One k step of res_kernel. */
 KN_AI void res_step(vf acc[KN_MR][KN_NV], const float *x0, int xs, const int MR,
                     const void *panel, const int type, int k, const char *pp, size_t rowb, bool pf)
@@ -368,7 +355,7 @@ KN_AI void res_step(vf acc[KN_MR][KN_NV], const float *x0, int xs, const int MR,
     }
     vf wv[KN_NV];
     _Pragma("GCC unroll 16") for (int v = 0; v < KN_NV; v++)
-        wv[v] = pload(panel, (size_t)k * KN_NR + v * VL, type);
+        wv[v] = wload(panel, (int64_t)k * KN_NR + v * VL, type); /* F32/F16/BF16 panel */
     _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++) {
         vf b = vset1(x0[k * xs + m]);
         _Pragma("GCC unroll 16") for (int v = 0; v < KN_NV; v++)
@@ -823,7 +810,7 @@ KN_AI void fpack_job_t(void *p, int ith, const int type)
             /* 16-bit weights widened once per item, not once per tile */
             for (size_t e = 0; e < (size_t)K * KN_NR; e += VL) {
                 __builtin_prefetch((const char *)panel + e * 2 + KN_PF_PANEL, 0, 2);
-                vst(conv + e, pload(panel, e, type));
+                vst(conv + e, wload(panel, (int64_t)e, type));
             }
             for (int64_t m0 = m_lo; m0 < m_hi; m0 += KN_MR)
                 panel_tile(conv, KN_F32, a->xp + m0 * K, xperm_width(M), K,
@@ -939,6 +926,15 @@ static void simd_matmul_multi(kn_ctx *ctx, int n, const kn_tensor *const *w, con
 #ifdef KN_HAVE_FPACK
     if (n <= KN_MULTI_MAX && fpack_all(n, w) && fpack_matmul(ctx, n, w, x, M, y))
         return;
+    /* Packed floats among unpacked weights (GQA: K/V too small to pack)
+     * go one by one: the fused matvec below reads data, whose file pages
+     * the model has released (they would fault back in on every call). */
+    for (int t = 0; t < n; t++)
+        if (w[t]->packed && fpack_type(w[t]->type)) {
+            for (int u = 0; u < n; u++)
+                simd_matmul(ctx, w[u], x, M, y[u]);
+            return;
+        }
 #endif
     if (fuse) {
         simd_matvec(ctx, n, w, x, M, y);

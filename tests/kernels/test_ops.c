@@ -1196,6 +1196,55 @@ Test(kernels_pack, float_packed_matmul_equals_unpacked, .timeout = 120)
         check_packed_equals_unpacked(types[it], shapes, sizeof(shapes) / sizeof(shapes[0]));
 }
 
+/* matmul_multi over a packed float weight and ones too small to pack (a
+ * GQA model's Wq beside its K/V) gives what it gives unpacked. */
+Test(kernels_pack, mixed_packed_and_unpacked_multi, .timeout = 60)
+{
+    if (!kn_variant_supported(KN_VARIANT_AVX512))
+        cr_skip_test("no AVX-512 here: nothing is packed");
+    enum { K = 256, MMAX = 17 };
+    static const int64_t rows[3] = {192, 64, 64};
+    static const int64_t Ms[] = {1, 4, 8, 17};
+    kn_ctx *ctx = make_ctx(2, KN_VARIANT_AVX512);
+    const kn_ops *ops = kn_ctx_ops(ctx);
+    kn_tensor w[3], wp[3];
+    void *data[3];
+    for (int i = 0; i < 3; i++) {
+        data[i] = make_weight(KN_F16, rows[i], K, &w[i]);
+        wp[i] = w[i];
+        cr_assert_eq(kn_tensor_pack(&wp[i]), 0);
+    }
+    cr_assert_not_null(wp[0].packed);
+    cr_assert_null(wp[1].packed, "64 rows are too few to pack");
+    float *x = fvec(MMAX * K), *y = fvec(3 * MMAX * 192), *yp = fvec(3 * MMAX * 192);
+    for (size_t im = 0; im < sizeof(Ms) / sizeof(Ms[0]); im++) {
+        const int64_t M = Ms[im];
+        const kn_tensor *ws[3] = {&w[0], &w[1], &w[2]}, *wps[3] = {&wp[0], &wp[1], &wp[2]};
+        float *ys[3], *yps[3];
+        for (int i = 0; i < 3; i++) {
+            ys[i] = y + i * MMAX * 192;
+            yps[i] = yp + i * MMAX * 192;
+            poison(ys[i], M * rows[i]);
+            poison(yps[i], M * rows[i]);
+        }
+        ops->matmul_multi(ctx, 3, ws, x, M, ys);
+        ops->matmul_multi(ctx, 3, wps, x, M, yps);
+        for (int i = 0; i < 3; i++)
+            for (int64_t e = 0; e < M * rows[i]; e++)
+                cr_assert(!isnan(yps[i][e]) && memcmp(&ys[i][e], &yps[i][e], sizeof(float)) == 0,
+                          "weight %d M=%ld: element %ld mixed %.9g, unpacked %.9g", i, (long)M,
+                          (long)e, yps[i][e], ys[i][e]);
+    }
+    for (int i = 0; i < 3; i++) {
+        kn_tensor_unpack(&wp[i]);
+        free(data[i]);
+    }
+    free(x);
+    free(y);
+    free(yp);
+    kn_ctx_destroy(ctx);
+}
+
 /* Types without a packed form, and float matrices too small to gain from
  * one, are left as they are (and unpacking them is a no-op), so every
  * caller may pack every weight. */
