@@ -143,7 +143,7 @@ endif
 endif
 
 # Module files, in dependency order (later ones use earlier ones' variables).
-MODULES := common ipc kernels kernels/cuda engine appliance clients clients/bench tests tests/fuzz deploy
+MODULES := common ipc kernels kernels/cuda engine/model engine engine/worker appliance clients clients/bench tests tests/fuzz
 include $(wildcard $(addsuffix /module.mk,$(MODULES)))
 
 all: $(ALL_PROGS) $(ALL_LIBS)

@@ -3,7 +3,7 @@
  * gorgond owns what is cheap and per-client: validating GENERATE, encoding
  * the prompt, decoding the worker's token ids with one streaming decoder per
  * request, stop strings, the byte ring of the client's slot output and the
- * completions. The worker (gorgon-worker, engine/worker.h) owns the model,
+ * completions. The worker (gorgon-worker, engine/worker/worker.h) owns the model,
  * the KV cache, the samplers and the batching scheduler; it ends a request
  * itself on EOS/BOS and max_tokens (the same rule as eng_generate), and
  * gorgond ends it early on a stop string, a cancel or a client that went
@@ -38,7 +38,10 @@
 
 #include "appliance/ap_int.h"
 #include "common/common.h"
-#include "engine/engine.h"
+#include "engine/model/eng_err.h"
+#include "engine/model/gguf.h"
+#include "engine/model/stop.h"
+#include "engine/model/tokenizer.h"
 
 #define TAG "gorgond"
 #define AP_GEN_PEND 16384u   /* text a request may hold while its client does not read

@@ -2,7 +2,7 @@
  * tokenizer, the paged KV cache, the batched forward pass, sampling and stop
  * conditions, and a small in-process generation loop (gorgon-run, tests).
  *
- * Role in the request path: gorgond tokenizes (engine/tokenizer.h) and
+ * Role in the request path: gorgond tokenizes (engine/model/tokenizer.h) and
  * schedules; a worker owns an eng_model, an eng_ctx (forward scratch) and an
  * eng_kv (the paged cache, later in shared memory), and each step calls
  * eng_forward() once for every sequence it advances (prefill chunks, decode
@@ -35,16 +35,17 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "engine/eng_err.h"
-#include "engine/gguf.h"
 #include "engine/kv.h"
-#include "engine/medusa.h"
-#include "engine/medusa_heads.h"
-#include "engine/medusa_tree.h"
+#include "engine/medusa/medusa.h"
+#include "engine/medusa/medusa_heads.h"
+#include "engine/medusa/medusa_tree.h"
 #include "engine/model.h"
-#include "engine/safetensors.h"
+#include "engine/model/eng_err.h"
+#include "engine/model/gguf.h"
+#include "engine/model/safetensors.h"
+#include "engine/model/stop.h"
+#include "engine/model/tokenizer.h"
 #include "engine/sampler.h"
-#include "engine/tokenizer.h"
 #include "kernels/kn.h"
 
 /* ---- in-process generation (one sequence) --------------------------------

@@ -7,7 +7,7 @@
 #include <sys/mman.h>
 
 #include "common/common.h"
-#include "engine/eng_err.h"
+#include "engine/model/eng_err.h"
 
 typedef struct kv_seq {
     bool used;

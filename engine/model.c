@@ -9,7 +9,7 @@
 #include <string.h>
 
 #include "common/common.h"
-#include "engine/eng_err.h"
+#include "engine/model/eng_err.h"
 #include "engine/model_int.h"
 
 /* ---- hyper-parameters --------------------------------------------------- */

@@ -40,9 +40,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "engine/gguf.h"
+#include "engine/model/gguf.h"
 #include "engine/kv.h"
-#include "engine/tokenizer.h"
+#include "engine/model/tokenizer.h"
 #include "kernels/kn.h"
 
 /* Hyper-parameters (from the llama.* keys and the tensor shapes). */

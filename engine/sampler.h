@@ -1,10 +1,9 @@
 /* engine sampler — turns one row of logits into the next token, and decides
- * when a request is finished (EOS, stop strings, max tokens).
+ * with the request's own seeded RNG. (When a request is finished — EOS,
+ * stop strings, max tokens — is engine/model/stop.h.)
  *
  * Role in the request path: the worker runs the forward pass, then one
- * eng_sampler per request picks the token from that request's logits row;
- * eng_stop runs where the text is decoded (gorgond, or gorgon-run in-process)
- * and holds back text that may be the start of a stop string.
+ * eng_sampler per request picks the token from that request's logits row.
  *
  * Pipeline of eng_sampler_sample() (in this order):
  *   1. repetition penalty over the last repeat_last_n accepted tokens, each
@@ -80,54 +79,5 @@ typedef struct eng_rng_state {
 void eng_rng_seed(eng_rng_state *r, enum eng_rng kind, uint64_t seed);
 uint32_t eng_rng_u32(eng_rng_state *r);
 float eng_rng_f32(eng_rng_state *r); /* [0, 1) */
-
-/* ---- stop conditions ---------------------------------------------------- */
-
-enum eng_finish {
-    ENG_FINISH_NONE = 0,
-    ENG_FINISH_EOS,    /* an end-of-sequence token */
-    ENG_FINISH_STOP,   /* a stop string appeared in the text */
-    ENG_FINISH_LENGTH, /* max_tokens reached */
-};
-const char *eng_finish_name(enum eng_finish f);
-
-#define ENG_STOP_MAX_STRINGS 8
-#define ENG_STOP_MAX_LEN 64 /* bytes of one stop string */
-#define ENG_STOP_MAX_EOS 4
-
-typedef struct eng_stop_cfg {
-    const int32_t *eos; /* tokens that end the sequence (not printed) */
-    int n_eos;
-    const char *const *stop; /* NUL-terminated strings, not printed */
-    int n_stop;
-    int64_t max_tokens; /* <= 0: no limit */
-} eng_stop_cfg;
-
-/* Caller-owned state (no allocation). */
-typedef struct eng_stop {
-    int32_t eos[ENG_STOP_MAX_EOS];
-    int n_eos;
-    char stop[ENG_STOP_MAX_STRINGS][ENG_STOP_MAX_LEN];
-    size_t stop_len[ENG_STOP_MAX_STRINGS];
-    int n_stop;
-    int64_t max_tokens, n_tokens;
-    char held[ENG_STOP_MAX_LEN]; /* text that may begin a stop string */
-    size_t n_held;
-    enum eng_finish finish;
-} eng_stop;
-
-/* -EINVAL (message in eng_error()) for too many / empty / too long strings. */
-int eng_stop_init(eng_stop *st, const eng_stop_cfg *cfg);
-/* Feed one generated token and its decoded bytes. Writes to out the text that
- * is now certain to be output (never a stop string or anything after it) and
- * stores its length in *n_out; returns the finish reason (ENG_FINISH_NONE to
- * go on). out_cap must be >= len + ENG_STOP_MAX_LEN (else -ENOBUFS). After a
- * finish, further feeds return the same reason and output nothing. */
-int eng_stop_feed(eng_stop *st, int32_t token, const char *piece, size_t len, char *out,
-                  size_t out_cap, size_t *n_out);
-/* EOS and LENGTH finishes release the held-back text through out themselves;
- * a request that ends for another reason (cancelled, out of context) gets it
- * here: returns its length; out_cap >= ENG_STOP_MAX_LEN. */
-size_t eng_stop_flush(eng_stop *st, char *out, size_t out_cap);
 
 #endif

@@ -33,8 +33,8 @@
 #include "clients/bench/bench.h"
 #include "common/common.h"
 #include "engine/engine.h"
-#include "engine/medusa.h"
-#include "engine/medusa_fit.h"
+#include "engine/medusa/medusa.h"
+#include "engine/medusa/medusa_fit.h"
 
 static const char *const PROMPTS[] = {
     "Once upon a time, there was a little girl named Lily.",

@@ -28,7 +28,7 @@
  *      backend (forward over n tree nodes plus the written heads run by
  *      eng_medusa, relative to a plain one-token decode, at a context of
  *      COST_CTX tokens) give a fitted
- *      candidate tree (engine/medusa_fit.h), written as
+ *      candidate tree (engine/medusa/medusa_fit.h), written as
  *      DIR/medusa_choices.json; gorgon-run --medusa DIR uses it by default.
  *
  * Forward matrix products go through the kernels (kn_ops.matmul); the
@@ -46,9 +46,9 @@
 
 #include "common/common.h"
 #include "engine/engine.h"
-#include "engine/medusa_fit.h"
-#include "engine/medusa_heads.h"
-#include "engine/safetensors.h"
+#include "engine/medusa/medusa_fit.h"
+#include "engine/medusa/medusa_heads.h"
+#include "engine/model/safetensors.h"
 
 #define MAX_HEADS 8
 #define GEN_BATCH 32 /* sequences decoded together */

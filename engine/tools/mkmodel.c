@@ -15,8 +15,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "engine/eng_err.h"
-#include "engine/gguf_write.h"
+#include "engine/model/eng_err.h"
+#include "engine/model/gguf_write.h"
 
 struct shape {
     int64_t dim, layers, heads, kv_heads, ffn, vocab, ctx;

@@ -1,7 +1,7 @@
 /* gorgon-run — generate text from a GGUF model in-process (no gorgond), the
  * way llama2.c's `run` does: steps count positions including BOS, the prompt
  * is echoed, text streams to stdout as it is generated, timing goes to
- * stderr. With --medusa DIR it decodes with Medusa heads (engine/medusa.h):
+ * stderr. With --medusa DIR it decodes with Medusa heads (engine/medusa/medusa.h):
  * at --temp 0 the text is identical to plain greedy decoding, only the
  * number of forwards changes; tokens/step and acceptance go to stderr. */
 #include <errno.h>
@@ -13,8 +13,8 @@
 
 #include "common/common.h"
 #include "engine/engine.h"
-#include "engine/medusa.h"
-#include "engine/medusa_fit.h"
+#include "engine/medusa/medusa.h"
+#include "engine/medusa/medusa_fit.h"
 
 static void usage(FILE *f)
 {

@@ -13,7 +13,7 @@
 
 #include "clients/gorgon.h"
 #include "engine/engine.h"
-#include "engine/medusa_heads.h"
+#include "engine/medusa/medusa_heads.h"
 #include "tests/clients/util/gd_proc.h"
 #include "tests/util/test_models.h"
 

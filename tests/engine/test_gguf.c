@@ -12,9 +12,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "engine/eng_err.h"
-#include "engine/gguf.h"
-#include "engine/gguf_write.h"
+#include "engine/model/eng_err.h"
+#include "engine/model/gguf.h"
+#include "engine/model/gguf_write.h"
 
 /* ---- raw byte builder for hand-made (hostile) files -------------------- */
 

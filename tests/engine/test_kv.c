@@ -4,7 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine/eng_err.h"
+#include "engine/model/eng_err.h"
 #include "engine/kv.h"
 
 static eng_kv_cfg small_cfg(void)

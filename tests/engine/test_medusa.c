@@ -16,8 +16,8 @@
 
 #include "engine/engine.h"
 #include "tests/util/test_models.h"
-#include "engine/medusa.h"
-#include "engine/safetensors.h"
+#include "engine/medusa/medusa.h"
+#include "engine/model/safetensors.h"
 
 #define N_HEADS 4
 #define MAX_B 8

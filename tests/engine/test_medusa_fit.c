@@ -10,8 +10,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "engine/medusa_fit.h"
-#include "engine/medusa_tree.h"
+#include "engine/medusa/medusa_fit.h"
+#include "engine/medusa/medusa_tree.h"
 
 static eng_medusa_fit *fit_new(void)
 {

@@ -8,9 +8,9 @@
 #include <string.h>
 
 #include "common/cm_log.h"
-#include "engine/eng_err.h"
-#include "engine/medusa_heads.h"
-#include "engine/safetensors.h"
+#include "engine/model/eng_err.h"
+#include "engine/medusa/medusa_heads.h"
+#include "engine/model/safetensors.h"
 
 #define H 8
 #define V 16

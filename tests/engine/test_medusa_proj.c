@@ -14,9 +14,9 @@
 #include <unistd.h>
 
 #include "engine/engine.h"
-#include "engine/gguf_write.h"
-#include "engine/medusa.h"
-#include "engine/safetensors.h"
+#include "engine/model/gguf_write.h"
+#include "engine/medusa/medusa.h"
+#include "engine/model/safetensors.h"
 #include "tests/util/test_models.h"
 
 #define N_HEADS 3

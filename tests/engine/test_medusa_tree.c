@@ -9,8 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine/eng_err.h"
-#include "engine/medusa_tree.h"
+#include "engine/model/eng_err.h"
+#include "engine/medusa/medusa_tree.h"
 
 /* mc_sim_7b_63 as in medusa/model/medusa_choices.py, one path per row,
  * padded with -1. */

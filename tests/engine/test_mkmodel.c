@@ -10,10 +10,10 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "engine/eng_err.h"
-#include "engine/gguf.h"
-#include "engine/gguf_write.h"
-#include "engine/tokenizer.h"
+#include "engine/model/eng_err.h"
+#include "engine/model/gguf.h"
+#include "engine/model/gguf_write.h"
+#include "engine/model/tokenizer.h"
 
 static char g_dir[64];
 

@@ -12,7 +12,7 @@
 
 #include "engine/engine.h"
 #include "tests/util/test_models.h"
-#include "engine/gguf_write.h"
+#include "engine/model/gguf_write.h"
 
 #define S260 "stories260K/stories260K.gguf"
 

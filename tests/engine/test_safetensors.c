@@ -10,8 +10,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "engine/eng_err.h"
-#include "engine/safetensors.h"
+#include "engine/model/eng_err.h"
+#include "engine/model/safetensors.h"
 
 /* A file from a header text and a blob of blob_len bytes (value i & 0xff). */
 static uint8_t *raw_file(const char *json, size_t blob_len, size_t *len)

@@ -5,7 +5,8 @@
 #include <math.h>
 #include <string.h>
 
-#include "engine/eng_err.h"
+#include "engine/model/eng_err.h"
+#include "engine/model/stop.h"
 #include "engine/sampler.h"
 
 #define V 16

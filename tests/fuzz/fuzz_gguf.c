@@ -8,9 +8,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine/eng_err.h"
-#include "engine/gguf.h"
-#include "engine/tokenizer.h"
+#include "engine/model/eng_err.h"
+#include "engine/model/gguf.h"
+#include "engine/model/tokenizer.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

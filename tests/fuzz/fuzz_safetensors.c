@@ -5,15 +5,15 @@
  * -EBADMSG / -EINVAL.
  *
  *   clang -fsanitize=fuzzer,address,undefined -I. tests/fuzz/fuzz_safetensors.c \
- *       engine/safetensors.c engine/medusa_tree.c engine/eng_err.c -ljansson
+ *       engine/model/safetensors.c engine/medusa/medusa_tree.c engine/model/eng_err.c -ljansson
  */
 #include <errno.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine/medusa_tree.h"
-#include "engine/safetensors.h"
+#include "engine/medusa/medusa_tree.h"
+#include "engine/model/safetensors.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

@@ -16,9 +16,9 @@ fuzz: $(B)/fuzz/$(1)
 endef
 
 $(eval $(call fuzz_target,fuzz_gguf,\
-	tests/fuzz/fuzz_gguf.c engine/gguf.c engine/tokenizer.c engine/eng_err.c,\
-	engine/gguf.h engine/tokenizer.h engine/eng_err.h kernels/kn.h,-lm))
+	tests/fuzz/fuzz_gguf.c engine/model/gguf.c engine/model/tokenizer.c engine/model/eng_err.c,\
+	engine/model/gguf.h engine/model/tokenizer.h engine/model/eng_err.h kernels/kn.h,-lm))
 
 $(eval $(call fuzz_target,fuzz_safetensors,\
-	tests/fuzz/fuzz_safetensors.c engine/safetensors.c engine/medusa_tree.c engine/eng_err.c,\
-	engine/safetensors.h engine/medusa_tree.h engine/eng_err.h,-ljansson -lm))
+	tests/fuzz/fuzz_safetensors.c engine/model/safetensors.c engine/medusa/medusa_tree.c engine/model/eng_err.c,\
+	engine/model/safetensors.h engine/medusa/medusa_tree.h engine/model/eng_err.h,-ljansson -lm))

@@ -1,7 +1,7 @@
 /* safetensors reader and writer. The header is parsed with jansson (strict
  * mode: duplicate keys rejected); everything taken from it is copied into
  * owned memory and validated before any accessor can see it. */
-#include "engine/safetensors.h"
+#include "engine/model/safetensors.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -16,7 +16,7 @@
 #include <unistd.h>
 
 #include "common/cm_err.h"
-#include "engine/eng_err.h"
+#include "engine/model/eng_err.h"
 
 #define META_KEY "__metadata__"
 

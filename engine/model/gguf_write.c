@@ -1,6 +1,6 @@
 /* GGUF writer: metadata is serialised as it is added; tensors are recorded
  * (name, shape, where the bytes come from) and laid out at write time. */
-#include "engine/gguf_write.h"
+#include "engine/model/gguf_write.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -10,7 +10,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "engine/eng_err.h"
+#include "engine/model/eng_err.h"
 
 struct wtensor {
     char *name;

@@ -1,6 +1,6 @@
 /* Medusa head loader: names and shapes are validated here, the file format
- * itself by engine/safetensors.c. */
-#include "engine/medusa_heads.h"
+ * itself by engine/model/safetensors.c. */
+#include "engine/medusa/medusa_heads.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -14,8 +14,8 @@
 
 #include "common/cm_err.h"
 #include "common/cm_log.h"
-#include "engine/eng_err.h"
-#include "engine/safetensors.h"
+#include "engine/model/eng_err.h"
+#include "engine/model/safetensors.h"
 
 #define TAG "medusa"
 #define CONFIG_MAX_BYTES (1 << 20) /* a Medusa config.json is a few hundred bytes */

@@ -27,7 +27,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "engine/gguf.h"
+#include "engine/model/gguf.h"
 
 typedef struct eng_gguf_writer eng_gguf_writer;
 

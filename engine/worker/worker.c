@@ -1,4 +1,4 @@
-/* The worker loop: see engine/worker.h.
+/* The worker loop: see engine/worker/worker.h.
  *
  * Everything the loop needs is allocated at setup or at admission (the
  * request's sampler); a step allocates nothing. The command ring is written
@@ -16,9 +16,9 @@
 
 #include "common/common.h"
 #include "engine/engine.h"
-#include "engine/medusa.h"
-#include "engine/medusa_fit.h"
-#include "engine/worker.h"
+#include "engine/medusa/medusa.h"
+#include "engine/medusa/medusa_fit.h"
+#include "engine/worker/worker.h"
 #include "ipc/ipc.h"
 
 #define TAG "worker"

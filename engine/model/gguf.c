@@ -7,7 +7,7 @@
  * describe (e.g. a string array of n elements needs at least 8n bytes), so a
  * 100-byte file can never make us allocate gigabytes.
  */
-#include "engine/gguf.h"
+#include "engine/model/gguf.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -22,7 +22,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "engine/eng_err.h"
+#include "engine/model/eng_err.h"
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "the GGUF reader assumes a little-endian host"

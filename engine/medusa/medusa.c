@@ -2,7 +2,7 @@
  * FasterDecoding/Medusa (generate_candidates, tree_decoding,
  * evaluate_posterior, update_inference_inputs) so that traces can be
  * compared with the reference implementation. */
-#include "engine/medusa.h"
+#include "engine/medusa/medusa.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -11,7 +11,7 @@
 #include <string.h>
 
 #include "common/common.h"
-#include "engine/eng_err.h"
+#include "engine/model/eng_err.h"
 
 /* Flattened candidates per sequence, as Medusa's `candidates` before
  * tree_indices picks from it: [root, head0 top-TOPK, head1 top-TOPK, ...]. */

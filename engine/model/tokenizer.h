@@ -47,7 +47,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "engine/gguf.h"
+#include "engine/model/gguf.h"
 
 /* Token types (tokenizer.ggml.token_type values, as llama.cpp). */
 enum eng_tok_type {

@@ -1,5 +1,5 @@
 /* gorgon-worker — started by gorgond, never by hand: owns the model and runs
- * the continuous-batching decode loop (engine/worker.h) over the worker
+ * the continuous-batching decode loop (engine/worker/worker.h) over the worker
  * region whose fd it inherits. */
 #include <errno.h>
 #include <getopt.h>
@@ -8,7 +8,7 @@
 #include <string.h>
 
 #include "common/common.h"
-#include "engine/worker.h"
+#include "engine/worker/worker.h"
 
 static void usage(FILE *f)
 {

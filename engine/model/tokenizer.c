@@ -11,13 +11,13 @@
  * no merge can cross the start of a word, so words are merged one at a time:
  * same result, but small heaps that stay in cache (~18x faster on 1 MiB).
  */
-#include "engine/tokenizer.h"
+#include "engine/model/tokenizer.h"
 
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine/eng_err.h"
+#include "engine/model/eng_err.h"
 
 struct eng_tok {
     int32_t n;

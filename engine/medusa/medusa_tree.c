@@ -2,7 +2,7 @@
  * FasterDecoding/Medusa (medusa/model/utils.py). Index conventions match it
  * exactly so that trees, traces and acceptance statistics can be compared
  * with the reference implementation one to one. */
-#include "engine/medusa_tree.h"
+#include "engine/medusa/medusa_tree.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine/eng_err.h"
+#include "engine/model/eng_err.h"
 
 /* From FasterDecoding/Medusa medusa/model/medusa_choices.py (mc_sim_7b_63):
  * chosen by the authors from simulated acceptance on Vicuna-7B. */

@@ -63,8 +63,8 @@
 #include <stdint.h>
 
 #include "engine/kv.h"
-#include "engine/medusa_heads.h"
-#include "engine/medusa_tree.h"
+#include "engine/medusa/medusa_heads.h"
+#include "engine/medusa/medusa_tree.h"
 #include "engine/model.h"
 #include "engine/sampler.h"
 #include "kernels/kn.h"

@@ -1,6 +1,6 @@
 /* engine worker — the process that owns the model, the paged KV cache and
  * one sampler per request, and runs the continuous-batching decode loop for
- * gorgond (program gorgon-worker, engine/tools/worker.c).
+ * gorgond (program gorgon-worker, engine/worker/main.c).
  *
  * Role in the request path: gorgond tokenizes and validates, then pushes
  * IPC_WCMD_START (prompt ids in the request's slot) on the command ring of

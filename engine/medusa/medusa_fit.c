@@ -1,6 +1,6 @@
 /* medusa_fit — greedy tree construction from head accuracies and a cost
  * model (see medusa_fit.h). */
-#include "engine/medusa_fit.h"
+#include "engine/medusa/medusa_fit.h"
 
 #include <assert.h>
 #include <errno.h>
@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine/eng_err.h"
+#include "engine/model/eng_err.h"
 
 static int check_acc(const double *acc, int n_heads, int topk)
 {

@@ -34,7 +34,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "engine/medusa_tree.h"
+#include "engine/medusa/medusa_tree.h"
 
 /* The fitted list next to the heads (gorgon-medusa-train writes it). */
 #define ENG_MEDUSA_CHOICES_FILE "medusa_choices.json"

@@ -1,4 +1,4 @@
-#include "engine/eng_err.h"
+#include "engine/model/eng_err.h"
 
 #include <stdarg.h>
 #include <stdio.h>
