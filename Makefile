@@ -7,7 +7,7 @@
 #   make deps            install missing Debian packages (deploy/install-deps.sh)
 #
 # Knobs: MODE=release|debug  SAN=address,undefined|thread  V=1  WERROR=1
-#        CUDA=auto|0|1 (auto: on when nvcc is found)
+#        CUDA=auto|0|1 (auto: on when nvcc is found and kernels/cuda/ exists)
 
 MODE   ?= release
 SAN    ?=
@@ -35,16 +35,27 @@ CC      ?= cc
 ifeq ($(origin CC),default)
 CC := gcc
 endif
+# CUDA: the backend in kernels/cuda/ (its module.mk adds its objects to
+# libkernels and its libraries to KERNELS_LDLIBS) is built when CUDA=1, or
+# with CUDA=auto (the default) when nvcc is found and the tree has it.
+# CUDA=1 without nvcc or without kernels/cuda/module.mk is an error.
 NVCC_PATH := $(shell command -v nvcc 2>/dev/null || { test -x /usr/local/cuda/bin/nvcc && echo /usr/local/cuda/bin/nvcc; })
+CUDA_MODULE := $(wildcard kernels/cuda/module.mk)
 ifeq ($(CUDA),auto)
-ifneq ($(NVCC_PATH),)
-CUDA := 1
-else
-CUDA := 0
+CUDA := $(if $(and $(NVCC_PATH),$(CUDA_MODULE)),1,0)
 endif
+ifeq ($(CUDA),1)
+ifeq ($(CUDA_MODULE),)
+$(error CUDA=1: this tree has no CUDA backend yet (kernels/cuda/module.mk))
 endif
-NVCC ?= $(if $(NVCC_PATH),$(NVCC_PATH),nvcc)
-CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
+ifeq ($(NVCC_PATH),)
+$(error CUDA=1: nvcc not found (PATH or /usr/local/cuda/bin))
+endif
+NVCC      := $(NVCC_PATH)
+CUDA_HOME := $(patsubst %/bin/nvcc,%,$(NVCC))
+else ifneq ($(CUDA),0)
+$(error CUDA=$(CUDA): expected auto, 0 or 1)
+endif
 
 WARN := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Wvla
 ifeq ($(WERROR),1)
@@ -68,11 +79,6 @@ LDFLAGS += -fsanitize=$(SAN)
 ifneq ($(findstring undefined,$(SAN)),)
 CFLAGS  += -fno-sanitize-recover=undefined
 endif
-endif
-
-ifeq ($(CUDA),1)
-CPPFLAGS  += -DGORGON_CUDA=1
-NVCCFLAGS ?= -O2 -std=c++17 -Xcompiler -fPIC,-Wall
 endif
 
 PKG_CFLAGS := $(shell pkg-config --cflags liburing inih 2>/dev/null)
@@ -143,7 +149,7 @@ endif
 endif
 
 # Module files, in dependency order (later ones use earlier ones' variables).
-MODULES := common ipc kernels kernels/cuda engine/model engine engine/worker appliance clients clients/bench tests tests/fuzz
+MODULES := common ipc $(if $(filter 1,$(CUDA)),kernels/cuda) kernels engine/model engine engine/worker appliance clients clients/bench tests tests/fuzz
 include $(wildcard $(addsuffix /module.mk,$(MODULES)))
 
 all: $(ALL_PROGS) $(ALL_LIBS)
@@ -154,10 +160,11 @@ $(B)/%.o: %.c
 	@$(if $(filter 1,$(V)),,echo "  CC      $<")
 	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) $(CFLAGS_$(subst /,_,$*)) -c -o $@ $<
 
+# (NVCCFLAGS come from kernels/cuda/module.mk)
 $(B)/%.cu.o: %.cu
 	@mkdir -p $(@D)
 	@$(if $(filter 1,$(V)),,echo "  NVCC    $<")
-	$(Q)$(NVCC) $(NVCCFLAGS) -I. -DGORGON_CUDA=1 -c -o $@ $<
+	$(Q)$(NVCC) $(NVCCFLAGS) -I. -c -o $@ $<
 
 deps:
 	$(Q)deploy/install-deps.sh

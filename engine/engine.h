@@ -21,7 +21,7 @@
  *   eng_model *m;    eng_model_open(&m, "stories260K.gguf");
  *   eng_ctx *c;      eng_ctx_create(&c, m, &(eng_ctx_cfg){.kn = kn, .max_tokens = 256});
  *   eng_kv_cfg kc;   eng_model_kv_cfg(m, 16, 64, 1, 1024, &kc);
- *   eng_kv *kv;      eng_kv_create(&kv, &kc);
+ *   eng_kv *kv;      eng_kv_create(&kv, kn, &kc);
  *   int seq = eng_kv_seq_alloc(kv);
  *   int32_t ids[64]; int64_t n = eng_tok_encode(eng_model_tokenizer(m), "Once", 4, true, ids, 64);
  *   eng_gen_result r;

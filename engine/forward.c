@@ -16,8 +16,10 @@ struct eng_ctx {
     kn_ctx *kn;
     const kn_ops *ops;
     int64_t max_tokens, max_outputs, max_ctx;
+    size_t mask_cap;      /* bytes of the mask area of the plan */
+    size_t mask_cap_used; /* of which this forward's masks use */
 
-    /* Activations, M = max_tokens rows (shapes per row): */
+    /* Activations in backend memory, M = max_tokens rows (shapes per row): */
     float *x;    /* [M][dim]  residual stream */
     float *xb;   /* [M][dim]  normed input / Wo and Wdown outputs */
     /* q [M][n_head*hd], then k and v [M][n_kv_head*hd] each, packed for the
@@ -29,13 +31,36 @@ struct eng_ctx {
     float *hb2;  /* [M][ffn] up */
     float *hsel; /* [O][dim] output rows, final-normed */
     float *attn_scratch;
-    int32_t *tok; /* [M] */
-    int32_t *pos; /* [M] RoPE positions */
-    int64_t *out_rows; /* [O] row of x for each output */
+
+    /* The step plan: built on the host, uploaded in one copy before the
+     * ops that read it. int32 words: tok [M], pos [M] (RoPE), slot [M] (KV
+     * pool slot of each new row), out_rows [O]; then mask_cap bytes of the
+     * batch's distinct tree masks. */
+    int32_t *plan;   /* host */
+    int32_t *plan_d; /* backend */
+    int32_t *tok, *pos, *slot, *out_rows; /* into plan (host) */
+    uint8_t *masks;                        /* into plan (host) */
+    const uint8_t **mask_d;                /* [M] per sequence: its mask in plan_d, or NULL */
     /* per sequence of the batch (at most M of them) */
     int *seq_id;
     int64_t *seq_n, *seq_past, *seq_row;
 };
+
+/* The plan holds M * min(M, ENG_MASK_ROW_MAX) bytes of masks: Σ n_s² over
+ * the batch's distinct masks fits whenever no masked sequence has more than
+ * ENG_MASK_ROW_MAX tokens (Medusa's tree, shared by every sequence, is
+ * uploaded once). */
+#define ENG_MASK_ROW_MAX 1024
+
+static size_t plan_words(const eng_ctx *c)
+{
+    return 3 * (size_t)c->max_tokens + (size_t)c->max_outputs;
+}
+
+static size_t plan_bytes(const eng_ctx *c)
+{
+    return plan_words(c) * sizeof(int32_t) + c->mask_cap;
+}
 
 int eng_ctx_create(eng_ctx **out, const eng_model *m, const eng_ctx_cfg *cfg)
 {
@@ -52,32 +77,45 @@ int eng_ctx_create(eng_ctx **out, const eng_model *m, const eng_ctx_cfg *cfg)
     c->max_tokens = cfg->max_tokens;
     c->max_outputs = cfg->max_outputs ? cfg->max_outputs : cfg->max_tokens;
     c->max_ctx = cfg->max_ctx ? cfg->max_ctx : hp->n_ctx;
+    c->mask_cap = (size_t)c->max_tokens *
+                  (size_t)(c->max_tokens < ENG_MASK_ROW_MAX ? c->max_tokens : ENG_MASK_ROW_MAX);
     const size_t M = (size_t)c->max_tokens, O = (size_t)c->max_outputs, fs = sizeof(float);
     const size_t qd = (size_t)hp->n_head * (size_t)hp->head_dim;
     const size_t kvd = (size_t)hp->n_kv_head * (size_t)hp->head_dim;
     const size_t dim = (size_t)hp->dim, ffn = (size_t)hp->ffn_dim;
-    c->x = malloc(M * dim * fs);
-    c->xb = malloc(M * dim * fs);
-    c->qkv = malloc(M * (qd + 2 * kvd) * fs);
-    c->att = malloc(M * qd * fs);
-    c->hb = malloc(M * ffn * fs);
-    c->hb2 = malloc(M * ffn * fs);
-    c->hsel = malloc(O * dim * fs);
-    c->attn_scratch =
-        malloc(kn_attn_scratch_floats(c->max_ctx + c->max_tokens, kn_ctx_threads(cfg->kn)) * fs);
-    c->tok = malloc(M * sizeof(int32_t));
-    c->pos = malloc(M * sizeof(int32_t));
-    c->out_rows = malloc(O * sizeof(int64_t));
+    kn_ctx *kn = cfg->kn;
+    int rc = 0;
+    if ((rc = kn_buf_alloc(kn, M * dim * fs, (void **)&c->x)) < 0 ||
+        (rc = kn_buf_alloc(kn, M * dim * fs, (void **)&c->xb)) < 0 ||
+        (rc = kn_buf_alloc(kn, M * (qd + 2 * kvd) * fs, (void **)&c->qkv)) < 0 ||
+        (rc = kn_buf_alloc(kn, M * qd * fs, (void **)&c->att)) < 0 ||
+        (rc = kn_buf_alloc(kn, M * ffn * fs, (void **)&c->hb)) < 0 ||
+        (rc = kn_buf_alloc(kn, M * ffn * fs, (void **)&c->hb2)) < 0 ||
+        (rc = kn_buf_alloc(kn, O * dim * fs, (void **)&c->hsel)) < 0 ||
+        (rc = kn_buf_alloc(kn,
+                           kn_attn_scratch_floats(c->max_ctx + c->max_tokens, kn_ctx_threads(kn)) *
+                               fs,
+                           (void **)&c->attn_scratch)) < 0 ||
+        (rc = kn_buf_alloc(kn, plan_bytes(c), (void **)&c->plan_d)) < 0) {
+        eng_ctx_destroy(c);
+        return eng_fail(rc, "forward: cannot allocate activations for %zu tokens: %s", M,
+                        cm_strerror(rc));
+    }
+    c->plan = aligned_alloc(64, (plan_bytes(c) + 63) / 64 * 64);
+    c->mask_d = malloc(M * sizeof(*c->mask_d));
     c->seq_id = malloc(M * sizeof(int));
     c->seq_n = malloc(M * sizeof(int64_t));
     c->seq_past = malloc(M * sizeof(int64_t));
     c->seq_row = malloc(M * sizeof(int64_t));
-    if (!c->x || !c->xb || !c->qkv || !c->att || !c->hb || !c->hb2 ||
-        !c->hsel || !c->attn_scratch || !c->tok || !c->pos || !c->out_rows || !c->seq_id ||
-        !c->seq_n || !c->seq_past || !c->seq_row) {
+    if (!c->plan || !c->mask_d || !c->seq_id || !c->seq_n || !c->seq_past || !c->seq_row) {
         eng_ctx_destroy(c);
         return -ENOMEM;
     }
+    c->tok = c->plan;
+    c->pos = c->tok + M;
+    c->slot = c->pos + M;
+    c->out_rows = c->slot + M;
+    c->masks = (uint8_t *)(c->out_rows + O);
     *out = c;
     return 0;
 }
@@ -86,17 +124,12 @@ void eng_ctx_destroy(eng_ctx *c)
 {
     if (!c)
         return;
-    free(c->x);
-    free(c->xb);
-    free(c->qkv);
-    free(c->att);
-    free(c->hb);
-    free(c->hb2);
-    free(c->hsel);
-    free(c->attn_scratch);
-    free(c->tok);
-    free(c->pos);
-    free(c->out_rows);
+    float *bufs[] = {c->x, c->xb, c->qkv, c->att, c->hb, c->hb2, c->hsel, c->attn_scratch};
+    for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
+        kn_buf_free(c->kn, bufs[i]);
+    kn_buf_free(c->kn, c->plan_d);
+    free(c->plan);
+    free(c->mask_d);
     free(c->seq_id);
     free(c->seq_n);
     free(c->seq_past);
@@ -114,14 +147,20 @@ const eng_model *eng_ctx_model(const eng_ctx *c)
     return c->m;
 }
 
-/* Check the batch and lay it out in ctx scratch; returns the output count.
- * Touches nothing but scratch. */
+kn_ctx *eng_ctx_kn(const eng_ctx *c)
+{
+    return c->kn;
+}
+
+/* Check the batch and lay it out in the host plan; returns the output
+ * count. Touches nothing but the plan and per-sequence scratch. */
 static int64_t plan_batch(eng_ctx *c, eng_kv *kv, const eng_seq_in *seqs, int n_seqs)
 {
     const eng_hparams *hp = &c->m->hp;
     if (n_seqs <= 0 || !seqs)
         return eng_fail(-EINVAL, "forward: empty batch");
     int64_t row = 0, n_out = 0;
+    size_t mask_used = 0;
     for (int s = 0; s < n_seqs; s++) {
         const eng_seq_in *in = &seqs[s];
         int64_t n = in->n_tokens;
@@ -143,6 +182,26 @@ static int64_t plan_batch(eng_ctx *c, eng_kv *kv, const eng_seq_in *seqs, int n_
         c->seq_n[s] = n;
         c->seq_past[s] = past;
         c->seq_row[s] = row;
+        c->mask_d[s] = NULL;
+        if (in->mask) {
+            /* Sequences that share a mask (Medusa's tree) share its upload. */
+            for (int j = 0; j < s && !c->mask_d[s]; j++)
+                if (seqs[j].mask == in->mask && seqs[j].n_tokens == n)
+                    c->mask_d[s] = c->mask_d[j];
+            if (!c->mask_d[s]) {
+                const size_t mb = (size_t)n * (size_t)n;
+                if (mb > c->mask_cap - mask_used)
+                    return eng_fail(-EINVAL, "forward: batch entry %d: its %" PRId64 "-token "
+                                             "mask does not fit beside the batch's others "
+                                             "(%zu bytes; masked sequences of at most %d "
+                                             "tokens always fit)",
+                                    s, n, c->mask_cap, ENG_MASK_ROW_MAX);
+                memcpy(c->masks + mask_used, in->mask, mb); /* host plan, uploaded below */
+                c->mask_d[s] = (const uint8_t *)c->plan_d + plan_words(c) * sizeof(int32_t) +
+                               mask_used;
+                mask_used += mb;
+            }
+        }
         for (int64_t i = 0; i < n; i++) {
             int32_t t = in->tokens[i];
             if (t < 0 || t >= hp->n_vocab)
@@ -166,43 +225,111 @@ static int64_t plan_batch(eng_ctx *c, eng_kv *kv, const eng_seq_in *seqs, int n_
                     return eng_fail(-EINVAL, "forward: more than the %" PRId64 " outputs the "
                                              "ctx was made for",
                                     c->max_outputs);
-                c->out_rows[n_out++] = row + i;
+                c->out_rows[n_out++] = (int32_t)(row + i);
             }
         }
         row += n;
     }
+    /* The masks' bytes follow the words: one upload carries the plan. */
+    c->mask_cap_used = mask_used;
     return n_out;
-}
-
-/* Row i of a sequence's new K and V into its cache slot past + i. */
-#define KV_COPY_PAR_MIN 8
-struct kv_copy {
-    eng_kv *kv;
-    int layer, seq;
-    int64_t past;
-    const float *k, *v; /* [n][kvd] */
-    int64_t kvd;
-};
-
-static void kv_copy_row(void *arg, int64_t i)
-{
-    const struct kv_copy *c = arg;
-    const size_t bytes = (size_t)c->kvd * sizeof(float);
-    memcpy(eng_kv_k_at(c->kv, c->layer, c->seq, c->past + i), c->k + i * c->kvd, bytes);
-    memcpy(eng_kv_v_at(c->kv, c->layer, c->seq, c->past + i), c->v + i * c->kvd, bytes);
 }
 
 /* Matmuls that share x: one fused op where the table has it (decode then
  * pays one pool round trip for Wq/Wk/Wv instead of three). */
-static void matmul_n(const kn_ops *ops, kn_ctx *kn, int n, const kn_tensor *const *w,
-                     const float *x, int64_t M, float *const *y)
+static int matmul_n(const kn_ops *ops, kn_ctx *kn, int n, const kn_tensor *const *w,
+                    const float *x, int64_t M, float *const *y)
 {
-    if (ops->matmul_multi) {
-        ops->matmul_multi(kn, n, w, x, M, y);
-        return;
+    if (ops->matmul_multi)
+        return ops->matmul_multi(kn, n, w, x, M, y);
+    for (int i = 0; i < n; i++) {
+        int rc = ops->matmul(kn, w[i], x, M, y[i]);
+        if (rc < 0)
+            return rc;
     }
-    for (int i = 0; i < n; i++)
-        ops->matmul(kn, w[i], x, M, y[i]);
+    return 0;
+}
+
+/* A backend op failed: only an argument the engine got wrong can do that. */
+#define OP(what, call)                                                                         \
+    do {                                                                                       \
+        int rc_ = (call);                                                                      \
+        if (rc_ < 0)                                                                           \
+            return eng_fail(rc_, "forward: backend op %s failed: %s", what, cm_strerror(rc_)); \
+    } while (0)
+
+/* The layers over the planned batch (plan uploaded, KV reserved). */
+static int run_layers(eng_ctx *c, eng_kv *kv, int n_seqs, int64_t M)
+{
+    const eng_model *m = c->m;
+    const eng_hparams *hp = &m->hp;
+    const kn_ops *ops = c->ops;
+    kn_ctx *kn = c->kn;
+    const int64_t dim = hp->dim, ffn = hp->ffn_dim;
+    const int hd = hp->head_dim;
+    const int64_t qd = (int64_t)hp->n_head * hd, kvd = (int64_t)hp->n_kv_head * hd;
+    const float scale = 1.0f / sqrtf((float)hd);
+    float *q = c->qkv, *k = q + M * qd, *v = k + M * kvd;
+    const int32_t *tok_d = c->plan_d, *pos_d = tok_d + c->max_tokens;
+    const int32_t *slot_d = pos_d + c->max_tokens;
+
+    OP("get_rows (embedding)", ops->get_rows(kn, &m->tok_embd, tok_d, M, c->x));
+    for (int l = 0; l < hp->n_layer; l++) {
+        const eng_layer *L = &m->layers[l];
+        /* attention */
+        OP("rmsnorm", ops->rmsnorm(kn, c->x, L->attn_norm, M, dim, hp->rms_eps, c->xb));
+        {
+            const kn_tensor *w3[3] = {&L->wq, &L->wk, &L->wv};
+            float *y3[3] = {q, k, v};
+            OP("matmul (Wq, Wk, Wv)", matmul_n(ops, kn, 3, w3, c->xb, M, y3));
+        }
+        if (hp->rope_dims == 0) {
+            /* llama.rope.dimension_count 0: no dimension rotates */
+        } else if (M == 1) {
+            OP("rope", ops->rope(kn, q, 1, hp->n_head + hp->n_kv_head, hd, hp->rope_dims, pos_d,
+                                 hp->rope_base));
+        } else {
+            OP("rope (q)",
+               ops->rope(kn, q, M, hp->n_head, hd, hp->rope_dims, pos_d, hp->rope_base));
+            OP("rope (k)",
+               ops->rope(kn, k, M, hp->n_kv_head, hd, hp->rope_dims, pos_d, hp->rope_base));
+        }
+        float *kp = eng_kv_k(kv, l), *vp = eng_kv_v(kv, l);
+        OP("kv_write", ops->kv_write(kn, kp, vp, kvd, slot_d, M, k, v));
+        for (int s = 0; s < n_seqs; s++) {
+            const int64_t r0 = c->seq_row[s];
+            kn_attn_args a = {
+                .q = q + r0 * qd,
+                .out = c->att + r0 * qd,
+                .n_q = c->seq_n[s],
+                .n_past = c->seq_past[s],
+                .n_head = hp->n_head,
+                .n_kv_head = hp->n_kv_head,
+                .head_dim = hd,
+                .k_pool = kp,
+                .v_pool = vp,
+                .block_table = eng_kv_seq_blocks_dev(kv, c->seq_id[s]),
+                .block_size = eng_kv_block_size(kv),
+                .mask = c->mask_d[s],
+                .scale = scale,
+                .scratch = c->attn_scratch,
+            };
+            OP("attention", ops->attention(kn, &a));
+        }
+        OP("matmul (Wo)", ops->matmul(kn, &L->wo, c->att, M, c->xb));
+        OP("add", ops->add(kn, c->x, c->xb, M * dim));
+        /* SwiGLU feed-forward */
+        OP("rmsnorm", ops->rmsnorm(kn, c->x, L->ffn_norm, M, dim, hp->rms_eps, c->xb));
+        {
+            const kn_tensor *w2[2] = {&L->w_gate, &L->w_up};
+            float *y2[2] = {c->hb, c->hb2};
+            OP("matmul (Wgate, Wup)", matmul_n(ops, kn, 2, w2, c->xb, M, y2));
+        }
+        OP("silu_mul", ops->silu_mul(kn, c->hb, c->hb2, M * ffn));
+        OP("matmul (Wdown)", ops->matmul(kn, &L->w_down, c->hb, M, c->xb));
+        OP("add", ops->add(kn, c->x, c->xb, M * dim));
+    }
+    return 0;
 }
 
 int64_t eng_forward(eng_ctx *c, eng_kv *kv, const eng_seq_in *seqs, int n_seqs, float *logits,
@@ -220,76 +347,24 @@ int64_t eng_forward(eng_ctx *c, eng_kv *kv, const eng_seq_in *seqs, int n_seqs, 
     int64_t n_out = plan_batch(c, kv, seqs, n_seqs);
     if (n_out < 0)
         return n_out;
-    /* All-or-nothing: after this nothing can fail. */
+    /* All-or-nothing: after this only a backend failure (an engine bug) can
+     * fail the call, and it leaves the KV lengths as they were. */
     int rc = eng_kv_reserve_batch(kv, c->seq_id, c->seq_n, n_seqs);
     if (rc < 0)
         return rc;
 
     const int64_t M = c->seq_row[n_seqs - 1] + c->seq_n[n_seqs - 1];
-    const int64_t dim = hp->dim, ffn = hp->ffn_dim;
-    const int hd = hp->head_dim;
-    const int64_t qd = (int64_t)hp->n_head * hd, kvd = (int64_t)hp->n_kv_head * hd;
-    const float scale = 1.0f / sqrtf((float)hd);
-    float *q = c->qkv, *k = q + M * qd, *v = k + M * kvd;
-
-    ops->get_rows(kn, &m->tok_embd, c->tok, M, c->x);
-    for (int l = 0; l < hp->n_layer; l++) {
-        const eng_layer *L = &m->layers[l];
-        /* attention */
-        ops->rmsnorm(kn, c->x, L->attn_norm, M, dim, hp->rms_eps, c->xb);
-        {
-            const kn_tensor *w3[3] = {&L->wq, &L->wk, &L->wv};
-            float *y3[3] = {q, k, v};
-            matmul_n(ops, kn, 3, w3, c->xb, M, y3);
-        }
-        if (M == 1) {
-            ops->rope(kn, q, 1, hp->n_head + hp->n_kv_head, hd, hp->rope_dims, c->pos,
-                      hp->rope_base);
-        } else {
-            ops->rope(kn, q, M, hp->n_head, hd, hp->rope_dims, c->pos, hp->rope_base);
-            ops->rope(kn, k, M, hp->n_kv_head, hd, hp->rope_dims, c->pos, hp->rope_base);
-        }
-        float *kp = eng_kv_k(kv, l), *vp = eng_kv_v(kv, l);
-        for (int s = 0; s < n_seqs; s++) {
-            const int64_t r0 = c->seq_row[s], past = c->seq_past[s];
-            struct kv_copy kc = {kv, l, c->seq_id[s], past, k + r0 * kvd, v + r0 * kvd, kvd};
-            /* A prompt writes megabytes per layer: spread it over the pool. */
-            if (c->seq_n[s] >= KV_COPY_PAR_MIN)
-                kn_parallel_for(kn, c->seq_n[s], kv_copy_row, &kc);
-            else
-                for (int64_t i = 0; i < c->seq_n[s]; i++)
-                    kv_copy_row(&kc, i);
-            kn_attn_args a = {
-                .q = q + r0 * qd,
-                .out = c->att + r0 * qd,
-                .n_q = c->seq_n[s],
-                .n_past = past,
-                .n_head = hp->n_head,
-                .n_kv_head = hp->n_kv_head,
-                .head_dim = hd,
-                .k_pool = kp,
-                .v_pool = vp,
-                .block_table = eng_kv_seq_blocks(kv, c->seq_id[s]),
-                .block_size = eng_kv_block_size(kv),
-                .mask = seqs[s].mask,
-                .scale = scale,
-                .scratch = c->attn_scratch,
-            };
-            ops->attention(kn, &a);
-        }
-        ops->matmul(kn, &L->wo, c->att, M, c->xb);
-        ops->add(kn, c->x, c->xb, M * dim);
-        /* SwiGLU feed-forward */
-        ops->rmsnorm(kn, c->x, L->ffn_norm, M, dim, hp->rms_eps, c->xb);
-        {
-            const kn_tensor *w2[2] = {&L->w_gate, &L->w_up};
-            float *y2[2] = {c->hb, c->hb2};
-            matmul_n(ops, kn, 2, w2, c->xb, M, y2);
-        }
-        ops->silu_mul(kn, c->hb, c->hb2, M * ffn);
-        ops->matmul(kn, &L->w_down, c->hb, M, c->xb);
-        ops->add(kn, c->x, c->xb, M * dim);
-    }
+    for (int s = 0; s < n_seqs; s++)
+        for (int64_t i = 0; i < c->seq_n[s]; i++)
+            c->slot[c->seq_row[s] + i] =
+                (int32_t)eng_kv_slot(kv, c->seq_id[s], c->seq_past[s] + i);
+    /* One upload carries the step's ids, positions, slots, output rows and
+     * masks (the words are sized for the ctx's maxima; only the masks are
+     * trimmed to what this batch uses). */
+    OP("upload (plan)", kn_buf_upload(kn, c->plan_d, c->plan,
+                                      plan_words(c) * sizeof(int32_t) + c->mask_cap_used));
+    if ((rc = run_layers(c, kv, n_seqs, M)) < 0)
+        return rc;
 
     for (int s = 0; s < n_seqs; s++) {
         int64_t len = eng_kv_seq_append(kv, c->seq_id[s], c->seq_n[s]);
@@ -300,11 +375,12 @@ int64_t eng_forward(eng_ctx *c, eng_kv *kv, const eng_seq_in *seqs, int n_seqs, 
     /* Only the rows asked for go through the final norm and the (large)
      * output matrix. */
     float *h = hidden ? hidden : c->hsel;
-    for (int64_t o = 0; o < n_out; o++)
-        memcpy(h + o * dim, c->x + c->out_rows[o] * dim, (size_t)dim * sizeof(float));
-    ops->rmsnorm(kn, h, m->output_norm, n_out, dim, hp->rms_eps, h);
+    const kn_tensor xv = {.data = c->x, .type = KN_F32, .rows = M, .cols = hp->dim};
+    OP("get_rows (outputs)",
+       ops->get_rows(kn, &xv, c->plan_d + 3 * c->max_tokens, n_out, h));
+    OP("rmsnorm (output)", ops->rmsnorm(kn, h, m->output_norm, n_out, hp->dim, hp->rms_eps, h));
     if (logits)
-        ops->matmul(kn, &m->output, h, n_out, logits);
+        OP("matmul (output)", ops->matmul(kn, &m->output, h, n_out, logits));
     return n_out;
 }
 
@@ -334,6 +410,25 @@ static int64_t gen_decode(gen_io *io, int32_t token)
         return 0;
     int64_t n = eng_tok_stream_push(io->tok, &io->ts, token, io->piece, io->piece_cap);
     return n < 0 ? 0 : n;
+}
+
+/* The next token from the logits row (backend): greedy asks the backend
+ * for the argmax and downloads one id; a sampler gets the row. */
+static int gen_next(eng_ctx *c, eng_sampler *smp, const float *logits, float *row,
+                    int32_t *id_d, int32_t *next)
+{
+    const int64_t V = c->m->hp.n_vocab;
+    int rc;
+    if (smp) {
+        if ((rc = kn_buf_download(c->kn, row, logits, (size_t)V * sizeof(float))) < 0)
+            return eng_fail(rc, "generate: downloading logits: %s", cm_strerror(rc));
+        *next = eng_sampler_sample(smp, row);
+        return 0;
+    }
+    if ((rc = c->ops->argmax(c->kn, logits, 1, V, id_d)) < 0 ||
+        (rc = kn_buf_download(c->kn, next, id_d, sizeof(int32_t))) < 0)
+        return eng_fail(rc, "generate: argmax on the backend: %s", cm_strerror(rc));
+    return 0;
 }
 
 int eng_generate(eng_ctx *c, eng_kv *kv, int seq, const eng_gen_cfg *cfg, eng_gen_result *res)
@@ -366,11 +461,19 @@ int eng_generate(eng_ctx *c, eng_kv *kv, int seq, const eng_gen_cfg *cfg, eng_ge
         return rc;
     io.piece_cap = (tok ? 3 * eng_tok_max_piece_bytes(tok) : 0) + ENG_TOK_STREAM_SLACK;
     io.text_cap = io.piece_cap + ENG_STOP_MAX_LEN;
-    float *logits = malloc((size_t)m->hp.n_vocab * sizeof(float));
+    /* The logits stay in backend memory: greedy decoding downloads one id
+     * (argmax op), a sampler its row. */
+    const size_t row_bytes = (size_t)m->hp.n_vocab * sizeof(float);
+    float *logits = NULL, *row = NULL;
+    int32_t *id_d = NULL;
     io.piece = malloc(io.piece_cap);
     io.text = malloc(io.text_cap);
-    if (!logits || !io.piece || !io.text) {
-        rc = -ENOMEM;
+    if (cfg->sampler)
+        row = malloc(row_bytes);
+    if (!io.piece || !io.text || (cfg->sampler && !row) ||
+        (rc = kn_buf_alloc(c->kn, row_bytes, (void **)&logits)) < 0 ||
+        (rc = kn_buf_alloc(c->kn, sizeof(int32_t), (void **)&id_d)) < 0) {
+        rc = rc < 0 ? rc : -ENOMEM;
         goto out;
     }
     eng_tok_stream_init(&io.ts, cfg->prompt[0]);
@@ -399,8 +502,9 @@ int eng_generate(eng_ctx *c, eng_kv *kv, int seq, const eng_gen_cfg *cfg, eng_ge
     t0 = cm_now_ns();
     int64_t pos = n_pre;
     while (!io.aborted) {
-        int32_t next = cfg->sampler ? eng_sampler_sample(cfg->sampler, logits)
-                                    : eng_argmax(logits, m->hp.n_vocab);
+        int32_t next;
+        if ((rc = gen_next(c, cfg->sampler, logits, row, id_d, &next)) < 0)
+            break;
         res->n_generated++;
         if (cfg->sampler)
             eng_sampler_accept(cfg->sampler, next);
@@ -440,7 +544,9 @@ flush:
             gen_emit(&io, -1, io.piece, (size_t)f);
     }
 out:
-    free(logits);
+    kn_buf_free(c->kn, logits);
+    kn_buf_free(c->kn, id_d);
+    free(row);
     free(io.piece);
     free(io.text);
     return rc;

@@ -4,10 +4,10 @@
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 
 #include "common/common.h"
 #include "engine/model/eng_err.h"
+#include "kernels/kn.h"
 
 typedef struct kv_seq {
     bool used;
@@ -18,12 +18,13 @@ typedef struct kv_seq {
 
 struct eng_kv {
     eng_kv_cfg cfg;
+    kn_ctx *kn;
     int64_t max_blocks_per_seq;
     int64_t layer_floats; /* floats of one layer's K (or V) pool */
     int64_t pos_floats;   /* n_kv_head * head_dim */
-    float *pool;          /* K0 V0 K1 V1 ... */
+    float *pool;          /* K0 V0 K1 V1 ... (backend memory) */
     size_t pool_bytes;
-    bool pool_mapped; /* we mmapped it */
+    bool pool_owned; /* from kn_buf_alloc (else the caller's) */
 
     /* Free blocks as a stack: a freed block is the next one handed out, which
      * keeps the working set of the pool small and warm in cache. */
@@ -31,7 +32,9 @@ struct eng_kv {
     int64_t n_free;
 
     kv_seq *seqs;
-    int32_t *tables; /* max_seqs * max_blocks_per_seq */
+    int32_t *tables;   /* max_seqs * max_blocks_per_seq */
+    int32_t *tables_d; /* the same in backend memory (attention reads it there);
+                        * entries are uploaded as blocks are handed out */
 };
 
 static int64_t div_up(int64_t a, int64_t b)
@@ -51,9 +54,11 @@ size_t eng_kv_pool_bytes(const eng_kv_cfg *c)
     return (size_t)b;
 }
 
-int eng_kv_create(eng_kv **out, const eng_kv_cfg *cfg)
+int eng_kv_create(eng_kv **out, kn_ctx *kn, const eng_kv_cfg *cfg)
 {
     *out = NULL;
+    if (!kn)
+        return eng_fail(-EINVAL, "kv: no backend (kn_ctx) given");
     size_t bytes = eng_kv_pool_bytes(cfg);
     if (!bytes)
         return eng_fail(-EINVAL, "kv: bad geometry (layers, kv heads, head_dim, block size and "
@@ -77,6 +82,7 @@ int eng_kv_create(eng_kv **out, const eng_kv_cfg *cfg)
     if (!kv)
         return -ENOMEM;
     kv->cfg = *cfg;
+    kv->kn = kn;
     kv->max_blocks_per_seq = div_up(cfg->max_seq_len, cfg->block_size);
     kv->pos_floats = (int64_t)cfg->n_kv_head * cfg->head_dim;
     kv->layer_floats = cfg->n_blocks * cfg->block_size * kv->pos_floats;
@@ -84,21 +90,23 @@ int eng_kv_create(eng_kv **out, const eng_kv_cfg *cfg)
     kv->free_stack = malloc((size_t)cfg->n_blocks * sizeof(int32_t));
     kv->seqs = calloc((size_t)cfg->max_seqs, sizeof(kv_seq));
     kv->tables = malloc((size_t)cfg->max_seqs * (size_t)kv->max_blocks_per_seq * sizeof(int32_t));
-    if (!kv->free_stack || !kv->seqs || !kv->tables) {
+    const size_t table_bytes =
+        (size_t)cfg->max_seqs * (size_t)kv->max_blocks_per_seq * sizeof(int32_t);
+    if (!kv->free_stack || !kv->seqs || !kv->tables ||
+        kn_buf_alloc(kn, table_bytes, (void **)&kv->tables_d) < 0) {
         eng_kv_destroy(kv);
         return -ENOMEM;
     }
     if (cfg->mem) {
         kv->pool = cfg->mem;
     } else {
-        void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (p == MAP_FAILED) {
-            int rc = cm_neg_errno();
+        int rc = kn_buf_alloc(kn, bytes, (void **)&kv->pool);
+        if (rc < 0) {
             eng_kv_destroy(kv);
-            return eng_fail(rc, "kv: cannot map a %zu-byte pool: %s", bytes, cm_strerror(rc));
+            return eng_fail(rc, "kv: cannot allocate a %zu-byte pool: %s", bytes,
+                            cm_strerror(rc));
         }
-        kv->pool = p;
-        kv->pool_mapped = true;
+        kv->pool_owned = true;
     }
     /* Block 0 on top of the stack, so a fresh cache hands out 0, 1, 2, ... */
     for (int64_t i = 0; i < cfg->n_blocks; i++)
@@ -114,8 +122,9 @@ void eng_kv_destroy(eng_kv *kv)
 {
     if (!kv)
         return;
-    if (kv->pool_mapped)
-        munmap(kv->pool, kv->pool_bytes);
+    if (kv->pool_owned)
+        kn_buf_free(kv->kn, kv->pool);
+    kn_buf_free(kv->kn, kv->tables_d);
     free(kv->free_stack);
     free(kv->seqs);
     free(kv->tables);
@@ -178,6 +187,21 @@ const int32_t *eng_kv_seq_blocks(const eng_kv *kv, int seq)
     return s ? s->table : NULL;
 }
 
+const int32_t *eng_kv_seq_blocks_dev(const eng_kv *kv, int seq)
+{
+    const kv_seq *s = seq_get(kv, seq);
+    return s ? kv->tables_d + (s->table - kv->tables) : NULL;
+}
+
+int64_t eng_kv_slot(const eng_kv *kv, int seq, int64_t pos)
+{
+    const kv_seq *s = seq_get(kv, seq);
+    if (!s || pos < 0 || pos >= s->n_blocks * kv->cfg.block_size)
+        return -EINVAL;
+    const int64_t bs = kv->cfg.block_size;
+    return (int64_t)s->table[pos / bs] * bs + pos % bs;
+}
+
 /* Blocks seq needs beyond what it has to hold n_total positions, or -ENOSPC
  * when n_total exceeds the per-sequence limit. */
 static int64_t blocks_needed(const eng_kv *kv, const kv_seq *s, int seq, int64_t n_total)
@@ -193,8 +217,17 @@ static int64_t blocks_needed(const eng_kv *kv, const kv_seq *s, int seq, int64_t
 static void grab_blocks(eng_kv *kv, kv_seq *s, int64_t n)
 {
     CM_ASSERT(n <= kv->n_free);
+    const int64_t first = s->n_blocks;
     for (int64_t i = 0; i < n; i++)
         s->table[s->n_blocks++] = kv->free_stack[--kv->n_free];
+    if (n == 0)
+        return;
+    /* The backend's copy of the new entries (queued before the ops that
+     * read them; cannot fail for a range inside the table). */
+    const size_t off = (size_t)(s->table - kv->tables) + (size_t)first;
+    int rc = kn_buf_upload(kv->kn, kv->tables_d + off, s->table + first,
+                           (size_t)n * sizeof(int32_t));
+    CM_ASSERT(rc == 0);
 }
 
 static int no_space(const eng_kv *kv, int64_t need)
@@ -268,10 +301,15 @@ int eng_kv_seq_truncate(eng_kv *kv, int seq, int64_t len)
     return 0;
 }
 
-static size_t pos_offset(const eng_kv *kv, const kv_seq *s, int64_t pos)
+static int32_t pos_slot(const eng_kv *kv, const kv_seq *s, int64_t pos)
 {
     int64_t bs = kv->cfg.block_size;
-    return (size_t)(((int64_t)s->table[pos / bs] * bs + pos % bs) * kv->pos_floats);
+    return (int32_t)((int64_t)s->table[pos / bs] * bs + pos % bs);
+}
+
+static size_t pos_offset(const eng_kv *kv, const kv_seq *s, int64_t pos)
+{
+    return (size_t)pos_slot(kv, s, pos) * (size_t)kv->pos_floats;
 }
 
 float *eng_kv_k(eng_kv *kv, int layer)
@@ -309,16 +347,27 @@ int eng_kv_copy_positions(eng_kv *kv, int seq, const int32_t *src, const int32_t
                                          "entry %lld reads it",
                                 (long long)i, dst[i], (long long)j);
     }
-    size_t bytes = (size_t)kv->pos_floats * sizeof(float);
-    for (int l = 0; l < kv->cfg.n_layer; l++) {
-        float *k = eng_kv_k(kv, l), *v = eng_kv_v(kv, l);
-        for (int64_t i = 0; i < n; i++) {
+    /* The backend copies pool rows (slots) in every layer's K and V plane,
+     * a chunk at a time (in order, which the check above makes equivalent
+     * to reading every source first). */
+    enum { CHUNK = 64 };
+    int32_t so[CHUNK], d[CHUNK];
+    for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {
+        int64_t m = 0;
+        for (int64_t i = i0; i < n && i < i0 + CHUNK; i++) {
             if (src[i] == dst[i])
                 continue;
-            size_t so = pos_offset(kv, s, src[i]), d = pos_offset(kv, s, dst[i]);
-            memcpy(k + d, k + so, bytes);
-            memcpy(v + d, v + so, bytes);
+            so[m] = pos_slot(kv, s, src[i]);
+            d[m] = pos_slot(kv, s, dst[i]);
+            m++;
         }
+        if (m == 0)
+            continue;
+        int rc = kn_ctx_ops(kv->kn)->kv_copy(kv->kn, kv->pool, 2 * (int64_t)kv->cfg.n_layer,
+                                             kv->layer_floats, kv->pos_floats, so, d, m);
+        if (rc < 0)
+            return eng_fail(rc, "kv: backend copy of %lld positions failed: %s", (long long)m,
+                            cm_strerror(rc));
     }
     return 0;
 }

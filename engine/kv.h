@@ -11,10 +11,13 @@
  *   K(l): [n_blocks][block_size][n_kv_head][head_dim] float
  *   V(l): same shape
  * Position p of a sequence lives in block table[p / block_size], slot
- * p % block_size. The pool is one contiguous area (K0 V0 K1 V1 ...) that the
- * caller may provide (e.g. a shared-memory region, so that a prefill → decode
- * hand-off is a change of ownership); otherwise it is mmapped anonymously.
- * Block tables and the free list are private memory.
+ * p % block_size. The pool is one contiguous area (K0 V0 K1 V1 ...) of
+ * backend memory: from kn_buf_alloc, or provided by the caller (on the CPU,
+ * e.g. a shared-memory region, so that a prefill → decode hand-off is a
+ * change of ownership). Block tables and the free list are private host
+ * memory; the backend gets a copy of each table (eng_kv_seq_blocks_dev),
+ * updated as blocks are handed out. Pool contents move only through backend
+ * ops (the forward's kv_write, kv_copy here).
  *
  * Threading: an eng_kv is not locked; one thread (the worker loop) calls it.
  * No call allocates after eng_kv_create(). Every call that fails leaves the
@@ -22,7 +25,7 @@
  * in eng_error().
  *
  *   eng_kv *kv;
- *   eng_kv_create(&kv, &(eng_kv_cfg){.n_layer = 5, .n_kv_head = 4, .head_dim = 8,
+ *   eng_kv_create(&kv, kn, &(eng_kv_cfg){.n_layer = 5, .n_kv_head = 4, .head_dim = 8,
  *                                    .block_size = 16, .n_blocks = 256,
  *                                    .max_seqs = 8, .max_seq_len = 512});
  *   int s = eng_kv_seq_alloc(kv);
@@ -36,6 +39,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kernels/kn.h"
+
 typedef struct eng_kv eng_kv;
 
 typedef struct eng_kv_cfg {
@@ -46,8 +51,9 @@ typedef struct eng_kv_cfg {
     int64_t n_blocks;    /* blocks in the pool, shared by all sequences */
     int max_seqs;        /* sequence slots */
     int64_t max_seq_len; /* positions one sequence may hold */
-    /* Optional: a caller-owned area of at least eng_kv_pool_bytes() bytes,
-     * 64-byte aligned, that outlives the cache. NULL: mmap anonymous. */
+    /* Optional: a caller-owned area of backend memory (on the CPU: any host
+     * memory) of at least eng_kv_pool_bytes() bytes, 64-byte aligned, that
+     * outlives the cache. NULL: kn_buf_alloc. */
     void *mem;
     size_t mem_size;
 } eng_kv_cfg;
@@ -55,8 +61,9 @@ typedef struct eng_kv_cfg {
 /* Bytes of the K/V pool for cfg (0 when cfg is invalid or overflows). */
 size_t eng_kv_pool_bytes(const eng_kv_cfg *cfg);
 
-/* -EINVAL on a bad cfg (message in eng_error()), -ENOMEM. */
-int eng_kv_create(eng_kv **out, const eng_kv_cfg *cfg);
+/* The cache lives on backend kn (which outlives it). -EINVAL on a bad cfg
+ * or NULL kn (message in eng_error()), -ENOMEM. */
+int eng_kv_create(eng_kv **out, kn_ctx *kn, const eng_kv_cfg *cfg);
 void eng_kv_destroy(eng_kv *kv); /* NULL: no-op */
 
 /* A free sequence slot (length 0, no blocks): its id >= 0, or -ENOSPC when
@@ -71,8 +78,13 @@ int64_t eng_kv_seq_len(const eng_kv *kv, int seq);
 /* Positions the sequence's blocks can hold without allocating. */
 int64_t eng_kv_seq_capacity(const eng_kv *kv, int seq);
 /* The block table: entry b is the pool block of positions [b*bs, (b+1)*bs).
- * Valid until the next call that changes this sequence. */
+ * Valid until the next call that changes this sequence. _dev: the backend's
+ * copy (what kn_attn_args.block_table wants), same entries. */
 const int32_t *eng_kv_seq_blocks(const eng_kv *kv, int seq);
+const int32_t *eng_kv_seq_blocks_dev(const eng_kv *kv, int seq);
+/* The pool slot (block * block_size + offset) of position pos of seq, for
+ * kn_ops.kv_write; -EINVAL for a position beyond the sequence's capacity. */
+int64_t eng_kv_slot(const eng_kv *kv, int seq, int64_t pos);
 
 /* Make room for n_total positions (allocating blocks; len unchanged).
  * -ENOSPC when the pool has too few free blocks or n_total > max_seq_len:
@@ -103,11 +115,12 @@ int64_t eng_kv_n_blocks(const eng_kv *kv);
 int eng_kv_block_size(const eng_kv *kv);
 int eng_kv_max_seqs(const eng_kv *kv);
 int64_t eng_kv_max_seq_len(const eng_kv *kv);
-/* Base of layer l's K / V pool ([n_blocks][block_size][n_kv_head][head_dim]). */
+/* Base of layer l's K / V pool ([n_blocks][block_size][n_kv_head][head_dim]),
+ * a backend address (readable by the host only where kn_ctx_host_memory). */
 float *eng_kv_k(eng_kv *kv, int layer);
 float *eng_kv_v(eng_kv *kv, int layer);
-/* Pointer to the K (or V) vector [n_kv_head][head_dim] of position pos of seq
- * in layer l; pos must be < capacity (internal invariant). */
+/* Backend address of the K (or V) vector [n_kv_head][head_dim] of position
+ * pos of seq in layer l; pos must be < capacity (internal invariant). */
 float *eng_kv_k_at(eng_kv *kv, int layer, int seq, int64_t pos);
 float *eng_kv_v_at(eng_kv *kv, int layer, int seq, int64_t pos);
 

@@ -28,9 +28,11 @@
  *   eng_kv_cfg kc;      // 16-position blocks, 1024 of them, 4 sequences
  *   eng_model_kv_cfg(m, 16, 1024, 4, hp->n_ctx, &kc);
  *   eng_kv *kv;
- *   eng_kv_create(&kv, &kc);
+ *   eng_kv_create(&kv, kn, &kc);
  *   int s = eng_kv_seq_alloc(kv);
  *   eng_seq_in in = {.seq = s, .tokens = ids, .n_tokens = n};  // outputs: last token
+ *   float *logits;      // backend memory
+ *   kn_buf_alloc(kn, hp->n_vocab * sizeof(float), (void **)&logits);
  *   int64_t n_out = eng_forward(c, kv, &in, 1, logits, NULL); // logits[1][n_vocab]
  */
 #ifndef GORGON_ENG_MODEL_H
@@ -61,7 +63,7 @@ typedef struct eng_hparams {
     bool tied_output;  /* no output.weight: logits use token_embd */
 } eng_hparams;
 
-/* One block's weights (views into the file mapping). */
+/* One block's weights (views into the file mapping: CPU backend memory). */
 typedef struct eng_layer {
     const float *attn_norm, *ffn_norm; /* [dim] */
     kn_tensor wq, wk, wv, wo;          /* [n_head*hd][dim], [n_kv*hd][dim] x2, [dim][n_head*hd] */
@@ -117,6 +119,7 @@ void eng_ctx_destroy(eng_ctx *c); /* NULL: no-op */
  * kernel variants); NULL restores kn_ctx_ops(). */
 void eng_ctx_set_ops(eng_ctx *c, const kn_ops *ops);
 const eng_model *eng_ctx_model(const eng_ctx *c);
+kn_ctx *eng_ctx_kn(const eng_ctx *c); /* the backend the ctx runs on */
 
 /* New tokens of one sequence. They go to KV positions n_past .. n_past+n-1
  * where n_past = eng_kv_seq_len(kv, seq) before the call. */
@@ -129,7 +132,9 @@ typedef struct eng_seq_in {
     const int32_t *pos;
     /* [n_tokens][n_tokens]: new token i attends to new token j when
      * mask[i*n+j] != 0 (plus every cached position < n_past); the diagonal
-     * must be set. NULL: causal (j <= i). */
+     * must be set. NULL: causal (j <= i). Sequences of one batch may share
+     * a mask (one upload); a masked sequence of more than 1024 tokens may
+     * not fit beside the others (-EINVAL). */
     const uint8_t *mask;
     /* [n_tokens] flags: rows to output; NULL: only the last token. */
     const uint8_t *want;
@@ -138,8 +143,13 @@ typedef struct eng_seq_in {
 /* Run every sequence's new tokens through the model in one pass, append
  * their K/V to kv and return the number of output rows. Output rows are in
  * order of sequences, then of tokens within a sequence:
- *   logits [n_out][n_vocab], hidden [n_out][dim] (final-norm output);
- * either may be NULL to skip it (logits NULL also skips the output matmul).
+ *   logits [n_out][n_vocab], hidden [n_out][dim] (final-norm output),
+ * both backend addresses on the ctx's kn_ctx (kn_buf_alloc; on the CPU any
+ * host memory); either may be NULL to skip it (logits NULL also skips the
+ * output matmul). The host inputs (seqs: tokens, positions, masks) are
+ * read during the call and reach the backend in one upload; nothing waits
+ * for the backend, so a caller fetches only what it needs (an argmax op's
+ * ids, say) with kn_buf_download.
  * Errors, with nothing changed (KV lengths, contents of cached positions):
  * -EINVAL (bad token id, sequence listed twice or not allocated, bad mask,
  * more tokens or outputs than the ctx was made for, a sequence longer than

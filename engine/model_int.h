@@ -1,5 +1,6 @@
-/* engine-internal: the eng_model / eng_ctx structures shared by model.c
- * (loading) and forward.c (the forward pass). Not for other modules. */
+/* engine-internal: struct eng_model, shared by model.c (loading) and
+ * forward.c (the forward pass, which also defines struct eng_ctx). Not for
+ * other modules. */
 #ifndef GORGON_ENG_MODEL_INT_H
 #define GORGON_ENG_MODEL_INT_H
 

@@ -231,6 +231,15 @@ static int cand_cmp_desc(const void *a, const void *b)
     return 0;
 }
 
+bool eng_sampler_is_greedy(const eng_sampler *s)
+{
+    if (!s)
+        return true;
+    const eng_sampler_cfg *c = &s->cfg;
+    const bool penalty = c->repeat_penalty > 0.0f && c->repeat_penalty != 1.0f;
+    return (c->temperature <= 0.0f || c->top_k == 1) && !penalty;
+}
+
 int32_t eng_sampler_sample(eng_sampler *s, float *logits)
 {
     const eng_sampler_cfg *c = &s->cfg;

@@ -65,8 +65,13 @@ void eng_sampler_reset(eng_sampler *s, uint64_t seed);
 /* Record a token of the sequence (prompt tokens too, if the penalty should
  * see them). */
 void eng_sampler_accept(eng_sampler *s, int32_t token);
-/* Pick the next token from logits[n_vocab]; logits are used as scratch. */
+/* Pick the next token from logits[n_vocab] (host memory); logits are used
+ * as scratch. */
 int32_t eng_sampler_sample(eng_sampler *s, float *logits);
+/* Whether sampling is the plain argmax of the logits (temperature <= 0 or
+ * top_k 1, no repetition penalty): the caller may then ask the backend for
+ * the argmax instead of fetching the row. NULL (no sampler) is greedy. */
+bool eng_sampler_is_greedy(const eng_sampler *s);
 
 /* Index of the largest of x[n] (lowest index on ties). */
 int32_t eng_argmax(const float *x, int64_t n);

@@ -1,11 +1,32 @@
-/* kernels — the backend op table (kn_ops) that the engine's forward pass runs
- * on. One table per backend/variant: the scalar CPU table is the reference
- * every other implementation (AVX2, AVX-512, later CUDA) is tested against.
+/* kernels — the backend: a kn_ctx (the backend object), its buffers and its
+ * op table (kn_ops). The engine's forward pass, KV cache, Medusa step and the
+ * worker's sampling touch tensor data only through these: buffers are
+ * allocated, uploaded, downloaded and copied with kn_buf_*, and everything
+ * else is an op. One table per backend/variant: the scalar CPU table is the
+ * reference every other implementation (AVX2, AVX-512, the CUDA backend) is
+ * tested against.
  *
  * Position in the request path: workers call the engine, the engine calls
  * these ops for every layer of every step. Ops are hot: they allocate nothing,
  * log nothing and take no locks (scratch comes from the caller or from the
  * context, sized at setup).
+ *
+ * Memory. Every pointer to tensor data that an op takes (weights' data,
+ * activations, the KV pool, ids, masks, outputs) is a *backend address*: a
+ * pointer into memory from kn_buf_alloc, or any memory the backend declares
+ * its own (kn_ctx_host_memory: on the CPU every host pointer qualifies, which
+ * is how mapped model files and caller-provided shared-memory KV pools are
+ * used without a copy). A caller reads results only through
+ * kn_buf_download; on the CPU that is a memcpy, on a GPU a device-to-host
+ * copy. Arguments documented as "host" (small index lists) are read during
+ * the call.
+ *
+ * Ordering. Ops and buffer calls on one ctx run in the order they are
+ * issued; a backend may run them asynchronously (a GPU stream). Only
+ * kn_buf_download and kn_sync wait for earlier work, so a decode step that
+ * issues ops and downloads just its token ids synchronises once (and a CUDA
+ * backend can capture it as one graph). On the CPU every call is complete
+ * when it returns.
  *
  * Threading: a kn_ctx owns a persistent thread pool (created once; no thread
  * creation per op). Ops on one ctx are called from one thread at a time; they
@@ -19,15 +40,25 @@
  * warm-up step at the largest batch to make later steps allocation-free. If
  * memory is short the op falls back to a slower path that needs none.
  *
- * Invalid arguments (NULL pointers, non-positive sizes, a row length that is
- * not a whole number of blocks, n_head % n_kv_head != 0) make an op return
- * without touching its output; nothing is logged on this path.
+ * Errors: every op and buffer call returns 0 or -errno. Invalid arguments
+ * (a NULL ctx or pointer, non-positive sizes (an empty call is the caller's
+ * to skip), a row length that is not a whole number
+ * of blocks, n_head % n_kv_head != 0, k outside 1..KN_TOPK_MAX) give -EINVAL
+ * and leave every output untouched; nothing is logged on this path.
+ * Out-of-range indices inside backend buffers (block tables, KV slots) are
+ * the caller's responsibility: checking them would mean reading device
+ * memory.
  *
  *   kn_ctx *ctx;
  *   kn_ctx_create(&ctx, &(kn_ctx_cfg){.n_threads = 2, .variant = KN_VARIANT_AUTO});
  *   const kn_ops *ops = kn_ctx_ops(ctx);
- *   ops->matmul(ctx, &W, x, M, y);       // y[M][W.rows] = x[M][W.cols] · Wᵀ
- *   kn_ctx_destroy(ctx);
+ *   float *x, *y;                      // backend buffers
+ *   kn_buf_alloc(ctx, M * W.cols * sizeof(float), (void **)&x);
+ *   kn_buf_alloc(ctx, M * W.rows * sizeof(float), (void **)&y);
+ *   kn_buf_upload(ctx, x, host_x, M * W.cols * sizeof(float));
+ *   ops->matmul(ctx, &W, x, M, y);     // y[M][W.rows] = x[M][W.cols] · Wᵀ
+ *   kn_buf_download(ctx, host_y, y, M * W.rows * sizeof(float));
+ *   kn_buf_free(ctx, x); kn_buf_free(ctx, y); kn_ctx_destroy(ctx);
  *
  * Layouts (GGUF convention): a weight used as y = W·x with x of length n_in
  * is stored as n_out rows of n_in contiguous elements; quantised types are
@@ -55,8 +86,9 @@ enum kn_dtype {
 size_t kn_row_bytes(enum kn_dtype t, int64_t n);
 const char *kn_dtype_name(enum kn_dtype t);
 
-/* A read-only 2-D weight: rows × cols, row-major, `data` points into the
- * mmapped model file (or any caller-owned memory that outlives the tensor).
+/* A read-only 2-D weight: rows × cols, row-major; `data` is a backend
+ * address that outlives the tensor (on the CPU: the mmapped model file or
+ * any caller-owned memory).
  * `packed` is NULL or a copy of data made by kn_tensor_pack. */
 typedef struct kn_tensor {
     const void *data;
@@ -123,8 +155,9 @@ typedef struct kn_ctx_cfg {
  * `scale` (normally 1/sqrt(head_dim)); softmax in float32.
  * `scratch` holds at least kn_attn_scratch_floats(n_past + n_q,
  * kn_ctx_threads(ctx)) floats (sizing it once for the largest context is
- * fine). Out-of-range block_table entries are the caller's responsibility.
- * A query that sees no position at all gets a zero output row. */
+ * fine). Every pointer is a backend address. Out-of-range block_table
+ * entries are the caller's responsibility. A query that sees no position at
+ * all gets a zero output row. */
 typedef struct kn_attn_args {
     const float *q;
     float *out;
@@ -140,6 +173,8 @@ typedef struct kn_attn_args {
 } kn_attn_args;
 size_t kn_attn_scratch_floats(int64_t n_ctx_max, int n_threads);
 
+#define KN_TOPK_MAX 64 /* largest k of the topk op */
+
 typedef struct kn_ops {
     const char *name;
 
@@ -152,27 +187,30 @@ typedef struct kn_ops {
      * weights by the float activations (the scalar definition).
      * Row m of y depends only on row m of x, bit for bit, whatever M
      * (continuous batching and Medusa verification rely on it). */
-    void (*matmul)(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t M, float *y);
+    int (*matmul)(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t M, float *y);
 
-    /* out[i][:] = dequant(W row ids[i]) for i < n (embedding lookup); an id
-     * outside [0, W->rows) yields a zero row rather than an out-of-bounds read. */
-    void (*get_rows)(kn_ctx *ctx, const kn_tensor *w, const int32_t *ids, int64_t n,
-                     float *out);
+    /* out[i][:] = dequant(W row ids[i]) for i < n (embedding lookup, and,
+     * with an F32 view of an activation matrix as W, gathering rows of it);
+     * an id outside [0, W->rows) yields a zero row rather than an
+     * out-of-bounds read. ids: [n] backend. */
+    int (*get_rows)(kn_ctx *ctx, const kn_tensor *w, const int32_t *ids, int64_t n,
+                    float *out);
 
     /* out[m][i] = x[m][i] / sqrt(mean_i(x[m]^2) + eps) * g[i]; in-place allowed. */
-    void (*rmsnorm)(kn_ctx *ctx, const float *x, const float *g, int64_t M, int64_t n,
-                    float eps, float *out);
+    int (*rmsnorm)(kn_ctx *ctx, const float *x, const float *g, int64_t M, int64_t n,
+                   float eps, float *out);
 
     /* In place over x[m][n_heads][head_dim]: rotate adjacent pairs (2i, 2i+1)
-     * for 2i < rope_dims by theta = pos[m] * base^(-2i/rope_dims). */
-    void (*rope)(kn_ctx *ctx, float *x, int64_t M, int n_heads, int head_dim, int rope_dims,
-                 const int32_t *pos, float base);
+     * for 2i < rope_dims by theta = pos[m] * base^(-2i/rope_dims).
+     * rope_dims must be even and <= head_dim. */
+    int (*rope)(kn_ctx *ctx, float *x, int64_t M, int n_heads, int head_dim, int rope_dims,
+                const int32_t *pos, float base);
 
     /* gate[i] = silu(gate[i]) * up[i] for i < n (SwiGLU). */
-    void (*silu_mul)(kn_ctx *ctx, float *gate, const float *up, int64_t n);
+    int (*silu_mul)(kn_ctx *ctx, float *gate, const float *up, int64_t n);
 
     /* y[i] += x[i] for i < n (residual). */
-    void (*add)(kn_ctx *ctx, float *y, const float *x, int64_t n);
+    int (*add)(kn_ctx *ctx, float *y, const float *x, int64_t n);
 
     /* See kn_attn_args. A query's output does not depend, bit for bit, on
      * the other queries of the call (only on its cache and mask row). A
@@ -180,14 +218,65 @@ typedef struct kn_ops {
      * unmasked (n_q 1) over its visible keys stored contiguously in the same
      * order: a Medusa tree node (parents at lower slots than children) gets
      * what decoding its token alone gives. */
-    void (*attention)(kn_ctx *ctx, const kn_attn_args *a);
+    int (*attention)(kn_ctx *ctx, const kn_attn_args *a);
 
     /* (optional: NULL means call matmul n times) matmul(w[i], x, M, y[i])
-     * for i < n, same results; weights of one type and width that share x
-     * (Wq/Wk/Wv, W_gate/W_up) run as one pool job at small M. An invalid
-     * argument in any slot makes the op return without touching any y. */
-    void (*matmul_multi)(kn_ctx *ctx, int n, const kn_tensor *const *w, const float *x,
-                         int64_t M, float *const *y);
+     * for i < n (1 <= n <= 4), same results; weights of one type and width
+     * that share x (Wq/Wk/Wv, W_gate/W_up) run as one pool job at small M.
+     * An invalid argument in any slot gives -EINVAL and touches no y. */
+    int (*matmul_multi)(kn_ctx *ctx, int n, const kn_tensor *const *w, const float *x,
+                        int64_t M, float *const *y);
+
+    /* Write new K/V rows into a paged pool (vLLM's slot mapping): for i < n,
+     * k_pool[slots[i]][:] = k[i][:] and v_pool[slots[i]][:] = v[i][:], rows
+     * of row_floats floats (n_kv_head * head_dim). A negative slot skips the
+     * row (padding); the others must be distinct. slots: [n] backend; slot s
+     * of a sequence's position p is block_table[p / block_size] * block_size
+     * + p % block_size. */
+    int (*kv_write)(kn_ctx *ctx, float *k_pool, float *v_pool, int64_t row_floats,
+                    const int32_t *slots, int64_t n, const float *k, const float *v);
+
+    /* Copy pool rows within every plane of a pool: for each plane
+     * p < n_planes (a layer's K or V, plane_floats apart) and i < n,
+     * row dst[i] = row src[i] (rows of row_floats floats). No destination
+     * may equal another, nor a later source (dst[i] != src[j] for j > i);
+     * then the result is as if every source were read before any write.
+     * src, dst: [n] host (Medusa KV compaction, the prefill → decode
+     * hand-off). */
+    int (*kv_copy)(kn_ctx *ctx, float *pool, int64_t n_planes, int64_t plane_floats,
+                   int64_t row_floats, const int32_t *src, const int32_t *dst, int64_t n);
+
+    /* The Medusa ResBlock's activation for n_heads heads at once:
+     *   out[h][m][i] = x[m][i] + silu(z[m][h*n + i] + b[h*n + i])
+     * for h < n_heads, m < M, i < n; x: [M][n], z: [M][n_heads*n] (W_cat x),
+     * b: [n_heads*n] (optional: NULL is zero), out: [n_heads][M][n],
+     * head-major so that each head's rows are contiguous for its projection. */
+    int (*silu_res)(kn_ctx *ctx, const float *x, const float *z, const float *b, int64_t M,
+                    int64_t n_heads, int64_t n, float *out);
+
+    /* ids[m] = the index of the largest x[m][i], i < n; ties: the lowest
+     * index (NaNs are never chosen over a number that precedes them).
+     * x: [M][n], ids: [M] backend. */
+    int (*argmax)(kn_ctx *ctx, const float *x, int64_t M, int64_t n, int32_t *ids);
+
+    /* The k largest of each row, best first; ties: lower index first.
+     * vals: [M][k] (optional: NULL), ids: [M][k]; 1 <= k <= min(n, KN_TOPK_MAX). */
+    int (*topk)(kn_ctx *ctx, const float *x, int64_t M, int64_t n, int k, float *vals,
+                int32_t *ids);
+
+    /* What sampling and typical acceptance need of a softmax, per row of
+     * x / T (temperature T > 0), computed in double as x * (1.0 / T):
+     *   out[m][0] = max_i x[m][i] / T
+     *   out[m][1] = log sum_i exp(x[m][i] / T)          (so p_i = exp(x_i/T - out[1]))
+     *   out[m][2] = -sum_i p_i log(p_i + 1e-5)           (Medusa's entropy)
+     * x: [M][n], out: [M][3]. */
+    int (*softmax_stats)(kn_ctx *ctx, const float *x, int64_t M, int64_t n,
+                         float temperature, float *out);
+
+    /* out[i] = x[idx[i]] for i < n (single values: the logits of given
+     * tokens at given rows). idx: [n] backend, each >= 0 (the caller's
+     * responsibility: within x). */
+    int (*gather)(kn_ctx *ctx, const float *x, const int64_t *idx, int64_t n, float *out);
 } kn_ops;
 
 int kn_ctx_create(kn_ctx **out, const kn_ctx_cfg *cfg);
@@ -195,13 +284,36 @@ void kn_ctx_destroy(kn_ctx *ctx);
 const kn_ops *kn_ctx_ops(const kn_ctx *ctx);
 enum kn_variant kn_ctx_variant(const kn_ctx *ctx);
 int kn_ctx_threads(const kn_ctx *ctx);
+/* 1 when host memory is backend memory (the CPU backend): a caller may then
+ * pass host arrays and mapped files to ops directly. */
+int kn_ctx_host_memory(const kn_ctx *ctx);
+
+/* ---- buffers ------------------------------------------------------------
+ * kn_buf_alloc: *out = a zeroed backend allocation of `bytes` (> 0), 64-byte
+ * aligned; on the CPU, allocations of 4 MiB and more are 2 MiB aligned and
+ * advised for transparent huge pages (KV pools, activations of big
+ * batches). -EINVAL, -ENOMEM (*out NULL). kn_buf_free(ctx, NULL) is a no-op;
+ * p must come from kn_buf_alloc on the same ctx.
+ * upload: host src -> backend dst; download: backend src -> host dst (waits
+ * for every earlier op on ctx); copy: backend -> backend, overlapping
+ * regions are -EINVAL. n == 0 is a no-op; a NULL pointer (or ctx) with
+ * n > 0 is -EINVAL.
+ * kn_sync waits until every op issued on ctx has finished (a no-op on the
+ * CPU, where each call completes before it returns). */
+int kn_buf_alloc(kn_ctx *ctx, size_t bytes, void **out);
+void kn_buf_free(kn_ctx *ctx, void *p);
+int kn_buf_upload(kn_ctx *ctx, void *dst, const void *src, size_t n);
+int kn_buf_download(kn_ctx *ctx, void *dst, const void *src, size_t n);
+int kn_buf_copy(kn_ctx *ctx, void *dst, const void *src, size_t n);
+int kn_sync(kn_ctx *ctx);
 
 /* The op table of a given variant (NULL when unsupported on this CPU); lets
  * tests run every variant against the scalar reference on one ctx. */
 const kn_ops *kn_ops_for(enum kn_variant v);
 
 /* Run fn(arg, i) for i in [0, n) across the ctx's pool (calling thread
- * included) and wait. For the engine's own parallel loops. Indices are handed
+ * included) and wait. CPU backend only: for host-side work of tools (the
+ * Medusa trainer), never for tensor data of the forward pass. Indices are handed
  * out dynamically in small contiguous chunks; each runs exactly once. */
 typedef void (*kn_task_fn)(void *arg, int64_t i);
 void kn_parallel_for(kn_ctx *ctx, int64_t n, kn_task_fn fn, void *arg);

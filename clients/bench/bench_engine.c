@@ -34,10 +34,12 @@ static void usage(FILE *f)
 }
 
 typedef struct bench_env {
+    kn_ctx *kn;
     eng_model *m;
     eng_ctx *c;
     eng_kv *kv;
-    float *logits;
+    float *logits; /* backend: [n_vocab] */
+    int32_t *id;   /* backend: the argmax */
 } bench_env;
 
 /* One prompt of n tokens in one forward; returns seconds or < 0. */
@@ -54,7 +56,8 @@ static double run_prefill(bench_env *e, const int32_t *ids, int64_t n)
     return r < 0 ? -1 : (double)(t1 - t0) * 1e-9;
 }
 
-/* n greedy decode steps from BOS; returns seconds or < 0. */
+/* n greedy decode steps from BOS, as a worker runs them (the backend's
+ * argmax, one id downloaded per token); returns seconds or < 0. */
 static double run_decode(bench_env *e, int32_t bos, int64_t n)
 {
     int seq = eng_kv_seq_alloc(e->kv);
@@ -65,11 +68,12 @@ static double run_decode(bench_env *e, int32_t bos, int64_t n)
     uint64_t t0 = cm_now_ns();
     for (int64_t i = 0; i < n; i++) {
         eng_seq_in in = {.seq = seq, .tokens = &tok, .n_tokens = 1};
-        if (eng_forward(e->c, e->kv, &in, 1, e->logits, NULL) < 0) {
+        if (eng_forward(e->c, e->kv, &in, 1, e->logits, NULL) < 0 ||
+            kn_ctx_ops(e->kn)->argmax(e->kn, e->logits, 1, V, e->id) < 0 ||
+            kn_buf_download(e->kn, &tok, e->id, sizeof(tok)) < 0) {
             eng_kv_seq_free(e->kv, seq);
             return -1;
         }
-        tok = eng_argmax(e->logits, V);
     }
     uint64_t t1 = cm_now_ns();
     eng_kv_seq_free(e->kv, seq);
@@ -135,12 +139,13 @@ int bench_engine_main(int argc, char **argv)
     int64_t max_len = prompt_len > decode_n ? prompt_len : decode_n;
     eng_kv_cfg kc;
     eng_model_kv_cfg(e.m, 16, (max_len + 15) / 16, 1, max_len, &kc);
-    e.logits = malloc((size_t)hp->n_vocab * sizeof(float));
+    e.kn = kn;
     ids = malloc((size_t)prompt_len * sizeof(int32_t));
-    if (!e.logits || !ids ||
+    if (!ids || kn_buf_alloc(kn, (size_t)hp->n_vocab * sizeof(float), (void **)&e.logits) < 0 ||
+        kn_buf_alloc(kn, sizeof(int32_t), (void **)&e.id) < 0 ||
         (rc = eng_ctx_create(&e.c, e.m, &(eng_ctx_cfg){.kn = kn, .max_tokens = prompt_len,
                                                         .max_ctx = max_len})) < 0 ||
-        (rc = eng_kv_create(&e.kv, &kc)) < 0) {
+        (rc = eng_kv_create(&e.kv, kn, &kc)) < 0) {
         fprintf(stderr, "gorgon-bench engine: setup: %s\n",
                 eng_error()[0] ? eng_error() : "out of memory");
         goto out;
@@ -210,7 +215,10 @@ int bench_engine_main(int argc, char **argv)
     status = 0;
 out:
     free(ids);
-    free(e.logits);
+    if (kn) {
+        kn_buf_free(kn, e.logits);
+        kn_buf_free(kn, e.id);
+    }
     eng_kv_destroy(e.kv);
     eng_ctx_destroy(e.c);
     eng_model_close(e.m);

@@ -353,7 +353,7 @@ int bench_medusa_main(int argc, char **argv)
         (rc = eng_ctx_create(&e.c, m, &(eng_ctx_cfg){.kn = kn,
                                                       .max_tokens = max_ids > nn ? max_ids : nn,
                                                       .max_ctx = max_len})) < 0 ||
-        (rc = eng_kv_create(&e.kv, &kc)) < 0 ||
+        (rc = eng_kv_create(&e.kv, kn, &kc)) < 0 ||
         (rc = eng_medusa_create(&e.md, &(eng_medusa_cfg){.model = m, .kn = kn, .heads = mh,
                                                           .tree = tree, .max_seqs = 1,
                                                           .accept = ENG_MEDUSA_GREEDY})) < 0) {

@@ -41,34 +41,43 @@ struct eng_medusa {
     float *b_cat;       /* [nh*H] */
     kn_tensor lm[ENG_MEDUSA_MAX_DEPTH]; /* per head (all = base output when shared) */
     void *lm_data[ENG_MEDUSA_MAX_DEPTH]; /* owned conversions, or NULL */
-    uint32_t *node_done; /* [nn] call stamp of node_am/node_thr, lazily computed */
-    uint32_t node_call;
 
     /* Per sequence id [max_seqs]. */
     bool *active;
     eng_rng_state *rng;
-    float *pend_logits; /* [max_seqs][V] logits at the last emitted token */
-    float *pend_hidden; /* [max_seqs][H] its final-norm hidden state */
+    float *pend_logits; /* [max_seqs][V] backend: logits at the last emitted token */
+    float *pend_hidden; /* [max_seqs][H] backend: its final-norm hidden state */
+    int32_t *pend_root; /* [max_seqs] greedy: argmax of pend_logits (the next root) */
     uint32_t *stamp;    /* duplicate detection within one call */
     uint32_t call;
     int prepared; /* sequences of the prepared, not yet finished step */
 
-    /* Step scratch, b = position of a sequence in the batch. */
+    /* Step scratch, b = position of a sequence in the batch; _d: backend,
+     * the rest host. A step downloads only ids and a few values per node
+     * (never a logits row, except typical sampling's root draw). */
     eng_rng_state *rng_save; /* [max_seqs] to undo root draws on error */
+    int32_t *seq_h, *seq_d;  /* [max_seqs] the batch's sequence ids */
     float *h_in;             /* [max_seqs][H] pending hidden of the batch */
     float *h_z;              /* [max_seqs][nh*H] W_cat h */
     float *h_mid;            /* [nh][max_seqs][H] h + SiLU(W_i h + b_i), head-major */
     float *h_logits;         /* [nh][max_seqs][V] heads' logits */
+    int kmax;                /* candidates the topk op keeps per head row */
+    int32_t *top_h, *top_d;  /* [nh][max_seqs][kmax] their ids, best first */
     int32_t *cand;           /* [max_seqs][CAND_STRIDE] */
     int32_t *tok;            /* [max_seqs][nn] tree node tokens */
     int32_t *pos;            /* [max_seqs][nn] RoPE positions len + depth */
     int64_t *len0;           /* [max_seqs] KV length before the step */
     uint8_t *want;           /* [nn] all ones: every node's logits are needed */
     eng_seq_in *in;          /* [max_seqs] */
-    float *out_logits;       /* [max_seqs * nn][V] */
-    float *out_hidden;       /* [max_seqs * nn][H] */
-    int32_t *node_am;        /* [nn] greedy: argmax at each node */
-    float *node_lse, *node_thr; /* [nn] typical: log-sum-exp and threshold */
+    float *out_logits;       /* [max_seqs * nn][V] backend */
+    float *out_hidden;       /* [max_seqs * nn][H] backend */
+    int32_t *node_am, *am_d; /* [max_seqs * nn] greedy: argmax at each node */
+    /* typical: per node [max, lse, entropy] of its softmax, and the logit of
+     * each node's token at its parent (idx: where that logit is) */
+    float *stats_h, *stats_d; /* [max_seqs * nn][3] */
+    float *val_h, *val_d;     /* [max_seqs * nn] */
+    int64_t *idx_h, *idx_d;   /* [max_seqs * nn] */
+    float *row_h;             /* [V] typical: the pending row for the root draw */
 };
 
 int64_t eng_medusa_step_tokens(const eng_medusa *md, int n_seqs)
@@ -80,36 +89,36 @@ void eng_medusa_destroy(eng_medusa *md)
 {
     if (!md)
         return;
+    void *dev[] = {md->pend_logits, md->pend_hidden, md->seq_d,    md->h_in,
+                   md->h_z,         md->h_mid,       md->h_logits, md->top_d,
+                   md->out_logits,  md->out_hidden,  md->am_d,     md->stats_d,
+                   md->val_d,       md->idx_d,       md->b_cat,    md->w_cat_data};
+    for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
+        kn_buf_free(md->kn, dev[i]);
     free(md->active);
     free(md->rng);
-    free(md->pend_logits);
-    free(md->pend_hidden);
+    free(md->pend_root);
     free(md->stamp);
     free(md->rng_save);
-    free(md->h_in);
-    free(md->h_z);
-    free(md->h_mid);
+    free(md->seq_h);
+    free(md->top_h);
     kn_tensor_unpack(&md->w_cat);
-    free(md->w_cat_data);
-    free(md->b_cat);
     for (int i = 0; i < ENG_MEDUSA_MAX_DEPTH; i++) {
         if (md->lm_data[i]) /* else lm[i] is borrowed (the model's or the checkpoint's) */
             kn_tensor_unpack(&md->lm[i]);
-        free(md->lm_data[i]);
+        kn_buf_free(md->kn, md->lm_data[i]);
     }
-    free(md->node_done);
-    free(md->h_logits);
     free(md->cand);
     free(md->tok);
     free(md->pos);
     free(md->len0);
     free(md->want);
     free(md->in);
-    free(md->out_logits);
-    free(md->out_hidden);
     free(md->node_am);
-    free(md->node_lse);
-    free(md->node_thr);
+    free(md->stats_h);
+    free(md->val_h);
+    free(md->idx_h);
+    free(md->row_h);
     free(md);
 }
 
@@ -149,22 +158,29 @@ static bool same_values(const kn_tensor *a, const kn_tensor *b, float *ra, float
 /* An owned rows x cols tensor of type t whose row r is row r % src_rows of
  * src[r / src_rows] (several tensors stacked, converted row by row; row is
  * scratch of cols floats). */
-static int make_tensor(kn_tensor *out, void **owned, enum kn_dtype t, int64_t rows, int64_t cols,
-                       const kn_tensor *const *src, int64_t src_rows, float *row)
+static int make_tensor(kn_ctx *kn, kn_tensor *out, void **owned, enum kn_dtype t, int64_t rows,
+                       int64_t cols, const kn_tensor *const *src, int64_t src_rows, float *row)
 {
-    const size_t rb = kn_row_bytes(t, cols);
-    char *data = malloc((size_t)rows * rb);
+    const size_t rb = kn_row_bytes(t, cols), bytes = (size_t)rows * rb;
+    char *data = malloc(bytes); /* built on the host, then uploaded once */
     if (!data)
         return -ENOMEM;
-    for (int64_t r = 0; r < rows; r++) {
+    int rc = 0;
+    for (int64_t r = 0; r < rows && rc == 0; r++) {
         tensor_row(src[r / src_rows], r % src_rows, row);
-        if (kn_quantize_row(t, row, cols, data + (size_t)r * rb) < 0) {
-            free(data);
-            return -EINVAL;
-        }
+        if (kn_quantize_row(t, row, cols, data + (size_t)r * rb) < 0)
+            rc = -EINVAL;
     }
-    *owned = data;
-    *out = (kn_tensor){.data = data, .type = t, .rows = rows, .cols = cols};
+    void *dev = NULL;
+    if (rc == 0 && (rc = kn_buf_alloc(kn, bytes, &dev)) == 0)
+        rc = kn_buf_upload(kn, dev, data, bytes);
+    free(data);
+    if (rc < 0) {
+        kn_buf_free(kn, dev);
+        return rc;
+    }
+    *owned = dev;
+    *out = (kn_tensor){.data = dev, .type = t, .rows = rows, .cols = cols};
     return kn_tensor_pack(out); /* like the model's own weights */
 }
 
@@ -180,18 +196,19 @@ static int prepare_heads(eng_medusa *md)
     const bool q = is_quant(out->type) && H % KN_QK == 0;
     const enum kn_dtype wt = q ? out->type : KN_F32;
     float *ra = malloc((size_t)H * sizeof(float)), *rb = malloc((size_t)H * sizeof(float));
-    md->b_cat = alloc_n((size_t)md->nh * (size_t)H, sizeof(float));
-    int rc = ra && rb && md->b_cat ? 0 : -ENOMEM;
+    const size_t bias_bytes = (size_t)md->nh * (size_t)H * sizeof(float);
+    int rc = ra && rb ? kn_buf_alloc(md->kn, bias_bytes, (void **)&md->b_cat) : -ENOMEM;
     const kn_tensor *src[ENG_MEDUSA_MAX_DEPTH];
     bool shared = true;
     for (int i = 0; i < md->nh && rc == 0; i++) {
         const eng_medusa_head *hd = eng_medusa_heads_get(md->heads, i);
         src[i] = &hd->w;
-        memcpy(md->b_cat + (size_t)i * (size_t)H, hd->bias, (size_t)H * sizeof(float));
+        rc = kn_buf_upload(md->kn, md->b_cat + (size_t)i * (size_t)H, hd->bias,
+                           (size_t)H * sizeof(float));
         shared = shared && same_values(&hd->lm_head, out, ra, rb);
     }
     if (rc == 0)
-        rc = make_tensor(&md->w_cat, &md->w_cat_data, wt, md->nh * H, H, src, H, ra);
+        rc = make_tensor(md->kn, &md->w_cat, &md->w_cat_data, wt, md->nh * H, H, src, H, ra);
     md->proj = shared ? ENG_MEDUSA_PROJ_SHARED
                       : q ? ENG_MEDUSA_PROJ_QUANTIZED : ENG_MEDUSA_PROJ_HEADS;
     for (int i = 0; i < md->nh && rc == 0; i++) {
@@ -200,7 +217,7 @@ static int prepare_heads(eng_medusa *md)
             md->lm[i] = *out;
         } else if (q) {
             const kn_tensor *one = &hd->lm_head;
-            rc = make_tensor(&md->lm[i], &md->lm_data[i], wt, V, H, &one, V, ra);
+            rc = make_tensor(md->kn, &md->lm[i], &md->lm_data[i], wt, V, H, &one, V, ra);
         } else {
             md->lm[i] = hd->lm_head;
         }
@@ -262,47 +279,81 @@ int eng_medusa_create(eng_medusa **out, const eng_medusa_cfg *cfg)
     md->md = t->max_depth;
 
     const size_t S = (size_t)cfg->max_seqs, V = (size_t)md->V, H = (size_t)md->H;
-    const size_t NN = (size_t)md->nn, fs = sizeof(float);
+    const size_t NN = (size_t)md->nn, NH = (size_t)md->nh, fs = sizeof(float);
+    md->kmax = 1;
+    for (int h = 0; h < md->nh; h++)
+        md->kmax = t->topk[h] > md->kmax ? t->topk[h] : md->kmax;
+    if (md->kmax > md->V)
+        md->kmax = (int)md->V;
+    const size_t K = (size_t)md->kmax;
     md->active = alloc_n(S, sizeof(bool));
     md->rng = alloc_n(S, sizeof(eng_rng_state));
-    md->pend_logits = alloc_n(S * V, fs);
-    md->pend_hidden = alloc_n(S * H, fs);
+    md->pend_root = alloc_n(S, sizeof(int32_t));
     md->stamp = alloc_n(S, sizeof(uint32_t));
     md->rng_save = alloc_n(S, sizeof(eng_rng_state));
-    const size_t NH = (size_t)md->nh;
-    md->h_in = alloc_n(S * H, fs);
-    md->h_z = alloc_n(S * NH * H, fs);
-    md->h_mid = alloc_n(S * NH * H, fs);
-    md->h_logits = alloc_n(S * NH * V, fs);
-    md->node_done = alloc_n(NN, sizeof(uint32_t));
+    md->seq_h = alloc_n(S, sizeof(int32_t));
+    md->top_h = alloc_n(NH * S * K, sizeof(int32_t));
     md->cand = alloc_n(S * (size_t)CAND_STRIDE(md->nh), sizeof(int32_t));
     md->tok = alloc_n(S * NN, sizeof(int32_t));
     md->pos = alloc_n(S * NN, sizeof(int32_t));
     md->len0 = alloc_n(S, sizeof(int64_t));
     md->want = alloc_n(NN, 1);
     md->in = alloc_n(S, sizeof(eng_seq_in));
-    md->out_logits = alloc_n(S * NN * V, fs);
-    md->out_hidden = alloc_n(S * NN * H, fs);
-    md->node_am = alloc_n(NN, sizeof(int32_t));
-    md->node_lse = alloc_n(NN, fs);
-    md->node_thr = alloc_n(NN, fs);
-    if (!md->active || !md->rng || !md->pend_logits || !md->pend_hidden || !md->stamp ||
-        !md->rng_save || !md->h_in || !md->h_z || !md->h_mid || !md->h_logits ||
-        !md->node_done || !md->cand || !md->tok ||
-        !md->pos || !md->len0 || !md->want || !md->in || !md->out_logits || !md->out_hidden ||
-        !md->node_am || !md->node_lse || !md->node_thr) {
+    md->node_am = alloc_n(S * NN, sizeof(int32_t));
+    md->stats_h = alloc_n(S * NN * 3, fs);
+    md->val_h = alloc_n(S * NN, fs);
+    md->idx_h = alloc_n(S * NN, sizeof(int64_t));
+    md->row_h = alloc_n(V, fs);
+    int rc = 0;
+    struct {
+        void **p;
+        size_t bytes;
+    } dev[] = {
+        {(void **)&md->pend_logits, S * V * fs},
+        {(void **)&md->pend_hidden, S * H * fs},
+        {(void **)&md->seq_d, S * sizeof(int32_t)},
+        {(void **)&md->h_in, S * H * fs},
+        {(void **)&md->h_z, S * NH * H * fs},
+        {(void **)&md->h_mid, S * NH * H * fs},
+        {(void **)&md->h_logits, S * NH * V * fs},
+        {(void **)&md->top_d, NH * S * K * sizeof(int32_t)},
+        {(void **)&md->out_logits, S * NN * V * fs},
+        {(void **)&md->out_hidden, S * NN * H * fs},
+        {(void **)&md->am_d, S * NN * sizeof(int32_t)},
+        {(void **)&md->stats_d, S * NN * 3 * fs},
+        {(void **)&md->val_d, S * NN * fs},
+        {(void **)&md->idx_d, S * NN * sizeof(int64_t)},
+    };
+    for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]) && rc == 0; i++)
+        rc = kn_buf_alloc(md->kn, dev[i].bytes, dev[i].p);
+    if (rc < 0 || !md->active || !md->rng || !md->pend_root || !md->stamp || !md->rng_save ||
+        !md->seq_h || !md->top_h || !md->cand || !md->tok || !md->pos ||
+        !md->len0 || !md->want || !md->in || !md->node_am || !md->stats_h || !md->val_h ||
+        !md->idx_h || !md->row_h) {
         eng_medusa_destroy(md);
         return eng_fail(-ENOMEM, "medusa: out of memory for %d sequences x %d tree nodes",
                         cfg->max_seqs, md->nn);
     }
     memset(md->want, 1, NN);
-    int rc = prepare_heads(md);
+    rc = prepare_heads(md);
     if (rc < 0) {
         eng_medusa_destroy(md);
         return eng_fail(rc, "medusa: preparing the heads: %s", cm_strerror(rc));
     }
     *out = md;
     return 0;
+}
+
+/* Sequence seq's pending logits and hidden state := the given rows
+ * (backend to backend). */
+static int set_pending(eng_medusa *md, int seq, const float *logits, const float *hidden)
+{
+    int rc = kn_buf_copy(md->kn, md->pend_logits + (size_t)seq * (size_t)md->V, logits,
+                         (size_t)md->V * sizeof(float));
+    if (rc == 0)
+        rc = kn_buf_copy(md->kn, md->pend_hidden + (size_t)seq * (size_t)md->H, hidden,
+                         (size_t)md->H * sizeof(float));
+    return rc;
 }
 
 int eng_medusa_seq_begin(eng_medusa *md, int seq, const float *logits, const float *hidden,
@@ -312,11 +363,25 @@ int eng_medusa_seq_begin(eng_medusa *md, int seq, const float *logits, const flo
         return eng_fail(-EINVAL, "medusa: seq_begin: NULL argument");
     if (seq < 0 || seq >= md->max_seqs)
         return eng_fail(-EINVAL, "medusa: sequence %d outside 0..%d", seq, md->max_seqs - 1);
-    memcpy(md->pend_logits + (size_t)seq * (size_t)md->V, logits, (size_t)md->V * sizeof(float));
-    memcpy(md->pend_hidden + (size_t)seq * (size_t)md->H, hidden, (size_t)md->H * sizeof(float));
+    int rc = set_pending(md, seq, logits, hidden);
+    if (rc == 0 && md->accept == ENG_MEDUSA_GREEDY) {
+        /* the root of the next step, as finish leaves it */
+        if ((rc = md->ops->argmax(md->kn, logits, 1, md->V, md->am_d)) == 0)
+            rc = kn_buf_download(md->kn, &md->pend_root[seq], md->am_d, sizeof(int32_t));
+    }
+    if (rc < 0)
+        return eng_fail(rc, "medusa: seq_begin: backend: %s", cm_strerror(rc));
     eng_rng_seed(&md->rng[seq], ENG_RNG_XOSHIRO, seed);
     md->active[seq] = true;
     return 0;
+}
+
+int32_t eng_medusa_seq_root(const eng_medusa *md, int seq)
+{
+    if (!md || seq < 0 || seq >= md->max_seqs || !md->active[seq] ||
+        md->accept != ENG_MEDUSA_GREEDY)
+        return -EINVAL;
+    return md->pend_root[seq];
 }
 
 void eng_medusa_seq_end(eng_medusa *md, int seq)
@@ -395,81 +460,97 @@ static int32_t sample_typical(const eng_medusa *md, const float *logits, eng_rng
     return last;
 }
 
-/* The k best ids of x[n], best first; ties: lower id first. */
-static void top_k(const float *x, int64_t n, int k, int32_t *idx)
-{
-    float val[ENG_MEDUSA_TOPK];
-    int c = 0;
-    for (int64_t i = 0; i < n; i++) {
-        const float v = x[i];
-        int j;
-        if (c < k)
-            j = c++;
-        else if (v > val[k - 1])
-            j = k - 1;
-        else
-            continue;
-        while (j > 0 && val[j - 1] < v) {
-            val[j] = val[j - 1];
-            idx[j] = idx[j - 1];
-            j--;
-        }
-        val[j] = v;
-        idx[j] = (int32_t)i;
-    }
-}
+/* A backend op failed: only an argument the step got wrong can do that. */
+#define OP(what, call)                                                                         \
+    do {                                                                                       \
+        int rc_ = (call);                                                                      \
+        if (rc_ < 0)                                                                           \
+            return eng_fail(rc_, "medusa: backend op %s failed: %s", what, cm_strerror(rc_));  \
+    } while (0)
 
-static float silu(float x)
-{
-    return x / (1.0f + expf(-x));
-}
-
-/* Every head on the batch's pending hidden states → top-k candidates. */
-static void run_heads(eng_medusa *md, int n)
+/* Every head on the batch's pending hidden states (seq_d, uploaded) →
+ * top-k candidates; only the candidates' ids come back. */
+static int run_heads(eng_medusa *md, int n)
 {
     const int64_t H = md->H, V = md->V, stride = CAND_STRIDE(md->nh), NH = md->nh;
+    const int K = md->kmax;
+    kn_ctx *kn = md->kn;
+    const kn_tensor pend = {.data = md->pend_hidden, .type = KN_F32, .rows = md->max_seqs,
+                            .cols = H};
+    OP("get_rows (pending hidden)", md->ops->get_rows(kn, &pend, md->seq_d, n, md->h_in));
     /* z[b] = W_cat h[b]: all heads' ResBlocks in one product */
-    md->ops->matmul(md->kn, &md->w_cat, md->h_in, n, md->h_z);
-    for (int h = 0; h < md->nh; h++)
-        for (int b = 0; b < n; b++) {
-            float *y = md->h_mid + ((size_t)h * (size_t)n + (size_t)b) * (size_t)H;
-            const float *z = md->h_z + ((size_t)b * (size_t)NH + (size_t)h) * (size_t)H;
-            const float *x = md->h_in + (size_t)b * (size_t)H;
-            const float *bias = md->b_cat + (size_t)h * (size_t)H;
-            for (int64_t i = 0; i < H; i++)
-                y[i] = x[i] + silu(z[i] + bias[i]);
-        }
+    OP("matmul (W_cat)", md->ops->matmul(kn, &md->w_cat, md->h_in, n, md->h_z));
+    OP("silu_res", md->ops->silu_res(kn, md->h_in, md->h_z, md->b_cat, n, NH, H, md->h_mid));
     if (md->proj == ENG_MEDUSA_PROJ_SHARED) {
-        md->ops->matmul(md->kn, &md->lm[0], md->h_mid, NH * n, md->h_logits);
+        OP("matmul (shared projection)",
+           md->ops->matmul(kn, &md->lm[0], md->h_mid, NH * n, md->h_logits));
     } else {
         for (int h = 0; h < md->nh; h++)
-            md->ops->matmul(md->kn, &md->lm[h], md->h_mid + (size_t)h * (size_t)n * (size_t)H,
-                            n, md->h_logits + (size_t)h * (size_t)n * (size_t)V);
+            OP("matmul (head projection)",
+               md->ops->matmul(kn, &md->lm[h], md->h_mid + (size_t)h * (size_t)n * (size_t)H, n,
+                               md->h_logits + (size_t)h * (size_t)n * (size_t)V));
     }
+    OP("topk", md->ops->topk(kn, md->h_logits, NH * n, V, K, NULL, md->top_d));
+    OP("download (candidates)", kn_buf_download(kn, md->top_h, md->top_d,
+                                                (size_t)(NH * n * K) * sizeof(int32_t)));
+    /* the best k of a row are the first k of its best kmax */
     for (int h = 0; h < md->nh; h++) {
-        const int k = md->t->topk[h];
+        const int k = md->t->topk[h] < K ? md->t->topk[h] : K;
         for (int b = 0; b < n; b++)
-            top_k(md->h_logits + ((size_t)h * (size_t)n + (size_t)b) * (size_t)V, V, k,
-                  md->cand + b * stride + 1 + (int64_t)h * ENG_MEDUSA_TOPK);
+            memcpy(md->cand + b * stride + 1 + (int64_t)h * ENG_MEDUSA_TOPK,
+                   md->top_h + ((size_t)h * (size_t)n + (size_t)b) * (size_t)K,
+                   (size_t)k * sizeof(int32_t));
     }
+    return 0;
 }
 
-/* Best retrieve path for batch entry b (L: its nn logits rows): fills path[0..len] (node indices,
- * path[0] = root) and returns len (accepted candidates). */
-static int accept_path(eng_medusa *md, int b, const float *L,
-                       int32_t path[ENG_MEDUSA_MAX_DEPTH + 1])
+/* What acceptance needs of every tree row (b < n, node < nn), computed on
+ * the backend; only ids or a few values per node come back. Greedy: the
+ * argmax of each row. Typical: each row's softmax statistics and the logit
+ * of each node's token at its parent. */
+static int node_stats(eng_medusa *md, int n, const float *logits)
 {
     const eng_medusa_tree *t = md->t;
-    const int64_t V = md->V;
-    const int32_t *tok = md->tok + (size_t)b * (size_t)md->nn;
+    const int64_t rows = (int64_t)n * md->nn, V = md->V;
+    kn_ctx *kn = md->kn;
+    if (md->accept == ENG_MEDUSA_GREEDY) {
+        OP("argmax (tree rows)", md->ops->argmax(kn, logits, rows, V, md->am_d));
+        OP("download (tree argmax)",
+           kn_buf_download(kn, md->node_am, md->am_d, (size_t)rows * sizeof(int32_t)));
+        return 0;
+    }
+    OP("softmax_stats (tree rows)",
+       md->ops->softmax_stats(kn, logits, rows, V, md->temp, md->stats_d));
+    int64_t n_idx = 0;
+    for (int b = 0; b < n; b++)
+        for (int j = 1; j < md->nn; j++) {
+            const int64_t par = (int64_t)b * md->nn + t->parent[j];
+            md->idx_h[n_idx++] = par * V + md->tok[(size_t)b * (size_t)md->nn + (size_t)j];
+        }
+    OP("download (tree softmax)",
+       kn_buf_download(kn, md->stats_h, md->stats_d, (size_t)rows * 3 * sizeof(float)));
+    if (n_idx > 0) {
+        OP("upload (token logits)",
+           kn_buf_upload(kn, md->idx_d, md->idx_h, (size_t)n_idx * sizeof(int64_t)));
+        OP("gather (token logits)", md->ops->gather(kn, logits, md->idx_d, n_idx, md->val_d));
+        OP("download (token logits)",
+           kn_buf_download(kn, md->val_h, md->val_d, (size_t)n_idx * sizeof(float)));
+    }
+    return 0;
+}
+
+/* Best retrieve path for batch entry b (node_stats done): fills path[0..len]
+ * (node indices, path[0] = root) and returns len (accepted candidates). */
+static int accept_path(const eng_medusa *md, int b, int32_t path[ENG_MEDUSA_MAX_DEPTH + 1])
+{
+    const eng_medusa_tree *t = md->t;
+    const int nn = md->nn;
+    const int32_t *tok = md->tok + (size_t)b * (size_t)nn;
+    const int32_t *am = md->node_am + (size_t)b * (size_t)nn;
+    const float *st = md->stats_h + (size_t)b * (size_t)nn * 3;
+    const float *val = md->val_h + (size_t)b * (size_t)(nn - 1); /* node j at val[j - 1] */
     const bool greedy = md->accept == ENG_MEDUSA_GREEDY;
     const double inv = 1.0 / (double)md->temp;
-    /* Per-node statistics (a pass over V each) only for the parents the
-     * walk below reaches: a path stops at its first rejected token. */
-    if (++md->node_call == 0) { /* stamps wrapped: forget old ones */
-        memset(md->node_done, 0, (size_t)md->nn * sizeof(uint32_t));
-        md->node_call = 1;
-    }
     const int cols = t->max_depth + 1;
     int best_len = 0, best_row = -1;
     double best_ll = -INFINITY;
@@ -479,22 +560,15 @@ static int accept_path(eng_medusa *md, int b, const float *L,
         double ll = 0;
         for (int d = 1; d < cols && rp[d] >= 0; d++) {
             const int32_t par = rp[d - 1], node = rp[d];
-            if (md->node_done[par] != md->node_call) {
-                const float *row = L + (size_t)par * (size_t)V;
-                if (greedy)
-                    md->node_am[par] = eng_argmax(row, V);
-                else
-                    md->node_thr[par] = eng_medusa_typical_threshold(
-                        row, V, md->temp, md->eps, md->alpha, &md->node_lse[par]);
-                md->node_done[par] = md->node_call;
-            }
             if (greedy) {
-                if (tok[node] != md->node_am[par])
+                if (tok[node] != am[par])
                     break;
             } else {
-                double p = exp((double)L[(size_t)par * (size_t)V + (size_t)tok[node]] * inv -
-                               (double)md->node_lse[par]);
-                if (!(p > (double)md->node_thr[par]))
+                /* Medusa's threshold min(eps, alpha·exp(−H)) at the parent */
+                const float thr = fminf(md->eps, (float)((double)md->alpha *
+                                                         exp(-(double)st[par * 3 + 2])));
+                double p = exp((double)val[node - 1] * inv - (double)st[par * 3 + 1]);
+                if (!(p > (double)thr))
                     break;
                 ll += log(p);
             }
@@ -541,6 +615,13 @@ static int check_batch(eng_medusa *md, const eng_kv *kv, const int *seqs, int n_
     return 0;
 }
 
+/* Undo the root draws of the first n sequences of a prepare. */
+static void restore_rng(eng_medusa *md, const int *seqs, int n)
+{
+    for (int b = 0; b < n; b++)
+        md->rng[seqs[b]] = md->rng_save[b];
+}
+
 int64_t eng_medusa_step_prepare(eng_medusa *md, const eng_kv *kv, const int *seqs, int n_seqs,
                                 eng_seq_in *in)
 {
@@ -550,21 +631,33 @@ int64_t eng_medusa_step_prepare(eng_medusa *md, const eng_kv *kv, const int *seq
     if (rc < 0)
         return rc;
     const eng_medusa_tree *t = md->t;
-    const int64_t V = md->V, H = md->H, stride = CAND_STRIDE(md->nh);
+    const int64_t V = md->V, stride = CAND_STRIDE(md->nh);
     const int nn = md->nn;
-    /* 1. roots (RNG state saved so that an aborted step changes nothing) */
+    /* 1. roots (RNG state saved so that an aborted step changes nothing):
+     * greedy knows its root since the last step; typical draws it from the
+     * pending row (a sampler needs the whole distribution) */
     for (int b = 0; b < n_seqs; b++) {
         const int s = seqs[b];
-        const float *pl = md->pend_logits + (size_t)s * (size_t)V;
         md->rng_save[b] = md->rng[s];
-        md->cand[b * stride] = md->accept == ENG_MEDUSA_GREEDY
-                                   ? eng_argmax(pl, V)
-                                   : sample_typical(md, pl, &md->rng[s]);
-        memcpy(md->h_in + (size_t)b * (size_t)H, md->pend_hidden + (size_t)s * (size_t)H,
-               (size_t)H * sizeof(float));
+        md->seq_h[b] = s;
+        if (md->accept == ENG_MEDUSA_GREEDY) {
+            md->cand[b * stride] = md->pend_root[s];
+            continue;
+        }
+        rc = kn_buf_download(md->kn, md->row_h, md->pend_logits + (size_t)s * (size_t)V,
+                             (size_t)V * sizeof(float));
+        if (rc < 0) {
+            restore_rng(md, seqs, b);
+            return eng_fail(rc, "medusa: downloading a pending row: %s", cm_strerror(rc));
+        }
+        md->cand[b * stride] = sample_typical(md, md->row_h, &md->rng[s]);
     }
     /* 2. heads → candidates → tree tokens */
-    run_heads(md, n_seqs);
+    if ((rc = kn_buf_upload(md->kn, md->seq_d, md->seq_h, (size_t)n_seqs * sizeof(int32_t))) < 0 ||
+        (rc = run_heads(md, n_seqs)) < 0) {
+        restore_rng(md, seqs, n_seqs);
+        return eng_fail(rc, "medusa: running the heads: %s", eng_error());
+    }
     for (int b = 0; b < n_seqs; b++) {
         int32_t *tok = md->tok + (size_t)b * (size_t)nn, *pos = md->pos + (size_t)b * (size_t)nn;
         for (int j = 0; j < nn; j++) {
@@ -586,8 +679,7 @@ void eng_medusa_step_abort(eng_medusa *md, const int *seqs, int n_seqs)
 {
     if (!md || !seqs || n_seqs != md->prepared)
         return;
-    for (int b = 0; b < n_seqs; b++)
-        md->rng[seqs[b]] = md->rng_save[b];
+    restore_rng(md, seqs, n_seqs);
     md->prepared = 0;
 }
 
@@ -600,16 +692,23 @@ int64_t eng_medusa_step_finish(eng_medusa *md, eng_kv *kv, const int *seqs, int 
     if (n_seqs < 1 || n_seqs != md->prepared)
         return eng_fail(-EINVAL, "medusa: finish of %d sequences after a prepare of %d",
                         n_seqs, md->prepared);
-    md->prepared = 0;
     const int64_t V = md->V, H = md->H;
     const int nn = md->nn;
-    /* 4. acceptance, 5. compaction; nothing below can fail */
+    int rc = node_stats(md, n_seqs, logits);
+    if (rc < 0) { /* as if the step had not run: drop the trees' KV too */
+        for (int b = 0; b < n_seqs; b++)
+            eng_kv_seq_truncate(kv, seqs[b], md->len0[b]);
+        eng_medusa_step_abort(md, seqs, n_seqs);
+        return rc;
+    }
+    md->prepared = 0;
+    /* 4. acceptance, 5. compaction; past this only the backend (an engine
+     * bug) can fail */
     int64_t total = 0;
     for (int b = 0; b < n_seqs; b++) {
         const int s = seqs[b];
         int32_t path[ENG_MEDUSA_MAX_DEPTH + 1];
-        const float *L = logits + (size_t)b * (size_t)nn * (size_t)V;
-        const int acc = accept_path(md, b, L, path);
+        const int acc = accept_path(md, b, path);
         const int32_t *tok = md->tok + (size_t)b * (size_t)nn;
         eng_medusa_result *r = &res[b];
         r->n_accepted = acc;
@@ -627,15 +726,14 @@ int64_t eng_medusa_step_finish(eng_medusa *md, eng_kv *kv, const int *seqs, int 
             dst[n_mv] = (int32_t)(md->len0[b] + d);
             n_mv++;
         }
-        int rc = n_mv ? eng_kv_copy_positions(kv, s, src, dst, n_mv) : 0;
-        CM_ASSERT(rc == 0);
+        if (n_mv && (rc = eng_kv_copy_positions(kv, s, src, dst, n_mv)) < 0)
+            return rc;
         rc = eng_kv_seq_truncate(kv, s, md->len0[b] + 1 + acc);
         CM_ASSERT(rc == 0);
         const size_t row = (size_t)b * (size_t)nn + (size_t)path[acc];
-        memcpy(md->pend_logits + (size_t)s * (size_t)V, logits + row * (size_t)V,
-               (size_t)V * sizeof(float));
-        memcpy(md->pend_hidden + (size_t)s * (size_t)H, hidden + row * (size_t)H,
-               (size_t)H * sizeof(float));
+        if ((rc = set_pending(md, s, logits + row * (size_t)V, hidden + row * (size_t)H)) < 0)
+            return eng_fail(rc, "medusa: keeping the accepted row: %s", cm_strerror(rc));
+        md->pend_root[s] = md->node_am[row]; /* greedy: the next root */
         total += r->n_tokens;
     }
     return total;

@@ -123,18 +123,23 @@ enum eng_medusa_proj eng_medusa_projection(const eng_medusa *md);
 int64_t eng_medusa_step_tokens(const eng_medusa *md, int n_seqs);
 
 /* Start (or restart) sequence seq: logits [n_vocab] and hidden [dim] are the
- * forward outputs of its last token (copied). seed seeds its RNG (typical
- * sampling of the root; unused by greedy). -EINVAL for a bad id or NULL. */
+ * forward outputs of its last token, backend addresses on the decoder's
+ * kn_ctx (copied on the backend). seed seeds its RNG (typical sampling of
+ * the root; unused by greedy). -EINVAL for a bad id or NULL. */
 int eng_medusa_seq_begin(eng_medusa *md, int seq, const float *logits, const float *hidden,
                          uint64_t seed);
 /* Forget sequence seq (a later step naming it fails). No-op when unknown. */
 void eng_medusa_seq_end(eng_medusa *md, int seq);
 /* The pending logits [n_vocab] / hidden [dim] of a started sequence: the
  * forward outputs at its last emitted token, from which the next root is
- * drawn and the heads run. NULL for a sequence not started. Valid until the
- * next step or begin for that sequence. */
+ * drawn and the heads run (backend addresses). NULL for a sequence not
+ * started. Valid until the next step or begin for that sequence. */
 const float *eng_medusa_seq_logits(const eng_medusa *md, int seq);
 const float *eng_medusa_seq_hidden(const eng_medusa *md, int seq);
+/* Greedy: the argmax of the pending logits (the token the next step
+ * starts from, known on the host without a download); -EINVAL for a
+ * sequence not started or a typical decoder. */
+int32_t eng_medusa_seq_root(const eng_medusa *md, int seq);
 
 /* Advance sequences seqs[0..n_seqs) (distinct, started) by one Medusa step
  * each, in one eng_forward() on c/kv; res[i] gets sequence seqs[i]'s tokens.

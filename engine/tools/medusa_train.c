@@ -201,7 +201,7 @@ static int generate(const opts *o, kn_ctx *kn, const eng_model *m, dataset *d)
     int rc = eng_ctx_create(&c, m, &(eng_ctx_cfg){.kn = kn, .max_tokens = GEN_BATCH * max_pn,
                                                    .max_ctx = max_len});
     if (rc == 0)
-        rc = eng_kv_create(&kv, &kc);
+        rc = eng_kv_create(&kv, kn, &kc);
     for (int b = 0; b < GEN_BATCH && rc == 0; b++)
         rc = eng_sampler_create(&smp[b],
                                 &(eng_sampler_cfg){.temperature = (float)o->temp,
@@ -610,7 +610,7 @@ static int measure_cost(kn_ctx *kn, const eng_model *m, trainer *T, const datase
         rc = eng_ctx_create(&c, m, &(eng_ctx_cfg){.kn = kn, .max_tokens = rows,
                                                    .max_ctx = max_len});
     if (rc == 0)
-        rc = eng_kv_create(&kv, &kc);
+        rc = eng_kv_create(&kv, kn, &kc);
     int seq = rc == 0 ? eng_kv_seq_alloc(kv) : -1;
     double best[COST_PTS + 1], head_t = 1e30;
     /* The heads as the decoder runs them (the written files through

@@ -139,7 +139,7 @@ static int run_medusa(kn_ctx *kn, const eng_model *m, const int32_t *ids, int64_
     eng_model_kv_cfg(m, 16, (max_len + 15) / 16, 1, max_len, &kc);
     if ((rc = eng_ctx_create(&c, m, &(eng_ctx_cfg){.kn = kn, .max_tokens = batch,
                                                     .max_ctx = max_len})) < 0 ||
-        (rc = eng_kv_create(&kv, &kc)) < 0) {
+        (rc = eng_kv_create(&kv, kn, &kc)) < 0) {
         fprintf(stderr, "gorgon-run: setup: %s\n", eng_error()[0] ? eng_error() : cm_strerror(rc));
         goto out;
     }
@@ -157,9 +157,10 @@ static int run_medusa(kn_ctx *kn, const eng_model *m, const int32_t *ids, int64_
     o.text_cap = o.piece_cap + ENG_STOP_MAX_LEN;
     o.piece = malloc(o.piece_cap);
     o.text = malloc(o.text_cap);
-    logits = malloc((size_t)hp->n_vocab * sizeof(float));
-    hidden = malloc((size_t)hp->dim * sizeof(float));
-    if (!o.piece || !o.text || !logits || !hidden) {
+    /* the prompt's outputs stay on the backend: the decoder copies them */
+    if (kn_buf_alloc(kn, (size_t)hp->n_vocab * sizeof(float), (void **)&logits) < 0 ||
+        kn_buf_alloc(kn, (size_t)hp->dim * sizeof(float), (void **)&hidden) < 0 || !o.piece ||
+        !o.text) {
         rc = -ENOMEM;
         fprintf(stderr, "gorgon-run: out of memory\n");
         goto out;
@@ -233,8 +234,8 @@ static int run_medusa(kn_ctx *kn, const eng_model *m, const int32_t *ids, int64_
     fprintf(stderr, "\n");
     rc = 0;
 out:
-    free(logits);
-    free(hidden);
+    kn_buf_free(kn, logits);
+    kn_buf_free(kn, hidden);
     free(o.piece);
     free(o.text);
     eng_kv_destroy(kv);
@@ -413,7 +414,7 @@ int main(int argc, char **argv)
     eng_model_kv_cfg(m, 16, (max_len + 15) / 16, 1, max_len, &kc);
     if ((rc = eng_ctx_create(&c, m, &(eng_ctx_cfg){.kn = kn, .max_tokens = batch,
                                                     .max_ctx = max_len})) < 0 ||
-        (rc = eng_kv_create(&kv, &kc)) < 0) {
+        (rc = eng_kv_create(&kv, kn, &kc)) < 0) {
         fprintf(stderr, "gorgon-run: setup: %s\n", eng_error()[0] ? eng_error() : cm_strerror(rc));
         goto out;
     }

@@ -69,8 +69,11 @@ typedef struct wk {
     eng_seq_in *ins;
     uint8_t *no_out;  /* all zero: a prefill chunk that needs no logits */
     uint32_t *row_req;
-    float *logits;
-    float *hidden;
+    float *logits;  /* [max_out][n_vocab] backend */
+    float *hidden;  /* [max_out][dim] backend */
+    int32_t *ids_d; /* [max_out] backend: argmax of output rows */
+    int32_t *ids;   /* [max_out] host copy */
+    float *row;     /* [n_vocab] host: a sampling request's logits row */
     uint64_t last_stats[2];
     uint16_t last_batch;
     int32_t last_limit;
@@ -411,7 +414,7 @@ static void med_emit(wk *w, int n_med)
         int n = 0;
         for (int d = 1; d <= res->n_accepted; d++)
             t[n++] = res->tokens[d];
-        t[n++] = eng_argmax(eng_medusa_seq_logits(w->md, q->seq), w->n_vocab);
+        t[n++] = eng_medusa_seq_root(w->md, q->seq);
         sum += res->n_tokens;
         q->med_steps++;
         q->med_acc += (uint32_t)res->n_accepted;
@@ -424,6 +427,30 @@ static void med_emit(wk *w, int n_med)
     w->med_tps = (1.0 - a) * w->med_tps + a * sum / n_med;
     w->med_measured++;
     med_update_limit(w);
+}
+
+/* ids[i] = argmax of logits rows [first, first + n) on the backend; only
+ * the ids come back. */
+static int argmax_rows(wk *w, int64_t first, int64_t n)
+{
+    int rc = kn_ctx_ops(w->kn)->argmax(w->kn, w->logits + first * w->n_vocab, n, w->n_vocab,
+                                       w->ids_d);
+    if (rc == 0)
+        rc = kn_buf_download(w->kn, w->ids, w->ids_d, (size_t)n * sizeof(int32_t));
+    return rc;
+}
+
+/* The next token of request q from its output row: greedy takes the
+ * argmax the backend computed (ids, from argmax_rows), a sampler downloads
+ * the row. */
+static int32_t sample_row(wk *w, const wk_req *q, int64_t row, int32_t argmax)
+{
+    if (eng_sampler_is_greedy(q->smp))
+        return argmax;
+    int rc = kn_buf_download(w->kn, w->row, w->logits + row * w->n_vocab,
+                             (size_t)w->n_vocab * sizeof(float));
+    CM_ASSERT(rc == 0); /* a row of a buffer of ours */
+    return eng_sampler_sample(q->smp, w->row);
 }
 
 /* One forward over every running sequence, then sampling. */
@@ -488,6 +515,12 @@ static void step(wk *w)
         CM_ASSERT(got > 0);
         row = (int64_t)n_med * w->nn;
     }
+    const int64_t first = row;
+    if (n_out > first && argmax_rows(w, first, n_out - first) < 0) {
+        CM_LOG_ERROR(TAG, "argmax on the backend failed");
+        w->gone = true;
+        return;
+    }
     const int64_t dim = eng_model_hparams(w->m)->dim;
     for (int i = n_med; i < n_in; i++) {
         uint32_t r = w->row_req[i];
@@ -497,9 +530,8 @@ static void step(wk *w)
             if (q->n_done < q->n_prompt)
                 continue; /* no output row for a middle chunk */
         }
-        float *lg = w->logits + row * w->n_vocab; /* the sampler works in place */
-        const float *hd = w->hidden + row * dim;
-        row++;
+        const float *lg = w->logits + row * w->n_vocab, *hd = w->hidden + row * dim;
+        const int32_t am = w->ids[row - first];
         q->st = WK_DECODE;
         int32_t t;
         if (q->med_ok) {
@@ -507,10 +539,11 @@ static void step(wk *w)
             int rc = eng_medusa_seq_begin(w->md, q->seq, lg, hd, 0);
             CM_ASSERT(rc == 0);
             q->med_pending = true;
-            t = eng_argmax(lg, w->n_vocab);
+            t = am;
         } else {
-            t = eng_sampler_sample(q->smp, lg);
+            t = sample_row(w, q, row, am);
         }
+        row++;
         emit_tokens(w, r, &t, 1);
     }
     if (n_med > 0)
@@ -608,17 +641,17 @@ static double cal_ratio(wk *w, int b)
     for (int i = 0; i < b; i++) {
         eng_medusa_seq_begin(w->md, w->med_seqs[i], w->logits + (int64_t)i * w->n_vocab,
                              w->hidden + (int64_t)i * dim, 0);
-        next[i] = eng_argmax(w->logits + (int64_t)i * w->n_vocab, w->n_vocab);
+        next[i] = eng_medusa_seq_root(w->md, w->med_seqs[i]);
     }
     double plain = 1e30, tree = 1e30;
     for (int r = 0; r < R; r++) {
         for (int i = 0; i < b; i++)
             w->ins[i] = (eng_seq_in){.seq = w->med_seqs[i], .tokens = &next[i], .n_tokens = 1};
         uint64_t t0 = cm_now_ns();
-        if (eng_forward(w->ctx, w->kv, w->ins, b, w->logits, w->hidden) != b)
+        if (eng_forward(w->ctx, w->kv, w->ins, b, w->logits, w->hidden) != b ||
+            argmax_rows(w, 0, b) < 0)
             goto out;
-        for (int i = 0; i < b; i++)
-            next[i] = eng_argmax(w->logits + (int64_t)i * w->n_vocab, w->n_vocab);
+        memcpy(next, w->ids, (size_t)b * sizeof(int32_t));
         double dt = (double)(cm_now_ns() - t0);
         plain = dt < plain ? dt : plain;
     }
@@ -726,7 +759,7 @@ static int setup(wk *w)
         w->n_blocks = 1;
     eng_kv_cfg kc;
     eng_model_kv_cfg(w->m, w->cfg.block_size, w->n_blocks, w->cfg.max_seqs, w->n_ctx, &kc);
-    if ((rc = eng_kv_create(&w->kv, &kc)) < 0) {
+    if ((rc = eng_kv_create(&w->kv, w->kn, &kc)) < 0) {
         CM_LOG_ERROR(TAG, "KV cache of %" PRId64 " blocks: %s", w->n_blocks, eng_error());
         return rc;
     }
@@ -748,10 +781,18 @@ static int setup(wk *w)
     w->ins = calloc((size_t)w->cfg.max_seqs, sizeof(*w->ins));
     w->row_req = calloc((size_t)w->cfg.max_seqs, sizeof(*w->row_req));
     w->no_out = calloc((size_t)w->cfg.max_batch_tokens, 1);
-    w->logits = malloc((size_t)max_out * (size_t)w->n_vocab * sizeof(float));
-    w->hidden = malloc((size_t)max_out * (size_t)hp->dim * sizeof(float));
-    if (!w->req || !w->run || !w->ins || !w->row_req || !w->no_out || !w->logits || !w->hidden)
+    w->ids = malloc((size_t)max_out * sizeof(int32_t));
+    w->row = malloc((size_t)w->n_vocab * sizeof(float));
+    if (!w->req || !w->run || !w->ins || !w->row_req || !w->no_out || !w->ids || !w->row)
         return -ENOMEM;
+    if ((rc = kn_buf_alloc(w->kn, (size_t)max_out * (size_t)w->n_vocab * sizeof(float),
+                           (void **)&w->logits)) < 0 ||
+        (rc = kn_buf_alloc(w->kn, (size_t)max_out * (size_t)hp->dim * sizeof(float),
+                           (void **)&w->hidden)) < 0 ||
+        (rc = kn_buf_alloc(w->kn, (size_t)max_out * sizeof(int32_t), (void **)&w->ids_d)) < 0) {
+        CM_LOG_ERROR(TAG, "output buffers for %" PRId64 " rows: %s", max_out, cm_strerror(rc));
+        return rc;
+    }
     if (w->md && (rc = med_calibrate(w)) < 0)
         return rc;
     int64_t max_prompt = w->n_ctx;
@@ -778,8 +819,13 @@ static void teardown(wk *w)
     free(w->ins);
     free(w->row_req);
     free(w->no_out);
-    free(w->logits);
-    free(w->hidden);
+    if (w->kn) {
+        kn_buf_free(w->kn, w->logits);
+        kn_buf_free(w->kn, w->hidden);
+        kn_buf_free(w->kn, w->ids_d);
+    }
+    free(w->ids);
+    free(w->row);
     free(w->med_cost);
     free(w->med_seqs);
     free(w->med_req);

@@ -38,6 +38,7 @@ struct kn_worker {
 
 struct kn_ctx {
     const kn_impl *impl;
+    const kn_buf_impl *buf; /* this backend's buffer functions (kn_buf.c) */
     enum kn_variant variant;
     int n_threads;
     /* Poll for KN_SPIN_NS before sleeping; never when the pool has more
@@ -307,6 +308,7 @@ int kn_ctx_create(kn_ctx **out, const kn_ctx_cfg *cfg)
         return -ENOMEM;
     memset(ctx, 0, sizeof(*ctx));
     ctx->impl = impl;
+    ctx->buf = &kn_buf_cpu;
     ctx->variant = resolve(cfg->variant);
     ctx->n_threads = n;
     ctx->spin = n <= cm_cpu()->n_cpus;
@@ -366,6 +368,41 @@ enum kn_variant kn_ctx_variant(const kn_ctx *ctx)
 int kn_ctx_threads(const kn_ctx *ctx)
 {
     return ctx->n_threads;
+}
+
+int kn_ctx_host_memory(const kn_ctx *ctx)
+{
+    return ctx->buf->host_memory;
+}
+
+const kn_buf_impl *kn_ctx_buf(const kn_ctx *ctx)
+{
+    return ctx->buf;
+}
+
+struct rows_job {
+    kn_rows_fn fn;
+    void *arg;
+    int64_t M, align;
+};
+
+static void rows_job(void *p, int ith, int nth)
+{
+    const struct rows_job *j = p;
+    int64_t lo, hi;
+    kn_split(j->M, ith, nth, j->align, &lo, &hi);
+    if (hi > lo)
+        j->fn(j->arg, lo, hi);
+}
+
+void kn_run_rows(kn_ctx *ctx, int64_t M, int64_t align, bool fan_out, kn_rows_fn fn, void *arg)
+{
+    if (!fan_out || M < 2 || ctx->n_threads == 1) {
+        fn(arg, 0, M);
+        return;
+    }
+    struct rows_job j = {fn, arg, M, align};
+    kn_run(ctx, rows_job, &j);
 }
 
 void *kn_scratch(kn_ctx *ctx, int which, size_t bytes)

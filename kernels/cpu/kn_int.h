@@ -1,5 +1,8 @@
 /* kernels/cpu internal: the ctx and pool internals shared by the scalar,
- * AVX2 and AVX-512 files. Never included from another module.
+ * AVX2 and AVX-512 files, the buffer-function table a ctx points to, and
+ * each op's argument check (kn_check_*, the one place where an op's
+ * arguments are validated; every table calls it first). Never included from
+ * another module.
  *
  * Fan-out model: an op calls kn_run(ctx, job, arg); job(arg, ith, nth) runs
  * once on each of the nth pool threads (ith 0 is the calling thread) and
@@ -9,13 +12,15 @@
 #ifndef GORGON_KN_INT_H
 #define GORGON_KN_INT_H
 
+#include <errno.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
 
 #include "kernels/kn.h"
 
 #define KN_CACHELINE 64
-#define KN_MULTI_MAX 4 /* weights one fused matmul_multi job takes */
+#define KN_MULTI_MAX 4 /* largest n of matmul_multi (kn.h); one fused job takes them all */
 #define KN_MAX_THREADS 256
 
 typedef void (*kn_job_fn)(void *arg, int ith, int nth);
@@ -94,16 +99,178 @@ typedef struct kn_block_q8_x {
 /* Scalar helpers shared by every variant (tails, get_rows, reference). */
 float kn_scalar_dot_f32(const float *a, const float *b, int64_t n);
 
-/* The scalar ops, for variants that have nothing better for a case. */
-void kn_scalar_matmul(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t M, float *y);
-void kn_scalar_get_rows(kn_ctx *ctx, const kn_tensor *w, const int32_t *ids, int64_t n,
-                        float *out);
-void kn_scalar_rmsnorm(kn_ctx *ctx, const float *x, const float *g, int64_t M, int64_t n,
-                       float eps, float *out);
-void kn_scalar_rope(kn_ctx *ctx, float *x, int64_t M, int n_heads, int head_dim, int rope_dims,
-                    const int32_t *pos, float base);
-void kn_scalar_silu_mul(kn_ctx *ctx, float *gate, const float *up, int64_t n);
-void kn_scalar_add(kn_ctx *ctx, float *y, const float *x, int64_t n);
-void kn_scalar_attention(kn_ctx *ctx, const kn_attn_args *a);
+/* ---- buffers --------------------------------------------------------------
+ * A backend's buffer functions; the ctx points at its backend's table and
+ * kn_buf_* (kn_buf.c) validate the arguments (kn.h) before calling in, so an
+ * implementation sees ctx != NULL, bytes > 0, n > 0 and non-NULL pointers. */
+typedef struct kn_buf_impl {
+    int host_memory; /* kn_ctx_host_memory */
+    int (*alloc)(kn_ctx *ctx, size_t bytes, void **out);
+    void (*free)(kn_ctx *ctx, void *p);
+    int (*upload)(kn_ctx *ctx, void *dst, const void *src, size_t n);
+    int (*download)(kn_ctx *ctx, void *dst, const void *src, size_t n);
+    int (*copy)(kn_ctx *ctx, void *dst, const void *src, size_t n);
+    int (*sync)(kn_ctx *ctx);
+} kn_buf_impl;
+
+extern const kn_buf_impl kn_buf_cpu;
+const kn_buf_impl *kn_ctx_buf(const kn_ctx *ctx);
+
+/* ---- row fan-out ------------------------------------------------------------
+ * fn(arg, m0, m1) over rows [0, M): on the calling thread unless fan_out
+ * (the caller's judgement that the work pays for a pool round trip), else
+ * one contiguous share per pool thread, shares multiples of `align` rows so
+ * that neighbours' outputs do not share a cache line. A row is never split,
+ * so per-row results do not depend on the thread count. */
+typedef void (*kn_rows_fn)(void *arg, int64_t m0, int64_t m1);
+void kn_run_rows(kn_ctx *ctx, int64_t M, int64_t align, bool fan_out, kn_rows_fn fn, void *arg);
+
+/* ---- argument checks --------------------------------------------------------
+ * One per op, called first by every table's implementation: 0, or -EINVAL
+ * before anything is written (kn.h: invalid arguments leave every output
+ * untouched). Only what the caller passes by value or in host memory is
+ * checked; indices inside backend buffers are the caller's responsibility. */
+
+static inline bool kn_weight_ok(const kn_tensor *w)
+{
+    return w && w->data && w->rows > 0 && w->cols > 0 && kn_row_bytes(w->type, w->cols) != 0;
+}
+
+static inline int kn_check_matmul(const kn_ctx *ctx, const kn_tensor *w, const float *x,
+                                  int64_t M, const float *y)
+{
+    return ctx && kn_weight_ok(w) && x && y && M > 0 ? 0 : -EINVAL;
+}
+
+static inline int kn_check_matmul_multi(const kn_ctx *ctx, int n, const kn_tensor *const *w,
+                                        const float *x, int64_t M, float *const *y)
+{
+    if (!ctx || n < 1 || n > KN_MULTI_MAX || !w || !y || !x || M <= 0)
+        return -EINVAL;
+    for (int i = 0; i < n; i++)
+        if (!kn_weight_ok(w[i]) || !y[i])
+            return -EINVAL;
+    return 0;
+}
+
+static inline int kn_check_get_rows(const kn_ctx *ctx, const kn_tensor *w, const int32_t *ids,
+                                    int64_t n, const float *out)
+{
+    return ctx && kn_weight_ok(w) && ids && out && n > 0 ? 0 : -EINVAL;
+}
+
+static inline int kn_check_rmsnorm(const kn_ctx *ctx, const float *x, const float *g, int64_t M,
+                                   int64_t n, const float *out)
+{
+    return ctx && x && g && out && M > 0 && n > 0 ? 0 : -EINVAL;
+}
+
+static inline int kn_check_rope(const kn_ctx *ctx, const float *x, int64_t M, int n_heads,
+                                int head_dim, int rope_dims, const int32_t *pos)
+{
+    return ctx && x && pos && M > 0 && n_heads > 0 && head_dim > 0 && rope_dims > 0 &&
+                   rope_dims % 2 == 0 && rope_dims <= head_dim
+               ? 0
+               : -EINVAL;
+}
+
+/* silu_mul and add */
+static inline int kn_check_ew(const kn_ctx *ctx, const float *y, const float *x, int64_t n)
+{
+    return ctx && y && x && n > 0 ? 0 : -EINVAL;
+}
+
+static inline int kn_check_attention(const kn_ctx *ctx, const kn_attn_args *a)
+{
+    return ctx && a && a->q && a->out && a->k_pool && a->v_pool && a->block_table &&
+                   a->scratch && a->n_q > 0 && a->n_past >= 0 && a->n_head > 0 &&
+                   a->n_kv_head > 0 && a->head_dim > 0 && a->n_head % a->n_kv_head == 0 &&
+                   a->block_size > 0
+               ? 0
+               : -EINVAL;
+}
+
+static inline int kn_check_kv_write(const kn_ctx *ctx, const float *k_pool, const float *v_pool,
+                                    int64_t row_floats, const int32_t *slots, int64_t n,
+                                    const float *k, const float *v)
+{
+    return ctx && k_pool && v_pool && slots && k && v && row_floats > 0 && n > 0 ? 0 : -EINVAL;
+}
+
+/* src and dst are host lists: every row is checked to lie inside a plane
+ * (O(n); the ordering rule of kn.h stays the caller's, as it costs O(n^2)). */
+static inline int kn_check_kv_copy(const kn_ctx *ctx, const float *pool, int64_t n_planes,
+                                   int64_t plane_floats, int64_t row_floats, const int32_t *src,
+                                   const int32_t *dst, int64_t n)
+{
+    if (!ctx || !pool || !src || !dst || n_planes <= 0 || plane_floats <= 0 || row_floats <= 0 ||
+        row_floats > plane_floats || n <= 0)
+        return -EINVAL;
+    const int64_t rows = plane_floats / row_floats;
+    for (int64_t i = 0; i < n; i++)
+        if (src[i] < 0 || src[i] >= rows || dst[i] < 0 || dst[i] >= rows)
+            return -EINVAL;
+    return 0;
+}
+
+static inline int kn_check_silu_res(const kn_ctx *ctx, const float *x, const float *z,
+                                    int64_t M, int64_t n_heads, int64_t n, const float *out)
+{
+    return ctx && x && z && out && M > 0 && n_heads > 0 && n > 0 ? 0 : -EINVAL;
+}
+
+/* argmax; ids are int32, so a row may not be longer than INT32_MAX */
+static inline int kn_check_argmax(const kn_ctx *ctx, const float *x, int64_t M, int64_t n,
+                                  const int32_t *ids)
+{
+    return ctx && x && ids && M > 0 && n > 0 && n <= INT32_MAX ? 0 : -EINVAL;
+}
+
+static inline int kn_check_topk(const kn_ctx *ctx, const float *x, int64_t M, int64_t n, int k,
+                                const int32_t *ids)
+{
+    return ctx && x && ids && M > 0 && n > 0 && n <= INT32_MAX && k >= 1 && k <= KN_TOPK_MAX &&
+                   k <= n
+               ? 0
+               : -EINVAL;
+}
+
+/* !(T > 0) also rejects a NaN temperature */
+static inline int kn_check_softmax_stats(const kn_ctx *ctx, const float *x, int64_t M,
+                                         int64_t n, float temperature, const float *out)
+{
+    return ctx && x && out && M > 0 && n > 0 && temperature > 0.0f ? 0 : -EINVAL;
+}
+
+static inline int kn_check_gather(const kn_ctx *ctx, const float *x, const int64_t *idx,
+                                  int64_t n, const float *out)
+{
+    return ctx && x && idx && out && n > 0 ? 0 : -EINVAL;
+}
+
+/* The scalar ops (the reference table's entries), for variants that have
+ * nothing better for an op or a case. Each validates its arguments. */
+int kn_scalar_matmul(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t M, float *y);
+int kn_scalar_get_rows(kn_ctx *ctx, const kn_tensor *w, const int32_t *ids, int64_t n,
+                       float *out);
+int kn_scalar_rmsnorm(kn_ctx *ctx, const float *x, const float *g, int64_t M, int64_t n,
+                      float eps, float *out);
+int kn_scalar_rope(kn_ctx *ctx, float *x, int64_t M, int n_heads, int head_dim, int rope_dims,
+                   const int32_t *pos, float base);
+int kn_scalar_silu_mul(kn_ctx *ctx, float *gate, const float *up, int64_t n);
+int kn_scalar_add(kn_ctx *ctx, float *y, const float *x, int64_t n);
+int kn_scalar_attention(kn_ctx *ctx, const kn_attn_args *a);
+int kn_scalar_kv_write(kn_ctx *ctx, float *k_pool, float *v_pool, int64_t row_floats,
+                       const int32_t *slots, int64_t n, const float *k, const float *v);
+int kn_scalar_kv_copy(kn_ctx *ctx, float *pool, int64_t n_planes, int64_t plane_floats,
+                      int64_t row_floats, const int32_t *src, const int32_t *dst, int64_t n);
+int kn_scalar_silu_res(kn_ctx *ctx, const float *x, const float *z, const float *b, int64_t M,
+                       int64_t n_heads, int64_t n, float *out);
+int kn_scalar_argmax(kn_ctx *ctx, const float *x, int64_t M, int64_t n, int32_t *ids);
+int kn_scalar_topk(kn_ctx *ctx, const float *x, int64_t M, int64_t n, int k, float *vals,
+                   int32_t *ids);
+int kn_scalar_softmax_stats(kn_ctx *ctx, const float *x, int64_t M, int64_t n,
+                            float temperature, float *out);
+int kn_scalar_gather(kn_ctx *ctx, const float *x, const int64_t *idx, int64_t n, float *out);
 
 #endif

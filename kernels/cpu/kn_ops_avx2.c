@@ -86,4 +86,18 @@ static inline vf vmask_ninf(vf s, vf e)
 /* x where a < b, else y */
 #define vsel_lt(a, b, x, y) _mm256_blendv_ps((y), (x), _mm256_cmp_ps((a), (b), _CMP_LT_OQ))
 
+#define vi_set1(i) _mm256_set1_epi32(i)
+#define vi_add(a, b) _mm256_add_epi32((a), (b))
+#define vi_iota() _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)
+#define vi_st(p, v) _mm256_storeu_si256((__m256i *)(p), (v))
+
+/* lanes where x > *mx (false for a NaN x): *mx = x, *ix = i */
+static inline void vtake_gt(vf x, vi i, vf *mx, vi *ix)
+{
+    const __m256 gt = _mm256_cmp_ps(x, *mx, _CMP_GT_OQ);
+    *mx = _mm256_blendv_ps(*mx, x, gt);
+    *ix = _mm256_castps_si256(
+        _mm256_blendv_ps(_mm256_castsi256_ps(*ix), _mm256_castsi256_ps(i), gt));
+}
+
 #include "kernels/cpu/kn_simd_tmpl.h"

@@ -79,6 +79,19 @@ static inline vf vmask_ninf(vf s, vf e)
 /* x where a < b, else y */
 #define vsel_lt(a, b, x, y) _mm512_mask_blend_ps(_mm512_cmp_ps_mask((a), (b), _CMP_LT_OQ), (y), (x))
 
+#define vi_set1(i) _mm512_set1_epi32(i)
+#define vi_add(a, b) _mm512_add_epi32((a), (b))
+#define vi_iota() _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)
+#define vi_st(p, v) _mm512_storeu_si512((void *)(p), (v))
+
+/* lanes where x > *mx (false for a NaN x): *mx = x, *ix = i */
+static inline void vtake_gt(vf x, vi i, vf *mx, vi *ix)
+{
+    const __mmask16 gt = _mm512_cmp_ps_mask(x, *mx, _CMP_GT_OQ);
+    *mx = _mm512_mask_mov_ps(*mx, gt, x);
+    *ix = _mm512_mask_mov_epi32(*ix, gt, i);
+}
+
 #define KN_HAVE_FPACK 1
 #define KN_HAVE_Q8_GEMM 1
 #define KN_HAVE_Q8_MATVEC 1

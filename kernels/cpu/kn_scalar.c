@@ -50,39 +50,35 @@ static void mm_job(void *p, int ith, int nth)
     }
 }
 
-static int valid_weight(const kn_tensor *w)
+int kn_scalar_matmul(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t M, float *y)
 {
-    return w && w->data && w->rows > 0 && w->cols > 0 && kn_row_bytes(w->type, w->cols) != 0;
-}
-
-void kn_scalar_matmul(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t M, float *y)
-{
-    if (!valid_weight(w) || !x || !y || M <= 0)
-        return;
+    int rc = kn_check_matmul(ctx, w, x, M, y);
+    if (rc < 0)
+        return rc;
     struct mm_args a = {w, x, M, y};
     kn_run(ctx, mm_job, &a);
+    return 0;
 }
 
-static void scalar_matmul_multi(kn_ctx *ctx, int n, const kn_tensor *const *w, const float *x,
-                                int64_t M, float *const *y)
+static int scalar_matmul_multi(kn_ctx *ctx, int n, const kn_tensor *const *w, const float *x,
+                               int64_t M, float *const *y)
 {
-    if (n <= 0 || !w || !y || !x || M <= 0)
-        return;
-    for (int i = 0; i < n; i++)
-        if (!valid_weight(w[i]) || !y[i])
-            return;
+    int rc = kn_check_matmul_multi(ctx, n, w, x, M, y);
+    if (rc < 0)
+        return rc;
     for (int i = 0; i < n; i++)
         kn_scalar_matmul(ctx, w[i], x, M, y[i]);
+    return 0;
 }
 
 /* --- get_rows ------------------------------------------------------------- */
 
-void kn_scalar_get_rows(kn_ctx *ctx, const kn_tensor *w, const int32_t *ids, int64_t n,
-                            float *out)
+int kn_scalar_get_rows(kn_ctx *ctx, const kn_tensor *w, const int32_t *ids, int64_t n,
+                       float *out)
 {
-    (void)ctx;
-    if (!valid_weight(w) || !ids || !out)
-        return;
+    int rc = kn_check_get_rows(ctx, w, ids, n, out);
+    if (rc < 0)
+        return rc;
     const size_t rb = kn_row_bytes(w->type, w->cols);
     for (int64_t i = 0; i < n; i++) {
         float *o = out + i * w->cols;
@@ -94,14 +90,17 @@ void kn_scalar_get_rows(kn_ctx *ctx, const kn_tensor *w, const int32_t *ids, int
         }
         kn_dequantize_row(w->type, (const char *)w->data + (size_t)ids[i] * rb, w->cols, o);
     }
+    return 0;
 }
 
 /* --- elementwise ---------------------------------------------------------- */
 
-void kn_scalar_rmsnorm(kn_ctx *ctx, const float *x, const float *g, int64_t M, int64_t n,
-                           float eps, float *out)
+int kn_scalar_rmsnorm(kn_ctx *ctx, const float *x, const float *g, int64_t M, int64_t n,
+                      float eps, float *out)
 {
-    (void)ctx;
+    int rc = kn_check_rmsnorm(ctx, x, g, M, n, out);
+    if (rc < 0)
+        return rc;
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * n;
         float *om = out + m * n;
@@ -112,14 +111,15 @@ void kn_scalar_rmsnorm(kn_ctx *ctx, const float *x, const float *g, int64_t M, i
         for (int64_t i = 0; i < n; i++)
             om[i] = xm[i] * inv * g[i];
     }
+    return 0;
 }
 
-void kn_scalar_rope(kn_ctx *ctx, float *x, int64_t M, int n_heads, int head_dim,
-                        int rope_dims, const int32_t *pos, float base)
+int kn_scalar_rope(kn_ctx *ctx, float *x, int64_t M, int n_heads, int head_dim, int rope_dims,
+                   const int32_t *pos, float base)
 {
-    (void)ctx;
-    if (rope_dims > head_dim)
-        rope_dims = head_dim;
+    int rc = kn_check_rope(ctx, x, M, n_heads, head_dim, rope_dims, pos);
+    if (rc < 0)
+        return rc;
     for (int64_t m = 0; m < M; m++) {
         for (int i = 0; i + 1 < rope_dims; i += 2) {
             /* double for the angle: positions reach 1e5 and f32 phase error
@@ -134,22 +134,29 @@ void kn_scalar_rope(kn_ctx *ctx, float *x, int64_t M, int n_heads, int head_dim,
             }
         }
     }
+    return 0;
 }
 
-void kn_scalar_silu_mul(kn_ctx *ctx, float *gate, const float *up, int64_t n)
+int kn_scalar_silu_mul(kn_ctx *ctx, float *gate, const float *up, int64_t n)
 {
-    (void)ctx;
+    int rc = kn_check_ew(ctx, gate, up, n);
+    if (rc < 0)
+        return rc;
     for (int64_t i = 0; i < n; i++) {
         float g = gate[i];
         gate[i] = g / (1.0f + expf(-g)) * up[i];
     }
+    return 0;
 }
 
-void kn_scalar_add(kn_ctx *ctx, float *y, const float *x, int64_t n)
+int kn_scalar_add(kn_ctx *ctx, float *y, const float *x, int64_t n)
 {
-    (void)ctx;
+    int rc = kn_check_ew(ctx, y, x, n);
+    if (rc < 0)
+        return rc;
     for (int64_t i = 0; i < n; i++)
         y[i] += x[i];
+    return 0;
 }
 
 /* --- attention ------------------------------------------------------------ */
@@ -228,13 +235,227 @@ static void attn_job(void *p, int ith, int nth)
         attn_task(a, t, a->scratch + ith * j->stride);
 }
 
-void kn_scalar_attention(kn_ctx *ctx, const kn_attn_args *a)
+int kn_scalar_attention(kn_ctx *ctx, const kn_attn_args *a)
 {
-    if (!a || a->n_q <= 0 || a->n_head <= 0 || a->n_kv_head <= 0 || a->head_dim <= 0 ||
-        a->n_head % a->n_kv_head != 0 || a->block_size <= 0 || a->n_past < 0 || !a->scratch)
-        return;
+    int rc = kn_check_attention(ctx, a);
+    if (rc < 0)
+        return rc;
     struct attn_job_args j = {a, (a->n_past + a->n_q + 15) / 16 * 16 + 16};
     kn_run(ctx, attn_job, &j);
+    return 0;
+}
+
+/* --- KV pool -------------------------------------------------------------- */
+
+int kn_scalar_kv_write(kn_ctx *ctx, float *k_pool, float *v_pool, int64_t row_floats,
+                       const int32_t *slots, int64_t n, const float *k, const float *v)
+{
+    int rc = kn_check_kv_write(ctx, k_pool, v_pool, row_floats, slots, n, k, v);
+    if (rc < 0)
+        return rc;
+    const size_t bytes = (size_t)row_floats * sizeof(float);
+    for (int64_t i = 0; i < n; i++) {
+        if (slots[i] < 0) /* padding */
+            continue;
+        memcpy(k_pool + slots[i] * row_floats, k + i * row_floats, bytes);
+        memcpy(v_pool + slots[i] * row_floats, v + i * row_floats, bytes);
+    }
+    return 0;
+}
+
+int kn_scalar_kv_copy(kn_ctx *ctx, float *pool, int64_t n_planes, int64_t plane_floats,
+                      int64_t row_floats, const int32_t *src, const int32_t *dst, int64_t n)
+{
+    int rc = kn_check_kv_copy(ctx, pool, n_planes, plane_floats, row_floats, src, dst, n);
+    if (rc < 0)
+        return rc;
+    /* In list order: kn.h's rule (no destination is a later source) makes
+     * that equal to reading every source first. */
+    const size_t bytes = (size_t)row_floats * sizeof(float);
+    for (int64_t p = 0; p < n_planes; p++) {
+        float *plane = pool + p * plane_floats;
+        for (int64_t i = 0; i < n; i++)
+            if (src[i] != dst[i])
+                memcpy(plane + dst[i] * row_floats, plane + src[i] * row_floats, bytes);
+    }
+    return 0;
+}
+
+/* --- Medusa ResBlock activation ------------------------------------------- */
+
+struct silu_res_args {
+    const float *x, *z, *b;
+    int64_t M, n_heads, n;
+    float *out;
+};
+
+/* Rows r of the output ([n_heads][M] of them, head-major). Plain float math
+ * in this file's (non-FMA) build: what engine/medusa/medusa.c computed
+ * before the op existed, bit for bit. A NULL bias adds 0.0f (the
+ * definition), not nothing: z = -0 then gives +0 like a zero bias does. */
+static void silu_res_rows(void *p, int64_t r0, int64_t r1)
+{
+    const struct silu_res_args *a = p;
+    const int64_t n = a->n;
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t h = r / a->M, m = r % a->M;
+        const float *x = a->x + m * n;
+        const float *z = a->z + (m * a->n_heads + h) * n;
+        float *o = a->out + r * n;
+        for (int64_t i = 0; i < n; i++) {
+            const float s = z[i] + (a->b ? a->b[h * n + i] : 0.0f);
+            o[i] = x[i] + s / (1.0f + expf(-s));
+        }
+    }
+}
+
+int kn_scalar_silu_res(kn_ctx *ctx, const float *x, const float *z, const float *b, int64_t M,
+                       int64_t n_heads, int64_t n, float *out)
+{
+    int rc = kn_check_silu_res(ctx, x, z, M, n_heads, n, out);
+    if (rc < 0)
+        return rc;
+    struct silu_res_args a = {x, z, b, M, n_heads, n, out};
+    const int64_t rows = n_heads * M;
+    /* ~10 ns per element (expf): a pool round trip pays from ~32k on */
+    kn_run_rows(ctx, rows, 1, rows * n >= 32768, silu_res_rows, &a);
+    return 0;
+}
+
+/* --- selection and softmax statistics over rows of logits ----------------- */
+
+struct rows_args {
+    const float *x;
+    int64_t n;
+    int k;
+    float temperature;
+    float *vals;
+    int32_t *ids;
+    float *out;
+};
+
+/* The definition (engine/sampler.c's eng_argmax): a NaN at x[0] stays
+ * chosen, later NaNs never are. */
+static void argmax_rows(void *p, int64_t m0, int64_t m1)
+{
+    const struct rows_args *a = p;
+    for (int64_t m = m0; m < m1; m++) {
+        const float *x = a->x + m * a->n;
+        int64_t best = 0;
+        float v = x[0];
+        for (int64_t i = 1; i < a->n; i++)
+            if (x[i] > v) {
+                v = x[i];
+                best = i;
+            }
+        a->ids[m] = (int32_t)best;
+    }
+}
+
+int kn_scalar_argmax(kn_ctx *ctx, const float *x, int64_t M, int64_t n, int32_t *ids)
+{
+    int rc = kn_check_argmax(ctx, x, M, n, ids);
+    if (rc < 0)
+        return rc;
+    struct rows_args a = {.x = x, .n = n, .ids = ids};
+    kn_run_rows(ctx, M, 16, M * n >= 65536, argmax_rows, &a);
+    return 0;
+}
+
+/* Insertion into a sorted k-array (engine/medusa/medusa.c's top_k): an
+ * element enters when it beats the current k-th, and moves up past strictly
+ * smaller ones only, so equal values keep index order. */
+static void topk_rows(void *p, int64_t m0, int64_t m1)
+{
+    const struct rows_args *a = p;
+    const int k = a->k;
+    for (int64_t m = m0; m < m1; m++) {
+        const float *x = a->x + m * a->n;
+        float val[KN_TOPK_MAX];
+        int32_t idx[KN_TOPK_MAX];
+        int c = 0;
+        for (int64_t i = 0; i < a->n; i++) {
+            const float v = x[i];
+            int j;
+            if (c < k)
+                j = c++;
+            else if (v > val[k - 1])
+                j = k - 1;
+            else
+                continue;
+            while (j > 0 && val[j - 1] < v) {
+                val[j] = val[j - 1];
+                idx[j] = idx[j - 1];
+                j--;
+            }
+            val[j] = v;
+            idx[j] = (int32_t)i;
+        }
+        memcpy(a->ids + m * k, idx, (size_t)k * sizeof(int32_t));
+        if (a->vals)
+            memcpy(a->vals + m * k, val, (size_t)k * sizeof(float));
+    }
+}
+
+int kn_scalar_topk(kn_ctx *ctx, const float *x, int64_t M, int64_t n, int k, float *vals,
+                   int32_t *ids)
+{
+    int rc = kn_check_topk(ctx, x, M, n, k, ids);
+    if (rc < 0)
+        return rc;
+    struct rows_args a = {.x = x, .n = n, .k = k, .vals = vals, .ids = ids};
+    kn_run_rows(ctx, M, 16, M * n >= 65536, topk_rows, &a);
+    return 0;
+}
+
+/* Double precision throughout, as eng_medusa_typical_threshold computed it
+ * (the Medusa acceptance thresholds must not move). */
+static void softmax_stats_rows(void *p, int64_t m0, int64_t m1)
+{
+    const struct rows_args *a = p;
+    const double inv = 1.0 / (double)a->temperature;
+    const int64_t n = a->n;
+    for (int64_t m = m0; m < m1; m++) {
+        const float *x = a->x + m * n;
+        double mx = -INFINITY;
+        for (int64_t i = 0; i < n; i++)
+            mx = fmax(mx, (double)x[i] * inv);
+        double sum = 0;
+        for (int64_t i = 0; i < n; i++)
+            sum += exp((double)x[i] * inv - mx);
+        const double lse = mx + log(sum);
+        double ent = 0;
+        for (int64_t i = 0; i < n; i++) {
+            const double pr = exp((double)x[i] * inv - lse);
+            ent -= pr * log(pr + 1e-5);
+        }
+        a->out[m * 3 + 0] = (float)mx;
+        a->out[m * 3 + 1] = (float)lse;
+        a->out[m * 3 + 2] = (float)ent;
+    }
+}
+
+int kn_scalar_softmax_stats(kn_ctx *ctx, const float *x, int64_t M, int64_t n,
+                            float temperature, float *out)
+{
+    int rc = kn_check_softmax_stats(ctx, x, M, n, temperature, out);
+    if (rc < 0)
+        return rc;
+    struct rows_args a = {.x = x, .n = n, .temperature = temperature, .out = out};
+    /* three passes of double exp/log per element: worth the pool early;
+     * 16 rows of 3 floats are 3 whole cache lines */
+    kn_run_rows(ctx, M, 16, M * n >= 8192, softmax_stats_rows, &a);
+    return 0;
+}
+
+int kn_scalar_gather(kn_ctx *ctx, const float *x, const int64_t *idx, int64_t n, float *out)
+{
+    int rc = kn_check_gather(ctx, x, idx, n, out);
+    if (rc < 0)
+        return rc;
+    for (int64_t i = 0; i < n; i++)
+        out[i] = x[idx[i]];
+    return 0;
 }
 
 static const kn_ops scalar_ops = {
@@ -247,6 +468,13 @@ static const kn_ops scalar_ops = {
     .silu_mul = kn_scalar_silu_mul,
     .add = kn_scalar_add,
     .attention = kn_scalar_attention,
+    .kv_write = kn_scalar_kv_write,
+    .kv_copy = kn_scalar_kv_copy,
+    .silu_res = kn_scalar_silu_res,
+    .argmax = kn_scalar_argmax,
+    .topk = kn_scalar_topk,
+    .softmax_stats = kn_scalar_softmax_stats,
+    .gather = kn_scalar_gather,
 };
 
 static float scalar_read_stream(const void *p, size_t bytes)

@@ -15,6 +15,8 @@
  *   vmask_ninf(s, e)                e where s != -inf, else 0
  *   vsel_lt(a, b, x, y)             x where a < b, else y
  *   vi, vi_ld, vi_xor, vi_zero, vi_fold(v) (streaming read)
+ *   vi_set1 vi_add vi_iota vi_st    int32 lanes: broadcast, add, 0..VL-1, store
+ *   vtake_gt(x, i, &mx, &ix)        lanes where x > mx (ordered): mx = x, ix = i
  *   KN_IMPL, KN_OPS_NAME            names of the exported impl and its ops
  *
  * Matmul strategy. M <= matvec_max() (decode, Medusa trees): each thread
@@ -612,12 +614,6 @@ static int64_t matvec_max(int type)
     return q8_gemm_type(type) ? 4 : KN_MATVEC_MAX;
 }
 
-static bool matmul_args_ok(const kn_tensor *w, const float *x, int64_t M, const float *y)
-{
-    return w && w->data && x && y && M > 0 && w->rows > 0 && w->cols > 0 &&
-           kn_row_bytes(w->type, w->cols) != 0;
-}
-
 /* M <= KN_MATVEC_MAX over n weights of one type and width, as one pool job. */
 static void simd_matvec(kn_ctx *ctx, int n, const kn_tensor *const *w, const float *x, int64_t M,
                         float *const *y)
@@ -889,10 +885,9 @@ static bool fpack_matmul(kn_ctx *ctx, int n, const kn_tensor *const *w, const fl
 }
 #endif /* KN_HAVE_FPACK */
 
-static void simd_matmul(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t M, float *y)
+/* matmul on arguments already checked */
+static void simd_matmul_one(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t M, float *y)
 {
-    if (!matmul_args_ok(w, x, M, y))
-        return;
 #ifdef KN_HAVE_FPACK
     if (fpack_all(1, &w) && fpack_matmul(ctx, 1, &w, x, M, &y))
         return;
@@ -909,36 +904,43 @@ static void simd_matmul(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t
         simd_matvec(ctx, 1, &w, x, M, &y); /* same arithmetic, only slower */
 }
 
+static int simd_matmul(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t M, float *y)
+{
+    int rc = kn_check_matmul(ctx, w, x, M, y);
+    if (rc < 0)
+        return rc;
+    simd_matmul_one(ctx, w, x, M, y);
+    return 0;
+}
+
 /* Decode runs Wq/Wk/Wv and W_gate/W_up on one x: as one matvec job they cost
  * one pool round trip (and one quantisation of x) instead of several, and
  * the tail of one weight overlaps the start of the next. */
-static void simd_matmul_multi(kn_ctx *ctx, int n, const kn_tensor *const *w, const float *x,
-                              int64_t M, float *const *y)
+static int simd_matmul_multi(kn_ctx *ctx, int n, const kn_tensor *const *w, const float *x,
+                             int64_t M, float *const *y)
 {
-    if (n <= 0 || !w || !y)
-        return;
-    bool fuse = n <= KN_MULTI_MAX && M <= matvec_max(w[0]->type);
-    for (int t = 0; t < n; t++) {
-        if (!matmul_args_ok(w[t], x, M, y[t]))
-            return;
+    int rc = kn_check_matmul_multi(ctx, n, w, x, M, y);
+    if (rc < 0)
+        return rc;
+    bool fuse = M <= matvec_max(w[0]->type);
+    for (int t = 0; t < n; t++)
         fuse = fuse && w[t]->type == w[0]->type && w[t]->cols == w[0]->cols;
-    }
 #ifdef KN_HAVE_FPACK
-    if (n <= KN_MULTI_MAX && fpack_all(n, w) && fpack_matmul(ctx, n, w, x, M, y))
-        return;
+    if (fpack_all(n, w) && fpack_matmul(ctx, n, w, x, M, y))
+        return 0;
     /* Packed floats among unpacked weights (GQA: K/V too small to pack)
      * go one by one: the fused matvec below reads data, whose file pages
      * the model has released (they would fault back in on every call). */
     for (int t = 0; t < n; t++)
         if (w[t]->packed && fpack_type(w[t]->type)) {
             for (int u = 0; u < n; u++)
-                simd_matmul(ctx, w[u], x, M, y[u]);
-            return;
+                simd_matmul_one(ctx, w[u], x, M, y[u]);
+            return 0;
         }
 #endif
     if (fuse) {
         simd_matvec(ctx, n, w, x, M, y);
-        return;
+        return 0;
     }
     /* prefill: one permutation of x for all float GEMMs of one width */
     bool share = true;
@@ -946,9 +948,10 @@ static void simd_matmul_multi(kn_ctx *ctx, int n, const kn_tensor *const *w, con
         share = share && w[t]->cols == w[0]->cols && M > matvec_max(w[t]->type) &&
                 !q8_gemm_type(w[t]->type);
     if (share && simd_gemm(ctx, n, w, x, M, y))
-        return;
+        return 0;
     for (int t = 0; t < n; t++)
-        simd_matmul(ctx, w[t], x, M, y[t]);
+        simd_matmul_one(ctx, w[t], x, M, y[t]);
+    return 0;
 }
 
 /* ---- elementwise --------------------------------------------------------- */
@@ -1018,28 +1021,41 @@ static void rmsnorm_job(void *p, int ith, int nth)
     rmsnorm_rows(a, lo, hi);
 }
 
-static void simd_rmsnorm(kn_ctx *ctx, const float *x, const float *g, int64_t M, int64_t n,
-                         float eps, float *out)
+static int simd_rmsnorm(kn_ctx *ctx, const float *x, const float *g, int64_t M, int64_t n,
+                        float eps, float *out)
 {
-    if (!x || !g || !out || M <= 0 || n <= 0)
-        return;
+    int rc = kn_check_rmsnorm(ctx, x, g, M, n, out);
+    if (rc < 0)
+        return rc;
     struct ew_args a = {.x = x, .g = g, .M = M, .n = n, .eps = eps, .out = out};
     if (M * n < KN_ELEM_PAR_MIN || M == 1)
         rmsnorm_rows(&a, 0, M);
     else
         kn_run(ctx, rmsnorm_job, &a);
+    return 0;
 }
 
+static vf silu_mul_v(vf gv, vf uv)
+{
+    vf e = vexp(vsub(vzero(), gv));
+    return vmul(vdiv(gv, vadd(vset1(1.0f), e)), uv);
+}
+
+/* The tail goes through the same vector function (padded) as the body: an
+ * element's result must not depend on where the array ends, or a batch
+ * row's SwiGLU would depend on the batch (M * ffn decides the tail). */
 static void silu_range(float *gate, const float *up, int64_t lo, int64_t hi)
 {
     int64_t i = lo;
-    for (; i + VL <= hi; i += VL) {
-        vf gv = vld(gate + i);
-        vf e = vexp(vsub(vzero(), gv));
-        vst(gate + i, vmul(vdiv(gv, vadd(vset1(1.0f), e)), vld(up + i)));
+    for (; i + VL <= hi; i += VL)
+        vst(gate + i, silu_mul_v(vld(gate + i), vld(up + i)));
+    if (i < hi) {
+        float g[VL] = {0}, u[VL] = {0};
+        memcpy(g, gate + i, (size_t)(hi - i) * sizeof(float));
+        memcpy(u, up + i, (size_t)(hi - i) * sizeof(float));
+        vst(g, silu_mul_v(vld(g), vld(u)));
+        memcpy(gate + i, g, (size_t)(hi - i) * sizeof(float));
     }
-    for (; i < hi; i++)
-        gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
 static void add_range(float *y, const float *x, int64_t lo, int64_t hi)
@@ -1067,28 +1083,32 @@ static void add_job(void *p, int ith, int nth)
     add_range(a->y, a->x, lo, hi);
 }
 
-static void simd_silu_mul(kn_ctx *ctx, float *gate, const float *up, int64_t n)
+static int simd_silu_mul(kn_ctx *ctx, float *gate, const float *up, int64_t n)
 {
-    if (!gate || !up || n <= 0)
-        return;
+    int rc = kn_check_ew(ctx, gate, up, n);
+    if (rc < 0)
+        return rc;
     if (n < KN_ELEM_PAR_MIN) {
         silu_range(gate, up, 0, n);
-        return;
+        return 0;
     }
     struct ew_args a = {.y = gate, .x = up, .n = n};
     kn_run(ctx, silu_job, &a);
+    return 0;
 }
 
-static void simd_add(kn_ctx *ctx, float *y, const float *x, int64_t n)
+static int simd_add(kn_ctx *ctx, float *y, const float *x, int64_t n)
 {
-    if (!y || !x || n <= 0)
-        return;
+    int rc = kn_check_ew(ctx, y, x, n);
+    if (rc < 0)
+        return rc;
     if (n < KN_ELEM_PAR_MIN) {
         add_range(y, x, 0, n);
-        return;
+        return 0;
     }
     struct ew_args a = {.y = y, .x = x, .n = n};
     kn_run(ctx, add_job, &a);
+    return 0;
 }
 
 #define KN_ROPE_MAX 1024
@@ -1141,18 +1161,14 @@ static void rope_job(void *p, int ith, int nth)
     rope_rows(r, lo, hi);
 }
 
-static void simd_rope(kn_ctx *ctx, float *x, int64_t M, int n_heads, int head_dim, int rope_dims,
-                      const int32_t *pos, float base)
+static int simd_rope(kn_ctx *ctx, float *x, int64_t M, int n_heads, int head_dim, int rope_dims,
+                     const int32_t *pos, float base)
 {
-    if (!x || !pos || M <= 0 || n_heads <= 0 || head_dim <= 0)
-        return;
-    if (rope_dims > head_dim)
-        rope_dims = head_dim;
-    rope_dims &= ~1;
-    if (rope_dims > KN_ROPE_MAX) {
-        kn_scalar_rope(ctx, x, M, n_heads, head_dim, rope_dims, pos, base);
-        return;
-    }
+    int rc = kn_check_rope(ctx, x, M, n_heads, head_dim, rope_dims, pos);
+    if (rc < 0)
+        return rc;
+    if (rope_dims > KN_ROPE_MAX)
+        return kn_scalar_rope(ctx, x, M, n_heads, head_dim, rope_dims, pos, base);
     double freq[KN_ROPE_MAX / 2];
     for (int i = 0; i < rope_dims; i += 2)
         freq[i / 2] = pow((double)base, -(double)i / rope_dims);
@@ -1163,6 +1179,7 @@ static void simd_rope(kn_ctx *ctx, float *x, int64_t M, int n_heads, int head_di
         kn_run(ctx, rope_job, &r);
     else
         rope_rows(&r, 0, M);
+    return 0;
 }
 
 /* ---- attention ----------------------------------------------------------- */
@@ -1771,11 +1788,11 @@ static void attn_job(void *p, int ith, int nth)
         attn_task(a, t, a->scratch + ith * j->stride);
 }
 
-static void simd_attention(kn_ctx *ctx, const kn_attn_args *a)
+static int simd_attention(kn_ctx *ctx, const kn_attn_args *a)
 {
-    if (!a || a->n_q <= 0 || a->n_head <= 0 || a->n_kv_head <= 0 || a->head_dim <= 0 ||
-        a->n_head % a->n_kv_head != 0 || a->block_size <= 0 || a->n_past < 0 || !a->scratch)
-        return;
+    int rc = kn_check_attention(ctx, a);
+    if (rc < 0)
+        return rc;
     /* the per-thread share of kn_attn_scratch_floats(): score row, then tiles */
     struct attn_job_args j = {
         .a = a, .stride = (a->n_past + a->n_q + 15) / 16 * 16 + 16 + KN_ATT_TILE_FLOATS};
@@ -1790,7 +1807,7 @@ static void simd_attention(kn_ctx *ctx, const kn_attn_args *a)
     if (a->head_dim % 4 == 0 && a->head_dim <= KN_ATT_HD_MAX) {
         if (a->n_q < KN_ATT_QUERY_MAX) { /* attn_tile's arithmetic per query */
             kn_run(ctx, attn_query_job, &j);
-            return;
+            return 0;
         }
         j.n_tiles = (a->n_q + VL - 1) / VL;
         /* keys are worth keeping packed when a head has several query tiles */
@@ -1801,9 +1818,126 @@ static void simd_attention(kn_ctx *ctx, const kn_attn_args *a)
                                      (size_t)a->head_dim * VL * sizeof(float));
         }
         kn_run(ctx, attn_tiled_job, &j);
-        return;
+        return 0;
     }
     kn_run(ctx, attn_job, &j);
+    return 0;
+}
+
+/* ---- KV pool writes -------------------------------------------------------- */
+
+#define KN_KV_WRITE_PAR_MIN 8 /* rows from which a write fans out (prefill) */
+
+struct kv_write_args {
+    float *k_pool, *v_pool;
+    int64_t row;
+    const int32_t *slots;
+    const float *k, *v;
+};
+
+static void kv_write_rows(void *p, int64_t i0, int64_t i1)
+{
+    const struct kv_write_args *a = p;
+    const size_t bytes = (size_t)a->row * sizeof(float);
+    for (int64_t i = i0; i < i1; i++) {
+        if (a->slots[i] < 0) /* padding */
+            continue;
+        memcpy(a->k_pool + a->slots[i] * a->row, a->k + i * a->row, bytes);
+        memcpy(a->v_pool + a->slots[i] * a->row, a->v + i * a->row, bytes);
+    }
+}
+
+/* A prompt of hundreds of rows writes megabytes per layer: more than one
+ * core's store bandwidth, so it is spread over the pool; a decode step's
+ * few rows stay on the calling thread. */
+static int simd_kv_write(kn_ctx *ctx, float *k_pool, float *v_pool, int64_t row_floats,
+                         const int32_t *slots, int64_t n, const float *k, const float *v)
+{
+    int rc = kn_check_kv_write(ctx, k_pool, v_pool, row_floats, slots, n, k, v);
+    if (rc < 0)
+        return rc;
+    struct kv_write_args a = {k_pool, v_pool, row_floats, slots, k, v};
+    kn_run_rows(ctx, n, 1, n >= KN_KV_WRITE_PAR_MIN, kv_write_rows, &a);
+    return 0;
+}
+
+/* ---- argmax -----------------------------------------------------------------
+ * Equal, index for index, to the scalar definition
+ *   best = 0; v = x[0]; for i >= 1: if (x[i] > v) { v = x[i]; best = i; }
+ * whose result, when x[0] is a number, is the lowest index holding the
+ * maximum of the numbers (NaNs never compare greater; -0 == +0). Each lane
+ * runs that loop over its own indices, starting from (x[0], 0) instead of
+ * its first element: then every lane's value is a number >= x[0], and the
+ * lowest index among the lanes that reach the overall maximum is the answer
+ * (a lane that never moved still says 0, where x[0] is). A NaN x[0] is
+ * never beaten: 0. */
+#define KN_AM_U 4 /* independent accumulators: the compare-blend chain is ~6 cycles */
+
+static int32_t argmax_row(const float *x, int64_t n)
+{
+    if (isnan(x[0]))
+        return 0;
+    float bv = x[0];
+    int64_t best = 0, i = 0;
+    const int64_t step = KN_AM_U * VL;
+    if (n >= step) {
+        vf mx[KN_AM_U];
+        vi ix[KN_AM_U], at[KN_AM_U];
+        for (int u = 0; u < KN_AM_U; u++) {
+            mx[u] = vset1(x[0]);
+            ix[u] = vi_set1(0);
+            at[u] = vi_add(vi_iota(), vi_set1(u * VL));
+        }
+        const vi vstep = vi_set1((int32_t)step);
+        for (; i + step <= n; i += step)
+            for (int u = 0; u < KN_AM_U; u++) {
+                vtake_gt(vld(x + i + u * VL), at[u], &mx[u], &ix[u]);
+                at[u] = vi_add(at[u], vstep);
+            }
+        float lv[KN_AM_U * VL];
+        int32_t li[KN_AM_U * VL];
+        for (int u = 0; u < KN_AM_U; u++) {
+            vst(lv + u * VL, mx[u]);
+            vi_st(li + u * VL, ix[u]);
+        }
+        for (int l = 0; l < KN_AM_U * VL; l++)
+            if (lv[l] > bv)
+                bv = lv[l];
+        best = INT64_MAX;
+        for (int l = 0; l < KN_AM_U * VL; l++)
+            if (lv[l] == bv && li[l] < best)
+                best = li[l];
+    }
+    for (; i < n; i++) /* the tail: indices above every lane's */
+        if (x[i] > bv) {
+            bv = x[i];
+            best = i;
+        }
+    return (int32_t)best;
+}
+
+struct argmax_args {
+    const float *x;
+    int64_t n;
+    int32_t *ids;
+};
+
+static void argmax_rows(void *p, int64_t m0, int64_t m1)
+{
+    const struct argmax_args *a = p;
+    for (int64_t m = m0; m < m1; m++)
+        a->ids[m] = argmax_row(a->x + m * a->n, a->n);
+}
+
+static int simd_argmax(kn_ctx *ctx, const float *x, int64_t M, int64_t n, int32_t *ids)
+{
+    int rc = kn_check_argmax(ctx, x, M, n, ids);
+    if (rc < 0)
+        return rc;
+    struct argmax_args a = {x, n, ids};
+    /* ~1 us per 32k-float row: only a batch of many rows is worth the pool */
+    kn_run_rows(ctx, M, 16, M * n >= (1 << 18), argmax_rows, &a);
+    return 0;
 }
 
 /* ---- streaming read ------------------------------------------------------ */
@@ -1839,6 +1973,13 @@ static const kn_ops simd_ops = {
     .silu_mul = simd_silu_mul,
     .add = simd_add,
     .attention = simd_attention,
+    .kv_write = simd_kv_write,
+    .kv_copy = kn_scalar_kv_copy,   /* a few rows per call: memcpy is the work */
+    .silu_res = kn_scalar_silu_res, /* expf as the engine computed it, bit for bit */
+    .argmax = simd_argmax,
+    .topk = kn_scalar_topk,                   /* one compare per element already */
+    .softmax_stats = kn_scalar_softmax_stats, /* double exp/log: the definition */
+    .gather = kn_scalar_gather,
 };
 
 const kn_impl KN_IMPL = {&simd_ops, simd_read_stream};

@@ -30,7 +30,7 @@ static void setup(void)
     cr_assert_eq(eng_ctx_create(&g_c, g_m, &(eng_ctx_cfg){.kn = g_kn, .max_tokens = 128}), 0);
     eng_kv_cfg kc;
     eng_model_kv_cfg(g_m, 8, 256, 8, 512, &kc);
-    cr_assert_eq(eng_kv_create(&g_kv, &kc), 0);
+    cr_assert_eq(eng_kv_create(&g_kv, g_kn, &kc), 0);
 }
 
 static void teardown(void)
@@ -134,9 +134,13 @@ static void run_mixed(const kn_ops *ops, float *logits, float *hidden)
     eng_ctx_set_ops(g_c, NULL);
 }
 
-Test(engine_batch, kernel_variants_agree_with_scalar, .init = setup, .fini = teardown,
-     .timeout = 60)
+/* A mixed batch on variant v gives the scalar reference's logits and hidden
+ * states (to rounding); a variant this CPU cannot run is skipped. */
+static void variant_agrees_with_scalar(enum kn_variant v)
 {
+    const kn_ops *ops = kn_ops_for(v);
+    if (!ops)
+        cr_skip_test("%s: not supported by this CPU", kn_variant_name(v));
     const int64_t D = eng_model_hparams(g_m)->dim;
     size_t rows = 128;
     float *ref = malloc(rows * (size_t)V * sizeof(float));
@@ -147,26 +151,28 @@ Test(engine_batch, kernel_variants_agree_with_scalar, .init = setup, .fini = tea
     int64_t n_rows = 0;
     for (int p = 0; p < NP; p++)
         n_rows += encode(prompts[p], (int32_t[64]){0}, 64);
-    int tested = 0;
-    for (int v = KN_VARIANT_SCALAR + 1; v < KN_VARIANT_COUNT; v++) {
-        const kn_ops *ops = kn_ops_for((enum kn_variant)v);
-        if (!ops)
-            continue;
-        run_mixed(ops, got, hgot);
-        float scale;
-        float d = max_abs_diff(got, ref, n_rows * V, &scale);
-        cr_assert(d <= 1e-4f * scale + 1e-5f, "%s logits differ by %g (max |logit| %g)",
-                  kn_variant_name((enum kn_variant)v), (double)d, (double)scale);
-        d = max_abs_diff(hgot, href, n_rows * D, &scale);
-        cr_assert(d <= 1e-4f * scale + 1e-5f, "%s hidden states differ by %g",
-                  kn_variant_name((enum kn_variant)v), (double)d);
-        tested++;
-    }
-    cr_log_info("%d variant(s) besides scalar compared", tested);
+    run_mixed(ops, got, hgot);
+    float scale;
+    float d = max_abs_diff(got, ref, n_rows * V, &scale);
+    cr_assert(d <= 1e-4f * scale + 1e-5f, "%s logits differ by %g (max |logit| %g)",
+              kn_variant_name(v), (double)d, (double)scale);
+    d = max_abs_diff(hgot, href, n_rows * D, &scale);
+    cr_assert(d <= 1e-4f * scale + 1e-5f, "%s hidden states differ by %g", kn_variant_name(v),
+              (double)d);
     free(ref);
     free(got);
     free(href);
     free(hgot);
+}
+
+Test(engine_batch, avx2_agrees_with_scalar, .init = setup, .fini = teardown, .timeout = 60)
+{
+    variant_agrees_with_scalar(KN_VARIANT_AVX2);
+}
+
+Test(engine_batch, avx512_agrees_with_scalar, .init = setup, .fini = teardown, .timeout = 60)
+{
+    variant_agrees_with_scalar(KN_VARIANT_AVX512);
 }
 
 /* Prefix then tree; returns the sequence. */
@@ -270,6 +276,71 @@ Test(engine_batch, tree_mask_branches_equal_branches_alone, .init = setup, .fini
     free(l2);
 }
 
+/* One forward over a tree-masked, a chain-masked (same tokens, other mask)
+ * and an unmasked sequence gives each sequence's rows bit for bit as it
+ * gets alone: the batch's masks reach the backend each at its own place. */
+Test(engine_batch, distinct_masks_in_one_batch_equal_each_alone, .init = setup,
+     .fini = teardown, .timeout = 60)
+{
+    int32_t toks[5] = {300, 17, 222, 45, 401};
+    static const int parent[5] = {-1, 0, 0, 1, 2};
+    uint8_t tree[25] = {0}, chain[25];
+    for (int i = 0; i < 5; i++) {
+        for (int j = i; j >= 0; j = parent[j])
+            tree[i * 5 + j] = 1;
+        for (int j = 0; j < 5; j++)
+            chain[i * 5 + j] = j <= i && (j != 1 || i == 1); /* unlike causal and tree */
+    }
+    uint8_t want[5] = {1, 1, 1, 1, 1};
+    const uint8_t *masks[3] = {tree, chain, NULL};
+    float *alone = malloc(15 * (size_t)V * sizeof(float));
+    float *batch = malloc(15 * (size_t)V * sizeof(float));
+    eng_seq_in in[3];
+    for (int k = 0; k < 3; k++) {
+        in[k] = (eng_seq_in){.seq = run_prefix("Lily and Tom"), .tokens = toks, .n_tokens = 5,
+                             .mask = masks[k], .want = want};
+        cr_assert_eq(eng_forward(g_c, g_kv, &in[k], 1, alone + k * 5 * V, NULL), 5, "%s",
+                     eng_error());
+        cr_assert_eq(eng_kv_seq_truncate(g_kv, in[k].seq, eng_kv_seq_len(g_kv, in[k].seq) - 5),
+                     0);
+    }
+    cr_assert_eq(eng_forward(g_c, g_kv, in, 3, batch, NULL), 15, "%s", eng_error());
+    for (int k = 0; k < 3; k++)
+        cr_assert_eq(memcmp(alone + k * 5 * V, batch + k * 5 * V, 5 * (size_t)V * sizeof(float)),
+                     0, "sequence %d (mask %s) differs in the batch", k,
+                     k == 0 ? "tree" : k == 1 ? "other" : "none");
+    cr_assert_neq(memcmp(batch, batch + 5 * V, 5 * (size_t)V * sizeof(float)), 0,
+                  "the two masks must give different rows (else the test proves nothing)");
+    free(alone);
+    free(batch);
+}
+
+/* A masked sequence too long for the plan's mask area is refused before
+ * anything runs, and the cache is unchanged. */
+Test(engine_batch, oversized_mask_is_refused_cleanly, .init = setup, .fini = teardown,
+     .timeout = 60)
+{
+    const int64_t n = 1100;
+    eng_ctx *c;
+    cr_assert_eq(eng_ctx_create(&c, g_m, &(eng_ctx_cfg){.kn = g_kn, .max_tokens = n,
+                                                         .max_outputs = 1, .max_ctx = 2 * n}),
+                 0);
+    int32_t *toks = calloc((size_t)n, sizeof(int32_t));
+    uint8_t *mask = malloc((size_t)(n * n));
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < n; j++)
+            mask[i * n + j] = j <= i;
+    int s = eng_kv_seq_alloc(g_kv);
+    eng_seq_in in = {.seq = s, .tokens = toks, .n_tokens = n, .mask = mask};
+    cr_assert_eq(eng_forward(c, g_kv, &in, 1, NULL, NULL), -EINVAL);
+    cr_assert(strstr(eng_error(), "mask") != NULL, "message names the mask: %s", eng_error());
+    cr_assert_eq(eng_kv_seq_len(g_kv, s), 0);
+    eng_kv_seq_free(g_kv, s);
+    free(toks);
+    free(mask);
+    eng_ctx_destroy(c);
+}
+
 Test(engine_batch, hidden_is_final_norm_output_of_wanted_rows, .init = setup, .fini = teardown,
      .timeout = 30)
 {
@@ -319,7 +390,7 @@ Test(engine_batch, errors_leave_the_cache_unchanged, .init = setup, .fini = tear
     eng_kv_cfg kc;
     eng_model_kv_cfg(g_m, 8, 2, 2, 512, &kc);
     eng_kv *small;
-    cr_assert_eq(eng_kv_create(&small, &kc), 0);
+    cr_assert_eq(eng_kv_create(&small, g_kn, &kc), 0);
     int a = eng_kv_seq_alloc(small), b = eng_kv_seq_alloc(small);
     int32_t t10[10] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10};
     eng_seq_in x = {.seq = a, .tokens = t10, .n_tokens = 10};

@@ -13,10 +13,20 @@ static eng_kv_cfg small_cfg(void)
                         .n_blocks = 8, .max_seqs = 3, .max_seq_len = 24};
 }
 
+/* The CPU backend every cache here lives on (host memory is backend
+ * memory, so the tests read and write the pool directly). */
+static kn_ctx *backend(void)
+{
+    static kn_ctx *kn;
+    if (!kn)
+        cr_assert_eq(kn_ctx_create(&kn, &(kn_ctx_cfg){.n_threads = 1}), 0);
+    return kn;
+}
+
 static eng_kv *make(const eng_kv_cfg *cfg)
 {
     eng_kv *kv = NULL;
-    cr_assert_eq(eng_kv_create(&kv, cfg), 0, "%s", eng_error());
+    cr_assert_eq(eng_kv_create(&kv, backend(), cfg), 0, "%s", eng_error());
     return kv;
 }
 
@@ -193,7 +203,7 @@ Test(engine_kv, caller_memory_holds_the_pool)
     cfg.mem = mem;
     cfg.mem_size = bytes - 1;
     eng_kv *kv = NULL;
-    cr_assert_eq(eng_kv_create(&kv, &cfg), -EINVAL, "too small an area");
+    cr_assert_eq(eng_kv_create(&kv, backend(), &cfg), -EINVAL, "too small an area");
     cfg.mem_size = bytes;
     kv = make(&cfg);
     cr_assert_eq((void *)eng_kv_k(kv, 0), mem);
@@ -213,9 +223,12 @@ Test(engine_kv, rejects_bad_geometry)
     eng_kv_cfg cfg = small_cfg();
     cfg.block_size = 0;
     eng_kv *kv = NULL;
-    cr_assert_eq(eng_kv_create(&kv, &cfg), -EINVAL);
+    cr_assert_eq(eng_kv_create(&kv, backend(), &cfg), -EINVAL);
     cr_assert_null(kv);
     cfg = small_cfg();
     cfg.max_seqs = 0;
-    cr_assert_eq(eng_kv_create(&kv, &cfg), -EINVAL);
+    cr_assert_eq(eng_kv_create(&kv, backend(), &cfg), -EINVAL);
+    cfg = small_cfg();
+    cr_assert_eq(eng_kv_create(&kv, NULL, &cfg), -EINVAL, "a cache needs a backend");
+    cr_assert_null(kv);
 }

@@ -51,7 +51,7 @@ static void setup(void)
                  0);
     eng_kv_cfg kc;
     eng_model_kv_cfg(g_m, 16, 1024, 2 * MAX_B, 512, &kc);
-    cr_assert_eq(eng_kv_create(&g_kv, &kc), 0);
+    cr_assert_eq(eng_kv_create(&g_kv, g_kn, &kc), 0);
     snprintf(g_dir, sizeof(g_dir), "/tmp/gorgon-medusa-XXXXXX");
     cr_assert_not_null(mkdtemp(g_dir));
 }
@@ -289,8 +289,17 @@ static void medusa_run(eng_medusa *md, struct seqrun *r, int n, uint64_t seed, b
         if (k == 0)
             break;
         int64_t len0[MAX_B];
-        for (int j = 0; j < k; j++)
+        int32_t root[MAX_B];
+        for (int j = 0; j < k; j++) {
             len0[j] = eng_kv_seq_len(g_kv, act[j]);
+            /* greedy: the decoder knows the next root without a download,
+             * and it is the argmax of the pending row; typical has none */
+            root[j] = eng_medusa_seq_root(md, act[j]);
+            if (root[j] >= 0)
+                cr_assert_eq(root[j], eng_argmax(eng_medusa_seq_logits(md, act[j]), V));
+            else
+                cr_assert_eq(root[j], -EINVAL);
+        }
         eng_medusa_result res[MAX_B];
         int64_t got = eng_medusa_step(md, g_c, g_kv, act, k, res);
         cr_assert_gt(got, 0, "step: %s", eng_error());
@@ -298,6 +307,8 @@ static void medusa_run(eng_medusa *md, struct seqrun *r, int n, uint64_t seed, b
         for (int j = 0; j < k; j++) {
             const int b = bi[j];
             cr_assert_eq(res[j].n_tokens, res[j].n_accepted + 1);
+            if (root[j] >= 0)
+                cr_assert_eq(res[j].tokens[0], root[j], "the step starts from its root");
             sum += res[j].n_tokens;
             for (int i = 0; i < res[j].n_tokens; i++)
                 out[b][n_out[b]++] = res[j].tokens[i];
@@ -584,7 +595,7 @@ Test(engine_medusa, step_errors_change_nothing)
     eng_kv *kv = NULL;
     eng_kv_cfg kc;
     eng_model_kv_cfg(g_m, 16, 64, 2, 40, &kc);
-    cr_assert_eq(eng_kv_create(&kv, &kc), 0);
+    cr_assert_eq(eng_kv_create(&kv, g_kn, &kc), 0);
     eng_ctx *small_c = NULL;
     cr_assert_eq(eng_ctx_create(&small_c, g_m, &(eng_ctx_cfg){.kn = g_kn, .max_tokens = 8}), 0);
     eng_medusa_heads *mh = make_heads(HEADS_COPY, "copy");

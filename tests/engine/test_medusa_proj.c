@@ -122,7 +122,7 @@ static void check_candidates(const eng_model *m, const eng_medusa_heads *mh,
     eng_kv_cfg kc;
     eng_model_kv_cfg(m, 16, 8, 1, 64, &kc);
     cr_assert_eq(eng_ctx_create(&c, m, &(eng_ctx_cfg){.kn = g_kn, .max_tokens = 16}), 0);
-    cr_assert_eq(eng_kv_create(&kv, &kc), 0);
+    cr_assert_eq(eng_kv_create(&kv, g_kn, &kc), 0);
     const int seq = eng_kv_seq_alloc(kv);
     const int32_t prompt[5] = {1, 40, 41, 42, 43};
     float *logits = malloc((size_t)V * sizeof(float)), *hid = malloc((size_t)H * sizeof(float));
@@ -248,7 +248,7 @@ Test(engine_medusa_proj, greedy_equals_plain_with_shared_projection)
     eng_kv_cfg kc;
     eng_model_kv_cfg(m, 16, 32, 2, 256, &kc);
     cr_assert_eq(eng_ctx_create(&c, m, &(eng_ctx_cfg){.kn = g_kn, .max_tokens = 32}), 0);
-    cr_assert_eq(eng_kv_create(&kv, &kc), 0);
+    cr_assert_eq(eng_kv_create(&kv, g_kn, &kc), 0);
     float *logits = malloc((size_t)(16 * V) * sizeof(float));
     float *hid = malloc((size_t)(16 * H) * sizeof(float));
     cr_assert(logits && hid);

@@ -52,6 +52,30 @@ Test(engine_sampler, greedy_is_argmax)
     eng_sampler_destroy(s);
 }
 
+/* is_greedy says exactly when sampling is the plain argmax (so a worker may
+ * take the backend's argmax instead of fetching the row). */
+Test(engine_sampler, is_greedy_only_without_temperature_or_penalty)
+{
+    struct {
+        eng_sampler_cfg cfg;
+        bool greedy;
+    } cases[] = {
+        {{.temperature = 0.0f}, true},
+        {{.temperature = 0.8f, .top_k = 1}, true},
+        {{.temperature = 0.0f, .repeat_penalty = 1.0f}, true},
+        {{.temperature = 0.8f}, false},
+        {{.temperature = 0.0f, .repeat_penalty = 1.3f}, false},
+        {{.temperature = 0.8f, .top_k = 1, .repeat_penalty = 1.1f}, false},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        eng_sampler *s;
+        cr_assert_eq(eng_sampler_create(&s, &cases[i].cfg, 16), 0, "%s", eng_error());
+        cr_assert_eq(eng_sampler_is_greedy(s), cases[i].greedy, "case %zu", i);
+        eng_sampler_destroy(s);
+    }
+    cr_assert(eng_sampler_is_greedy(NULL), "no sampler: greedy");
+}
+
 Test(engine_sampler, same_seed_same_sequence)
 {
     eng_sampler_cfg cfg = {.temperature = 1.0f, .seed = 1234};
