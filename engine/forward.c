@@ -250,13 +250,7 @@ static int matmul_n(const kn_ops *ops, kn_ctx *kn, int n, const kn_tensor *const
     return 0;
 }
 
-/* A backend op failed: only an argument the engine got wrong can do that. */
-#define OP(what, call)                                                                         \
-    do {                                                                                       \
-        int rc_ = (call);                                                                      \
-        if (rc_ < 0)                                                                           \
-            return eng_fail(rc_, "forward: backend op %s failed: %s", what, cm_strerror(rc_)); \
-    } while (0)
+#define OP(what, call) ENG_OP("forward", what, call)
 
 /* The layers over the planned batch (plan uploaded, KV reserved). */
 static int run_layers(eng_ctx *c, eng_kv *kv, int n_seqs, int64_t M)

@@ -409,35 +409,20 @@ enum eng_medusa_proj eng_medusa_projection(const eng_medusa *md)
     return md ? md->proj : ENG_MEDUSA_PROJ_HEADS;
 }
 
-float eng_medusa_typical_threshold(const float *logits, int64_t n_vocab, float temperature,
-                                   float eps, float alpha, float *lse)
+float eng_medusa_typical_threshold(const float stats[3], float eps, float alpha)
 {
-    const double inv = 1.0 / (double)temperature;
-    double mx = -INFINITY;
-    for (int64_t i = 0; i < n_vocab; i++)
-        mx = fmax(mx, (double)logits[i] * inv);
-    double sum = 0;
-    for (int64_t i = 0; i < n_vocab; i++)
-        sum += exp((double)logits[i] * inv - mx);
-    const double l = mx + log(sum);
-    /* Medusa's entropy: -Σ p log(p + 1e-5) (the 1e-5 keeps p = 0 finite). */
-    double ent = 0;
-    for (int64_t i = 0; i < n_vocab; i++) {
-        double p = exp((double)logits[i] * inv - l);
-        ent -= p * log(p + 1e-5);
-    }
-    if (lse)
-        *lse = (float)l;
-    return fminf(eps, (float)((double)alpha * exp(-ent)));
+    /* the threshold of Medusa's evaluate_posterior: min(eps, alpha·exp(−H)) */
+    return fminf(eps, (float)((double)alpha * exp(-(double)stats[2])));
 }
 
 /* Medusa's get_typical_one_token: drop tokens with p < threshold, renormalise,
- * draw. The argmax always survives (threshold <= alpha·exp(-H) < p_max). */
-static int32_t sample_typical(const eng_medusa *md, const float *logits, eng_rng_state *rng)
+ * draw. The argmax always survives (threshold <= alpha·exp(-H) < p_max).
+ * logits: the row on the host; st: its softmax_stats. */
+static int32_t sample_typical(const eng_medusa *md, const float *logits, const float st[3],
+                              eng_rng_state *rng)
 {
-    float lse;
-    const float thr = eng_medusa_typical_threshold(logits, md->V, md->temp, md->eps, md->alpha,
-                                                   &lse);
+    const double lse = (double)st[1];
+    const float thr = eng_medusa_typical_threshold(st, md->eps, md->alpha);
     const double inv = 1.0 / (double)md->temp;
     double kept = 0;
     int32_t last = eng_argmax(logits, md->V);
@@ -460,13 +445,7 @@ static int32_t sample_typical(const eng_medusa *md, const float *logits, eng_rng
     return last;
 }
 
-/* A backend op failed: only an argument the step got wrong can do that. */
-#define OP(what, call)                                                                         \
-    do {                                                                                       \
-        int rc_ = (call);                                                                      \
-        if (rc_ < 0)                                                                           \
-            return eng_fail(rc_, "medusa: backend op %s failed: %s", what, cm_strerror(rc_));  \
-    } while (0)
+#define OP(what, call) ENG_OP("medusa", what, call)
 
 /* Every head on the batch's pending hidden states (seq_d, uploaded) →
  * top-k candidates; only the candidates' ids come back. */
@@ -564,9 +543,7 @@ static int accept_path(const eng_medusa *md, int b, int32_t path[ENG_MEDUSA_MAX_
                 if (tok[node] != am[par])
                     break;
             } else {
-                /* Medusa's threshold min(eps, alpha·exp(−H)) at the parent */
-                const float thr = fminf(md->eps, (float)((double)md->alpha *
-                                                         exp(-(double)st[par * 3 + 2])));
+                const float thr = eng_medusa_typical_threshold(st + par * 3, md->eps, md->alpha);
                 double p = exp((double)val[node - 1] * inv - (double)st[par * 3 + 1]);
                 if (!(p > (double)thr))
                     break;
@@ -644,13 +621,15 @@ int64_t eng_medusa_step_prepare(eng_medusa *md, const eng_kv *kv, const int *seq
             md->cand[b * stride] = md->pend_root[s];
             continue;
         }
-        rc = kn_buf_download(md->kn, md->row_h, md->pend_logits + (size_t)s * (size_t)V,
-                             (size_t)V * sizeof(float));
-        if (rc < 0) {
+        const float *pl = md->pend_logits + (size_t)s * (size_t)V;
+        float st[3];
+        if ((rc = md->ops->softmax_stats(md->kn, pl, 1, V, md->temp, md->stats_d)) < 0 ||
+            (rc = kn_buf_download(md->kn, st, md->stats_d, sizeof(st))) < 0 ||
+            (rc = kn_buf_download(md->kn, md->row_h, pl, (size_t)V * sizeof(float))) < 0) {
             restore_rng(md, seqs, b);
-            return eng_fail(rc, "medusa: downloading a pending row: %s", cm_strerror(rc));
+            return eng_fail(rc, "medusa: the pending row on the backend: %s", cm_strerror(rc));
         }
-        md->cand[b * stride] = sample_typical(md, md->row_h, &md->rng[s]);
+        md->cand[b * stride] = sample_typical(md, md->row_h, st, &md->rng[s]);
     }
     /* 2. heads → candidates → tree tokens */
     if ((rc = kn_buf_upload(md->kn, md->seq_d, md->seq_h, (size_t)n_seqs * sizeof(int32_t))) < 0 ||

@@ -173,11 +173,10 @@ int64_t eng_medusa_step_finish(eng_medusa *md, eng_kv *kv, const int *seqs, int 
                                eng_medusa_result *res);
 void eng_medusa_step_abort(eng_medusa *md, const int *seqs, int n_seqs);
 
-/* Typical acceptance's threshold for a logits row: with p = softmax(logits /
- * temperature), returns min(eps, alpha · exp(−Σ p log(p + 1e-5))) and stores
- * log Σ exp(logits/temperature) in *lse when lse is non-NULL (so that
- * p(x) = exp(logits[x]/temperature − lse)). Exposed for tests and tools. */
-float eng_medusa_typical_threshold(const float *logits, int64_t n_vocab, float temperature,
-                                   float eps, float alpha, float *lse);
+/* Typical acceptance's threshold min(eps, alpha · exp(−H)) from a row's
+ * softmax statistics (kn_ops.softmax_stats at the decoder's temperature:
+ * [max, log-sum-exp, entropy H]); a token x of that row is accepted when
+ * exp(logits[x]/temperature − stats[1]) exceeds it. */
+float eng_medusa_typical_threshold(const float stats[3], float eps, float alpha);
 
 #endif

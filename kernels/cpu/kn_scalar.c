@@ -408,8 +408,8 @@ int kn_scalar_topk(kn_ctx *ctx, const float *x, int64_t M, int64_t n, int k, flo
     return 0;
 }
 
-/* Double precision throughout, as eng_medusa_typical_threshold computed it
- * (the Medusa acceptance thresholds must not move). */
+/* Double precision throughout, as Medusa's typical acceptance has always
+ * computed it (its thresholds must not move). */
 static void softmax_stats_rows(void *p, int64_t m0, int64_t m1)
 {
     const struct rows_args *a = p;

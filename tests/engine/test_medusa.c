@@ -497,10 +497,11 @@ Test(engine_medusa, typical_never_below_threshold)
         cr_assert_eq(eng_forward(g_c, g_kv, &in, 1, logits, NULL), n, "%s", eng_error());
         for (int64_t i = r[s].n_prompt; i < n; i++) {
             const float *row = logits + (i - 1) * V;
-            float lse;
-            float thr = eng_medusa_typical_threshold(row, V, 1.0f, ENG_MEDUSA_EPS_DEFAULT,
-                                                     ENG_MEDUSA_ALPHA_DEFAULT, &lse);
-            double p = exp((double)row[text[i]] - (double)lse);
+            float ss[3];
+            cr_assert_eq(kn_ctx_ops(g_kn)->softmax_stats(g_kn, row, 1, V, 1.0f, ss), 0);
+            float thr = eng_medusa_typical_threshold(ss, ENG_MEDUSA_EPS_DEFAULT,
+                                                     ENG_MEDUSA_ALPHA_DEFAULT);
+            double p = exp((double)row[text[i]] - (double)ss[1]);
             cr_assert_geq(p, (double)thr * (1 - 1e-4),
                           "sequence %d position %lld: token %d has p = %g < threshold %g", s,
                           (long long)i, text[i], p, (double)thr);
@@ -517,18 +518,22 @@ Test(engine_medusa, typical_never_below_threshold)
     eng_medusa_heads_close(mh);
 }
 
+/* The threshold from a row's softmax statistics, on the two extremes. */
 Test(engine_medusa, typical_threshold_uniform_and_peaked)
 {
     float *l = calloc((size_t)V, sizeof(float));
     cr_assert_not_null(l);
-    float lse;
+    const kn_ops *ops = kn_ctx_ops(g_kn);
+    float st[3];
     /* uniform: H = -log(1/V + 1e-5)·(V·1/V) → alpha·exp(-H) = alpha·(1/V + 1e-5) */
-    float thr = eng_medusa_typical_threshold(l, V, 1.0f, 0.09f, 0.3f, &lse);
+    cr_assert_eq(ops->softmax_stats(g_kn, l, 1, V, 1.0f, st), 0);
+    float thr = eng_medusa_typical_threshold(st, 0.09f, 0.3f);
     cr_assert_float_eq(thr, 0.3f * (1.0f / (float)V + 1e-5f), 1e-6f);
-    cr_assert_float_eq(lse, logf((float)V), 1e-4f);
+    cr_assert_float_eq(st[1], logf((float)V), 1e-4f);
     /* one token certain: H ≈ 0 → threshold = eps */
     l[3] = 100.0f;
-    thr = eng_medusa_typical_threshold(l, V, 1.0f, 0.09f, 0.3f, NULL);
+    cr_assert_eq(ops->softmax_stats(g_kn, l, 1, V, 1.0f, st), 0);
+    thr = eng_medusa_typical_threshold(st, 0.09f, 0.3f);
     cr_assert_float_eq(thr, 0.09f, 1e-6f);
     free(l);
 }
