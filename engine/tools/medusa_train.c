@@ -33,7 +33,10 @@
  *
  * Forward matrix products go through the kernels (kn_ops.matmul); the
  * backward's row updates are independent per row and run on the kernels'
- * thread pool (kn_parallel_for). */
+ * thread pool (kn_parallel_for). Training reads and writes activations on
+ * the host, so the trainer runs on a backend whose memory is host memory
+ * (the CPU backend: kn_ctx_host_memory); it says so rather than run
+ * elsewhere. */
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
@@ -841,6 +844,11 @@ int main(int argc, char **argv)
     }
     if ((rc = kn_ctx_create(&kn, &(kn_ctx_cfg){.n_threads = o.threads})) < 0) {
         fprintf(stderr, "gorgon-medusa-train: kernels: %s\n", cm_strerror(rc));
+        goto out;
+    }
+    if (!kn_ctx_host_memory(kn)) {
+        rc = -ENOTSUP;
+        fprintf(stderr, "gorgon-medusa-train: trains on the host: needs the CPU backend\n");
         goto out;
     }
     uint64_t t0 = cm_now_ns();
