@@ -66,9 +66,10 @@ int eng_kv_create(eng_kv **out, kn_ctx *kn, const eng_kv_cfg *cfg)
     if (cfg->max_seqs <= 0 || cfg->max_seq_len <= 0)
         return eng_fail(-EINVAL, "kv: max_seqs (%d) and max_seq_len (%lld) must be > 0",
                         cfg->max_seqs, (long long)cfg->max_seq_len);
-    if (cfg->n_blocks > INT32_MAX)
-        return eng_fail(-EINVAL, "kv: %lld blocks exceed the 32-bit block table",
-                        (long long)cfg->n_blocks);
+    if (cfg->n_blocks > INT32_MAX / cfg->block_size)
+        return eng_fail(-EINVAL, "kv: %lld blocks of %d positions exceed the 32-bit slot "
+                                 "numbers of the backend's KV writes",
+                        (long long)cfg->n_blocks, cfg->block_size);
     if (cfg->mem) {
         if (cfg->mem_size < bytes)
             return eng_fail(-EINVAL, "kv: caller area of %zu bytes is smaller than the %zu "

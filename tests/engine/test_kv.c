@@ -1,6 +1,7 @@
 /* Paged KV cache: block accounting, -ENOSPC without side effects, compaction. */
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -228,6 +229,10 @@ Test(engine_kv, rejects_bad_geometry)
     cfg = small_cfg();
     cfg.max_seqs = 0;
     cr_assert_eq(eng_kv_create(&kv, backend(), &cfg), -EINVAL);
+    cfg = small_cfg();
+    cfg.n_blocks = INT32_MAX / cfg.block_size + 1; /* slots past int32: refused, not wrapped */
+    cr_assert_eq(eng_kv_create(&kv, backend(), &cfg), -EINVAL);
+    cr_assert(strstr(eng_error(), "slot") != NULL, "%s", eng_error());
     cfg = small_cfg();
     cr_assert_eq(eng_kv_create(&kv, NULL, &cfg), -EINVAL, "a cache needs a backend");
     cr_assert_null(kv);
