@@ -147,11 +147,6 @@ const eng_model *eng_ctx_model(const eng_ctx *c)
     return c->m;
 }
 
-kn_ctx *eng_ctx_kn(const eng_ctx *c)
-{
-    return c->kn;
-}
-
 /* Check the batch and lay it out in the host plan; returns the output
  * count. Touches nothing but the plan and per-sequence scratch. */
 static int64_t plan_batch(eng_ctx *c, eng_kv *kv, const eng_seq_in *seqs, int n_seqs)

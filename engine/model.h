@@ -119,7 +119,6 @@ void eng_ctx_destroy(eng_ctx *c); /* NULL: no-op */
  * kernel variants); NULL restores kn_ctx_ops(). */
 void eng_ctx_set_ops(eng_ctx *c, const kn_ops *ops);
 const eng_model *eng_ctx_model(const eng_ctx *c);
-kn_ctx *eng_ctx_kn(const eng_ctx *c); /* the backend the ctx runs on */
 
 /* New tokens of one sequence. They go to KV positions n_past .. n_past+n-1
  * where n_past = eng_kv_seq_len(kv, seq) before the call. */
