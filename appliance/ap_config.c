@@ -65,7 +65,8 @@ void ap_config_usage(FILE *f)
             "                       (default: DIR/medusa_choices.json, else a 17-node tree)\n"
             "  --medusa-max-batch N speculate only while at most N sequences decode\n"
             "                       (0, default: measured at start-up and from acceptance)\n"
-            "  --help\n"
+            "  -h, --help           this text\n"
+            "  --version            the version, then exit\n"
             "config keys: socket allow_uids allow_gids poll_us sq_entries cq_entries slots\n"
             "  slot_in_bytes slot_out_bytes max_clients stats_interval_s hugepages numa_node\n"
             "  log_level foreground eventfd_doorbells model threads kv_blocks max_seqs\n"
@@ -366,8 +367,8 @@ int ap_config_from_args(ap_config *cfg, int argc, char **argv)
     opterr = 0;
     optind = 1;
     int c;
-    while ((c = getopt_long(argc, argv, "", long_opts, NULL)) != -1) {
-        if (c == OPT_HELP) {
+    while ((c = getopt_long(argc, argv, "h", long_opts, NULL)) != -1) {
+        if (c == OPT_HELP || c == 'h') {
             ap_config_usage(stdout);
             return 1;
         }
@@ -382,7 +383,7 @@ int ap_config_from_args(ap_config *cfg, int argc, char **argv)
     }
     opterr = 1;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "", long_opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "h", long_opts, NULL)) != -1) {
         const char *key = opt_key(c);
         if (key) {
             int rc = apply(cfg, key, optarg);
@@ -394,7 +395,8 @@ int ap_config_from_args(ap_config *cfg, int argc, char **argv)
         }
         switch (c) {
         case OPT_CONFIG:
-        case OPT_HELP: break;
+        case OPT_HELP:
+        case 'h': break;
         case OPT_HUGEPAGES: cfg->hugepages = true; break;
         case OPT_FOREGROUND: cfg->foreground = true; break;
         case OPT_EVENTFD: cfg->eventfd_doorbells = true; break;

@@ -48,6 +48,8 @@ static int background(void)
 
 int main(int argc, char **argv)
 {
+    if (cm_version_requested(argc, argv, "gorgond"))
+        return 0;
     ap_config cfg;
     ap_config_defaults(&cfg);
     int rc = ap_config_from_args(&cfg, argc, argv);

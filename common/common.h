@@ -18,5 +18,6 @@
 #include "common/cm_err.h"
 #include "common/cm_log.h"
 #include "common/cm_time.h"
+#include "common/cm_version.h"
 
 #endif

@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "clients/bench/bench.h"
+#include "common/cm_version.h"
 
 struct suite {
     const char *name;
@@ -27,6 +28,8 @@ static void usage(FILE *f)
 
 int main(int argc, char **argv)
 {
+    if (cm_version_requested(argc, argv, "gorgon-bench"))
+        return 0;
     if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) {
         usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;

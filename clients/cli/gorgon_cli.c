@@ -10,6 +10,7 @@
 #include <time.h>
 
 #include "clients/gorgon.h"
+#include "common/cm_version.h"
 
 static void usage(FILE *f)
 {
@@ -357,6 +358,8 @@ static int cmd_generate(int argc, char **argv)
 
 int main(int argc, char **argv)
 {
+    if (cm_version_requested(argc, argv, "gorgon"))
+        return 0;
     if (argc < 2) {
         usage(stderr);
         return 2;

@@ -775,6 +775,8 @@ static uint64_t shuf_next(void)
 
 int main(int argc, char **argv)
 {
+    if (cm_version_requested(argc, argv, "gorgon-medusa-train"))
+        return 0;
     opts o = {.heads = 4, .seqs = 1024, .len = 128, .epochs = 4, .batch = 64, .threads = 0,
               .lr = 3e-3, .wd = 0.01, .temp = 0.8, .top_p = 0.95, .holdout = 0.1, .seed = 1,
               .greedy = 1.0, .prefix = 16};

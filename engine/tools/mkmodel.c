@@ -15,6 +15,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "common/cm_version.h"
 #include "engine/model/eng_err.h"
 #include "engine/model/gguf_write.h"
 
@@ -66,6 +67,8 @@ static const char *default_vocab_path(char *buf, size_t n)
 
 int main(int argc, char **argv)
 {
+    if (cm_version_requested(argc, argv, "gorgon-mkmodel"))
+        return 0;
     static const struct option lo[] = {
         {"out", required_argument, 0, 'o'},    {"preset", required_argument, 0, 'p'},
         {"dim", required_argument, 0, 'd'},    {"layers", required_argument, 0, 'l'},

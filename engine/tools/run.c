@@ -261,6 +261,8 @@ static int parse_num(const char *opt, const char *s, double lo, double hi, doubl
 
 int main(int argc, char **argv)
 {
+    if (cm_version_requested(argc, argv, "gorgon-run"))
+        return 0;
     const char *model_path = NULL, *prompt = "";
     double steps = 256, threads = 1, top_k = 0, last_n = 64, seed = 0;
     double temp = 1.0, top_p = 0.9, min_p = 0.0, rep = 1.0;

@@ -36,6 +36,8 @@ static int num(const char *opt, const char *s, long long lo, long long hi, long 
 
 int main(int argc, char **argv)
 {
+    if (cm_version_requested(argc, argv, "gorgon-worker"))
+        return 0;
     eng_worker_cfg cfg = {.region_fd = -1, .wake_fd = -1, .n_threads = 1};
     enum { O_REGION = 256, O_WAKE, O_KV, O_SEQS, O_BATCH, O_PARENT, O_LOG, O_MEDUSA, O_MTREE,
            O_MBATCH };
