@@ -42,7 +42,11 @@ struct io_uring_sqe *ap_get_sqe(struct ap_server *srv)
     return sqe;
 }
 
-static int mkdir_parent(const char *path)
+/* The socket's own directory (/run/gorgon for the default socket) is
+ * created when missing, but only that one level: a mistyped --socket must
+ * not make gorgond, often root, create a chain of directories. -ENOENT when
+ * the directory above it does not exist either. */
+static int make_socket_dir(const char *path)
 {
     char dir[AP_PATH_MAX];
     snprintf(dir, sizeof(dir), "%s", path);
@@ -50,15 +54,6 @@ static int mkdir_parent(const char *path)
     if (!slash || slash == dir)
         return 0;
     *slash = '\0';
-    /* Create each missing component (like mkdir -p). */
-    for (char *p = dir + 1; *p; p++) {
-        if (*p != '/')
-            continue;
-        *p = '\0';
-        if (mkdir(dir, 0755) < 0 && errno != EEXIST)
-            return cm_neg_errno();
-        *p = '/';
-    }
     if (mkdir(dir, 0755) < 0 && errno != EEXIST)
         return cm_neg_errno();
     return 0;
@@ -123,9 +118,13 @@ int ap_server_create(ap_server **out, const ap_config *cfg)
         srv->sess[i].wake_fd = -1;
     }
 
-    rc = mkdir_parent(cfg->socket);
+    rc = make_socket_dir(cfg->socket);
     if (rc < 0) {
-        CM_LOG_ERROR(TAG, "cannot create the directory of %s: %s", cfg->socket, cm_strerror(rc));
+        CM_LOG_ERROR(TAG, "cannot create the directory of %s: %s%s", cfg->socket,
+                     cm_strerror(rc),
+                     rc == -ENOENT ? " (gorgond creates only the socket's own directory, not "
+                                     "the ones above it)"
+                                   : "");
         goto fail;
     }
     rc = ipc_ctl_listen(cfg->socket, 128);

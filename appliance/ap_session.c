@@ -143,7 +143,10 @@ void ap_session_hello(struct ap_server *srv, ap_session *s, int res)
         srv->ctr.refused++;
         CM_LOG_WARN(TAG, "refused pid %d uid %u gid %u: not in the allow-list", (int)pid,
                     (unsigned)uid, (unsigned)gid);
-        reject(s->sock, -EACCES, "uid/gid not allowed by gorgond");
+        /* fits ipc_welcome.reason for any uid; names the option that lets it in */
+        char why[sizeof(((struct ipc_welcome *)0)->reason)];
+        snprintf(why, sizeof(why), "uid %u not allowed: add --allow-uid/gid", (unsigned)uid);
+        reject(s->sock, -EACCES, why);
         free_entry(srv, s);
         return;
     }

@@ -40,9 +40,9 @@ static int connect_or_explain(gorgon_client **cli, const char *socket_path)
     if (rc == -ENOENT || rc == -ECONNREFUSED)
         fprintf(stderr, "gorgon: cannot connect to %s: %s; is gorgond running?\n", path,
                 gorgon_strerror(rc));
-    else if (gorgon_last_refusal()[0])
-        fprintf(stderr, "gorgon: %s refused the connection: %s (%s)\n", path,
-                gorgon_last_refusal(), gorgon_strerror(rc));
+    else if (gorgon_last_refusal()[0]) /* gorgond's own reason says it all */
+        fprintf(stderr, "gorgon: gorgond at %s refused the connection: %s\n", path,
+                gorgon_last_refusal());
     else
         fprintf(stderr, "gorgon: cannot connect to %s: %s\n", path, gorgon_strerror(rc));
     return rc;

@@ -215,7 +215,9 @@ Test(clients_libgorgon, connect_refused_eacces_for_uid_not_allowed, .fini = tear
         int rc = gorgon_connect(&cli, &o);
         if (rc != -EACCES)
             _exit(11);
-        if (!strstr(gorgon_last_refusal(), "not allowed"))
+        /* the reason names the uid and the option that lets it in */
+        if (!strstr(gorgon_last_refusal(), "uid 65534 not allowed") ||
+            !strstr(gorgon_last_refusal(), "--allow-uid"))
             _exit(12);
         _exit(0);
     }
@@ -223,7 +225,37 @@ Test(clients_libgorgon, connect_refused_eacces_for_uid_not_allowed, .fini = tear
     cr_assert_eq(waitpid(pid, &st, 0), pid);
     cr_assert(WIFEXITED(st));
     cr_assert_eq(WEXITSTATUS(st), 0,
-                 "child: 10 setuid failed, 11 connect did not return -EACCES, 12 no reason text");
+                 "child: 10 setuid failed, 11 connect did not return -EACCES, 12 reason text "
+                 "does not name the uid and --allow-uid");
+    /* The CLI says it once: gorgond's reason, not a second paraphrase. */
+    char cli_bin[PATH_MAX];
+    cr_assert_lt(strlen(gd.bin), sizeof(cli_bin) - 1);
+    snprintf(cli_bin, sizeof(cli_bin), "%s", gd.bin);
+    cli_bin[strlen(cli_bin) - 1] = '\0'; /* .../bin/gorgond -> .../bin/gorgon */
+    int p[2];
+    cr_assert_eq(pipe(p), 0);
+    pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        if (setgid(65534) != 0 || setuid(65534) != 0)
+            _exit(10);
+        dup2(p[1], 2);
+        close(p[0]);
+        execl(cli_bin, cli_bin, "ping", "--socket", gd.sock, (char *)NULL);
+        _exit(127);
+    }
+    close(p[1]);
+    char out[512] = {0};
+    size_t n = 0;
+    ssize_t k;
+    while (n < sizeof(out) - 1 && (k = read(p[0], out + n, sizeof(out) - 1 - n)) > 0)
+        n += (size_t)k;
+    close(p[0]);
+    cr_assert_eq(waitpid(pid, &st, 0), pid);
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) != 0 && WEXITSTATUS(st) != 127, "%s", out);
+    const char *first = strstr(out, "not allowed");
+    cr_assert(first && strstr(out, "--allow-uid"), "CLI output: %s", out);
+    cr_assert_null(strstr(first + 1, "not allowed"), "said twice: %s", out);
     /* The same uid is let in once it (or its gid) is on the allow-list. */
     for (int round = 0; round < 2; round++) {
         gd_stop(&gd);
