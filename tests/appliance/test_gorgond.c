@@ -380,26 +380,10 @@ Test(appliance_gorgond, bad_config_exits_2_naming_key, .timeout = 20)
     char bin[PATH_MAX];
     if (gd_find_binary(bin, sizeof(bin)) < 0)
         cr_skip_test("gorgond not built");
-    int p[2];
-    cr_assert_eq(pipe(p), 0);
-    pid_t pid = fork();
-    cr_assert_geq(pid, 0);
-    if (pid == 0) {
-        dup2(p[1], 2);
-        close(p[0]);
-        execl(bin, bin, "--foreground", "--socket", "/tmp/gorgon-test-never.sock", "--sq-entries",
-              "100", (char *)NULL);
-        _exit(127);
-    }
-    close(p[1]);
-    char out[1024] = {0};
-    size_t n = 0;
-    ssize_t k;
-    while (n < sizeof(out) - 1 && (k = read(p[0], out + n, sizeof(out) - 1 - n)) > 0)
-        n += (size_t)k;
-    close(p[0]);
-    int st;
-    cr_assert_eq(waitpid(pid, &st, 0), pid);
+    char out[1024];
+    const char *argv[] = {bin, "--foreground", "--socket", "/tmp/gorgon-test-never.sock",
+                          "--sq-entries", "100", NULL};
+    int st = gd_run_stderr(argv, false, out, sizeof(out));
     cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 2, "status %d, output: %s", st, out);
     cr_assert(strstr(out, "sq_entries"), "message does not name the key: %s", out);
 }
@@ -414,25 +398,9 @@ Test(appliance_gorgond, socket_in_missing_directories_refused_without_mkdir, .ti
     char top[64], sock[128];
     snprintf(top, sizeof(top), "/tmp/gorgon-test-nodir-%d", (int)getpid());
     snprintf(sock, sizeof(sock), "%s/a/gorgond.sock", top);
-    int p[2];
-    cr_assert_eq(pipe(p), 0);
-    pid_t pid = fork();
-    cr_assert_geq(pid, 0);
-    if (pid == 0) {
-        dup2(p[1], 2);
-        close(p[0]);
-        execl(bin, bin, "--foreground", "--socket", sock, (char *)NULL);
-        _exit(127);
-    }
-    close(p[1]);
-    char out[1024] = {0};
-    size_t n = 0;
-    ssize_t k;
-    while (n < sizeof(out) - 1 && (k = read(p[0], out + n, sizeof(out) - 1 - n)) > 0)
-        n += (size_t)k;
-    close(p[0]);
-    int st;
-    cr_assert_eq(waitpid(pid, &st, 0), pid);
+    char out[1024];
+    const char *argv[] = {bin, "--foreground", "--socket", sock, NULL};
+    int st = gd_run_stderr(argv, false, out, sizeof(out));
     cr_assert(WIFEXITED(st) && WEXITSTATUS(st) != 0 && WEXITSTATUS(st) != 127,
               "status %d, output: %s", st, out);
     cr_assert(strstr(out, sock) && strstr(out, "directory"), "message: %s", out);

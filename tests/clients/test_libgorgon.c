@@ -232,27 +232,10 @@ Test(clients_libgorgon, connect_refused_eacces_for_uid_not_allowed, .fini = tear
     cr_assert_lt(strlen(gd.bin), sizeof(cli_bin) - 1);
     snprintf(cli_bin, sizeof(cli_bin), "%s", gd.bin);
     cli_bin[strlen(cli_bin) - 1] = '\0'; /* .../bin/gorgond -> .../bin/gorgon */
-    int p[2];
-    cr_assert_eq(pipe(p), 0);
-    pid = fork();
-    cr_assert_geq(pid, 0);
-    if (pid == 0) {
-        if (setgid(65534) != 0 || setuid(65534) != 0)
-            _exit(10);
-        dup2(p[1], 2);
-        close(p[0]);
-        execl(cli_bin, cli_bin, "ping", "--socket", gd.sock, (char *)NULL);
-        _exit(127);
-    }
-    close(p[1]);
-    char out[512] = {0};
-    size_t n = 0;
-    ssize_t k;
-    while (n < sizeof(out) - 1 && (k = read(p[0], out + n, sizeof(out) - 1 - n)) > 0)
-        n += (size_t)k;
-    close(p[0]);
-    cr_assert_eq(waitpid(pid, &st, 0), pid);
-    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) != 0 && WEXITSTATUS(st) != 127, "%s", out);
+    char out[512];
+    const char *argv[] = {cli_bin, "ping", "--socket", gd.sock, NULL};
+    st = gd_run_stderr(argv, true, out, sizeof(out));
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) != 0 && WEXITSTATUS(st) < 126, "%s", out);
     const char *first = strstr(out, "not allowed");
     cr_assert(first && strstr(out, "--allow-uid"), "CLI output: %s", out);
     cr_assert_null(strstr(first + 1, "not allowed"), "said twice: %s", out);

@@ -208,4 +208,32 @@ static inline gorgon_client *gd_connect(const gd_proc *p, uint32_t flags)
     return cli;
 }
 
+/* Run argv[0] (a path) with argv, as uid/gid 65534 when as_nobody, and
+ * collect its stderr into out (NUL-terminated). Returns the wait status. */
+static inline int gd_run_stderr(const char *const *argv, bool as_nobody, char *out, size_t cap)
+{
+    int p[2];
+    cr_assert_eq(pipe(p), 0);
+    pid_t pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        if (as_nobody && (setgid(65534) != 0 || setuid(65534) != 0))
+            _exit(126);
+        dup2(p[1], 2);
+        close(p[0]);
+        execv(argv[0], (char *const *)argv);
+        _exit(127);
+    }
+    close(p[1]);
+    size_t n = 0;
+    ssize_t k;
+    while (n < cap - 1 && (k = read(p[0], out + n, cap - 1 - n)) > 0)
+        n += (size_t)k;
+    out[n] = '\0';
+    close(p[0]);
+    int st;
+    cr_assert_eq(waitpid(pid, &st, 0), pid);
+    return st;
+}
+
 #endif
