@@ -63,6 +63,8 @@ typedef struct ap_config {
     char medusa[4096];       /* Medusa heads directory; "" = plain decoding */
     char medusa_tree[4096];  /* tree spec; "" = the fitted one in the directory */
     uint32_t medusa_max_batch; /* largest batch that speculates; 0 = measured */
+    int64_t worker_timeout_ms;       /* no step for this long with work: killed (0: never) */
+    int64_t worker_start_timeout_ms; /* no READY this long after start: killed (0: never) */
 } ap_config;
 
 /* Built-in defaults (socket: $GORGON_SOCKET, else IPC_DEFAULT_SOCKET). */

@@ -30,6 +30,11 @@ void ap_config_defaults(ap_config *cfg)
     cfg->batch_tokens = 256;
     cfg->max_requests = 512;
     cfg->grace_ms = 5000;
+    /* A step is at most batch_tokens of prefill: the worst case we serve
+     * on CPUs, 256 tokens of a 7B model on 2 cores, is ~35 s
+     * (docs/decisions.md, "Worker watchdog"). */
+    cfg->worker_timeout_ms = 60000;
+    cfg->worker_start_timeout_ms = 120000;
 }
 
 void ap_config_usage(FILE *f)
@@ -65,12 +70,17 @@ void ap_config_usage(FILE *f)
             "                       (default: DIR/medusa_choices.json, else a 17-node tree)\n"
             "  --medusa-max-batch N speculate only while at most N sequences decode\n"
             "                       (0, default: measured at start-up and from acceptance)\n"
+            "  --worker-timeout-ms N kill a worker that completes no step for N ms while it\n"
+            "                       has requests (default 60000; 0: never)\n"
+            "  --worker-start-timeout-ms N  kill a worker not ready N ms after its start\n"
+            "                       (default 120000; 0: never)\n"
             "  -h, --help           this text\n"
             "  --version            the version, then exit\n"
             "config keys: socket allow_uids allow_gids poll_us sq_entries cq_entries slots\n"
             "  slot_in_bytes slot_out_bytes max_clients stats_interval_s hugepages numa_node\n"
             "  log_level foreground eventfd_doorbells model threads kv_blocks max_seqs\n"
-            "  batch_tokens max_requests grace_ms medusa medusa_tree medusa_max_batch\n",
+            "  batch_tokens max_requests grace_ms medusa medusa_tree medusa_max_batch\n"
+            "  worker_timeout_ms worker_start_timeout_ms\n",
             IPC_DEFAULT_SOCKET);
 }
 
@@ -212,6 +222,10 @@ static int apply(ap_config *cfg, const char *key, const char *val)
         return parse_u32(key, val, 1, IPC_MAX_SLOTS, &cfg->max_requests);
     if (!strcmp(key, "grace_ms"))
         return parse_i64(key, val, 0, 3600000, &cfg->grace_ms);
+    if (!strcmp(key, "worker_timeout_ms"))
+        return parse_i64(key, val, 0, 86400000, &cfg->worker_timeout_ms);
+    if (!strcmp(key, "worker_start_timeout_ms"))
+        return parse_i64(key, val, 0, 86400000, &cfg->worker_start_timeout_ms);
     if (!strcmp(key, "log_level")) {
         int lvl = cm_log_parse_level(val);
         if (lvl < 0) {
@@ -296,6 +310,8 @@ enum {
     OPT_MEDUSA,
     OPT_MEDUSA_TREE,
     OPT_MEDUSA_MAX_BATCH,
+    OPT_WORKER_TIMEOUT,
+    OPT_WORKER_START_TIMEOUT,
     OPT_HELP,
 };
 
@@ -327,6 +343,8 @@ static const struct option long_opts[] = {
     {"medusa", required_argument, NULL, OPT_MEDUSA},
     {"medusa-tree", required_argument, NULL, OPT_MEDUSA_TREE},
     {"medusa-max-batch", required_argument, NULL, OPT_MEDUSA_MAX_BATCH},
+    {"worker-timeout-ms", required_argument, NULL, OPT_WORKER_TIMEOUT},
+    {"worker-start-timeout-ms", required_argument, NULL, OPT_WORKER_START_TIMEOUT},
     {"help", no_argument, NULL, OPT_HELP},
     {NULL, 0, NULL, 0},
 };
@@ -357,6 +375,8 @@ static const char *opt_key(int c)
     case OPT_MEDUSA: return "medusa";
     case OPT_MEDUSA_TREE: return "medusa_tree";
     case OPT_MEDUSA_MAX_BATCH: return "medusa_max_batch";
+    case OPT_WORKER_TIMEOUT: return "worker_timeout_ms";
+    case OPT_WORKER_START_TIMEOUT: return "worker_start_timeout_ms";
     default: return NULL;
     }
 }

@@ -92,9 +92,14 @@ struct ap_gen_state {
     ipc_ring cmd, evt;
     bool have_worker, ready, failed, evt_armed, pid_armed;
     int early_deaths;
+    /* watchdog: progress_ns is the last STEP, or when the worker got work
+     * while idle; spawn_ns bounds the wait for READY. */
+    uint32_t n_in_worker;
+    uint64_t spawn_ns, progress_ns, step_gap_max_ns;
+    char killed_why[160]; /* set when gorgond itself killed the worker */
     /* counters */
     uint64_t queued, running, kv_used, kv_total, batch_max, tokens_total, requests_total,
-        failed_total, restarts, med_steps, med_acc, med_limit;
+        failed_total, restarts, watchdog_kills, med_steps, med_acc, med_limit;
     uint64_t rate_t0, rate_tok0, rate_milli;
     bool rate_full;
 };
@@ -149,6 +154,8 @@ static int worker_spawn(struct ap_server *srv)
     const ap_config *cfg = &srv->cfg;
     G->wgen++;
     G->ready = false;
+    G->spawn_ns = cm_now_ns();
+    G->killed_why[0] = '\0';
     memset(&G->reg, 0, sizeof(G->reg));
     G->reg.fd = -1;
     size_t in_bytes = ((size_t)G->n_ctx * sizeof(int32_t) + 63) & ~(size_t)63;
@@ -277,6 +284,19 @@ static void send_cancel(struct ap_gen_state *G, uint32_t gi)
         return;
     struct ipc_wcmd c = {.op = IPC_WCMD_CANCEL, .req = gi};
     push_cmd(G, &c);
+}
+
+/* in_worker transitions, counted for the watchdog: an idle worker that
+ * gets work starts its step clock now, not at its last step. */
+static void set_in_worker(struct ap_gen_state *G, ap_gen *g, bool on)
+{
+    if (g->in_worker == on)
+        return;
+    g->in_worker = on;
+    if (on && G->n_in_worker++ == 0)
+        G->progress_ns = cm_now_ns();
+    else if (!on)
+        G->n_in_worker--;
 }
 
 /* ---- requests --------------------------------------------------------------- */
@@ -527,7 +547,7 @@ static void on_done(struct ap_gen_state *G, const struct ipc_wevt *e)
     ap_gen *g = &G->g[gi];
     if (!g->in_worker)
         return;
-    g->in_worker = false;
+    set_in_worker(G, g, false);
     if (g->state == G_ZOMBIE) {
         gen_free(G, gi);
         return;
@@ -572,6 +592,69 @@ static void rate_update(struct ap_gen_state *G)
     G->rate_tok0 = G->tokens_total;
 }
 
+/* The longest a step took while requests waited on it: logged when it
+ * grows past a quarter of worker_timeout_ms, so an operator sees the
+ * margin shrink before the watchdog fires on a merely slow worker. */
+static void note_step_gap(struct ap_server *srv, uint64_t gap_ns)
+{
+    struct ap_gen_state *G = srv->gen;
+    G->step_gap_max_ns = gap_ns;
+    uint64_t limit_ns = (uint64_t)srv->cfg.worker_timeout_ms * 1000000u;
+    if (limit_ns && gap_ns * 4 > limit_ns)
+        CM_LOG_WARN(TAG, "worker step took %.1f ms, %.0f%% of worker_timeout_ms=%lld",
+                    (double)gap_ns / 1e6, 100.0 * (double)gap_ns / (double)limit_ns,
+                    (long long)srv->cfg.worker_timeout_ms);
+}
+
+/* Kill a worker that is alive but not working: no READY within
+ * worker_start_timeout_ms of its start, or no step for worker_timeout_ms
+ * while it holds requests. Its pidfd then reports the death and
+ * worker_died() fails its requests and restarts it, as for a crash. */
+static void watchdog(struct ap_server *srv, uint64_t now)
+{
+    struct ap_gen_state *G = srv->gen;
+    if (!G->have_worker || G->killed_why[0] || G->pid <= 0)
+        return;
+    const ap_config *cfg = &srv->cfg;
+    int64_t limit_ms;
+    uint64_t since;
+    if (!G->ready) {
+        limit_ms = cfg->worker_start_timeout_ms;
+        since = G->spawn_ns;
+    } else if (G->n_in_worker) {
+        limit_ms = cfg->worker_timeout_ms;
+        since = G->progress_ns;
+    } else {
+        return;
+    }
+    if (limit_ms <= 0 || now - since <= (uint64_t)limit_ms * 1000000u)
+        return;
+    if (!G->ready)
+        snprintf(G->killed_why, sizeof(G->killed_why),
+                 "killed by gorgond: not ready %lld ms after its start "
+                 "(worker_start_timeout_ms=%lld)",
+                 (long long)((now - since) / 1000000u), (long long)limit_ms);
+    else
+        snprintf(G->killed_why, sizeof(G->killed_why),
+                 "killed by gorgond: no step for %lld ms with %u requests "
+                 "(worker_timeout_ms=%lld)",
+                 (long long)((now - since) / 1000000u), G->n_in_worker, (long long)limit_ms);
+    G->watchdog_kills++; /* worker_died() logs it, with killed_why */
+    kill(G->pid, SIGKILL);
+}
+
+uint64_t ap_gen_deadline(const struct ap_server *srv)
+{
+    const struct ap_gen_state *G = srv->gen;
+    if (!G || !G->have_worker || G->killed_why[0])
+        return 0;
+    if (!G->ready && srv->cfg.worker_start_timeout_ms > 0)
+        return G->spawn_ns + (uint64_t)srv->cfg.worker_start_timeout_ms * 1000000u + 1;
+    if (G->ready && G->n_in_worker && srv->cfg.worker_timeout_ms > 0)
+        return G->progress_ns + (uint64_t)srv->cfg.worker_timeout_ms * 1000000u + 1;
+    return 0;
+}
+
 /* Drain the event ring; the number of events handled. */
 static int drain_events(struct ap_server *srv)
 {
@@ -595,12 +678,17 @@ static int drain_events(struct ap_server *srv)
             switch (e->op) {
             case IPC_WEVT_READY:
                 G->ready = true;
+                G->progress_ns = cm_now_ns();
                 G->early_deaths = 0;
                 G->kv_total = e->arg[0];
                 CM_LOG_INFO(TAG, "worker pid %d ready: %" PRIu64 " KV blocks, %" PRIu64
                             " sequences", (int)G->pid, e->arg[0], e->arg[1]);
                 break;
-            case IPC_WEVT_STEP:
+            case IPC_WEVT_STEP: {
+                uint64_t now = cm_now_ns();
+                if (G->n_in_worker && now - G->progress_ns > G->step_gap_max_ns)
+                    note_step_gap(srv, now - G->progress_ns);
+                G->progress_ns = now;
                 G->queued = (uint32_t)e->arg[0];
                 G->running = e->arg[0] >> 32;
                 G->kv_used = (uint32_t)e->arg[1];
@@ -609,6 +697,7 @@ static int drain_events(struct ap_server *srv)
                     G->batch_max = e->n_tokens;
                 G->med_limit = e->result > 0 ? (uint64_t)e->result : 0;
                 break;
+            }
             case IPC_WEVT_TOKEN: {
                 uint32_t k = e->n_tokens <= 8 ? e->n_tokens : 8;
                 /* Counted before the tokens: the last one may end the request. */
@@ -641,8 +730,10 @@ static void worker_died(struct ap_server *srv)
     G->pid_armed = false;
     /* Tokens it produced before dying are real: deliver them first. */
     drain_events(srv);
-    char how[64];
-    if (r == G->pid && WIFSIGNALED(st))
+    char how[sizeof(G->killed_why)];
+    if (G->killed_why[0])
+        snprintf(how, sizeof(how), "%s", G->killed_why);
+    else if (r == G->pid && WIFSIGNALED(st))
         snprintf(how, sizeof(how), "killed by signal %d", WTERMSIG(st));
     else if (r == G->pid && WIFEXITED(st))
         snprintf(how, sizeof(how), "exited with status %d", WEXITSTATUS(st));
@@ -662,7 +753,7 @@ static void worker_died(struct ap_server *srv)
         ap_gen *g = &G->g[gi];
         if (!g->in_worker)
             continue;
-        g->in_worker = false;
+        set_in_worker(G, g, false);
         if (g->state == G_ZOMBIE)
             gen_free(G, gi);
         else
@@ -780,6 +871,12 @@ int ap_gen_poll(struct ap_server *srv)
 {
     struct ap_gen_state *G = srv->gen;
     int n = drain_events(srv);
+    uint64_t deadline = ap_gen_deadline(srv);
+    if (deadline && !n) {
+        uint64_t now = cm_now_ns();
+        if (now >= deadline)
+            watchdog(srv, now);
+    }
     if (G->n_list)
         flush_list(srv);
     return n;
@@ -979,7 +1076,7 @@ int ap_gen_submit(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sq
         return reject(s, sqe, cqe, rc, "stop strings: %s", eng_error());
     G->n_free--;
     g->state = G_ACTIVE;
-    g->in_worker = true;
+    set_in_worker(G, g, true);
     g->final = false;
     /* g->listed stays: an entry left on the flush list by the previous
      * request of this gen now serves this one (never two entries). */
@@ -1014,7 +1111,7 @@ int ap_gen_submit(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sq
                          .seed = p.seed};
     if (!G->have_worker) {
         /* Between a death and the restart (or while stopping). */
-        g->in_worker = false;
+        set_in_worker(G, g, false);
         finalize(G, gi, -EIO, IPC_FINISH_ERROR, "no worker is running");
         return 0;
     }
@@ -1075,6 +1172,8 @@ void ap_gen_fill_stats(const struct ap_server *srv, struct ipc_stats *st)
     st->gen_requests_total = G->requests_total;
     st->gen_failed = G->failed_total;
     st->worker_restarts = G->restarts;
+    st->watchdog_kills = G->watchdog_kills;
+    st->step_max_us = G->step_gap_max_ns / 1000u;
     st->medusa_steps = G->med_steps;
     st->medusa_accepted = G->med_acc;
     st->medusa_max_batch = G->med_limit;

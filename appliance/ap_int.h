@@ -133,6 +133,9 @@ bool ap_gen_busy(const struct ap_server *srv);
 uint32_t ap_gen_active(const struct ap_server *srv);
 /* Before sleeping: 1 when events are already there, else 0 (wait armed). */
 int ap_gen_arm(struct ap_server *srv);
+/* cm_now_ns() by which the worker must have made progress (the watchdog
+ * then kills it), or 0: the loop must not sleep past it. */
+uint64_t ap_gen_deadline(const struct ap_server *srv);
 void ap_gen_disarm_flag(struct ap_server *srv);
 void ap_gen_dispatch(struct ap_server *srv, uint64_t ud, int res);
 /* IPC_OP_GENERATE: 1 when cqe holds an immediate (error) completion, 0 when

@@ -358,10 +358,19 @@ static int sleep_once(struct ap_server *srv)
         work = true;
     if (!work) {
         int rc;
-        if (ap_gen_busy(srv) || srv->draining) {
-            /* A client's out_consumed / CQ head moves without ringing us:
-             * look again soon. */
-            struct __kernel_timespec ts = {.tv_nsec = 1000000};
+        /* A client's out_consumed / CQ head moves without ringing us: look
+         * again soon. The worker watchdog's deadline bounds the sleep too. */
+        uint64_t wait_ns = ap_gen_busy(srv) || srv->draining ? 1000000u : 0;
+        uint64_t deadline = ap_gen_deadline(srv);
+        if (deadline) {
+            uint64_t now = cm_now_ns();
+            uint64_t left = deadline > now ? deadline - now : 1;
+            if (!wait_ns || left < wait_ns)
+                wait_ns = left;
+        }
+        if (wait_ns) {
+            struct __kernel_timespec ts = {.tv_sec = (long long)(wait_ns / 1000000000u),
+                                           .tv_nsec = (long long)(wait_ns % 1000000000u)};
             struct io_uring_cqe *cqe;
             rc = io_uring_submit_and_wait_timeout(&srv->ring, &cqe, 1, &ts, NULL);
         } else {

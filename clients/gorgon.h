@@ -172,6 +172,13 @@ typedef struct gorgon_counters {
      * steps), and the decode batch up to which it currently pays (measured
      * by the worker; larger batches decode plainly). */
     uint64_t medusa_steps, medusa_accepted, medusa_max_batch;
+    /* Admission and health: requests gorgond holds before the worker
+     * (fair-share queue), connections mid-handshake and those dropped
+     * (never said hello in time, or evicted by the pending limits), hung
+     * workers killed by the watchdog, and the longest worker step seen
+     * while requests waited on it (what worker_timeout_ms must exceed). */
+    uint64_t gen_waiting, handshakes_pending, handshakes_dropped, watchdog_kills;
+    uint64_t step_max_us;
 } gorgon_counters;
 
 /* Round trip of one PING. Returns the bytes echoed (checked byte for byte:

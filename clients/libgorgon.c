@@ -634,6 +634,11 @@ int gorgon_stats(gorgon_client *cli, gorgon_counters *st)
     st->medusa_steps = s.medusa_steps;
     st->medusa_accepted = s.medusa_accepted;
     st->medusa_max_batch = s.medusa_max_batch;
+    st->gen_waiting = s.gen_waiting;
+    st->handshakes_pending = s.handshakes_pending;
+    st->handshakes_dropped = s.handshakes_dropped;
+    st->watchdog_kills = s.watchdog_kills;
+    st->step_max_us = s.step_max_us;
     return 0;
 }
 

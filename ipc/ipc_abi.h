@@ -314,7 +314,12 @@ struct ipc_stats {
     uint64_t medusa_steps;      /* sequence-steps decoded with Medusa */
     uint64_t medusa_accepted;   /* candidate tokens those steps accepted */
     uint64_t medusa_max_batch;  /* decode batch up to which Medusa pays now (measured) */
-    uint64_t rsvd[5];
+    /* robustness (ABI 3, in what were reserved words; 0 from older daemons) */
+    uint64_t gen_waiting;        /* held by gorgond for fair admission, not in the worker yet */
+    uint64_t handshakes_pending; /* connections accepted that have not said hello */
+    uint64_t handshakes_dropped; /* pending ones evicted (limits) or timed out */
+    uint64_t watchdog_kills;     /* hung workers killed (no step / no READY in time) */
+    uint64_t step_max_us;        /* longest worker step while requests waited on it */
 };
 _Static_assert(sizeof(struct ipc_stats) == 192, "stats");
 
