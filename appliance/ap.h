@@ -46,6 +46,10 @@ typedef struct ap_config {
     uint32_t slot_in_bytes;   /* per slot */
     uint32_t slot_out_bytes;  /* per slot */
     uint32_t max_clients;     /* established sessions at once */
+    uint32_t max_handshakes;  /* connections waiting for their hello, all uids */
+    uint32_t max_handshakes_per_uid;
+    uint32_t socket_mode;     /* permission bits of the socket file */
+    char socket_group[64];    /* group of the socket file; "" = gorgond's own */
     int64_t stats_interval_s; /* 0: no periodic stats line */
     bool hugepages;
     int numa_node; /* -1: no binding */

@@ -22,6 +22,9 @@ void ap_config_defaults(ap_config *cfg)
     cfg->slot_in_bytes = 16384;
     cfg->slot_out_bytes = 65536;
     cfg->max_clients = 256;
+    cfg->max_handshakes = 64;
+    cfg->max_handshakes_per_uid = 8;
+    cfg->socket_mode = 0660;
     cfg->stats_interval_s = 60;
     cfg->numa_node = -1;
     cfg->log_level = CM_LOG_INFO;
@@ -52,6 +55,12 @@ void ap_config_usage(FILE *f)
             "  --slot-in-bytes N    input buffer per slot\n"
             "  --slot-out-bytes N   output buffer per slot\n"
             "  --max-clients N      sessions at once (more get -EUSERS)\n"
+            "  --max-handshakes N   connections waiting for their hello, all users (default 64;\n"
+            "                       beyond it the oldest of the user with the most is dropped)\n"
+            "  --max-handshakes-per-uid N  the same, per uid (default 8)\n"
+            "  --socket-mode MODE   permission bits of the socket, octal (default 0660)\n"
+            "  --socket-group G     group of the socket, name or number (default: group\n"
+            "                       'gorgon' when it exists, else gorgond's own)\n"
             "  --stats-interval-s N log a stats line every N s (0: never)\n"
             "  --hugepages          back regions with huge pages when possible\n"
             "  --numa-node N        bind regions to NUMA node N (-1: no binding)\n"
@@ -76,8 +85,9 @@ void ap_config_usage(FILE *f)
             "                       (default 120000; 0: never)\n"
             "  -h, --help           this text\n"
             "  --version            the version, then exit\n"
-            "config keys: socket allow_uids allow_gids poll_us sq_entries cq_entries slots\n"
-            "  slot_in_bytes slot_out_bytes max_clients stats_interval_s hugepages numa_node\n"
+            "config keys: socket socket_mode socket_group allow_uids allow_gids poll_us\n"
+            "  sq_entries cq_entries slots slot_in_bytes slot_out_bytes max_clients\n"
+            "  max_handshakes max_handshakes_per_uid stats_interval_s hugepages numa_node\n"
             "  log_level foreground eventfd_doorbells model threads kv_blocks max_seqs\n"
             "  batch_tokens max_requests grace_ms medusa medusa_tree medusa_max_batch\n"
             "  worker_timeout_ms worker_start_timeout_ms\n",
@@ -184,6 +194,25 @@ static int apply(ap_config *cfg, const char *key, const char *val)
         return parse_u32(key, val, 64, IPC_SLOT_MAX_BYTES, &cfg->slot_out_bytes);
     if (!strcmp(key, "max_clients"))
         return parse_u32(key, val, 1, 65536, &cfg->max_clients);
+    if (!strcmp(key, "max_handshakes"))
+        return parse_u32(key, val, 1, 65536, &cfg->max_handshakes);
+    if (!strcmp(key, "max_handshakes_per_uid"))
+        return parse_u32(key, val, 1, 65536, &cfg->max_handshakes_per_uid);
+    if (!strcmp(key, "socket_mode")) {
+        /* octal always, as chmod takes it: "660" is not decimal 660 */
+        char *end;
+        errno = 0;
+        unsigned long v = strtoul(val, &end, 8);
+        if (errno || end == val || *end || v > 0777 || val[0] == '-') {
+            fprintf(stderr, "gorgond: socket_mode: '%s' is not an octal mode in 0..0777\n",
+                    val);
+            return -EINVAL;
+        }
+        cfg->socket_mode = (uint32_t)v;
+        return 0;
+    }
+    if (!strcmp(key, "socket_group"))
+        return set_str(key, val, cfg->socket_group, sizeof(cfg->socket_group));
     if (!strcmp(key, "stats_interval_s"))
         return parse_i64(key, val, 0, 86400 * 365, &cfg->stats_interval_s);
     if (!strcmp(key, "hugepages"))
@@ -312,6 +341,10 @@ enum {
     OPT_MEDUSA_MAX_BATCH,
     OPT_WORKER_TIMEOUT,
     OPT_WORKER_START_TIMEOUT,
+    OPT_MAX_HANDSHAKES,
+    OPT_MAX_HANDSHAKES_UID,
+    OPT_SOCKET_MODE,
+    OPT_SOCKET_GROUP,
     OPT_HELP,
 };
 
@@ -345,6 +378,10 @@ static const struct option long_opts[] = {
     {"medusa-max-batch", required_argument, NULL, OPT_MEDUSA_MAX_BATCH},
     {"worker-timeout-ms", required_argument, NULL, OPT_WORKER_TIMEOUT},
     {"worker-start-timeout-ms", required_argument, NULL, OPT_WORKER_START_TIMEOUT},
+    {"max-handshakes", required_argument, NULL, OPT_MAX_HANDSHAKES},
+    {"max-handshakes-per-uid", required_argument, NULL, OPT_MAX_HANDSHAKES_UID},
+    {"socket-mode", required_argument, NULL, OPT_SOCKET_MODE},
+    {"socket-group", required_argument, NULL, OPT_SOCKET_GROUP},
     {"help", no_argument, NULL, OPT_HELP},
     {NULL, 0, NULL, 0},
 };
@@ -377,6 +414,10 @@ static const char *opt_key(int c)
     case OPT_MEDUSA_MAX_BATCH: return "medusa_max_batch";
     case OPT_WORKER_TIMEOUT: return "worker_timeout_ms";
     case OPT_WORKER_START_TIMEOUT: return "worker_start_timeout_ms";
+    case OPT_MAX_HANDSHAKES: return "max_handshakes";
+    case OPT_MAX_HANDSHAKES_UID: return "max_handshakes_per_uid";
+    case OPT_SOCKET_MODE: return "socket_mode";
+    case OPT_SOCKET_GROUP: return "socket_group";
     default: return NULL;
     }
 }

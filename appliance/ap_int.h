@@ -44,14 +44,18 @@ enum ap_sess_state {
  * client can hold the loop and sizes the on-stack burst buffers. */
 #define AP_BURST 64u
 
+/* Distinct uids tracked when choosing which pending handshake to drop. */
+#define AP_MAX_PENDING_UIDS 64u
+
 typedef struct ap_session {
     enum ap_sess_state state;
     uint32_t gen;
     uint32_t idx;
     int sock;
     int wake_fd; /* SQ wake eventfd (fallback without IORING_OP_FUTEX_WAIT), else -1 */
-    uid_t uid;
+    uid_t uid;  /* SO_PEERCRED at accept */
     pid_t pid;
+    uint64_t t_accept; /* cm_now_ns() at accept: the oldest pending handshake goes first */
     ipc_region reg;
     ipc_ring sq; /* consumer */
     ipc_ring cq; /* producer */
@@ -74,6 +78,7 @@ typedef struct ap_counters {
     uint64_t bad_requests;
     uint64_t loop_wakeups;
     uint64_t refused;
+    uint64_t handshakes_dropped; /* pending ones evicted or timed out */
 } ap_counters;
 
 struct ap_server {
@@ -96,6 +101,8 @@ struct ap_server {
     uint32_t *live;    /* indices of live sessions, packed: the poll loop
                         * touches only these, however large the table */
     uint32_t n_used;   /* live + handshaking */
+    uint32_t n_pending; /* handshaking (AP_SESS_HELLO) */
+    uint64_t refusal_log_ns, refusals_unlogged; /* rate limit of refusal warnings */
     ap_counters ctr;
     ipc_allow allow;
 };
@@ -105,7 +112,8 @@ struct ap_server {
 struct io_uring_sqe *ap_get_sqe(struct ap_server *srv);
 
 /* ap_session.c */
-/* Accepted connection: take a free table entry and wait for its hello. */
+/* Accepted connection: check its credentials, take a table entry (making
+ * room within the pending-handshake limits) and read or wait for its hello. */
 void ap_session_accepted(struct ap_server *srv, int fd);
 /* The hello poll fired (res = poll mask or -errno): finish the handshake. */
 void ap_session_hello(struct ap_server *srv, ap_session *s, int res);

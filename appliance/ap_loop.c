@@ -12,6 +12,7 @@
  * while traffic flows; the futex sleep gives the core back when it stops. */
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
@@ -59,6 +60,31 @@ static int make_socket_dir(const char *path)
     return 0;
 }
 
+/* The socket's group: socket_group (a name or a number), else the group
+ * "gorgon" when the system has one (the installer creates it), else
+ * gorgond's own ((gid_t)-1). */
+static int socket_gid(const ap_config *cfg, gid_t *gid)
+{
+    *gid = (gid_t)-1;
+    const char *name = cfg->socket_group[0] ? cfg->socket_group : "gorgon";
+    struct group *gr = getgrnam(name);
+    if (gr) {
+        *gid = gr->gr_gid;
+        return 0;
+    }
+    if (!cfg->socket_group[0])
+        return 0;
+    char *end;
+    errno = 0;
+    unsigned long v = strtoul(name, &end, 10);
+    if (!errno && end != name && !*end && v < (gid_t)-1 && name[0] != '-') {
+        *gid = (gid_t)v;
+        return 0;
+    }
+    CM_LOG_ERROR(TAG, "socket_group '%s': no such group", name);
+    return -EINVAL;
+}
+
 static void arm_accept(struct ap_server *srv)
 {
     struct io_uring_sqe *sqe = ap_get_sqe(srv);
@@ -104,8 +130,10 @@ int ap_server_create(ap_server **out, const ap_config *cfg)
     srv->hello_ts = (struct __kernel_timespec){.tv_sec = AP_HELLO_TIMEOUT_S};
     cm_log_set_level((enum cm_log_level)cfg->log_level);
 
-    /* Handshake headroom: a burst of connects may all be mid-hello. */
-    srv->n_sess = cfg->max_clients + 64;
+    /* Live sessions are at most max_clients and pending handshakes at most
+     * max_handshakes (the oldest is dropped for a new one): the table
+     * never runs out. */
+    srv->n_sess = cfg->max_clients + cfg->max_handshakes;
     srv->sess = calloc(srv->n_sess, sizeof(*srv->sess));
     srv->live = calloc(srv->n_sess, sizeof(*srv->live));
     int rc = -ENOMEM;
@@ -127,12 +155,25 @@ int ap_server_create(ap_server **out, const ap_config *cfg)
                                    : "");
         goto fail;
     }
-    rc = ipc_ctl_listen(cfg->socket, 128);
+    gid_t gid;
+    if ((rc = socket_gid(cfg, &gid)) < 0)
+        goto fail;
+    rc = ipc_ctl_listen(cfg->socket, 128, cfg->socket_mode, gid);
     if (rc < 0) {
         CM_LOG_ERROR(TAG, "cannot listen on %s: %s", cfg->socket, cm_strerror(rc));
         goto fail;
     }
     srv->listen_fd = rc;
+    {
+        struct group *gr = getgrgid(gid == (gid_t)-1 ? getegid() : gid);
+        char gname[32];
+        snprintf(gname, sizeof(gname), "%s", gr ? gr->gr_name : "?");
+        CM_LOG_INFO(TAG, "socket %s: mode %04o, group %s", cfg->socket, cfg->socket_mode, gname);
+        if ((cfg->n_allow_uids || cfg->n_allow_gids) && !(cfg->socket_mode & 0002))
+            CM_LOG_WARN(TAG, "allow-listed users must also be in group %s to open the socket "
+                        "(socket_mode %04o; or set socket_group / socket_mode)", gname,
+                        cfg->socket_mode);
+    }
 
     sigset_t set;
     sigemptyset(&set);
@@ -262,10 +303,7 @@ static void dispatch(struct ap_server *srv, const struct io_uring_cqe *cqe)
         if (!(cqe->flags & IORING_CQE_F_MORE))
             srv->accept_armed = false;
         if (res >= 0) {
-            if (srv->stopping || srv->draining)
-                close(res);
-            else
-                ap_session_accepted(srv, res);
+            ap_session_accepted(srv, res); /* refuses while stopping */
         } else if (res != -ECANCELED) {
             CM_LOG_WARN(TAG, "accept: %s", cm_strerror(res));
         }

@@ -24,40 +24,113 @@ static void reject(int fd, int status, const char *reason)
     (void)ipc_ctl_send_welcome(fd, &w, -1);
 }
 
-void ap_session_accepted(struct ap_server *srv, int fd)
+/* Refuse a connection that has no table entry. The welcome carries the
+ * reason; the hello, when it is already there, is read first, because
+ * closing a socket with unread input resets the peer, whose recv would
+ * then report ECONNRESET before our reason (the client library also reads
+ * on after a reset, for the hello that arrives between this read and the
+ * close). */
+static void refuse(int fd, int status, const char *reason)
 {
-    ap_session *s = NULL;
-    for (uint32_t i = 0; i < srv->n_sess; i++) {
-        if (srv->sess[i].state == AP_SESS_FREE) {
-            s = &srv->sess[i];
-            break;
-        }
+    reject(fd, status, reason);
+    char buf[sizeof(struct ipc_hello) + 1];
+    for (int i = 0; i < 4 && recv(fd, buf, sizeof(buf), MSG_DONTWAIT) > 0; i++) {
     }
-    if (!s) {
-        /* Every entry is live or mid-handshake: refuse without waiting for
-         * the hello (the client reads the welcome after sending it). */
-        srv->ctr.refused++;
-        reject(fd, -EUSERS, "too many clients");
-        close(fd);
+    close(fd);
+}
+
+/* Refusals of disallowed peers are logged at most once a second (a peer
+ * reconnecting in a loop must not flood the log), with how many were not. */
+static void log_refusal(struct ap_server *srv, uid_t uid, pid_t pid)
+{
+    uint64_t now = cm_now_ns();
+    if (srv->refusal_log_ns && now - srv->refusal_log_ns < 1000000000u) {
+        srv->refusals_unlogged++;
         return;
     }
+    if (srv->refusals_unlogged)
+        CM_LOG_WARN(TAG, "refused pid %d uid %u: not in the allow-list (and %llu more "
+                    "refusals in the last second)", (int)pid, (unsigned)uid,
+                    (unsigned long long)srv->refusals_unlogged);
+    else
+        CM_LOG_WARN(TAG, "refused pid %d uid %u: not in the allow-list", (int)pid,
+                    (unsigned)uid);
+    srv->refusal_log_ns = now;
+    srv->refusals_unlogged = 0;
+}
+
+/* Make room for one more pending handshake of `uid`: when the uid has its
+ * own limit's worth pending, its oldest goes; when all of them together
+ * are at the limit, the oldest of the uid with the most pending goes. A
+ * flood of connections that never say hello thus evicts itself, not an
+ * honest client (whose hello is usually read at accept anyway). */
+static void make_handshake_room(struct ap_server *srv, uid_t uid)
+{
+    struct pending_uid {
+        uid_t uid;
+        uint32_t n;
+        ap_session *oldest;
+    } by[AP_MAX_PENDING_UIDS];
+    uint32_t n_by = 0;
+    for (uint32_t i = 0; i < srv->n_sess; i++) {
+        ap_session *s = &srv->sess[i];
+        if (s->state != AP_SESS_HELLO)
+            continue;
+        uint32_t k = 0;
+        while (k < n_by && by[k].uid != s->uid)
+            k++;
+        if (k == n_by) {
+            if (n_by == AP_MAX_PENDING_UIDS)
+                continue; /* more uids pending than we track: not a candidate */
+            by[n_by++] = (struct pending_uid){.uid = s->uid};
+        }
+        by[k].n++;
+        if (!by[k].oldest || s->t_accept < by[k].oldest->t_accept)
+            by[k].oldest = s;
+    }
+    ap_session *victim = NULL;
+    for (uint32_t k = 0; k < n_by; k++)
+        if (by[k].uid == uid && by[k].n >= srv->cfg.max_handshakes_per_uid)
+            victim = by[k].oldest;
+    if (!victim && srv->n_pending >= srv->cfg.max_handshakes) {
+        uint32_t most = 0;
+        for (uint32_t k = 0; k < n_by; k++)
+            if (by[k].n > most)
+                most = by[k].n, victim = by[k].oldest;
+    }
+    if (!victim)
+        return;
+    srv->ctr.handshakes_dropped++;
+    CM_LOG_DEBUG(TAG, "dropped the pending handshake of pid %d uid %u: too many pending",
+                 (int)victim->pid, (unsigned)victim->uid);
+    reject(victim->sock, -EUSERS, "no hello in time: too many handshakes pending");
+    ap_session_close(srv, victim, "handshake evicted");
+}
+
+static ap_session *free_table_entry(struct ap_server *srv)
+{
+    for (uint32_t i = 0; i < srv->n_sess; i++)
+        if (srv->sess[i].state == AP_SESS_FREE)
+            return &srv->sess[i];
+    return NULL;
+}
+
+static void finish_hello(struct ap_server *srv, ap_session *s, int rc);
+
+/* Wait for the hello of a pending entry, bounded by the hello timeout. */
+static void arm_hello(struct ap_server *srv, ap_session *s)
+{
     /* The poll and its linked timeout must go into the same submission: a
      * link that ends a batch would lose its timeout. */
     if (io_uring_sq_space_left(&srv->ring) < 2)
         io_uring_submit(&srv->ring);
     struct io_uring_sqe *sqe = ap_get_sqe(srv);
     if (!sqe) {
-        close(fd);
+        ap_session_close(srv, s, "no submission entry");
         return;
     }
-    s->state = AP_SESS_HELLO;
-    s->sock = fd;
-    s->gen++;
     s->hello_armed = true;
-    srv->n_used++;
-    /* The hello follows the connect at once; a peer that never sends it
-     * loses its entry when the linked timeout cancels the poll. */
-    io_uring_prep_poll_add(sqe, fd, POLLIN | POLLRDHUP | POLLHUP);
+    io_uring_prep_poll_add(sqe, s->sock, POLLIN | POLLRDHUP | POLLHUP);
     io_uring_sqe_set_data64(sqe, ap_ud(AP_TAG_HELLO, s->gen, s->idx));
     sqe->flags |= IOSQE_IO_LINK;
     sqe = ap_get_sqe(srv);
@@ -65,6 +138,61 @@ void ap_session_accepted(struct ap_server *srv, int fd)
         io_uring_prep_link_timeout(sqe, &srv->hello_ts, 0);
         io_uring_sqe_set_data64(sqe, ap_ud(AP_TAG_NONE, 0, 0));
     }
+}
+
+void ap_session_accepted(struct ap_server *srv, int fd)
+{
+    if (srv->draining || srv->stopping) {
+        srv->ctr.refused++;
+        refuse(fd, -ESHUTDOWN, "gorgond is shutting down");
+        return;
+    }
+    /* Credentials first (the kernel recorded them at connect): a peer that
+     * is not allowed gets nothing, not even a table entry. */
+    uid_t uid = (uid_t)-1;
+    gid_t gid = (gid_t)-1;
+    pid_t pid = -1;
+    int rc = ipc_ctl_check_peer(fd, &srv->allow, &uid, &gid, &pid);
+    if (rc < 0) {
+        srv->ctr.refused++;
+        if (rc != -EACCES) {
+            CM_LOG_WARN(TAG, "SO_PEERCRED: %s", cm_strerror(rc));
+            refuse(fd, rc, "cannot read the peer's credentials");
+            return;
+        }
+        log_refusal(srv, uid, pid);
+        /* fits ipc_welcome.reason for any uid; names the option that lets it in */
+        char why[sizeof(((struct ipc_welcome *)0)->reason)];
+        snprintf(why, sizeof(why), "uid %u not allowed: add --allow-uid/gid", (unsigned)uid);
+        refuse(fd, -EACCES, why);
+        return;
+    }
+    make_handshake_room(srv, uid);
+    ap_session *s = free_table_entry(srv);
+    if (!s) {
+        /* Cannot happen: live sessions are at most max_clients and pending
+         * ones at most max_handshakes, the size of the table. */
+        srv->ctr.refused++;
+        refuse(fd, -EUSERS, "too many clients");
+        return;
+    }
+    s->state = AP_SESS_HELLO;
+    s->sock = fd;
+    s->gen++;
+    s->uid = uid;
+    s->pid = pid;
+    s->t_accept = cm_now_ns();
+    srv->n_used++;
+    srv->n_pending++;
+    /* An honest client sends its hello right after connect: it is usually
+     * here already, and the handshake ends without a round through the
+     * ring (and without ever counting against the pending limits). */
+    struct ipc_hello h;
+    rc = ipc_ctl_recv_hello(fd, &h);
+    if (rc == -EAGAIN)
+        arm_hello(srv, s);
+    else
+        finish_hello(srv, s, rc);
 }
 
 static void free_entry(struct ap_server *srv, ap_session *s)
@@ -87,6 +215,8 @@ static void free_entry(struct ap_server *srv, ap_session *s)
         uint32_t last = srv->live[--srv->n_live];
         srv->live[s->live_pos] = last;
         srv->sess[last].live_pos = s->live_pos;
+    } else if (s->state == AP_SESS_HELLO) {
+        srv->n_pending--;
     }
     srv->n_used--;
     s->state = AP_SESS_FREE;
@@ -110,19 +240,25 @@ void ap_session_hello(struct ap_server *srv, ap_session *s, int res)
     if (res < 0 || !(res & POLLIN)) {
         CM_LOG_DEBUG(TAG, "connection dropped before its hello (%s)",
                      res == -ECANCELED ? "timed out" : res < 0 ? cm_strerror(res) : "hung up");
+        if (res == -ECANCELED)
+            srv->ctr.handshakes_dropped++;
         free_entry(srv, s);
         return;
     }
     struct ipc_hello h;
     int rc = ipc_ctl_recv_hello(s->sock, &h);
     if (rc == -EAGAIN) {
-        /* Spurious readiness: wait again (with a fresh timeout). */
-        int fd = s->sock;
-        s->sock = -1;
-        free_entry(srv, s);
-        ap_session_accepted(srv, fd);
+        arm_hello(srv, s); /* spurious readiness: wait again, with a fresh timeout */
         return;
     }
+    finish_hello(srv, s, rc);
+}
+
+/* The hello was read (rc 0) or failed (rc < 0): refuse or set up the
+ * session. The peer's credentials were checked at accept. */
+static void finish_hello(struct ap_server *srv, ap_session *s, int rc)
+{
+    const pid_t pid = s->pid;
     if (rc == -ECONNRESET || rc == -EPIPE) {
         CM_LOG_DEBUG(TAG, "connection closed before its hello");
         free_entry(srv, s);
@@ -130,23 +266,8 @@ void ap_session_hello(struct ap_server *srv, ap_session *s, int res)
     }
     if (rc < 0) {
         srv->ctr.protocol_errors++;
-        CM_LOG_WARN(TAG, "bad hello: %s", cm_strerror(rc));
+        CM_LOG_WARN(TAG, "bad hello from pid %d: %s", (int)pid, cm_strerror(rc));
         reject(s->sock, rc, rc == -EPROTONOSUPPORT ? "ABI version mismatch" : "bad hello");
-        free_entry(srv, s);
-        return;
-    }
-    uid_t uid = (uid_t)-1;
-    gid_t gid = (gid_t)-1;
-    pid_t pid = -1;
-    rc = ipc_ctl_check_peer(s->sock, &srv->allow, &uid, &gid, &pid);
-    if (rc < 0) {
-        srv->ctr.refused++;
-        CM_LOG_WARN(TAG, "refused pid %d uid %u gid %u: not in the allow-list", (int)pid,
-                    (unsigned)uid, (unsigned)gid);
-        /* fits ipc_welcome.reason for any uid; names the option that lets it in */
-        char why[sizeof(((struct ipc_welcome *)0)->reason)];
-        snprintf(why, sizeof(why), "uid %u not allowed: add --allow-uid/gid", (unsigned)uid);
-        reject(s->sock, -EACCES, why);
         free_entry(srv, s);
         return;
     }
@@ -230,15 +351,14 @@ void ap_session_hello(struct ap_server *srv, ap_session *s, int res)
      * session (the socket). */
     close(s->reg.fd);
     s->reg.fd = -1;
+    srv->n_pending--;
     s->state = AP_SESS_LIVE;
-    s->uid = uid;
-    s->pid = pid;
     s->requests = 0;
     s->live_pos = srv->n_live;
     srv->live[srv->n_live++] = s->idx;
     srv->ctr.clients_total++;
     CM_LOG_DEBUG(TAG, "session %u: pid %d uid %u, region %zu bytes%s", w.session_id, (int)pid,
-                 (unsigned)uid, s->reg.size, s->reg.hugepages ? " (huge pages)" : "");
+                 (unsigned)s->uid, s->reg.size, s->reg.hugepages ? " (huge pages)" : "");
     arm_hup(srv, s);
 }
 
@@ -279,6 +399,8 @@ void ap_fill_stats(const struct ap_server *srv, struct ipc_stats *st)
     st->requests_total = srv->ctr.requests_total;
     st->protocol_errors = srv->ctr.protocol_errors;
     st->loop_wakeups = srv->ctr.loop_wakeups;
+    st->handshakes_pending = srv->n_pending;
+    st->handshakes_dropped = srv->ctr.handshakes_dropped;
     ap_gen_fill_stats(srv, st);
 }
 

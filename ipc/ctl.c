@@ -71,13 +71,15 @@ static int ctl_remove_stale(const char *path, const struct sockaddr_un *sa, sock
     return 0;
 }
 
-int ipc_ctl_listen(const char *path, int backlog)
+int ipc_ctl_listen(const char *path, int backlog, unsigned mode, gid_t gid)
 {
     struct sockaddr_un sa;
     socklen_t len;
     int rc = ctl_addr(path, &sa, &len);
     if (rc < 0)
         return rc;
+    if (mode & ~0777u)
+        return -EINVAL;
     rc = ctl_remove_stale(path, &sa, len);
     if (rc < 0) {
         CM_LOG_ERROR(IPC_TAG, "ctl: %s: %s", path,
@@ -89,11 +91,13 @@ int ipc_ctl_listen(const char *path, int backlog)
     int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return cm_neg_errno();
+    /* The file appears at bind with (0777 & ~umask); nobody can connect
+     * before listen, by which time it has its final mode and group. */
     if (bind(fd, (const struct sockaddr *)&sa, len) != 0)
         goto fail;
-    /* Access is decided by SO_PEERCRED against the allow-list, not by the
-     * file mode: let every local user reach us and be told why it's refused. */
-    if (chmod(path, 0666) != 0)
+    if (gid != (gid_t)-1 && chown(path, (uid_t)-1, gid) != 0)
+        goto fail_unlink;
+    if (chmod(path, mode) != 0)
         goto fail_unlink;
     if (listen(fd, backlog > 0 ? backlog : 64) != 0)
         goto fail_unlink;
@@ -102,7 +106,8 @@ fail_unlink:
     rc = cm_neg_errno();
     unlink(path);
     close(fd);
-    CM_LOG_ERROR(IPC_TAG, "ctl: listen on %s: %s", path, cm_strerror(rc));
+    CM_LOG_ERROR(IPC_TAG, "ctl: listen on %s (mode %04o, gid %d): %s", path, mode,
+                 gid == (gid_t)-1 ? -1 : (int)gid, cm_strerror(rc));
     return rc;
 fail:
     rc = cm_neg_errno();
@@ -330,9 +335,16 @@ int ipc_ctl_client_handshake_wake(int sock, struct ipc_welcome *w, int *wake_fd)
     rc = ctl_send(sock, &h, sizeof(h), NULL, 0);
     if (rc == -EAGAIN)
         rc = -ETIMEDOUT;
-    if (rc < 0)
+    /* A server that refuses at accept answers before reading the hello and
+     * may close before it arrives (EPIPE): its reason is still queued. */
+    if (rc < 0 && rc != -EPIPE && rc != -ECONNRESET)
         goto out;
     nfd = ctl_recv_welcome(sock, w, fds);
+    if (nfd == -ECONNRESET)
+        /* Closing a socket with unread input resets the peer, and the reset
+         * is reported before the data queued ahead of it (once): the
+         * server's welcome, refusal included, is read on the second try. */
+        nfd = ctl_recv_welcome(sock, w, fds);
     if (nfd < 0) {
         rc = nfd;
         nfd = 0;

@@ -177,9 +177,13 @@ uint8_t *ipc_region_slot_out(ipc_region *r, uint32_t slot);
 #define IPC_DEFAULT_SOCKET "/run/gorgon/gorgon.sock"
 const char *ipc_socket_path(const char *explicit_path);
 
-/* Bind + listen an AF_UNIX SOCK_SEQPACKET socket (non-blocking, CLOEXEC);
- * removes a stale socket file first. Returns fd or -errno. */
-int ipc_ctl_listen(const char *path, int backlog);
+/* Bind + listen an AF_UNIX SOCK_SEQPACKET socket (non-blocking, CLOEXEC)
+ * whose file gets permission bits `mode` and group `gid` ((gid_t)-1: the
+ * caller's), both set before anyone can connect; removes a stale socket
+ * file first. Connecting needs write permission on the file: the mode is
+ * the first gate, the allow-list (ipc_ctl_check_peer) the second. Returns
+ * fd or -errno. */
+int ipc_ctl_listen(const char *path, int backlog, unsigned mode, gid_t gid);
 /* Connect (blocking, CLOEXEC). fd or -errno (-ENOENT/-ECONNREFUSED: no daemon). */
 int ipc_ctl_connect(const char *path);
 

@@ -204,7 +204,9 @@ Test(clients_libgorgon, connect_refused_eacces_for_uid_not_allowed, .fini = tear
 {
     if (geteuid() != 0)
         cr_skip_test("needs root to setuid(65534)");
-    START_GORGOND(NULL);
+    /* Mode 0666: the file lets everyone connect, so the refusal is
+     * gorgond's own (with its reason), at accept. */
+    START_GORGOND("--socket-mode", "0666", NULL);
     pid_t pid = fork();
     cr_assert_geq(pid, 0);
     if (pid == 0) {
@@ -213,8 +215,10 @@ Test(clients_libgorgon, connect_refused_eacces_for_uid_not_allowed, .fini = tear
         gorgon_opts o = {.socket_path = gd.sock};
         gorgon_client *cli;
         int rc = gorgon_connect(&cli, &o);
-        if (rc != -EACCES)
+        if (rc != -EACCES) {
+            fprintf(stderr, "child: gorgon_connect: %d (%s)\n", rc, gorgon_last_refusal());
             _exit(11);
+        }
         /* the reason names the uid and the option that lets it in */
         if (!strstr(gorgon_last_refusal(), "uid 65534 not allowed") ||
             !strstr(gorgon_last_refusal(), "--allow-uid"))
@@ -243,9 +247,9 @@ Test(clients_libgorgon, connect_refused_eacces_for_uid_not_allowed, .fini = tear
     for (int round = 0; round < 2; round++) {
         gd_stop(&gd);
         if (round == 0)
-            START_GORGOND("--allow-uid", "1234,65534", NULL);
-        else
-            START_GORGOND("--allow-gid", "65534", NULL);
+            START_GORGOND("--allow-uid", "1234,65534", "--socket-mode", "0666", NULL);
+        else /* the socket file's group lets the gid open it (default mode 0660) */
+            START_GORGOND("--allow-gid", "65534", "--socket-group", "65534", NULL);
         pid = fork();
         cr_assert_geq(pid, 0);
         if (pid == 0) {

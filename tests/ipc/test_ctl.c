@@ -99,24 +99,24 @@ Test(ipc_ctl, listen_handles_stale_live_and_foreign_paths)
 {
     mk_dir();
     cr_expect_eq(ipc_ctl_connect(sock_path), -ENOENT, "no daemon yet");
-    int l1 = ipc_ctl_listen(sock_path, 8);
+    int l1 = ipc_ctl_listen(sock_path, 8, 0666, (gid_t)-1);
     cr_assert_geq(l1, 0);
     cr_expect(fcntl(l1, F_GETFL) & O_NONBLOCK);
     cr_expect(fcntl(l1, F_GETFD) & FD_CLOEXEC);
-    cr_expect_eq(ipc_ctl_listen(sock_path, 8), -EADDRINUSE, "a live server keeps its path");
+    cr_expect_eq(ipc_ctl_listen(sock_path, 8, 0666, (gid_t)-1), -EADDRINUSE, "a live server keeps its path");
     close(l1); /* leaves a stale socket file behind */
     cr_expect_eq(ipc_ctl_connect(sock_path), -ECONNREFUSED);
-    int l2 = ipc_ctl_listen(sock_path, 8);
+    int l2 = ipc_ctl_listen(sock_path, 8, 0666, (gid_t)-1);
     cr_expect_geq(l2, 0, "stale socket file replaced: %d", l2);
     close(l2);
     unlink(sock_path);
     int f = open(sock_path, O_CREAT | O_WRONLY | O_CLOEXEC, 0600);
     close(f);
-    cr_expect_eq(ipc_ctl_listen(sock_path, 8), -EEXIST, "a regular file is never removed");
+    cr_expect_eq(ipc_ctl_listen(sock_path, 8, 0666, (gid_t)-1), -EEXIST, "a regular file is never removed");
     char long_path[200];
     memset(long_path, 'a', sizeof(long_path) - 1);
     long_path[sizeof(long_path) - 1] = 0;
-    cr_expect_eq(ipc_ctl_listen(long_path, 8), -ENAMETOOLONG);
+    cr_expect_eq(ipc_ctl_listen(long_path, 8, 0666, (gid_t)-1), -ENAMETOOLONG);
     cr_expect_eq(ipc_ctl_connect(long_path), -ENAMETOOLONG);
     rm_dir();
 }
@@ -149,7 +149,7 @@ static int client_main(void)
 Test(ipc_ctl, handshake_allowed_peer_gets_working_region, .timeout = 20)
 {
     mk_dir();
-    int l = ipc_ctl_listen(sock_path, 8);
+    int l = ipc_ctl_listen(sock_path, 8, 0666, (gid_t)-1);
     cr_assert_geq(l, 0);
     pid_t pid = fork();
     cr_assert_geq(pid, 0);
@@ -237,7 +237,7 @@ Test(ipc_ctl, handshake_refuses_uid_not_on_allow_list, .timeout = 30)
     if (geteuid() != 0)
         cr_skip_test("needs root to setuid(%d) in a child", NOBODY);
     mk_dir();
-    int l = ipc_ctl_listen(sock_path, 8);
+    int l = ipc_ctl_listen(sock_path, 8, 0666, (gid_t)-1);
     cr_assert_geq(l, 0);
     uid_t uid = 0;
 
