@@ -63,6 +63,8 @@ typedef struct ap_config {
     uint32_t max_seqs;       /* sequences the worker decodes at once */
     uint32_t batch_tokens;   /* new tokens per forward (prefill chunk budget) */
     uint32_t max_requests;   /* generate requests in flight, all clients together */
+    uint32_t max_requests_per_uid;     /* ... of one uid (0: no cap of its own) */
+    uint32_t max_requests_per_session; /* ... of one connection (0: its slots) */
     int64_t grace_ms;        /* SIGTERM: time in-flight requests get to finish */
     char medusa[4096];       /* Medusa heads directory; "" = plain decoding */
     char medusa_tree[4096];  /* tree spec; "" = the fitted one in the directory */

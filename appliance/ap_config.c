@@ -32,6 +32,8 @@ void ap_config_defaults(ap_config *cfg)
     cfg->max_seqs = 64;
     cfg->batch_tokens = 256;
     cfg->max_requests = 512;
+    cfg->max_requests_per_uid = 256;
+    cfg->max_requests_per_session = 64;
     cfg->grace_ms = 5000;
     /* A step is at most batch_tokens of prefill: the worst case we serve
      * on CPUs, 256 tokens of a 7B model on 2 cores, is ~35 s
@@ -73,6 +75,8 @@ void ap_config_usage(FILE *f)
             "  --max-seqs N         sequences decoded together (default 64)\n"
             "  --batch-tokens N     new tokens per forward pass, prefill chunks (default 256)\n"
             "  --max-requests N     generate requests in flight, all clients (default 512)\n"
+            "  --max-requests-per-uid N      ... of one uid (default 256; 0: no own cap)\n"
+            "  --max-requests-per-session N  ... of one connection (default 64; 0: no own cap)\n"
             "  --grace-ms N         SIGTERM: time in-flight requests get to finish (default 5000)\n"
             "  --medusa DIR         decode greedy requests with these Medusa heads\n"
             "  --medusa-tree SPEC   tree: a built-in name or a list such as \"[[0],[0,0],[1]]\"\n"
@@ -89,7 +93,8 @@ void ap_config_usage(FILE *f)
             "  sq_entries cq_entries slots slot_in_bytes slot_out_bytes max_clients\n"
             "  max_handshakes max_handshakes_per_uid stats_interval_s hugepages numa_node\n"
             "  log_level foreground eventfd_doorbells model threads kv_blocks max_seqs\n"
-            "  batch_tokens max_requests grace_ms medusa medusa_tree medusa_max_batch\n"
+            "  batch_tokens max_requests max_requests_per_uid max_requests_per_session\n"
+            "  grace_ms medusa medusa_tree medusa_max_batch\n"
             "  worker_timeout_ms worker_start_timeout_ms\n",
             IPC_DEFAULT_SOCKET);
 }
@@ -249,6 +254,10 @@ static int apply(ap_config *cfg, const char *key, const char *val)
         return parse_u32(key, val, 1, 1u << 20, &cfg->batch_tokens);
     if (!strcmp(key, "max_requests"))
         return parse_u32(key, val, 1, IPC_MAX_SLOTS, &cfg->max_requests);
+    if (!strcmp(key, "max_requests_per_uid"))
+        return parse_u32(key, val, 0, IPC_MAX_SLOTS, &cfg->max_requests_per_uid);
+    if (!strcmp(key, "max_requests_per_session"))
+        return parse_u32(key, val, 0, IPC_MAX_SLOTS, &cfg->max_requests_per_session);
     if (!strcmp(key, "grace_ms"))
         return parse_i64(key, val, 0, 3600000, &cfg->grace_ms);
     if (!strcmp(key, "worker_timeout_ms"))
@@ -345,6 +354,8 @@ enum {
     OPT_MAX_HANDSHAKES_UID,
     OPT_SOCKET_MODE,
     OPT_SOCKET_GROUP,
+    OPT_MAX_REQ_UID,
+    OPT_MAX_REQ_SESSION,
     OPT_HELP,
 };
 
@@ -382,6 +393,8 @@ static const struct option long_opts[] = {
     {"max-handshakes-per-uid", required_argument, NULL, OPT_MAX_HANDSHAKES_UID},
     {"socket-mode", required_argument, NULL, OPT_SOCKET_MODE},
     {"socket-group", required_argument, NULL, OPT_SOCKET_GROUP},
+    {"max-requests-per-uid", required_argument, NULL, OPT_MAX_REQ_UID},
+    {"max-requests-per-session", required_argument, NULL, OPT_MAX_REQ_SESSION},
     {"help", no_argument, NULL, OPT_HELP},
     {NULL, 0, NULL, 0},
 };
@@ -418,6 +431,8 @@ static const char *opt_key(int c)
     case OPT_MAX_HANDSHAKES_UID: return "max_handshakes_per_uid";
     case OPT_SOCKET_MODE: return "socket_mode";
     case OPT_SOCKET_GROUP: return "socket_group";
+    case OPT_MAX_REQ_UID: return "max_requests_per_uid";
+    case OPT_MAX_REQ_SESSION: return "max_requests_per_session";
     default: return NULL;
     }
 }

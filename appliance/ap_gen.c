@@ -54,10 +54,14 @@ enum gen_state { G_FREE = 0, G_ACTIVE, G_ZOMBIE /* client side done, worker stil
 
 typedef struct ap_gen {
     uint8_t state;
+    bool waiting;   /* admitted by gorgond, START not sent yet (fair-share queue) */
     bool in_worker; /* START sent, DONE not seen yet */
     bool final;     /* result decided; the final completion is still to be posted */
     bool listed;    /* on the flush list */
     uint32_t sess_idx, sess_gen, slot;
+    uid_t uid;
+    uint64_t seq;             /* submission order (FIFO within a session) */
+    struct ipc_wcmd start;    /* sent when the request leaves the waiting queue */
     uint64_t user_data;
     uint32_t flags;
     eng_tok_stream ts;
@@ -72,6 +76,16 @@ typedef struct ap_gen {
     char *pend; /* [pend_cap] */
 } ap_gen;
 
+/* Requests per uid, for the per-uid cap and for fair admission: the uid
+ * least recently served goes first (round-robin across uids; within a uid,
+ * across its sessions; within a session, in submission order). */
+typedef struct ap_uid_use {
+    uid_t uid;
+    uint32_t n_active;  /* requests whose client side is not over */
+    uint32_t n_waiting; /* of those, not yet sent to the worker */
+    uint64_t last_served;
+} ap_uid_use;
+
 struct ap_gen_state {
     eng_tok *tok;
     int64_t n_ctx;
@@ -83,6 +97,10 @@ struct ap_gen_state {
     uint32_t *free_list, n_free;
     uint32_t *list, n_list; /* gens with output or a final completion to post */
     uint32_t n_active;      /* G_ACTIVE */
+    ap_uid_use *uids;       /* [n_gens], n_uids in use */
+    uint32_t n_uids;
+    uint32_t n_waiting;     /* G_ACTIVE and waiting */
+    uint64_t submit_seq, serve_seq;
     /* the worker */
     char bin[PATH_MAX];
     pid_t pid;
@@ -92,8 +110,9 @@ struct ap_gen_state {
     ipc_ring cmd, evt;
     bool have_worker, ready, failed, evt_armed, pid_armed;
     int early_deaths;
-    /* watchdog: progress_ns is the last STEP, or when the worker got work
-     * while idle; spawn_ns bounds the wait for READY. */
+    /* watchdog: progress_ns is the last event (every step yields one: the
+     * worker resends unchanged STEP stats every 100 ms), or when the worker
+     * got work while idle; spawn_ns bounds the wait for READY. */
     uint32_t n_in_worker;
     uint64_t spawn_ns, progress_ns, step_gap_max_ns;
     char killed_why[160]; /* set when gorgond itself killed the worker */
@@ -309,11 +328,48 @@ static void list_add(struct ap_gen_state *G, uint32_t gi)
     G->list[G->n_list++] = gi;
 }
 
-static void gen_free(struct ap_gen_state *G, uint32_t gi)
+static ap_uid_use *uid_use(struct ap_gen_state *G, uid_t uid)
 {
+    for (uint32_t i = 0; i < G->n_uids; i++)
+        if (G->uids[i].uid == uid)
+            return &G->uids[i];
+    return NULL;
+}
+
+/* Off the waiting queue: sent to the worker, or decided without it. */
+static void unwait(struct ap_gen_state *G, ap_gen *g)
+{
+    if (!g->waiting)
+        return;
+    g->waiting = false;
+    G->n_waiting--;
+    ap_uid_use *u = uid_use(G, g->uid);
+    if (u)
+        u->n_waiting--;
+}
+
+/* The client side of an active request is over (final posted, cancelled,
+ * client gone): it no longer counts against its uid and session, and a
+ * request still waiting never goes to the worker. */
+static void leave_active(struct ap_server *srv, ap_gen *g)
+{
+    struct ap_gen_state *G = srv->gen;
+    G->n_active--;
+    unwait(G, g);
+    ap_uid_use *u = uid_use(G, g->uid);
+    if (u && --u->n_active == 0)
+        *u = G->uids[--G->n_uids]; /* swap-remove */
+    ap_session *s = &srv->sess[g->sess_idx];
+    if (s->gen == g->sess_gen && s->n_gen_active)
+        s->n_gen_active--;
+}
+
+static void gen_free(struct ap_server *srv, uint32_t gi)
+{
+    struct ap_gen_state *G = srv->gen;
     ap_gen *g = &G->g[gi];
     if (g->state == G_ACTIVE)
-        G->n_active--;
+        leave_active(srv, g);
     g->state = G_FREE;
     g->final = false;
     g->n_pend = 0;
@@ -321,17 +377,17 @@ static void gen_free(struct ap_gen_state *G, uint32_t gi)
 }
 
 /* Client side of the request is over (final posted or client gone). */
-static void gen_client_done(struct ap_gen_state *G, uint32_t gi)
+static void gen_client_done(struct ap_server *srv, uint32_t gi)
 {
-    ap_gen *g = &G->g[gi];
+    ap_gen *g = &srv->gen->g[gi];
     if (g->in_worker) {
         if (g->state == G_ACTIVE)
-            G->n_active--;
+            leave_active(srv, g);
         g->state = G_ZOMBIE;
         g->final = false;
         g->n_pend = 0;
     } else {
-        gen_free(G, gi);
+        gen_free(srv, gi);
     }
 }
 
@@ -352,6 +408,7 @@ static void finalize(struct ap_gen_state *G, uint32_t gi, int32_t result, enum i
     if (g->state != G_ACTIVE || g->final)
         return;
     g->final = true;
+    unwait(G, g); /* decided: it must not start in the worker any more */
     g->result = result;
     g->finish = (uint8_t)fin;
     g->t_end = cm_now_ns();
@@ -377,7 +434,7 @@ static void flush(struct ap_server *srv, uint32_t gi)
         return;
     ap_session *s = &srv->sess[g->sess_idx];
     if (s->state != AP_SESS_LIVE || s->gen != g->sess_gen) {
-        gen_client_done(G, gi); /* cannot happen: session close detaches first */
+        gen_client_done(srv, gi); /* cannot happen: session close detaches first */
         return;
     }
     const uint32_t cap = s->reg.layout.slot_out_bytes;
@@ -443,7 +500,7 @@ static void flush(struct ap_server *srv, uint32_t gi)
             s->slot_gen[g->slot] = -1;
             s->slot_used[g->slot] = 1;
             s->slot_busy_until[g->slot] = pos + 1;
-            gen_client_done(G, gi);
+            gen_client_done(srv, gi);
             break;
         }
     }
@@ -465,6 +522,48 @@ static void flush_list(struct ap_server *srv)
             g->listed = false;
     }
     G->n_list = keep;
+}
+
+/* Send waiting requests to the worker while it has room for them: the
+ * uid served least recently first, then its session served least recently,
+ * then that session's oldest request. The worker gets what it can run plus
+ * one, ready for the next free place, so its own FIFO never stands between
+ * a newcomer and that place. What it can run: max_seqs, or, when its last
+ * report had requests waiting for KV room, what it was running then (a
+ * stale report only delays a dispatch until the next DONE: n_in_worker is
+ * exact and drops below it). */
+static void dispatch_waiting(struct ap_server *srv)
+{
+    struct ap_gen_state *G = srv->gen;
+    for (;;) {
+        uint64_t room = G->queued ? G->running : srv->cfg.max_seqs;
+        if (!G->n_waiting || !G->have_worker || G->n_in_worker >= room + 1)
+            break;
+        ap_uid_use *u = NULL;
+        for (uint32_t i = 0; i < G->n_uids; i++)
+            if (G->uids[i].n_waiting && (!u || G->uids[i].last_served < u->last_served))
+                u = &G->uids[i];
+        if (!u)
+            break; /* counts out of step: cannot happen */
+        ap_gen *best = NULL;
+        uint64_t best_sess = 0;
+        for (uint32_t gi = 0; gi < G->n_gens; gi++) {
+            ap_gen *g = &G->g[gi];
+            if (!g->waiting || g->uid != u->uid)
+                continue;
+            uint64_t sl = srv->sess[g->sess_idx].last_served;
+            if (!best || sl < best_sess || (sl == best_sess && g->seq < best->seq)) {
+                best = g;
+                best_sess = sl;
+            }
+        }
+        if (!best)
+            break;
+        unwait(G, best);
+        u->last_served = srv->sess[best->sess_idx].last_served = ++G->serve_seq;
+        set_in_worker(G, best, true);
+        push_cmd(G, &best->start);
+    }
 }
 
 /* Medusa counts of a TOKEN event: the worker's running totals for the
@@ -541,15 +640,16 @@ static void on_token(struct ap_gen_state *G, uint32_t gi, int32_t t, uint32_t n_
         send_cancel(G, gi); /* EOS and LENGTH: the worker ends it by the same rule */
 }
 
-static void on_done(struct ap_gen_state *G, const struct ipc_wevt *e)
+static void on_done(struct ap_server *srv, const struct ipc_wevt *e)
 {
+    struct ap_gen_state *G = srv->gen;
     uint32_t gi = e->req;
     ap_gen *g = &G->g[gi];
     if (!g->in_worker)
         return;
     set_in_worker(G, g, false);
     if (g->state == G_ZOMBIE) {
-        gen_free(G, gi);
+        gen_free(srv, gi);
         return;
     }
     if (g->state != G_ACTIVE || g->final)
@@ -684,11 +784,7 @@ static int drain_events(struct ap_server *srv)
                 CM_LOG_INFO(TAG, "worker pid %d ready: %" PRIu64 " KV blocks, %" PRIu64
                             " sequences", (int)G->pid, e->arg[0], e->arg[1]);
                 break;
-            case IPC_WEVT_STEP: {
-                uint64_t now = cm_now_ns();
-                if (G->n_in_worker && now - G->progress_ns > G->step_gap_max_ns)
-                    note_step_gap(srv, now - G->progress_ns);
-                G->progress_ns = now;
+            case IPC_WEVT_STEP:
                 G->queued = (uint32_t)e->arg[0];
                 G->running = e->arg[0] >> 32;
                 G->kv_used = (uint32_t)e->arg[1];
@@ -697,7 +793,6 @@ static int drain_events(struct ap_server *srv)
                     G->batch_max = e->n_tokens;
                 G->med_limit = e->result > 0 ? (uint64_t)e->result : 0;
                 break;
-            }
             case IPC_WEVT_TOKEN: {
                 uint32_t k = e->n_tokens <= 8 ? e->n_tokens : 8;
                 /* Counted before the tokens: the last one may end the request. */
@@ -707,7 +802,7 @@ static int drain_events(struct ap_server *srv)
                 G->tokens_total += k;
                 break;
             }
-            case IPC_WEVT_DONE: on_done(G, e); break;
+            case IPC_WEVT_DONE: on_done(srv, e); break;
             default: break;
             }
         }
@@ -715,8 +810,15 @@ static int drain_events(struct ap_server *srv)
         if ((uint32_t)n < AP_EVT_BURST)
             break;
     }
-    if (total)
+    if (total) {
+        /* Every step yields events (tokens at least; STEP only when the
+         * scheduler's state changed): any event is progress. */
+        uint64_t now = cm_now_ns();
+        if (G->n_in_worker && G->ready && now - G->progress_ns > G->step_gap_max_ns)
+            note_step_gap(srv, now - G->progress_ns);
+        G->progress_ns = now;
         rate_update(G);
+    }
     return total;
 }
 
@@ -755,7 +857,7 @@ static void worker_died(struct ap_server *srv)
             continue;
         set_in_worker(G, g, false);
         if (g->state == G_ZOMBIE)
-            gen_free(G, gi);
+            gen_free(srv, gi);
         else
             finalize(G, gi, -EIO, IPC_FINISH_ERROR,
                      "the worker process died (%s) while running this request; it was not "
@@ -769,19 +871,32 @@ static void worker_died(struct ap_server *srv)
     if (G->wake_fd >= 0)
         close(G->wake_fd);
     G->wake_fd = -1;
-    ipc_region_unmap(&G->reg);
     G->queued = G->running = G->kv_used = 0;
+    /* Requests still waiting had not started: they go to the next worker,
+     * whose region gets their prompts (slot gi of the old one). */
+    ipc_region old = G->reg;
     if (!G->ready && ++G->early_deaths >= AP_WORKER_MAX_EARLY_DEATHS) {
         G->failed = true;
         CM_LOG_ERROR(TAG, "the worker died %d times before loading the model: generation "
                      "disabled (see the worker's messages above)", G->early_deaths);
-        return;
+    } else if (!srv->stopping && !srv->draining) {
+        G->restarts++;
+        if (worker_spawn(srv) < 0)
+            G->failed = true;
     }
-    if (srv->stopping || srv->draining)
-        return;
-    G->restarts++;
-    if (worker_spawn(srv) < 0)
-        G->failed = true;
+    for (uint32_t gi = 0; gi < G->n_gens; gi++) {
+        ap_gen *g = &G->g[gi];
+        if (!g->waiting)
+            continue;
+        if (G->have_worker)
+            memcpy(ipc_region_slot_in(&G->reg, gi), ipc_region_slot_in(&old, gi),
+                   (size_t)g->start.n_prompt * sizeof(int32_t));
+        else if (G->failed)
+            finalize(G, gi, -EIO, IPC_FINISH_ERROR,
+                     "the worker cannot load the model (see gorgond's log): generation is "
+                     "disabled");
+    }
+    ipc_region_unmap(&old);
 }
 
 /* ---- gorgond hooks (ap_int.h) -------------------------------------------------- */
@@ -820,10 +935,11 @@ int ap_gen_create(struct ap_server *srv)
     G->piece = malloc(G->piece_cap);
     G->text = malloc(G->text_cap);
     G->n_gens = srv->cfg.max_requests;
+    G->uids = calloc(G->n_gens, sizeof(*G->uids));
     G->g = calloc(G->n_gens, sizeof(*G->g));
     G->free_list = calloc(G->n_gens, sizeof(uint32_t));
     G->list = calloc(G->n_gens, sizeof(uint32_t));
-    if (!G->piece || !G->text || !G->g || !G->free_list || !G->list)
+    if (!G->piece || !G->text || !G->g || !G->free_list || !G->list || !G->uids)
         return -ENOMEM;
     for (uint32_t i = 0; i < G->n_gens; i++) {
         if (!(G->g[i].pend = malloc(G->pend_cap)))
@@ -858,6 +974,7 @@ void ap_gen_destroy(struct ap_server *srv)
         for (uint32_t i = 0; i < G->n_gens; i++)
             free(G->g[i].pend);
     free(G->g);
+    free(G->uids);
     free(G->free_list);
     free(G->list);
     free(G->piece);
@@ -871,6 +988,8 @@ int ap_gen_poll(struct ap_server *srv)
 {
     struct ap_gen_state *G = srv->gen;
     int n = drain_events(srv);
+    if (G->n_waiting)
+        dispatch_waiting(srv);
     uint64_t deadline = ap_gen_deadline(srv);
     if (deadline && !n) {
         uint64_t now = cm_now_ns();
@@ -1031,6 +1150,17 @@ int ap_gen_submit(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sq
     if (!G->n_free)
         return reject(s, sqe, cqe, -EBUSY,
                       "too many generate requests in flight (max_requests=%u)", G->n_gens);
+    ap_uid_use *u = uid_use(G, s->uid);
+    const ap_config *cfg = &srv->cfg;
+    if (u && cfg->max_requests_per_uid && u->n_active >= cfg->max_requests_per_uid)
+        return reject(s, sqe, cqe, -EBUSY,
+                      "uid %u has %u generate requests in flight (max_requests_per_uid=%u)",
+                      (unsigned)s->uid, u->n_active, cfg->max_requests_per_uid);
+    if (cfg->max_requests_per_session && s->n_gen_active >= cfg->max_requests_per_session)
+        return reject(s, sqe, cqe, -EBUSY,
+                      "this connection has %u generate requests in flight "
+                      "(max_requests_per_session=%u)",
+                      s->n_gen_active, cfg->max_requests_per_session);
     uint32_t gi = G->free_list[G->n_free - 1];
     ap_gen *g = &G->g[gi];
     int32_t *ids = (int32_t *)ipc_region_slot_in(&G->reg, gi);
@@ -1076,7 +1206,6 @@ int ap_gen_submit(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sq
         return reject(s, sqe, cqe, rc, "stop strings: %s", eng_error());
     G->n_free--;
     g->state = G_ACTIVE;
-    set_in_worker(G, g, true);
     g->final = false;
     /* g->listed stays: an entry left on the flush list by the previous
      * request of this gen now serves this one (never two entries). */
@@ -1098,7 +1227,15 @@ int ap_gen_submit(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sq
     s->slot_gen[sqe->slot] = (int32_t)gi;
     G->n_active++;
     G->requests_total++;
-    struct ipc_wcmd c = {.op = IPC_WCMD_START,
+    if (!u) {
+        u = &G->uids[G->n_uids++]; /* at most one per active request: fits */
+        *u = (ap_uid_use){.uid = s->uid};
+    }
+    u->n_active++;
+    s->n_gen_active++;
+    g->uid = s->uid;
+    g->seq = ++G->submit_seq;
+    g->start = (struct ipc_wcmd){.op = IPC_WCMD_START,
                          .flags = (p.flags & IPC_GEN_F_NO_MEDUSA) ? IPC_WCMD_F_NO_MEDUSA : 0,
                          .req = gi,
                          .n_prompt = (uint32_t)n,
@@ -1111,11 +1248,13 @@ int ap_gen_submit(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sq
                          .seed = p.seed};
     if (!G->have_worker) {
         /* Between a death and the restart (or while stopping). */
-        set_in_worker(G, g, false);
         finalize(G, gi, -EIO, IPC_FINISH_ERROR, "no worker is running");
         return 0;
     }
-    push_cmd(G, &c);
+    g->waiting = true;
+    G->n_waiting++;
+    u->n_waiting++;
+    dispatch_waiting(srv);
     return 0;
 }
 
@@ -1141,7 +1280,7 @@ void ap_gen_session_closed(struct ap_server *srv, ap_session *s)
             continue;
         s->slot_gen[slot] = -1;
         send_cancel(G, (uint32_t)gi);
-        gen_client_done(G, (uint32_t)gi);
+        gen_client_done(srv, (uint32_t)gi);
     }
 }
 
@@ -1163,6 +1302,7 @@ void ap_gen_fill_stats(const struct ap_server *srv, struct ipc_stats *st)
         return;
     rate_update(G);
     st->gen_queued = G->queued;
+    st->gen_waiting = G->n_waiting;
     st->gen_running = G->running;
     st->gen_tokens_total = G->tokens_total;
     st->gen_tokens_per_s_milli = G->rate_milli;

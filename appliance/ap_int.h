@@ -66,6 +66,8 @@ typedef struct ap_session {
     uint8_t *slot_used; /* slot has ever been used (busy_until meaningful) */
     int32_t *slot_gen;  /* generate request running on the slot (ap_gen.c index), else -1 */
     uint32_t live_pos;  /* position in ap_server.live while LIVE */
+    uint32_t n_gen_active; /* generate requests whose final is not posted yet */
+    uint64_t last_served;  /* fair admission: when one of its requests last went to the worker */
     bool hello_armed, hup_armed, futex_armed;
     uint64_t requests;
 } ap_session;

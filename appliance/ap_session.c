@@ -354,6 +354,8 @@ static void finish_hello(struct ap_server *srv, ap_session *s, int rc)
     srv->n_pending--;
     s->state = AP_SESS_LIVE;
     s->requests = 0;
+    s->n_gen_active = 0;
+    s->last_served = 0;
     s->live_pos = srv->n_live;
     srv->live[srv->n_live++] = s->idx;
     srv->ctr.clients_total++;

@@ -77,6 +77,7 @@ typedef struct wk {
     uint64_t last_stats[2];
     uint16_t last_batch;
     int32_t last_limit;
+    uint64_t last_stats_ns; /* an unchanged STEP is still sent this often: the heartbeat */
     bool gone;
     /* Medusa (md NULL: no heads configured) */
     eng_medusa_heads *mh;
@@ -331,9 +332,14 @@ static void emit_step_stats(wk *w, uint16_t batch)
     uint64_t a0 = (uint64_t)w->n_queued | (uint64_t)w->n_running << 32;
     uint64_t a1 = kv_used | (uint64_t)w->n_blocks << 32;
     int32_t limit = w->md ? w->med_limit : 0;
+    /* Unchanged stats are not resent, except every 100 ms: gorgond's
+     * watchdog counts any event as progress, and a step may yield nothing
+     * else (a long prompt's prefill chunks). */
+    uint64_t now = cm_now_ns();
     if (a0 == w->last_stats[0] && a1 == w->last_stats[1] && batch == w->last_batch &&
-        limit == w->last_limit)
+        limit == w->last_limit && now - w->last_stats_ns < 100000000u)
         return;
+    w->last_stats_ns = now;
     w->last_stats[0] = a0;
     w->last_stats[1] = a1;
     w->last_batch = batch;

@@ -181,3 +181,83 @@ Test(appliance_abuse, connections_during_drain_are_told_why, .fini = teardown, .
     gorgon_close(cli);
     GD_END(&gd);
 }
+
+/* One uid floods: 8 connections x 64 long generations. It gets what its
+ * per-uid cap allows (the rest is refused, naming the cap), and another
+ * uid's short request is admitted ahead of the flood's queue: it waits at
+ * most for one place in the worker to free up, i.e. for one flood request
+ * to end (<= FLOOD_TOKENS steps), then runs its own 20 steps. The wait is
+ * measured in the worker's steps (the tokens the flood generates
+ * meanwhile), not in seconds, so a loaded machine does not change it. */
+#define FLOOD_TOKENS 400
+Test(appliance_abuse, one_uid_flood_does_not_starve_another, .fini = teardown, .timeout = 240)
+{
+    if (geteuid() != 0)
+        cr_skip_test("needs root to run the flood as uid 65534");
+    start("--allow-uid", "65534");
+    int ready[2];
+    cr_assert_eq(pipe(ready), 0);
+    pid_t pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        /* The flood: exit status 10+ on a setup failure; writes the number
+         * of requests refused with the per-uid cap's message. */
+        if (setgid(65534) != 0 || setuid(65534) != 0)
+            _exit(10);
+        gorgon_opts o = {.socket_path = gd.sock};
+        gorgon_client *c[8];
+        uint32_t refused = 0;
+        gorgon_gen_params p = {.prompt = "Once upon a time", .max_tokens = FLOOD_TOKENS};
+        for (int k = 0; k < 8; k++) {
+            if (gorgon_connect(&c[k], &o) != 0)
+                _exit(11);
+            for (int i = 0; i < 64; i++) {
+                uint32_t r;
+                if (gorgon_generate_submit(c[k], &p, (uint64_t)i, &r) != 0)
+                    _exit(12);
+            }
+        }
+        /* Refusals come back as final chunks at once; the admitted
+         * requests stream on (nobody reads them: they wait in the slots). */
+        for (int k = 0; k < 8; k++)
+            for (uint32_t r = 0; r < 64; r++) {
+                gorgon_gen_chunk ch;
+                int rc = gorgon_generate_next(c[k], r, &ch, 1000000);
+                if (rc == -EBUSY && strstr(ch.text, "max_requests_per_uid=256"))
+                    refused++;
+            }
+        (void)!write(ready[1], &refused, sizeof(refused));
+        pause();
+        _exit(0);
+    }
+    flooders[0] = pid;
+    uint32_t refused = 0;
+    cr_assert_eq(read(ready[0], &refused, sizeof(refused)), (ssize_t)sizeof(refused),
+                 "the flood child failed to set up");
+    close(ready[0]);
+    close(ready[1]);
+    cr_assert_eq(refused, 512 - 256, "%u of the flood's 512 requests were refused with the "
+                 "per-uid cap's message, want 256", refused);
+
+    gorgon_client *cli = gd_connect(&gd, 0);
+    gorgon_counters st0 = ap_stats(cli);
+    cr_assert_gt(st0.gen_waiting, 0, "the flood should have requests waiting in gorgond");
+    uint32_t r;
+    gorgon_gen_params p = {.prompt = "Once upon a time", .max_tokens = 20};
+    cr_assert_eq(gorgon_generate_submit(cli, &p, 1, &r), 0);
+    char text[4096], err[256];
+    cr_assert_eq(ap_drain(cli, r, text, sizeof(text), err, sizeof(err), 120000000000ll), 0,
+                 "the honest request failed: %s", err);
+    gorgon_counters st1 = ap_stats(cli);
+    /* While it waited, the worker ran at most max_seqs + 1 flood sequences
+     * for at most FLOOD_TOKENS steps; while it ran, 64 others ran beside
+     * it. FIFO would put it behind the 192 flood requests waiting: three
+     * more batches of ~342-token generations, over 60,000 tokens. */
+    uint64_t tokens = st1.gen_tokens_total - st0.gen_tokens_total;
+    uint64_t bound = 65ull * (FLOOD_TOKENS + 20 + 4);
+    cr_assert_leq(tokens, bound, "the flood generated %llu tokens while the honest 20-token "
+                  "request was waiting and running; one flood generation is at most %llu",
+                  (unsigned long long)tokens, (unsigned long long)bound);
+    gorgon_close(cli);
+    teardown();
+}
