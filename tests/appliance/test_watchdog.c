@@ -126,3 +126,50 @@ Test(appliance_watchdog, worker_never_ready_is_killed, .fini = teardown, .timeou
     unlink(fake);
     GD_END(&gd);
 }
+
+/* Requests that gorgond still held (not sent to the worker: it had no room)
+ * had not started when the worker died: they run on the next worker, and
+ * their text equals a solo run; only those the worker held fail. */
+Test(appliance_watchdog, waiting_requests_survive_a_worker_death, .fini = teardown, .timeout = 120)
+{
+    start("--max-seqs", "2");
+    gorgon_client *cli = gd_connect(&gd, 0);
+    gorgon_gen_params p = {.prompt = "Once upon a time", .max_tokens = 300};
+    char ref[8192], text[8192], err[256];
+    uint32_t r;
+    cr_assert_eq(gorgon_generate_submit(cli, &p, 0, &r), 0);
+    cr_assert_eq(ap_drain(cli, r, ref, sizeof(ref), err, sizeof(err), 30000000000ll), 0, "%s",
+                 err);
+    pid_t wk = ap_wait_worker(gd.pid, 0, 10000);
+    cr_assert_gt(wk, 0);
+
+    /* Stopped, the worker takes nothing from its ring: the first three
+     * requests go to it (2 to run + 1 ready), the other three wait. */
+    cr_assert_eq(kill(wk, SIGSTOP), 0);
+    enum { N = 6 };
+    uint32_t req[N];
+    for (int i = 0; i < N; i++)
+        cr_assert_eq(gorgon_generate_submit(cli, &p, (uint64_t)i, &req[i]), 0);
+    /* (stats from a second client: gorgon_stats wants an idle one) */
+    gorgon_client *mon = gd_connect(&gd, 0);
+    gorgon_counters st = ap_stats(mon);
+    gorgon_close(mon);
+    cr_assert_eq(st.gen_waiting, 3, "gen_waiting %llu, want 3",
+                 (unsigned long long)st.gen_waiting);
+    cr_assert_eq(kill(wk, SIGKILL), 0);
+
+    int failed = 0, same = 0;
+    for (int i = 0; i < N; i++) {
+        int rc = ap_drain(cli, req[i], text, sizeof(text), err, sizeof(err), 60000000000ll);
+        if (rc == -EIO && strstr(err, "died"))
+            failed++;
+        else if (rc == 0 && !strcmp(text, ref))
+            same++;
+        else
+            cr_assert_fail("request %d: rc %d, %s / text '%.40s'", i, rc, err, text);
+    }
+    cr_assert_eq(failed, 3, "%d requests failed with the worker (want the 3 it held)", failed);
+    cr_assert_eq(same, 3, "%d waiting requests ran on the new worker with the solo text", same);
+    gorgon_close(cli);
+    GD_END(&gd);
+}
