@@ -151,7 +151,11 @@ int gorgon_poll(gorgon_client *cli, gorgon_completion *out, uint32_t max);
  * ~50 ms when gorgond dies (-EPIPE), never hangs. 0 on timeout. */
 int gorgon_wait(gorgon_client *cli, gorgon_completion *out, uint32_t max, int64_t timeout_ns);
 
-/* ---- synchronous conveniences (no other request may be in flight) ------ */
+/* ---- synchronous conveniences ------------------------------------------
+ * They work at any time, generations streaming included: completions of
+ * other requests that arrive meanwhile are kept for gorgon_poll /
+ * gorgon_wait / gorgon_generate_next, in order. Not thread-safe per client
+ * (like every call here): one thread uses a client at a time. */
 
 typedef struct gorgon_counters {
     uint64_t clients_now;
@@ -182,8 +186,8 @@ typedef struct gorgon_counters {
 } gorgon_counters;
 
 /* Round trip of one PING. Returns the bytes echoed (checked byte for byte:
- * -EIO on a mismatch), -ETIMEDOUT, -EBUSY (other requests in flight), or an
- * error from submit/wait. *rtt_ns (may be NULL) gets the round-trip time. */
+ * -EIO on a mismatch), -ETIMEDOUT, -EAGAIN (every slot busy), or an error
+ * from submit/wait. *rtt_ns (may be NULL) gets the round-trip time. */
 int gorgon_ping(gorgon_client *cli, const void *payload, size_t len, int64_t timeout_ns,
                 uint64_t *rtt_ns);
 /* gorgond's counters (IPC_OP_STATS round trip, 1 s timeout). */

@@ -310,7 +310,7 @@ static int submit_burst_impl(gorgon_client *cli, const gorgon_request *reqs, uin
 }
 
 static int submit_auto(gorgon_client *cli, uint32_t op, const void *payload, size_t len,
-                       uint64_t user_data)
+                       uint64_t user_data, uint32_t *slot_out)
 {
     if (!cli || (len && !payload))
         return -EINVAL;
@@ -328,12 +328,14 @@ static int submit_auto(gorgon_client *cli, uint32_t op, const void *payload, siz
     CM_TRY(push_one(cli, &sqe));
     cli->n_free--;
     cli->slot_state[slot] = SLOT_AUTO;
+    if (slot_out)
+        *slot_out = slot;
     return 0;
 }
 
 int gorgon_submit_ping(gorgon_client *cli, const void *payload, size_t len, uint64_t user_data)
 {
-    KEEP_ERRNO(submit_auto(cli, IPC_OP_PING, payload, len, user_data));
+    KEEP_ERRNO(submit_auto(cli, IPC_OP_PING, payload, len, user_data, NULL));
 }
 
 int gorgon_submit_nop(gorgon_client *cli, uint64_t user_data)
@@ -490,6 +492,8 @@ static inline void cpu_relax(void)
 }
 
 static int wait_ring(gorgon_client *cli, uint64_t deadline);
+static int take_for_slot(gorgon_client *cli, uint32_t slot, uint8_t opcode, uint64_t deadline,
+                         struct ipc_cqe *c);
 
 static int wait_impl(gorgon_client *cli, gorgon_completion *out, uint32_t max, int64_t timeout_ns)
 {
@@ -555,33 +559,26 @@ static int round_trip(gorgon_client *cli, uint32_t op, const void *payload, size
         return -EINVAL;
     if (cli->dead)
         return -EPIPE;
-    if (cli->inflight)
-        return -EBUSY;
     uint64_t ud = ++cli->seq | (1ull << 63);
     uint64_t t0 = cm_now_ns();
-    /* Drain the release queue first so a slot is free. */
-    int rc = gorgon_poll(cli, c, 0);
+    /* Release what the previous call returned so a slot is free. */
+    settle(cli);
+    uint32_t slot;
+    int rc = submit_auto(cli, op, payload, len, ud, &slot);
     if (rc < 0)
         return rc;
-    rc = submit_auto(cli, op, payload, len, ud);
-    if (rc < 0)
-        return rc;
-    for (;;) {
-        int64_t left = -1;
-        if (timeout_ns >= 0) {
-            uint64_t el = cm_now_ns() - t0;
-            if (el >= (uint64_t)timeout_ns)
-                return -ETIMEDOUT;
-            left = timeout_ns - (int64_t)el;
-        }
-        rc = wait_impl(cli, c, 1, left);
-        if (rc < 0)
-            return rc;
-        if (rc == 1 && c->user_data == ud)
-            break;
-        /* rc == 0: timed out, the loop decides; a foreign completion cannot
-         * happen (inflight was 0), but would simply be dropped. */
-    }
+    /* Other requests may be in flight (a generation streaming): their
+     * completions are kept for them while this one is waited for. */
+    uint64_t deadline = timeout_ns >= 0 ? t0 + (uint64_t)timeout_ns : UINT64_MAX;
+    struct ipc_cqe raw;
+    rc = take_for_slot(cli, slot, (uint8_t)op, deadline, &raw);
+    if (rc <= 0)
+        /* The slot stays ours until its completion comes: a later call
+         * that polls releases it. */
+        return rc ? rc : -ETIMEDOUT;
+    convert(cli, &raw, c);
+    if (c->user_data != ud)
+        return -EPROTO;
     if (rtt_ns)
         *rtt_ns = cm_now_ns() - t0;
     return c->result;
@@ -806,28 +803,20 @@ static int wait_ring(gorgon_client *cli, uint64_t deadline)
     }
 }
 
-static int generate_next_impl(gorgon_client *cli, uint32_t req, gorgon_gen_chunk *ch,
-                              int64_t timeout_ns)
+/* The next completion for `slot` with `opcode`, waiting until deadline:
+ * 1 (in *c), 0 at the deadline, or -errno. Completions for other requests
+ * that arrive meanwhile are kept, in order, for whoever asks for them
+ * (gorgon_poll, gorgon_generate_next): a round trip or one stream never
+ * takes another's. */
+static int take_for_slot(gorgon_client *cli, uint32_t slot, uint8_t opcode, uint64_t deadline,
+                         struct ipc_cqe *c)
 {
-    if (!cli || !ch || req >= cli->n_slots)
-        return -EINVAL;
-    memset(ch, 0, sizeof(*ch));
-    if (cli->slot_state[req] != SLOT_GEN)
-        return -EINVAL;
-    settle(cli);
-    uint64_t deadline = timeout_ns >= 0 ? cm_now_ns() + (uint64_t)timeout_ns : UINT64_MAX;
     for (;;) {
         for (uint32_t i = 0; i < cli->n_stash; i++) {
-            if (cli->stash[i].slot != req || cli->stash[i].opcode != IPC_OP_GENERATE)
-                continue;
-            struct ipc_cqe c;
-            stash_take(cli, i, &c);
-            gorgon_completion o;
-            convert(cli, &c, &o);
-            gorgon_generate_chunk_of(cli, &o, ch);
-            if (!ch->done)
+            if (cli->stash[i].slot == slot && cli->stash[i].opcode == opcode) {
+                stash_take(cli, i, c);
                 return 1;
-            return ch->error ? ch->error : 0;
+            }
         }
         /* Move what gorgond posted into the stash, in order. */
         struct ipc_cqe cqes[GORGON_BURST];
@@ -844,11 +833,31 @@ static int generate_next_impl(gorgon_client *cli, uint32_t req, gorgon_gen_chunk
         if (cli->dead)
             return -EPIPE;
         int rc = wait_ring(cli, deadline);
-        if (rc < 0)
+        if (rc <= 0)
             return rc;
-        if (rc == 0)
-            return -ETIMEDOUT;
     }
+}
+
+static int generate_next_impl(gorgon_client *cli, uint32_t req, gorgon_gen_chunk *ch,
+                              int64_t timeout_ns)
+{
+    if (!cli || !ch || req >= cli->n_slots)
+        return -EINVAL;
+    memset(ch, 0, sizeof(*ch));
+    if (cli->slot_state[req] != SLOT_GEN)
+        return -EINVAL;
+    settle(cli);
+    uint64_t deadline = timeout_ns >= 0 ? cm_now_ns() + (uint64_t)timeout_ns : UINT64_MAX;
+    struct ipc_cqe c;
+    int rc = take_for_slot(cli, req, IPC_OP_GENERATE, deadline, &c);
+    if (rc <= 0)
+        return rc ? rc : -ETIMEDOUT;
+    gorgon_completion o;
+    convert(cli, &c, &o);
+    gorgon_generate_chunk_of(cli, &o, ch);
+    if (!ch->done)
+        return 1;
+    return ch->error ? ch->error : 0;
 }
 
 int gorgon_generate_next(gorgon_client *cli, uint32_t req, gorgon_gen_chunk *chunk,

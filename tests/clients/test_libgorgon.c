@@ -81,8 +81,11 @@ Test(clients_libgorgon, async_requests_complete_with_user_data, .fini = teardown
     gorgon_request bad = {.opcode = GORGON_OP_PING, .slot = 1u << 30, .user_data = 1};
     cr_assert_eq(gorgon_submit(cli, &bad), -EINVAL);
     cr_assert_eq(gorgon_inflight(cli), 4);
-    cr_assert_eq(gorgon_ping(cli, "x", 1, 1000000000, NULL), -EBUSY,
-                 "gorgon_ping must refuse while async requests are in flight");
+    /* A round trip in the middle: it gets its own answer, and the four
+     * completions that arrive meanwhile are kept for gorgon_wait below. */
+    cr_assert_eq(gorgon_ping(cli, "x", 1, 1000000000, NULL), 1,
+                 "gorgon_ping while async requests are in flight");
+    cr_assert_eq(gorgon_inflight(cli), 4);
 
     bool seen[4] = {false};
     int got = 0;
