@@ -88,6 +88,9 @@ typedef struct ap_uid_use {
 
 struct ap_gen_state {
     eng_tok *tok;
+    char name[128];       /* general.name, else the file name without .gguf */
+    char *chat_template;  /* tokenizer.chat_template, NULL if none */
+    uint32_t template_len;
     int64_t n_ctx;
     int32_t n_vocab, bos;
     char *piece, *text;
@@ -899,6 +902,17 @@ static void worker_died(struct ap_server *srv)
     ipc_region_unmap(&old);
 }
 
+/* "dir/stories260K.gguf" -> "stories260K" */
+static void model_file_name(const char *path, char *out, size_t cap)
+{
+    const char *base = strrchr(path, '/');
+    base = base ? base + 1 : path;
+    size_t n = strlen(base);
+    if (n > 5 && !strcmp(base + n - 5, ".gguf"))
+        n -= 5;
+    snprintf(out, cap, "%.*s", (int)n, base);
+}
+
 /* ---- gorgond hooks (ap_int.h) -------------------------------------------------- */
 
 int ap_gen_create(struct ap_server *srv)
@@ -920,6 +934,22 @@ int ap_gen_create(struct ap_server *srv)
     }
     uint32_t nctx = 2048; /* eng_model's default when the key is absent */
     (void)eng_gguf_get_u32(gg, "llama.context_length", &nctx);
+    const char *str;
+    size_t len;
+    if (eng_gguf_get_str(gg, "general.name", &str, &len) == 0 && len)
+        snprintf(G->name, sizeof(G->name), "%.*s", (int)len, str);
+    else
+        model_file_name(srv->cfg.model, G->name, sizeof(G->name));
+    if (eng_gguf_get_str(gg, "tokenizer.chat_template", &str, &len) == 0 && len &&
+        len < UINT32_MAX) {
+        if (!(G->chat_template = malloc(len + 1))) {
+            eng_gguf_close(gg);
+            return -ENOMEM;
+        }
+        memcpy(G->chat_template, str, len);
+        G->chat_template[len] = '\0';
+        G->template_len = (uint32_t)len;
+    }
     rc = eng_tok_create(&G->tok, gg);
     eng_gguf_close(gg);
     if (rc < 0) {
@@ -979,6 +1009,7 @@ void ap_gen_destroy(struct ap_server *srv)
     free(G->list);
     free(G->piece);
     free(G->text);
+    free(G->chat_template);
     eng_tok_destroy(G->tok);
     free(G);
     srv->gen = NULL;
@@ -1317,4 +1348,114 @@ void ap_gen_fill_stats(const struct ap_server *srv, struct ipc_stats *st)
     st->medusa_steps = G->med_steps;
     st->medusa_accepted = G->med_acc;
     st->medusa_max_batch = G->med_limit;
+}
+
+/* ---- model info and tokens (IPC_OP_MODEL_INFO / TOKENIZE / DETOKENIZE) ---- */
+
+static int no_model(ap_session *s, const struct ipc_sqe *sqe, struct ipc_cqe *cqe)
+{
+    return reject(s, sqe, cqe, -ENOTSUP,
+                  "gorgond was started without --model: no model, no tokenizer");
+}
+
+int ap_gen_model_info(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
+                      struct ipc_cqe *cqe)
+{
+    struct ap_gen_state *G = srv->gen;
+    if (!G->tok)
+        return no_model(s, sqe, cqe);
+    uint64_t off = sqe->arg[0];
+    if (off > G->template_len)
+        return reject(s, sqe, cqe, -EINVAL, "chat template offset %llu is past its %u bytes",
+                      (unsigned long long)off, G->template_len);
+    struct ipc_model_info mi = {
+        .n_ctx = (uint32_t)G->n_ctx,
+        .n_vocab = (uint32_t)G->n_vocab,
+        .bos = eng_tok_bos(G->tok),
+        .eos = eng_tok_eos(G->tok),
+        .template_len = G->template_len,
+        .chunk_off = (uint32_t)off,
+    };
+    size_t cap = s->reg.layout.slot_out_bytes - sizeof(mi);
+    size_t left = G->template_len - off;
+    mi.chunk_len = (uint32_t)(left < cap ? left : cap);
+    snprintf(mi.name, sizeof(mi.name), "%s", G->name);
+    uint8_t *out = ipc_region_slot_out(&s->reg, sqe->slot);
+    memcpy(out, &mi, sizeof(mi));
+    if (mi.chunk_len)
+        memcpy(out + sizeof(mi), G->chat_template + off, mi.chunk_len);
+    cqe->out_off = 0;
+    cqe->out_len = (uint32_t)sizeof(mi) + mi.chunk_len;
+    cqe->result = (int32_t)cqe->out_len;
+    return 1;
+}
+
+int ap_gen_tokenize(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
+                    struct ipc_cqe *cqe)
+{
+    struct ap_gen_state *G = srv->gen;
+    if (!G->tok)
+        return no_model(s, sqe, cqe);
+    if (sqe->arg[0] & ~(uint64_t)IPC_TOK_F_ADD_BOS)
+        return reject(s, sqe, cqe, -EINVAL, "tokenize flags: unknown bits 0x%llx",
+                      (unsigned long long)(sqe->arg[0] & ~(uint64_t)IPC_TOK_F_ADD_BOS));
+    /* A private copy: the client may scribble on its input meanwhile. */
+    char *text = malloc((size_t)sqe->in_len + 1);
+    if (!text)
+        return reject(s, sqe, cqe, -ENOMEM, "out of memory");
+    memcpy(text, ipc_region_slot_in(&s->reg, sqe->slot) + sqe->in_off, sqe->in_len);
+    size_t cap = s->reg.layout.slot_out_bytes / sizeof(int32_t);
+    int32_t *ids = malloc(cap * sizeof(int32_t));
+    int64_t n = ids ? eng_tok_encode(G->tok, text, sqe->in_len,
+                                     (sqe->arg[0] & IPC_TOK_F_ADD_BOS) != 0, ids, cap)
+                    : -ENOMEM;
+    free(text);
+    if (n < 0) {
+        free(ids);
+        if (n == -ENOSPC)
+            return reject(s, sqe, cqe, -ENOSPC, "more than %zu tokens: they do not fit in the "
+                          "slot's output (slot_out_bytes)", cap);
+        return reject(s, sqe, cqe, (int)n, "cannot tokenize: %s", eng_error());
+    }
+    memcpy(ipc_region_slot_out(&s->reg, sqe->slot), ids, (size_t)n * sizeof(int32_t));
+    free(ids);
+    cqe->out_off = 0;
+    cqe->out_len = (uint32_t)n * (uint32_t)sizeof(int32_t);
+    cqe->result = (int32_t)n;
+    return 1;
+}
+
+int ap_gen_detokenize(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
+                      struct ipc_cqe *cqe)
+{
+    struct ap_gen_state *G = srv->gen;
+    if (!G->tok)
+        return no_model(s, sqe, cqe);
+    if (sqe->in_len % sizeof(int32_t))
+        return reject(s, sqe, cqe, -EINVAL, "detokenize: %u bytes is not a whole number of "
+                      "int32 ids", sqe->in_len);
+    size_t n = sqe->in_len / sizeof(int32_t);
+    int32_t *ids = malloc(n ? n * sizeof(int32_t) : 1);
+    if (!ids)
+        return reject(s, sqe, cqe, -ENOMEM, "out of memory");
+    memcpy(ids, ipc_region_slot_in(&s->reg, sqe->slot) + sqe->in_off, n * sizeof(int32_t));
+    for (size_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= G->n_vocab) {
+            int32_t bad = ids[i];
+            free(ids);
+            return reject(s, sqe, cqe, -EINVAL, "id %zu: %d is not in [0, %d)", i, bad,
+                          G->n_vocab);
+        }
+    size_t cap = s->reg.layout.slot_out_bytes;
+    char *out = (char *)ipc_region_slot_out(&s->reg, sqe->slot);
+    int64_t len = eng_tok_decode(G->tok, ids, n, -1, out, cap);
+    free(ids);
+    if (len < 0)
+        return reject(s, sqe, cqe, (int)len, len == -ENOSPC
+                          ? "the text does not fit in the slot's output (slot_out_bytes)"
+                          : "cannot detokenize");
+    cqe->out_off = 0;
+    cqe->out_len = (uint32_t)len;
+    cqe->result = (int32_t)len;
+    return 1;
 }

@@ -152,6 +152,14 @@ void ap_gen_dispatch(struct ap_server *srv, uint64_t ud, int res);
  * the request was started (its completions come from ap_gen_poll). */
 int ap_gen_submit(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
                   struct ipc_cqe *cqe);
+/* IPC_OP_MODEL_INFO, IPC_OP_TOKENIZE, IPC_OP_DETOKENIZE (always complete
+ * at once: 1). */
+int ap_gen_model_info(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
+                      struct ipc_cqe *cqe);
+int ap_gen_tokenize(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
+                    struct ipc_cqe *cqe);
+int ap_gen_detokenize(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
+                      struct ipc_cqe *cqe);
 /* IPC_OP_CANCEL of the request on `slot`: 0 or -ENOENT. */
 int ap_gen_cancel(struct ap_server *srv, ap_session *s, uint32_t slot);
 /* The session is going away: cancel its requests in the worker. */

@@ -472,6 +472,9 @@ static const struct {
     [IPC_OP_STATS] = {op_stats, true},
     [IPC_OP_GENERATE] = {op_generate, true},
     [IPC_OP_CANCEL] = {op_cancel, false}, /* names the slot of another request */
+    [IPC_OP_MODEL_INFO] = {ap_gen_model_info, true},
+    [IPC_OP_TOKENIZE] = {ap_gen_tokenize, true},
+    [IPC_OP_DETOKENIZE] = {ap_gen_detokenize, true},
 };
 
 /* The client's CQ head, re-read from shared memory only when a slot looks

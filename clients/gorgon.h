@@ -193,6 +193,36 @@ int gorgon_ping(gorgon_client *cli, const void *payload, size_t len, int64_t tim
 /* gorgond's counters (IPC_OP_STATS round trip, 1 s timeout). */
 int gorgon_stats(gorgon_client *cli, gorgon_counters *st);
 
+/* gorgond's message for the last round trip of this client that failed
+ * (e.g. "id 3: 99999 is not in [0, 512)"), "" when it sent none. */
+const char *gorgon_last_error(const gorgon_client *cli);
+
+/* ---- the model -------------------------------------------------------------------- */
+
+typedef struct gorgon_model {
+    char name[128];            /* general.name, else the file name without .gguf */
+    uint32_t n_ctx;            /* context length (prompt + new tokens) */
+    uint32_t n_vocab;
+    int32_t bos, eos;          /* -1 when the model has none */
+    const char *chat_template; /* tokenizer.chat_template, "" if none; owned by the
+                                * client, valid until the next call or gorgon_close */
+} gorgon_model;
+
+/* What gorgond serves. 0, -ENOTSUP (gorgond has no model) or -errno. */
+int gorgon_model_info(gorgon_client *cli, gorgon_model *out);
+
+#define GORGON_TOK_ADD_BOS 1u /* prepend BOS, as a prompt gets it */
+
+/* Token ids of text (gorgond's tokenizer, the one prompts go through): the
+ * count, -ENOSPC when there are more than cap (or than one slot's output
+ * holds), -ENOTSUP without a model, -errno. */
+int gorgon_tokenize(gorgon_client *cli, const char *text, size_t len, uint32_t flags,
+                    int32_t *ids, size_t cap);
+/* Text of ids (a leading BOS is dropped, as in generation output): bytes
+ * written, NUL-terminated when there is room; -ENOSPC, -EINVAL (an id out of
+ * range: gorgon_last_error says which), -ENOTSUP, -errno. */
+int gorgon_detokenize(gorgon_client *cli, const int32_t *ids, size_t n, char *out, size_t cap);
+
 /* ---- generation ------------------------------------------------------------------
  *
  * A GENERATE request runs on a slot (taken by gorgon_generate_submit,

@@ -64,6 +64,8 @@ struct gorgon_client {
     uint32_t *gen_flags;   /* GORGON_GEN_* of the generation on the slot */
     struct ipc_cqe *stash; /* completions popped but not yet returned, FIFO */
     uint32_t n_stash, stash_cap;
+    char *chat_template;   /* gorgon_model_info's, owned here */
+    char last_error[256];  /* gorgon_last_error */
 };
 
 static _Thread_local char last_socket[108];
@@ -101,6 +103,7 @@ void gorgon_close(gorgon_client *cli)
     free(cli->consume_list);
     free(cli->gen_flags);
     free(cli->stash);
+    free(cli->chat_template);
     free(cli);
     errno = saved;
 }
@@ -310,7 +313,7 @@ static int submit_burst_impl(gorgon_client *cli, const gorgon_request *reqs, uin
 }
 
 static int submit_auto(gorgon_client *cli, uint32_t op, const void *payload, size_t len,
-                       uint64_t user_data, uint32_t *slot_out)
+                       uint64_t arg0, uint64_t user_data, uint32_t *slot_out)
 {
     if (!cli || (len && !payload))
         return -EINVAL;
@@ -324,7 +327,7 @@ static int submit_auto(gorgon_client *cli, uint32_t op, const void *payload, siz
     if (len)
         memcpy(ipc_region_slot_in(&cli->reg, slot), payload, len);
     struct ipc_sqe sqe = {.opcode = (uint8_t)op, .slot = slot, .user_data = user_data,
-                          .in_len = (uint32_t)len};
+                          .in_len = (uint32_t)len, .arg = {arg0}};
     CM_TRY(push_one(cli, &sqe));
     cli->n_free--;
     cli->slot_state[slot] = SLOT_AUTO;
@@ -335,7 +338,7 @@ static int submit_auto(gorgon_client *cli, uint32_t op, const void *payload, siz
 
 int gorgon_submit_ping(gorgon_client *cli, const void *payload, size_t len, uint64_t user_data)
 {
-    KEEP_ERRNO(submit_auto(cli, IPC_OP_PING, payload, len, user_data, NULL));
+    KEEP_ERRNO(submit_auto(cli, IPC_OP_PING, payload, len, 0, user_data, NULL));
 }
 
 int gorgon_submit_nop(gorgon_client *cli, uint64_t user_data)
@@ -553,7 +556,7 @@ void gorgon_wait_finish(gorgon_client *cli)
 
 /* Submit one auto-slot request and wait for its completion. */
 static int round_trip(gorgon_client *cli, uint32_t op, const void *payload, size_t len,
-                      int64_t timeout_ns, gorgon_completion *c, uint64_t *rtt_ns)
+                      uint64_t arg0, int64_t timeout_ns, gorgon_completion *c, uint64_t *rtt_ns)
 {
     if (!cli)
         return -EINVAL;
@@ -564,7 +567,7 @@ static int round_trip(gorgon_client *cli, uint32_t op, const void *payload, size
     /* Release what the previous call returned so a slot is free. */
     settle(cli);
     uint32_t slot;
-    int rc = submit_auto(cli, op, payload, len, ud, &slot);
+    int rc = submit_auto(cli, op, payload, len, arg0, ud, &slot);
     if (rc < 0)
         return rc;
     /* Other requests may be in flight (a generation streaming): their
@@ -579,6 +582,12 @@ static int round_trip(gorgon_client *cli, uint32_t op, const void *payload, size
     convert(cli, &raw, c);
     if (c->user_data != ud)
         return -EPROTO;
+    if (c->result < 0)
+        /* gorgond's message, when it sent one, names what was wrong */
+        snprintf(cli->last_error, sizeof(cli->last_error), "%.*s",
+                 c->out_len < sizeof(cli->last_error) ? (int)c->out_len
+                                                       : (int)sizeof(cli->last_error) - 1,
+                 c->out ? (const char *)c->out : "");
     if (rtt_ns)
         *rtt_ns = cm_now_ns() - t0;
     return c->result;
@@ -589,7 +598,7 @@ int gorgon_ping(gorgon_client *cli, const void *payload, size_t len, int64_t tim
 {
     gorgon_completion c;
     int saved = errno;
-    int rc = round_trip(cli, IPC_OP_PING, payload, len, timeout_ns, &c, rtt_ns);
+    int rc = round_trip(cli, IPC_OP_PING, payload, len, 0, timeout_ns, &c, rtt_ns);
     errno = saved;
     if (rc < 0)
         return rc;
@@ -604,7 +613,7 @@ int gorgon_stats(gorgon_client *cli, gorgon_counters *st)
         return -EINVAL;
     gorgon_completion c;
     int saved = errno;
-    int rc = round_trip(cli, IPC_OP_STATS, NULL, 0, 1000000000, &c, NULL);
+    int rc = round_trip(cli, IPC_OP_STATS, NULL, 0, 0, 1000000000, &c, NULL);
     errno = saved;
     if (rc < 0)
         return rc;
@@ -637,6 +646,117 @@ int gorgon_stats(gorgon_client *cli, gorgon_counters *st)
     st->watchdog_kills = s.watchdog_kills;
     st->step_max_us = s.step_max_us;
     return 0;
+}
+
+const char *gorgon_last_error(const gorgon_client *cli)
+{
+    return cli ? cli->last_error : "";
+}
+
+/* The model-side round trips wait this long: gorgond answers them from its
+ * own loop (the tokenizer is gorgond's), never from the worker. */
+#define GORGON_MODEL_RT_NS 5000000000ll
+
+static int model_info_impl(gorgon_client *cli, gorgon_model *out)
+{
+    if (!cli || !out)
+        return -EINVAL;
+    memset(out, 0, sizeof(*out));
+    char *tmpl = NULL;
+    uint32_t have = 0, total = 0;
+    struct ipc_model_info mi;
+    do {
+        gorgon_completion c;
+        int rc = round_trip(cli, IPC_OP_MODEL_INFO, NULL, 0, have, GORGON_MODEL_RT_NS, &c, NULL);
+        if (rc < 0) {
+            free(tmpl);
+            return rc;
+        }
+        if (c.out_len < sizeof(mi) || !c.out) {
+            free(tmpl);
+            return -EPROTO;
+        }
+        memcpy(&mi, c.out, sizeof(mi));
+        if (!tmpl) {
+            total = mi.template_len;
+            if (!(tmpl = malloc((size_t)total + 1)))
+                return -ENOMEM;
+        }
+        /* gorgond's answer must continue where we asked, within what it
+         * announced: anything else is a broken daemon, not a longer read. */
+        if (mi.template_len != total || mi.chunk_off != have || mi.chunk_len > total - have ||
+            (mi.chunk_len == 0 && have < total) || c.out_len != sizeof(mi) + mi.chunk_len) {
+            free(tmpl);
+            return -EPROTO;
+        }
+        memcpy(tmpl + have, (const uint8_t *)c.out + sizeof(mi), mi.chunk_len);
+        have += mi.chunk_len;
+    } while (have < total);
+    tmpl[total] = '\0';
+    free(cli->chat_template);
+    cli->chat_template = tmpl;
+    mi.name[sizeof(mi.name) - 1] = '\0';
+    snprintf(out->name, sizeof(out->name), "%s", mi.name);
+    out->n_ctx = mi.n_ctx;
+    out->n_vocab = mi.n_vocab;
+    out->bos = mi.bos;
+    out->eos = mi.eos;
+    out->chat_template = tmpl;
+    return 0;
+}
+
+int gorgon_model_info(gorgon_client *cli, gorgon_model *out)
+{
+    KEEP_ERRNO(model_info_impl(cli, out));
+}
+
+static int tokenize_impl(gorgon_client *cli, const char *text, size_t len, uint32_t flags,
+                         int32_t *ids, size_t cap)
+{
+    if (!cli || (!text && len) || (!ids && cap) || (flags & ~GORGON_TOK_ADD_BOS))
+        return -EINVAL;
+    gorgon_completion c;
+    int rc = round_trip(cli, IPC_OP_TOKENIZE, text, len,
+                        (flags & GORGON_TOK_ADD_BOS) ? IPC_TOK_F_ADD_BOS : 0, GORGON_MODEL_RT_NS,
+                        &c, NULL);
+    if (rc < 0)
+        return rc;
+    if (c.out_len != (size_t)rc * sizeof(int32_t) || (rc && !c.out))
+        return -EPROTO;
+    if ((size_t)rc > cap)
+        return -ENOSPC;
+    memcpy(ids, c.out, c.out_len);
+    return rc;
+}
+
+int gorgon_tokenize(gorgon_client *cli, const char *text, size_t len, uint32_t flags,
+                    int32_t *ids, size_t cap)
+{
+    KEEP_ERRNO(tokenize_impl(cli, text, len, flags, ids, cap));
+}
+
+static int detokenize_impl(gorgon_client *cli, const int32_t *ids, size_t n, char *out, size_t cap)
+{
+    if (!cli || (!ids && n) || (!out && cap) || n > SIZE_MAX / sizeof(int32_t))
+        return -EINVAL;
+    gorgon_completion c;
+    int rc = round_trip(cli, IPC_OP_DETOKENIZE, ids, n * sizeof(int32_t), 0, GORGON_MODEL_RT_NS,
+                        &c, NULL);
+    if (rc < 0)
+        return rc;
+    if (c.out_len != (size_t)rc || (rc && !c.out))
+        return -EPROTO;
+    if ((size_t)rc > cap)
+        return -ENOSPC;
+    memcpy(out, c.out, (size_t)rc);
+    if ((size_t)rc < cap)
+        out[rc] = '\0';
+    return rc;
+}
+
+int gorgon_detokenize(gorgon_client *cli, const int32_t *ids, size_t n, char *out, size_t cap)
+{
+    KEEP_ERRNO(detokenize_impl(cli, ids, n, out, cap));
 }
 
 /* ---- generation ------------------------------------------------------------------ */

@@ -78,6 +78,11 @@ enum ipc_op {
     IPC_OP_GENERATE = 2, /* ipc_gen_params in the slot's input; streams output (see below) */
     IPC_OP_CANCEL = 3,   /* cancel the GENERATE running in `slot` */
     IPC_OP_STATS = 4,    /* write an ipc_stats into the slot's output */
+    IPC_OP_MODEL_INFO = 5, /* arg[0]: byte offset into the chat template; writes an
+                            * ipc_model_info, then template bytes from that offset */
+    IPC_OP_TOKENIZE = 6,   /* text in the input, arg[0] IPC_TOK_F_*; int32 ids out,
+                            * result = their count (-ENOSPC: more than fit) */
+    IPC_OP_DETOKENIZE = 7, /* int32 ids in the input; text out, result = its bytes */
     IPC_OP__COUNT,
 };
 
@@ -290,6 +295,21 @@ struct ipc_welcome {
     char reason[48]; /* NUL-terminated text when status < 0 */
 };
 _Static_assert(sizeof(struct ipc_welcome) == 72, "welcome");
+
+/* IPC_OP_MODEL_INFO output (gorgond → client): this header, then
+ * chunk_len bytes of the chat template starting at chunk_off (the request's
+ * arg[0]); a client reads the rest with further requests. */
+struct ipc_model_info {
+    uint32_t n_ctx, n_vocab;
+    int32_t bos, eos;      /* -1: none */
+    uint32_t template_len; /* the whole tokenizer.chat_template (0: none) */
+    uint32_t chunk_off, chunk_len;
+    uint32_t rsvd;
+    char name[128]; /* general.name, else the file name; NUL-terminated */
+};
+_Static_assert(sizeof(struct ipc_model_info) == 160, "model info");
+
+#define IPC_TOK_F_ADD_BOS 1u /* IPC_OP_TOKENIZE: prepend BOS (when the model has one) */
 
 /* IPC_OP_STATS output (gorgond → client) */
 struct ipc_stats {

@@ -863,6 +863,9 @@ int eng_gguf_write_synth_llama(const char *path, const eng_synth_llama_cfg *cfg)
     } else if ((rc = synth_tokenizer(w, n_vocab)) < 0) {
         goto out;
     }
+    if (s->chat_template &&
+        (rc = eng_gguf_writer_add_str(w, "tokenizer.chat_template", s->chat_template)) < 0)
+        goto out; /* -EEXIST: vocab_from has one already */
 
     float base = s->rope_freq_base > 0.0f ? s->rope_freq_base : 10000.0f;
     if ((rc = eng_gguf_writer_add_u32(w, "llama.context_length", (uint32_t)s->n_ctx)) < 0 ||

@@ -96,6 +96,7 @@ typedef struct eng_synth_llama_cfg {
     uint64_t seed;            /* same seed + shape + dtype = same bytes */
     const char *vocab_from;   /* copy every tokenizer.* key of this GGUF; NULL: synthesise */
     const char *name;         /* general.name (NULL: "gorgon-synth") */
+    const char *chat_template; /* tokenizer.chat_template (NULL: none, or vocab_from's) */
     float rope_freq_base;     /* 0: 10000 */
 } eng_synth_llama_cfg;
 

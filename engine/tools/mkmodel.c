@@ -10,6 +10,7 @@
  */
 #include <errno.h>
 #include <getopt.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,6 +39,7 @@ static void usage(FILE *f)
             "usage: gorgon-mkmodel --out FILE [--preset 110m|stories260k-shape|tiny]\n"
             "         [--dim D --layers L --heads H --kv-heads K --ffn F --vocab V --ctx C]\n"
             "         [--dtype f32|f16|bf16|q8_0|q4_0] [--seed S] [--vocab-from FILE.gguf]\n"
+            "         [--chat-template FILE]   (its text becomes tokenizer.chat_template)\n"
             "Writes a Llama GGUF with random N(0, 0.02) weights (norms 1, kept f32).\n"
             "The tokenizer is copied from --vocab-from or synthesised; preset 110m uses\n"
             "llama2-vocab/ggml-vocab-llama-spm.gguf from $GORGON_TEST_MODELS or\n"
@@ -58,6 +60,44 @@ static int parse_i64(const char *s, int64_t lo, int64_t hi, int64_t *out, const 
     return 0;
 }
 
+/* The whole of a text file, NUL-terminated (malloc'd), or NULL with the
+ * reason printed. */
+static char *read_text(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        fprintf(stderr, "gorgon-mkmodel: --chat-template %s: %s\n", path, strerror(errno));
+        return NULL;
+    }
+    char *buf = NULL;
+    size_t n = 0, cap = 0;
+    bool oom = false;
+    for (;;) {
+        if (n + 4096 + 1 > cap) {
+            cap = cap ? 2 * cap : 8192;
+            char *nb = realloc(buf, cap);
+            if (!nb) {
+                oom = true;
+                break;
+            }
+            buf = nb;
+        }
+        size_t k = fread(buf + n, 1, cap - n - 1, f);
+        n += k;
+        if (k == 0)
+            break;
+    }
+    bool bad = oom || ferror(f) || !buf || memchr(buf, '\0', n);
+    fclose(f);
+    if (bad) {
+        fprintf(stderr, "gorgon-mkmodel: --chat-template %s: cannot read it as text\n", path);
+        free(buf);
+        return NULL;
+    }
+    buf[n] = '\0';
+    return buf;
+}
+
 static const char *default_vocab_path(char *buf, size_t n)
 {
     const char *dir = getenv("GORGON_TEST_MODELS");
@@ -76,9 +116,10 @@ int main(int argc, char **argv)
         {"ffn", required_argument, 0, 'f'},    {"vocab", required_argument, 0, 'v'},
         {"ctx", required_argument, 0, 'c'},    {"dtype", required_argument, 0, 't'},
         {"seed", required_argument, 0, 's'},   {"vocab-from", required_argument, 0, 'V'},
+        {"chat-template", required_argument, 0, 'T'},
         {"help", no_argument, 0, 'h'},         {0, 0, 0, 0},
     };
-    const char *out = NULL, *preset = "tiny", *vocab_from = NULL;
+    const char *out = NULL, *preset = "tiny", *vocab_from = NULL, *template_file = NULL;
     enum kn_dtype dtype = KN_F32;
     uint64_t seed = 1;
     struct shape set = {0}; /* explicit overrides, applied over the preset */
@@ -95,6 +136,9 @@ int main(int argc, char **argv)
             break;
         case 'V':
             vocab_from = optarg;
+            break;
+        case 'T':
+            template_file = optarg;
             break;
         case 'd':
             rc = parse_i64(optarg, 2, 1 << 20, &set.dim, "--dim");
@@ -169,14 +213,18 @@ int main(int argc, char **argv)
         if (src[i])
             *dst[i] = src[i];
 
+    char *chat_template = NULL;
+    if (template_file && !(chat_template = read_text(template_file)))
+        return 1;
     char name[128];
     snprintf(name, sizeof(name), "gorgon-mkmodel %s %s", preset, eng_gguf_ggml_type_name(dtype));
     eng_synth_llama_cfg cfg = {
         .dim = s.dim, .n_layer = s.layers, .n_head = s.heads, .n_head_kv = s.kv_heads,
         .ffn = s.ffn, .n_ctx = s.ctx, .n_vocab = s.vocab, .dtype = dtype, .seed = seed,
-        .vocab_from = vocab_from, .name = name,
+        .vocab_from = vocab_from, .name = name, .chat_template = chat_template,
     };
     int rc = eng_gguf_write_synth_llama(out, &cfg);
+    free(chat_template);
     if (rc < 0) {
         fprintf(stderr, "gorgon-mkmodel: %s\n", eng_error());
         return 1;
