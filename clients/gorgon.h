@@ -254,7 +254,8 @@ typedef struct gorgon_gen_params {
     float top_p;               /* 0 or 1: off */
     float min_p;               /* 0: off */
     float repeat_penalty;      /* 0 or 1: off */
-    uint64_t seed;
+    uint64_t seed;             /* 0: a random one for a sampled request (each run
+                                * differs); usage.seed says which, to reproduce it */
     const char *const *stop;   /* up to GORGON_GEN_MAX_STOP strings, 1..63 bytes */
     int n_stop;
     uint32_t flags;            /* GORGON_GEN_* */
@@ -277,6 +278,11 @@ typedef struct gorgon_gen_usage {
     /* Medusa: steps that decoded this request and the candidate tokens they
      * accepted (tokens per step = 1 + accepted / steps); 0 when plain. */
     uint32_t medusa_steps, medusa_accepted;
+    /* The sampling seed the request ran with: the caller's, or the random
+     * one drawn for a sampled request without one. Pass it back as
+     * gorgon_gen_params.seed to reproduce the text. 0 for greedy requests
+     * without a seed. */
+    uint64_t seed;
 } gorgon_gen_usage;
 
 typedef struct gorgon_gen_chunk {

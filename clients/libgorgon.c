@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <unistd.h>
 
 #include "clients/gorgon.h"
@@ -62,6 +63,7 @@ struct gorgon_client {
                             * back to gorgond (out_consumed) at the next call */
     uint32_t *consume_list, n_consume;
     uint32_t *gen_flags;   /* GORGON_GEN_* of the generation on the slot */
+    uint64_t *gen_seed;    /* its sampling seed (reported in the final usage) */
     struct ipc_cqe *stash; /* completions popped but not yet returned, FIFO */
     uint32_t n_stash, stash_cap;
     char *chat_template;   /* gorgon_model_info's, owned here */
@@ -102,6 +104,7 @@ void gorgon_close(gorgon_client *cli)
     free(cli->consume);
     free(cli->consume_list);
     free(cli->gen_flags);
+    free(cli->gen_seed);
     free(cli->stash);
     free(cli->chat_template);
     free(cli);
@@ -155,9 +158,10 @@ static int connect_impl(gorgon_client **out, const gorgon_opts *opts)
     cli->consume = calloc(cli->n_slots, sizeof(uint32_t));
     cli->consume_list = calloc(cli->n_slots, sizeof(uint32_t));
     cli->gen_flags = calloc(cli->n_slots, sizeof(uint32_t));
+    cli->gen_seed = calloc(cli->n_slots, sizeof(uint64_t));
     rc = -ENOMEM;
     if (!cli->slot_state || !cli->free_slots || !cli->release_q || !cli->consume ||
-        !cli->consume_list || !cli->gen_flags)
+        !cli->consume_list || !cli->gen_flags || !cli->gen_seed)
         goto fail;
     /* Lowest index on top: slot 0 is handed out first. */
     for (uint32_t i = 0; i < cli->n_slots; i++)
@@ -773,6 +777,17 @@ const char *gorgon_finish_name(int finish)
     }
 }
 
+/* A seed nobody chose: from the kernel's CSPRNG, never 0 (0 means "draw
+ * one"), falling back to the clock and a counter if getrandom fails. */
+static uint64_t random_seed(void)
+{
+    static _Atomic uint64_t fallback;
+    uint64_t v = 0;
+    if (getrandom(&v, sizeof(v), GRND_NONBLOCK) != (ssize_t)sizeof(v))
+        v = cm_now_ns() ^ (atomic_fetch_add(&fallback, 1) * 0x9e3779b97f4a7c15ull);
+    return v ? v : 1;
+}
+
 static int generate_submit_impl(gorgon_client *cli, const gorgon_gen_params *p,
                                 uint64_t user_data, uint32_t *req)
 {
@@ -805,6 +820,9 @@ static int generate_submit_impl(gorgon_client *cli, const gorgon_gen_params *p,
         return -EAGAIN;
     uint32_t slot = cli->free_slots[cli->n_free - 1];
     uint8_t *in = ipc_region_slot_in(&cli->reg, slot);
+    uint64_t seed = p->seed;
+    if (!seed && p->temperature > 0.0f)
+        seed = random_seed();
     float top_p = p->top_p > 0.0f && p->top_p < 1.0f ? p->top_p : 1.0f;
     if (isnan(p->top_p))
         top_p = p->top_p; /* let gorgond name the error */
@@ -819,7 +837,7 @@ static int generate_submit_impl(gorgon_client *cli, const gorgon_gen_params *p,
         .repeat_penalty = p->repeat_penalty,
         .top_k = p->top_k,
         .n_stop = (uint32_t)p->n_stop,
-        .seed = p->seed,
+        .seed = seed,
         .prompt_off = sizeof(gp),
         .prompt_len = (uint32_t)plen,
         .stop_off = (uint32_t)(sizeof(gp) + plen),
@@ -843,6 +861,7 @@ static int generate_submit_impl(gorgon_client *cli, const gorgon_gen_params *p,
     cli->n_free--;
     cli->slot_state[slot] = SLOT_GEN;
     cli->gen_flags[slot] = p->flags;
+    cli->gen_seed[slot] = seed;
     *req = slot;
     return 0;
 }
@@ -869,6 +888,8 @@ void gorgon_generate_chunk_of(gorgon_client *cli, const gorgon_completion *c,
         ch->usage.completion_tokens = (uint32_t)(c->arg[1] >> 32);
         ch->usage.ttft_ns = c->arg[2];
         ch->usage.total_ns = c->arg[3];
+        if (cli && c->slot < cli->n_slots)
+            ch->usage.seed = cli->gen_seed[c->slot];
         if (ch->error && ch->finish == GORGON_FINISH_NONE)
             ch->finish = GORGON_FINISH_ERROR;
     }
