@@ -18,4 +18,6 @@ build/lib/libgorgon.so build/lib/$(GORGON_SONAME): $(B)/lib/libgorgon.so
 	@mkdir -p $(@D)
 	$(Q)ln -sfn ../$(patsubst build/%,%,$(B))/lib/$(GORGON_SONAME) $@
 
-$(eval $(call add_prog,gorgon,clients/cli/gorgon_cli.c,gorgon ipc common,$(IPC_LDLIBS) $(COMMON_LDLIBS)))
+# `gorgon pull` downloads with libcurl and checks SHA-256 with OpenSSL's
+# libcrypto (the TLS library libcurl already uses).
+$(eval $(call add_prog,gorgon,clients/cli/gorgon_cli.c clients/cli/pull.c,gorgon ipc common,$(IPC_LDLIBS) $(COMMON_LDLIBS) -lcurl -lcrypto))

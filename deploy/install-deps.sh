@@ -11,9 +11,12 @@
 #   libinih-dev                  INI config files (common/cm_config.c) rather than a hand-written parser
 #   clang, libclang-rt-14-dev    libFuzzer targets under tests/fuzz/
 #   libjansson-dev               strict JSON (safetensors headers, Medusa config.json and trees)
+#   libcurl4-openssl-dev         `gorgon pull` downloads (HTTP, TLS, redirects, ranges)
+#   libssl-dev                   SHA-256 of pulled files (libcrypto, the TLS library libcurl uses)
+#   python3                      the local HTTP servers of the pull tests (standard library only)
 set -euo pipefail
 
-PKGS=(build-essential pkg-config liburing-dev libnuma-dev libcriterion-dev libinih-dev clang libclang-rt-14-dev libjansson-dev)
+PKGS=(build-essential pkg-config liburing-dev libnuma-dev libcriterion-dev libinih-dev clang libclang-rt-14-dev libjansson-dev libcurl4-openssl-dev libssl-dev python3)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -9,6 +9,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "clients/cli/cli.h"
 #include "clients/gorgon.h"
 #include "common/cm_version.h"
 
@@ -26,6 +27,9 @@ static void usage(FILE *f)
                "        stream generated text to stdout (N new tokens, default 256; greedy\n"
                "        unless --temp > 0; greedy requests use gorgond's Medusa heads when it\n"
                "        has them, unless --no-medusa); usage and timings to stderr\n"
+               "  pull [--sha256 HEX] [--output FILE] [--cache-dir DIR] URL|hf://OWNER/REPO/FILE\n"
+               "        download a model (resumable, SHA-256 checked when known) into\n"
+               "        $XDG_CACHE_HOME/gorgon and print its path\n"
                "\n"
                "The socket defaults to $GORGON_SOCKET, else /run/gorgon/gorgon.sock.\n");
 }
@@ -375,6 +379,8 @@ int main(int argc, char **argv)
         return cmd_stats(argc - 1, argv + 1);
     if (!strcmp(cmd, "generate"))
         return cmd_generate(argc - 1, argv + 1);
+    if (!strcmp(cmd, "pull"))
+        return cli_pull(argc - 1, argv + 1);
     fprintf(stderr, "gorgon: unknown command '%s'\n", cmd);
     usage(stderr);
     return 2;
