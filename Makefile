@@ -5,6 +5,7 @@
 #   make run             build, start gorgond, talk to it, stop it
 #   make bench           run gorgon-bench suites
 #   make deps            install missing Debian packages (deploy/install-deps.sh)
+#   make install         PREFIX=/usr/local DESTDIR= (deploy/install.sh); make uninstall
 #
 # Knobs: MODE=release|debug  SAN=address,undefined|thread  V=1  WERROR=1
 #        CUDA=auto|0|1 (auto: on when nvcc is found and kernels/cuda/ exists)
@@ -133,7 +134,7 @@ $(B)/tests/$(1): $(call objs,$(2)) $(call libpaths,$(3)) $(TEST_SHIM)
 	$(Q)$$(CC) $$(LDFLAGS) -o $$@ $(call objs,$(2)) $(TEST_SHIM) $(call libpaths,$(3)) $(4) -lcriterion -ldl $$(LDLIBS)
 endef
 
-.PHONY: all test run bench deps clean fuzz FORCE
+.PHONY: all test run bench deps clean fuzz install uninstall FORCE
 all:
 
 # Dependency step: a cheap dpkg check at parse time, the installer only when
@@ -179,6 +180,13 @@ clean:
 
 run: all
 	$(Q)deploy/run-demo.sh
+
+PREFIX  ?= /usr/local
+DESTDIR ?=
+install: all
+	$(Q)PREFIX="$(PREFIX)" DESTDIR="$(DESTDIR)" deploy/install.sh $(B)
+uninstall:
+	$(Q)PREFIX="$(PREFIX)" DESTDIR="$(DESTDIR)" deploy/install.sh --uninstall $(B)
 
 # Benchmarks: the IPC suite and, when a model is given (MODEL=FILE), the engine suite.
 bench: all

@@ -146,7 +146,13 @@ static int find_worker(char *out, size_t cap)
     if (!slash)
         return -ENOENT;
     *slash = '\0';
+    /* Beside gorgond (the build tree), else where `make install` puts it:
+     * PREFIX/libexec/gorgon/ for gorgond in PREFIX/bin/. */
     if ((size_t)snprintf(out, cap, "%s/gorgon-worker", self) >= cap)
+        return -ENAMETOOLONG;
+    if (access(out, X_OK) == 0)
+        return 0;
+    if ((size_t)snprintf(out, cap, "%s/../libexec/gorgon/gorgon-worker", self) >= cap)
         return -ENAMETOOLONG;
     return access(out, X_OK) == 0 ? 0 : -ENOENT;
 }
@@ -977,7 +983,8 @@ int ap_gen_create(struct ap_server *srv)
         G->free_list[G->n_free++] = G->n_gens - 1 - i;
     }
     if ((rc = find_worker(G->bin, sizeof(G->bin))) < 0) {
-        CM_LOG_ERROR(TAG, "gorgon-worker not found next to gorgond (or $GORGON_WORKER): %s",
+        CM_LOG_ERROR(TAG, "gorgon-worker not found next to gorgond, in ../libexec/gorgon/ "
+                     "or at $GORGON_WORKER: %s",
                      cm_strerror(rc));
         return rc;
     }

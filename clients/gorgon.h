@@ -15,31 +15,57 @@
  * independent; a process may hold several, one per thread for best latency.
  * gorgon_last_socket()/gorgon_last_refusal() are thread-local.
  *
- *   gorgon_client *cli;
- *   int rc = gorgon_connect(&cli, NULL);      // $GORGON_SOCKET or /run/gorgon/gorgon.sock
- *   if (rc < 0) { fprintf(stderr, "%s\n", gorgon_strerror(rc)); return 1; }
- *   uint64_t rtt;
- *   rc = gorgon_ping(cli, "hello", 5, 1000000000, &rtt);   // 5 (bytes echoed)
+ * Example, complete (tests/clients/test_install.c extracts the lines between
+ * the markers, builds them against an installed libgorgon with pkg-config
+ * and runs them):
  *
- *   // asynchronous: submit, then reap
- *   gorgon_submit_ping(cli, "abc", 3, 42);    // user_data 42
- *   gorgon_completion c[16];
- *   int n = gorgon_wait(cli, c, 16, 1000000000);
- *   for (int i = 0; i < n; i++) {
- *       size_t len;
- *       const void *out = gorgon_cqe_output(&c[i], &len);  // valid until the next poll/wait
- *       use(gorgon_cqe_user_data(&c[i]), gorgon_cqe_result(&c[i]), out, len);
+ * [example]
+ *   #include <gorgon.h>
+ *   #include <stdio.h>
+ *
+ *   int main(void)
+ *   {
+ *       gorgon_client *cli;
+ *       int rc = gorgon_connect(&cli, NULL);    // $GORGON_SOCKET or /run/gorgon/gorgon.sock
+ *       if (rc < 0) {
+ *           fprintf(stderr, "%s %s\n", gorgon_strerror(rc), gorgon_last_refusal());
+ *           return 1;
+ *       }
+ *       uint64_t rtt;
+ *       rc = gorgon_ping(cli, "hello", 5, 1000000000, &rtt);    // 5 (bytes echoed)
+ *
+ *       // asynchronous: submit, then reap
+ *       gorgon_submit_ping(cli, "abc", 3, 42);    // user_data 42
+ *       gorgon_completion c[16];
+ *       int n = gorgon_wait(cli, c, 16, 1000000000);
+ *       for (int i = 0; i < n; i++) {
+ *           size_t len;
+ *           const void *out = gorgon_cqe_output(&c[i], &len);    // valid until the next poll/wait
+ *           fprintf(stderr, "request %llu: %d, %zu bytes at %p\n",
+ *                   (unsigned long long)gorgon_cqe_user_data(&c[i]), gorgon_cqe_result(&c[i]),
+ *                   len, out);
+ *       }
+ *
+ *       // generation: text chunks, then a final chunk with the finish reason and usage
+ *       gorgon_gen_params gp = {.prompt = "Once upon a time", .max_tokens = 64};    // greedy
+ *       uint32_t req;
+ *       if ((rc = gorgon_generate_submit(cli, &gp, 7, &req)) == 0) {
+ *           gorgon_gen_chunk ch;
+ *           while ((rc = gorgon_generate_next(cli, req, &ch, -1)) == 1)
+ *               fwrite(ch.text, 1, ch.len, stdout);    // valid until the next call
+ *           // rc == 0: finished (ch.finish, ch.usage; the final chunk has no text)
+ *           // rc < 0: failed, and ch.text holds gorgond's message
+ *           if (rc < 0)
+ *               fprintf(stderr, "failed: %.*s\n", (int)ch.len, ch.text);
+ *       }
+ *       gorgon_close(cli);
+ *       return rc < 0;
  *   }
+ * [/example]
  *
- *   // generation: stream text, then the finish reason and usage
- *   gorgon_gen_params gp = {.prompt = "Once upon a time", .max_tokens = 64};  // greedy
- *   uint32_t req;
- *   gorgon_generate_submit(cli, &gp, 7, &req);
- *   gorgon_gen_chunk ch;
- *   while ((rc = gorgon_generate_next(cli, req, &ch, -1)) == 1)
- *       fwrite(ch.text, 1, ch.len, stdout);       // valid until the next call
- *   // rc == 0: ch.finish, ch.usage; rc < 0: failed, ch.text holds gorgond's message
- *   gorgon_close(cli);
+ * Build: cc app.c $(pkg-config --cflags --libs gorgon), or with
+ * `pkg-config --static --libs gorgon` to link libgorgon.a (then also
+ * -luring -lnuma -lm, which --static lists).
  */
 #ifndef GORGON_H
 #define GORGON_H
@@ -304,8 +330,9 @@ typedef struct gorgon_gen_chunk {
 int gorgon_generate_submit(gorgon_client *cli, const gorgon_gen_params *p, uint64_t user_data,
                            uint32_t *req);
 /* Next piece of req's stream, waiting up to timeout_ns (< 0: forever):
- * 1 a chunk (more follow), 0 the final chunk of a successful request (may
- * carry the last text; finish and usage filled; req is released), < 0 the
+ * 1 a chunk (more follow), 0 the final chunk of a successful request (no
+ * text: every byte came in the chunks before it; finish and usage filled;
+ * req is released), < 0 the
  * request failed (final chunk: error, finish, message in text; released),
  * -ETIMEDOUT (nothing yet; chunk->done == 0, req still running), or a
  * transport error (-EPIPE). */

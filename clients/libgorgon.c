@@ -442,6 +442,15 @@ static int stash_push(gorgon_client *cli, const struct ipc_cqe *c)
     return 0;
 }
 
+/* Put c back as the oldest kept completion (it is read next). */
+static int stash_push_front(gorgon_client *cli, const struct ipc_cqe *c)
+{
+    CM_TRY(stash_push(cli, c));
+    memmove(&cli->stash[1], &cli->stash[0], (cli->n_stash - 1) * sizeof(*c));
+    cli->stash[0] = *c;
+    return 0;
+}
+
 static void stash_take(gorgon_client *cli, uint32_t i, struct ipc_cqe *c)
 {
     *c = cli->stash[i];
@@ -993,6 +1002,18 @@ static int generate_next_impl(gorgon_client *cli, uint32_t req, gorgon_gen_chunk
     int rc = take_for_slot(cli, req, IPC_OP_GENERATE, deadline, &c);
     if (rc <= 0)
         return rc ? rc : -ETIMEDOUT;
+    if (!(c.flags & IPC_CQE_F_MORE) && c.out_len && c.result >= 0) {
+        /* The final completion carries the last text: hand that out as an
+         * ordinary chunk now and the final one, without text, next time,
+         * so that `while (gorgon_generate_next(...) == 1) print(chunk)`
+         * prints everything. */
+        struct ipc_cqe fin = c;
+        fin.out_len = 0;
+        if ((rc = stash_push_front(cli, &fin)) < 0)
+            return rc;
+        c.flags |= IPC_CQE_F_MORE;
+        c.result = (int32_t)c.out_len;
+    }
     gorgon_completion o;
     convert(cli, &c, &o);
     gorgon_generate_chunk_of(cli, &o, ch);

@@ -1,16 +1,21 @@
 # clients: libgorgon (static and shared) and the `gorgon` CLI.
-# The shared library carries the ipc and common objects it needs and exports
-# only the gorgon_* API (clients/libgorgon.map).
-gorgon_SRCS := $(wildcard clients/*.c)
+# Both libraries carry the ipc and common objects the client needs, so that
+# -lgorgon is the whole link line (plus liburing, libnuma and libm, which
+# gorgon.pc lists): libgorgon.a alone resolves every gorgon_* call. The INI
+# reader (common/cm_config.c, libinih) is left out: a client never reads our
+# config files. The shared library exports only the gorgon_* API
+# (clients/libgorgon.map).
+gorgon_SRCS := $(wildcard clients/*.c) $(ipc_SRCS) $(filter-out common/cm_config.c,$(common_SRCS))
 $(eval $(call add_lib,gorgon,$(gorgon_SRCS)))
+GORGON_LDLIBS := $(IPC_LDLIBS) -lm
 
 GORGON_SONAME := libgorgon.so.0
-GORGON_SO_OBJS := $(call objs,$(gorgon_SRCS) $(ipc_SRCS) $(common_SRCS))
+GORGON_SO_OBJS := $(call objs,$(gorgon_SRCS))
 ALL_LIBS += $(B)/lib/libgorgon.so build/lib/libgorgon.so build/lib/$(GORGON_SONAME)
 $(B)/lib/$(GORGON_SONAME): $(GORGON_SO_OBJS) clients/libgorgon.map
 	@mkdir -p $(@D)
 	@$(if $(filter 1,$(V)),,echo "  LD      $@")
-	$(Q)$(CC) $(LDFLAGS) -shared -Wl,-soname,$(GORGON_SONAME) -Wl,--version-script=clients/libgorgon.map -Wl,-z,defs -o $@ $(GORGON_SO_OBJS) $(IPC_LDLIBS) $(COMMON_LDLIBS)
+	$(Q)$(CC) $(LDFLAGS) -shared -Wl,-soname,$(GORGON_SONAME) -Wl,--version-script=clients/libgorgon.map -Wl,-z,defs -o $@ $(GORGON_SO_OBJS) $(GORGON_LDLIBS)
 $(B)/lib/libgorgon.so: $(B)/lib/$(GORGON_SONAME)
 	$(Q)ln -sfn $(GORGON_SONAME) $@
 # build/lib/ holds the library of the last mode built (like build/bin/).
