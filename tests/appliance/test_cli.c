@@ -12,6 +12,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "tests/appliance/util/wait.h"
 #include "tests/clients/util/gd_proc.h"
 #include "tests/util/test_models.h"
 
@@ -26,10 +27,7 @@ static void teardown(void)
 static void start_gorgond(void)
 {
     snprintf(model_buf, sizeof(model_buf), "%s", tu_model_path("stories260K/stories260K.gguf"));
-    int rc = gd_start(&gd, "--model", model_buf, NULL);
-    cr_assert_neq(rc, -ENOENT, "gorgond not built (looked in $GORGON_GORGOND, the test's build "
-                               "tree and build/bin/gorgond): run `make`");
-    cr_assert_eq(rc, 0, "gorgond did not start: %s", strerror(-rc));
+    AT_START(&gd, "--model", model_buf, NULL);
 }
 
 /* build/<mode>/bin/gorgon beside this test's build/<mode>/tests/; a test
