@@ -11,3 +11,6 @@ $(eval $(call test_dir,ipc,ipc common,$(IPC_LDLIBS) $(COMMON_LDLIBS)))
 $(eval $(call test_dir,clients,gorgon ipc common,$(IPC_LDLIBS) $(COMMON_LDLIBS)))
 # (appliance tests also write model-side files such as Medusa heads: engine)
 $(eval $(call test_dir,appliance,gorgon $(ENGINE_LIBS) ipc common,$(IPC_LDLIBS) $(ENGINE_LDLIBS)))
+
+# `make soak` (tests/soak/module.mk): not part of `all` or `test`.
+include tests/soak/module.mk

@@ -12,6 +12,7 @@
 #include "clients/cli/cli.h"
 #include "clients/gorgon.h"
 #include "common/cm_version.h"
+#include "ipc/ipc_abi.h" /* IPC_GEN_MAX_STOP_LEN: the longest stop string gorgond takes */
 
 static void usage(FILE *f)
 {
@@ -26,7 +27,9 @@ static void usage(FILE *f)
                "           [--no-medusa] [--socket PATH]\n"
                "        stream generated text to stdout (N new tokens, default 256; greedy\n"
                "        unless --temp > 0; greedy requests use gorgond's Medusa heads when it\n"
-               "        has them, unless --no-medusa); usage and timings to stderr\n"
+               "        has them, unless --no-medusa); usage and timings to stderr; up to 8\n"
+               "        --stop strings of 1 to 63 bytes; --seed S is an integer in [0, 2^64)\n"
+               "        (0 or none with --temp > 0: a random seed, printed with the usage)\n"
                "  pull [--sha256 HEX] [--output FILE] [--cache-dir DIR] URL|hf://OWNER/REPO/FILE\n"
                "        download a model (resumable, SHA-256 checked when known) into\n"
                "        $XDG_CACHE_HOME/gorgon and print its path\n"
@@ -65,16 +68,51 @@ static void on_sigint(int sig)
     interrupted = 1;
 }
 
+/* Every number on the command line goes through parse_long, parse_u64 or
+ * parse_double: the whole argument must be the number (no sign where none
+ * is allowed, no trailing text, no exponent in an integer) and in range, or
+ * the program exits 2 with a message naming the option and the range. */
+static void bad_number(const char *what, const char *s, const char *kind, const char *range)
+{
+    fprintf(stderr, "gorgon: %s: '%s' is not %s in %s\n", what, s, kind, range);
+    exit(2);
+}
+
 static long parse_long(const char *what, const char *s, long min, long max)
 {
+    char range[64];
+    snprintf(range, sizeof(range), "[%ld, %ld]", min, max);
     char *end;
     errno = 0;
-    long v = strtol(s, &end, 0);
-    if (errno || end == s || *end || v < min || v > max) {
-        fprintf(stderr, "gorgon: %s: '%s' is not in [%ld, %ld]\n", what, s, min, max);
-        exit(2);
-    }
+    /* base 10: "010" is ten, not an octal eight */
+    long v = strtol(s, &end, 10);
+    if (errno || end == s || *end || (*s != '-' && (*s < '0' || *s > '9')) || v < min || v > max)
+        bad_number(what, s, "an integer", range);
     return v;
+}
+
+static uint64_t parse_u64(const char *what, const char *s)
+{
+    char range[64];
+    snprintf(range, sizeof(range), "[0, %llu]", (unsigned long long)UINT64_MAX);
+    char *end;
+    errno = 0;
+    /* strtoull takes "-1" as 2^64 - 1: only digits are a u64 here */
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || end == s || *end || *s < '0' || *s > '9')
+        bad_number(what, s, "an integer", range);
+    return (uint64_t)v;
+}
+
+/* Options take every argument: a word left over (a prompt without -p, say)
+ * is an error, not something to ignore. */
+static int no_operands(const char *cmd, int argc, char **argv)
+{
+    if (optind >= argc)
+        return 0;
+    fprintf(stderr, "gorgon: %s: unexpected argument '%s'%s\n", cmd, argv[optind],
+            strcmp(cmd, "generate") ? "" : " (the prompt goes after -p, or in a file: -f)");
+    return -EINVAL;
 }
 
 static const struct option common_opts[] = {
@@ -101,6 +139,8 @@ static int cmd_ping(int argc, char **argv)
         default: usage(stderr); return 2;
         }
     }
+    if (no_operands("ping", argc, argv) < 0)
+        return 2;
     gorgon_client *cli;
     if (connect_or_explain(&cli, sock) < 0)
         return 1;
@@ -168,6 +208,8 @@ static int cmd_stats(int argc, char **argv)
         default: usage(stderr); return 2;
         }
     }
+    if (no_operands("stats", argc, argv) < 0)
+        return 2;
     gorgon_client *cli;
     if (connect_or_explain(&cli, sock) < 0)
         return 1;
@@ -200,35 +242,49 @@ static int cmd_stats(int argc, char **argv)
         printf("medusa_tokens_step  %.2f (1 + accepted / steps)\n",
                1.0 + (double)st.medusa_accepted / (double)st.medusa_steps);
     printf("medusa_max_batch    %llu\n", (unsigned long long)st.medusa_max_batch);
+    printf("gen_waiting         %llu\n", (unsigned long long)st.gen_waiting);
+    printf("handshakes_pending  %llu\n", (unsigned long long)st.handshakes_pending);
+    printf("handshakes_dropped  %llu\n", (unsigned long long)st.handshakes_dropped);
+    printf("watchdog_kills      %llu\n", (unsigned long long)st.watchdog_kills);
+    printf("step_max_ms         %.1f\n", (double)st.step_max_us / 1000.0);
     return 0;
 }
 
 static double parse_double(const char *what, const char *s, double min, double max)
 {
+    char range[64];
+    snprintf(range, sizeof(range), "[%g, %g]", min, max);
     char *end;
     errno = 0;
     double v = strtod(s, &end);
-    if (errno || end == s || *end || !(v >= min && v <= max)) {
-        fprintf(stderr, "gorgon: %s: '%s' is not a number in [%g, %g]\n", what, s, min, max);
-        exit(2);
-    }
+    if (errno || end == s || *end || (*s != '-' && *s != '.' && (*s < '0' || *s > '9')) ||
+        !(v >= min && v <= max))
+        bad_number(what, s, "a number", range);
     return v;
 }
 
+/* The prompt file (-f PATH, "-" for stdin), whole. NULL after a message
+ * naming -f when it cannot be opened or read: a directory opens fine with
+ * fopen and then fails every read (EISDIR), which must not pass for an
+ * empty prompt. */
 static char *read_all(const char *path, size_t *len)
 {
     FILE *f = strcmp(path, "-") ? fopen(path, "rb") : stdin;
     if (!f) {
-        fprintf(stderr, "gorgon: %s: %s\n", path, strerror(errno));
+        fprintf(stderr, "gorgon: -f %s: %s\n", path, strerror(errno));
         return NULL;
     }
     size_t cap = 4096, n = 0;
     char *buf = malloc(cap);
+    int err = 0;
     while (buf) {
         size_t k = fread(buf + n, 1, cap - n, f);
         n += k;
-        if (k == 0)
+        if (k == 0) {
+            if (ferror(f))
+                err = errno ? errno : EIO;
             break;
+        }
         if (n == cap) {
             char *nb = realloc(buf, cap * 2);
             if (!nb) {
@@ -242,8 +298,13 @@ static char *read_all(const char *path, size_t *len)
     }
     if (f != stdin)
         fclose(f);
-    if (!buf)
-        fprintf(stderr, "gorgon: %s: out of memory\n", path);
+    if (!buf) {
+        fprintf(stderr, "gorgon: -f %s: out of memory\n", path);
+    } else if (err) {
+        fprintf(stderr, "gorgon: -f %s: %s\n", path, strerror(err));
+        free(buf);
+        buf = NULL;
+    }
     *len = n;
     return buf;
 }
@@ -262,13 +323,14 @@ static int cmd_generate(int argc, char **argv)
         {"help", no_argument, NULL, 'h'},         {NULL, 0, NULL, 0},
     };
     const char *sock = NULL, *prompt = "", *file = NULL;
+    bool have_prompt = false;
     const char *stops[GORGON_GEN_MAX_STOP];
     gorgon_gen_params gp = {.max_tokens = 256, .top_p = 1.0f};
     int c;
     while ((c = getopt_long(argc, argv, "p:f:n:h", opts, NULL)) != -1) {
         switch (c) {
         case 'S': sock = optarg; break;
-        case 'p': prompt = optarg; break;
+        case 'p': prompt = optarg, have_prompt = true; break;
         case 'f': file = optarg; break;
         case 'n': gp.max_tokens = (int32_t)parse_long("-n", optarg, 1, 1 << 30); break;
         case O_TEMP: gp.temperature = (float)parse_double("--temp", optarg, 0, 100); break;
@@ -276,25 +338,40 @@ static int cmd_generate(int argc, char **argv)
         case O_TOPK: gp.top_k = (int32_t)parse_long("--top-k", optarg, 0, 1 << 30); break;
         case O_MINP: gp.min_p = (float)parse_double("--min-p", optarg, 0, 0.999999); break;
         case O_REP: gp.repeat_penalty = (float)parse_double("--repeat-penalty", optarg, 0, 100); break;
-        case O_SEED: gp.seed = (uint64_t)strtoull(optarg, NULL, 0); break;
-        case O_STOP:
+        case O_SEED: gp.seed = parse_u64("--seed", optarg); break;
+        case O_STOP: {
+            size_t l = strlen(optarg);
             if (gp.n_stop == GORGON_GEN_MAX_STOP) {
-                fprintf(stderr, "gorgon: at most %d --stop strings\n", GORGON_GEN_MAX_STOP);
+                fprintf(stderr, "gorgon: --stop: at most %d stop strings\n", GORGON_GEN_MAX_STOP);
+                return 2;
+            }
+            if (l == 0 || l > IPC_GEN_MAX_STOP_LEN) {
+                fprintf(stderr, "gorgon: --stop: '%.*s%s' is %zu bytes; a stop string is 1 to %d "
+                                "bytes\n",
+                        l > 80 ? 80 : (int)l, optarg, l > 80 ? "..." : "", l,
+                        IPC_GEN_MAX_STOP_LEN);
                 return 2;
             }
             stops[gp.n_stop++] = optarg;
             break;
+        }
         case O_NOMED: gp.flags |= GORGON_GEN_NO_MEDUSA; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
+    }
+    if (no_operands("generate", argc, argv) < 0)
+        return 2;
+    if (have_prompt && file) {
+        fprintf(stderr, "gorgon: generate: -p and -f both give the prompt; use one\n");
+        return 2;
     }
     gp.stop = stops;
     char *text = NULL;
     size_t len = strlen(prompt);
     if (file) {
         if (!(text = read_all(file, &len)))
-            return 1;
+            return 2;
         prompt = text;
     }
     gp.prompt = prompt;
@@ -344,6 +421,9 @@ static int cmd_generate(int argc, char **argv)
                 ch.usage.total_ns
                     ? (double)ch.usage.completion_tokens * 1e9 / (double)ch.usage.total_ns
                     : 0.0);
+        if (ch.usage.seed)
+            fprintf(stderr, "[seed %llu: --seed %llu reproduces this text]\n",
+                    (unsigned long long)ch.usage.seed, (unsigned long long)ch.usage.seed);
         if (ch.usage.medusa_steps)
             fprintf(stderr, "[medusa: %u steps, %u tokens accepted, %.2f tokens per step]\n",
                     ch.usage.medusa_steps, ch.usage.medusa_accepted,

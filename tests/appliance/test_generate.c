@@ -12,6 +12,7 @@
 
 #include "clients/gorgon.h"
 #include "ipc/ipc.h"
+#include "tests/appliance/util/wait.h"
 #include "tests/clients/util/gd_proc.h"
 #include "tests/util/test_models.h"
 
@@ -26,13 +27,7 @@ static void teardown(void)
 
 static char model_buf[PATH_MAX];
 
-#define START_GORGOND(...)                                                                   \
-    do {                                                                                     \
-        int rc_ = gd_start(&gd, __VA_ARGS__);                                                \
-        if (rc_ == -ENOENT)                                                                  \
-            cr_skip_test("gorgond not built: run `make build/bin/gorgond`");                 \
-        cr_assert_eq(rc_, 0, "gorgond did not start: %s", strerror(-rc_));                   \
-    } while (0)
+#define START_GORGOND(...) AT_START(&gd, __VA_ARGS__)
 
 #define START_WITH_MODEL(...)                                                                \
     do {                                                                                     \
@@ -71,6 +66,13 @@ static void run_one(gorgon_client *cli, const gorgon_gen_params *p, gen_out *o)
     o->last = ch;
     if (ch.error)
         snprintf(o->msg, sizeof(o->msg), "%.*s", (int)ch.len, ch.text);
+}
+
+/* gorgond's counters say the worker holds no request and no KV block. */
+static bool worker_idle(gorgon_client *cli, gorgon_counters *st)
+{
+    cr_assert_eq(gorgon_stats(cli, st), 0);
+    return st->kv_blocks_used == 0 && st->gen_running == 0 && st->gen_queued == 0;
 }
 
 static void expect_golden(const char *golden, const char *prefix, const gen_out *o)
@@ -179,13 +181,9 @@ Test(appliance_generate, stop_string_ends_text_before_it, .fini = teardown, .tim
     cr_assert_str_eq((o.text[o.len] = 0, o.text), " were playing in the ");
     /* The worker was told to stop: its KV goes back. */
     gorgon_counters st;
-    for (int i = 0; i < 200; i++) {
-        cr_assert_eq(gorgon_stats(cli, &st), 0);
-        if (st.kv_blocks_used == 0 && st.gen_running == 0)
-            break;
-        gd_sleep_ms(10);
-    }
-    cr_assert_eq(st.kv_blocks_used, 0);
+    AT_WAIT_UNTIL(worker_idle(cli, &st), AT_WAIT_MS,
+                  "KV not freed after a stop string: %llu blocks used, %llu running",
+                  (unsigned long long)st.kv_blocks_used, (unsigned long long)st.gen_running);
     gorgon_close(cli);
     GD_END(&gd);
 }
@@ -279,14 +277,9 @@ Test(appliance_generate, cancel_ends_stream_and_frees_kv, .fini = teardown, .tim
     cr_assert_lt(ch.usage.completion_tokens, 2000);
     cr_assert_eq(gorgon_cancel(cli, req), -ENOENT);
     gorgon_counters st;
-    for (int i = 0; i < 200; i++) {
-        cr_assert_eq(gorgon_stats(cli, &st), 0);
-        if (st.kv_blocks_used == 0 && st.gen_running == 0)
-            break;
-        gd_sleep_ms(10);
-    }
-    cr_assert_eq(st.kv_blocks_used, 0, "KV still used after cancel: %llu",
-                 (unsigned long long)st.kv_blocks_used);
+    AT_WAIT_UNTIL(worker_idle(cli, &st), AT_WAIT_MS,
+                  "KV still used after cancel: %llu blocks, %llu running",
+                  (unsigned long long)st.kv_blocks_used, (unsigned long long)st.gen_running);
     gorgon_close(cli);
     GD_END(&gd);
 }
@@ -440,24 +433,44 @@ Test(appliance_generate, kv_admission_waits_or_refuses, .fini = teardown, .timeo
     GD_END(&gd);
 }
 
-/* Exactly one final completion per request: nothing more arrives after it. */
+/* Exactly one final completion per request: nothing more arrives after it.
+ * Request i+1 is the barrier for request i: the worker answers commands in
+ * order and gorgond turns its events into completions in order, so anything
+ * gorgond would still post for request i comes before request i+1's final.
+ * Completions are reaped raw (gorgon_wait) and told apart by user_data: a
+ * late one for request i cannot pass as part of request i+1, which reuses
+ * its slot. */
 Test(appliance_generate, one_final_per_request_then_silence, .fini = teardown, .timeout = 60)
 {
     START_WITH_MODEL(NULL);
     gorgon_client *cli = gd_connect(&gd, 0);
-    for (int i = 0; i < 20; i++) {
-        gen_out o;
-        run_one(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 1 + i % 3}, &o);
-        cr_assert_eq(o.rc, 0, "%s", o.msg);
-        gorgon_completion c[8];
-        uint64_t t0 = gd_now_ms();
-        while (gd_now_ms() - t0 < 20) {
-            int n = gorgon_poll(cli, c, 8);
-            cr_assert_eq(n, 0, "request %d: %d completions after the final (ud %llu res %d "
-                               "flags %u)",
-                         i, n, (unsigned long long)c[0].user_data, c[0].result, c[0].flags);
+    const int n = 20;
+    for (int i = 0; i <= n; i++) { /* request n is the last one's barrier */
+        uint64_t ud = 1000 + (uint64_t)i;
+        uint32_t req;
+        cr_assert_eq(gorgon_generate_submit(
+                         cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 1 + i % 3}, ud,
+                         &req),
+                     0);
+        bool final = false;
+        while (!final) {
+            gorgon_completion c[8];
+            int k = gorgon_wait(cli, c, 8, 20000000000ll);
+            cr_assert_gt(k, 0, "request %d: no completion in 20 s (%d)", i, k);
+            for (int j = 0; j < k; j++) {
+                cr_assert_eq(c[j].user_data, ud,
+                             "request %d: a completion for user_data %llu (res %d flags %u) "
+                             "after that request's final",
+                             i, (unsigned long long)c[j].user_data, c[j].result, c[j].flags);
+                cr_assert(!final, "request %d: a completion after its own final", i);
+                cr_assert_geq(c[j].result, 0, "request %d failed: %d", i, c[j].result);
+                final = !(c[j].flags & GORGON_CQE_F_MORE);
+            }
         }
     }
+    gorgon_completion c;
+    cr_assert_eq(gorgon_poll(cli, &c, 1), 0, "a completion after the last final (ud %llu)",
+                 (unsigned long long)c.user_data);
     gorgon_close(cli);
     GD_END(&gd);
 }
@@ -519,6 +532,15 @@ Test(appliance_generate, chunked_prefill_equals_one_step_prefill, .fini = teardo
     GD_END(&gd);
 }
 
+/* Bytes of a zero-initialised output ring that hold text by now. */
+static size_t ring_bytes_written(const volatile uint8_t *ring, size_t cap)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < cap; i++)
+        n += ring[i] != 0;
+    return n;
+}
+
 /* A 192-byte output ring (the least gorgond accepts: one ipc_stats) and a
  * client that starts reading late: gorgond
  * holds the text back (flow control through out_consumed) and wraps the
@@ -532,7 +554,15 @@ Test(appliance_generate, small_output_ring_wraps_and_waits_for_reader, .fini = t
     cr_assert_eq(gorgon_generate_submit(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 256},
                                         1, &req),
                  0);
-    gd_sleep_ms(200); /* generation finishes meanwhile; at most 192 bytes can be out */
+    /* Start reading only once gorgond has filled the whole ring and must
+     * wait for us: it writes text up to the last byte of room, and the
+     * region starts zeroed (generated text has no NUL byte). */
+    size_t cap = 0;
+    const volatile uint8_t *ring = gorgon_slot_output(cli, req, &cap);
+    cr_assert_eq(cap, 192);
+    size_t filled = 0;
+    AT_WAIT_UNTIL((filled = ring_bytes_written(ring, cap)) == cap, AT_WAIT_MS,
+                  "gorgond wrote only %zu of the ring's %zu bytes", filled, cap);
     static gen_out o;
     gorgon_gen_chunk ch;
     int rc;

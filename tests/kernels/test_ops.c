@@ -873,13 +873,19 @@ Test(kernels_pool, create_rejects_bad_config)
     kn_ctx_destroy(ctx);
 }
 
-/* the bandwidth probe measures something plausible, rejects < 1 page */
-Test(kernels_pool, measures_positive_bandwidth)
+/* The bandwidth probe gives a finite positive figure for a buffer of a
+ * page or more and 0 (rejected) below a page or without a context. How
+ * fast this machine reads is not a unit test's business (any floor passes
+ * everywhere or flakes somewhere): gorgon-bench reports the figure. */
+Test(kernels_pool, bandwidth_probe_positive_or_rejected)
 {
     kn_ctx *ctx = kt_ctx(2, KN_VARIANT_AUTO);
     double bw = kn_measure_read_bandwidth(ctx, 4u << 20, 2);
-    cr_assert_gt(bw, 1e8, "bandwidth %g B/s", bw);
-    cr_assert_eq(kn_measure_read_bandwidth(ctx, 100, 2), 0.0, "below one page: rejected");
+    cr_assert(isfinite(bw) && bw > 0.0, "bandwidth %g B/s", bw);
+    bw = kn_measure_read_bandwidth(ctx, 4096, 1);
+    cr_assert(isfinite(bw) && bw > 0.0, "one page: %g B/s", bw);
+    cr_assert_eq(kn_measure_read_bandwidth(ctx, 4095, 2), 0.0, "below one page: rejected");
+    cr_assert_eq(kn_measure_read_bandwidth(NULL, 4u << 20, 2), 0.0, "no context: rejected");
     kn_ctx_destroy(ctx);
 }
 
