@@ -3,7 +3,6 @@
  * requests in flight. The worker is paused with SIGSTOP where a test needs
  * a request to be surely in flight at a given moment. */
 #include <criterion/criterion.h>
-#include <dirent.h>
 #include <limits.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -11,6 +10,7 @@
 
 #include "clients/gorgon.h"
 #include "ipc/ipc.h"
+#include "tests/appliance/util/ap_test.h"
 #include "tests/appliance/util/wait.h"
 #include "tests/clients/util/gd_proc.h"
 #include "tests/util/test_models.h"
@@ -30,33 +30,10 @@ static void teardown(void)
         AT_START(&gd, "--model", model_buf, __VA_ARGS__);                                    \
     } while (0)
 
-/* gorgond's gorgon-worker child (0 if none), by scanning /proc. */
+/* gorgond's gorgon-worker child (0 if none) */
 static pid_t worker_pid(void)
 {
-    DIR *d = opendir("/proc");
-    if (!d)
-        return 0;
-    pid_t found = 0;
-    struct dirent *e;
-    while (!found && (e = readdir(d))) {
-        char path[300], buf[512];
-        if (e->d_name[0] < '0' || e->d_name[0] > '9')
-            continue;
-        snprintf(path, sizeof(path), "/proc/%s/stat", e->d_name);
-        FILE *f = fopen(path, "r");
-        if (!f)
-            continue;
-        size_t n = fread(buf, 1, sizeof(buf) - 1, f);
-        fclose(f);
-        buf[n] = 0;
-        char *rp = strrchr(buf, ')');
-        int ppid;
-        if (rp && sscanf(rp + 2, "%*c %d", &ppid) == 1 && ppid == gd.pid &&
-            strstr(buf, "(gorgon-worker)"))
-            found = (pid_t)atoi(e->d_name);
-    }
-    closedir(d);
-    return found;
+    return ap_worker_pid(gd.pid);
 }
 
 static pid_t wait_worker(void)
