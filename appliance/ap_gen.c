@@ -465,16 +465,35 @@ static void flush(struct ap_server *srv, uint32_t gi)
     bool posted = false;
     for (;;) {
         uint32_t off = g->out_w % cap;
-        uint32_t k = g->n_pend;
-        if (k > room)
-            k = room;
-        if (k > cap - off)
-            k = cap - off;
-        if ((g->flags & IPC_GEN_F_OUT_IDS) && !(g->final && g->result < 0))
-            k &= ~3u;
-        bool last = g->final && k == g->n_pend;
-        if (k == 0 && !last)
-            break;
+        uint32_t k, skip = 0;
+        bool last;
+        if (g->final && g->result < 0) {
+            /* A failure's message goes whole into the final completion,
+             * never partly as text chunks (the client would read its start
+             * as generated text): where the stream stands when it fits
+             * before the ring's end, else from offset 0, the tail skipped;
+             * cut to the ring's size. It waits for room like text does. */
+            k = g->n_pend < cap ? g->n_pend : cap;
+            if (k > cap - off) {
+                skip = cap - off;
+                off = 0;
+            }
+            if (skip + k > room)
+                break;
+            g->n_pend = k;
+            last = true;
+        } else {
+            k = g->n_pend;
+            if (k > room)
+                k = room;
+            if (k > cap - off)
+                k = cap - off;
+            if (g->flags & IPC_GEN_F_OUT_IDS)
+                k &= ~3u;
+            last = g->final && k == g->n_pend;
+            if (k == 0 && !last)
+                break;
+        }
         struct ipc_cqe c = {.opcode = IPC_OP_GENERATE, .slot = g->slot,
                             .user_data = g->user_data, .out_off = off, .out_len = k};
         uint32_t pos = s->cq.local;
@@ -501,8 +520,8 @@ static void flush(struct ap_server *srv, uint32_t gi)
             return;
         }
         posted = true;
-        g->out_w += k;
-        room -= k;
+        g->out_w += skip + k;
+        room -= skip + k;
         g->n_pend -= k;
         memmove(g->pend, g->pend + k, g->n_pend);
         if (last) {
