@@ -14,6 +14,7 @@
 set -u
 pass=0 fail=0 skip=0 bad=0 broken=0
 skips=()
+failed=()
 for t in "$@"; do
     name=$(basename "$t")
     echo "=== $name"
@@ -37,6 +38,12 @@ for t in "$@"; do
     c=$(sed -n 's/.*Crashing: \([0-9]*\).*/\1/p' <<<"$syn")
     pass=$((pass + ${p:-0}))
     fail=$((fail + ${f:-0} + ${c:-0}))
+    if [[ $(( ${f:-0} + ${c:-0} )) -gt 0 || $rc -ne 0 ]]; then
+        n=${#failed[@]}
+        while IFS= read -r line; do failed+=("$name: $line"); done \
+            < <(grep -E '\[FAIL\]|CRASH|Timed out|^\[----\] .*:[0-9]+:' <<<"$out" | head -n 8)
+        [[ ${#failed[@]} -gt $n ]] || failed+=("$name: exit $rc")
+    fi
     while IFS= read -r line; do
         [[ -n $line ]] || continue
         if [[ $line == *"not built"* ]]; then
@@ -52,6 +59,11 @@ done
 if [[ ${#skips[@]} -gt 0 ]]; then
     echo "skipped:"
     printf '  %s\n' "${skips[@]}"
+fi
+if [[ ${#failed[@]} -gt 0 ]]; then
+    # Repeated here so that the last lines of a long log name what failed.
+    echo "failed:"
+    printf '  %s\n' "${failed[@]}"
 fi
 echo "tests: $pass passed, $fail failed, $skip skipped"
 if [[ $broken -gt 0 ]]; then
