@@ -11,6 +11,12 @@ $(eval $(call test_dir,ipc,ipc common,$(IPC_LDLIBS) $(COMMON_LDLIBS)))
 $(eval $(call test_dir,clients,gorgon ipc common,$(IPC_LDLIBS) $(COMMON_LDLIBS)))
 # (appliance tests also write model-side files such as Medusa heads: engine)
 $(eval $(call test_dir,appliance,gorgon $(ENGINE_LIBS) ipc common,$(IPC_LDLIBS) $(ENGINE_LDLIBS)))
+# Suites that drive our programs from outside (the HTTP sidecar with curl and
+# the openai npm client, the Python package, the deploy files): they link
+# only the client library and the shared test helpers.
+$(eval $(call test_dir,sidecar,gorgon ipc common,$(IPC_LDLIBS) $(COMMON_LDLIBS)))
+$(eval $(call test_dir,python,gorgon ipc common,$(IPC_LDLIBS) $(COMMON_LDLIBS)))
+$(eval $(call test_dir,deploy,gorgon ipc common,$(IPC_LDLIBS) $(COMMON_LDLIBS)))
 
 # `make soak` (tests/soak/module.mk): not part of `all` or `test`.
 include tests/soak/module.mk
