@@ -352,10 +352,39 @@ void gorgon_generate_chunk_of(gorgon_client *cli, const gorgon_completion *c,
 
 /* The control socket: POLLHUP/POLLRDHUP on it means gorgond is gone. */
 int gorgon_fd(const gorgon_client *cli);
+/* A file descriptor for event loops (epoll, poll, select, asyncio's
+ * add_reader, libuv, tokio's AsyncFd): it becomes readable when completions
+ * may be waiting, once armed with gorgon_event_arm, and when gorgond goes
+ * away. The first call asks gorgond for it (one round trip, up to 1 s); later
+ * calls return the same fd. The client owns it (gorgon_close closes it):
+ * only wait on it, never read or close it. Returns the fd, -EOPNOTSUPP (an
+ * older gorgond), -ETIMEDOUT, -EPIPE. Once a client has it, gorgond wakes
+ * that client through it: gorgon_wait and gorgon_generate_next keep working
+ * (they sleep on it too), but a futex waiter of gorgon_wait_prepare is no
+ * longer woken (it still sees the doorbell move at its timeout).
+ *
+ *     int fd = gorgon_event_fd(cli);   // add to epoll / loop.add_reader
+ *     on readable (and once at the start):
+ *         do {
+ *             // reap without waiting: gorgon_poll(cli, out, n) until 0, or
+ *             // gorgon_generate_next(cli, req, &ch, 0) per stream until
+ *             // -ETIMEDOUT (or its final chunk)
+ *         } while ((rc = gorgon_event_arm(cli)) == 1);
+ *         // rc 0: wait for the fd again; rc < 0: gorgond is gone
+ */
+int gorgon_event_fd(gorgon_client *cli);
+/* Before waiting for the event fd: 1 when completions are ready now (reap
+ * them, then arm again: do not wait), 0 armed (the fd becomes readable when
+ * the next completion is posted), -EPIPE (gorgond is gone, nothing is left
+ * to reap), -EINVAL (no gorgon_event_fd yet). Reaping after a wake-up
+ * (gorgon_poll, gorgon_wait, gorgon_generate_next with timeout 0) ends the
+ * arming; the fd is emptied by the next arm. */
+int gorgon_event_arm(gorgon_client *cli);
 /* Sleep protocol for callers that wait themselves (e.g. io_uring
  * IORING_OP_FUTEX_WAIT, non-private, 32-bit): gorgon_wait_prepare returns 1
  * if completions are ready (do not sleep), else 0 with *addr and *val set: wait
- * while *addr == *val, then call gorgon_wait_finish and gorgon_poll. */
+ * while *addr == *val, then call gorgon_wait_finish and gorgon_poll. Not for
+ * a client that took gorgon_event_fd (see there). */
 int gorgon_wait_prepare(gorgon_client *cli, const uint32_t **addr, uint32_t *val);
 void gorgon_wait_finish(gorgon_client *cli);
 /* Requests submitted whose final completion was not reaped yet. */

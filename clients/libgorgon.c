@@ -4,6 +4,7 @@
  * it (CQ indices through ipc_ring, slot and output bounds here) so that a
  * broken daemon yields -EPROTO rather than a wild pointer. */
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <poll.h>
 #include <stdatomic.h>
@@ -45,6 +46,9 @@ struct gorgon_client {
     ipc_region reg;
     int sock;
     int wake_fd; /* SQ eventfd when gorgond uses the eventfd fallback, else -1 */
+    int evt_fd;  /* gorgon_event_fd's pipe (read end), else -1 */
+    bool evt_asking; /* IPC_OP_EVENT_FD in flight: its fd message is expected */
+    bool evt_armed;  /* gorgon_event_arm left NEED_WAKEUP set on the CQ */
     uint32_t flags;
     int64_t spin_ns;
     uint32_t n_slots;
@@ -98,6 +102,8 @@ void gorgon_close(gorgon_client *cli)
         close(cli->sock);
     if (cli->wake_fd >= 0)
         close(cli->wake_fd);
+    if (cli->evt_fd >= 0)
+        close(cli->evt_fd);
     free(cli->slot_state);
     free(cli->free_slots);
     free(cli->release_q);
@@ -124,6 +130,7 @@ static int connect_impl(gorgon_client **out, const gorgon_opts *opts)
         return -ENOMEM;
     cli->sock = -1;
     cli->wake_fd = -1;
+    cli->evt_fd = -1;
     cli->reg.fd = -1;
     cli->flags = opts ? opts->flags : 0;
     cli->spin_ns = opts && opts->spin_ns > 0 ? opts->spin_ns : GORGON_DEFAULT_SPIN_NS;
@@ -178,15 +185,17 @@ int gorgon_fd(const gorgon_client *cli) { return cli ? cli->sock : -EINVAL; }
 uint32_t gorgon_inflight(const gorgon_client *cli) { return cli ? cli->inflight : 0; }
 uint32_t gorgon_session_id(const gorgon_client *cli) { return cli ? cli->session_id : 0; }
 
-/* One non-blocking look at the control socket. gorgond never writes after
- * the welcome, so anything but silence means it is gone. */
+/* One non-blocking look at the control socket. gorgond writes after the
+ * welcome only to answer gorgon_event_fd, so anything but silence otherwise
+ * means it is gone. */
 static bool peer_gone(gorgon_client *cli)
 {
     if (cli->dead)
         return true;
     struct pollfd p = {.fd = cli->sock, .events = POLLIN | POLLRDHUP};
     int n = poll(&p, 1, 0);
-    if (n > 0 && (p.revents & (POLLHUP | POLLRDHUP | POLLERR | POLLIN | POLLNVAL)))
+    short gone = POLLHUP | POLLRDHUP | POLLERR | POLLNVAL | (cli->evt_asking ? 0 : POLLIN);
+    if (n > 0 && (p.revents & gone))
         cli->dead = true;
     return cli->dead;
 }
@@ -408,6 +417,12 @@ static void convert(gorgon_client *cli, const struct ipc_cqe *c, gorgon_completi
  * its chance to read them. */
 static void settle(gorgon_client *cli)
 {
+    if (cli->evt_armed) {
+        /* The caller was woken (or looked anyway): gorgond need not write
+         * the event fd for every completion until the next arm. */
+        ipc_doorbell_finish(&cli->cq);
+        cli->evt_armed = false;
+    }
     for (uint32_t i = 0; i < cli->n_consume; i++) {
         uint32_t s = cli->consume_list[i];
         if (cli->slot_state[s] == SLOT_GEN) {
@@ -565,6 +580,43 @@ void gorgon_wait_finish(gorgon_client *cli)
         ipc_doorbell_finish(&cli->cq);
 }
 
+static int event_fd_impl(gorgon_client *cli);
+
+int gorgon_event_fd(gorgon_client *cli)
+{
+    KEEP_ERRNO(event_fd_impl(cli));
+}
+
+static int event_arm_impl(gorgon_client *cli)
+{
+    if (!cli || cli->evt_fd < 0)
+        return -EINVAL;
+    settle(cli);
+    if (cli->n_stash)
+        return 1; /* kept for gorgon_generate_next: not in the ring any more */
+    if (cli->dead)
+        return -EPIPE;
+    /* Drain before the re-check in prepare: a write that lands after it
+     * leaves the fd readable for the caller's wait. */
+    int rc = ipc_wake_fd_drain(cli->evt_fd);
+    if (rc == -EPIPE || (rc == 0 && peer_gone(cli))) {
+        cli->dead = true;
+        return ipc_ring_empty(&cli->cq) ? -EPIPE : 1;
+    }
+    if (rc < 0)
+        return rc;
+    uint32_t val;
+    if (ipc_doorbell_prepare(&cli->cq, &val) != 0)
+        return 1;
+    cli->evt_armed = true;
+    return 0;
+}
+
+int gorgon_event_arm(gorgon_client *cli)
+{
+    KEEP_ERRNO(event_arm_impl(cli));
+}
+
 /* ---- synchronous conveniences ------------------------------------------------ */
 
 /* Submit one auto-slot request and wait for its completion. */
@@ -604,6 +656,38 @@ static int round_trip(gorgon_client *cli, uint32_t op, const void *payload, size
     if (rtt_ns)
         *rtt_ns = cm_now_ns() - t0;
     return c->result;
+}
+
+static int event_fd_impl(gorgon_client *cli)
+{
+    if (!cli)
+        return -EINVAL;
+    if (cli->evt_fd >= 0)
+        return cli->evt_fd;
+    gorgon_completion c;
+    cli->evt_asking = true;
+    int rc = round_trip(cli, IPC_OP_EVENT_FD, NULL, 0, 0, 1000000000, &c, NULL);
+    /* gorgond queued the fd on the socket before it posted the result. */
+    int fd = rc == 0 ? ipc_ctl_recv_fd(cli->sock, IPC_FD_EVENT) : rc;
+    cli->evt_asking = false;
+    if (rc == -EINVAL)
+        return -EOPNOTSUPP; /* a gorgond without IPC_OP_EVENT_FD */
+    if (fd < 0) {
+        if (rc == 0) /* the fd did not arrive: the session cannot be trusted */
+            cli->dead = true;
+        return fd;
+    }
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) != 0)
+        rc = cm_neg_errno();
+    else
+        rc = ipc_ring_set_wake_fd(&cli->cq, fd);
+    if (rc < 0) {
+        close(fd);
+        return rc;
+    }
+    cli->evt_fd = fd;
+    return fd;
 }
 
 int gorgon_ping(gorgon_client *cli, const void *payload, size_t len, int64_t timeout_ns,
@@ -944,11 +1028,13 @@ static int wait_ring(gorgon_client *cli, uint64_t deadline)
             return 0;
         }
         uint64_t slice = deadline - now < GORGON_HUP_CHECK_NS ? deadline - now : GORGON_HUP_CHECK_NS;
-        int rc = ipc_futex_wait(&cli->cq.sh->doorbell, val, (int64_t)slice);
+        /* With an event fd gorgond writes that instead of waking the futex. */
+        int rc = cli->evt_fd >= 0 ? ipc_wake_fd_wait(cli->evt_fd, (int64_t)slice)
+                                  : ipc_futex_wait(&cli->cq.sh->doorbell, val, (int64_t)slice);
         ipc_doorbell_finish(&cli->cq);
         if (!ipc_ring_empty(&cli->cq))
             return 1;
-        if (rc == -ETIMEDOUT && peer_gone(cli))
+        if ((rc == -ETIMEDOUT || rc == -EPIPE) && peer_gone(cli))
             return ipc_ring_empty(&cli->cq) ? -EPIPE : 1;
     }
 }
