@@ -274,10 +274,10 @@ typedef struct gorgon_gen_params {
     size_t prompt_len;         /* 0: strlen(prompt) */
     const int32_t *prompt_ids; /* with GORGON_GEN_PROMPT_IDS (BOS included by you) */
     size_t n_ids;
-    int32_t max_tokens;        /* tokens to generate (>= 1; 0: 256) */
+    int32_t max_tokens;        /* tokens to generate: >= 1 (0 is an error) */
     float temperature;         /* 0: greedy */
     int32_t top_k;             /* 0: off */
-    float top_p;               /* 0 or 1: off */
+    float top_p;               /* in (0, 1]; 0 or 1: off */
     float min_p;               /* 0: off */
     float repeat_penalty;      /* 0 or 1: off */
     uint64_t seed;             /* 0: a random one for a sampled request (each run
@@ -323,10 +323,11 @@ typedef struct gorgon_gen_chunk {
 } gorgon_gen_chunk;
 
 /* Start a generation. *req (a slot number) names it for gorgon_generate_next
- * and gorgon_cancel. 0, -EINVAL (bad params, e.g. too many stop strings),
- * -EMSGSIZE (prompt larger than the slot input), -EAGAIN (no free slot or SQ
- * full), -EPIPE. Parameter errors that need the model (temperature < 0,
- * context length, ...) come back from gorgond as the request's final chunk. */
+ * and gorgon_cancel. 0, -EINVAL (bad params: gorgon_last_error names the
+ * field, with the same message gorgond would give), -EMSGSIZE (prompt larger
+ * than the slot input), -EAGAIN (no free slot or SQ full), -EPIPE. Errors
+ * that need the model (top_k beyond the vocabulary, prompt + max_tokens over
+ * the context) come back from gorgond as the request's final chunk. */
 int gorgon_generate_submit(gorgon_client *cli, const gorgon_gen_params *p, uint64_t user_data,
                            uint32_t *req);
 /* Next piece of req's stream, waiting up to timeout_ns (< 0: forever):

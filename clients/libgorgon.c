@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <math.h>
 #include <poll.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -881,51 +882,65 @@ static uint64_t random_seed(void)
     return v ? v : 1;
 }
 
+/* A library-side refusal: rc, with the message gorgon_last_error returns. */
+static int fail(gorgon_client *cli, int rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int fail(gorgon_client *cli, int rc, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cli->last_error, sizeof(cli->last_error), fmt, ap);
+    va_end(ap);
+    return rc;
+}
+
 static int generate_submit_impl(gorgon_client *cli, const gorgon_gen_params *p,
                                 uint64_t user_data, uint32_t *req)
 {
-    if (!cli || !p || !req)
+    if (!cli)
         return -EINVAL;
+    cli->last_error[0] = '\0';
+    if (!p || !req)
+        return fail(cli, -EINVAL, "%s is NULL", !p ? "params" : "req");
     if (cli->dead)
-        return -EPIPE;
+        return fail(cli, -EPIPE, "gorgond went away");
     bool ids = (p->flags & GORGON_GEN_PROMPT_IDS) != 0;
     if (p->flags & ~(GORGON_GEN_PROMPT_IDS | GORGON_GEN_WANT_IDS | GORGON_GEN_NO_MEDUSA))
-        return -EINVAL;
-    if ((ids && (!p->prompt_ids || !p->n_ids)) || (!ids && !p->prompt && p->prompt_len))
-        return -EINVAL;
-    if (p->max_tokens < 0 || p->n_stop < 0 || p->n_stop > GORGON_GEN_MAX_STOP ||
-        (p->n_stop && !p->stop))
-        return -EINVAL;
+        return fail(cli, -EINVAL, "flags: unknown bits 0x%x",
+                    p->flags & ~(GORGON_GEN_PROMPT_IDS | GORGON_GEN_WANT_IDS | GORGON_GEN_NO_MEDUSA));
+    if (ids && (!p->prompt_ids || !p->n_ids))
+        return fail(cli, -EINVAL, "prompt_ids: GORGON_GEN_PROMPT_IDS needs prompt_ids and n_ids >= 1");
+    if (!ids && !p->prompt && p->prompt_len)
+        return fail(cli, -EINVAL, "prompt: NULL with prompt_len %zu", p->prompt_len);
+    if (p->n_stop < 0 || p->n_stop > GORGON_GEN_MAX_STOP)
+        return fail(cli, -EINVAL, "n_stop %d: must be in [0, %d]", p->n_stop, GORGON_GEN_MAX_STOP);
+    if (p->n_stop && !p->stop)
+        return fail(cli, -EINVAL, "stop: NULL with n_stop %d", p->n_stop);
+    if (p->max_tokens < 0)
+        return fail(cli, -EINVAL, "max_tokens %d: must be >= 1", (int)p->max_tokens);
+    if (p->n_ids > UINT32_MAX / sizeof(int32_t))
+        return fail(cli, -EMSGSIZE, "prompt_ids: %zu ids is too many", p->n_ids);
     size_t plen = ids ? p->n_ids * sizeof(int32_t)
                       : (p->prompt ? (p->prompt_len ? p->prompt_len : strlen(p->prompt)) : 0);
     size_t slen = 0;
     for (int i = 0; i < p->n_stop; i++) {
         size_t l = p->stop[i] ? strlen(p->stop[i]) : 0;
         if (l == 0 || l > IPC_GEN_MAX_STOP_LEN)
-            return -EINVAL;
+            return fail(cli, -EINVAL, "stop string %d: must be 1..%d bytes", i,
+                        IPC_GEN_MAX_STOP_LEN);
         slen += l + 1;
     }
-    size_t total = sizeof(struct ipc_gen_params) + plen + slen;
-    if (total > cli->in_cap || plen > UINT32_MAX)
-        return -EMSGSIZE;
-    settle(cli);
-    if (!cli->n_free)
-        return -EAGAIN;
-    uint32_t slot = cli->free_slots[cli->n_free - 1];
-    uint8_t *in = ipc_region_slot_in(&cli->reg, slot);
     uint64_t seed = p->seed;
     if (!seed && p->temperature > 0.0f)
         seed = random_seed();
-    float top_p = p->top_p > 0.0f && p->top_p < 1.0f ? p->top_p : 1.0f;
-    if (isnan(p->top_p))
-        top_p = p->top_p; /* let gorgond name the error */
+    /* 0 means "off" for top_p in this API (1 on the wire); anything else is
+     * checked as gorgond checks it. */
     struct ipc_gen_params gp = {
         .flags = (ids ? IPC_GEN_F_PROMPT_IDS : 0) |
                  (p->flags & GORGON_GEN_WANT_IDS ? IPC_GEN_F_OUT_IDS : 0) |
                  (p->flags & GORGON_GEN_NO_MEDUSA ? IPC_GEN_F_NO_MEDUSA : 0),
-        .max_tokens = p->max_tokens ? (uint32_t)p->max_tokens : 256,
+        .max_tokens = (uint32_t)p->max_tokens,
         .temperature = p->temperature,
-        .top_p = top_p,
+        .top_p = p->top_p == 0.0f ? 1.0f : p->top_p,
         .min_p = p->min_p,
         .repeat_penalty = p->repeat_penalty,
         .top_k = p->top_k,
@@ -936,6 +951,18 @@ static int generate_submit_impl(gorgon_client *cli, const gorgon_gen_params *p,
         .stop_off = (uint32_t)(sizeof(gp) + plen),
         .stop_len = (uint32_t)slen,
     };
+    int rc = ipc_gen_params_check(&gp, cli->last_error, sizeof(cli->last_error));
+    if (rc < 0)
+        return rc;
+    size_t total = sizeof(struct ipc_gen_params) + plen + slen;
+    if (total > cli->in_cap || plen > UINT32_MAX)
+        return fail(cli, -EMSGSIZE, "prompt: %zu bytes, a slot holds %zu", plen,
+                    cli->in_cap - sizeof(gp) - slen);
+    settle(cli);
+    if (!cli->n_free)
+        return fail(cli, -EAGAIN, "every slot is busy (%u in flight)", cli->inflight);
+    uint32_t slot = cli->free_slots[cli->n_free - 1];
+    uint8_t *in = ipc_region_slot_in(&cli->reg, slot);
     memcpy(in, &gp, sizeof(gp));
     if (plen)
         memcpy(in + sizeof(gp), ids ? (const void *)p->prompt_ids : (const void *)p->prompt, plen);

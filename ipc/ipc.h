@@ -252,4 +252,12 @@ int ipc_ctl_recv_fd(int sock, uint32_t kind);
 int ipc_sqe_validate(const struct ipc_sqe *sqe, const struct ipc_region_hdr *layout,
                      const char **why);
 
+/* The checks of a GENERATE's ipc_gen_params that need no model (gorgond adds
+ * top_k <= n_vocab and the context length): flags, reserved fields,
+ * temperature, top_p, min_p, repeat_penalty, top_k >= 0, max_tokens,
+ * n_stop. libgorgon runs the same function before it submits, so a caller
+ * gets the same message from either side. 0, or -EINVAL with a message
+ * naming the field in why[cap] (NUL-terminated). */
+int ipc_gen_params_check(const struct ipc_gen_params *p, char *why, size_t cap);
+
 #endif
