@@ -322,8 +322,11 @@ typedef struct gorgon_gen_chunk {
     gorgon_gen_usage usage; /* final chunk */
 } gorgon_gen_chunk;
 
-/* Start a generation. *req (a slot number) names it for gorgon_generate_next
- * and gorgon_cancel. 0, -EINVAL (bad params: gorgon_last_error names the
+/* Start a generation. *req, an opaque handle (the slot and how many
+ * generations that slot has run), names it for gorgon_generate_next and
+ * gorgon_cancel; a handle kept after its request ended is refused, never
+ * taken for a newer request on the same slot. Completions reaped with
+ * gorgon_poll carry the slot, not the handle: match them by user_data. 0, -EINVAL (bad params: gorgon_last_error names the
  * field, with the same message gorgond would give), -EMSGSIZE (prompt larger
  * than the slot input), -EAGAIN (no free slot or SQ full), -EPIPE. Errors
  * that need the model (top_k beyond the vocabulary, prompt + max_tokens over
@@ -341,7 +344,8 @@ int gorgon_generate_next(gorgon_client *cli, uint32_t req, gorgon_gen_chunk *chu
                          int64_t timeout_ns);
 /* Ask gorgond to stop req: its stream then ends with -ECANCELED
  * (GORGON_FINISH_CANCELLED); the worker frees its KV at its next step.
- * 0, -ENOENT (not a running generation of this client), -EAGAIN, -EPIPE. */
+ * 0, -ENOENT (not a running generation of this client: finished, stale or
+ * never issued; gorgon_last_error says which handle), -EAGAIN, -EPIPE. */
 int gorgon_cancel(gorgon_client *cli, uint32_t req);
 /* Decode a GENERATE completion reaped by gorgon_poll/gorgon_wait into a
  * chunk (before the next poll/wait). Completions of gorgon_cancel's own

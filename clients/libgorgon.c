@@ -38,6 +38,12 @@
 
 enum slot_state { SLOT_FREE = 0, SLOT_USER, SLOT_AUTO, SLOT_AUTO_DONE, SLOT_GEN };
 
+/* Request handles (gorgon_generate_submit): the slot in the low bits, the
+ * slot's generation count (1..GORGON_REQ_GEN_MASK, never 0) above. */
+#define GORGON_REQ_SLOT_BITS 12u
+#define GORGON_REQ_GEN_MASK ((1u << (32 - GORGON_REQ_SLOT_BITS)) - 1u)
+_Static_assert(IPC_MAX_SLOTS <= (1u << GORGON_REQ_SLOT_BITS), "a slot fits a handle's low bits");
+
 /* user_data of gorgon_cancel's own CANCEL requests (consumed internally) */
 #define GORGON_CANCEL_UD 0xc4ace1c4ace10000ull
 
@@ -69,6 +75,7 @@ struct gorgon_client {
     uint32_t *consume_list, n_consume;
     uint32_t *gen_flags;   /* GORGON_GEN_* of the generation on the slot */
     uint64_t *gen_seed;    /* its sampling seed (reported in the final usage) */
+    uint32_t *gen_no;      /* generation count of the slot's request handle */
     struct ipc_cqe *stash; /* completions popped but not yet returned, FIFO */
     uint32_t n_stash, stash_cap;
     char *chat_template;   /* gorgon_model_info's, owned here */
@@ -112,6 +119,7 @@ void gorgon_close(gorgon_client *cli)
     free(cli->consume_list);
     free(cli->gen_flags);
     free(cli->gen_seed);
+    free(cli->gen_no);
     free(cli->stash);
     free(cli->chat_template);
     free(cli);
@@ -167,9 +175,10 @@ static int connect_impl(gorgon_client **out, const gorgon_opts *opts)
     cli->consume_list = calloc(cli->n_slots, sizeof(uint32_t));
     cli->gen_flags = calloc(cli->n_slots, sizeof(uint32_t));
     cli->gen_seed = calloc(cli->n_slots, sizeof(uint64_t));
+    cli->gen_no = calloc(cli->n_slots, sizeof(uint32_t));
     rc = -ENOMEM;
     if (!cli->slot_state || !cli->free_slots || !cli->release_q || !cli->consume ||
-        !cli->consume_list || !cli->gen_flags || !cli->gen_seed)
+        !cli->consume_list || !cli->gen_flags || !cli->gen_seed || !cli->gen_no)
         goto fail;
     /* Lowest index on top: slot 0 is handed out first. */
     for (uint32_t i = 0; i < cli->n_slots; i++)
@@ -982,7 +991,11 @@ static int generate_submit_impl(gorgon_client *cli, const gorgon_gen_params *p,
     cli->slot_state[slot] = SLOT_GEN;
     cli->gen_flags[slot] = p->flags;
     cli->gen_seed[slot] = seed;
-    *req = slot;
+    /* The handle: the slot and how many generations it has run, so that a
+     * handle kept after its request ended never names the slot's next one. */
+    uint32_t g = (cli->gen_no[slot] + 1) & GORGON_REQ_GEN_MASK;
+    cli->gen_no[slot] = g ? g : 1;
+    *req = slot | (cli->gen_no[slot] << GORGON_REQ_SLOT_BITS);
     return 0;
 }
 
@@ -1101,14 +1114,28 @@ static int take_for_slot(gorgon_client *cli, uint32_t slot, uint8_t opcode, uint
     }
 }
 
-static int generate_next_impl(gorgon_client *cli, uint32_t req, gorgon_gen_chunk *ch,
+/* The slot of a running generation's handle, or -1 (never issued, already
+ * finished, or stale: its slot has moved on to a newer request). */
+static int64_t req_slot(const gorgon_client *cli, uint32_t req)
+{
+    uint32_t slot = req & ((1u << GORGON_REQ_SLOT_BITS) - 1u);
+    if (slot >= cli->n_slots || cli->slot_state[slot] != SLOT_GEN ||
+        cli->gen_no[slot] != req >> GORGON_REQ_SLOT_BITS)
+        return -1;
+    return slot;
+}
+
+static int generate_next_impl(gorgon_client *cli, uint32_t handle, gorgon_gen_chunk *ch,
                               int64_t timeout_ns)
 {
-    if (!cli || !ch || req >= cli->n_slots)
+    if (!cli || !ch)
         return -EINVAL;
     memset(ch, 0, sizeof(*ch));
-    if (cli->slot_state[req] != SLOT_GEN)
-        return -EINVAL;
+    int64_t r = req_slot(cli, handle);
+    if (r < 0)
+        return fail(cli, -EINVAL, "request 0x%x: not a running generation of this client "
+                    "(finished, stale or never issued)", handle);
+    uint32_t req = (uint32_t)r;
     settle(cli);
     uint64_t deadline = timeout_ns >= 0 ? cm_now_ns() + (uint64_t)timeout_ns : UINT64_MAX;
     struct ipc_cqe c;
@@ -1147,10 +1174,12 @@ static int cancel_impl(gorgon_client *cli, uint32_t req)
         return -EINVAL;
     if (cli->dead)
         return -EPIPE;
-    if (req >= cli->n_slots || cli->slot_state[req] != SLOT_GEN)
-        return -ENOENT;
-    struct ipc_sqe sqe = {.opcode = IPC_OP_CANCEL, .slot = req,
-                          .user_data = GORGON_CANCEL_UD | req};
+    int64_t slot = req_slot(cli, req);
+    if (slot < 0)
+        return fail(cli, -ENOENT, "request 0x%x: not a running generation of this client "
+                    "(finished, stale or never issued)", req);
+    struct ipc_sqe sqe = {.opcode = IPC_OP_CANCEL, .slot = (uint32_t)slot,
+                          .user_data = GORGON_CANCEL_UD | (uint64_t)slot};
     return push_one(cli, &sqe);
 }
 

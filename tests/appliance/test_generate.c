@@ -278,6 +278,44 @@ Test(appliance_generate, bad_params_fail_only_that_request, .fini = teardown, .t
     GD_END(&gd);
 }
 
+/* A handle kept after its request ended names nothing, even when the slot
+ * runs a newer request: cancelling it must not touch that one. */
+Test(appliance_generate, stale_handles_are_refused, .fini = teardown, .timeout = 60)
+{
+    START_WITH_MODEL(NULL);
+    gorgon_client *cli = gd_connect(&gd, 0);
+    gorgon_gen_params p = {.prompt = "Once upon a time", .max_tokens = 3};
+    uint32_t old;
+    cr_assert_eq(gorgon_generate_submit(cli, &p, 1, &old), 0);
+    gorgon_gen_chunk ch;
+    int rc;
+    while ((rc = gorgon_generate_next(cli, old, &ch, 10000000000ll)) == 1) {
+    }
+    cr_assert_eq(rc, 0);
+    /* The freed slot is handed out again (lowest first): same slot, new handle. */
+    gorgon_gen_params p2 = {.prompt = "Once upon a time", .max_tokens = 40};
+    uint32_t cur;
+    cr_assert_eq(gorgon_generate_submit(cli, &p2, 2, &cur), 0);
+    cr_assert_neq(cur, old);
+    cr_assert_eq(gorgon_cancel(cli, old), -ENOENT);
+    cr_assert(strstr(gorgon_last_error(cli), "not a running generation"), "%s",
+              gorgon_last_error(cli));
+    cr_assert_eq(gorgon_generate_next(cli, old, &ch, 0), -EINVAL);
+    cr_assert_eq(gorgon_cancel(cli, 0), -ENOENT, "handle 0 is never issued");
+    cr_assert_eq(gorgon_cancel(cli, 0xffffffffu), -ENOENT);
+    /* The newer request runs to its end, untouched. */
+    uint32_t n = 0;
+    while ((rc = gorgon_generate_next(cli, cur, &ch, 10000000000ll)) == 1) {
+    }
+    cr_assert_eq(rc, 0, "the newer request ended with %d (%s)", rc, gorgon_finish_name(ch.finish));
+    n = ch.usage.completion_tokens;
+    cr_assert(ch.finish == GORGON_FINISH_LENGTH || ch.finish == GORGON_FINISH_EOS, "finish %s",
+              gorgon_finish_name(ch.finish));
+    cr_assert_gt(n, 3);
+    gorgon_close(cli);
+    GD_END(&gd);
+}
+
 Test(appliance_generate, without_model_generate_is_enotsup_with_message, .fini = teardown,
      .timeout = 30)
 {
