@@ -69,6 +69,12 @@ typedef struct ap_session {
     uint32_t live_pos;  /* position in ap_server.live while LIVE */
     uint32_t n_gen_active; /* generate requests whose final is not posted yet */
     uint64_t last_served;  /* fair admission: when one of its requests last went to the worker */
+    /* IPC_OP_PROMPT_PART: bytes staged per slot (allocated at the first
+     * part), and their sum, capped by ap_gen's prompt limit. */
+    uint8_t **stage;
+    uint32_t *stage_len;
+    uint32_t stage_n; /* entries of stage[] (the session's n_slots) */
+    size_t staged;
     bool hello_armed, hup_armed, futex_armed;
     uint64_t requests;
 } ap_session;
@@ -157,6 +163,10 @@ int ap_gen_submit(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sq
  * at once: 1). */
 int ap_gen_model_info(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
                       struct ipc_cqe *cqe);
+int ap_gen_prompt_part(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
+                       struct ipc_cqe *cqe);
+/* Drop what a slot (or, slot UINT32_MAX, every slot) of s has staged. */
+void ap_stage_drop(ap_session *s, uint32_t slot);
 int ap_gen_tokenize(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
                     struct ipc_cqe *cqe);
 int ap_gen_detokenize(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,

@@ -327,10 +327,13 @@ typedef struct gorgon_gen_chunk {
  * gorgon_cancel; a handle kept after its request ended is refused, never
  * taken for a newer request on the same slot. Completions reaped with
  * gorgon_poll carry the slot, not the handle: match them by user_data. 0, -EINVAL (bad params: gorgon_last_error names the
- * field, with the same message gorgond would give), -EMSGSIZE (prompt larger
- * than the slot input), -EAGAIN (no free slot or SQ full), -EPIPE. Errors
- * that need the model (top_k beyond the vocabulary, prompt + max_tokens over
- * the context) come back from gorgond as the request's final chunk. */
+ * field, with the same message gorgond would give), -EMSGSIZE (a prompt
+ * longer than the model's context could ever hold), -EAGAIN (no free slot or
+ * SQ full), -ETIMEDOUT, -EPIPE. A prompt larger than a slot's input is sent
+ * ahead in slot-sized pieces (one round trip each) before the request; any
+ * prompt that fits the context is accepted. Errors that need the model (top_k
+ * beyond the vocabulary, prompt + max_tokens over the context) come back from
+ * gorgond as the request's final chunk. */
 int gorgon_generate_submit(gorgon_client *cli, const gorgon_gen_params *p, uint64_t user_data,
                            uint32_t *req);
 /* Next piece of req's stream, waiting up to timeout_ns (< 0: forever):

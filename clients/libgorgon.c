@@ -902,6 +902,46 @@ static int fail(gorgon_client *cli, int rc, const char *fmt, ...)
     return rc;
 }
 
+/* Send the first len bytes of a long prompt to gorgond in slot-sized
+ * IPC_OP_PROMPT_PART pieces on `slot` (ours, SLOT_USER), each waited for
+ * (the next piece reuses the slot's input). 0, or -errno with
+ * gorgon_last_error set; the slot is given back on failure. */
+static int stage_prompt(gorgon_client *cli, uint32_t slot, const uint8_t *src, size_t len)
+{
+    uint8_t *in = ipc_region_slot_in(&cli->reg, slot);
+    for (size_t off = 0; off < len;) {
+        size_t k = len - off < cli->in_cap ? len - off : cli->in_cap;
+        memcpy(in, src + off, k);
+        struct ipc_sqe sqe = {.opcode = IPC_OP_PROMPT_PART, .slot = slot, .in_len = (uint32_t)k,
+                              .arg = {off}};
+        int rc = push_one(cli, &sqe);
+        if (rc < 0) {
+            slot_put(cli, slot);
+            return fail(cli, rc, "prompt: %s", gorgon_strerror(rc));
+        }
+        struct ipc_cqe c;
+        rc = take_for_slot(cli, slot, IPC_OP_PROMPT_PART, cm_now_ns() + GORGON_MODEL_RT_NS, &c);
+        if (rc <= 0) {
+            /* Its completion may still come: then the slot is released. */
+            cli->slot_state[slot] = SLOT_AUTO;
+            return fail(cli, rc ? rc : -ETIMEDOUT, "prompt: gorgond did not take a piece");
+        }
+        if (cli->inflight)
+            cli->inflight--;
+        if (c.result < 0) {
+            size_t n = c.out_len < sizeof(cli->last_error) ? c.out_len : sizeof(cli->last_error) - 1;
+            if (c.out_off + (uint64_t)n > cli->out_cap)
+                n = 0;
+            memcpy(cli->last_error, ipc_region_slot_out(&cli->reg, slot) + c.out_off, n);
+            cli->last_error[n] = '\0';
+            slot_put(cli, slot);
+            return c.result;
+        }
+        off += k;
+    }
+    return 0;
+}
+
 static int generate_submit_impl(gorgon_client *cli, const gorgon_gen_params *p,
                                 uint64_t user_data, uint32_t *req)
 {
@@ -963,19 +1003,34 @@ static int generate_submit_impl(gorgon_client *cli, const gorgon_gen_params *p,
     int rc = ipc_gen_params_check(&gp, cli->last_error, sizeof(cli->last_error));
     if (rc < 0)
         return rc;
-    size_t total = sizeof(struct ipc_gen_params) + plen + slen;
-    if (total > cli->in_cap || plen > UINT32_MAX)
-        return fail(cli, -EMSGSIZE, "prompt: %zu bytes, a slot holds %zu", plen,
-                    cli->in_cap - sizeof(gp) - slen);
+    if (sizeof(gp) + slen > cli->in_cap)
+        return fail(cli, -EMSGSIZE, "stop strings: %zu bytes, more than a slot's input (%zu) "
+                    "holds with the parameters", slen, cli->in_cap);
+    if (plen > UINT32_MAX)
+        return fail(cli, -EMSGSIZE, "prompt: %zu bytes is too long", plen);
+    /* What does not fit the slot with the parameters goes ahead in
+     * IPC_OP_PROMPT_PART pieces (gorgond refuses more than the model's
+     * context can hold); the GENERATE carries the rest. */
+    size_t inline_cap = cli->in_cap - sizeof(gp) - slen;
+    size_t head = plen > inline_cap ? plen - inline_cap : 0;
+    const uint8_t *src = ids ? (const uint8_t *)p->prompt_ids : (const uint8_t *)p->prompt;
+    gp.prompt_len = (uint32_t)(plen - head);
+    gp.stop_off = (uint32_t)(sizeof(gp) + plen - head);
+    if (head)
+        gp.flags |= IPC_GEN_F_STAGED;
+    size_t total = sizeof(gp) + (plen - head) + slen;
     settle(cli);
     if (!cli->n_free)
         return fail(cli, -EAGAIN, "every slot is busy (%u in flight)", cli->inflight);
-    uint32_t slot = cli->free_slots[cli->n_free - 1];
+    uint32_t slot = cli->free_slots[--cli->n_free];
+    cli->slot_state[slot] = SLOT_USER;
+    if (head && (rc = stage_prompt(cli, slot, src, head)) < 0)
+        return rc;
     uint8_t *in = ipc_region_slot_in(&cli->reg, slot);
     memcpy(in, &gp, sizeof(gp));
-    if (plen)
-        memcpy(in + sizeof(gp), ids ? (const void *)p->prompt_ids : (const void *)p->prompt, plen);
-    uint8_t *sp = in + sizeof(gp) + plen;
+    if (plen - head)
+        memcpy(in + sizeof(gp), src + head, plen - head);
+    uint8_t *sp = in + sizeof(gp) + (plen - head);
     for (int i = 0; i < p->n_stop; i++) {
         size_t l = strlen(p->stop[i]) + 1;
         memcpy(sp, p->stop[i], l);
@@ -986,8 +1041,10 @@ static int generate_submit_impl(gorgon_client *cli, const gorgon_gen_params *p,
                           memory_order_relaxed);
     struct ipc_sqe sqe = {.opcode = IPC_OP_GENERATE, .slot = slot, .user_data = user_data,
                           .in_len = (uint32_t)total};
-    CM_TRY(push_one(cli, &sqe));
-    cli->n_free--;
+    if ((rc = push_one(cli, &sqe)) < 0) {
+        slot_put(cli, slot); /* gorgond drops what was staged at the slot's next use */
+        return rc;
+    }
     cli->slot_state[slot] = SLOT_GEN;
     cli->gen_flags[slot] = p->flags;
     cli->gen_seed[slot] = seed;
