@@ -39,7 +39,8 @@ typedef struct ap_config {
     size_t n_allow_uids;
     gid_t allow_gids[AP_MAX_ALLOW];
     size_t n_allow_gids;
-    int64_t poll_us;          /* busy-poll budget before sleeping; 0: sleep at once */
+    int64_t poll_us;          /* busy-poll budget before sleeping; 0: sleep at once;
+                               * -1 (auto): AP_POLL_US_AUTO when the CPUs allow it */
     uint32_t sq_entries;      /* per client, power of two */
     uint32_t cq_entries;      /* per client, power of two */
     uint32_t slots;           /* request slots per client */

@@ -44,6 +44,9 @@ enum ap_sess_state {
  * client can hold the loop and sizes the on-stack burst buffers. */
 #define AP_BURST 64u
 
+/* Busy-poll budget of poll_us = auto, when the CPUs allow spinning. */
+#define AP_POLL_US_AUTO 50
+
 /* Distinct uids tracked when choosing which pending handshake to drop. */
 #define AP_MAX_PENDING_UIDS 64u
 
@@ -97,6 +100,7 @@ struct ap_server {
     int listen_fd;
     int signal_fd;
     bool futex_uring; /* IORING_OP_FUTEX_WAIT usable; else eventfd doorbells */
+    uint64_t poll_ns; /* busy-poll budget in effect (cfg.poll_us resolved) */
     bool accept_armed;
     bool stopping;
     bool draining;             /* SIGTERM with generations in flight: finish them first */

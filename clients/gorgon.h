@@ -87,7 +87,10 @@ typedef struct gorgon_client gorgon_client;
 typedef struct gorgon_opts {
     const char *socket_path; /* NULL: $GORGON_SOCKET, else /run/gorgon/gorgon.sock */
     uint32_t flags;          /* GORGON_* */
-    int64_t spin_ns;         /* gorgon_wait spin phase before sleeping; 0: default (50 us) */
+    int64_t spin_ns;         /* gorgon_wait spin phase before sleeping; 0: default, 50 us
+                              * but only while this process's spinning threads,
+                              * gorgond and a worker thread each have a CPU of their
+                              * own (affinity and cgroup quota counted); else none */
 } gorgon_opts;
 
 /* Connect and map the session region. opts may be NULL. Errors:

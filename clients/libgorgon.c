@@ -58,6 +58,7 @@ struct gorgon_client {
     bool evt_armed;  /* gorgon_event_arm left NEED_WAKEUP set on the CQ */
     uint32_t flags;
     int64_t spin_ns;
+    bool spin_auto; /* default spin: only while there are CPUs to spare */
     uint32_t n_slots;
     size_t in_cap, out_cap;
     uint32_t inflight;
@@ -143,8 +144,11 @@ static int connect_impl(gorgon_client **out, const gorgon_opts *opts)
     cli->reg.fd = -1;
     cli->flags = opts ? opts->flags : 0;
     cli->spin_ns = opts && opts->spin_ns > 0 ? opts->spin_ns : GORGON_DEFAULT_SPIN_NS;
-    if (cli->flags & GORGON_NO_SPIN)
+    cli->spin_auto = !(opts && opts->spin_ns > 0);
+    if (cli->flags & GORGON_NO_SPIN) {
         cli->spin_ns = 0;
+        cli->spin_auto = false;
+    }
 
     int rc = ipc_ctl_connect(path);
     if (rc < 0)
@@ -1092,12 +1096,11 @@ void gorgon_generate_chunk_of(gorgon_client *cli, const gorgon_completion *c,
     }
 }
 
-/* Wait until the CQ has entries: 1, 0 at the deadline, -EPIPE. */
-static int wait_ring(gorgon_client *cli, uint64_t deadline)
+/* Spin until the CQ has entries, up to spin_end: 1, 0 at the deadline,
+ * -EPIPE, or 2 when the spin ended without entries. */
+static int spin_ring(gorgon_client *cli, uint64_t spin_end, uint64_t deadline)
 {
-    uint64_t start = cm_now_ns();
-    uint64_t spin_end = (cli->flags & GORGON_BUSY_POLL) ? deadline : start + (uint64_t)cli->spin_ns;
-    uint64_t next_check = start + GORGON_HUP_CHECK_NS;
+    uint64_t next_check = cm_now_ns() + GORGON_HUP_CHECK_NS;
     for (unsigned i = 1;; i++) {
         if (!ipc_ring_empty(&cli->cq))
             return 1;
@@ -1106,7 +1109,7 @@ static int wait_ring(gorgon_client *cli, uint64_t deadline)
             if (now >= deadline)
                 return 0;
             if (now >= spin_end)
-                break;
+                return 2;
             if (now >= next_check) {
                 if (peer_gone(cli))
                     return -EPIPE;
@@ -1115,6 +1118,30 @@ static int wait_ring(gorgon_client *cli, uint64_t deadline)
         }
         cpu_relax();
     }
+}
+
+/* Wait until the CQ has entries: 1, 0 at the deadline, -EPIPE. */
+static int wait_ring(gorgon_client *cli, uint64_t deadline)
+{
+    uint64_t start = cm_now_ns();
+    int rc;
+    if (cli->flags & GORGON_BUSY_POLL) {
+        rc = spin_ring(cli, deadline, deadline);
+    } else if (!cli->spin_auto) {
+        rc = spin_ring(cli, start + (uint64_t)cli->spin_ns, deadline);
+    } else if (cm_spinners_add(1) + 2 <= cm_cpus_usable()) {
+        /* The default spin is a loan: taken only while this thread (and the
+         * other spinning threads of this process), gorgond's loop and one
+         * worker thread can each have a CPU; otherwise spinning would take
+         * the CPU that the answer needs, and we sleep at once. */
+        rc = spin_ring(cli, start + (uint64_t)cli->spin_ns, deadline);
+        cm_spinners_add(-1);
+    } else {
+        cm_spinners_add(-1);
+        rc = 2;
+    }
+    if (rc != 2)
+        return rc;
     for (;;) {
         uint32_t val;
         if (ipc_doorbell_prepare(&cli->cq, &val) != 0)
@@ -1126,8 +1153,8 @@ static int wait_ring(gorgon_client *cli, uint64_t deadline)
         }
         uint64_t slice = deadline - now < GORGON_HUP_CHECK_NS ? deadline - now : GORGON_HUP_CHECK_NS;
         /* With an event fd gorgond writes that instead of waking the futex. */
-        int rc = cli->evt_fd >= 0 ? ipc_wake_fd_wait(cli->evt_fd, (int64_t)slice)
-                                  : ipc_futex_wait(&cli->cq.sh->doorbell, val, (int64_t)slice);
+        rc = cli->evt_fd >= 0 ? ipc_wake_fd_wait(cli->evt_fd, (int64_t)slice)
+                             : ipc_futex_wait(&cli->cq.sh->doorbell, val, (int64_t)slice);
         ipc_doorbell_finish(&cli->cq);
         if (!ipc_ring_empty(&cli->cq))
             return 1;
