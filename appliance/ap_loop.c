@@ -245,6 +245,8 @@ static void on_signal(struct ap_server *srv, int res)
     if (res == (int)sizeof(srv->sigbuf)) {
         int sig = (int)srv->sigbuf.ssi_signo;
         if (sig == SIGTERM || sig == SIGINT) {
+            if (!srv->draining)
+                ap_notify_stopping(&srv->cfg, srv->gen ? ap_gen_active(srv) : 0);
             if (srv->draining) {
                 CM_LOG_INFO(TAG, "second %s: stopping now", sig == SIGTERM ? "SIGTERM" : "SIGINT");
                 srv->drain_deadline = 0;
@@ -427,8 +429,21 @@ static int sleep_once(struct ap_server *srv)
     return 0;
 }
 
+/* Ready to serve (ap_notify_ready): the socket listens since
+ * ap_server_create; the worker has loaded the model once it reported READY,
+ * which is when it first reports its KV pool. */
+static bool serving(struct ap_server *srv)
+{
+    if (!srv->cfg.model[0])
+        return true;
+    struct ipc_stats st = {0};
+    ap_gen_fill_stats(srv, &st);
+    return st.kv_blocks_total > 0;
+}
+
 int ap_server_run(ap_server *srv)
 {
+    bool told_ready = false;
     const uint64_t budget_ns = (uint64_t)srv->cfg.poll_us * 1000u;
     uint64_t last_work = cm_now_ns();
     unsigned spins = 0;
@@ -438,6 +453,8 @@ int ap_server_run(ap_server *srv)
             break;
         int work = poll_sessions(srv);
         work += ap_gen_poll(srv);
+        if (!told_ready && (told_ready = serving(srv)))
+            ap_notify_ready(&srv->cfg);
         if (srv->draining) {
             if (!ap_gen_active(srv)) {
                 srv->stopping = true;
