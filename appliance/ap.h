@@ -95,4 +95,11 @@ int ap_server_run(ap_server *srv);
 /* Close every session, unlink the socket, free. NULL is a no-op. */
 void ap_server_destroy(ap_server *srv);
 
+/* Service-manager notifications (sd_notify(3)), defined by the program
+ * (gorgond.c; no-ops outside systemd). ap_server_run calls ready once, when
+ * the socket listens and the worker has loaded the model (at once without
+ * one), and stopping when SIGTERM/SIGINT starts the shutdown. */
+void ap_notify_ready(const ap_config *cfg);
+void ap_notify_stopping(const ap_config *cfg, uint32_t in_flight);
+
 #endif

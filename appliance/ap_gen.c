@@ -1388,6 +1388,11 @@ int ap_gen_cancel(struct ap_server *srv, ap_session *s, uint32_t slot)
     return 0;
 }
 
+bool ap_gen_ready(const struct ap_server *srv)
+{
+    return srv->gen && srv->gen->ready;
+}
+
 void ap_gen_session_closed(struct ap_server *srv, ap_session *s)
 {
     struct ap_gen_state *G = srv->gen;

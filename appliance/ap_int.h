@@ -167,6 +167,8 @@ int ap_gen_submit(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sq
  * at once: 1). */
 int ap_gen_model_info(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
                       struct ipc_cqe *cqe);
+/* The worker has loaded the model and said READY (since its last start). */
+bool ap_gen_ready(const struct ap_server *srv);
 int ap_gen_prompt_part(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
                        struct ipc_cqe *cqe);
 /* Drop what a slot (or, slot UINT32_MAX, every slot) of s has staged. */

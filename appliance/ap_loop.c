@@ -266,6 +266,8 @@ static void on_signal(struct ap_server *srv, int res)
     if (res == (int)sizeof(srv->sigbuf)) {
         int sig = (int)srv->sigbuf.ssi_signo;
         if (sig == SIGTERM || sig == SIGINT) {
+            if (!srv->draining)
+                ap_notify_stopping(&srv->cfg, srv->gen ? ap_gen_active(srv) : 0);
             if (srv->draining) {
                 CM_LOG_INFO(TAG, "second %s: stopping now", sig == SIGTERM ? "SIGTERM" : "SIGINT");
                 srv->drain_deadline = 0;
@@ -448,8 +450,16 @@ static int sleep_once(struct ap_server *srv)
     return 0;
 }
 
+/* Ready to serve (ap_notify_ready): the socket listens since
+ * ap_server_create, and the worker has loaded the model (its READY). */
+static bool serving(struct ap_server *srv)
+{
+    return !srv->cfg.model[0] || ap_gen_ready(srv);
+}
+
 int ap_server_run(ap_server *srv)
 {
+    bool told_ready = false;
     const uint64_t budget_ns = srv->poll_ns;
     uint64_t last_work = cm_now_ns();
     unsigned spins = 0;
@@ -459,6 +469,8 @@ int ap_server_run(ap_server *srv)
             break;
         int work = poll_sessions(srv);
         work += ap_gen_poll(srv);
+        if (!told_ready && (told_ready = serving(srv)))
+            ap_notify_ready(&srv->cfg);
         if (srv->draining) {
             if (!ap_gen_active(srv)) {
                 srv->stopping = true;
