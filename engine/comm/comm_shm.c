@@ -179,15 +179,21 @@ static int layout_from_cfg(struct shm_layout *l, const comm_shm_cfg *cfg, char *
         return snprintf(why, cap, "cfg is NULL"), -EINVAL;
     uint64_t buf = cfg->buf_bytes ? cfg->buf_bytes : SHM_BUF_DEFAULT;
     uint64_t p2p = cfg->p2p_bytes ? cfg->p2p_bytes : SHM_P2P_DEFAULT;
-    if (buf <= SHM_BUF_MAX)
-        buf = round_up(buf, 128);
-    if (p2p <= SHM_P2P_MAX)
-        p2p = round_up(p2p, 64);
-    if (cfg->n_ranks < 1)
+    /* the caller's values in the messages, then the rounded ones */
+    if (cfg->n_ranks < 1 || cfg->n_ranks > COMM_SHM_MAX_RANKS)
         return snprintf(why, cap, "n_ranks %d: must be 1..%d", cfg->n_ranks,
                         COMM_SHM_MAX_RANKS),
                -EINVAL;
-    return shm_layout(l, (uint64_t)cfg->n_ranks, buf, p2p, why, cap);
+    if (buf < SHM_BUF_MIN || buf > SHM_BUF_MAX)
+        return snprintf(why, cap, "buf_bytes %" PRIu64 ": must be %u..%llu", buf, SHM_BUF_MIN,
+                        (unsigned long long)SHM_BUF_MAX),
+               -EINVAL;
+    if (p2p > SHM_P2P_MAX)
+        return snprintf(why, cap, "p2p_bytes %" PRIu64 ": must be 1..%llu", p2p,
+                        (unsigned long long)SHM_P2P_MAX),
+               -EINVAL;
+    return shm_layout(l, (uint64_t)cfg->n_ranks, round_up(buf, 128), round_up(p2p, 64), why,
+                      cap);
 }
 
 /* A mapped, validated region. */
