@@ -166,6 +166,20 @@ int comm_barrier(comm *c)
     return c->ops->barrier(c);
 }
 
+int comm_set_timeout_ms(comm *c, int64_t timeout_ms)
+{
+    if (!c)
+        return -EINVAL;
+    c->err[0] = '\0';
+    if (timeout_ms == 0 || timeout_ms < -1 || timeout_ms > COMM_TIMEOUT_MAX_MS)
+        return comm_seterr(c, -EINVAL, "set_timeout_ms: %lld: must be -1 or 1..%lld",
+                           (long long)timeout_ms, (long long)COMM_TIMEOUT_MAX_MS);
+    if (!c->ops->set_timeout_ms)
+        return comm_seterr(c, -EOPNOTSUPP, "set_timeout_ms: the %s backend has no timeout",
+                           c->ops->name);
+    return c->ops->set_timeout_ms(c, timeout_ms);
+}
+
 void comm_abort(comm *c, const char *why)
 {
     if (c)

@@ -82,6 +82,16 @@ int comm_recv(comm *c, void *buf, size_t bytes, int peer);
 /* Returns once every rank has called it. */
 int comm_barrier(comm *c);
 
+/* How long a wait in this rank's calls may see no progress before it gives
+ * up: the communicator is then aborted for everyone (the waiting rank gets
+ * -ETIMEDOUT, naming the ranks it waited for). -1: no limit (only an abort
+ * ends the wait; the coordinator's comm_shm_abort_fd when a rank dies).
+ * Ranks that wait for work between steps (rank 0's next plan) set -1 for
+ * that wait and a finite limit inside a step. Owning thread only; applies
+ * to the next call. */
+#define COMM_TIMEOUT_MAX_MS (INT64_C(1) << 40)
+int comm_set_timeout_ms(comm *c, int64_t timeout_ms);
+
 /* Abort the communicator for every rank: pending and future calls return
  * -ECONNABORTED promptly. The first reason given wins (why may be NULL).
  * Any thread may call it, also while another thread waits in a call. */
@@ -130,9 +140,10 @@ typedef struct comm_shm_opts {
     int spin;             /* -1: decide as above; 0: never spin; 1: always
                            * spin first (ranks pinned to disjoint CPUs) */
     int64_t spin_ns;      /* how long a wait spins before sleeping; >= 0 */
-    int64_t timeout_ms;   /* a wait that sees no progress for this long aborts
-                           * the communicator (-ETIMEDOUT here, -ECONNABORTED
-                           * elsewhere); > 0 */
+    int64_t timeout_ms;   /* initial comm_set_timeout_ms: a wait that sees no
+                           * progress for this long aborts the communicator
+                           * (-ETIMEDOUT here, -ECONNABORTED elsewhere);
+                           * -1 or 1..COMM_TIMEOUT_MAX_MS */
 } comm_shm_opts;
 
 #define COMM_SHM_OPTS_DEFAULT                                                  \

@@ -19,6 +19,8 @@ struct comm_ops {
     int (*send)(comm *c, const void *buf, size_t bytes, int peer);
     int (*recv)(comm *c, void *buf, size_t bytes, int peer);
     int (*barrier)(comm *c);
+    /* (optional) already range-checked; NULL: -EOPNOTSUPP. */
+    int (*set_timeout_ms)(comm *c, int64_t timeout_ms);
     /* Any thread; idempotent; the first reason wins. */
     void (*abort)(comm *c, const char *why);
     /* Any thread. */

@@ -64,6 +64,7 @@
 /* Reduce-scatter slices are multiples of this many floats (one cache line),
  * so no two ranks write the same line. */
 #define SHM_SLICE_ALIGN 16u
+#define SHM_NO_TIMEOUT UINT64_MAX
 
 struct shm_fword {
     _Atomic uint32_t val;      /* += 2 per event; bit 0: aborted */
@@ -283,12 +284,14 @@ static inline void cpu_relax(void)
 #endif
 }
 
+/* timeout_ns < 0: no timeout. */
 static int futex_wait(_Atomic uint32_t *w, uint32_t expected, int64_t timeout_ns)
 {
     struct timespec ts = {.tv_sec = (time_t)(timeout_ns / 1000000000),
                           .tv_nsec = (long)(timeout_ns % 1000000000)};
     /* No FUTEX_PRIVATE_FLAG: the waker is another process. */
-    long rc = syscall(SYS_futex, (uint32_t *)w, FUTEX_WAIT, expected, &ts, NULL, 0);
+    long rc = syscall(SYS_futex, (uint32_t *)w, FUTEX_WAIT, expected,
+                      timeout_ns < 0 ? NULL : &ts, NULL, 0);
     return rc == 0 ? 0 : cm_neg_errno();
 }
 
@@ -365,7 +368,8 @@ typedef struct shm_comm {
     uint64_t stage;        /* data stages (buffer half parity) */
     int threads;           /* n_ranks * threads_per_rank */
     int spin;              /* -1 auto, 0 never, 1 always */
-    uint64_t spin_ns, timeout_ns;
+    uint64_t spin_ns;
+    uint64_t timeout_ns;   /* SHM_NO_TIMEOUT: wait until aborted */
     uint32_t pid;
 } shm_comm;
 
@@ -390,11 +394,22 @@ static uint8_t *chan_data(shm_comm *s, int from, int to)
     return s->v.base + s->v.l.p2p_off + ((uint64_t)from * s->v.l.n + (uint64_t)to) * s->v.l.p2p_bytes;
 }
 
-static int aborted_rc(shm_comm *s, const char *what)
+/* `what` names the call ("all_reduce_sum_f32", or "send to" / "recv from"
+ * with peer >= 0); formatted only on error, so calls format nothing. */
+static int aborted_rc(shm_comm *s, const char *what, int peer)
 {
     char why[200];
     view_aborted(&s->v, why, sizeof why);
+    if (peer >= 0)
+        return comm_seterr(&s->pub, -ECONNABORTED, "%s rank %d: communicator aborted: %s",
+                           what, peer, why);
     return comm_seterr(&s->pub, -ECONNABORTED, "%s: communicator aborted: %s", what, why);
+}
+
+static const char *peer_what(const char *what, int peer, char *buf, size_t cap)
+{
+    snprintf(buf, cap, "%s rank %d", what, peer);
+    return buf;
 }
 
 /* Wait until (w->val & ~1) != old. 0, -ECONNABORTED (abort bit seen), or
@@ -424,23 +439,25 @@ static int shm_wait(shm_comm *s, struct shm_fword *w, uint32_t old, const char *
         if ((v & ~1u) != old)
             return 0;
         if (v & 1)
-            return aborted_rc(s, what);
+            return aborted_rc(s, what, peer);
         uint64_t waited = cm_now_ns() - t0;
         if (waited >= s->timeout_ns)
             break;
         atomic_fetch_add_explicit(&w->sleepers, 1, memory_order_seq_cst); /* S1 */
         v = atomic_load_explicit(&w->val, memory_order_seq_cst);
         if ((v & ~1u) == old && !(v & 1))
-            futex_wait(&w->val, v, (int64_t)(s->timeout_ns - waited));
+            futex_wait(&w->val, v,
+                       s->timeout_ns == SHM_NO_TIMEOUT ? -1 : (int64_t)(s->timeout_ns - waited));
         atomic_fetch_sub_explicit(&w->sleepers, 1, memory_order_relaxed);
         v = atomic_load_explicit(&w->val, memory_order_acquire);
     }
 
     /* Timed out: name the ranks we were waiting for. */
-    char late[160] = "";
+    char late[160] = "", call[48];
     size_t len = 0;
     if (peer >= 0) {
         snprintf(late, sizeof late, "rank %d", peer);
+        what = peer_what(what, peer, call, sizeof call);
     } else {
         uint64_t mine = atomic_load_explicit(&s->v.ranks[s->pub.rank].arrivals,
                                              memory_order_relaxed);
@@ -472,7 +489,7 @@ static int shm_barrier_wait(shm_comm *s, const char *what)
     /* Read before arriving: gen cannot move until this rank has arrived. */
     uint32_t g = atomic_load_explicit(&b->gen.val, memory_order_acquire);
     if (g & 1)
-        return aborted_rc(s, what);
+        return aborted_rc(s, what, -1);
     atomic_fetch_add_explicit(&s->v.ranks[s->pub.rank].arrivals, 1, memory_order_relaxed);
     uint32_t arrived = atomic_fetch_add_explicit(&b->count, 1, memory_order_acq_rel) + 1;
     if (arrived == (uint32_t)s->pub.size) {
@@ -658,8 +675,7 @@ static int shm_send(comm *c, const void *buf, size_t bytes, int peer)
     shm_comm *s = S(c);
     struct shm_chan *ch = chan(s, c->rank, peer);
     uint8_t *data = chan_data(s, c->rank, peer);
-    char what[48];
-    snprintf(what, sizeof what, "send to rank %d", peer);
+    const char *what = "send to";
     size_t off = 0;
     do {
         size_t m = bytes - off < s->v.l.p2p_bytes ? bytes - off : (size_t)s->v.l.p2p_bytes;
@@ -669,7 +685,7 @@ static int shm_send(comm *c, const void *buf, size_t bytes, int peer)
              * the chunk out before we overwrite it. */
             uint32_t a = atomic_load_explicit(&ch->ack.val, memory_order_acquire);
             if (a & 1)
-                return aborted_rc(s, what);
+                return aborted_rc(s, what, peer);
             if ((a & ~1u) == sq)
                 break;
             CM_TRY(shm_wait(s, &ch->ack, a & ~1u, what, peer));
@@ -688,8 +704,7 @@ static int shm_recv(comm *c, void *buf, size_t bytes, int peer)
     shm_comm *s = S(c);
     struct shm_chan *ch = chan(s, peer, c->rank);
     const uint8_t *data = chan_data(s, peer, c->rank);
-    char what[48];
-    snprintf(what, sizeof what, "recv from rank %d", peer);
+    const char *what = "recv from";
     size_t off = 0;
     do {
         uint32_t a = atomic_load_explicit(&ch->ack.val, memory_order_relaxed) & ~1u;
@@ -698,7 +713,7 @@ static int shm_recv(comm *c, void *buf, size_t bytes, int peer)
             if ((v & ~1u) != a)
                 break;
             if (v & 1)
-                return aborted_rc(s, what);
+                return aborted_rc(s, what, peer);
             CM_TRY(shm_wait(s, &ch->seq, a, what, peer));
         }
         uint64_t total = atomic_load_explicit(&ch->total, memory_order_relaxed);
@@ -722,6 +737,12 @@ static int shm_recv(comm *c, void *buf, size_t bytes, int peer)
         fword_bump(&ch->ack); /* W1: the slot is free again */
         off += m;
     } while (off < bytes);
+    return 0;
+}
+
+static int shm_set_timeout_ms(comm *c, int64_t timeout_ms)
+{
+    S(c)->timeout_ns = timeout_ms < 0 ? SHM_NO_TIMEOUT : (uint64_t)timeout_ms * 1000000u;
     return 0;
 }
 
@@ -752,6 +773,7 @@ static const struct comm_ops shm_ops = {
     .send = shm_send,
     .recv = shm_recv,
     .barrier = shm_barrier,
+    .set_timeout_ms = shm_set_timeout_ms,
     .abort = shm_abort,
     .aborted = shm_aborted,
     .destroy = shm_destroy,
@@ -833,8 +855,9 @@ int comm_shm_attach(comm **out, int fd, int rank, const comm_shm_opts *opts, cha
         return snprintf(why, cap, "spin %d: must be -1 (auto), 0 or 1", o.spin), -EINVAL;
     if (o.spin_ns < 0 || o.spin_ns > 1000000000)
         return snprintf(why, cap, "spin_ns %" PRId64 ": must be 0..1e9", o.spin_ns), -EINVAL;
-    if (o.timeout_ms <= 0 || o.timeout_ms > INT64_MAX / 1000000)
-        return snprintf(why, cap, "timeout_ms %" PRId64 ": must be > 0", o.timeout_ms),
+    if (o.timeout_ms == 0 || o.timeout_ms < -1 || o.timeout_ms > COMM_TIMEOUT_MAX_MS)
+        return snprintf(why, cap, "timeout_ms %" PRId64 ": must be -1 or 1..%lld", o.timeout_ms,
+                        (long long)COMM_TIMEOUT_MAX_MS),
                -EINVAL;
     struct shm_view v;
     CM_TRY(view_map(&v, fd, why, cap));
@@ -871,7 +894,7 @@ int comm_shm_attach(comm **out, int fd, int rank, const comm_shm_opts *opts, cha
     s->threads = o.threads_per_rank * (int)v.l.n;
     s->spin = o.spin;
     s->spin_ns = (uint64_t)o.spin_ns;
-    s->timeout_ns = (uint64_t)o.timeout_ms * 1000000u;
+    s->timeout_ns = o.timeout_ms < 0 ? SHM_NO_TIMEOUT : (uint64_t)o.timeout_ms * 1000000u;
     s->pid = pid;
     *out = &s->pub;
     return 0;

@@ -200,7 +200,10 @@ Test(comm_abort, coordinator_abort_after_sigkill_ends_every_wait, .timeout = 60)
         struct ctu_group g;
         comm_shm_cfg cfg = {.n_ranks = n};
         char reason[] = "rank 0 died (killed by signal 9)";
-        cr_assert_eq(ctu_start(&g, &cfg, NULL, rank_victim_or_waiter, reason, 0), 0);
+        /* no timeout: only the coordinator's abort can end the waits */
+        comm_shm_opts o = COMM_SHM_OPTS_DEFAULT;
+        o.timeout_ms = -1;
+        cr_assert_eq(ctu_start(&g, &cfg, &o, rank_victim_or_waiter, reason, 0), 0);
         while (!atomic_load((_Atomic int *)&g.res[0].ready) ||
                !blocked_in_barrier(g.fd, (uint32_t)n - 1))
             sched_yield();
@@ -230,8 +233,12 @@ static int rank_timeout(comm *c, struct ctu_result *res, void *arg)
         for (;;)
             pause();
     }
+    /* attached without a limit; this call gets one */
+    int rc = comm_set_timeout_ms(c, 300);
+    if (rc < 0)
+        return rc;
     uint64_t t0 = cm_now_ns();
-    int rc = comm_barrier(c);
+    rc = comm_barrier(c);
     uint64_t dt = cm_now_ns() - t0;
     char why[256];
     if (rc != -ETIMEDOUT && rc != -ECONNABORTED)
@@ -252,7 +259,7 @@ Test(comm_abort, silent_death_times_out_naming_the_missing_rank, .timeout = 60)
     struct ctu_group g;
     comm_shm_cfg cfg = {.n_ranks = 3};
     comm_shm_opts o = COMM_SHM_OPTS_DEFAULT;
-    o.timeout_ms = 300;
+    o.timeout_ms = -1;
     cr_assert_eq(ctu_start(&g, &cfg, &o, rank_timeout, NULL, 0), 0);
     int timed_out = 0;
     for (int r = 1; r < 3; r++) {

@@ -179,6 +179,16 @@ Test(comm_attach, bad_options_are_refused)
     o.timeout_ms = 0;
     cr_expect_eq(comm_shm_attach(&c, fd, 0, &o, why, sizeof why), -EINVAL);
     cr_expect(strstr(why, "timeout_ms 0"), "%s", why);
+    o.timeout_ms = -2;
+    cr_expect_eq(comm_shm_attach(&c, fd, 0, &o, why, sizeof why), -EINVAL);
+    o.timeout_ms = -1;
+    cr_assert_eq(comm_shm_attach(&c, fd, 0, &o, why, sizeof why), 0, "no limit: %s", why);
+    cr_expect_eq(comm_set_timeout_ms(c, 0), -EINVAL);
+    cr_expect(strstr(comm_last_error(c), "set_timeout_ms: 0"), "%s", comm_last_error(c));
+    cr_expect_eq(comm_set_timeout_ms(c, -5), -EINVAL);
+    cr_expect_eq(comm_set_timeout_ms(c, 10), 0);
+    cr_expect_eq(comm_set_timeout_ms(c, -1), 0);
+    comm_destroy(c);
     cr_expect_eq(comm_shm_attach(NULL, fd, 0, NULL, why, sizeof why), -EINVAL);
     close(fd);
 }
