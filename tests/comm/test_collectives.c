@@ -84,11 +84,11 @@ static int rank_all_reduce(comm *c, struct ctu_result *res, void *arg)
     return rc;
 }
 
-static void all_reduce_case(int n_ranks)
+static void all_reduce_case_opts(int n_ranks, const comm_shm_opts *o)
 {
     struct ctu_group g;
     comm_shm_cfg cfg = {.n_ranks = n_ranks, .buf_bytes = BUF_BYTES, .p2p_bytes = P2P_BYTES};
-    cr_assert_eq(ctu_start(&g, &cfg, NULL, rank_all_reduce, NULL, 0), 0);
+    cr_assert_eq(ctu_start(&g, &cfg, o, rank_all_reduce, NULL, 0), 0);
     int bad = ctu_wait(&g, 60000);
     for (int r = 0; r < n_ranks; r++)
         cr_expect_eq(g.res[r].rc, 0, "rank %d: %s", r, g.res[r].msg);
@@ -98,6 +98,24 @@ static void all_reduce_case(int n_ranks)
             cr_expect_eq(g.res[r].u64[k], g.res[0].u64[k], "n=%zu: rank %d differs from rank 0",
                          ar_sizes[k], r);
     ctu_free(&g);
+}
+
+static void all_reduce_case(int n_ranks)
+{
+    all_reduce_case_opts(n_ranks, NULL);
+}
+
+/* Whatever this machine's CPU count makes `auto` choose, both ways of
+ * waiting run: futex sleeps only, and spinning first (long enough that
+ * most waits end while spinning). */
+Test(comm_collectives, all_reduce_same_sleeping_or_spinning, .timeout = 60)
+{
+    comm_shm_opts o = COMM_SHM_OPTS_DEFAULT;
+    o.spin = 0;
+    all_reduce_case_opts(2, &o);
+    o.spin = 1;
+    o.spin_ns = 5000000;
+    all_reduce_case_opts(2, &o);
 }
 
 Test(comm_collectives, all_reduce_is_rank_order_sum_2_ranks, .timeout = 60)
