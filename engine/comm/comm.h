@@ -40,7 +40,9 @@
  *       fprintf(stderr, "%s\n", comm_last_error(c));
  *   comm_destroy(c);
  *   ...
- *   comm_shm_abort_fd(fd, "rank 1 (pid 1234) died");       // coordinator
+ *   comm_shm_abort_fd(fd, "rank 1 (pid 1234) died", why, sizeof why); // coordinator
+ *
+ * The protocol, the region layout and the NCCL plan: docs/comm.md.
  */
 #ifndef GORGON_COMM_H
 #define GORGON_COMM_H
