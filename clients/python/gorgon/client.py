@@ -162,8 +162,8 @@ class Generation:
         return self
 
     def __next__(self):
-        s = self._s
         try:
+            s = self._s
             while not s.done:
                 text = s.step(_SLICE_NS)
                 if text:
@@ -351,7 +351,11 @@ class Client:
         """
         req = self._submit(prompt, max_tokens, temperature, top_p, top_k, min_p,
                            repeat_penalty, stop, seed, medusa)
-        return Generation(self, req)
+        try:
+            return Generation(self, req)
+        except BaseException:  # Ctrl-C right after the submit: reaped later
+            self._abandoned.append(req)
+            raise
 
     def complete(self, prompt, **kw):
         """The whole text of a generation (generate()'s arguments), as a

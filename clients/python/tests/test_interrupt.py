@@ -29,9 +29,11 @@ g = None
 try:
     if mode == "iterate":
         g = c.generate("Once upon a time", max_tokens=100)
+        print("blocking", flush=True)
         for text in g:
             print("text", repr(text), flush=True)
     else:
+        print("blocking", flush=True)
         c.complete("Once upon a time", max_tokens=100)
 except KeyboardInterrupt:
     # What the package left behind, before KeyboardInterrupt ends us.
@@ -41,6 +43,21 @@ except KeyboardInterrupt:
     raise
 print("not interrupted", flush=True)
 """
+
+
+def in_futex_wait(pid):
+    """The process sleeps in a futex wait (where libgorgon waits), or, where
+    the kernel hides wchan, at least sleeps."""
+    try:
+        with open("/proc/%d/wchan" % pid) as f:
+            wchan = f.read().strip()
+        if wchan and wchan != "0":
+            return "futex" in wchan
+        with open("/proc/%d/stat" % pid) as f:
+            stat = f.read()
+        return stat[stat.rindex(")") + 2] == "S"
+    except OSError:
+        return False
 
 
 class InterruptTest(unittest.TestCase):
@@ -56,10 +73,16 @@ class InterruptTest(unittest.TestCase):
             try:
                 # The child's request reached gorgond: it now waits for a
                 # token that cannot come while the worker is stopped.
+                line = p.stdout.readline()
+                if line != b"blocking\n":
+                    self.fail("the child said %r: %r" % (line, p.communicate()))
                 _support.wait_until(
-                    lambda: p.poll() is not None or
-                    self.c.stats().gen_requests_total > before.gen_requests_total,
+                    lambda: self.c.stats().gen_requests_total > before.gen_requests_total,
                     what="the child's request")
+                # It sleeps in libgorgon's wait (a futex) for a token that
+                # cannot come while the worker is stopped: Ctrl-C now.
+                _support.wait_until(lambda: p.poll() is not None or in_futex_wait(p.pid),
+                                    what="the child to block")
                 if p.poll() is not None:
                     self.fail("the child exited early: %r" % (p.communicate(),))
                 p.send_signal(signal.SIGINT)
