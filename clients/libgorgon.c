@@ -836,7 +836,8 @@ static int tokenize_impl(gorgon_client *cli, const char *text, size_t len, uint3
         return -EPROTO;
     if ((size_t)rc > cap)
         return -ENOSPC;
-    memcpy(ids, c.out, c.out_len);
+    if (rc) /* no text, no ids: c.out may be NULL, which memcpy must not get */
+        memcpy(ids, c.out, c.out_len);
     return rc;
 }
 
@@ -859,7 +860,8 @@ static int detokenize_impl(gorgon_client *cli, const int32_t *ids, size_t n, cha
         return -EPROTO;
     if ((size_t)rc > cap)
         return -ENOSPC;
-    memcpy(out, c.out, (size_t)rc);
+    if (rc)
+        memcpy(out, c.out, (size_t)rc);
     if ((size_t)rc < cap)
         out[rc] = '\0';
     return rc;
