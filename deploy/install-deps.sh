@@ -15,6 +15,9 @@
 #   libssl-dev                   SHA-256 of pulled files (libcrypto, the TLS library libcurl uses)
 #   python3                      the local HTTP servers of the pull and bench tests, the Python
 #                                package's tests (standard library only)
+#   python3-venv, python3-pip,   the Python package's test installs it offline into a venv
+#   python3-setuptools,          (pip install --no-index --no-build-isolation)
+#   python3-wheel
 #   python3-yaml                 the deploy tests read the Kubernetes manifests
 #   libsystemd-dev               gorgond's sd_notify (Type=notify units)
 #   systemd                      systemd-analyze verify/security, sysusers, tmpfiles in the deploy tests
@@ -29,7 +32,7 @@
 set -euo pipefail
 
 PKGS=(build-essential pkg-config liburing-dev libnuma-dev libcriterion-dev libinih-dev clang libclang-rt-14-dev libjansson-dev libcurl4-openssl-dev libssl-dev python3
-      python3-yaml libsystemd-dev systemd strace iproute2 util-linux curl libmicrohttpd-dev nodejs
+      python3-venv python3-pip python3-setuptools python3-wheel python3-yaml libsystemd-dev systemd strace iproute2 util-linux curl libmicrohttpd-dev nodejs
       gnuplot-nox)
 
 missing=()
