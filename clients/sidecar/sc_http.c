@@ -1243,10 +1243,13 @@ static enum MHD_Result access_cb(void *cls, struct MHD_Connection *conn, const c
     }
     if (*upload_size) {
         if (cx->body.len + *upload_size > H.max_body) {
-            *upload_size = 0;
-            return reply_error(conn, cx, 413, NULL, "request_too_large", "The request body is "
-                               "over %zu bytes, the most gorgon-sidecar takes (--max-body).",
-                               H.max_body);
+            /* A chunked body without Content-Length grew past the limit.
+             * libmicrohttpd 0.9.75 cannot answer in the middle of an
+             * upload, so the connection is closed here, unread (with
+             * Content-Length the 413 goes out in first_call). */
+            cx->status = 413;
+            cx->replied = true;
+            return MHD_NO;
         }
         sc_buf_add(&cx->body, upload, *upload_size);
         *upload_size = 0;
