@@ -8,3 +8,5 @@ $(eval $(call add_lib,sidecar,$(sidecar_LIB_SRCS)))
 $(eval $(call add_prog,gorgon-sidecar,$(filter-out $(sidecar_LIB_SRCS),$(wildcard clients/sidecar/*.c)),sidecar gorgon ipc common,$(IPC_LDLIBS) $(COMMON_LDLIBS) -lmicrohttpd -ljansson))
 $(B)/tests/test-sidecar-chat: $(B)/lib/libsidecar.a
 $(B)/tests/test-sidecar-chat: LDLIBS += $(B)/lib/libsidecar.a
+# The suites that read JSON (the openai client's output, response bodies).
+$(B)/tests/test-sidecar-openai $(B)/tests/test-sidecar-http: LDLIBS += -ljansson

@@ -1,5 +1,7 @@
 #include "tests/sidecar/util/sc_test.h"
 
+#include <criterion/criterion.h>
+
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -227,4 +229,55 @@ int sct_run(const char *const *argv, const char *in, char **out, char **err)
 int sct_exit_code(int st)
 {
     return st >= 0 && WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+char *sct_gorgon_generate(const char *sock, const char *prompt, int n)
+{
+    char ns[16];
+    snprintf(ns, sizeof(ns), "%d", n);
+    const char *argv[] = {sct_bin("gorgon"), "generate", "--socket", sock, "-p", prompt, "-n", ns,
+                          NULL};
+    char *out, *err;
+    int st = sct_run(argv, NULL, &out, &err);
+    cr_assert_eq(sct_exit_code(st), 0, "gorgon generate: status %d: %s", st, err);
+    free(err);
+    size_t len = strlen(out);
+    cr_assert(len > 0 && out[len - 1] == '\n', "gorgon generate printed no final newline: [%s]",
+              out);
+    out[len - 1] = '\0';
+    return out;
+}
+
+unsigned long long sct_gorgon_stat(const char *sock, const char *name)
+{
+    const char *argv[] = {sct_bin("gorgon"), "stats", "--socket", sock, NULL};
+    char *out, *err;
+    int st = sct_run(argv, NULL, &out, &err);
+    cr_assert_eq(sct_exit_code(st), 0, "gorgon stats: status %d: %s", st, err);
+    free(err);
+    size_t nl = strlen(name);
+    unsigned long long v = 0;
+    bool found = false;
+    for (char *line = out; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL)
+        if (!strncmp(line, name, nl) && line[nl] == ' ') {
+            v = strtoull(line + nl, NULL, 10);
+            found = true;
+            break;
+        }
+    cr_assert(found, "gorgon stats has no '%s':\n%s", name, out);
+    free(out);
+    return v;
+}
+
+double sct_metric(const char *page, const char *series)
+{
+    size_t n = strlen(series);
+    for (const char *line = page; line && *line;) {
+        if (!strncmp(line, series, n) && line[n] == ' ')
+            return strtod(line + n + 1, NULL);
+        line = strchr(line, '\n');
+        if (line)
+            line++;
+    }
+    return -1;
 }

@@ -34,4 +34,15 @@ int sct_run(const char *const *argv, const char *in, char **out, char **err);
 /* Exit status of a finished command, or -1 when it did not exit normally. */
 int sct_exit_code(int wait_status);
 
+
+
+/* `gorgon generate --socket SOCK -p PROMPT -n N` (greedy): its text without
+ * the newline it ends with (malloc'd); the test fails if it fails. */
+char *sct_gorgon_generate(const char *sock, const char *prompt, int n);
+/* One counter of `gorgon stats --socket SOCK` (the first number after the
+ * name); the test fails when it is missing. */
+unsigned long long sct_gorgon_stat(const char *sock, const char *name);
+/* One sample of a Prometheus text page: the value of the line that starts
+ * with `series ` exactly (name and labels), or -1 when there is none. */
+double sct_metric(const char *page, const char *series);
 #endif
