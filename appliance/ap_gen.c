@@ -1134,11 +1134,6 @@ static int reject(ap_session *s, const struct ipc_sqe *sqe, struct ipc_cqe *cqe,
     return 1;
 }
 
-static bool finite_in(float v, float lo, float hi)
-{
-    return isfinite(v) && v >= lo && v <= hi;
-}
-
 int ap_gen_submit(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
                   struct ipc_cqe *cqe)
 {
@@ -1158,26 +1153,11 @@ int ap_gen_submit(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sq
                       "(struct ipc_gen_params)", sqe->in_len, sizeof(p));
     const uint8_t *in = ipc_region_slot_in(&s->reg, sqe->slot) + sqe->in_off;
     memcpy(&p, in, sizeof(p)); /* one copy; everything below checks the copy */
-    if (p.flags & ~IPC_GEN_F__ALL)
-        return reject(s, sqe, cqe, -EINVAL, "flags: unknown bits 0x%x", p.flags & ~IPC_GEN_F__ALL);
-    if (p.rsvd[0] || p.rsvd[1])
-        return reject(s, sqe, cqe, -EINVAL, "reserved fields must be 0");
-    if (!finite_in(p.temperature, 0.0f, 1e6f))
-        return reject(s, sqe, cqe, -EINVAL, "temperature %g: must be >= 0", (double)p.temperature);
-    if (!(isfinite(p.top_p) && p.top_p > 0.0f && p.top_p <= 1.0f))
-        return reject(s, sqe, cqe, -EINVAL, "top_p %g: must be in (0, 1]", (double)p.top_p);
-    if (!(isfinite(p.min_p) && p.min_p >= 0.0f && p.min_p < 1.0f))
-        return reject(s, sqe, cqe, -EINVAL, "min_p %g: must be in [0, 1)", (double)p.min_p);
-    if (!finite_in(p.repeat_penalty, 0.0f, 1e6f))
-        return reject(s, sqe, cqe, -EINVAL, "repeat_penalty %g: must be >= 0",
-                      (double)p.repeat_penalty);
-    if (p.top_k < 0 || p.top_k > G->n_vocab)
+    char why[96];
+    if (ipc_gen_params_check(&p, why, sizeof(why)) < 0)
+        return reject(s, sqe, cqe, -EINVAL, "%s", why);
+    if (p.top_k > G->n_vocab)
         return reject(s, sqe, cqe, -EINVAL, "top_k %d: must be in [0, %d]", p.top_k, G->n_vocab);
-    if (p.max_tokens < 1)
-        return reject(s, sqe, cqe, -EINVAL, "max_tokens must be >= 1");
-    if (p.n_stop > IPC_GEN_MAX_STOP)
-        return reject(s, sqe, cqe, -EINVAL, "%u stop strings: at most %d", p.n_stop,
-                      IPC_GEN_MAX_STOP);
     if ((uint64_t)p.prompt_off + p.prompt_len > sqe->in_len ||
         (uint64_t)p.stop_off + p.stop_len > sqe->in_len)
         return reject(s, sqe, cqe, -EINVAL, "prompt or stop strings outside the %u input bytes",

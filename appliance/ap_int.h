@@ -53,6 +53,7 @@ typedef struct ap_session {
     uint32_t idx;
     int sock;
     int wake_fd; /* SQ wake eventfd (fallback without IORING_OP_FUTEX_WAIT), else -1 */
+    int evt_fd;  /* write end of the CQ wake pipe (IPC_OP_EVENT_FD), else -1 */
     uid_t uid;  /* SO_PEERCRED at accept */
     pid_t pid;
     uint64_t t_accept; /* cm_now_ns() at accept: the oldest pending handshake goes first */

@@ -144,6 +144,7 @@ int ap_server_create(ap_server **out, const ap_config *cfg)
         srv->sess[i].sock = -1;
         srv->sess[i].reg.fd = -1;
         srv->sess[i].wake_fd = -1;
+        srv->sess[i].evt_fd = -1;
     }
 
     rc = make_socket_dir(cfg->socket);

@@ -83,6 +83,11 @@ enum ipc_op {
     IPC_OP_TOKENIZE = 6,   /* text in the input, arg[0] IPC_TOK_F_*; int32 ids out,
                             * result = their count (-ENOSPC: more than fit) */
     IPC_OP_DETOKENIZE = 7, /* int32 ids in the input; text out, result = its bytes */
+    IPC_OP_EVENT_FD = 8,   /* gorgond makes a pipe, sends its read end over the
+                            * control socket (ipc_ctl_send_fd, IPC_FD_EVENT) and
+                            * from then on wakes the CQ's consumer by writing
+                            * the pipe (IPC_RING_WAKE_EVENTFD); result 0, or
+                            * -EALREADY (the session has one: no message) */
     IPC_OP__COUNT,
 };
 
@@ -295,6 +300,14 @@ struct ipc_welcome {
     char reason[48]; /* NUL-terminated text when status < 0 */
 };
 _Static_assert(sizeof(struct ipc_welcome) == 72, "welcome");
+
+/* gorgond → client after the welcome: one fd (SCM_RIGHTS) and what it is for. */
+#define IPC_FD_EVENT 1u /* IPC_OP_EVENT_FD's pipe read end */
+struct ipc_fd_msg {
+    uint32_t magic; /* IPC_MAGIC */
+    uint32_t kind;  /* IPC_FD_* */
+};
+_Static_assert(sizeof(struct ipc_fd_msg) == 8, "fd message");
 
 /* IPC_OP_MODEL_INFO output (gorgond → client): this header, then
  * chunk_len bytes of the chat template starting at chunk_off (the request's
