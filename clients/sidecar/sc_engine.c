@@ -9,12 +9,16 @@
  * connection (sc_http_wake_locked). Cancellations (a client that went away)
  * are flagged on the request and picked up on the next pass.
  *
- * Waiting: with nothing in flight the thread sleeps in poll() on E.efd and
- * gorgond's socket (hang-up). With requests in flight it sleeps in
- * gorgon_wait() (spin, then futex on the CQ doorbell) for at most
- * SC_WAIT_NS, so that new requests and cancellations wait at most that long
- * behind a quiet stream. (libgorgon's completion eventfd, when it lands,
- * lets one epoll cover both; see docs/sidecar.md.)
+ * Waiting: one epoll set holds E.efd and libgorgon's completion event fd
+ * (gorgon_event_fd, which gorgond writes under the NEED_WAKEUP protocol and
+ * which also wakes on gorgond's hang-up). The thread reaps with gorgon_poll
+ * until it is empty, arms with gorgon_event_arm (1: more are ready, reap
+ * again) and sleeps in epoll_wait until either a completion or a new
+ * request/cancellation arrives: no spinning and no timeouts while idle or
+ * streaming. Against an older gorgond without the event fd (-EOPNOTSUPP) it
+ * falls back to gorgon_wait in SC_WAIT_NS slices while requests run (new
+ * requests then wait at most that long) and poll() on E.efd and the control
+ * socket when idle.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -23,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -45,12 +50,15 @@ static struct {
     long n_inbox;
     bool stop;
     /* engine thread only */
+    int epfd;
     gorgon_client *cli;
+    int evfd; /* cli's gorgon_event_fd, -1 when gorgond has none */
+    atomic_bool legacy_wait;
     sc_req *waiting, **waiting_tail;
     sc_req *active;
     uint64_t next_connect;
     char down_why[256];
-} E = {.mu = PTHREAD_MUTEX_INITIALIZER, .efd = -1};
+} E = {.mu = PTHREAD_MUTEX_INITIALIZER, .efd = -1, .epfd = -1, .evfd = -1};
 
 /* ---- requests ------------------------------------------------------------ */
 
@@ -117,8 +125,11 @@ void sc_engine_cancel(sc_req *r)
 
 const char *sc_engine_wait_kind(void)
 {
-    return "gorgon_wait (spin, then futex on the CQ doorbell) in 200 us slices while streams "
-           "run; poll() on an eventfd and gorgond's socket when idle";
+    if (atomic_load(&E.legacy_wait))
+        return "gorgon_wait in 200 us slices while streams run (this gorgond has no completion "
+               "event fd), poll() on an eventfd and gorgond's socket when idle";
+    return "epoll on libgorgon's completion event fd (gorgon_event_fd/gorgon_event_arm) and the "
+           "request eventfd";
 }
 
 /* ---- engine-thread helpers ------------------------------------------------ */
@@ -177,6 +188,9 @@ static void drop_client(const char *why)
         atomic_fetch_sub(&sc_running, 1);
         sc_req_unref(r);
     }
+    if (E.evfd >= 0)
+        epoll_ctl(E.epfd, EPOLL_CTL_DEL, E.evfd, NULL);
+    E.evfd = -1;
     gorgon_close(E.cli);
     E.cli = NULL;
     E.next_connect = cm_now_ns() + SC_RECONNECT_NS;
@@ -198,6 +212,24 @@ static void try_connect(void)
     }
     CM_LOG_INFO(TAG, "connected to gorgond (%s, session %u)", gorgon_last_socket(),
                 gorgon_session_id(E.cli));
+    rc = gorgon_event_fd(E.cli);
+    if (rc >= 0) {
+        struct epoll_event ev = {.events = EPOLLIN, .data.u32 = 1};
+        if (epoll_ctl(E.epfd, EPOLL_CTL_ADD, rc, &ev) == 0) {
+            E.evfd = rc;
+            atomic_store(&E.legacy_wait, false);
+            return;
+        }
+        rc = -errno;
+    }
+    if (rc == -EPIPE) {
+        drop_client("event fd: gorgond went away");
+        return;
+    }
+    E.evfd = -1;
+    if (!atomic_exchange(&E.legacy_wait, true))
+        CM_LOG_WARN(TAG, "no completion event fd (%s): waiting with gorgon_wait slices",
+                    gorgon_strerror(rc));
 }
 
 /* Fill in what the request needs from the model: max_tokens when the
@@ -416,7 +448,21 @@ static void *engine_main(void *arg)
         int n = handle(cq, gorgon_poll(E.cli, cq, SC_CQ_BATCH), "poll: gorgond went away");
         if (n != 0)
             continue; /* more may be ready, and slots may have freed up */
-        if (gorgon_inflight(E.cli) == 0) {
+        if (E.evfd >= 0) {
+            int armed = gorgon_event_arm(E.cli);
+            if (armed == 1)
+                continue; /* completions arrived meanwhile: reap them */
+            if (armed < 0) {
+                drop_client("arm: gorgond went away");
+                continue;
+            }
+            struct epoll_event ev[2];
+            int k = epoll_wait(E.epfd, ev, 2, -1);
+            for (int i = 0; i < k; i++)
+                if (ev[i].data.u32 == 0)
+                    drain_efd();
+            /* the event fd: the next gorgon_poll reaps (and the next arm empties it) */
+        } else if (gorgon_inflight(E.cli) == 0) {
             struct pollfd pf[2] = {{.fd = E.efd, .events = POLLIN},
                                    {.fd = gorgon_fd(E.cli), .events = POLLRDHUP}};
             if (poll(pf, 2, -1) > 0) {
@@ -445,6 +491,9 @@ static void *engine_main(void *arg)
         fail(r, -ESHUTDOWN, "the sidecar is shutting down");
         sc_req_unref(r);
     }
+    if (E.evfd >= 0)
+        epoll_ctl(E.epfd, EPOLL_CTL_DEL, E.evfd, NULL);
+    E.evfd = -1;
     gorgon_close(E.cli);
     E.cli = NULL;
     return NULL;
@@ -458,10 +507,21 @@ int sc_engine_start(const sc_engine_cfg *cfg)
     E.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (E.efd < 0)
         return -errno;
+    E.epfd = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = 0};
+    if (E.epfd < 0 || epoll_ctl(E.epfd, EPOLL_CTL_ADD, E.efd, &ev) < 0) {
+        int err = -errno;
+        close(E.efd);
+        if (E.epfd >= 0)
+            close(E.epfd);
+        E.efd = E.epfd = -1;
+        return err;
+    }
     int rc = pthread_create(&E.th, NULL, engine_main, NULL);
     if (rc) {
         close(E.efd);
-        E.efd = -1;
+        close(E.epfd);
+        E.efd = E.epfd = -1;
         return -rc;
     }
     E.started = true;
@@ -488,7 +548,8 @@ void sc_engine_stop(void)
         sc_req_unref(r);
     }
     close(E.efd);
-    E.efd = -1;
+    close(E.epfd);
+    E.efd = E.epfd = -1;
     E.started = false;
 }
 
