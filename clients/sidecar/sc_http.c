@@ -123,7 +123,8 @@ static enum MHD_Result reply_error(struct MHD_Connection *conn, conn_ctx *cx, un
 
 typedef struct perr {
     char msg[512];
-    const char *param;
+    const char *param; /* NULL or pbuf */
+    char pbuf[96];
     const char *code;
 } perr;
 
@@ -135,7 +136,11 @@ static int bad(perr *e, const char *param, const char *code, const char *fmt, ..
     va_start(ap, fmt);
     vsnprintf(e->msg, sizeof(e->msg), fmt, ap);
     va_end(ap);
-    e->param = param;
+    e->param = NULL;
+    if (param) {
+        snprintf(e->pbuf, sizeof(e->pbuf), "%s", param);
+        e->param = e->pbuf;
+    }
     e->code = code;
     return -1;
 }
@@ -355,8 +360,7 @@ static int p_penalty(gen *g, const char *name, json_t *v)
 
 static int p_logprobs(gen *g, const char *name, json_t *v)
 {
-    if (json_is_null(v) || json_is_false(v) || (json_is_integer(v) && !g->chat &&
-                                                 json_integer_value(v) == 0 && false))
+    if (json_is_null(v) || json_is_false(v))
         return 0;
     if (!json_is_boolean(v) && !json_is_integer(v))
         return wrong_type(g->e, name, g->chat ? "a boolean" : "an integer", v);
@@ -473,7 +477,7 @@ static const struct param {
 /* The text of a message's content: a string, or an array of text parts. */
 static int message_text(perr *e, size_t i, json_t *c, sc_buf *out)
 {
-    static char pname[64];
+    char pname[64];
     snprintf(pname, sizeof(pname), "messages[%zu].content", i);
     if (json_is_null(c))
         return 0;
@@ -511,7 +515,7 @@ static int build_chat_prompt(gen *g, const sc_model *m)
     }
     for (size_t i = 0; i < n; i++) {
         json_t *o = json_array_get(g->messages, i);
-        static char pname[64];
+        char pname[64];
         snprintf(pname, sizeof(pname), "messages[%zu]", i);
         if (!json_is_object(o)) {
             wrong_type(g->e, pname, "an object", o);
