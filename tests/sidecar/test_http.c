@@ -21,6 +21,17 @@
 static gd_proc gd;
 static sct_sidecar sc;
 
+/* End of a test body: the sidecar must exit 0 on SIGTERM (a crash, a
+ * sanitizer report or a hang shows up here, with its stderr). */
+#define SC_END()                                                                    \
+    do {                                                                            \
+        char err_[8192];                                                            \
+        snprintf(err_, sizeof(err_), "%s", sct_stderr(&sc));                        \
+        int st_ = sct_stop(&sc);                                                    \
+        cr_assert_eq(sct_exit_code(st_), 0, "gorgon-sidecar exited with status %d:\n%s", \
+                     st_, err_);                                                    \
+    } while (0)
+
 static void teardown(void)
 {
     sct_stop(&sc);
@@ -277,6 +288,7 @@ Test(sidecar_http, sse_framing_is_byte_exact, .fini = teardown, .timeout = 60)
     json_decref(first);
     free(r.raw);
     free(want);
+    SC_END();
 }
 
 Test(sidecar_http, prom_checker_refuses_broken_pages)
@@ -353,6 +365,7 @@ Test(sidecar_http, metrics_page_is_valid_and_counts_what_happened, .fini = teard
     cr_assert_eq(sct_metric(m.body, "gorgon_sidecar_requests_total{endpoint=\"/metrics\","
                                     "status=\"200\"}"), 1, "%s", m.body);
     free(m.raw);
+    SC_END();
 }
 
 Test(sidecar_http, health_is_503_while_gorgond_is_down, .fini = teardown, .timeout = 60)
@@ -382,6 +395,7 @@ Test(sidecar_http, health_is_503_while_gorgond_is_down, .fini = teardown, .timeo
     cr_assert_eq(r.status, 200);
     cr_assert_eq(sct_metric(r.body, "gorgon_up"), 0, "%s", r.body);
     free(r.raw);
+    SC_END();
 }
 
 Test(sidecar_http, errors_are_openai_objects_naming_the_parameter, .fini = teardown,
@@ -458,6 +472,7 @@ Test(sidecar_http, errors_are_openai_objects_naming_the_parameter, .fini = teard
     cr_assert_eq(r.status, 400, "%s", r.body);
     cr_assert(strstr(r.body, "\"param\":\"messages\""), "%s", r.body);
     free(r.raw);
+    SC_END();
 }
 
 Test(sidecar_http, api_key_is_required_except_for_health, .fini = teardown, .timeout = 60)
@@ -484,6 +499,7 @@ Test(sidecar_http, api_key_is_required_except_for_health, .fini = teardown, .tim
     r = get("/health");
     cr_assert_eq(r.status, 200, "%s", r.body);
     free(r.raw);
+    SC_END();
 }
 
 Test(sidecar_http, greedy_text_equals_gorgon_generate_and_the_golden, .fini = teardown,
@@ -529,6 +545,7 @@ Test(sidecar_http, greedy_text_equals_gorgon_generate_and_the_golden, .fini = te
     free(r.raw);
     free(ids);
     free(want);
+    SC_END();
 }
 
 Test(sidecar_http, tokenize_and_detokenize_match_libgorgon, .fini = teardown, .timeout = 60)
@@ -552,6 +569,7 @@ Test(sidecar_http, tokenize_and_detokenize_match_libgorgon, .fini = teardown, .t
     free(r.raw);
     char body[1024];
     snprintf(body, sizeof(body), "{\"tokens\":%s}", ids);
+    free(ids);
     r = post("/detokenize", body);
     cr_assert_eq(r.status, 200, "%s", r.body);
     j = body_json(&r);
@@ -606,6 +624,7 @@ static void wait_metric(const char *series, double want)
             return;
         cr_assert_lt(gd_now_ms() - t0, 20000, "%s stays %g, want %g", series, v, want);
     }
+    SC_END();
 }
 
 Test(sidecar_http, gorgond_at_capacity_is_429_and_a_full_queue_503, .fini = teardown,
@@ -654,6 +673,7 @@ Test(sidecar_http, gorgond_at_capacity_is_429_and_a_full_queue_503, .fini = tear
     waitpid(b, NULL, 0);
     wait_metric("gorgon_sidecar_requests_running", 0);
     wait_metric("gorgon_sidecar_requests_cancelled_total", 2);
+    SC_END();
 }
 
 Test(sidecar_http, serves_on_a_unix_socket, .fini = teardown, .timeout = 60)
@@ -669,6 +689,6 @@ Test(sidecar_http, serves_on_a_unix_socket, .fini = teardown, .timeout = 60)
     r = post("/v1/completions", "{\"prompt\":\"Once upon a time\",\"max_tokens\":3}");
     cr_assert_eq(r.status, 200, "%s", r.body);
     free(r.raw);
-    cr_assert_eq(sct_exit_code(sct_stop(&sc)), 0, "gorgon-sidecar did not exit 0 on SIGTERM");
+    SC_END();
     cr_assert_neq(access(path, F_OK), 0, "the socket file is left behind");
 }

@@ -22,6 +22,17 @@
 
 static gd_proc gd;
 static sct_sidecar sc;
+
+/* End of a test body: the sidecar must exit 0 on SIGTERM (a crash, a
+ * sanitizer report or a hang shows up here, with its stderr). */
+#define SC_END()                                                                    \
+    do {                                                                            \
+        char err_[8192];                                                            \
+        snprintf(err_, sizeof(err_), "%s", sct_stderr(&sc));                        \
+        int st_ = sct_stop(&sc);                                                    \
+        cr_assert_eq(sct_exit_code(st_), 0, "gorgon-sidecar exited with status %d:\n%s", \
+                     st_, err_);                                                    \
+    } while (0)
 static char dir[PATH_MAX];
 
 static void teardown(void)
@@ -156,6 +167,7 @@ Test(sidecar_openai, completions_equal_gorgon_generate_streaming_and_not, .fini 
     json_decref(a);
     json_decref(b);
     free(want);
+    SC_END();
 }
 
 Test(sidecar_openai, chat_streaming_and_not_give_the_same_text, .fini = teardown, .timeout = 120)
@@ -177,6 +189,7 @@ Test(sidecar_openai, chat_streaming_and_not_give_the_same_text, .fini = teardown
     cr_assert_gt(usage_of(a, "prompt_tokens"), 5);
     json_decref(a);
     json_decref(b);
+    SC_END();
 }
 
 Test(sidecar_openai, a_stop_string_ends_the_text_before_it, .fini = teardown, .timeout = 120)
@@ -193,6 +206,7 @@ Test(sidecar_openai, a_stop_string_ends_the_text_before_it, .fini = teardown, .t
     cr_assert_lt(usage_of(a, "completion_tokens"), 32);
     json_decref(a);
     free(full);
+    SC_END();
 }
 
 Test(sidecar_openai, n_above_one_is_a_400_naming_n, .fini = teardown, .timeout = 120)
@@ -205,6 +219,7 @@ Test(sidecar_openai, n_above_one_is_a_400_naming_n, .fini = teardown, .timeout =
     cr_assert_str_eq(str(a, "type"), "invalid_request_error");
     cr_assert(strstr(str(a, "message"), "n must be 1"), "%s", str(a, "message"));
     json_decref(a);
+    SC_END();
 }
 
 Test(sidecar_openai, models_lists_the_served_model_with_its_context, .fini = teardown,
@@ -221,6 +236,7 @@ Test(sidecar_openai, models_lists_the_served_model_with_its_context, .fini = tea
     cr_assert_eq(json_integer_value(json_object_get(m, "context_length")), mi.n_ctx);
     gorgon_close(cli);
     json_decref(a);
+    SC_END();
 }
 
 Test(sidecar_openai, an_abort_mid_stream_cancels_the_request_in_gorgond, .fini = teardown,
@@ -258,4 +274,5 @@ Test(sidecar_openai, an_abort_mid_stream_cancels_the_request_in_gorgond, .fini =
     }
     free(page);
     json_decref(a);
+    SC_END();
 }
