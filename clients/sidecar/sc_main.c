@@ -171,6 +171,15 @@ int main(int argc, char **argv)
         return 2;
     }
 
+    struct sockaddr_storage ss = {0};
+    sc_http_cfg hc = {.listen_fd = -1, .threads = (unsigned)threads, .api_key = api_key,
+                      .max_body = (size_t)max_body, .max_queue = max_queue};
+    if (!unix_path) {
+        if (resolve(listen_spec, &ss, &hc.port) < 0)
+            return 2;
+        hc.addr = (struct sockaddr *)&ss;
+    }
+
     /* Signals are taken by sigwait below; every thread inherits the mask. */
     sigset_t set;
     sigemptyset(&set);
@@ -193,21 +202,12 @@ int main(int argc, char **argv)
         fprintf(stderr, "gorgon-sidecar: cannot start the engine thread: %s\n", strerror(-rc));
         return 1;
     }
-    struct sockaddr_storage ss;
-    sc_http_cfg hc = {.listen_fd = -1, .threads = (unsigned)threads, .api_key = api_key,
-                      .max_body = (size_t)max_body, .max_queue = max_queue};
     if (unix_path) {
         hc.listen_fd = unix_listen(unix_path);
         if (hc.listen_fd < 0) {
             sc_engine_stop();
             return 1;
         }
-    } else {
-        if (resolve(listen_spec, &ss, &hc.port) < 0) {
-            sc_engine_stop();
-            return 2;
-        }
-        hc.addr = (struct sockaddr *)&ss;
     }
     struct MHD_Daemon *d = sc_http_start(&hc, why, sizeof(why));
     if (!d) {
