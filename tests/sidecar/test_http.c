@@ -20,6 +20,7 @@
 
 static gd_proc gd;
 static sct_sidecar sc;
+static char tmpl_model[160]; /* a GGUF written by a test, removed by teardown */
 
 /* End of a test body: the sidecar must exit 0 on SIGTERM (a crash, a
  * sanitizer report or a hang shows up here, with its stderr). */
@@ -36,6 +37,8 @@ static void teardown(void)
 {
     sct_stop(&sc);
     gd_stop(&gd);
+    if (tmpl_model[0])
+        unlink(tmpl_model);
 }
 
 static void start_gd(const char *a, const char *b, const char *c, const char *d)
@@ -691,4 +694,112 @@ Test(sidecar_http, serves_on_a_unix_socket, .fini = teardown, .timeout = 60)
     free(r.raw);
     SC_END();
     cr_assert_neq(access(path, F_OK), 0, "the socket file is left behind");
+}
+
+/* A model whose GGUF carries `tmpl` as tokenizer.chat_template (random
+ * weights from gorgon-mkmodel, stories260K's tokenizer), under gorgond. */
+static void start_with_template(const char *tmpl)
+{
+    char path[160];
+    char *model = tmpl_model;
+    snprintf(path, sizeof(path), "/tmp/gorgon-sidecar-tmpl-%d.jinja", (int)getpid());
+    snprintf(model, sizeof(tmpl_model), "/tmp/gorgon-sidecar-tmpl-%d.gguf", (int)getpid());
+    FILE *f = fopen(path, "w");
+    cr_assert_not_null(f);
+    fputs(tmpl, f);
+    fclose(f);
+    const char *argv[] = {sct_bin("gorgon-mkmodel"), "--out", model, "--preset", "tiny",
+                          "--vocab-from", tu_model_path("stories260K/stories260K.gguf"),
+                          "--chat-template", path, NULL};
+    char *err;
+    int st = sct_run(argv, NULL, NULL, &err);
+    unlink(path);
+    cr_assert_eq(sct_exit_code(st), 0, "gorgon-mkmodel: %s", err);
+    free(err);
+    int rc = gd_start(&gd, "--model", model, NULL);
+    cr_assert_eq(rc, 0, "gorgond did not start: %s", strerror(-rc));
+}
+
+/* The prompt gorgond received for a chat request has as many tokens as
+ * `want` (the rendering expected from the template, its BOS text dropped)
+ * with BOS: the sidecar rendered exactly that. */
+static void expect_rendered(const char *messages, const char *want)
+{
+    json_t *w = json_string(want);
+    char *ws = dump(w);
+    json_decref(w);
+    char body[2048];
+    snprintf(body, sizeof(body), "{\"content\":%s,\"add_special\":true}", ws);
+    free(ws);
+    resp r = post("/tokenize", body);
+    cr_assert_eq(r.status, 200, "%s", r.body);
+    json_t *j = body_json(&r);
+    size_t n_want = json_array_size(json_object_get(j, "tokens"));
+    json_decref(j);
+    free(r.raw);
+    snprintf(body, sizeof(body), "{\"messages\":%s,\"max_tokens\":1}", messages);
+    r = post("/v1/chat/completions", body);
+    cr_assert_eq(r.status, 200, "%s", r.body);
+    j = body_json(&r);
+    json_int_t got = json_integer_value(json_object_get(json_object_get(j, "usage"),
+                                                        "prompt_tokens"));
+    cr_assert_eq(got, (json_int_t)n_want, "gorgond got %lld prompt tokens; [%s] has %zu",
+                 (long long)got, want, n_want);
+    json_decref(j);
+    free(r.raw);
+}
+
+Test(sidecar_http, chat_templates_from_the_gguf_are_announced_and_rendered, .fini = teardown,
+     .timeout = 60)
+{
+    start_with_template("{% set loop_messages = messages %}{% for message in loop_messages %}"
+                        "{% set content = '<|start_header_id|>' + message['role'] + "
+                        "'<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}"
+                        "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+                        "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+                        "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}");
+    start_sidecar(NULL, NULL, NULL, NULL);
+    cr_assert(strstr(sct_stderr(&sc), "chat template Llama 3"), "%s", sct_stderr(&sc));
+    expect_rendered("[{\"role\":\"system\",\"content\":\" Be kind. \"},"
+                    "{\"role\":\"user\",\"content\":\"Hello\"}]",
+                    "<|start_header_id|>system<|end_header_id|>\n\nBe kind.<|eot_id|>"
+                    "<|start_header_id|>user<|end_header_id|>\n\nHello<|eot_id|>"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\n");
+    SC_END();
+    gd_stop(&gd);
+
+    start_with_template("{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' + role + "
+                        "'\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}");
+    start_sidecar(NULL, NULL, NULL, NULL);
+    cr_assert(strstr(sct_stderr(&sc), "chat template Gemma"), "%s", sct_stderr(&sc));
+    expect_rendered("[{\"role\":\"user\",\"content\":\"Hi\"},{\"role\":\"assistant\","
+                    "\"content\":\"Yes\"},{\"role\":\"user\",\"content\":\"Go\"}]",
+                    "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nYes<end_of_turn>\n"
+                    "<start_of_turn>user\nGo<end_of_turn>\n<start_of_turn>model\n");
+    expect_error("/v1/chat/completions",
+                 "{\"messages\":[{\"role\":\"system\",\"content\":\"x\"},"
+                 "{\"role\":\"user\",\"content\":\"Hi\"}]}", 400, "messages");
+    SC_END();
+    gd_stop(&gd);
+
+    start_with_template("{{ messages | tojson }}");
+    start_sidecar(NULL, NULL, NULL, NULL);
+    cr_assert(strstr(sct_stderr(&sc), "not recognised") &&
+              strstr(sct_stderr(&sc), "ChatML fallback"), "%s", sct_stderr(&sc));
+    expect_rendered("[{\"role\":\"user\",\"content\":\"Hi\"}]",
+                    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+    SC_END();
+}
+
+Test(sidecar_http, a_model_without_template_is_announced_with_the_plain_fallback,
+     .fini = teardown, .timeout = 60)
+{
+    start_gd(NULL, NULL, NULL, NULL);
+    start_sidecar(NULL, NULL, NULL, NULL);
+    cr_assert(strstr(sct_stderr(&sc), "has no chat template") &&
+              strstr(sct_stderr(&sc), "plain fallback"), "%s", sct_stderr(&sc));
+    expect_rendered("[{\"role\":\"system\",\"content\":\"Be kind.\"},"
+                    "{\"role\":\"user\",\"content\":\"Hello\"}]",
+                    "system: Be kind.\nuser: Hello\nassistant:");
+    SC_END();
 }
