@@ -803,3 +803,72 @@ Test(sidecar_http, a_model_without_template_is_announced_with_the_plain_fallback
                     "system: Be kind.\nuser: Hello\nassistant:");
     SC_END();
 }
+
+/* Streams of concatenated SSE text: what `curl -sN` printed, decoded. */
+static char *sse_text(const char *body)
+{
+    static char buf[1 << 16];
+    char *copy = strdup(body);
+    char *ev[512];
+    int n = sse_events(copy, ev, 512);
+    size_t len = 0;
+    for (int i = 0; i < n; i++) {
+        json_t *j = json_loads(ev[i], 0, NULL);
+        json_t *t = json_object_get(json_array_get(json_object_get(j, "choices"), 0), "text");
+        if (json_is_string(t) && len + json_string_length(t) < sizeof(buf)) {
+            memcpy(buf + len, json_string_value(t), json_string_length(t));
+            len += json_string_length(t);
+        }
+        json_decref(j);
+    }
+    buf[len] = '\0';
+    free(copy);
+    return strdup(buf);
+}
+
+Test(sidecar_http, concurrent_streams_each_get_their_own_text, .fini = teardown, .timeout = 90)
+{
+    start_gd(NULL, NULL, NULL, NULL);
+    start_sidecar(NULL, NULL, NULL, NULL);
+    static const char *prompts[] = {"Lily and Tom", "Once upon a time", "The cat", "A big dog"};
+    enum { N = 4 };
+    char *want[N];
+    for (int i = 0; i < N; i++)
+        want[i] = sct_gorgon_generate(gd.sock, prompts[i], 48);
+    char out[N][64];
+    pid_t pid[N];
+    for (int i = 0; i < N; i++) {
+        snprintf(out[i], sizeof(out[i]), "/tmp/gorgon-sidecar-conc-%d-%d", (int)getpid(), i);
+        char body[256];
+        snprintf(body, sizeof(body), "{\"prompt\":\"%s\",\"max_tokens\":48,\"temperature\":0,"
+                 "\"stream\":true}", prompts[i]);
+        char url[256];
+        snprintf(url, sizeof(url), "%s/v1/completions", sc.url);
+        pid[i] = fork();
+        cr_assert_geq(pid[i], 0);
+        if (pid[i] == 0) {
+            execlp("curl", "curl", "-sSN", "--max-time", "60", "-o", out[i], url, "-d", body,
+                   (char *)NULL);
+            _exit(127);
+        }
+    }
+    for (int i = 0; i < N; i++) {
+        int st;
+        cr_assert_eq(waitpid(pid[i], &st, 0), pid[i]);
+        cr_assert_eq(sct_exit_code(st), 0, "curl %d: status %d", i, st);
+    }
+    for (int i = 0; i < N; i++) {
+        FILE *f = fopen(out[i], "rb");
+        cr_assert_not_null(f);
+        static char body[1 << 16];
+        size_t n = fread(body, 1, sizeof(body) - 1, f);
+        body[n] = '\0';
+        fclose(f);
+        unlink(out[i]);
+        char *got = sse_text(body);
+        cr_assert_str_eq(got, want[i], "stream %d (%s)", i, prompts[i]);
+        free(got);
+        free(want[i]);
+    }
+    SC_END();
+}
