@@ -207,6 +207,7 @@ static void free_entry(struct ap_server *srv, ap_session *s)
     if (s->evt_fd >= 0)
         close(s->evt_fd);
     s->evt_fd = -1;
+    ap_stage_drop(s, UINT32_MAX);
     free(s->slot_busy_until);
     free(s->slot_used);
     free(s->slot_gen);
@@ -467,6 +468,28 @@ static int op_cancel(struct ap_server *srv, ap_session *s, const struct ipc_sqe 
     return 1;
 }
 
+void ap_stage_drop(ap_session *s, uint32_t slot)
+{
+    if (!s->stage)
+        return;
+    uint32_t n = s->stage_n;
+    for (uint32_t i = slot == UINT32_MAX ? 0 : slot; i < n && (slot == UINT32_MAX || i == slot);
+         i++) {
+        s->staged -= s->stage_len[i];
+        free(s->stage[i]);
+        s->stage[i] = NULL;
+        s->stage_len[i] = 0;
+    }
+    if (slot == UINT32_MAX) {
+        free(s->stage);
+        free(s->stage_len);
+        s->stage = NULL;
+        s->stage_len = NULL;
+        s->stage_n = 0;
+        s->staged = 0;
+    }
+}
+
 /* The client's event-loop fd (gorgon_event_fd): a pipe, not an eventfd.
  * An eventfd is one open file shared by both processes, so the client could
  * clear its O_NONBLOCK (F_SETFL) and fill the counter, and gorgond's write
@@ -515,6 +538,7 @@ static const struct {
     [IPC_OP_TOKENIZE] = {ap_gen_tokenize, true},
     [IPC_OP_DETOKENIZE] = {ap_gen_detokenize, true},
     [IPC_OP_EVENT_FD] = {op_event_fd, false},
+    [IPC_OP_PROMPT_PART] = {ap_gen_prompt_part, true},
 };
 
 /* The client's CQ head, re-read from shared memory only when a slot looks

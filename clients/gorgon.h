@@ -87,7 +87,10 @@ typedef struct gorgon_client gorgon_client;
 typedef struct gorgon_opts {
     const char *socket_path; /* NULL: $GORGON_SOCKET, else /run/gorgon/gorgon.sock */
     uint32_t flags;          /* GORGON_* */
-    int64_t spin_ns;         /* gorgon_wait spin phase before sleeping; 0: default (50 us) */
+    int64_t spin_ns;         /* gorgon_wait spin phase before sleeping; 0: default, 50 us
+                              * but only while this process's spinning threads,
+                              * gorgond and a worker thread each have a CPU of their
+                              * own (affinity and cgroup quota counted); else none */
 } gorgon_opts;
 
 /* Connect and map the session region. opts may be NULL. Errors:
@@ -327,10 +330,13 @@ typedef struct gorgon_gen_chunk {
  * gorgon_cancel; a handle kept after its request ended is refused, never
  * taken for a newer request on the same slot. Completions reaped with
  * gorgon_poll carry the slot, not the handle: match them by user_data. 0, -EINVAL (bad params: gorgon_last_error names the
- * field, with the same message gorgond would give), -EMSGSIZE (prompt larger
- * than the slot input), -EAGAIN (no free slot or SQ full), -EPIPE. Errors
- * that need the model (top_k beyond the vocabulary, prompt + max_tokens over
- * the context) come back from gorgond as the request's final chunk. */
+ * field, with the same message gorgond would give), -EMSGSIZE (a prompt
+ * longer than the model's context could ever hold), -EAGAIN (no free slot or
+ * SQ full), -ETIMEDOUT, -EPIPE. A prompt larger than a slot's input is sent
+ * ahead in slot-sized pieces (one round trip each) before the request; any
+ * prompt that fits the context is accepted. Errors that need the model (top_k
+ * beyond the vocabulary, prompt + max_tokens over the context) come back from
+ * gorgond as the request's final chunk. */
 int gorgon_generate_submit(gorgon_client *cli, const gorgon_gen_params *p, uint64_t user_data,
                            uint32_t *req);
 /* Next piece of req's stream, waiting up to timeout_ns (< 0: forever):

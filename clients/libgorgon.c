@@ -58,6 +58,7 @@ struct gorgon_client {
     bool evt_armed;  /* gorgon_event_arm left NEED_WAKEUP set on the CQ */
     uint32_t flags;
     int64_t spin_ns;
+    bool spin_auto; /* default spin: only while there are CPUs to spare */
     uint32_t n_slots;
     size_t in_cap, out_cap;
     uint32_t inflight;
@@ -143,8 +144,11 @@ static int connect_impl(gorgon_client **out, const gorgon_opts *opts)
     cli->reg.fd = -1;
     cli->flags = opts ? opts->flags : 0;
     cli->spin_ns = opts && opts->spin_ns > 0 ? opts->spin_ns : GORGON_DEFAULT_SPIN_NS;
-    if (cli->flags & GORGON_NO_SPIN)
+    cli->spin_auto = !(opts && opts->spin_ns > 0);
+    if (cli->flags & GORGON_NO_SPIN) {
         cli->spin_ns = 0;
+        cli->spin_auto = false;
+    }
 
     int rc = ipc_ctl_connect(path);
     if (rc < 0)
@@ -902,6 +906,46 @@ static int fail(gorgon_client *cli, int rc, const char *fmt, ...)
     return rc;
 }
 
+/* Send the first len bytes of a long prompt to gorgond in slot-sized
+ * IPC_OP_PROMPT_PART pieces on `slot` (ours, SLOT_USER), each waited for
+ * (the next piece reuses the slot's input). 0, or -errno with
+ * gorgon_last_error set; the slot is given back on failure. */
+static int stage_prompt(gorgon_client *cli, uint32_t slot, const uint8_t *src, size_t len)
+{
+    uint8_t *in = ipc_region_slot_in(&cli->reg, slot);
+    for (size_t off = 0; off < len;) {
+        size_t k = len - off < cli->in_cap ? len - off : cli->in_cap;
+        memcpy(in, src + off, k);
+        struct ipc_sqe sqe = {.opcode = IPC_OP_PROMPT_PART, .slot = slot, .in_len = (uint32_t)k,
+                              .arg = {off}};
+        int rc = push_one(cli, &sqe);
+        if (rc < 0) {
+            slot_put(cli, slot);
+            return fail(cli, rc, "prompt: %s", gorgon_strerror(rc));
+        }
+        struct ipc_cqe c;
+        rc = take_for_slot(cli, slot, IPC_OP_PROMPT_PART, cm_now_ns() + GORGON_MODEL_RT_NS, &c);
+        if (rc <= 0) {
+            /* Its completion may still come: then the slot is released. */
+            cli->slot_state[slot] = SLOT_AUTO;
+            return fail(cli, rc ? rc : -ETIMEDOUT, "prompt: gorgond did not take a piece");
+        }
+        if (cli->inflight)
+            cli->inflight--;
+        if (c.result < 0) {
+            size_t n = c.out_len < sizeof(cli->last_error) ? c.out_len : sizeof(cli->last_error) - 1;
+            if (c.out_off + (uint64_t)n > cli->out_cap)
+                n = 0;
+            memcpy(cli->last_error, ipc_region_slot_out(&cli->reg, slot) + c.out_off, n);
+            cli->last_error[n] = '\0';
+            slot_put(cli, slot);
+            return c.result;
+        }
+        off += k;
+    }
+    return 0;
+}
+
 static int generate_submit_impl(gorgon_client *cli, const gorgon_gen_params *p,
                                 uint64_t user_data, uint32_t *req)
 {
@@ -963,19 +1007,34 @@ static int generate_submit_impl(gorgon_client *cli, const gorgon_gen_params *p,
     int rc = ipc_gen_params_check(&gp, cli->last_error, sizeof(cli->last_error));
     if (rc < 0)
         return rc;
-    size_t total = sizeof(struct ipc_gen_params) + plen + slen;
-    if (total > cli->in_cap || plen > UINT32_MAX)
-        return fail(cli, -EMSGSIZE, "prompt: %zu bytes, a slot holds %zu", plen,
-                    cli->in_cap - sizeof(gp) - slen);
+    if (sizeof(gp) + slen > cli->in_cap)
+        return fail(cli, -EMSGSIZE, "stop strings: %zu bytes, more than a slot's input (%zu) "
+                    "holds with the parameters", slen, cli->in_cap);
+    if (plen > UINT32_MAX)
+        return fail(cli, -EMSGSIZE, "prompt: %zu bytes is too long", plen);
+    /* What does not fit the slot with the parameters goes ahead in
+     * IPC_OP_PROMPT_PART pieces (gorgond refuses more than the model's
+     * context can hold); the GENERATE carries the rest. */
+    size_t inline_cap = cli->in_cap - sizeof(gp) - slen;
+    size_t head = plen > inline_cap ? plen - inline_cap : 0;
+    const uint8_t *src = ids ? (const uint8_t *)p->prompt_ids : (const uint8_t *)p->prompt;
+    gp.prompt_len = (uint32_t)(plen - head);
+    gp.stop_off = (uint32_t)(sizeof(gp) + plen - head);
+    if (head)
+        gp.flags |= IPC_GEN_F_STAGED;
+    size_t total = sizeof(gp) + (plen - head) + slen;
     settle(cli);
     if (!cli->n_free)
         return fail(cli, -EAGAIN, "every slot is busy (%u in flight)", cli->inflight);
-    uint32_t slot = cli->free_slots[cli->n_free - 1];
+    uint32_t slot = cli->free_slots[--cli->n_free];
+    cli->slot_state[slot] = SLOT_USER;
+    if (head && (rc = stage_prompt(cli, slot, src, head)) < 0)
+        return rc;
     uint8_t *in = ipc_region_slot_in(&cli->reg, slot);
     memcpy(in, &gp, sizeof(gp));
-    if (plen)
-        memcpy(in + sizeof(gp), ids ? (const void *)p->prompt_ids : (const void *)p->prompt, plen);
-    uint8_t *sp = in + sizeof(gp) + plen;
+    if (plen - head)
+        memcpy(in + sizeof(gp), src + head, plen - head);
+    uint8_t *sp = in + sizeof(gp) + (plen - head);
     for (int i = 0; i < p->n_stop; i++) {
         size_t l = strlen(p->stop[i]) + 1;
         memcpy(sp, p->stop[i], l);
@@ -986,8 +1045,10 @@ static int generate_submit_impl(gorgon_client *cli, const gorgon_gen_params *p,
                           memory_order_relaxed);
     struct ipc_sqe sqe = {.opcode = IPC_OP_GENERATE, .slot = slot, .user_data = user_data,
                           .in_len = (uint32_t)total};
-    CM_TRY(push_one(cli, &sqe));
-    cli->n_free--;
+    if ((rc = push_one(cli, &sqe)) < 0) {
+        slot_put(cli, slot); /* gorgond drops what was staged at the slot's next use */
+        return rc;
+    }
     cli->slot_state[slot] = SLOT_GEN;
     cli->gen_flags[slot] = p->flags;
     cli->gen_seed[slot] = seed;
@@ -1035,12 +1096,11 @@ void gorgon_generate_chunk_of(gorgon_client *cli, const gorgon_completion *c,
     }
 }
 
-/* Wait until the CQ has entries: 1, 0 at the deadline, -EPIPE. */
-static int wait_ring(gorgon_client *cli, uint64_t deadline)
+/* Spin until the CQ has entries, up to spin_end: 1, 0 at the deadline,
+ * -EPIPE, or 2 when the spin ended without entries. */
+static int spin_ring(gorgon_client *cli, uint64_t spin_end, uint64_t deadline)
 {
-    uint64_t start = cm_now_ns();
-    uint64_t spin_end = (cli->flags & GORGON_BUSY_POLL) ? deadline : start + (uint64_t)cli->spin_ns;
-    uint64_t next_check = start + GORGON_HUP_CHECK_NS;
+    uint64_t next_check = cm_now_ns() + GORGON_HUP_CHECK_NS;
     for (unsigned i = 1;; i++) {
         if (!ipc_ring_empty(&cli->cq))
             return 1;
@@ -1049,7 +1109,7 @@ static int wait_ring(gorgon_client *cli, uint64_t deadline)
             if (now >= deadline)
                 return 0;
             if (now >= spin_end)
-                break;
+                return 2;
             if (now >= next_check) {
                 if (peer_gone(cli))
                     return -EPIPE;
@@ -1058,6 +1118,30 @@ static int wait_ring(gorgon_client *cli, uint64_t deadline)
         }
         cpu_relax();
     }
+}
+
+/* Wait until the CQ has entries: 1, 0 at the deadline, -EPIPE. */
+static int wait_ring(gorgon_client *cli, uint64_t deadline)
+{
+    uint64_t start = cm_now_ns();
+    int rc;
+    if (cli->flags & GORGON_BUSY_POLL) {
+        rc = spin_ring(cli, deadline, deadline);
+    } else if (!cli->spin_auto) {
+        rc = spin_ring(cli, start + (uint64_t)cli->spin_ns, deadline);
+    } else if (cm_spinners_add(1) + 2 <= cm_cpus_usable()) {
+        /* The default spin is a loan: taken only while this thread (and the
+         * other spinning threads of this process), gorgond's loop and one
+         * worker thread can each have a CPU; otherwise spinning would take
+         * the CPU that the answer needs, and we sleep at once. */
+        rc = spin_ring(cli, start + (uint64_t)cli->spin_ns, deadline);
+        cm_spinners_add(-1);
+    } else {
+        cm_spinners_add(-1);
+        rc = 2;
+    }
+    if (rc != 2)
+        return rc;
     for (;;) {
         uint32_t val;
         if (ipc_doorbell_prepare(&cli->cq, &val) != 0)
@@ -1069,8 +1153,8 @@ static int wait_ring(gorgon_client *cli, uint64_t deadline)
         }
         uint64_t slice = deadline - now < GORGON_HUP_CHECK_NS ? deadline - now : GORGON_HUP_CHECK_NS;
         /* With an event fd gorgond writes that instead of waking the futex. */
-        int rc = cli->evt_fd >= 0 ? ipc_wake_fd_wait(cli->evt_fd, (int64_t)slice)
-                                  : ipc_futex_wait(&cli->cq.sh->doorbell, val, (int64_t)slice);
+        rc = cli->evt_fd >= 0 ? ipc_wake_fd_wait(cli->evt_fd, (int64_t)slice)
+                             : ipc_futex_wait(&cli->cq.sh->doorbell, val, (int64_t)slice);
         ipc_doorbell_finish(&cli->cq);
         if (!ipc_ring_empty(&cli->cq))
             return 1;

@@ -88,6 +88,13 @@ enum ipc_op {
                             * from then on wakes the CQ's consumer by writing
                             * the pipe (IPC_RING_WAKE_EVENTFD); result 0, or
                             * -EALREADY (the session has one: no message) */
+    IPC_OP_PROMPT_PART = 9, /* a piece of a prompt too large for one slot input:
+                             * the input bytes are appended to what the slot has
+                             * staged; arg[0] = the offset they go at (must equal
+                             * the bytes staged so far: 0 starts over). A
+                             * GENERATE with IPC_GEN_F_STAGED on that slot takes
+                             * the staged bytes as the start of its prompt.
+                             * result: bytes staged now */
     IPC_OP__COUNT,
 };
 
@@ -170,7 +177,10 @@ _Static_assert(sizeof(struct ipc_slot_hdr) == IPC_CACHELINE, "slot header");
 #define IPC_GEN_F_PROMPT_IDS 1u /* prompt is int32 token ids (BOS included by the caller) */
 #define IPC_GEN_F_OUT_IDS 2u    /* stream token ids instead of text */
 #define IPC_GEN_F_NO_MEDUSA 4u  /* decode plainly even when Medusa heads are loaded */
-#define IPC_GEN_F__ALL (IPC_GEN_F_PROMPT_IDS | IPC_GEN_F_OUT_IDS | IPC_GEN_F_NO_MEDUSA)
+#define IPC_GEN_F_STAGED 8u     /* the prompt starts with the slot's IPC_OP_PROMPT_PART
+                                 * bytes; prompt_off/prompt_len hold the rest */
+#define IPC_GEN_F__ALL \
+    (IPC_GEN_F_PROMPT_IDS | IPC_GEN_F_OUT_IDS | IPC_GEN_F_NO_MEDUSA | IPC_GEN_F_STAGED)
 #define IPC_GEN_FINISH_MASK 0xffu /* arg[0] of the final completion */
 #define IPC_GEN_MAX_STOP 8       /* stop strings */
 #define IPC_GEN_MAX_STOP_LEN 63  /* bytes of one, without its NUL */

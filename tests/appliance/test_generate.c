@@ -278,6 +278,64 @@ Test(appliance_generate, bad_params_fail_only_that_request, .fini = teardown, .t
     GD_END(&gd);
 }
 
+/* A prompt larger than a slot's input goes ahead in pieces: with 256-byte
+ * slots, an 860-byte prompt (and its token-id form) must give what
+ * the same prompt gives inline through 16 KiB slots; a prompt no context
+ * could hold is refused with a message, and the connection goes on. */
+Test(appliance_generate, prompts_larger_than_a_slot_are_accepted, .fini = teardown, .timeout = 90)
+{
+    char prompt[1024] = "";
+    for (int i = 0; i < 20; i++)
+        strcat(prompt, "Once upon a time, there was a little girl. ");
+    cr_assert_eq(strlen(prompt), 860);
+    gorgon_gen_params p = {.prompt = prompt, .max_tokens = 24};
+
+    START_WITH_MODEL(NULL);
+    gorgon_client *cli = gd_connect(&gd, 0);
+    gen_out inline_o;
+    run_one(cli, &p, &inline_o);
+    cr_assert_eq(inline_o.rc, 0, "%s", inline_o.msg);
+    int32_t ids[1024];
+    int n_ids = gorgon_tokenize(cli, prompt, strlen(prompt), GORGON_TOK_ADD_BOS, ids, 1024);
+    cr_assert_gt(n_ids, 64, "tokenize: %d", n_ids);
+    gorgon_close(cli);
+    GD_END(&gd);
+
+    START_WITH_MODEL("--slot-in-bytes", "256", NULL);
+    cli = gd_connect(&gd, 0);
+    gen_out staged;
+    run_one(cli, &p, &staged);
+    cr_assert_eq(staged.rc, 0, "%s", staged.msg);
+    cr_assert_eq(staged.last.usage.prompt_tokens, inline_o.last.usage.prompt_tokens);
+    cr_assert_eq(staged.len, inline_o.len);
+    cr_assert_eq(memcmp(staged.text, inline_o.text, staged.len), 0,
+                 "staged prompt gave other text:\n%.*s\ninline:\n%.*s", (int)staged.len,
+                 staged.text, (int)inline_o.len, inline_o.text);
+    gorgon_gen_params pi = {.prompt_ids = ids, .n_ids = (size_t)n_ids, .max_tokens = 24,
+                            .flags = GORGON_GEN_PROMPT_IDS};
+    cr_assert_gt(pi.n_ids * sizeof(int32_t), 256);
+    gen_out by_ids;
+    run_one(cli, &pi, &by_ids);
+    cr_assert_eq(by_ids.rc, 0, "%s", by_ids.msg);
+    cr_assert_eq(by_ids.len, inline_o.len);
+    cr_assert_eq(memcmp(by_ids.text, inline_o.text, by_ids.len), 0);
+
+    /* 70 KB: more than the 2048-token context can hold however it tokenizes. */
+    static char huge[70000];
+    memset(huge, 'a', sizeof(huge) - 1);
+    gorgon_gen_params ph = {.prompt = huge, .max_tokens = 4};
+    uint32_t req;
+    int rc = gorgon_generate_submit(cli, &ph, 1, &req);
+    cr_assert_eq(rc, -EMSGSIZE, "70 KB prompt: %d", rc);
+    cr_assert(strstr(gorgon_last_error(cli), "context"), "%s", gorgon_last_error(cli));
+    gen_out after;
+    run_one(cli, &p, &after);
+    cr_assert_eq(after.rc, 0, "the connection goes on: %s", after.msg);
+    cr_assert_eq(after.len, inline_o.len);
+    gorgon_close(cli);
+    GD_END(&gd);
+}
+
 /* A handle kept after its request ended names nothing, even when the slot
  * runs a newer request: cancelling it must not touch that one. */
 Test(appliance_generate, stale_handles_are_refused, .fini = teardown, .timeout = 60)
@@ -631,7 +689,8 @@ Test(appliance_generate, small_output_ring_wraps_and_waits_for_reader, .fini = t
      * wait for us: it writes text up to the last byte of room, and the
      * region starts zeroed (generated text has no NUL byte). */
     size_t cap = 0;
-    const volatile uint8_t *ring = gorgon_slot_output(cli, req, &cap);
+    /* A fresh client's first request runs on slot 0 (handles are opaque). */
+    const volatile uint8_t *ring = gorgon_slot_output(cli, 0, &cap);
     cr_assert_eq(cap, 192);
     size_t filled = 0;
     AT_WAIT_UNTIL((filled = ring_bytes_written(ring, cap)) == cap, AT_WAIT_MS,
