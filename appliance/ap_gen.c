@@ -122,7 +122,7 @@ struct ap_gen_state {
     char killed_why[160]; /* set when gorgond itself killed the worker */
     /* counters */
     uint64_t queued, running, kv_used, kv_total, batch_max, tokens_total, requests_total,
-        failed_total, restarts, watchdog_kills, med_steps, med_acc, med_limit;
+        failed_total, cancelled_total, restarts, watchdog_kills, med_steps, med_acc, med_limit;
     uint64_t rate_t0, rate_tok0, rate_milli;
     bool rate_full;
 };
@@ -431,6 +431,8 @@ static void finalize(struct ap_gen_state *G, uint32_t gi, int32_t result, enum i
     }
     if (result < 0 && fin == IPC_FINISH_ERROR)
         G->failed_total++;
+    else if (fin == IPC_FINISH_CANCELLED)
+        G->cancelled_total++;
     list_add(G, gi);
 }
 
@@ -1435,6 +1437,7 @@ void ap_gen_fill_stats(const struct ap_server *srv, struct ipc_stats *st)
     st->decode_batch_max = G->batch_max;
     st->gen_requests_total = G->requests_total;
     st->gen_failed = G->failed_total;
+    st->gen_cancelled = G->cancelled_total;
     st->worker_restarts = G->restarts;
     st->watchdog_kills = G->watchdog_kills;
     st->step_max_us = G->step_gap_max_ns / 1000u;

@@ -212,6 +212,9 @@ typedef struct gorgon_counters {
      * while requests waited on it (what worker_timeout_ms must exceed). */
     uint64_t gen_waiting, handshakes_pending, handshakes_dropped, watchdog_kills;
     uint64_t step_max_us;
+    /* Generations that ended cancelled (gorgon_cancel, their client gone,
+     * gorgond shutting down); gen_failed counts those that ended in error. */
+    uint64_t gen_cancelled;
 } gorgon_counters;
 
 /* Round trip of one PING. Returns the bytes echoed (checked byte for byte:

@@ -756,6 +756,7 @@ int gorgon_stats(gorgon_client *cli, gorgon_counters *st)
     st->handshakes_dropped = s.handshakes_dropped;
     st->watchdog_kills = s.watchdog_kills;
     st->step_max_us = s.step_max_us;
+    st->gen_cancelled = s.gen_cancelled;
     return 0;
 }
 

@@ -31,8 +31,9 @@
 #include <stdint.h>
 
 #define IPC_MAGIC 0x4e4f4752u /* "RGON" little-endian: 'R','G','O','N' */
-#define IPC_ABI_VERSION 3u /* 2: GENERATE/CANCEL, worker rings, generation stats;
-                            * 3: Medusa (NO_MEDUSA flag, usage, stats) */
+#define IPC_ABI_VERSION 4u /* 2: GENERATE/CANCEL, worker rings, generation stats;
+                            * 3: Medusa (NO_MEDUSA flag, usage, stats);
+                            * 4: EVENT_FD, PROMPT_PART, 256-byte stats */
 #define IPC_DESC_SIZE 64u
 #define IPC_CACHELINE 64u
 #define IPC_HDR_BYTES 4096u
@@ -363,7 +364,10 @@ struct ipc_stats {
     uint64_t handshakes_dropped; /* pending ones evicted (limits) or timed out */
     uint64_t watchdog_kills;     /* hung workers killed (no step / no READY in time) */
     uint64_t step_max_us;        /* longest worker step while requests waited on it */
+    /* ABI 4 */
+    uint64_t gen_cancelled;      /* ended cancelled (gorgon_cancel, client gone, shutdown) */
+    uint64_t rsvd[7];            /* 0 */
 };
-_Static_assert(sizeof(struct ipc_stats) == 192, "stats");
+_Static_assert(sizeof(struct ipc_stats) == 256, "stats");
 
 #endif

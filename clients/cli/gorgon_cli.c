@@ -228,6 +228,7 @@ static int cmd_stats(int argc, char **argv)
     printf("loop_wakeups        %llu\n", (unsigned long long)st.loop_wakeups);
     printf("gen_requests_total  %llu\n", (unsigned long long)st.gen_requests_total);
     printf("gen_failed          %llu\n", (unsigned long long)st.gen_failed);
+    printf("gen_cancelled       %llu\n", (unsigned long long)st.gen_cancelled);
     printf("gen_queued          %llu\n", (unsigned long long)st.gen_queued);
     printf("gen_running         %llu\n", (unsigned long long)st.gen_running);
     printf("gen_tokens_total    %llu\n", (unsigned long long)st.gen_tokens_total);

@@ -89,6 +89,24 @@ static int resolve_url(const char *src, char *url, size_t cap)
 }
 
 /* Cache path of url: DIR/HOST/PATH (query dropped), directories made. */
+/* mkdir -p: every missing directory of path (a fresh $HOME has no
+ * ~/.cache). 0 or -errno. */
+static int make_dirs(char *path)
+{
+    for (char *s = path + 1;; s++) {
+        if (*s != '/' && *s != '\0')
+            continue;
+        char c = *s;
+        *s = '\0';
+        int rc = mkdir(path, 0755);
+        *s = c;
+        if (rc < 0 && errno != EEXIST)
+            return -errno;
+        if (!c)
+            return 0;
+    }
+}
+
 static int cache_path(const char *dir, const char *url, char *out, size_t cap)
 {
     const char *host = strstr(url, "://") + 3;
@@ -101,20 +119,14 @@ static int cache_path(const char *dir, const char *url, char *out, size_t cap)
         fprintf(stderr, "gorgon pull: '%s': not a file URL\n", url);
         return -EINVAL;
     }
-    for (char *s = out + 1; *s; s++) {
-        if (*s != '/')
-            continue;
-        *s = '\0';
-        int rc = mkdir(out, 0755);
-        *s = '/';
-        if (rc < 0 && errno != EEXIST) {
-            rc = -errno;
-            fprintf(stderr, "gorgon pull: cannot create the cache directory for %s: %s\n", out,
-                    strerror(-rc));
-            return rc;
-        }
-    }
-    return 0;
+    char *slash = strrchr(out, '/');
+    *slash = '\0';
+    int rc = make_dirs(out);
+    *slash = '/';
+    if (rc < 0)
+        fprintf(stderr, "gorgon pull: cannot create the cache directory for %s: %s\n", out,
+                strerror(-rc));
+    return rc;
 }
 
 static int default_cache_dir(char *out, size_t cap)
@@ -352,8 +364,9 @@ int cli_pull(int argc, char **argv)
         } else if (default_cache_dir(dir, sizeof(dir)) < 0) {
             return 2;
         }
-        if (mkdir(dir, 0755) < 0 && errno != EEXIST) {
-            fprintf(stderr, "gorgon pull: cannot create %s: %s\n", dir, strerror(errno));
+        int rc = make_dirs(dir);
+        if (rc < 0) {
+            fprintf(stderr, "gorgon pull: cannot create %s: %s\n", dir, strerror(-rc));
             return 1;
         }
         if (cache_path(dir, url, dest, sizeof(dest)) < 0)

@@ -164,6 +164,9 @@ char *sc_metrics_render(const gorgon_counters *st, size_t *len)
                 st->gen_requests_total);
         counter(&b, "gorgon_generate_failed_total", "Generate requests that failed",
                 st->gen_failed);
+        counter(&b, "gorgon_generate_cancelled_total",
+                "Generate requests cancelled (by their client, a disconnect or shutdown)",
+                st->gen_cancelled);
         counter(&b, "gorgon_medusa_steps_total", "Sequence-steps decoded with Medusa heads",
                 st->medusa_steps);
         counter(&b, "gorgon_medusa_accepted_tokens_total",

@@ -672,14 +672,14 @@ static size_t ring_bytes_written(const volatile uint8_t *ring, size_t cap)
     return n;
 }
 
-/* A 192-byte output ring (the least gorgond accepts: one ipc_stats) and a
+/* A 256-byte output ring (the least gorgond accepts: one ipc_stats) and a
  * client that starts reading late: gorgond
  * holds the text back (flow control through out_consumed) and wraps the
  * ring many times; the text arrives whole and in order. */
 Test(appliance_generate, small_output_ring_wraps_and_waits_for_reader, .fini = teardown,
      .timeout = 60)
 {
-    START_WITH_MODEL("--slot-out-bytes", "192", NULL);
+    START_WITH_MODEL("--slot-out-bytes", "256", NULL);
     gorgon_client *cli = gd_connect(&gd, 0);
     uint32_t req;
     cr_assert_eq(gorgon_generate_submit(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 256},
@@ -691,7 +691,7 @@ Test(appliance_generate, small_output_ring_wraps_and_waits_for_reader, .fini = t
     size_t cap = 0;
     /* A fresh client's first request runs on slot 0 (handles are opaque). */
     const volatile uint8_t *ring = gorgon_slot_output(cli, 0, &cap);
-    cr_assert_eq(cap, 192);
+    cr_assert_eq(cap, 256);
     size_t filled = 0;
     AT_WAIT_UNTIL((filled = ring_bytes_written(ring, cap)) == cap, AT_WAIT_MS,
                   "gorgond wrote only %zu of the ring's %zu bytes", filled, cap);
@@ -700,7 +700,7 @@ Test(appliance_generate, small_output_ring_wraps_and_waits_for_reader, .fini = t
     int rc;
     size_t chunks = 0;
     while ((rc = gorgon_generate_next(cli, req, &ch, 20000000000ll)) >= 0) {
-        cr_assert_leq(ch.len, 192);
+        cr_assert_leq(ch.len, 256);
         memcpy(o.text + o.len, ch.text, ch.len);
         o.len += ch.len;
         chunks++;
@@ -708,10 +708,10 @@ Test(appliance_generate, small_output_ring_wraps_and_waits_for_reader, .fini = t
             break;
     }
     cr_assert_eq(rc, 0, "rc %d", rc);
-    /* More than two ring-fulls came through a 192-byte ring, each chunk at
-     * most 192 bytes: the ring wrapped and gorgond waited for the reader.
+    /* More than two ring-fulls came through a 256-byte ring, each chunk at
+     * most 256 bytes: the ring wrapped and gorgond waited for the reader.
      * (How many chunks that takes depends on timing, so it is not asserted.) */
-    cr_assert_gt(o.len, 2 * 192, "only %zu bytes in %zu chunks", o.len, chunks);
+    cr_assert_gt(o.len, 2 * 256, "only %zu bytes in %zu chunks", o.len, chunks);
     expect_golden("stories260K/golden_greedy_n256.txt", "", &o);
     gorgon_close(cli);
     GD_END(&gd);

@@ -260,3 +260,16 @@ Test(clients_pull, hf_urls_follow_the_redirect_and_its_sha, .init = start_server
     cr_assert(strstr(err, "/ggml-org/models/resolve/v1/file.bin"), "%s", err);
     cr_assert(strstr(err, "SHA-256 checked"), "X-Linked-Etag not used: %s", err);
 }
+
+/* A cache directory whose parents do not exist yet (a fresh $HOME has no
+ * ~/.cache) is created whole. */
+Test(clients_pull, missing_cache_parents_are_created, .init = start_server, .fini = stop_server,
+     .timeout = 60)
+{
+    char nested[300];
+    snprintf(nested, sizeof(nested), "%s/home/.cache/gorgon", cache);
+    cr_assert_eq(pull(url("/file.bin"), "--cache-dir", nested), 0, "%s", err);
+    char want[700];
+    snprintf(want, sizeof(want), "%s/127.0.0.1:%d/file.bin", nested, port);
+    cr_assert(holds_body(want), "%s does not hold the body (stdout %s)", want, out);
+}

@@ -71,6 +71,7 @@ static void write_layout(FILE *f)
     F(gorgon_counters, medusa_max_batch); F(gorgon_counters, gen_waiting);
     F(gorgon_counters, handshakes_pending); F(gorgon_counters, handshakes_dropped);
     F(gorgon_counters, watchdog_kills); F(gorgon_counters, step_max_us);
+    F(gorgon_counters, gen_cancelled);
 
     S(gorgon_model);
     F(gorgon_model, name); F(gorgon_model, n_ctx); F(gorgon_model, n_vocab);

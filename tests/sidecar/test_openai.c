@@ -245,6 +245,7 @@ Test(sidecar_openai, an_abort_mid_stream_cancels_the_request_in_gorgond, .fini =
     start();
     unsigned long long tok0 = sct_gorgon_stat(gd.sock, "gen_tokens_total");
     unsigned long long fail0 = sct_gorgon_stat(gd.sock, "gen_failed");
+    unsigned long long canc0 = sct_gorgon_stat(gd.sock, "gen_cancelled");
     /* 2000 tokens without an end (see the scenario) take stories260K over
      * a second: far longer than the client needs to abort after its first
      * text */
@@ -260,6 +261,8 @@ Test(sidecar_openai, an_abort_mid_stream_cancels_the_request_in_gorgond, .fini =
     unsigned long long tok = sct_gorgon_stat(gd.sock, "gen_tokens_total") - tok0;
     cr_assert_lt(tok, 2000, "gorgond generated %llu tokens: the request was not cancelled", tok);
     cr_assert_eq(sct_gorgon_stat(gd.sock, "gen_failed"), fail0, "a cancel is not a failure");
+    cr_assert_eq(sct_gorgon_stat(gd.sock, "gen_cancelled"), canc0 + 1,
+                 "gorgon stats does not show the aborted request as cancelled");
     char *page = NULL;
     for (;;) {
         const char *argv[] = {"curl", "-sS", "--max-time", "10", NULL, NULL};

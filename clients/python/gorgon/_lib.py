@@ -82,6 +82,7 @@ class GorgonCounters(ctypes.Structure):
         ("handshakes_dropped", c_uint64),
         ("watchdog_kills", c_uint64),
         ("step_max_us", c_uint64),
+        ("gen_cancelled", c_uint64),
     ]
 
 

@@ -102,6 +102,7 @@ class InterruptTest(unittest.TestCase):
         # A cancel is not a failure, and nothing stays behind in gorgond.
         _support.wait_until(lambda: _support.idle(self.c), what="gorgond idle")
         self.assertEqual(self.c.stats().gen_failed, before.gen_failed)
+        self.assertEqual(self.c.stats().gen_cancelled, before.gen_cancelled + 1)
         return out
 
     def test_ctrl_c_cancels_iteration(self):
