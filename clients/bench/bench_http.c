@@ -215,7 +215,7 @@ static void slot_finish(hslot *q, CURLcode cr)
     if (r->failed)
         return; /* the callback recorded why */
     if (cr != CURLE_OK) {
-        bench_sreq_fail(r, "%s: %s", q->h->url, q->errbuf[0] ? q->errbuf : curl_easy_strerror(cr));
+        bench_sreq_fail(r, "%s", q->errbuf[0] ? q->errbuf : curl_easy_strerror(cr));
         return;
     }
     if (!q->checked) /* no body at all */
