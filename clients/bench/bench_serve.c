@@ -201,11 +201,14 @@ static int shm_run(shm_drv *d, const bench_workload *w, int64_t max_inflight, be
                 gp.flags |= GORGON_GEN_PROMPT_IDS;
             }
             uint32_t slot;
+            /* the clock starts before the submission: its doorbell can wake
+             * gorgond on this CPU, which may then run until the first token */
+            uint64_t t_submit = cm_now_ns();
             int rc = gorgon_generate_submit(d->cli[k], &gp, (uint64_t)issued, &slot);
             if (rc == -EAGAIN)
                 break; /* ring full: reap first */
             bench_sreq *r = &rq[issued];
-            r->t_submit = cm_now_ns();
+            r->t_submit = t_submit;
             r->n_in = w->prompt ? 0 : (uint32_t)w->in_len;
             if (rc < 0) {
                 bench_sreq_fail(r, "submit: %s", gorgon_strerror(rc));
