@@ -10,8 +10,8 @@
  * non-empty text, ITL between chunks with text, E2EL at the last one.
  * Output tokens come from the usage chunk when the server sends one, else
  * one per chunk with text. A status other than 200, a stream that is not
- * SSE, an `{"error": ...}` event, bad JSON or a transport error fails the
- * request with that message. */
+ * SSE, an `{"error": ...}` event (or llama-server's `error:` line), bad
+ * JSON or a transport error fails the request with that message. */
 #include <curl/curl.h>
 #include <errno.h>
 #include <jansson.h>
@@ -176,6 +176,11 @@ static int on_lines(hslot *q, uint64_t t)
                 bench_sreq_fail(q->r, "out of memory reading the stream");
                 return -1;
             }
+        } else if (len >= 6 && !memcmp(line, "error:", 6)) {
+            /* llama-server's way to fail a stream: an `error: {json}` line */
+            size_t sp = len > 6 && line[6] == ' ';
+            bench_sreq_fail(q->r, "error in the stream: %.*s", (int)(len - 6 - sp), line + 6 + sp);
+            return -1;
         } /* else a comment (":...") or a field we do not use (event:, id:, retry:) */
     }
     memmove(q->in.p, q->in.p + start, q->in.len - start);

@@ -287,6 +287,22 @@ Test(clients_bench_http, http_errors_are_failed_requests_with_their_message, .in
     cleanup();
     setup();
 
+    /* errors inside a 200 stream: vLLM's error event, llama-server's line */
+    const char *kinds[2][2] = {{"event", "error event in the stream: fake failure of request 2"},
+                               {"line", "error in the stream: {\\\"message\\\": \\\"fake failure of request 2"}};
+    for (int i = 0; i < 2; i++) {
+        start_fake("--chunks", "3", "--fail-every", "2", "--fail-kind", kinds[i][0], NULL);
+        cr_assert_eq(bench("--base-url", base_url(), "--num-prompts", "6", "--concurrency", "3",
+                           "--json", NULL),
+                     1, "%s", err);
+        cr_assert_eq(jnum(out, "completed"), 3, "%s: %s", kinds[i][0], out);
+        cr_assert_eq(jnum(out, "failed"), 3, "%s: %s", kinds[i][0], out);
+        cr_assert_eq(jnum(out, "total_output_tokens"), 3 * 3, "%s: %s", kinds[i][0], out);
+        cr_assert(strstr(out, kinds[i][1]), "%s: %s", kinds[i][0], out);
+        cleanup();
+        setup();
+    }
+
     /* a 400 for everything: the warm-up says why and the run stops */
     start_fake("--fail-every", "1", "--fail-status", "400", NULL);
     cr_assert_eq(bench("--base-url", base_url(), "--num-prompts", "3", "--json", NULL), 1);

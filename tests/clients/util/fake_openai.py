@@ -12,9 +12,11 @@ number of prompt token ids (or words of a text prompt), then
 `data: [DONE]`. Bodies go out with chunked transfer encoding on a
 keep-alive HTTP/1.1 connection.
 
---fail-every N: every Nth POST (1-based, counting every POST) gets
---fail-status (default 500) with an OpenAI-style error body whose message
-names the request number. --api-key K: a POST without "Authorization:
+--fail-every N: every Nth POST (1-based, counting every POST) fails with
+a message naming the request number, as --fail-kind says: "status" (the
+default) answers --fail-status (default 500) with an OpenAI-style error
+body; "event" streams one chunk, then `data: {"error": {...}}` (vLLM);
+"line" streams one chunk, then an `error: {...}` line (llama-server). --api-key K: a POST without "Authorization:
 Bearer K" gets 401.
 
 GET /v1/models lists the model "fake-model"; GET /log returns one JSON
@@ -37,6 +39,7 @@ ap.add_argument("--tokens-per-chunk", type=int, default=1)
 ap.add_argument("--no-usage", action="store_true")
 ap.add_argument("--fail-every", type=int, default=0)
 ap.add_argument("--fail-status", type=int, default=500)
+ap.add_argument("--fail-kind", choices=("status", "event", "line"), default="status")
 ap.add_argument("--api-key", default=None)
 args = ap.parse_args()
 
@@ -109,7 +112,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if body is None:
             self.send_json(400, {"error": {"message": "body is not JSON"}})
             return
-        if args.fail_every and n % args.fail_every == 0:
+        fail = args.fail_every and n % args.fail_every == 0
+        if fail and args.fail_kind == "status":
             self.send_json(args.fail_status, {"error": {
                 "message": "fake failure of request %d" % n, "type": "server_error",
                 "param": None, "code": args.fail_status}})
@@ -135,6 +139,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             else:
                 choice["text"] = text
             self.event({"id": "x%d" % n, "object": obj, "model": "fake-model", "choices": [choice]})
+            if fail:
+                err = {"message": "fake failure of request %d" % n, "type": "server_error"}
+                if args.fail_kind == "event":
+                    self.event({"error": err})
+                else:
+                    self.chunk(b"error: " + json.dumps(err).encode() + b"\n\n")
+                self.chunk(b"")
+                return
         last = {"index": 0, "finish_reason": "length"}
         if chat:
             last["delta"] = {}
