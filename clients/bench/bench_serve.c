@@ -596,6 +596,11 @@ int bench_serve_main(int argc, char **argv)
                         "give one\n");
         return 2;
     }
+    if (hc.base_url && w.no_medusa) {
+        fprintf(stderr, "gorgon-bench serve: --no-medusa is a libgorgon flag of the shm path; an "
+                        "OpenAI request cannot carry it (start gorgond without --medusa)\n");
+        return 2;
+    }
     if (!hc.base_url && (hc.api_key || hc.model)) {
         fprintf(stderr, "gorgon-bench serve: --api-key and --model are for --base-url (HTTP)\n");
         return 2;

@@ -341,6 +341,8 @@ Test(clients_bench_http, unreachable_server_and_bad_options_are_named, .init = s
     cr_assert(strstr(err, "/nonexistent-dir"), "%s", err);
     cr_assert_eq(bench("--socket", "/x", "--base-url", "http://x", NULL), 2);
     cr_assert(strstr(err, "give one"), "%s", err);
+    cr_assert_eq(bench("--base-url", "http://x", "--no-medusa", NULL), 2);
+    cr_assert(strstr(err, "--no-medusa"), "%s", err);
     cr_assert_eq(bench("--api-key", "k", NULL), 2);
     cr_assert(strstr(err, "--base-url"), "%s", err);
 }
