@@ -150,7 +150,7 @@ endif
 endif
 
 # Module files, in dependency order (later ones use earlier ones' variables).
-MODULES := common ipc $(if $(filter 1,$(CUDA)),kernels/cuda) kernels engine/model engine engine/worker appliance clients clients/bench clients/sidecar tests tests/fuzz
+MODULES := common ipc $(if $(filter 1,$(CUDA)),kernels/cuda) kernels engine/model engine/comm engine engine/worker appliance clients clients/bench clients/sidecar tests tests/fuzz
 include $(wildcard $(addsuffix /module.mk,$(MODULES)))
 
 all: $(ALL_PROGS) $(ALL_LIBS)

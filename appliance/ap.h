@@ -39,7 +39,8 @@ typedef struct ap_config {
     size_t n_allow_uids;
     gid_t allow_gids[AP_MAX_ALLOW];
     size_t n_allow_gids;
-    int64_t poll_us;          /* busy-poll budget before sleeping; 0: sleep at once */
+    int64_t poll_us;          /* busy-poll budget before sleeping; 0: sleep at once;
+                               * -1 (auto): AP_POLL_US_AUTO when the CPUs allow it */
     uint32_t sq_entries;      /* per client, power of two */
     uint32_t cq_entries;      /* per client, power of two */
     uint32_t slots;           /* request slots per client */
@@ -93,5 +94,12 @@ int ap_server_create(ap_server **out, const ap_config *cfg);
 int ap_server_run(ap_server *srv);
 /* Close every session, unlink the socket, free. NULL is a no-op. */
 void ap_server_destroy(ap_server *srv);
+
+/* Service-manager notifications (sd_notify(3)), defined by the program
+ * (gorgond.c; no-ops outside systemd). ap_server_run calls ready once, when
+ * the socket listens and the worker has loaded the model (at once without
+ * one), and stopping when SIGTERM/SIGINT starts the shutdown. */
+void ap_notify_ready(const ap_config *cfg);
+void ap_notify_stopping(const ap_config *cfg, uint32_t in_flight);
 
 #endif

@@ -15,7 +15,7 @@ void ap_config_defaults(ap_config *cfg)
 {
     memset(cfg, 0, sizeof(*cfg));
     snprintf(cfg->socket, sizeof(cfg->socket), "%s", ipc_socket_path(NULL));
-    cfg->poll_us = 50;
+    cfg->poll_us = -1; /* auto */
     cfg->sq_entries = 256;
     cfg->cq_entries = 512;
     cfg->slots = 64;
@@ -50,7 +50,9 @@ void ap_config_usage(FILE *f)
             "  --socket PATH        control socket (default: $GORGON_SOCKET or %s)\n"
             "  --allow-uid U[,U..]  uids allowed to connect (root and our own uid always are)\n"
             "  --allow-gid G[,G..]  gids allowed to connect\n"
-            "  --poll-us N          busy-poll budget before sleeping (0: sleep at once)\n"
+            "  --poll-us N|auto     busy-poll budget before sleeping (0: sleep at once;\n"
+            "                       auto: 50 when gorgond, the worker's threads and a\n"
+            "                       client each have a CPU, else 0)\n"
             "  --sq-entries N       submission ring entries per client (power of two)\n"
             "  --cq-entries N       completion ring entries per client (power of two)\n"
             "  --slots N            request slots per client\n"
@@ -185,8 +187,13 @@ static int apply(ap_config *cfg, const char *key, const char *val)
         return parse_id_list(key, val, cfg->allow_uids, &cfg->n_allow_uids);
     if (!strcmp(key, "allow_gids") || !strcmp(key, "allow_gid"))
         return parse_id_list(key, val, cfg->allow_gids, &cfg->n_allow_gids);
-    if (!strcmp(key, "poll_us"))
+    if (!strcmp(key, "poll_us")) {
+        if (!strcmp(val, "auto")) {
+            cfg->poll_us = -1;
+            return 0;
+        }
         return parse_i64(key, val, 0, 10000000, &cfg->poll_us);
+    }
     if (!strcmp(key, "sq_entries"))
         return parse_u32(key, val, IPC_RING_MIN_ENTRIES, IPC_RING_MAX_ENTRIES, &cfg->sq_entries);
     if (!strcmp(key, "cq_entries"))

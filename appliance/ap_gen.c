@@ -92,6 +92,7 @@ struct ap_gen_state {
     char *chat_template;  /* tokenizer.chat_template, NULL if none */
     uint32_t template_len;
     int64_t n_ctx;
+    size_t prompt_cap; /* bytes a connection may stage for prompts */
     int32_t n_vocab, bos;
     char *piece, *text;
     size_t piece_cap, text_cap, pend_cap;
@@ -983,6 +984,11 @@ int ap_gen_create(struct ap_server *srv)
     }
     G->n_ctx = nctx;
     G->n_vocab = eng_tok_n_vocab(G->tok);
+    /* No token covers more text than its piece (byte fallback: one byte a
+     * token): a prompt longer than this cannot fit the context, so that is
+     * all a connection may stage (IPC_OP_PROMPT_PART). */
+    size_t per_tok = eng_tok_max_piece_bytes(G->tok);
+    G->prompt_cap = (size_t)nctx * (per_tok > 4 ? per_tok : 4) + 4096;
     G->bos = eng_tok_bos(G->tok);
     G->piece_cap = 3 * eng_tok_max_piece_bytes(G->tok) + ENG_TOK_STREAM_SLACK;
     G->text_cap = G->piece_cap + ENG_STOP_MAX_LEN;
@@ -1134,13 +1140,78 @@ static int reject(ap_session *s, const struct ipc_sqe *sqe, struct ipc_cqe *cqe,
     return 1;
 }
 
-static bool finite_in(float v, float lo, float hi)
-{
-    return isfinite(v) && v >= lo && v <= hi;
-}
+/* A GENERATE whose prompt starts with `staged` (IPC_OP_PROMPT_PART bytes,
+ * owned by the caller) and goes on with the inline bytes. */
+static int submit_staged(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
+                         struct ipc_cqe *cqe, const uint8_t *staged, size_t staged_len);
 
 int ap_gen_submit(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
                   struct ipc_cqe *cqe)
+{
+    /* Whatever the slot staged belongs to this request: taken now, freed
+     * whatever the outcome (never left for the slot's next request). */
+    uint8_t *staged = NULL;
+    size_t staged_len = 0;
+    if (s->stage && sqe->slot < s->stage_n && s->stage[sqe->slot]) {
+        staged = s->stage[sqe->slot];
+        staged_len = s->stage_len[sqe->slot];
+        s->stage[sqe->slot] = NULL;
+        s->stage_len[sqe->slot] = 0;
+        s->staged -= staged_len;
+    }
+    int rc = submit_staged(srv, s, sqe, cqe, staged, staged_len);
+    free(staged);
+    return rc;
+}
+
+int ap_gen_prompt_part(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
+                       struct ipc_cqe *cqe)
+{
+    struct ap_gen_state *G = srv->gen;
+    if (!G->tok)
+        return reject(s, sqe, cqe, -ENOTSUP,
+                      "gorgond was started without --model: generation is not available");
+    uint32_t slot = sqe->slot;
+    if (!s->stage) {
+        uint32_t n = s->reg.layout.n_slots;
+        s->stage = calloc(n, sizeof(*s->stage));
+        s->stage_len = calloc(n, sizeof(*s->stage_len));
+        if (!s->stage || !s->stage_len) {
+            free(s->stage);
+            free(s->stage_len);
+            s->stage = NULL;
+            s->stage_len = NULL;
+            return reject(s, sqe, cqe, -ENOMEM, "out of memory");
+        }
+        s->stage_n = n;
+    }
+    if (sqe->arg[0] == 0)
+        ap_stage_drop(s, slot);
+    else if (sqe->arg[0] != s->stage_len[slot])
+        return reject(s, sqe, cqe, -EINVAL, "prompt part at offset %llu: %u bytes are staged",
+                      (unsigned long long)sqe->arg[0], s->stage_len[slot]);
+    size_t have = s->stage_len[slot];
+    if (s->staged + sqe->in_len > G->prompt_cap) {
+        ap_stage_drop(s, slot);
+        return reject(s, sqe, cqe, -EMSGSIZE,
+                      "prompt: more than %zu bytes staged on this connection (more than a "
+                      "%" PRId64 "-token context can hold)", G->prompt_cap, G->n_ctx);
+    }
+    uint8_t *buf = realloc(s->stage[slot], have + sqe->in_len + 1);
+    if (!buf) {
+        ap_stage_drop(s, slot);
+        return reject(s, sqe, cqe, -ENOMEM, "out of memory");
+    }
+    memcpy(buf + have, ipc_region_slot_in(&s->reg, slot) + sqe->in_off, sqe->in_len);
+    s->stage[slot] = buf;
+    s->stage_len[slot] = (uint32_t)(have + sqe->in_len);
+    s->staged += sqe->in_len;
+    cqe->result = (int32_t)s->stage_len[slot];
+    return 1;
+}
+
+static int submit_staged(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
+                         struct ipc_cqe *cqe, const uint8_t *staged, size_t staged_len)
 {
     struct ap_gen_state *G = srv->gen;
     if (!G->tok)
@@ -1158,26 +1229,11 @@ int ap_gen_submit(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sq
                       "(struct ipc_gen_params)", sqe->in_len, sizeof(p));
     const uint8_t *in = ipc_region_slot_in(&s->reg, sqe->slot) + sqe->in_off;
     memcpy(&p, in, sizeof(p)); /* one copy; everything below checks the copy */
-    if (p.flags & ~IPC_GEN_F__ALL)
-        return reject(s, sqe, cqe, -EINVAL, "flags: unknown bits 0x%x", p.flags & ~IPC_GEN_F__ALL);
-    if (p.rsvd[0] || p.rsvd[1])
-        return reject(s, sqe, cqe, -EINVAL, "reserved fields must be 0");
-    if (!finite_in(p.temperature, 0.0f, 1e6f))
-        return reject(s, sqe, cqe, -EINVAL, "temperature %g: must be >= 0", (double)p.temperature);
-    if (!(isfinite(p.top_p) && p.top_p > 0.0f && p.top_p <= 1.0f))
-        return reject(s, sqe, cqe, -EINVAL, "top_p %g: must be in (0, 1]", (double)p.top_p);
-    if (!(isfinite(p.min_p) && p.min_p >= 0.0f && p.min_p < 1.0f))
-        return reject(s, sqe, cqe, -EINVAL, "min_p %g: must be in [0, 1)", (double)p.min_p);
-    if (!finite_in(p.repeat_penalty, 0.0f, 1e6f))
-        return reject(s, sqe, cqe, -EINVAL, "repeat_penalty %g: must be >= 0",
-                      (double)p.repeat_penalty);
-    if (p.top_k < 0 || p.top_k > G->n_vocab)
+    char why[96];
+    if (ipc_gen_params_check(&p, why, sizeof(why)) < 0)
+        return reject(s, sqe, cqe, -EINVAL, "%s", why);
+    if (p.top_k > G->n_vocab)
         return reject(s, sqe, cqe, -EINVAL, "top_k %d: must be in [0, %d]", p.top_k, G->n_vocab);
-    if (p.max_tokens < 1)
-        return reject(s, sqe, cqe, -EINVAL, "max_tokens must be >= 1");
-    if (p.n_stop > IPC_GEN_MAX_STOP)
-        return reject(s, sqe, cqe, -EINVAL, "%u stop strings: at most %d", p.n_stop,
-                      IPC_GEN_MAX_STOP);
     if ((uint64_t)p.prompt_off + p.prompt_len > sqe->in_len ||
         (uint64_t)p.stop_off + p.stop_len > sqe->in_len)
         return reject(s, sqe, cqe, -EINVAL, "prompt or stop strings outside the %u input bytes",
@@ -1222,15 +1278,20 @@ int ap_gen_submit(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sq
     ap_gen *g = &G->g[gi];
     int32_t *ids = (int32_t *)ipc_region_slot_in(&G->reg, gi);
     int64_t n;
+    if (!(p.flags & IPC_GEN_F_STAGED))
+        staged_len = 0; /* staged without a GENERATE that asks for it: dropped */
+    size_t plen = staged_len + p.prompt_len;
     if (p.flags & IPC_GEN_F_PROMPT_IDS) {
-        if (p.prompt_len % 4 || p.prompt_len == 0)
-            return reject(s, sqe, cqe, -EINVAL, "prompt ids: %u bytes is not a positive multiple "
-                          "of 4", p.prompt_len);
-        n = p.prompt_len / 4;
+        if (plen % 4 || plen == 0)
+            return reject(s, sqe, cqe, -EINVAL, "prompt ids: %zu bytes is not a positive multiple "
+                          "of 4", plen);
+        n = (int64_t)(plen / 4);
         if (n > G->n_ctx)
             return reject(s, sqe, cqe, -EINVAL, "prompt of %" PRId64 " tokens is longer than the "
                           "context (%" PRId64 ")", n, G->n_ctx);
-        memcpy(ids, in + p.prompt_off, p.prompt_len);
+        if (staged_len)
+            memcpy(ids, staged, staged_len);
+        memcpy((uint8_t *)ids + staged_len, in + p.prompt_off, p.prompt_len);
         for (int64_t i = 0; i < n; i++)
             if (ids[i] < 0 || ids[i] >= G->n_vocab)
                 return reject(s, sqe, cqe, -EINVAL, "prompt id %" PRId64 ": %d is not in "
@@ -1238,12 +1299,13 @@ int ap_gen_submit(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sq
     } else {
         /* The encoder allocates scratch for the text; its input is a
          * private copy (the client may scribble during the encode). */
-        char *text = malloc(p.prompt_len + 1);
+        char *text = malloc(plen + 1);
         if (!text)
             return reject(s, sqe, cqe, -ENOMEM, "out of memory");
-        memcpy(text, in + p.prompt_off, p.prompt_len);
-        n = eng_tok_encode(G->tok, text, p.prompt_len, eng_tok_add_bos(G->tok), ids,
-                           (size_t)G->n_ctx);
+        if (staged_len)
+            memcpy(text, staged, staged_len);
+        memcpy(text + staged_len, in + p.prompt_off, p.prompt_len);
+        n = eng_tok_encode(G->tok, text, plen, eng_tok_add_bos(G->tok), ids, (size_t)G->n_ctx);
         free(text);
         if (n == -ENOSPC)
             return reject(s, sqe, cqe, -EINVAL, "prompt is longer than the context (%" PRId64
@@ -1324,6 +1386,11 @@ int ap_gen_cancel(struct ap_server *srv, ap_session *s, uint32_t slot)
     finalize(G, (uint32_t)gi, -ECANCELED, IPC_FINISH_CANCELLED, "cancelled by the client");
     send_cancel(G, (uint32_t)gi);
     return 0;
+}
+
+bool ap_gen_ready(const struct ap_server *srv)
+{
+    return srv->gen && srv->gen->ready;
 }
 
 void ap_gen_session_closed(struct ap_server *srv, ap_session *s)

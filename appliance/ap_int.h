@@ -44,6 +44,9 @@ enum ap_sess_state {
  * client can hold the loop and sizes the on-stack burst buffers. */
 #define AP_BURST 64u
 
+/* Busy-poll budget of poll_us = auto, when the CPUs allow spinning. */
+#define AP_POLL_US_AUTO 50
+
 /* Distinct uids tracked when choosing which pending handshake to drop. */
 #define AP_MAX_PENDING_UIDS 64u
 
@@ -53,6 +56,7 @@ typedef struct ap_session {
     uint32_t idx;
     int sock;
     int wake_fd; /* SQ wake eventfd (fallback without IORING_OP_FUTEX_WAIT), else -1 */
+    int evt_fd;  /* write end of the CQ wake pipe (IPC_OP_EVENT_FD), else -1 */
     uid_t uid;  /* SO_PEERCRED at accept */
     pid_t pid;
     uint64_t t_accept; /* cm_now_ns() at accept: the oldest pending handshake goes first */
@@ -68,6 +72,12 @@ typedef struct ap_session {
     uint32_t live_pos;  /* position in ap_server.live while LIVE */
     uint32_t n_gen_active; /* generate requests whose final is not posted yet */
     uint64_t last_served;  /* fair admission: when one of its requests last went to the worker */
+    /* IPC_OP_PROMPT_PART: bytes staged per slot (allocated at the first
+     * part), and their sum, capped by ap_gen's prompt limit. */
+    uint8_t **stage;
+    uint32_t *stage_len;
+    uint32_t stage_n; /* entries of stage[] (the session's n_slots) */
+    size_t staged;
     bool hello_armed, hup_armed, futex_armed;
     uint64_t requests;
 } ap_session;
@@ -90,6 +100,7 @@ struct ap_server {
     int listen_fd;
     int signal_fd;
     bool futex_uring; /* IORING_OP_FUTEX_WAIT usable; else eventfd doorbells */
+    uint64_t poll_ns; /* busy-poll budget in effect (cfg.poll_us resolved) */
     bool accept_armed;
     bool stopping;
     bool draining;             /* SIGTERM with generations in flight: finish them first */
@@ -156,6 +167,12 @@ int ap_gen_submit(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sq
  * at once: 1). */
 int ap_gen_model_info(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
                       struct ipc_cqe *cqe);
+/* The worker has loaded the model and said READY (since its last start). */
+bool ap_gen_ready(const struct ap_server *srv);
+int ap_gen_prompt_part(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
+                       struct ipc_cqe *cqe);
+/* Drop what a slot (or, slot UINT32_MAX, every slot) of s has staged. */
+void ap_stage_drop(ap_session *s, uint32_t slot);
 int ap_gen_tokenize(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
                     struct ipc_cqe *cqe);
 int ap_gen_detokenize(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,

@@ -115,6 +115,25 @@ static void arm_stats(struct ap_server *srv)
     io_uring_sqe_set_data64(sqe, ap_ud(AP_TAG_STATS, 0, 0));
 }
 
+/* Busy-polling is a loan from the other processes: with poll_us = auto
+ * gorgond spins only when its loop, the worker's kernel threads and one
+ * client waiting for an answer can each have a CPU (affinity mask and
+ * cgroup quota, cm_cpus_usable); otherwise a spinning loop takes the CPU the
+ * worker needs for the very step it waits for, and it sleeps at once. */
+static uint64_t poll_budget(const ap_config *cfg)
+{
+    int usable = cm_cpus_usable();
+    if (cfg->poll_us >= 0)
+        return (uint64_t)cfg->poll_us * 1000u;
+    int worker = cfg->threads > 0 ? cfg->threads : usable; /* auto threads: all of them */
+    bool spin = cfg->model[0] ? 2 + worker <= usable : 2 <= usable;
+    CM_LOG_INFO(TAG, "busy-poll: %s (%d usable CPUs for gorgond, %s and a client)",
+                spin ? "50 us" : "off", usable,
+                cfg->model[0] ? (cfg->threads > 0 ? "the worker's threads" : "an auto-sized worker")
+                              : "no worker");
+    return spin ? AP_POLL_US_AUTO * 1000u : 0;
+}
+
 int ap_server_create(ap_server **out, const ap_config *cfg)
 {
     *out = NULL;
@@ -144,6 +163,7 @@ int ap_server_create(ap_server **out, const ap_config *cfg)
         srv->sess[i].sock = -1;
         srv->sess[i].reg.fd = -1;
         srv->sess[i].wake_fd = -1;
+        srv->sess[i].evt_fd = -1;
     }
 
     rc = make_socket_dir(cfg->socket);
@@ -215,6 +235,7 @@ int ap_server_create(ap_server **out, const ap_config *cfg)
         CM_LOG_ERROR(TAG, "io_uring_submit: %s", cm_strerror(rc));
         goto fail;
     }
+    srv->poll_ns = poll_budget(cfg);
     CM_LOG_INFO(TAG, "listening on %s (futex wait: %s)", cfg->socket,
                 srv->futex_uring ? "io_uring" : "eventfd");
     CM_LOG_DEBUG(TAG, "poll_us=%lld sq=%u cq=%u slots=%u in=%u out=%u max_clients=%u",
@@ -245,6 +266,8 @@ static void on_signal(struct ap_server *srv, int res)
     if (res == (int)sizeof(srv->sigbuf)) {
         int sig = (int)srv->sigbuf.ssi_signo;
         if (sig == SIGTERM || sig == SIGINT) {
+            if (!srv->draining)
+                ap_notify_stopping(&srv->cfg, srv->gen ? ap_gen_active(srv) : 0);
             if (srv->draining) {
                 CM_LOG_INFO(TAG, "second %s: stopping now", sig == SIGTERM ? "SIGTERM" : "SIGINT");
                 srv->drain_deadline = 0;
@@ -427,9 +450,17 @@ static int sleep_once(struct ap_server *srv)
     return 0;
 }
 
+/* Ready to serve (ap_notify_ready): the socket listens since
+ * ap_server_create, and the worker has loaded the model (its READY). */
+static bool serving(struct ap_server *srv)
+{
+    return !srv->cfg.model[0] || ap_gen_ready(srv);
+}
+
 int ap_server_run(ap_server *srv)
 {
-    const uint64_t budget_ns = (uint64_t)srv->cfg.poll_us * 1000u;
+    bool told_ready = false;
+    const uint64_t budget_ns = srv->poll_ns;
     uint64_t last_work = cm_now_ns();
     unsigned spins = 0;
     while (!srv->stopping) {
@@ -438,6 +469,8 @@ int ap_server_run(ap_server *srv)
             break;
         int work = poll_sessions(srv);
         work += ap_gen_poll(srv);
+        if (!told_ready && (told_ready = serving(srv)))
+            ap_notify_ready(&srv->cfg);
         if (srv->draining) {
             if (!ap_gen_active(srv)) {
                 srv->stopping = true;

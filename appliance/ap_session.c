@@ -4,6 +4,7 @@
  * (copied) once, validated as a private copy, and handled from the copy. A
  * ring index that cannot be right (-EPROTO) disconnects that client only. */
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -203,6 +204,10 @@ static void free_entry(struct ap_server *srv, ap_session *s)
     if (s->wake_fd >= 0)
         close(s->wake_fd);
     s->wake_fd = -1;
+    if (s->evt_fd >= 0)
+        close(s->evt_fd);
+    s->evt_fd = -1;
+    ap_stage_drop(s, UINT32_MAX);
     free(s->slot_busy_until);
     free(s->slot_used);
     free(s->slot_gen);
@@ -463,6 +468,63 @@ static int op_cancel(struct ap_server *srv, ap_session *s, const struct ipc_sqe 
     return 1;
 }
 
+void ap_stage_drop(ap_session *s, uint32_t slot)
+{
+    if (!s->stage)
+        return;
+    uint32_t n = s->stage_n;
+    for (uint32_t i = slot == UINT32_MAX ? 0 : slot; i < n && (slot == UINT32_MAX || i == slot);
+         i++) {
+        s->staged -= s->stage_len[i];
+        free(s->stage[i]);
+        s->stage[i] = NULL;
+        s->stage_len[i] = 0;
+    }
+    if (slot == UINT32_MAX) {
+        free(s->stage);
+        free(s->stage_len);
+        s->stage = NULL;
+        s->stage_len = NULL;
+        s->stage_n = 0;
+        s->staged = 0;
+    }
+}
+
+/* The client's event-loop fd (gorgon_event_fd): a pipe, not an eventfd.
+ * An eventfd is one open file shared by both processes, so the client could
+ * clear its O_NONBLOCK (F_SETFL) and fill the counter, and gorgond's write
+ * would block the loop; a pipe's two ends are separate open files, and the
+ * write end, non-blocking, never leaves gorgond. A full pipe (EAGAIN) is
+ * readable anyway. The read end goes over the control socket before the
+ * completion is posted, so the client finds it queued once it sees the
+ * result. At most one per session: at most one message on the socket. */
+static int op_event_fd(struct ap_server *srv, ap_session *s, const struct ipc_sqe *sqe,
+                       struct ipc_cqe *cqe)
+{
+    (void)srv, (void)sqe;
+    if (s->evt_fd >= 0) {
+        cqe->result = -EALREADY;
+        return 1;
+    }
+    int p[2];
+    if (pipe2(p, O_CLOEXEC | O_NONBLOCK) != 0) {
+        cqe->result = cm_neg_errno();
+        return 1;
+    }
+    int rc = ipc_ctl_send_fd(s->sock, IPC_FD_EVENT, p[0]);
+    close(p[0]);
+    if (rc == 0)
+        rc = ipc_ring_set_wake_fd(&s->cq, p[1]);
+    if (rc < 0) {
+        close(p[1]);
+        CM_LOG_DEBUG(TAG, "pid %d: event fd not sent: %s", (int)s->pid, cm_strerror(rc));
+    } else {
+        s->evt_fd = p[1];
+    }
+    cqe->result = rc;
+    return 1;
+}
+
 static const struct {
     op_fn fn;
     bool uses_slot; /* reads or writes the slot's buffers: subject to busy tracking */
@@ -475,6 +537,8 @@ static const struct {
     [IPC_OP_MODEL_INFO] = {ap_gen_model_info, true},
     [IPC_OP_TOKENIZE] = {ap_gen_tokenize, true},
     [IPC_OP_DETOKENIZE] = {ap_gen_detokenize, true},
+    [IPC_OP_EVENT_FD] = {op_event_fd, false},
+    [IPC_OP_PROMPT_PART] = {ap_gen_prompt_part, true},
 };
 
 /* The client's CQ head, re-read from shared memory only when a slot looks

@@ -1,14 +1,58 @@
 /* gorgond — the gorgon supervisor daemon. See appliance/ap.h. */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdarg.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#ifdef GORGON_HAVE_SYSTEMD
+#include <systemd/sd-daemon.h>
+#endif
+
 #include "appliance/ap.h"
 #include "common/common.h"
+
+/* ---- the service manager (Type=notify, sd_notify(3)) ---------------------- */
+
+/* Send one notification when NOTIFY_SOCKET asks for them; a failure is
+ * logged once (systemd then judges the service by its own timeouts). */
+static void notify(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void notify(const char *fmt, ...)
+{
+#ifdef GORGON_HAVE_SYSTEMD
+    static bool warned;
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    int rc = sd_notify(0, msg);
+    if (rc < 0 && !warned) {
+        warned = true;
+        CM_LOG_WARN("gorgond", "sd_notify: %s", cm_strerror(rc));
+    }
+#else
+    (void)fmt;
+#endif
+}
+
+void ap_notify_ready(const ap_config *cfg)
+{
+    if (cfg->model[0])
+        notify("READY=1\nSTATUS=serving %s on %s", cfg->model, cfg->socket);
+    else
+        notify("READY=1\nSTATUS=listening on %s (no model: generation is off)", cfg->socket);
+}
+
+void ap_notify_stopping(const ap_config *cfg, uint32_t in_flight)
+{
+    (void)cfg;
+    notify("STOPPING=1\nSTATUS=stopping: %u requests in flight", in_flight);
+}
 
 /* Fork into the background; the parent exits only once the child reports
  * that the socket listens (so `gorgond && gorgon ping` works). Returns the
@@ -57,7 +101,21 @@ int main(int argc, char **argv)
         return 0;
     if (rc < 0)
         return 2;
+    /* Under systemd (NOTIFY_SOCKET set) the service manager supervises us:
+     * forking would hand it a main pid that exits, and the notifications
+     * would come from another one. */
+    const char *ns = getenv("NOTIFY_SOCKET");
+    if (ns && *ns) {
+#ifndef GORGON_HAVE_SYSTEMD
+        CM_LOG_WARN("gorgond", "NOTIFY_SOCKET is set but this gorgond was built without "
+                    "libsystemd: it cannot send READY=1 (use Type=simple and --foreground, or "
+                    "rebuild with libsystemd-dev)");
+#endif
+        cfg.foreground = true;
+    }
     int ready = cfg.foreground ? -1 : background();
+    if (cfg.model[0])
+        notify("STATUS=loading %s", cfg.model);
     ap_server *srv;
     rc = ap_server_create(&srv, &cfg);
     if (ready >= 0) {

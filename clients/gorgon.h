@@ -87,7 +87,10 @@ typedef struct gorgon_client gorgon_client;
 typedef struct gorgon_opts {
     const char *socket_path; /* NULL: $GORGON_SOCKET, else /run/gorgon/gorgon.sock */
     uint32_t flags;          /* GORGON_* */
-    int64_t spin_ns;         /* gorgon_wait spin phase before sleeping; 0: default (50 us) */
+    int64_t spin_ns;         /* gorgon_wait spin phase before sleeping; 0: default, 50 us
+                              * but only while this process's spinning threads,
+                              * gorgond and a worker thread each have a CPU of their
+                              * own (affinity and cgroup quota counted); else none */
 } gorgon_opts;
 
 /* Connect and map the session region. opts may be NULL. Errors:
@@ -274,10 +277,10 @@ typedef struct gorgon_gen_params {
     size_t prompt_len;         /* 0: strlen(prompt) */
     const int32_t *prompt_ids; /* with GORGON_GEN_PROMPT_IDS (BOS included by you) */
     size_t n_ids;
-    int32_t max_tokens;        /* tokens to generate (>= 1; 0: 256) */
+    int32_t max_tokens;        /* tokens to generate: >= 1 (0 is an error) */
     float temperature;         /* 0: greedy */
     int32_t top_k;             /* 0: off */
-    float top_p;               /* 0 or 1: off */
+    float top_p;               /* in (0, 1]; 0 or 1: off */
     float min_p;               /* 0: off */
     float repeat_penalty;      /* 0 or 1: off */
     uint64_t seed;             /* 0: a random one for a sampled request (each run
@@ -322,11 +325,18 @@ typedef struct gorgon_gen_chunk {
     gorgon_gen_usage usage; /* final chunk */
 } gorgon_gen_chunk;
 
-/* Start a generation. *req (a slot number) names it for gorgon_generate_next
- * and gorgon_cancel. 0, -EINVAL (bad params, e.g. too many stop strings),
- * -EMSGSIZE (prompt larger than the slot input), -EAGAIN (no free slot or SQ
- * full), -EPIPE. Parameter errors that need the model (temperature < 0,
- * context length, ...) come back from gorgond as the request's final chunk. */
+/* Start a generation. *req, an opaque handle (the slot and how many
+ * generations that slot has run), names it for gorgon_generate_next and
+ * gorgon_cancel; a handle kept after its request ended is refused, never
+ * taken for a newer request on the same slot. Completions reaped with
+ * gorgon_poll carry the slot, not the handle: match them by user_data. 0, -EINVAL (bad params: gorgon_last_error names the
+ * field, with the same message gorgond would give), -EMSGSIZE (a prompt
+ * longer than the model's context could ever hold), -EAGAIN (no free slot or
+ * SQ full), -ETIMEDOUT, -EPIPE. A prompt larger than a slot's input is sent
+ * ahead in slot-sized pieces (one round trip each) before the request; any
+ * prompt that fits the context is accepted. Errors that need the model (top_k
+ * beyond the vocabulary, prompt + max_tokens over the context) come back from
+ * gorgond as the request's final chunk. */
 int gorgon_generate_submit(gorgon_client *cli, const gorgon_gen_params *p, uint64_t user_data,
                            uint32_t *req);
 /* Next piece of req's stream, waiting up to timeout_ns (< 0: forever):
@@ -340,7 +350,8 @@ int gorgon_generate_next(gorgon_client *cli, uint32_t req, gorgon_gen_chunk *chu
                          int64_t timeout_ns);
 /* Ask gorgond to stop req: its stream then ends with -ECANCELED
  * (GORGON_FINISH_CANCELLED); the worker frees its KV at its next step.
- * 0, -ENOENT (not a running generation of this client), -EAGAIN, -EPIPE. */
+ * 0, -ENOENT (not a running generation of this client: finished, stale or
+ * never issued; gorgon_last_error says which handle), -EAGAIN, -EPIPE. */
 int gorgon_cancel(gorgon_client *cli, uint32_t req);
 /* Decode a GENERATE completion reaped by gorgon_poll/gorgon_wait into a
  * chunk (before the next poll/wait). Completions of gorgon_cancel's own
@@ -352,10 +363,39 @@ void gorgon_generate_chunk_of(gorgon_client *cli, const gorgon_completion *c,
 
 /* The control socket: POLLHUP/POLLRDHUP on it means gorgond is gone. */
 int gorgon_fd(const gorgon_client *cli);
+/* A file descriptor for event loops (epoll, poll, select, asyncio's
+ * add_reader, libuv, tokio's AsyncFd): it becomes readable when completions
+ * may be waiting, once armed with gorgon_event_arm, and when gorgond goes
+ * away. The first call asks gorgond for it (one round trip, up to 1 s); later
+ * calls return the same fd. The client owns it (gorgon_close closes it):
+ * only wait on it, never read or close it. Returns the fd, -EOPNOTSUPP (an
+ * older gorgond), -ETIMEDOUT, -EPIPE. Once a client has it, gorgond wakes
+ * that client through it: gorgon_wait and gorgon_generate_next keep working
+ * (they sleep on it too), but a futex waiter of gorgon_wait_prepare is no
+ * longer woken (it still sees the doorbell move at its timeout).
+ *
+ *     int fd = gorgon_event_fd(cli);   // add to epoll / loop.add_reader
+ *     on readable (and once at the start):
+ *         do {
+ *             // reap without waiting: gorgon_poll(cli, out, n) until 0, or
+ *             // gorgon_generate_next(cli, req, &ch, 0) per stream until
+ *             // -ETIMEDOUT (or its final chunk)
+ *         } while ((rc = gorgon_event_arm(cli)) == 1);
+ *         // rc 0: wait for the fd again; rc < 0: gorgond is gone
+ */
+int gorgon_event_fd(gorgon_client *cli);
+/* Before waiting for the event fd: 1 when completions are ready now (reap
+ * them, then arm again: do not wait), 0 armed (the fd becomes readable when
+ * the next completion is posted), -EPIPE (gorgond is gone, nothing is left
+ * to reap), -EINVAL (no gorgon_event_fd yet). Reaping after a wake-up
+ * (gorgon_poll, gorgon_wait, gorgon_generate_next with timeout 0) ends the
+ * arming; the fd is emptied by the next arm. */
+int gorgon_event_arm(gorgon_client *cli);
 /* Sleep protocol for callers that wait themselves (e.g. io_uring
  * IORING_OP_FUTEX_WAIT, non-private, 32-bit): gorgon_wait_prepare returns 1
  * if completions are ready (do not sleep), else 0 with *addr and *val set: wait
- * while *addr == *val, then call gorgon_wait_finish and gorgon_poll. */
+ * while *addr == *val, then call gorgon_wait_finish and gorgon_poll. Not for
+ * a client that took gorgon_event_fd (see there). */
 int gorgon_wait_prepare(gorgon_client *cli, const uint32_t **addr, uint32_t *val);
 void gorgon_wait_finish(gorgon_client *cli);
 /* Requests submitted whose final completion was not reaped yet. */

@@ -4,8 +4,10 @@
  * it (CQ indices through ipc_ring, slot and output bounds here) so that a
  * broken daemon yields -EPROTO rather than a wild pointer. */
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <poll.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -36,6 +38,12 @@
 
 enum slot_state { SLOT_FREE = 0, SLOT_USER, SLOT_AUTO, SLOT_AUTO_DONE, SLOT_GEN };
 
+/* Request handles (gorgon_generate_submit): the slot in the low bits, the
+ * slot's generation count (1..GORGON_REQ_GEN_MASK, never 0) above. */
+#define GORGON_REQ_SLOT_BITS 12u
+#define GORGON_REQ_GEN_MASK ((1u << (32 - GORGON_REQ_SLOT_BITS)) - 1u)
+_Static_assert(IPC_MAX_SLOTS <= (1u << GORGON_REQ_SLOT_BITS), "a slot fits a handle's low bits");
+
 /* user_data of gorgon_cancel's own CANCEL requests (consumed internally) */
 #define GORGON_CANCEL_UD 0xc4ace1c4ace10000ull
 
@@ -45,8 +53,12 @@ struct gorgon_client {
     ipc_region reg;
     int sock;
     int wake_fd; /* SQ eventfd when gorgond uses the eventfd fallback, else -1 */
+    int evt_fd;  /* gorgon_event_fd's pipe (read end), else -1 */
+    bool evt_asking; /* IPC_OP_EVENT_FD in flight: its fd message is expected */
+    bool evt_armed;  /* gorgon_event_arm left NEED_WAKEUP set on the CQ */
     uint32_t flags;
     int64_t spin_ns;
+    bool spin_auto; /* default spin: only while there are CPUs to spare */
     uint32_t n_slots;
     size_t in_cap, out_cap;
     uint32_t inflight;
@@ -64,6 +76,7 @@ struct gorgon_client {
     uint32_t *consume_list, n_consume;
     uint32_t *gen_flags;   /* GORGON_GEN_* of the generation on the slot */
     uint64_t *gen_seed;    /* its sampling seed (reported in the final usage) */
+    uint32_t *gen_no;      /* generation count of the slot's request handle */
     struct ipc_cqe *stash; /* completions popped but not yet returned, FIFO */
     uint32_t n_stash, stash_cap;
     char *chat_template;   /* gorgon_model_info's, owned here */
@@ -98,6 +111,8 @@ void gorgon_close(gorgon_client *cli)
         close(cli->sock);
     if (cli->wake_fd >= 0)
         close(cli->wake_fd);
+    if (cli->evt_fd >= 0)
+        close(cli->evt_fd);
     free(cli->slot_state);
     free(cli->free_slots);
     free(cli->release_q);
@@ -105,6 +120,7 @@ void gorgon_close(gorgon_client *cli)
     free(cli->consume_list);
     free(cli->gen_flags);
     free(cli->gen_seed);
+    free(cli->gen_no);
     free(cli->stash);
     free(cli->chat_template);
     free(cli);
@@ -124,11 +140,15 @@ static int connect_impl(gorgon_client **out, const gorgon_opts *opts)
         return -ENOMEM;
     cli->sock = -1;
     cli->wake_fd = -1;
+    cli->evt_fd = -1;
     cli->reg.fd = -1;
     cli->flags = opts ? opts->flags : 0;
     cli->spin_ns = opts && opts->spin_ns > 0 ? opts->spin_ns : GORGON_DEFAULT_SPIN_NS;
-    if (cli->flags & GORGON_NO_SPIN)
+    cli->spin_auto = !(opts && opts->spin_ns > 0);
+    if (cli->flags & GORGON_NO_SPIN) {
         cli->spin_ns = 0;
+        cli->spin_auto = false;
+    }
 
     int rc = ipc_ctl_connect(path);
     if (rc < 0)
@@ -159,9 +179,10 @@ static int connect_impl(gorgon_client **out, const gorgon_opts *opts)
     cli->consume_list = calloc(cli->n_slots, sizeof(uint32_t));
     cli->gen_flags = calloc(cli->n_slots, sizeof(uint32_t));
     cli->gen_seed = calloc(cli->n_slots, sizeof(uint64_t));
+    cli->gen_no = calloc(cli->n_slots, sizeof(uint32_t));
     rc = -ENOMEM;
     if (!cli->slot_state || !cli->free_slots || !cli->release_q || !cli->consume ||
-        !cli->consume_list || !cli->gen_flags || !cli->gen_seed)
+        !cli->consume_list || !cli->gen_flags || !cli->gen_seed || !cli->gen_no)
         goto fail;
     /* Lowest index on top: slot 0 is handed out first. */
     for (uint32_t i = 0; i < cli->n_slots; i++)
@@ -178,15 +199,17 @@ int gorgon_fd(const gorgon_client *cli) { return cli ? cli->sock : -EINVAL; }
 uint32_t gorgon_inflight(const gorgon_client *cli) { return cli ? cli->inflight : 0; }
 uint32_t gorgon_session_id(const gorgon_client *cli) { return cli ? cli->session_id : 0; }
 
-/* One non-blocking look at the control socket. gorgond never writes after
- * the welcome, so anything but silence means it is gone. */
+/* One non-blocking look at the control socket. gorgond writes after the
+ * welcome only to answer gorgon_event_fd, so anything but silence otherwise
+ * means it is gone. */
 static bool peer_gone(gorgon_client *cli)
 {
     if (cli->dead)
         return true;
     struct pollfd p = {.fd = cli->sock, .events = POLLIN | POLLRDHUP};
     int n = poll(&p, 1, 0);
-    if (n > 0 && (p.revents & (POLLHUP | POLLRDHUP | POLLERR | POLLIN | POLLNVAL)))
+    short gone = POLLHUP | POLLRDHUP | POLLERR | POLLNVAL | (cli->evt_asking ? 0 : POLLIN);
+    if (n > 0 && (p.revents & gone))
         cli->dead = true;
     return cli->dead;
 }
@@ -408,6 +431,12 @@ static void convert(gorgon_client *cli, const struct ipc_cqe *c, gorgon_completi
  * its chance to read them. */
 static void settle(gorgon_client *cli)
 {
+    if (cli->evt_armed) {
+        /* The caller was woken (or looked anyway): gorgond need not write
+         * the event fd for every completion until the next arm. */
+        ipc_doorbell_finish(&cli->cq);
+        cli->evt_armed = false;
+    }
     for (uint32_t i = 0; i < cli->n_consume; i++) {
         uint32_t s = cli->consume_list[i];
         if (cli->slot_state[s] == SLOT_GEN) {
@@ -565,6 +594,43 @@ void gorgon_wait_finish(gorgon_client *cli)
         ipc_doorbell_finish(&cli->cq);
 }
 
+static int event_fd_impl(gorgon_client *cli);
+
+int gorgon_event_fd(gorgon_client *cli)
+{
+    KEEP_ERRNO(event_fd_impl(cli));
+}
+
+static int event_arm_impl(gorgon_client *cli)
+{
+    if (!cli || cli->evt_fd < 0)
+        return -EINVAL;
+    settle(cli);
+    if (cli->n_stash)
+        return 1; /* kept for gorgon_generate_next: not in the ring any more */
+    if (cli->dead)
+        return -EPIPE;
+    /* Drain before the re-check in prepare: a write that lands after it
+     * leaves the fd readable for the caller's wait. */
+    int rc = ipc_wake_fd_drain(cli->evt_fd);
+    if (rc == -EPIPE || (rc == 0 && peer_gone(cli))) {
+        cli->dead = true;
+        return ipc_ring_empty(&cli->cq) ? -EPIPE : 1;
+    }
+    if (rc < 0)
+        return rc;
+    uint32_t val;
+    if (ipc_doorbell_prepare(&cli->cq, &val) != 0)
+        return 1;
+    cli->evt_armed = true;
+    return 0;
+}
+
+int gorgon_event_arm(gorgon_client *cli)
+{
+    KEEP_ERRNO(event_arm_impl(cli));
+}
+
 /* ---- synchronous conveniences ------------------------------------------------ */
 
 /* Submit one auto-slot request and wait for its completion. */
@@ -604,6 +670,38 @@ static int round_trip(gorgon_client *cli, uint32_t op, const void *payload, size
     if (rtt_ns)
         *rtt_ns = cm_now_ns() - t0;
     return c->result;
+}
+
+static int event_fd_impl(gorgon_client *cli)
+{
+    if (!cli)
+        return -EINVAL;
+    if (cli->evt_fd >= 0)
+        return cli->evt_fd;
+    gorgon_completion c;
+    cli->evt_asking = true;
+    int rc = round_trip(cli, IPC_OP_EVENT_FD, NULL, 0, 0, 1000000000, &c, NULL);
+    /* gorgond queued the fd on the socket before it posted the result. */
+    int fd = rc == 0 ? ipc_ctl_recv_fd(cli->sock, IPC_FD_EVENT) : rc;
+    cli->evt_asking = false;
+    if (rc == -EINVAL)
+        return -EOPNOTSUPP; /* a gorgond without IPC_OP_EVENT_FD */
+    if (fd < 0) {
+        if (rc == 0) /* the fd did not arrive: the session cannot be trusted */
+            cli->dead = true;
+        return fd;
+    }
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) != 0)
+        rc = cm_neg_errno();
+    else
+        rc = ipc_ring_set_wake_fd(&cli->cq, fd);
+    if (rc < 0) {
+        close(fd);
+        return rc;
+    }
+    cli->evt_fd = fd;
+    return fd;
 }
 
 int gorgon_ping(gorgon_client *cli, const void *payload, size_t len, int64_t timeout_ns,
@@ -738,7 +836,8 @@ static int tokenize_impl(gorgon_client *cli, const char *text, size_t len, uint3
         return -EPROTO;
     if ((size_t)rc > cap)
         return -ENOSPC;
-    memcpy(ids, c.out, c.out_len);
+    if (rc) /* no text, no ids: c.out may be NULL, which memcpy must not get */
+        memcpy(ids, c.out, c.out_len);
     return rc;
 }
 
@@ -761,7 +860,8 @@ static int detokenize_impl(gorgon_client *cli, const int32_t *ids, size_t n, cha
         return -EPROTO;
     if ((size_t)rc > cap)
         return -ENOSPC;
-    memcpy(out, c.out, (size_t)rc);
+    if (rc)
+        memcpy(out, c.out, (size_t)rc);
     if ((size_t)rc < cap)
         out[rc] = '\0';
     return rc;
@@ -797,51 +897,105 @@ static uint64_t random_seed(void)
     return v ? v : 1;
 }
 
+/* A library-side refusal: rc, with the message gorgon_last_error returns. */
+static int fail(gorgon_client *cli, int rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int fail(gorgon_client *cli, int rc, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cli->last_error, sizeof(cli->last_error), fmt, ap);
+    va_end(ap);
+    return rc;
+}
+
+/* Send the first len bytes of a long prompt to gorgond in slot-sized
+ * IPC_OP_PROMPT_PART pieces on `slot` (ours, SLOT_USER), each waited for
+ * (the next piece reuses the slot's input). 0, or -errno with
+ * gorgon_last_error set; the slot is given back on failure. */
+static int stage_prompt(gorgon_client *cli, uint32_t slot, const uint8_t *src, size_t len)
+{
+    uint8_t *in = ipc_region_slot_in(&cli->reg, slot);
+    for (size_t off = 0; off < len;) {
+        size_t k = len - off < cli->in_cap ? len - off : cli->in_cap;
+        memcpy(in, src + off, k);
+        struct ipc_sqe sqe = {.opcode = IPC_OP_PROMPT_PART, .slot = slot, .in_len = (uint32_t)k,
+                              .arg = {off}};
+        int rc = push_one(cli, &sqe);
+        if (rc < 0) {
+            slot_put(cli, slot);
+            return fail(cli, rc, "prompt: %s", gorgon_strerror(rc));
+        }
+        struct ipc_cqe c;
+        rc = take_for_slot(cli, slot, IPC_OP_PROMPT_PART, cm_now_ns() + GORGON_MODEL_RT_NS, &c);
+        if (rc <= 0) {
+            /* Its completion may still come: then the slot is released. */
+            cli->slot_state[slot] = SLOT_AUTO;
+            return fail(cli, rc ? rc : -ETIMEDOUT, "prompt: gorgond did not take a piece");
+        }
+        if (cli->inflight)
+            cli->inflight--;
+        if (c.result < 0) {
+            size_t n = c.out_len < sizeof(cli->last_error) ? c.out_len : sizeof(cli->last_error) - 1;
+            if (c.out_off + (uint64_t)n > cli->out_cap)
+                n = 0;
+            memcpy(cli->last_error, ipc_region_slot_out(&cli->reg, slot) + c.out_off, n);
+            cli->last_error[n] = '\0';
+            slot_put(cli, slot);
+            return c.result;
+        }
+        off += k;
+    }
+    return 0;
+}
+
 static int generate_submit_impl(gorgon_client *cli, const gorgon_gen_params *p,
                                 uint64_t user_data, uint32_t *req)
 {
-    if (!cli || !p || !req)
+    if (!cli)
         return -EINVAL;
+    cli->last_error[0] = '\0';
+    if (!p || !req)
+        return fail(cli, -EINVAL, "%s is NULL", !p ? "params" : "req");
     if (cli->dead)
-        return -EPIPE;
+        return fail(cli, -EPIPE, "gorgond went away");
     bool ids = (p->flags & GORGON_GEN_PROMPT_IDS) != 0;
     if (p->flags & ~(GORGON_GEN_PROMPT_IDS | GORGON_GEN_WANT_IDS | GORGON_GEN_NO_MEDUSA))
-        return -EINVAL;
-    if ((ids && (!p->prompt_ids || !p->n_ids)) || (!ids && !p->prompt && p->prompt_len))
-        return -EINVAL;
-    if (p->max_tokens < 0 || p->n_stop < 0 || p->n_stop > GORGON_GEN_MAX_STOP ||
-        (p->n_stop && !p->stop))
-        return -EINVAL;
+        return fail(cli, -EINVAL, "flags: unknown bits 0x%x",
+                    p->flags & ~(GORGON_GEN_PROMPT_IDS | GORGON_GEN_WANT_IDS | GORGON_GEN_NO_MEDUSA));
+    if (ids && (!p->prompt_ids || !p->n_ids))
+        return fail(cli, -EINVAL, "prompt_ids: GORGON_GEN_PROMPT_IDS needs prompt_ids and n_ids >= 1");
+    if (!ids && !p->prompt && p->prompt_len)
+        return fail(cli, -EINVAL, "prompt: NULL with prompt_len %zu", p->prompt_len);
+    if (p->n_stop < 0 || p->n_stop > GORGON_GEN_MAX_STOP)
+        return fail(cli, -EINVAL, "n_stop %d: must be in [0, %d]", p->n_stop, GORGON_GEN_MAX_STOP);
+    if (p->n_stop && !p->stop)
+        return fail(cli, -EINVAL, "stop: NULL with n_stop %d", p->n_stop);
+    if (p->max_tokens < 0)
+        return fail(cli, -EINVAL, "max_tokens %d: must be >= 1", (int)p->max_tokens);
+    if (p->n_ids > UINT32_MAX / sizeof(int32_t))
+        return fail(cli, -EMSGSIZE, "prompt_ids: %zu ids is too many", p->n_ids);
     size_t plen = ids ? p->n_ids * sizeof(int32_t)
                       : (p->prompt ? (p->prompt_len ? p->prompt_len : strlen(p->prompt)) : 0);
     size_t slen = 0;
     for (int i = 0; i < p->n_stop; i++) {
         size_t l = p->stop[i] ? strlen(p->stop[i]) : 0;
         if (l == 0 || l > IPC_GEN_MAX_STOP_LEN)
-            return -EINVAL;
+            return fail(cli, -EINVAL, "stop string %d: must be 1..%d bytes", i,
+                        IPC_GEN_MAX_STOP_LEN);
         slen += l + 1;
     }
-    size_t total = sizeof(struct ipc_gen_params) + plen + slen;
-    if (total > cli->in_cap || plen > UINT32_MAX)
-        return -EMSGSIZE;
-    settle(cli);
-    if (!cli->n_free)
-        return -EAGAIN;
-    uint32_t slot = cli->free_slots[cli->n_free - 1];
-    uint8_t *in = ipc_region_slot_in(&cli->reg, slot);
     uint64_t seed = p->seed;
     if (!seed && p->temperature > 0.0f)
         seed = random_seed();
-    float top_p = p->top_p > 0.0f && p->top_p < 1.0f ? p->top_p : 1.0f;
-    if (isnan(p->top_p))
-        top_p = p->top_p; /* let gorgond name the error */
+    /* 0 means "off" for top_p in this API (1 on the wire); anything else is
+     * checked as gorgond checks it. */
     struct ipc_gen_params gp = {
         .flags = (ids ? IPC_GEN_F_PROMPT_IDS : 0) |
                  (p->flags & GORGON_GEN_WANT_IDS ? IPC_GEN_F_OUT_IDS : 0) |
                  (p->flags & GORGON_GEN_NO_MEDUSA ? IPC_GEN_F_NO_MEDUSA : 0),
-        .max_tokens = p->max_tokens ? (uint32_t)p->max_tokens : 256,
+        .max_tokens = (uint32_t)p->max_tokens,
         .temperature = p->temperature,
-        .top_p = top_p,
+        .top_p = p->top_p == 0.0f ? 1.0f : p->top_p,
         .min_p = p->min_p,
         .repeat_penalty = p->repeat_penalty,
         .top_k = p->top_k,
@@ -852,10 +1006,37 @@ static int generate_submit_impl(gorgon_client *cli, const gorgon_gen_params *p,
         .stop_off = (uint32_t)(sizeof(gp) + plen),
         .stop_len = (uint32_t)slen,
     };
+    int rc = ipc_gen_params_check(&gp, cli->last_error, sizeof(cli->last_error));
+    if (rc < 0)
+        return rc;
+    if (sizeof(gp) + slen > cli->in_cap)
+        return fail(cli, -EMSGSIZE, "stop strings: %zu bytes, more than a slot's input (%zu) "
+                    "holds with the parameters", slen, cli->in_cap);
+    if (plen > UINT32_MAX)
+        return fail(cli, -EMSGSIZE, "prompt: %zu bytes is too long", plen);
+    /* What does not fit the slot with the parameters goes ahead in
+     * IPC_OP_PROMPT_PART pieces (gorgond refuses more than the model's
+     * context can hold); the GENERATE carries the rest. */
+    size_t inline_cap = cli->in_cap - sizeof(gp) - slen;
+    size_t head = plen > inline_cap ? plen - inline_cap : 0;
+    const uint8_t *src = ids ? (const uint8_t *)p->prompt_ids : (const uint8_t *)p->prompt;
+    gp.prompt_len = (uint32_t)(plen - head);
+    gp.stop_off = (uint32_t)(sizeof(gp) + plen - head);
+    if (head)
+        gp.flags |= IPC_GEN_F_STAGED;
+    size_t total = sizeof(gp) + (plen - head) + slen;
+    settle(cli);
+    if (!cli->n_free)
+        return fail(cli, -EAGAIN, "every slot is busy (%u in flight)", cli->inflight);
+    uint32_t slot = cli->free_slots[--cli->n_free];
+    cli->slot_state[slot] = SLOT_USER;
+    if (head && (rc = stage_prompt(cli, slot, src, head)) < 0)
+        return rc;
+    uint8_t *in = ipc_region_slot_in(&cli->reg, slot);
     memcpy(in, &gp, sizeof(gp));
-    if (plen)
-        memcpy(in + sizeof(gp), ids ? (const void *)p->prompt_ids : (const void *)p->prompt, plen);
-    uint8_t *sp = in + sizeof(gp) + plen;
+    if (plen - head)
+        memcpy(in + sizeof(gp), src + head, plen - head);
+    uint8_t *sp = in + sizeof(gp) + (plen - head);
     for (int i = 0; i < p->n_stop; i++) {
         size_t l = strlen(p->stop[i]) + 1;
         memcpy(sp, p->stop[i], l);
@@ -866,12 +1047,18 @@ static int generate_submit_impl(gorgon_client *cli, const gorgon_gen_params *p,
                           memory_order_relaxed);
     struct ipc_sqe sqe = {.opcode = IPC_OP_GENERATE, .slot = slot, .user_data = user_data,
                           .in_len = (uint32_t)total};
-    CM_TRY(push_one(cli, &sqe));
-    cli->n_free--;
+    if ((rc = push_one(cli, &sqe)) < 0) {
+        slot_put(cli, slot); /* gorgond drops what was staged at the slot's next use */
+        return rc;
+    }
     cli->slot_state[slot] = SLOT_GEN;
     cli->gen_flags[slot] = p->flags;
     cli->gen_seed[slot] = seed;
-    *req = slot;
+    /* The handle: the slot and how many generations it has run, so that a
+     * handle kept after its request ended never names the slot's next one. */
+    uint32_t g = (cli->gen_no[slot] + 1) & GORGON_REQ_GEN_MASK;
+    cli->gen_no[slot] = g ? g : 1;
+    *req = slot | (cli->gen_no[slot] << GORGON_REQ_SLOT_BITS);
     return 0;
 }
 
@@ -911,12 +1098,11 @@ void gorgon_generate_chunk_of(gorgon_client *cli, const gorgon_completion *c,
     }
 }
 
-/* Wait until the CQ has entries: 1, 0 at the deadline, -EPIPE. */
-static int wait_ring(gorgon_client *cli, uint64_t deadline)
+/* Spin until the CQ has entries, up to spin_end: 1, 0 at the deadline,
+ * -EPIPE, or 2 when the spin ended without entries. */
+static int spin_ring(gorgon_client *cli, uint64_t spin_end, uint64_t deadline)
 {
-    uint64_t start = cm_now_ns();
-    uint64_t spin_end = (cli->flags & GORGON_BUSY_POLL) ? deadline : start + (uint64_t)cli->spin_ns;
-    uint64_t next_check = start + GORGON_HUP_CHECK_NS;
+    uint64_t next_check = cm_now_ns() + GORGON_HUP_CHECK_NS;
     for (unsigned i = 1;; i++) {
         if (!ipc_ring_empty(&cli->cq))
             return 1;
@@ -925,7 +1111,7 @@ static int wait_ring(gorgon_client *cli, uint64_t deadline)
             if (now >= deadline)
                 return 0;
             if (now >= spin_end)
-                break;
+                return 2;
             if (now >= next_check) {
                 if (peer_gone(cli))
                     return -EPIPE;
@@ -934,6 +1120,30 @@ static int wait_ring(gorgon_client *cli, uint64_t deadline)
         }
         cpu_relax();
     }
+}
+
+/* Wait until the CQ has entries: 1, 0 at the deadline, -EPIPE. */
+static int wait_ring(gorgon_client *cli, uint64_t deadline)
+{
+    uint64_t start = cm_now_ns();
+    int rc;
+    if (cli->flags & GORGON_BUSY_POLL) {
+        rc = spin_ring(cli, deadline, deadline);
+    } else if (!cli->spin_auto) {
+        rc = spin_ring(cli, start + (uint64_t)cli->spin_ns, deadline);
+    } else if (cm_spinners_add(1) + 2 <= cm_cpus_usable()) {
+        /* The default spin is a loan: taken only while this thread (and the
+         * other spinning threads of this process), gorgond's loop and one
+         * worker thread can each have a CPU; otherwise spinning would take
+         * the CPU that the answer needs, and we sleep at once. */
+        rc = spin_ring(cli, start + (uint64_t)cli->spin_ns, deadline);
+        cm_spinners_add(-1);
+    } else {
+        cm_spinners_add(-1);
+        rc = 2;
+    }
+    if (rc != 2)
+        return rc;
     for (;;) {
         uint32_t val;
         if (ipc_doorbell_prepare(&cli->cq, &val) != 0)
@@ -944,11 +1154,13 @@ static int wait_ring(gorgon_client *cli, uint64_t deadline)
             return 0;
         }
         uint64_t slice = deadline - now < GORGON_HUP_CHECK_NS ? deadline - now : GORGON_HUP_CHECK_NS;
-        int rc = ipc_futex_wait(&cli->cq.sh->doorbell, val, (int64_t)slice);
+        /* With an event fd gorgond writes that instead of waking the futex. */
+        rc = cli->evt_fd >= 0 ? ipc_wake_fd_wait(cli->evt_fd, (int64_t)slice)
+                             : ipc_futex_wait(&cli->cq.sh->doorbell, val, (int64_t)slice);
         ipc_doorbell_finish(&cli->cq);
         if (!ipc_ring_empty(&cli->cq))
             return 1;
-        if (rc == -ETIMEDOUT && peer_gone(cli))
+        if ((rc == -ETIMEDOUT || rc == -EPIPE) && peer_gone(cli))
             return ipc_ring_empty(&cli->cq) ? -EPIPE : 1;
     }
 }
@@ -988,14 +1200,28 @@ static int take_for_slot(gorgon_client *cli, uint32_t slot, uint8_t opcode, uint
     }
 }
 
-static int generate_next_impl(gorgon_client *cli, uint32_t req, gorgon_gen_chunk *ch,
+/* The slot of a running generation's handle, or -1 (never issued, already
+ * finished, or stale: its slot has moved on to a newer request). */
+static int64_t req_slot(const gorgon_client *cli, uint32_t req)
+{
+    uint32_t slot = req & ((1u << GORGON_REQ_SLOT_BITS) - 1u);
+    if (slot >= cli->n_slots || cli->slot_state[slot] != SLOT_GEN ||
+        cli->gen_no[slot] != req >> GORGON_REQ_SLOT_BITS)
+        return -1;
+    return slot;
+}
+
+static int generate_next_impl(gorgon_client *cli, uint32_t handle, gorgon_gen_chunk *ch,
                               int64_t timeout_ns)
 {
-    if (!cli || !ch || req >= cli->n_slots)
+    if (!cli || !ch)
         return -EINVAL;
     memset(ch, 0, sizeof(*ch));
-    if (cli->slot_state[req] != SLOT_GEN)
-        return -EINVAL;
+    int64_t r = req_slot(cli, handle);
+    if (r < 0)
+        return fail(cli, -EINVAL, "request 0x%x: not a running generation of this client "
+                    "(finished, stale or never issued)", handle);
+    uint32_t req = (uint32_t)r;
     settle(cli);
     uint64_t deadline = timeout_ns >= 0 ? cm_now_ns() + (uint64_t)timeout_ns : UINT64_MAX;
     struct ipc_cqe c;
@@ -1034,10 +1260,12 @@ static int cancel_impl(gorgon_client *cli, uint32_t req)
         return -EINVAL;
     if (cli->dead)
         return -EPIPE;
-    if (req >= cli->n_slots || cli->slot_state[req] != SLOT_GEN)
-        return -ENOENT;
-    struct ipc_sqe sqe = {.opcode = IPC_OP_CANCEL, .slot = req,
-                          .user_data = GORGON_CANCEL_UD | req};
+    int64_t slot = req_slot(cli, req);
+    if (slot < 0)
+        return fail(cli, -ENOENT, "request 0x%x: not a running generation of this client "
+                    "(finished, stale or never issued)", req);
+    struct ipc_sqe sqe = {.opcode = IPC_OP_CANCEL, .slot = (uint32_t)slot,
+                          .user_data = GORGON_CANCEL_UD | (uint64_t)slot};
     return push_one(cli, &sqe);
 }
 

@@ -265,12 +265,15 @@ static void ctl_close_fds(const int *fds, size_t n)
             close(fds[i]);
 }
 
-/* Receive the welcome and the fds riding with it. Returns the number of fds
- * stored in fds[] (each CLOEXEC, caller owns) or -errno (nothing left open). */
-static int ctl_recv_welcome(int sock, struct ipc_welcome *w, int *fds)
+/* Receive one message of exactly len bytes into out and the fds riding with
+ * it. Returns the number of fds stored in fds[] (each CLOEXEC, caller owns)
+ * or -errno (nothing left open). */
+static int ctl_recv(int sock, void *out, size_t len, int *fds)
 {
-    uint8_t buf[sizeof(*w) + 1];
-    struct iovec iov = {.iov_base = buf, .iov_len = sizeof(buf)};
+    uint8_t buf[sizeof(struct ipc_welcome) + 1];
+    if (len >= sizeof(buf))
+        return -EINVAL;
+    struct iovec iov = {.iov_base = buf, .iov_len = len + 1};
     union {
         char buf[CMSG_SPACE(sizeof(int) * IPC_CTL_MAX_FDS)];
         struct cmsghdr align;
@@ -302,14 +305,95 @@ static int ctl_recv_welcome(int sock, struct ipc_welcome *w, int *fds)
     int rc = 0;
     if (n == 0)
         rc = -ECONNRESET;
-    else if ((size_t)n != sizeof(*w) || (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)))
+    else if ((size_t)n != len || (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)))
         rc = -EPROTO;
     if (rc < 0) {
         ctl_close_fds(fds, nfd);
         return rc;
     }
-    memcpy(w, buf, sizeof(*w));
+    memcpy(out, buf, len);
     return (int)nfd;
+}
+
+static int ctl_recv_welcome(int sock, struct ipc_welcome *w, int *fds)
+{
+    return ctl_recv(sock, w, sizeof(*w), fds);
+}
+
+/* SO_RCVTIMEO/SO_SNDTIMEO of IPC_CTL_HANDSHAKE_TIMEOUT_MS for the duration
+ * of one exchange, the old values kept in *t for ctl_timeout_restore. */
+struct ctl_timeouts {
+    struct timeval rcv, snd;
+    bool restore;
+};
+
+static int ctl_timeout_set(int sock, struct ctl_timeouts *t)
+{
+    socklen_t l1 = sizeof(t->rcv), l2 = sizeof(t->snd);
+    t->restore = getsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &t->rcv, &l1) == 0 &&
+                 getsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &t->snd, &l2) == 0;
+    struct timeval tmo = {.tv_sec = IPC_CTL_HANDSHAKE_TIMEOUT_MS / 1000,
+                          .tv_usec = (IPC_CTL_HANDSHAKE_TIMEOUT_MS % 1000) * 1000};
+    if (setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &tmo, sizeof(tmo)) != 0 ||
+        setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &tmo, sizeof(tmo)) != 0)
+        return cm_neg_errno();
+    return 0;
+}
+
+static void ctl_timeout_restore(int sock, const struct ctl_timeouts *t)
+{
+    if (t->restore) {
+        setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &t->rcv, sizeof(t->rcv));
+        setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &t->snd, sizeof(t->snd));
+    }
+}
+
+int ipc_ctl_send_fd(int sock, uint32_t kind, int fd)
+{
+    if (fd < 0)
+        return -EINVAL;
+    struct ipc_fd_msg m = {.magic = IPC_MAGIC, .kind = kind};
+    struct iovec iov = {.iov_base = &m, .iov_len = sizeof(m)};
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } ctrl;
+    memset(&ctrl, 0, sizeof(ctrl));
+    struct msghdr msg = {.msg_iov = &iov,
+                         .msg_iovlen = 1,
+                         .msg_control = ctrl.buf,
+                         .msg_controllen = CMSG_SPACE(sizeof(int))};
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &fd, sizeof(int));
+    ssize_t n;
+    do
+        n = sendmsg(sock, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return cm_neg_errno();
+    return (size_t)n == sizeof(m) ? 0 : -EPROTO;
+}
+
+int ipc_ctl_recv_fd(int sock, uint32_t kind)
+{
+    struct ctl_timeouts t;
+    int rc = ctl_timeout_set(sock, &t);
+    if (rc < 0)
+        return rc;
+    struct ipc_fd_msg m;
+    int fds[IPC_CTL_MAX_FDS];
+    int nfd = ctl_recv(sock, &m, sizeof(m), fds);
+    ctl_timeout_restore(sock, &t);
+    if (nfd < 0)
+        return nfd;
+    if (nfd != 1 || m.magic != IPC_MAGIC || m.kind != kind) {
+        ctl_close_fds(fds, (size_t)nfd);
+        return -EPROTO;
+    }
+    return fds[0];
 }
 
 int ipc_ctl_client_handshake_wake(int sock, struct ipc_welcome *w, int *wake_fd)
@@ -319,15 +403,10 @@ int ipc_ctl_client_handshake_wake(int sock, struct ipc_welcome *w, int *wake_fd)
     if (wake_fd)
         *wake_fd = -1;
     memset(w, 0, sizeof(*w));
-    struct timeval old_rcv, old_snd;
-    socklen_t l1 = sizeof(old_rcv), l2 = sizeof(old_snd);
-    bool restore = getsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &old_rcv, &l1) == 0 &&
-                   getsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &old_snd, &l2) == 0;
-    struct timeval tmo = {.tv_sec = IPC_CTL_HANDSHAKE_TIMEOUT_MS / 1000,
-                          .tv_usec = (IPC_CTL_HANDSHAKE_TIMEOUT_MS % 1000) * 1000};
-    if (setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &tmo, sizeof(tmo)) != 0 ||
-        setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &tmo, sizeof(tmo)) != 0)
-        return cm_neg_errno();
+    struct ctl_timeouts t;
+    int trc = ctl_timeout_set(sock, &t);
+    if (trc < 0)
+        return trc;
 
     int fds[IPC_CTL_MAX_FDS];
     int nfd = 0, rc;
@@ -378,10 +457,7 @@ int ipc_ctl_client_handshake_wake(int sock, struct ipc_welcome *w, int *wake_fd)
     }
 out:
     ctl_close_fds(fds, (size_t)nfd);
-    if (restore) {
-        setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &old_rcv, sizeof(old_rcv));
-        setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &old_snd, sizeof(old_snd));
-    }
+    ctl_timeout_restore(sock, &t);
     return rc;
 }
 

@@ -127,19 +127,31 @@ int ipc_ring_set_wake_fd(ipc_ring *r, int fd)
 
 int ipc_wake_fd_drain(int fd)
 {
-    struct pollfd p = {.fd = fd, .events = POLLIN};
-    int n = poll(&p, 1, 0); /* never block, even on a blocking eventfd */
-    if (n < 0)
-        return cm_neg_errno();
-    if (n == 0 || !(p.revents & POLLIN))
-        return 0;
-    uint64_t v;
-    if (read(fd, &v, sizeof(v)) < 0 && errno != EAGAIN)
-        return cm_neg_errno();
-    return 0;
+    /* An eventfd reads as one 8-byte counter; a wake pipe (IPC_OP_EVENT_FD)
+     * holds 8 bytes per wake-up: read until a short read. Poll before each
+     * read so that a blocking fd never blocks. */
+    for (;;) {
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        int n = poll(&p, 1, 0);
+        if (n < 0)
+            return cm_neg_errno();
+        if (n == 0)
+            return 0;
+        if (!(p.revents & POLLIN))
+            /* POLLHUP alone: a wake pipe whose writer is gone, emptied */
+            return (p.revents & POLLHUP) ? -EPIPE : 0;
+        uint64_t v[32];
+        ssize_t got = read(fd, v, sizeof(v));
+        if (got < 0)
+            return errno == EAGAIN ? 0 : cm_neg_errno();
+        if (got == 0)
+            return -EPIPE; /* a wake pipe whose writer is gone */
+        if ((size_t)got < sizeof(v))
+            return 0;
+    }
 }
 
-static int doorbell_poll_fd(int fd, int64_t timeout_ns)
+int ipc_wake_fd_wait(int fd, int64_t timeout_ns)
 {
     struct timespec ts, *tp = NULL;
     if (timeout_ns >= 0) {
@@ -176,10 +188,10 @@ int ipc_doorbell_wait(ipc_ring *r, int64_t timeout_ns)
             }
             left = (int64_t)(deadline - now);
         }
-        int rc = r->wake_fd >= 0 ? doorbell_poll_fd(r->wake_fd, left)
+        int rc = r->wake_fd >= 0 ? ipc_wake_fd_wait(r->wake_fd, left)
                                  : ipc_futex_wait(&r->sh->doorbell, val, left);
         ipc_doorbell_finish(r);
-        if (rc == -EINTR)
+        if (rc == -EINTR || rc == -EPIPE)
             return rc;
         /* 0, -EAGAIN (doorbell moved) and -ETIMEDOUT all go back to
          * re-checking the ring; the deadline decides about the timeout. */

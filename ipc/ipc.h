@@ -88,7 +88,8 @@ int ipc_doorbell_prepare(ipc_ring *r, uint32_t *bell_val);
 void ipc_doorbell_finish(ipc_ring *r);
 /* Consumer: sleep through the futex syscall (or poll() on the wake eventfd
  * when one is set, see ipc_ring_set_wake_fd) until the ring has entries or
- * timeout_ns passes (< 0: forever). 0 (entries ready), -ETIMEDOUT, -EINTR.
+ * timeout_ns passes (< 0: forever). 0 (entries ready), -ETIMEDOUT, -EINTR,
+ * -EPIPE (a wake pipe whose writer is gone).
  * Entries that arrive without a wake-up are still found at the timeout (the
  * ring is re-checked last), so a caller cannot tell a lost wake-up from a
  * slow one by the return value; tests/ipc judges by the time taken. */
@@ -118,8 +119,14 @@ int ipc_futex_wake(uint32_t *addr, int n);
  * Returns 0 or -EINVAL (fd < 0 on a consumer view). fd -1 on a producer view
  * goes back to FUTEX_WAKE. */
 int ipc_ring_set_wake_fd(ipc_ring *r, int fd);
-/* Consumer: reset the eventfd counter (non-blocking read). 0 or -errno. */
+/* Consumer: empty the wake fd (an eventfd's counter, or every byte queued
+ * in a wake pipe; non-blocking even on a blocking fd). 0, -EPIPE (a wake
+ * pipe whose writer is gone) or -errno. */
 int ipc_wake_fd_drain(int fd);
+/* Consumer: sleep until the wake fd is readable or timeout_ns passes (< 0:
+ * forever), then drain it. 0, -ETIMEDOUT, -EINTR, -EPIPE (a wake pipe whose
+ * writer is gone), -errno. */
+int ipc_wake_fd_wait(int fd, int64_t timeout_ns);
 
 /* io_uring IORING_OP_FUTEX_WAIT (kernel >= 6.7), filled by hand: liburing 2.3
  * has no helper. Not FUTEX2_PRIVATE: the word is in cross-process memory. */
@@ -219,6 +226,14 @@ int ipc_ctl_send_welcome_wake(int sock, const struct ipc_welcome *w, int region_
 /* Client: like ipc_ctl_client_handshake, also accepting the wake eventfd:
  * *wake_fd is the second fd received (CLOEXEC, caller owns) or -1. */
 int ipc_ctl_client_handshake_wake(int sock, struct ipc_welcome *w, int *wake_fd);
+/* gorgond: send `fd` (kept open: the caller closes its copy) with an
+ * ipc_fd_msg of `kind` on an established session's socket, never blocking
+ * (-EAGAIN when the socket buffer is full). 0 or -errno. */
+int ipc_ctl_send_fd(int sock, uint32_t kind, int fd);
+/* Client: receive that message, waiting up to IPC_CTL_HANDSHAKE_TIMEOUT_MS.
+ * The fd (CLOEXEC, caller owns) or -errno: -EPROTO for a message that is not
+ * exactly one ipc_fd_msg of `kind` with one fd (nothing is left open). */
+int ipc_ctl_recv_fd(int sock, uint32_t kind);
 /* Client handshake timeout (SO_RCVTIMEO/SO_SNDTIMEO during the handshake;
  * restored afterwards), so a server that never answers cannot hang a client. */
 #define IPC_CTL_HANDSHAKE_TIMEOUT_MS 5000
@@ -236,5 +251,13 @@ int ipc_ctl_client_handshake_wake(int sock, struct ipc_welcome *w, int *wake_fd)
  * string that starts with the field's name. why may be NULL. */
 int ipc_sqe_validate(const struct ipc_sqe *sqe, const struct ipc_region_hdr *layout,
                      const char **why);
+
+/* The checks of a GENERATE's ipc_gen_params that need no model (gorgond adds
+ * top_k <= n_vocab and the context length): flags, reserved fields,
+ * temperature, top_p, min_p, repeat_penalty, top_k >= 0, max_tokens,
+ * n_stop. libgorgon runs the same function before it submits, so a caller
+ * gets the same message from either side. 0, or -EINVAL with a message
+ * naming the field in why[cap] (NUL-terminated). */
+int ipc_gen_params_check(const struct ipc_gen_params *p, char *why, size_t cap);
 
 #endif

@@ -83,6 +83,18 @@ enum ipc_op {
     IPC_OP_TOKENIZE = 6,   /* text in the input, arg[0] IPC_TOK_F_*; int32 ids out,
                             * result = their count (-ENOSPC: more than fit) */
     IPC_OP_DETOKENIZE = 7, /* int32 ids in the input; text out, result = its bytes */
+    IPC_OP_EVENT_FD = 8,   /* gorgond makes a pipe, sends its read end over the
+                            * control socket (ipc_ctl_send_fd, IPC_FD_EVENT) and
+                            * from then on wakes the CQ's consumer by writing
+                            * the pipe (IPC_RING_WAKE_EVENTFD); result 0, or
+                            * -EALREADY (the session has one: no message) */
+    IPC_OP_PROMPT_PART = 9, /* a piece of a prompt too large for one slot input:
+                             * the input bytes are appended to what the slot has
+                             * staged; arg[0] = the offset they go at (must equal
+                             * the bytes staged so far: 0 starts over). A
+                             * GENERATE with IPC_GEN_F_STAGED on that slot takes
+                             * the staged bytes as the start of its prompt.
+                             * result: bytes staged now */
     IPC_OP__COUNT,
 };
 
@@ -165,7 +177,10 @@ _Static_assert(sizeof(struct ipc_slot_hdr) == IPC_CACHELINE, "slot header");
 #define IPC_GEN_F_PROMPT_IDS 1u /* prompt is int32 token ids (BOS included by the caller) */
 #define IPC_GEN_F_OUT_IDS 2u    /* stream token ids instead of text */
 #define IPC_GEN_F_NO_MEDUSA 4u  /* decode plainly even when Medusa heads are loaded */
-#define IPC_GEN_F__ALL (IPC_GEN_F_PROMPT_IDS | IPC_GEN_F_OUT_IDS | IPC_GEN_F_NO_MEDUSA)
+#define IPC_GEN_F_STAGED 8u     /* the prompt starts with the slot's IPC_OP_PROMPT_PART
+                                 * bytes; prompt_off/prompt_len hold the rest */
+#define IPC_GEN_F__ALL \
+    (IPC_GEN_F_PROMPT_IDS | IPC_GEN_F_OUT_IDS | IPC_GEN_F_NO_MEDUSA | IPC_GEN_F_STAGED)
 #define IPC_GEN_FINISH_MASK 0xffu /* arg[0] of the final completion */
 #define IPC_GEN_MAX_STOP 8       /* stop strings */
 #define IPC_GEN_MAX_STOP_LEN 63  /* bytes of one, without its NUL */
@@ -295,6 +310,14 @@ struct ipc_welcome {
     char reason[48]; /* NUL-terminated text when status < 0 */
 };
 _Static_assert(sizeof(struct ipc_welcome) == 72, "welcome");
+
+/* gorgond → client after the welcome: one fd (SCM_RIGHTS) and what it is for. */
+#define IPC_FD_EVENT 1u /* IPC_OP_EVENT_FD's pipe read end */
+struct ipc_fd_msg {
+    uint32_t magic; /* IPC_MAGIC */
+    uint32_t kind;  /* IPC_FD_* */
+};
+_Static_assert(sizeof(struct ipc_fd_msg) == 8, "fd message");
 
 /* IPC_OP_MODEL_INFO output (gorgond → client): this header, then
  * chunk_len bytes of the chat template starting at chunk_off (the request's

@@ -208,21 +208,20 @@ Test(appliance_abuse, one_uid_flood_does_not_starve_another, .fini = teardown, .
         gorgon_client *c[8];
         uint32_t refused = 0;
         gorgon_gen_params p = {.prompt = "Once upon a time", .max_tokens = FLOOD_TOKENS};
+        uint32_t reqs[8][64];
         for (int k = 0; k < 8; k++) {
             if (gorgon_connect(&c[k], &o) != 0)
                 _exit(11);
-            for (int i = 0; i < 64; i++) {
-                uint32_t r;
-                if (gorgon_generate_submit(c[k], &p, (uint64_t)i, &r) != 0)
+            for (int i = 0; i < 64; i++)
+                if (gorgon_generate_submit(c[k], &p, (uint64_t)i, &reqs[k][i]) != 0)
                     _exit(12);
-            }
         }
         /* Refusals come back as final chunks at once; the admitted
          * requests stream on (nobody reads them: they wait in the slots). */
         for (int k = 0; k < 8; k++)
             for (uint32_t r = 0; r < 64; r++) {
                 gorgon_gen_chunk ch;
-                int rc = gorgon_generate_next(c[k], r, &ch, 1000000);
+                int rc = gorgon_generate_next(c[k], reqs[k][r], &ch, 1000000);
                 if (rc == -EBUSY && strstr(ch.text, "max_requests_per_uid=256"))
                     refused++;
             }

@@ -196,14 +196,9 @@ Test(appliance_generate, bad_params_fail_only_that_request, .fini = teardown, .t
         gorgon_gen_params p;
         const char *word; /* gorgond's message names the field */
     } bad[] = {
-        {{.prompt = "x", .max_tokens = 4, .temperature = -1.0f}, "temperature"},
-        {{.prompt = "x", .max_tokens = 4, .top_p = 0.5f, .min_p = 2.0f}, "min_p"},
         {{.prompt = "x", .max_tokens = 4096}, "context"},
         {{.prompt = "x", .max_tokens = 4, .top_k = 100000}, "top_k"},
     };
-    /* top_p outside (0,1] cannot be sent through libgorgon (it maps 0/1 to
-     * off): a raw NaN gets through and must be refused. */
-    gorgon_gen_params nan_p = {.prompt = "x", .max_tokens = 4, .top_p = __builtin_nanf("")};
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         gen_out o;
         run_one(cli, &bad[i].p, &o);
@@ -215,10 +210,50 @@ Test(appliance_generate, bad_params_fail_only_that_request, .fini = teardown, .t
         run_one(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 3}, &o);
         cr_assert_eq(o.rc, 0, "good request after bad case %zu: %s", i, o.msg);
     }
-    gen_out o;
-    run_one(cli, &nan_p, &o);
-    cr_assert_eq(o.rc, -EINVAL);
-    cr_assert(strstr(o.msg, "top_p"), "%s", o.msg);
+    /* What needs no model is refused by the library before anything is
+     * sent, with the message gorgond gives for the same field (checked
+     * against a raw descriptor carrying the same value). */
+    struct {
+        gorgon_gen_params p;
+        struct ipc_gen_params raw;
+        const char *word;
+    } lib[] = {
+        {{.prompt = "x", .max_tokens = 4, .temperature = -1.0f},
+         {.max_tokens = 4, .top_p = 1.0f, .temperature = -1.0f}, "temperature"},
+        {{.prompt = "x", .max_tokens = 4, .min_p = 2.0f},
+         {.max_tokens = 4, .top_p = 1.0f, .min_p = 2.0f}, "min_p"},
+        {{.prompt = "x", .max_tokens = 4, .top_p = 2.0f}, {.max_tokens = 4, .top_p = 2.0f}, "top_p"},
+        {{.prompt = "x", .max_tokens = 4, .top_p = __builtin_nanf("")},
+         {.max_tokens = 4, .top_p = __builtin_nanf("")}, "top_p"},
+        {{.prompt = "x", .max_tokens = 0}, {.max_tokens = 0, .top_p = 1.0f}, "max_tokens"},
+        {{.prompt = "x", .max_tokens = 4, .top_k = -1},
+         {.max_tokens = 4, .top_p = 1.0f, .top_k = -1}, "top_k"},
+    };
+    for (size_t i = 0; i < sizeof(lib) / sizeof(lib[0]); i++) {
+        uint32_t req;
+        uint32_t inflight = gorgon_inflight(cli);
+        cr_assert_eq(gorgon_generate_submit(cli, &lib[i].p, 1, &req), -EINVAL, "lib case %zu", i);
+        cr_assert_eq(gorgon_inflight(cli), inflight, "lib case %zu: something was sent", i);
+        char mine[256];
+        snprintf(mine, sizeof(mine), "%s", gorgon_last_error(cli));
+        cr_assert(strstr(mine, lib[i].word), "lib case %zu: '%s' lacks '%s'", i, mine,
+                  lib[i].word);
+        int slot = gorgon_slot_acquire(cli);
+        cr_assert_geq(slot, 0);
+        memcpy(gorgon_slot_input(cli, (uint32_t)slot, NULL), &lib[i].raw, sizeof(lib[i].raw));
+        cr_assert_eq(gorgon_submit(cli, &(gorgon_request){.opcode = GORGON_OP_GENERATE,
+                                                          .slot = (uint32_t)slot,
+                                                          .in_len = sizeof(lib[i].raw),
+                                                          .user_data = 8}),
+                     0);
+        gorgon_completion c;
+        cr_assert_eq(gorgon_wait(cli, &c, 1, 5000000000ll), 1);
+        cr_assert_eq(c.result, -EINVAL, "lib case %zu: gorgond said %d", i, c.result);
+        cr_assert(c.out_len == strlen(mine) && !memcmp(mine, c.out, c.out_len),
+                  "lib case %zu: library '%s', gorgond '%.*s'", i, mine, (int)c.out_len,
+                  (const char *)c.out);
+        gorgon_slot_release(cli, (uint32_t)slot);
+    }
     /* Raw descriptors: an unknown flag bit, and a too-short parameter block. */
     int slot = gorgon_slot_acquire(cli);
     cr_assert_geq(slot, 0);
@@ -239,6 +274,102 @@ Test(appliance_generate, bad_params_fail_only_that_request, .fini = teardown, .t
     cr_assert_eq(gorgon_wait(cli, &c, 1, 5000000000ll), 1);
     cr_assert_eq(c.result, -EINVAL);
     gorgon_slot_release(cli, (uint32_t)slot);
+    gorgon_close(cli);
+    GD_END(&gd);
+}
+
+/* A prompt larger than a slot's input goes ahead in pieces: with 256-byte
+ * slots, an 860-byte prompt (and its token-id form) must give what
+ * the same prompt gives inline through 16 KiB slots; a prompt no context
+ * could hold is refused with a message, and the connection goes on. */
+Test(appliance_generate, prompts_larger_than_a_slot_are_accepted, .fini = teardown, .timeout = 90)
+{
+    char prompt[1024] = "";
+    for (int i = 0; i < 20; i++)
+        strcat(prompt, "Once upon a time, there was a little girl. ");
+    cr_assert_eq(strlen(prompt), 860);
+    gorgon_gen_params p = {.prompt = prompt, .max_tokens = 24};
+
+    START_WITH_MODEL(NULL);
+    gorgon_client *cli = gd_connect(&gd, 0);
+    gen_out inline_o;
+    run_one(cli, &p, &inline_o);
+    cr_assert_eq(inline_o.rc, 0, "%s", inline_o.msg);
+    int32_t ids[1024];
+    int n_ids = gorgon_tokenize(cli, prompt, strlen(prompt), GORGON_TOK_ADD_BOS, ids, 1024);
+    cr_assert_gt(n_ids, 64, "tokenize: %d", n_ids);
+    gorgon_close(cli);
+    GD_END(&gd);
+
+    START_WITH_MODEL("--slot-in-bytes", "256", NULL);
+    cli = gd_connect(&gd, 0);
+    gen_out staged;
+    run_one(cli, &p, &staged);
+    cr_assert_eq(staged.rc, 0, "%s", staged.msg);
+    cr_assert_eq(staged.last.usage.prompt_tokens, inline_o.last.usage.prompt_tokens);
+    cr_assert_eq(staged.len, inline_o.len);
+    cr_assert_eq(memcmp(staged.text, inline_o.text, staged.len), 0,
+                 "staged prompt gave other text:\n%.*s\ninline:\n%.*s", (int)staged.len,
+                 staged.text, (int)inline_o.len, inline_o.text);
+    gorgon_gen_params pi = {.prompt_ids = ids, .n_ids = (size_t)n_ids, .max_tokens = 24,
+                            .flags = GORGON_GEN_PROMPT_IDS};
+    cr_assert_gt(pi.n_ids * sizeof(int32_t), 256);
+    gen_out by_ids;
+    run_one(cli, &pi, &by_ids);
+    cr_assert_eq(by_ids.rc, 0, "%s", by_ids.msg);
+    cr_assert_eq(by_ids.len, inline_o.len);
+    cr_assert_eq(memcmp(by_ids.text, inline_o.text, by_ids.len), 0);
+
+    /* 70 KB: more than the 2048-token context can hold however it tokenizes. */
+    static char huge[70000];
+    memset(huge, 'a', sizeof(huge) - 1);
+    gorgon_gen_params ph = {.prompt = huge, .max_tokens = 4};
+    uint32_t req;
+    int rc = gorgon_generate_submit(cli, &ph, 1, &req);
+    cr_assert_eq(rc, -EMSGSIZE, "70 KB prompt: %d", rc);
+    cr_assert(strstr(gorgon_last_error(cli), "context"), "%s", gorgon_last_error(cli));
+    gen_out after;
+    run_one(cli, &p, &after);
+    cr_assert_eq(after.rc, 0, "the connection goes on: %s", after.msg);
+    cr_assert_eq(after.len, inline_o.len);
+    gorgon_close(cli);
+    GD_END(&gd);
+}
+
+/* A handle kept after its request ended names nothing, even when the slot
+ * runs a newer request: cancelling it must not touch that one. */
+Test(appliance_generate, stale_handles_are_refused, .fini = teardown, .timeout = 60)
+{
+    START_WITH_MODEL(NULL);
+    gorgon_client *cli = gd_connect(&gd, 0);
+    gorgon_gen_params p = {.prompt = "Once upon a time", .max_tokens = 3};
+    uint32_t old;
+    cr_assert_eq(gorgon_generate_submit(cli, &p, 1, &old), 0);
+    gorgon_gen_chunk ch;
+    int rc;
+    while ((rc = gorgon_generate_next(cli, old, &ch, 10000000000ll)) == 1) {
+    }
+    cr_assert_eq(rc, 0);
+    /* The freed slot is handed out again (lowest first): same slot, new handle. */
+    gorgon_gen_params p2 = {.prompt = "Once upon a time", .max_tokens = 40};
+    uint32_t cur;
+    cr_assert_eq(gorgon_generate_submit(cli, &p2, 2, &cur), 0);
+    cr_assert_neq(cur, old);
+    cr_assert_eq(gorgon_cancel(cli, old), -ENOENT);
+    cr_assert(strstr(gorgon_last_error(cli), "not a running generation"), "%s",
+              gorgon_last_error(cli));
+    cr_assert_eq(gorgon_generate_next(cli, old, &ch, 0), -EINVAL);
+    cr_assert_eq(gorgon_cancel(cli, 0), -ENOENT, "handle 0 is never issued");
+    cr_assert_eq(gorgon_cancel(cli, 0xffffffffu), -ENOENT);
+    /* The newer request runs to its end, untouched. */
+    uint32_t n = 0;
+    while ((rc = gorgon_generate_next(cli, cur, &ch, 10000000000ll)) == 1) {
+    }
+    cr_assert_eq(rc, 0, "the newer request ended with %d (%s)", rc, gorgon_finish_name(ch.finish));
+    n = ch.usage.completion_tokens;
+    cr_assert(ch.finish == GORGON_FINISH_LENGTH || ch.finish == GORGON_FINISH_EOS, "finish %s",
+              gorgon_finish_name(ch.finish));
+    cr_assert_gt(n, 3);
     gorgon_close(cli);
     GD_END(&gd);
 }
@@ -558,7 +689,8 @@ Test(appliance_generate, small_output_ring_wraps_and_waits_for_reader, .fini = t
      * wait for us: it writes text up to the last byte of room, and the
      * region starts zeroed (generated text has no NUL byte). */
     size_t cap = 0;
-    const volatile uint8_t *ring = gorgon_slot_output(cli, req, &cap);
+    /* A fresh client's first request runs on slot 0 (handles are opaque). */
+    const volatile uint8_t *ring = gorgon_slot_output(cli, 0, &cap);
     cr_assert_eq(cap, 192);
     size_t filled = 0;
     AT_WAIT_UNTIL((filled = ring_bytes_written(ring, cap)) == cap, AT_WAIT_MS,

@@ -12,6 +12,7 @@
 #include "ipc/ipc.h"
 #include "tests/appliance/util/wait.h"
 #include "tests/clients/util/gd_proc.h"
+#include "tests/util/test_models.h"
 
 static gd_proc gd;
 
@@ -403,6 +404,57 @@ Test(appliance_gorgond, sighup_keeps_serving, .fini = teardown, .timeout = 40)
     gorgon_close(cli);
     GD_END(&gd);
     unlink(ini);
+    unlink(log);
+    rmdir(dir);
+}
+
+/* poll_us = auto: gorgond busy-polls only when its loop, the worker's
+ * threads and a client each have a CPU ($GORGON_CPUS stands for the
+ * affinity mask and cgroup quota); an explicit poll_us is taken as given. */
+Test(appliance_gorgond, busy_poll_auto_follows_the_usable_cpus, .fini = teardown, .timeout = 60)
+{
+    static const struct {
+        const char *cpus, *threads, *poll, *want;
+    } cases[] = {
+        {"8", "1", "auto", "busy-poll: 50 us (8 usable CPUs"},
+        {"3", "1", "auto", "busy-poll: 50 us (3 usable CPUs"},
+        {"2", "1", "auto", "busy-poll: off (2 usable CPUs"},
+        {"8", "7", "auto", "busy-poll: off (8 usable CPUs"},
+        {"2", "1", "50", NULL}, /* explicit: no decision to log */
+    };
+    char model[PATH_MAX];
+    snprintf(model, sizeof(model), "%s", tu_model_path("stories260K/stories260K.gguf"));
+    char dir[] = "/tmp/gorgon-test-poll-XXXXXX";
+    cr_assert_not_null(mkdtemp(dir));
+    char log[128];
+    snprintf(log, sizeof(log), "%s/gorgond.log", dir);
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        int logfd = open(log, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0600);
+        cr_assert_geq(logfd, 0);
+        int saved = dup(2);
+        cr_assert_eq(dup2(logfd, 2), 2);
+        setenv("GORGON_CPUS", cases[i].cpus, 1);
+        int rc = gd_start(&gd, "--log-level", "info", "--model", model, "--threads",
+                          cases[i].threads, "--poll-us", cases[i].poll, NULL);
+        unsetenv("GORGON_CPUS");
+        dup2(saved, 2);
+        close(saved);
+        close(logfd);
+        cr_assert_eq(rc, 0, "case %zu: gorgond did not start: %s", i, strerror(-rc));
+        /* The socket accepts before the loop logs its start: wait for it. */
+        AT_WAIT_UNTIL(strstr(read_log(log), "listening on"), AT_WAIT_MS,
+                      "case %zu: gorgond never said it listens:\n%s", i, read_log(log));
+        const char *text = read_log(log);
+        if (cases[i].want)
+            cr_assert(strstr(text, cases[i].want), "case %zu: no '%s' in the log:\n%s", i,
+                      cases[i].want, text);
+        else
+            cr_assert_null(strstr(text, "busy-poll"), "case %zu: %s", i, text);
+        gorgon_client *cli = gd_connect(&gd, 0);
+        cr_assert_eq(gorgon_ping(cli, "x", 1, 2000000000, NULL), 1);
+        gorgon_close(cli);
+        GD_END(&gd);
+    }
     unlink(log);
     rmdir(dir);
 }
