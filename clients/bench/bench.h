@@ -1,8 +1,13 @@
 /* gorgon-bench suites. Each suite is `int bench_<suite>_main(int argc, char **argv)`
  * (argv[0] is the suite name), prints a table to stdout and, with --json, one
- * JSON object; returns a process exit status. */
+ * JSON object (serve: one per --concurrency value, one per line); returns a
+ * process exit status. */
 #ifndef GORGON_BENCH_H
 #define GORGON_BENCH_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
 
 int bench_ipc_main(int argc, char **argv);
 int bench_engine_main(int argc, char **argv);
@@ -10,7 +15,6 @@ int bench_serve_main(int argc, char **argv);
 int bench_medusa_main(int argc, char **argv);
 
 /* Helpers shared by the suites (bench_util.c). */
-#include <stdint.h>
 /* Parse option `opt` of suite `suite`: an integer / finite number in
  * [lo, hi]. 0, or -EINVAL after printing an error naming the option. */
 int bench_parse_i64(const char *suite, const char *opt, const char *s, int64_t lo, int64_t hi,
@@ -19,5 +23,82 @@ int bench_parse_f64(const char *suite, const char *opt, const char *s, double lo
                     double *out);
 /* Print s as a JSON string body (quotes, backslashes, control bytes escaped). */
 void bench_json_puts(const char *s);
+
+/* ---- serve: shared by its two drivers and the plot ----------------------
+ * bench_serve.c parses the options, generates the workload (arrival times,
+ * prompts), runs it once per --concurrency value through a driver (the
+ * shared-memory rings in bench_serve.c, OpenAI HTTP in bench_http.c), and
+ * turns what the driver recorded into vllm's metrics (bench_plot.c draws
+ * them). Single-threaded: a driver runs on the caller's thread. */
+
+/* One request of a run, as a driver records it. Times are cm_now_ns(). */
+typedef struct bench_sreq {
+    uint64_t t_submit; /* sent */
+    uint64_t t_first;  /* first chunk with output (0: none) */
+    uint64_t t_last;   /* latest chunk with output */
+    uint32_t n_out;    /* output tokens (the server's count when it gives one) */
+    uint32_t n_in;     /* prompt tokens (the server's count; 0: unknown) */
+    uint32_t n_chunks; /* chunks with output */
+    uint32_t med_steps, med_acc; /* Medusa usage (shm path) */
+    bool done, failed;
+    double *itl; /* gaps between chunks with output, ms (heap) */
+    uint32_t n_itl, cap_itl;
+    char *err; /* why it failed (heap), or NULL */
+} bench_sreq;
+
+/* The workload, identical whichever driver runs it. */
+typedef struct bench_workload {
+    int64_t n_prompts;
+    int64_t in_len;     /* random prompt length in tokens (without prompt) */
+    int64_t out_len;    /* max_tokens */
+    double rate, burst; /* arrivals: requests/s (inf: all at once), gamma shape */
+    double temperature;
+    const char *prompt; /* text prompt, or NULL: in_len random token ids */
+    bool no_medusa;
+} bench_workload;
+
+/* Workload generators (bench_serve.c; reseeded before each run, so every
+ * run and both drivers see the same prompts and arrival gaps). */
+void bench_serve_prompt_ids(int32_t *ids, int64_t n); /* BOS (1) + random ids */
+uint64_t bench_serve_next_gap_ns(const bench_workload *w);
+/* Append an inter-token gap; 0 or -ENOMEM. */
+int bench_sreq_add_itl(bench_sreq *r, double ms);
+/* Record why r failed (printf-style; keeps the first message). */
+void bench_sreq_fail(bench_sreq *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* HTTP driver (bench_http.c). */
+typedef struct bench_http_cfg {
+    const char *base_url; /* http://HOST:PORT (a path prefix allowed) */
+    const char *endpoint; /* /v1/completions or /v1/chat/completions */
+    const char *api_key;  /* Bearer token, or NULL */
+    const char *model;    /* "model" sent; NULL: the first of GET /v1/models */
+} bench_http_cfg;
+typedef struct bench_http bench_http;
+/* Check the URL, find the model, send one warm-up request. 0, or -errno
+ * after printing why to stderr (nothing to destroy then). */
+int bench_http_open(bench_http **out, const bench_http_cfg *cfg, const bench_workload *w);
+/* Run w with at most max_inflight requests in flight, filling rq[0..n_prompts)
+ * and *dur_s. 0, or -errno on a failure of the whole run (printed). */
+int bench_http_run(bench_http *h, const bench_workload *w, int64_t max_inflight, bench_sreq *rq,
+                   double *dur_s);
+void bench_http_destroy(bench_http *h);
+
+/* The metrics of one run. Arrays are sorted ascending, in ms. */
+typedef struct bench_result {
+    int64_t concurrency; /* cap on requests in flight; 0: none */
+    long completed, failed;
+    double dur_s, req_tp, out_tp;
+    double *ttft, *tpot, *itl, *e2el;
+    size_t n_ttft, n_tpot, n_itl, n_e2el;
+} bench_result;
+
+/* Draw CDFs of TTFT and ITL (one curve per run) and, with several runs,
+ * throughput against concurrency into `file` (.png or .svg) with gnuplot;
+ * the raw data goes to the same name with .csv. 0, or -errno after
+ * printing why. */
+int bench_plot(const char *file, const bench_result *runs, size_t n_runs);
+/* Is `file` a name bench_plot can draw, and is gnuplot on PATH? 0, or
+ * -EINVAL / -ENOENT after printing why. */
+int bench_plot_check(const char *file);
 
 #endif

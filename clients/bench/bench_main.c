@@ -15,7 +15,8 @@ static const struct suite suites[] = {
     {"ipc", bench_ipc_main, "round trip client -> gorgond -> client: shm busy-poll, shm futex, AF_UNIX"},
     {"engine", bench_engine_main, "prefill and decode tokens/s against the memory-bandwidth roofline"},
     {"medusa", bench_medusa_main, "Medusa vs plain greedy: tokens/step, head acceptance, speedup, step cost"},
-    {"serve", bench_serve_main, "load a running gorgond --model: TTFT/TPOT/ITL/E2EL, throughput (vllm bench serve)"},
+    {"serve", bench_serve_main,
+     "load gorgond (shm) or any OpenAI server (--base-url): TTFT/TPOT/ITL/E2EL, throughput (vllm bench serve)"},
 };
 
 static void usage(FILE *f)

@@ -1,0 +1,421 @@
+/* `gorgon-bench serve --base-url` against a fake OpenAI server
+ * (tests/clients/util/fake_openai.py) that streams known chunks with known
+ * delays: token counts are exact, timings are bounded by the fake's delays,
+ * HTTP errors are counted as failed requests with their message, and
+ * --plot writes a picture and a CSV with the samples; --plot and a
+ * --concurrency list work on the shared-memory path too. */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "tests/clients/util/gd_proc.h"
+#include "tests/util/test_models.h"
+
+static pid_t server = -1;
+static int port;
+static char dir[64];
+static char bench_bin[PATH_MAX];
+static char out[1 << 16], err[1 << 16];
+
+static void cleanup(void)
+{
+    if (server > 0) {
+        kill(server, SIGKILL);
+        waitpid(server, NULL, 0);
+        server = -1;
+    }
+    if (dir[0]) {
+        char cmd[128];
+        snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+        (void)!system(cmd);
+        dir[0] = '\0';
+    }
+}
+
+static void setup(void)
+{
+    cr_assert_eq(gd_find_binary(bench_bin, sizeof(bench_bin)), 0, "gorgond not built");
+    char *slash = strrchr(bench_bin, '/');
+    cr_assert_not_null(slash);
+    snprintf(slash + 1, sizeof(bench_bin) - (size_t)(slash + 1 - bench_bin), "gorgon-bench");
+    cr_assert_eq(access(bench_bin, X_OK), 0, "%s not built", bench_bin);
+    snprintf(dir, sizeof(dir), "/tmp/gorgon-bench-http-XXXXXX");
+    cr_assert_not_null(mkdtemp(dir));
+}
+
+/* Start the fake server with its options (NULL-terminated); port set. */
+static void start_fake(const char *first, ...)
+{
+    if (access("/usr/bin/python3", X_OK) != 0)
+        cr_assert_fail("python3 is needed for the fake OpenAI server (deploy/install-deps.sh)");
+    const char *argv[24] = {"python3", "tests/clients/util/fake_openai.py"};
+    int argc = 2;
+    va_list ap;
+    va_start(ap, first);
+    for (const char *a = first; a && argc < 23; a = va_arg(ap, const char *))
+        argv[argc++] = a;
+    va_end(ap);
+    argv[argc] = NULL;
+    int p[2];
+    cr_assert_eq(pipe(p), 0);
+    server = fork();
+    cr_assert_geq(server, 0);
+    if (server == 0) {
+        dup2(p[1], 1);
+        close(p[0]);
+        execv("/usr/bin/python3", (char *const *)argv);
+        _exit(127);
+    }
+    close(p[1]);
+    char buf[32] = "";
+    size_t n = 0;
+    while (n < sizeof(buf) - 1 && !memchr(buf, '\n', n)) {
+        ssize_t k = read(p[0], buf + n, sizeof(buf) - 1 - n);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0)
+            break;
+        n += (size_t)k;
+    }
+    close(p[0]);
+    cr_assert(memchr(buf, '\n', n), "the fake OpenAI server did not start");
+    port = atoi(buf);
+    cr_assert_gt(port, 0);
+}
+
+static char url_buf[64];
+static const char *base_url(void)
+{
+    snprintf(url_buf, sizeof(url_buf), "http://127.0.0.1:%d", port);
+    return url_buf;
+}
+
+static void slurp(const char *path, char *buf, size_t cap)
+{
+    buf[0] = '\0';
+    FILE *f = fopen(path, "r");
+    if (f) {
+        buf[fread(buf, 1, cap - 1, f)] = '\0';
+        fclose(f);
+    }
+}
+
+/* Run `gorgon-bench serve ARGS...` (NULL-terminated): exit status; stdout
+ * in out, stderr in err. */
+static int bench(const char *first, ...)
+{
+    const char *argv[48] = {bench_bin, "serve"};
+    int argc = 2;
+    va_list ap;
+    va_start(ap, first);
+    for (const char *a = first; a && argc < 47; a = va_arg(ap, const char *))
+        argv[argc++] = a;
+    va_end(ap);
+    argv[argc] = NULL;
+    char outf[128], errf[128];
+    snprintf(outf, sizeof(outf), "%s/.stdout", dir);
+    snprintf(errf, sizeof(errf), "%s/.stderr", dir);
+    pid_t pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        if (!freopen(outf, "w", stdout) || !freopen(errf, "w", stderr))
+            _exit(126);
+        execv(bench_bin, (char *const *)argv);
+        _exit(127);
+    }
+    int st;
+    cr_assert_eq(waitpid(pid, &st, 0), pid);
+    slurp(outf, out, sizeof(out));
+    slurp(errf, err, sizeof(err));
+    cr_assert(WIFEXITED(st), "gorgon-bench did not exit: wait status %d\n%s", st, err);
+    return WEXITSTATUS(st);
+}
+
+/* The number after "key": in json; "a.b" looks up b inside a's object.
+ * The test fails when it is missing. */
+static double jnum(const char *json, const char *path)
+{
+    char key[64];
+    const char *p = json, *dot = strchr(path, '.');
+    if (dot) {
+        snprintf(key, sizeof(key), "\"%.*s\": {", (int)(dot - path), path);
+        p = strstr(p, key);
+        cr_assert_not_null(p, "no %s in %s", key, json);
+        path = dot + 1;
+    }
+    snprintf(key, sizeof(key), "\"%s\": ", path);
+    p = strstr(p, key);
+    cr_assert_not_null(p, "no %s in %s", key, json);
+    char *end;
+    double v = strtod(p + strlen(key), &end);
+    cr_assert_neq(end, p + strlen(key), "%s is not a number in %s", path, json);
+    return v;
+}
+
+/* What the fake server saw: one JSON line per POST. */
+static char log_buf[1 << 16];
+static const char *fake_log(void)
+{
+    char cmd[256];
+    snprintf(cmd, sizeof(cmd),
+             "python3 -c \"import urllib.request as u; "
+             "print(u.urlopen('http://127.0.0.1:%d/log').read().decode(), end='')\"",
+             port);
+    FILE *p = popen(cmd, "r");
+    cr_assert_not_null(p);
+    log_buf[fread(log_buf, 1, sizeof(log_buf) - 1, p)] = '\0';
+    cr_assert_eq(pclose(p), 0, "reading the fake server's log failed");
+    return log_buf;
+}
+
+static int count_of(const char *hay, const char *needle)
+{
+    int n = 0;
+    for (const char *p = hay; (p = strstr(p, needle)); p += strlen(needle))
+        n++;
+    return n;
+}
+
+Test(clients_bench_http, streams_are_counted_exactly_and_timed_within_the_fakes_delays,
+     .init = setup, .fini = cleanup, .timeout = 60)
+{
+    start_fake("--chunks", "5", "--first-delay-ms", "30", "--gap-ms", "10", NULL);
+    cr_assert_eq(bench("--base-url", base_url(), "--num-prompts", "6", "--concurrency", "2",
+                       "--max-tokens", "5", "--json", NULL),
+                 0, "%s", err);
+    cr_assert_eq(count_of(out, "\n"), 1, "one JSON line per concurrency value: %s", out);
+    cr_assert_eq(jnum(out, "completed"), 6);
+    cr_assert_eq(jnum(out, "failed"), 0);
+    cr_assert_eq(jnum(out, "max_concurrency"), 2);
+    cr_assert_eq(jnum(out, "total_output_tokens"), 30, "5 chunks of one token each, 6 requests");
+    cr_assert_eq(jnum(out, "total_input_tokens"), 6 * 32, "the fake counts the prompt's ids");
+    /* no chunk leaves the fake before its delay after the request arrived */
+    cr_assert_geq(jnum(out, "ttft_ms.median"), 30.0, "%s", out);
+    cr_assert_geq(jnum(out, "ttft_ms.mean"), 30.0, "%s", out);
+    cr_assert_geq(jnum(out, "e2el_ms.median"), 30.0 + 4 * 10.0, "%s", out);
+    cr_assert_lt(jnum(out, "ttft_ms.median"), 30.0 + 5000.0, "%s", out);
+    /* one token per chunk: TPOT is the mean gap between chunks */
+    cr_assert_float_eq(jnum(out, "tpot_ms.mean"), jnum(out, "itl_ms.mean"), 2e-4, "%s", out);
+    cr_assert_gt(jnum(out, "itl_ms.p99"), 0.0);
+    cr_assert_gt(jnum(out, "request_throughput"), 0.0);
+    cr_assert_float_eq(jnum(out, "output_throughput"), 5 * jnum(out, "request_throughput"),
+                       1e-2 * jnum(out, "output_throughput"), "%s", out);
+    cr_assert(strstr(out, "\"errors\": []"), "%s", out);
+
+    /* what went over the wire: the warm-up and 6 streaming requests */
+    const char *log = fake_log();
+    cr_assert_eq(count_of(log, "\n"), 7, "%s", log);
+    cr_assert_eq(count_of(log, "\"stream\": true"), 7, "%s", log);
+    cr_assert_eq(count_of(log, "\"stream_options\": {\"include_usage\": true}"), 7, "%s", log);
+    cr_assert_eq(count_of(log, "\"model\": \"fake-model\""), 7, "the model of /v1/models: %s", log);
+    cr_assert_eq(count_of(log, "\"max_tokens\": 5"), 6, "%s", log);
+    cr_assert_eq(count_of(log, "\"prompt\": [1, "), 7, "token-id prompts after BOS: %s", log);
+}
+
+Test(clients_bench_http, output_tokens_come_from_usage_else_from_chunks, .init = setup,
+     .fini = cleanup, .timeout = 60)
+{
+    start_fake("--chunks", "4", "--tokens-per-chunk", "3", NULL);
+    cr_assert_eq(bench("--base-url", base_url(), "--requests", "5", "--max-tokens", "12",
+                       "--json", NULL),
+                 0, "%s", err);
+    cr_assert_eq(jnum(out, "total_output_tokens"), 5 * 4 * 3, "usage.completion_tokens: %s", out);
+    cleanup();
+    setup();
+    start_fake("--chunks", "4", "--tokens-per-chunk", "3", "--no-usage", NULL);
+    cr_assert_eq(bench("--base-url", base_url(), "--requests", "5", "--max-tokens", "12",
+                       "--input-len", "7", "--json", NULL),
+                 0, "%s", err);
+    cr_assert_eq(jnum(out, "total_output_tokens"), 5 * 4, "one per chunk without usage: %s", out);
+    cr_assert_eq(jnum(out, "total_input_tokens"), 5 * 7, "the prompt's length: %s", out);
+}
+
+Test(clients_bench_http, chat_endpoint_with_text_prompt_model_and_api_key, .init = setup,
+     .fini = cleanup, .timeout = 60)
+{
+    start_fake("--chunks", "3", "--api-key", "s3cret", NULL);
+    cr_assert_eq(bench("--base-url", base_url(), "--endpoint", "/v1/chat/completions",
+                       "--prompt", "Once upon a time", "--model", "my-model", "--api-key",
+                       "s3cret", "--temperature", "0.5", "--num-prompts", "4", "--json", NULL),
+                 0, "%s", err);
+    cr_assert_eq(jnum(out, "completed"), 4);
+    cr_assert_eq(jnum(out, "total_output_tokens"), 4 * 3, "%s", out);
+    cr_assert_eq(jnum(out, "total_input_tokens"), 4 * 4, "the fake counts words: %s", out);
+    const char *log = fake_log();
+    cr_assert_eq(count_of(log, "\"auth\": \"Bearer s3cret\""), 5, "%s", log);
+    cr_assert_eq(count_of(log, "\"model\": \"my-model\""), 5, "%s", log);
+    cr_assert_eq(count_of(log, "\"messages\": [{\"role\": \"user\", \"content\": \"Once upon a time\"}]"),
+                 5, "%s", log);
+    cr_assert_eq(count_of(log, "\"temperature\": 0.5"), 5, "%s", log);
+
+    /* without the key the warm-up request gets a 401: nothing is measured */
+    cr_assert_eq(bench("--base-url", base_url(), "--endpoint", "/v1/chat/completions",
+                       "--prompt", "Hi", "--num-prompts", "2", "--json", NULL),
+                 1);
+    cr_assert(strstr(err, "warm-up") && strstr(err, "HTTP 401") && strstr(err, "bad API key"),
+              "%s", err);
+    cr_assert_str_empty(out);
+}
+
+Test(clients_bench_http, http_errors_are_failed_requests_with_their_message, .init = setup,
+     .fini = cleanup, .timeout = 60)
+{
+    /* POST 1 is the warm-up; of the 6 measured (POSTs 2..7) 2, 4, 6 fail */
+    start_fake("--chunks", "3", "--fail-every", "2", "--fail-status", "500", NULL);
+    cr_assert_eq(bench("--base-url", base_url(), "--num-prompts", "6", "--concurrency", "1",
+                       "--json", NULL),
+                 1, "a run with failures exits 1: %s", err);
+    cr_assert_eq(jnum(out, "completed"), 3, "%s", out);
+    cr_assert_eq(jnum(out, "failed"), 3, "%s", out);
+    cr_assert_eq(jnum(out, "total_output_tokens"), 3 * 3, "only completed requests count: %s", out);
+    cr_assert(strstr(out, "HTTP 500: {\\\"error\\\": {\\\"message\\\": \\\"fake failure of request 2\\\""),
+              "the error body is in the message: %s", out);
+    cr_assert(strstr(out, "fake failure of request 4") && strstr(out, "fake failure of request 6"),
+              "%s", out);
+    cr_assert(strstr(err, "failed: HTTP 500"), "%s", err);
+    cleanup();
+    setup();
+
+    /* errors inside a 200 stream: vLLM's error event, llama-server's line */
+    const char *kinds[2][2] = {{"event", "error event in the stream: fake failure of request 2"},
+                               {"line", "error in the stream: {\\\"message\\\": \\\"fake failure of request 2"}};
+    for (int i = 0; i < 2; i++) {
+        start_fake("--chunks", "3", "--fail-every", "2", "--fail-kind", kinds[i][0], NULL);
+        cr_assert_eq(bench("--base-url", base_url(), "--num-prompts", "6", "--concurrency", "3",
+                           "--json", NULL),
+                     1, "%s", err);
+        cr_assert_eq(jnum(out, "completed"), 3, "%s: %s", kinds[i][0], out);
+        cr_assert_eq(jnum(out, "failed"), 3, "%s: %s", kinds[i][0], out);
+        cr_assert_eq(jnum(out, "total_output_tokens"), 3 * 3, "%s: %s", kinds[i][0], out);
+        cr_assert(strstr(out, kinds[i][1]), "%s: %s", kinds[i][0], out);
+        cleanup();
+        setup();
+    }
+
+    /* a 400 for everything: the warm-up says why and the run stops */
+    start_fake("--fail-every", "1", "--fail-status", "400", NULL);
+    cr_assert_eq(bench("--base-url", base_url(), "--num-prompts", "3", "--json", NULL), 1);
+    cr_assert(strstr(err, "HTTP 400") && strstr(err, "fake failure of request 1"), "%s", err);
+    cr_assert_str_empty(out);
+}
+
+Test(clients_bench_http, unreachable_server_and_bad_options_are_named, .init = setup,
+     .fini = cleanup, .timeout = 60)
+{
+    /* a port nothing listens on: bind one, then close it */
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t sl = sizeof(sa);
+    cr_assert_eq(bind(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    cr_assert_eq(getsockname(fd, (struct sockaddr *)&sa, &sl), 0);
+    close(fd);
+    char url[64];
+    snprintf(url, sizeof(url), "http://127.0.0.1:%d", ntohs(sa.sin_port));
+    cr_assert_eq(bench("--base-url", url, "--model", "m", "--num-prompts", "2", NULL), 1);
+    cr_assert(strstr(err, url) && strstr(err, "warm-up"), "%s", err);
+
+    cr_assert_eq(bench("--base-url", "ftp://x", NULL), 2);
+    cr_assert(strstr(err, "--base-url \"ftp://x\""), "%s", err);
+    cr_assert_eq(bench("--base-url", "http://x", "--endpoint", "/v1/chat/completions", NULL), 2);
+    cr_assert(strstr(err, "needs --prompt"), "%s", err);
+    cr_assert_eq(bench("--base-url", "http://x", "--endpoint", "v1/completions", NULL), 2);
+    cr_assert(strstr(err, "--endpoint \"v1/completions\""), "%s", err);
+    cr_assert_eq(bench("--concurrency", "1,,4", NULL), 2);
+    cr_assert(strstr(err, "--concurrency \"1,,4\""), "%s", err);
+    cr_assert_eq(bench("--concurrency", "1,x", NULL), 2);
+    cr_assert(strstr(err, "--concurrency") && strstr(err, "\"x\""), "%s", err);
+    cr_assert_eq(bench("--plot", "/tmp/out.jpg", NULL), 2);
+    cr_assert(strstr(err, "--plot \"/tmp/out.jpg\""), "%s", err);
+    cr_assert_eq(bench("--plot", "/nonexistent-dir/out.png", NULL), 2);
+    cr_assert(strstr(err, "/nonexistent-dir"), "%s", err);
+    cr_assert_eq(bench("--socket", "/x", "--base-url", "http://x", NULL), 2);
+    cr_assert(strstr(err, "give one"), "%s", err);
+    cr_assert_eq(bench("--base-url", "http://x", "--no-medusa", NULL), 2);
+    cr_assert(strstr(err, "--no-medusa"), "%s", err);
+    cr_assert_eq(bench("--api-key", "k", NULL), 2);
+    cr_assert(strstr(err, "--base-url"), "%s", err);
+}
+
+/* Rows of metric (and concurrency c) in the CSV. */
+static int csv_rows(const char *csv, long c, const char *metric)
+{
+    char pat[64];
+    snprintf(pat, sizeof(pat), "\n%ld,%s,", c, metric);
+    return count_of(csv, pat);
+}
+
+static char csv[1 << 20];
+static gd_proc gd;
+
+Test(clients_bench_http, plot_draws_a_png_and_writes_the_samples_as_csv, .init = setup,
+     .fini = cleanup, .timeout = 90)
+{
+    start_fake("--chunks", "5", "--gap-ms", "1", NULL);
+    char png[128], csvf[128];
+    snprintf(png, sizeof(png), "%s/serve.png", dir);
+    snprintf(csvf, sizeof(csvf), "%s/serve.csv", dir);
+    cr_assert_eq(bench("--base-url", base_url(), "--num-prompts", "8", "--concurrency", "1,4",
+                       "--plot", png, "--json", NULL),
+                 0, "%s", err);
+    cr_assert_eq(count_of(out, "\n"), 2, "one JSON line per concurrency value: %s", out);
+    cr_assert(strstr(out, "\"max_concurrency\": 1,") && strstr(out, "\"max_concurrency\": 4,"),
+              "%s", out);
+    FILE *f = fopen(png, "rb");
+    cr_assert_not_null(f, "%s was not written: %s", png, err);
+    unsigned char magic[8] = {0};
+    cr_assert_eq(fread(magic, 1, 8, f), 8);
+    fclose(f);
+    cr_assert(!memcmp(magic, "\x89PNG\r\n\x1a\n", 8), "not a PNG");
+    struct stat sb;
+    cr_assert_eq(stat(png, &sb), 0);
+    cr_assert_gt(sb.st_size, 1000, "the PNG is nearly empty");
+
+    slurp(csvf, csv, sizeof(csv));
+    cr_assert(!strncmp(csv, "concurrency,metric,value\n", 25), "header: %.80s", csv);
+    for (long c = 1; c <= 4; c += 3) {
+        cr_assert_eq(csv_rows(csv, c, "ttft_ms"), 8, "c=%ld", c);
+        cr_assert_eq(csv_rows(csv, c, "e2el_ms"), 8, "c=%ld", c);
+        cr_assert_eq(csv_rows(csv, c, "tpot_ms"), 8, "c=%ld", c);
+        cr_assert_eq(csv_rows(csv, c, "itl_ms"), 8 * 4, "a gap between each of 5 chunks, c=%ld", c);
+        cr_assert_eq(csv_rows(csv, c, "request_throughput"), 1, "c=%ld", c);
+        cr_assert_eq(csv_rows(csv, c, "output_throughput"), 1, "c=%ld", c);
+    }
+    cr_assert_eq(count_of(csv, "\n"), 1 + 2 * (8 * 3 + 8 * 4 + 2), "no other rows");
+}
+
+Test(clients_bench_http, plot_on_the_shm_path_with_a_concurrency_list_draws_svg, .init = setup,
+     .fini = cleanup, .timeout = 120)
+{
+    int rc = gd_start(&gd, "--model", tu_model_path("stories260K/stories260K.gguf"), NULL);
+    cr_assert_eq(rc, 0, "gd_start: %d", rc);
+    char svg[128], csvf[128];
+    snprintf(svg, sizeof(svg), "%s/shm.svg", dir);
+    snprintf(csvf, sizeof(csvf), "%s/shm.csv", dir);
+    int st = bench("--socket", gd.sock, "--num-prompts", "4", "--concurrency", "1,2",
+                   "--output-len", "8", "--plot", svg, "--json", NULL);
+    GD_END(&gd);
+    cr_assert_eq(st, 0, "%s", err);
+    cr_assert_eq(count_of(out, "\n"), 2, "%s", out);
+    cr_assert_eq(count_of(out, "\"completed\": 4,"), 2, "%s", out);
+    cr_assert_eq(count_of(out, "\"total_input_tokens\": 128,"), 2, "4 prompts of 32 ids: %s", out);
+    slurp(svg, csv, sizeof(csv));
+    cr_assert(strstr(csv, "<svg") && strstr(csv, "TTFT (CDF)") && strstr(csv, "Throughput"),
+              "not the SVG expected: %.200s", csv);
+    slurp(csvf, csv, sizeof(csv));
+    cr_assert(!strncmp(csv, "concurrency,metric,value\n", 25), "header: %.80s", csv);
+    for (long c = 1; c <= 2; c++) {
+        cr_assert_eq(csv_rows(csv, c, "ttft_ms"), 4, "c=%ld", c);
+        cr_assert_eq(csv_rows(csv, c, "output_throughput"), 1, "c=%ld", c);
+    }
+}
