@@ -291,9 +291,13 @@ typedef struct kn_ops {
     int (*gather)(kn_ctx *ctx, const float *x, const int64_t *idx, int64_t n, float *out);
 } kn_ops;
 
-/* Measured on a 2-vCPU AVX-512 host (docs/benchmarks.md): a Q8_0 matvec of
- * 64 KiB takes ~5 us on one thread, about what a fan-out to a sleeping
- * thread costs. */
+/* Below this many bytes of work an op runs on the calling thread. A pool
+ * round trip costs ~1 us while the threads poll and 5-50 us when one must
+ * be woken and scheduled; 256 KiB of weights take ~20 us to stream on one
+ * core. stories260K, whose ops are all smaller, decodes at the one-thread
+ * speed with --threads 2 at this threshold and at half of it when every op
+ * fans out (docs/benchmarks.md, 2026-12-05); the 110m model's matmuls
+ * (>= 600 KiB each) all fan out. */
 #define KN_FANOUT_MIN_BYTES (256 * 1024)
 
 /* The thread count that n_threads <= 0 picks: the CPUs this process may

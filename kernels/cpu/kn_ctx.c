@@ -49,7 +49,7 @@
 #define KN_PREEMPT_NS 200000
 /* After a preemption, polls that are skipped (straight to the futex) before
  * polling is tried again. */
-#define KN_SPIN_BACKOFF 256
+#define KN_SPIN_BACKOFF 16
 
 /* The claim word: generation in the high bits, next share in the low ones.
  * A thread that finds the shares exhausted has added one past n_threads and
