@@ -30,10 +30,17 @@
  *
  * Threading: a kn_ctx owns a persistent thread pool (created once; no thread
  * creation per op). Ops on one ctx are called from one thread at a time; they
- * fan out internally over the pool and return when all work is done. Pool
- * threads poll for ~tens of microseconds after an op, then sleep on a futex
- * (no polling at all when n_threads exceeds the online CPUs); n_threads = 1
- * runs everything on the calling thread with no synchronisation.
+ * fan out internally over the pool and return when all work is done. An op
+ * is cut into n_threads shares that whichever thread is free claims (the
+ * calling thread included), so a pool thread that is asleep or preempted
+ * delays nothing it has not started; which thread runs a share never
+ * changes the result. Ops that read fewer than fanout_min_bytes run on the
+ * calling thread alone. Pool threads poll for ~tens of microseconds after
+ * an op, then sleep on a futex; they do not poll at all when the pool's
+ * threads plus the process's registered spinners exceed the CPUs it may use
+ * (cm_cpus_usable: affinity and cgroup quota), nor for a while after a poll
+ * was preempted. n_threads = 1 runs everything on the calling thread with
+ * no synchronisation.
  *
  * Scratch: matmul uses ctx-owned scratch (quantised activations, weight
  * panels) that grows on first use of a larger M and is kept; run one
@@ -126,7 +133,12 @@ int kn_variant_supported(enum kn_variant v);
 typedef struct kn_ctx kn_ctx;
 
 typedef struct kn_ctx_cfg {
-    int n_threads;             /* <= 0: number of online CPUs */
+    int n_threads;             /* <= 0: kn_threads_auto() */
+    /* Ops that read fewer bytes than this run on the calling thread (a
+     * pool round trip costs a few microseconds, more when a thread must be
+     * woken). 0: KN_FANOUT_MIN_BYTES, or $GORGON_FANOUT_MIN_BYTES when set;
+     * < 0: every op fans out (tests of the parallel paths). */
+    int64_t fanout_min_bytes;
     enum kn_variant variant;   /* AUTO picks the best supported */
     const int *cpus;           /* optional: pin pool thread i to cpus[i] (n_threads entries);
                                 * thread 0 is the thread calling kn_ctx_create, which is
@@ -278,6 +290,21 @@ typedef struct kn_ops {
      * responsibility: within x). */
     int (*gather)(kn_ctx *ctx, const float *x, const int64_t *idx, int64_t n, float *out);
 } kn_ops;
+
+/* Below this many bytes of work an op runs on the calling thread. A pool
+ * round trip costs ~1 us while the threads poll and 5-50 us when one must
+ * be woken and scheduled; 256 KiB of weights take ~20 us to stream on one
+ * core. stories260K, whose ops are all smaller, decodes at the one-thread
+ * speed with --threads 2 at this threshold and at half of it when every op
+ * fans out (docs/benchmarks.md, 2026-12-05); the 110m model's matmuls
+ * (>= 600 KiB each) all fan out. */
+#define KN_FANOUT_MIN_BYTES (256 * 1024)
+
+/* The thread count that n_threads <= 0 picks: the CPUs this process may
+ * use (cm_cpus_usable), at most KN_AUTO_THREADS_MAX (decode is memory-bound
+ * and stops scaling long before that). */
+#define KN_AUTO_THREADS_MAX 32
+int kn_threads_auto(void);
 
 int kn_ctx_create(kn_ctx **out, const kn_ctx_cfg *cfg);
 void kn_ctx_destroy(kn_ctx *ctx);

@@ -12,10 +12,18 @@
  *   prefill FLOP 2 x (matmul params of the blocks) x prompt tokens
  *                + 2 x (output matrix params) x 1 (only the last token's
  *                logits are computed); attention FLOPs are NOT counted.
+ *
+ * --contention N runs N busy-looping threads beside the measurement (started
+ * after setup, stopped after the last repetition): the neighbours a
+ * co-located appliance always has. Kernel threads that wait for one another
+ * collapse under them; tokens/s with N = the CPU count is the figure to
+ * compare across --threads.
  */
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,9 +36,55 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: gorgon-bench engine --model FILE [--threads N] [--json]\n"
                "         [--prompt-len N (512)] [--decode-tokens N (128)] [--reps R (3)]\n"
-               "         [--bw-mib M (1024)]\n"
+               "         [--bw-mib M (1024)] [--contention N (0)]\n"
                "Prefill: one N-token prompt in one forward call. Decode: greedy from BOS,\n"
-               "one token per forward. Best of R repetitions for each.\n");
+               "one token per forward. Best of R repetitions for each.\n"
+               "--threads 0: as many as CPUs this process may use (affinity, cgroup quota).\n"
+               "--contention N: N busy-looping threads run beside the measurement.\n");
+}
+
+/* ---- neighbours: busy threads beside the measurement ------------------- */
+
+typedef struct busy_set {
+    atomic_bool stop;
+    int n;
+    pthread_t tid[256];
+} busy_set;
+
+static void *busy_main(void *p)
+{
+    busy_set *b = p;
+    /* a pure spin, like `while :; do :; done`: wants its CPU all the time */
+    while (!atomic_load_explicit(&b->stop, memory_order_relaxed))
+        ;
+    return NULL;
+}
+
+/* Starts n busy threads; 0 or -errno (those started are stopped). */
+static int busy_start(busy_set *b, int n)
+{
+    atomic_init(&b->stop, false);
+    b->n = 0;
+    for (int i = 0; i < n; i++) {
+        int rc = pthread_create(&b->tid[i], NULL, busy_main, b);
+        if (rc != 0) {
+            atomic_store(&b->stop, true);
+            for (int j = 0; j < b->n; j++)
+                pthread_join(b->tid[j], NULL);
+            b->n = 0;
+            return -rc;
+        }
+        b->n++;
+    }
+    return 0;
+}
+
+static void busy_stop(busy_set *b)
+{
+    atomic_store(&b->stop, true);
+    for (int i = 0; i < b->n; i++)
+        pthread_join(b->tid[i], NULL);
+    b->n = 0;
 }
 
 typedef struct bench_env {
@@ -84,21 +138,25 @@ int bench_engine_main(int argc, char **argv)
 {
     const char *path = NULL;
     int64_t threads = 1, prompt_len = 512, decode_n = 128, reps = 3, bw_mib = 1024;
+    int64_t contention = 0;
+    static busy_set busy;
     bool json = false;
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},      {"threads", required_argument, 0, 't'},
         {"json", no_argument, 0, 'j'},             {"prompt-len", required_argument, 0, 'p'},
         {"decode-tokens", required_argument, 0, 'n'}, {"reps", required_argument, 0, 'r'},
         {"bw-mib", required_argument, 0, 'b'},     {"help", no_argument, 0, 'h'},
+        {"contention", required_argument, 0, 'c'},
         {0, 0, 0, 0},
     };
     optind = 1;
     int o;
-    while ((o = getopt_long(argc, argv, "m:t:jp:n:r:b:h", opts, NULL)) != -1) {
+    while ((o = getopt_long(argc, argv, "m:t:jp:n:r:b:c:h", opts, NULL)) != -1) {
         int rc = 0;
         switch (o) {
         case 'm': path = optarg; break;
-        case 't': rc = bench_parse_i64("engine", "--threads", optarg, 1, 1024, &threads); break;
+        case 't': rc = bench_parse_i64("engine", "--threads", optarg, 0, 256, &threads); break;
+        case 'c': rc = bench_parse_i64("engine", "--contention", optarg, 0, 256, &contention); break;
         case 'j': json = true; break;
         case 'p': rc = bench_parse_i64("engine", "--prompt-len", optarg, 1, 1 << 20, &prompt_len); break;
         case 'n': rc = bench_parse_i64("engine", "--decode-tokens", optarg, 1, 1 << 20, &decode_n); break;
@@ -136,6 +194,7 @@ int bench_engine_main(int argc, char **argv)
         fprintf(stderr, "gorgon-bench engine: kernels: %s\n", cm_strerror(rc));
         goto out;
     }
+    threads = kn_ctx_threads(kn); /* 0 was auto */
     int64_t max_len = prompt_len > decode_n ? prompt_len : decode_n;
     eng_kv_cfg kc;
     eng_model_kv_cfg(e.m, 16, (max_len + 15) / 16, 1, max_len, &kc);
@@ -160,9 +219,15 @@ int bench_engine_main(int argc, char **argv)
         ids[i] = (int32_t)((x >> 33) % (uint64_t)hp->n_vocab);
     }
 
+    if ((rc = busy_start(&busy, (int)contention)) < 0) {
+        fprintf(stderr, "gorgon-bench engine: cannot start %" PRId64 " busy threads: %s\n",
+                contention, cm_strerror(rc));
+        goto out;
+    }
     /* warm-up: page the weights in, touch every scratch buffer */
     if (run_prefill(&e, ids, prompt_len) < 0 || run_decode(&e, bos, 4) < 0) {
         fprintf(stderr, "gorgon-bench engine: forward failed: %s\n", eng_error());
+        busy_stop(&busy);
         goto out;
     }
     double t_pre = 1e30, t_dec = 1e30;
@@ -177,6 +242,7 @@ int bench_engine_main(int argc, char **argv)
         if (t >= 0 && t < t_dec)
             t_dec = t;
     }
+    busy_stop(&busy);
 
     const kn_tensor *out_w = eng_model_output(e.m);
     int64_t out_params = out_w->rows * out_w->cols;
@@ -195,16 +261,17 @@ int bench_engine_main(int argc, char **argv)
         printf("{\"suite\":\"engine\",\"model\":\"");
         bench_json_puts(path);
         printf("\",\"weights\":\"%s\",\"threads\":%" PRId64
-               ",\"kernels\":\"%s\",\"prompt_len\":%" PRId64 ",\"decode_tokens\":%" PRId64
+               ",\"kernels\":\"%s\",\"contention\":%" PRId64 ",\"prompt_len\":%" PRId64
+               ",\"decode_tokens\":%" PRId64
                ",\"prefill_tok_s\":%.2f,\"prefill_gflop_s\":%.3f,\"decode_tok_s\":%.2f,"
                "\"bandwidth_gb_s\":%.3f,\"bytes_per_token\":%.0f,\"roofline_tok_s\":%.2f,"
                "\"decode_roofline_frac\":%.4f}\n",
-               wtype, threads, variant, prompt_len, decode_n, prefill_tok_s, gflops,
+               wtype, threads, variant, contention, prompt_len, decode_n, prefill_tok_s, gflops,
                decode_tok_s, bw * 1e-9, bpt, roofline, frac);
     } else {
         printf("engine: %s (%s weights, dim %" PRId64 ", %d layers, vocab %" PRId64
-               "), %" PRId64 " thread(s), %s kernels\n",
-               path, wtype, hp->dim, hp->n_layer, hp->n_vocab, threads, variant);
+               "), %" PRId64 " thread(s), %s kernels, %" PRId64 " busy neighbour thread(s)\n",
+               path, wtype, hp->dim, hp->n_layer, hp->n_vocab, threads, variant, contention);
         printf("  prefill  %6" PRId64 " tokens  %12.1f tok/s  %9.2f GFLOP/s (matmuls)\n",
                prompt_len, prefill_tok_s, gflops);
         printf("  decode   %6" PRId64 " tokens  %12.1f tok/s\n", decode_n, decode_tok_s);

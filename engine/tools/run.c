@@ -1,7 +1,9 @@
 /* gorgon-run — generate text from a GGUF model in-process (no gorgond), the
- * way llama2.c's `run` does: steps count positions including BOS, the prompt
- * is echoed, text streams to stdout as it is generated, timing goes to
- * stderr. With --medusa DIR it decodes with Medusa heads (engine/medusa/medusa.h):
+ * way llama2.c's `run` does: the prompt is echoed, text streams to stdout as
+ * it is generated, timing goes to stderr. -n counts new tokens, as
+ * everywhere in gorgon; --steps keeps llama2.c's count of positions
+ * including BOS and the prompt. A prompt that does not fit the context is
+ * refused, as gorgond refuses it. With --medusa DIR it decodes with Medusa heads (engine/medusa/medusa.h):
  * at --temp 0 the text is identical to plain greedy decoding, only the
  * number of forwards changes; tokens/step and acceptance go to stderr. */
 #include <errno.h>
@@ -19,12 +21,17 @@
 static void usage(FILE *f)
 {
     fprintf(f,
-            "usage: gorgon-run --model FILE [-p PROMPT] [-n STEPS] [--temp T] [--top-p P]\n"
+            "usage: gorgon-run --model FILE [-p PROMPT] [-n N | --steps S] [--temp T] [--top-p P]\n"
             "                  [--top-k K] [--min-p M] [--repeat-penalty R] [--repeat-last-n N]\n"
             "                  [--seed S] [--rng xoshiro|llama2c] [--stop STR]... [--threads N]\n"
             "                  [--tokens] [--medusa DIR [--medusa-tree NAME|LIST]\n"
             "                  [--medusa-typical [--eps E] [--alpha A]]]\n"
-            "  -n STEPS   positions including BOS and the prompt (default 256; llama2.c)\n"
+            "  -n, --new-tokens N  tokens to generate after the prompt (default 256, fewer\n"
+            "                      if the context ends first); the prompt plus N must fit\n"
+            "                      the model's context\n"
+            "  --steps S  llama2.c's count instead: S positions including BOS and the\n"
+            "             prompt (at most the context; a shorter S cuts the prompt)\n"
+            "  --threads N  kernel threads (default 0: the CPUs this process may use)\n"
             "  --temp 0   greedy (default 1.0); --top-p default 0.9 as llama2.c\n"
             "  --tokens   print token ids (one per line) instead of text\n"
             "  --medusa DIR        Medusa heads (medusa_lm_head.safetensors + config.json);\n"
@@ -264,7 +271,8 @@ int main(int argc, char **argv)
     if (cm_version_requested(argc, argv, "gorgon-run"))
         return 0;
     const char *model_path = NULL, *prompt = "";
-    double steps = 256, threads = 1, top_k = 0, last_n = 64, seed = 0;
+    double n_new = 256, steps = 0, threads = 0, top_k = 0, last_n = 64, seed = 0;
+    bool n_new_set = false, steps_set = false;
     double temp = 1.0, top_p = 0.9, min_p = 0.0, rep = 1.0;
     bool print_ids = false, seed_set = false;
     enum eng_rng rng = ENG_RNG_XOSHIRO;
@@ -273,10 +281,11 @@ int main(int argc, char **argv)
     medusa_opts mo = {0};
     bool eps_set = false, alpha_set = false, top_p_set = false;
     enum { O_TEMP = 256, O_TOPP, O_TOPK, O_MINP, O_REP, O_LASTN, O_SEED, O_RNG, O_STOP,
-           O_THREADS, O_TOKENS, O_MEDUSA, O_MTREE, O_MTYP, O_EPS, O_ALPHA };
+           O_THREADS, O_TOKENS, O_MEDUSA, O_MTREE, O_MTYP, O_EPS, O_ALPHA, O_STEPS };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},    {"prompt", required_argument, 0, 'p'},
-        {"steps", required_argument, 0, 'n'},    {"temp", required_argument, 0, O_TEMP},
+        {"new-tokens", required_argument, 0, 'n'}, {"steps", required_argument, 0, O_STEPS},
+        {"temp", required_argument, 0, O_TEMP},
         {"top-p", required_argument, 0, O_TOPP}, {"top-k", required_argument, 0, O_TOPK},
         {"min-p", required_argument, 0, O_MINP}, {"repeat-penalty", required_argument, 0, O_REP},
         {"repeat-last-n", required_argument, 0, O_LASTN},
@@ -294,7 +303,14 @@ int main(int argc, char **argv)
         switch (o) {
         case 'm': model_path = optarg; break;
         case 'p': prompt = optarg; break;
-        case 'n': rc = parse_num("-n", optarg, 1, 1 << 30, &steps); break;
+        case 'n':
+            rc = parse_num("-n", optarg, 1, 1 << 30, &n_new);
+            n_new_set = true;
+            break;
+        case O_STEPS:
+            rc = parse_num("--steps", optarg, 1, 1 << 30, &steps);
+            steps_set = true;
+            break;
         case 't':
         case O_TEMP: rc = parse_num("--temp", optarg, 0, 100, &temp); break;
         case O_TOPP:
@@ -327,7 +343,7 @@ int main(int argc, char **argv)
                 stops[n_stop++] = optarg;
             }
             break;
-        case O_THREADS: rc = parse_num("--threads", optarg, 1, 1024, &threads); break;
+        case O_THREADS: rc = parse_num("--threads", optarg, 0, 256, &threads); break;
         case O_TOKENS: print_ids = true; break;
         case O_MEDUSA: mo.dir = optarg; break;
         case O_MTREE: mo.tree = optarg; break;
@@ -348,6 +364,10 @@ int main(int argc, char **argv)
     }
     if (!model_path || optind < argc) {
         usage(stderr);
+        return 2;
+    }
+    if (n_new_set && steps_set) {
+        fprintf(stderr, "gorgon-run: give -n (new tokens) or --steps (positions), not both\n");
         return 2;
     }
     if (!mo.dir && (mo.tree || mo.typical || eps_set || alpha_set)) {
@@ -392,8 +412,6 @@ int main(int argc, char **argv)
         fprintf(stderr, "gorgon-run: %s has no tokenizer\n", model_path);
         goto out;
     }
-    if ((int64_t)steps > hp->n_ctx)
-        steps = (double)hp->n_ctx; /* as llama2.c: never past the context */
     size_t plen = strlen(prompt);
     ids = malloc((3 * plen + 4) * sizeof(int32_t));
     if (!ids) {
@@ -406,7 +424,32 @@ int main(int argc, char **argv)
                 n_ids < 0 ? eng_error() : "empty");
         goto out;
     }
-    if ((rc = kn_ctx_create(&kn, &(kn_ctx_cfg){.n_threads = (int)threads})) < 0) {
+    /* The prompt must fit whole (gorgond's rule too); then -n new tokens
+     * are positions n_ids .. n_ids + n - 1, i.e. llama2.c steps of
+     * n_ids + n - 1 (the last token is sampled, never fed back). */
+    if (n_ids > hp->n_ctx) {
+        fprintf(stderr, "gorgon-run: the prompt is %" PRId64 " tokens, longer than the "
+                        "model's context of %" PRId64 " tokens\n", n_ids, hp->n_ctx);
+        goto out;
+    }
+    if (steps_set) {
+        if ((int64_t)steps > hp->n_ctx)
+            steps = (double)hp->n_ctx; /* as llama2.c: never past the context */
+    } else {
+        int64_t room = hp->n_ctx - n_ids;
+        if ((int64_t)n_new > room) {
+            if (n_new_set || room < 1) {
+                fprintf(stderr, "gorgon-run: the prompt (%" PRId64 " tokens) + -n %" PRId64
+                                " exceeds the model's context of %" PRId64 " tokens (room for "
+                                "%" PRId64 " new)\n", n_ids, (int64_t)n_new, hp->n_ctx,
+                        room > 0 ? room : 0);
+                goto out;
+            }
+            n_new = (double)room; /* the default stops at the context's end */
+        }
+        steps = (double)(n_ids + (int64_t)n_new - 1);
+    }
+    if ((rc = kn_ctx_create(&kn, &(kn_ctx_cfg){.n_threads = (int)threads})) < 0) { /* 0: auto */
         fprintf(stderr, "gorgon-run: kernels: %s\n", cm_strerror(rc));
         goto out;
     }

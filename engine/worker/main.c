@@ -16,7 +16,9 @@ static void usage(FILE *f)
           "                     [--kv-blocks N] [--max-seqs N] [--batch-tokens N]\n"
           "                     [--medusa DIR [--medusa-tree SPEC] [--medusa-max-batch N]]\n"
           "                     [--parent PID] [--log-level LEVEL]\n"
-          "Started by gorgond; serves the worker region passed as an inherited fd.\n",
+          "Started by gorgond; serves the worker region passed as an inherited fd.\n"
+          "--threads 0: as many kernel threads as CPUs this process may use (affinity\n"
+          "mask and cgroup quota; default 1).\n",
           f);
 }
 
@@ -57,7 +59,7 @@ int main(int argc, char **argv)
         int rc = 0;
         switch (c) {
         case 'm': cfg.model_path = optarg; break;
-        case 't': rc = num("--threads", optarg, 1, 1024, &v), cfg.n_threads = (int)v; break;
+        case 't': rc = num("--threads", optarg, 0, 256, &v), cfg.n_threads = (int)v; break;
         case O_REGION: rc = num("--region-fd", optarg, 0, 1 << 20, &v), cfg.region_fd = (int)v; break;
         case O_WAKE: rc = num("--wake-fd", optarg, -1, 1 << 20, &v), cfg.wake_fd = (int)v; break;
         case O_KV: rc = num("--kv-blocks", optarg, 0, 1ll << 40, &v), cfg.kv_blocks = v; break;

@@ -39,7 +39,7 @@ typedef struct eng_worker_cfg {
     const char *model_path;
     int region_fd;            /* worker region (ipc region), taken over */
     int wake_fd;              /* eventfd to write for gorgond (eventfd doorbells), else -1 */
-    int n_threads;            /* kernel threads (>= 1) */
+    int n_threads;            /* kernel threads; 0: kn_threads_auto() (usable CPUs) */
     int64_t kv_blocks;        /* KV pool blocks; 0: enough for max_seqs full contexts / 4 */
     int block_size;           /* positions per KV block; 0: 16 */
     int max_seqs;             /* running sequences at once; 0: 64 */

@@ -1,15 +1,31 @@
 /* kn_ctx: variant dispatch, the persistent thread pool and ctx scratch.
  *
- * Pool protocol. The ctx thread publishes a job (fn, arg) and bumps `gen`;
- * workers that see a new gen run their share and decrement `pending`; the
- * ctx thread runs share 0 itself and then waits for pending == 0. Both sides
- * spin for a short while (ops of one forward pass follow each other within
- * microseconds) and then sleep on a futex, announcing it through a sleeper
- * count so that the other side only pays for a FUTEX_WAKE when someone
- * actually sleeps. The "announce, full fence, re-check, sleep" sequences
- * below are Dekker-style: each side's seq_cst store is ordered before its
- * seq_cst load of the other side's flag, so at least one of them sees the
- * other and no wake-up is lost. */
+ * Pool protocol. A job has n_threads shares (share i runs job(arg, i, n));
+ * which thread runs a share does not matter, because a share's output range
+ * and its scratch are fixed by its index (so the output does not depend on
+ * scheduling). The ctx thread writes the job and stores a new `claim` word
+ * (generation << KN_SHARE_BITS | next share = 0); then every thread that
+ * is awake, the ctx thread included, claims shares with a fetch_add on
+ * `claim` and runs them until none is left. The ctx thread then waits only
+ * for shares that were claimed and are still running (`done` counts the
+ * finished ones), never for a pool thread that has not woken up yet: a
+ * preempted or sleeping thread's share is run by whoever is free. This is
+ * what keeps the pool from collapsing when other processes want the CPUs.
+ *
+ * Waiting. Both sides poll for at most KN_SPIN_NS and then sleep on a
+ * futex, and announce it through a sleeper count so that the other side
+ * pays for a FUTEX_WAKE only when someone sleeps. They do not poll at all
+ * when the pool's threads plus the process's other registered spinners
+ * (cm_spinners) exceed the CPUs the process may use (cm_cpus_usable), nor
+ * after a poll that noticed it had been preempted (the CPU is wanted by
+ * someone else; polling would take it from the thread we wait for). The
+ * "announce, full fence, re-check, sleep" sequences below are Dekker-style:
+ * each side's seq_cst store is ordered before its seq_cst load of the other
+ * side's flag, so at least one of them sees the other and no wake-up is
+ * lost.
+ *
+ * Small ops do not fan out at all (kn_run's `work`): below
+ * KN_FANOUT_MIN_BYTES a pool round trip costs more than it saves. */
 #include <errno.h>
 #include <limits.h>
 #include <linux/futex.h>
@@ -28,12 +44,30 @@
  * bridge the gap between consecutive ops of a forward pass, short enough
  * that a waiter does not hold a CPU for long that a preempted peer needs. */
 #define KN_SPIN_NS 50000
+/* A gap this long between two clock reads of one poll means the poller was
+ * preempted: someone else wants the CPU. */
+#define KN_PREEMPT_NS 200000
+/* After a preemption, polls that are skipped (straight to the futex) before
+ * polling is tried again. */
+#define KN_SPIN_BACKOFF 16
+
+/* The claim word: generation in the high bits, next share in the low ones.
+ * A thread that finds the shares exhausted has added one past n_threads and
+ * adds nothing more until the generation changes, so the share field never
+ * exceeds 2 * KN_MAX_THREADS. */
+#define KN_SHARE_BITS 10
+#define KN_SHARE_MASK ((1u << KN_SHARE_BITS) - 1)
+_Static_assert(2 * KN_MAX_THREADS < (1 << KN_SHARE_BITS), "share field too narrow");
 
 struct kn_worker {
     kn_ctx *ctx;
-    int ith;
     int cpu; /* -1: not pinned */
     pthread_t tid;
+};
+
+/* Per waiting thread: whether it may poll (see the top of the file). */
+struct kn_spin {
+    int skip; /* polls left to skip after a preemption */
 };
 
 struct kn_ctx {
@@ -41,22 +75,23 @@ struct kn_ctx {
     const kn_buf_impl *buf; /* this backend's buffer functions (kn_buf.c) */
     enum kn_variant variant;
     int n_threads;
-    /* Poll for KN_SPIN_NS before sleeping; never when the pool has more
-     * threads than the machine has CPUs (a spinning thread would then hold
-     * the CPU that the thread it waits for needs). */
-    bool spin;
+    int64_t fanout_min; /* kn_run's threshold in bytes of work */
     struct kn_worker *workers; /* n_threads - 1 of them */
+    unsigned gen;              /* ctx thread only: generation of the last job */
+    struct kn_spin caller_spin; /* ctx thread only */
 
-    /* Written by the ctx thread before the release-increment of gen; read by
-     * workers after their acquire-load of gen (G1 pairs with G2). */
+    /* Written by the ctx thread before the release store of claim; read by
+     * workers after an acquire fetch_add of claim that got a share (C1
+     * pairs with C2). The ctx thread writes them again only after `done`
+     * says every claimed share has finished (D1 pairs with D2). */
     kn_job_fn job;
     void *job_arg;
 
-    _Alignas(KN_CACHELINE) atomic_uint gen; /* futex word */
-    atomic_int gen_sleepers;
+    _Alignas(KN_CACHELINE) atomic_uint claim; /* futex word */
+    atomic_int claim_sleepers;
     atomic_bool stop;
 
-    _Alignas(KN_CACHELINE) atomic_uint pending; /* futex word */
+    _Alignas(KN_CACHELINE) atomic_uint done; /* futex word: finished shares */
     atomic_int done_sleeper;
 
     _Alignas(KN_CACHELINE) void *scratch[KN_SCRATCH_COUNT];
@@ -80,17 +115,57 @@ static inline void cpu_relax(void)
 #endif
 }
 
-/* True while a poll that began at *t0 (0: not started) is within budget. */
-static inline bool keep_spinning(const kn_ctx *ctx, int *spins, uint64_t *t0)
+/* Polls `word` until it differs from `val` or the budget runs out; returns
+ * the last value read. Polls not at all when the pool may not spin or when
+ * this thread is backing off after a preemption. */
+static unsigned poll_word(const kn_ctx *ctx, struct kn_spin *sp, atomic_uint *word, unsigned val)
 {
-    if (!ctx->spin)
-        return false;
-    if ((++*spins & 63) != 0)
-        return true;
-    uint64_t now = cm_now_ns();
-    if (*t0 == 0)
-        *t0 = now;
-    return now - *t0 < KN_SPIN_NS;
+    unsigned v = atomic_load_explicit(word, memory_order_acquire);
+    if (v != val)
+        return v;
+    if (sp->skip > 0) {
+        sp->skip--;
+        return v;
+    }
+    if (!cm_spin_allowed(ctx->n_threads))
+        return v;
+    uint64_t t0 = cm_now_ns(), last = t0;
+    for (int i = 1;; i++) {
+        cpu_relax();
+        v = atomic_load_explicit(word, memory_order_acquire);
+        if (v != val)
+            return v;
+        if ((i & 63) != 0)
+            continue;
+        uint64_t now = cm_now_ns();
+        if (now - last > KN_PREEMPT_NS) {
+            sp->skip = KN_SPIN_BACKOFF;
+            return v;
+        }
+        if (now - t0 > KN_SPIN_NS)
+            return v;
+        last = now;
+    }
+}
+
+/* Claims and runs shares of the current job until none is left; returns the
+ * generation that was found exhausted. */
+static unsigned run_shares(kn_ctx *ctx)
+{
+    const unsigned n = (unsigned)ctx->n_threads;
+    for (;;) {
+        /* C2: acquire pairs with the ctx thread's release store C1 (an RMW
+         * continues its release sequence). */
+        unsigned c = atomic_fetch_add_explicit(&ctx->claim, 1, memory_order_acq_rel);
+        unsigned share = c & KN_SHARE_MASK;
+        if (share >= n)
+            return c >> KN_SHARE_BITS;
+        ctx->job(ctx->job_arg, (int)share, (int)n);
+        /* D1: release publishes this share's output to the ctx thread. */
+        if (atomic_fetch_add_explicit(&ctx->done, 1, memory_order_seq_cst) + 1 == n &&
+            atomic_load_explicit(&ctx->done_sleeper, memory_order_seq_cst))
+            futex_wake(&ctx->done, 1);
+    }
 }
 
 static void pin_self(int cpu)
@@ -109,73 +184,67 @@ static void *worker_main(void *p)
     struct kn_worker *w = p;
     kn_ctx *ctx = w->ctx;
     pin_self(w->cpu);
-    /* Not a load of gen: the ctx thread may already have published a job
-     * before this thread got scheduled, and that job must not be missed.
-     * gen is 0 until kn_ctx_create has started every worker. */
-    unsigned seen = 0;
+    struct kn_spin sp = {0};
+    /* Generation 0 (claim = n_threads: nothing to claim) is the state
+     * before the first job; a job published before this thread got
+     * scheduled has a newer generation and is not missed. */
+    unsigned seen_gen = 0;
     for (;;) {
-        unsigned g;
-        int spins = 0;
-        uint64_t t0 = 0;
-        /* G2: acquire pairs with the release increment G1 in kn_run. */
-        while ((g = atomic_load_explicit(&ctx->gen, memory_order_acquire)) == seen) {
-            if (keep_spinning(ctx, &spins, &t0)) {
-                cpu_relax();
-                continue;
-            }
-            atomic_fetch_add_explicit(&ctx->gen_sleepers, 1, memory_order_seq_cst);
-            if (atomic_load_explicit(&ctx->gen, memory_order_seq_cst) == seen)
-                futex_wait(&ctx->gen, seen);
-            atomic_fetch_sub_explicit(&ctx->gen_sleepers, 1, memory_order_relaxed);
-            spins = 0;
-            t0 = 0;
-        }
-        seen = g;
+        unsigned c = atomic_load_explicit(&ctx->claim, memory_order_acquire);
+        /* Checked before every wait: the shutdown generation may have been
+         * seen (and found empty) by run_shares already. */
         if (atomic_load_explicit(&ctx->stop, memory_order_acquire))
             return NULL;
-        ctx->job(ctx->job_arg, w->ith, ctx->n_threads);
-        /* D1: release publishes this worker's output to the ctx thread. */
-        if (atomic_fetch_sub_explicit(&ctx->pending, 1, memory_order_seq_cst) == 1 &&
-            atomic_load_explicit(&ctx->done_sleeper, memory_order_seq_cst))
-            futex_wake(&ctx->pending, 1);
+        if ((c >> KN_SHARE_BITS) == seen_gen) {
+            c = poll_word(ctx, &sp, &ctx->claim, c);
+            if ((c >> KN_SHARE_BITS) != seen_gen)
+                continue;
+            atomic_fetch_add_explicit(&ctx->claim_sleepers, 1, memory_order_seq_cst);
+            c = atomic_load_explicit(&ctx->claim, memory_order_seq_cst);
+            if ((c >> KN_SHARE_BITS) == seen_gen)
+                futex_wait(&ctx->claim, c);
+            atomic_fetch_sub_explicit(&ctx->claim_sleepers, 1, memory_order_relaxed);
+            continue;
+        }
+        seen_gen = run_shares(ctx);
     }
 }
 
-static void publish(kn_ctx *ctx)
+/* Stores a new generation with nothing claimed yet (`first` = 0) or with
+ * nothing to claim (n_threads: shutdown) and wakes sleeping workers. */
+static void publish(kn_ctx *ctx, unsigned first)
 {
-    /* G1: release makes job/job_arg (and the caller's inputs) visible. */
-    atomic_fetch_add_explicit(&ctx->gen, 1, memory_order_seq_cst);
-    if (atomic_load_explicit(&ctx->gen_sleepers, memory_order_seq_cst) > 0)
-        futex_wake(&ctx->gen, INT_MAX);
+    ctx->gen = (ctx->gen + 1) & (UINT_MAX >> KN_SHARE_BITS);
+    /* C1: release makes job/job_arg (and the caller's inputs) visible. */
+    atomic_store_explicit(&ctx->claim, ctx->gen << KN_SHARE_BITS | first, memory_order_seq_cst);
+    if (atomic_load_explicit(&ctx->claim_sleepers, memory_order_seq_cst) > 0)
+        futex_wake(&ctx->claim, INT_MAX);
 }
 
-void kn_run(kn_ctx *ctx, kn_job_fn job, void *arg)
+void kn_run(kn_ctx *ctx, kn_job_fn job, void *arg, int64_t work)
 {
-    if (ctx->n_threads == 1) {
+    if (ctx->n_threads == 1 || work < ctx->fanout_min) {
         job(arg, 0, 1);
         return;
     }
+    const unsigned n = (unsigned)ctx->n_threads;
     ctx->job = job;
     ctx->job_arg = arg;
-    atomic_store_explicit(&ctx->pending, (unsigned)(ctx->n_threads - 1), memory_order_relaxed);
-    publish(ctx);
-    job(arg, 0, ctx->n_threads);
-    unsigned v;
-    int spins = 0;
-    uint64_t t0 = 0;
-    /* D2: acquire pairs with the workers' decrements D1. */
-    while ((v = atomic_load_explicit(&ctx->pending, memory_order_acquire)) != 0) {
-        if (keep_spinning(ctx, &spins, &t0)) {
-            cpu_relax();
-            continue;
-        }
-        atomic_store_explicit(&ctx->done_sleeper, true, memory_order_seq_cst);
-        v = atomic_load_explicit(&ctx->pending, memory_order_seq_cst);
-        if (v != 0)
-            futex_wait(&ctx->pending, v);
-        atomic_store_explicit(&ctx->done_sleeper, false, memory_order_relaxed);
-        spins = 0;
-        t0 = 0;
+    atomic_store_explicit(&ctx->done, 0, memory_order_relaxed);
+    publish(ctx, 0);
+    run_shares(ctx);
+    /* D2: acquire pairs with the share completions D1. */
+    unsigned v = atomic_load_explicit(&ctx->done, memory_order_acquire);
+    while (v != n) {
+        v = poll_word(ctx, &ctx->caller_spin, &ctx->done, v);
+        if (v == n)
+            break;
+        atomic_store_explicit(&ctx->done_sleeper, 1, memory_order_seq_cst);
+        v = atomic_load_explicit(&ctx->done, memory_order_seq_cst);
+        if (v != n)
+            futex_wait(&ctx->done, v);
+        atomic_store_explicit(&ctx->done_sleeper, 0, memory_order_relaxed);
+        v = atomic_load_explicit(&ctx->done, memory_order_acquire);
     }
 }
 
@@ -275,9 +344,31 @@ const kn_ops *kn_ops_for(enum kn_variant v)
 static void stop_workers(kn_ctx *ctx, int n_started)
 {
     atomic_store_explicit(&ctx->stop, true, memory_order_release);
-    publish(ctx);
+    publish(ctx, (unsigned)ctx->n_threads);
     for (int i = 0; i < n_started; i++)
         pthread_join(ctx->workers[i].tid, NULL);
+}
+
+int kn_threads_auto(void)
+{
+    int n = cm_cpus_usable();
+    return n > KN_AUTO_THREADS_MAX ? KN_AUTO_THREADS_MAX : n;
+}
+
+static int64_t fanout_min(int64_t cfg)
+{
+    if (cfg != 0)
+        return cfg < 0 ? INT64_MIN : cfg;
+    const char *env = getenv("GORGON_FANOUT_MIN_BYTES");
+    if (env && *env) {
+        char *end;
+        errno = 0;
+        long long v = strtoll(env, &end, 10);
+        if (errno == 0 && *end == '\0' && v >= 0)
+            return v;
+        CM_LOG_WARN("kernels", "ignoring GORGON_FANOUT_MIN_BYTES=%s (want bytes >= 0)", env);
+    }
+    return KN_FANOUT_MIN_BYTES;
 }
 
 int kn_ctx_create(kn_ctx **out, const kn_ctx_cfg *cfg)
@@ -295,9 +386,7 @@ int kn_ctx_create(kn_ctx **out, const kn_ctx_cfg *cfg)
                      kn_variant_name(cfg->variant));
         return -ENOTSUP;
     }
-    int n = cfg->n_threads > 0 ? cfg->n_threads : cm_cpu()->n_cpus;
-    if (n < 1)
-        n = 1;
+    int n = cfg->n_threads > 0 ? cfg->n_threads : kn_threads_auto();
     if (n > KN_MAX_THREADS) {
         CM_LOG_ERROR("kernels", "n_threads %d exceeds the maximum of %d", n, KN_MAX_THREADS);
         return -EINVAL;
@@ -311,12 +400,13 @@ int kn_ctx_create(kn_ctx **out, const kn_ctx_cfg *cfg)
     ctx->buf = &kn_buf_cpu;
     ctx->variant = resolve(cfg->variant);
     ctx->n_threads = n;
-    ctx->spin = n <= cm_cpu()->n_cpus;
-    atomic_init(&ctx->gen, 0);
-    atomic_init(&ctx->gen_sleepers, 0);
+    ctx->fanout_min = fanout_min(cfg->fanout_min_bytes);
+    /* generation 0 with nothing to claim: see worker_main */
+    atomic_init(&ctx->claim, (unsigned)n);
+    atomic_init(&ctx->claim_sleepers, 0);
     atomic_init(&ctx->stop, false);
-    atomic_init(&ctx->pending, 0);
-    atomic_init(&ctx->done_sleeper, false);
+    atomic_init(&ctx->done, 0);
+    atomic_init(&ctx->done_sleeper, 0);
     if (n > 1) {
         ctx->workers = calloc((size_t)n - 1, sizeof(*ctx->workers));
         if (!ctx->workers) {
@@ -329,7 +419,6 @@ int kn_ctx_create(kn_ctx **out, const kn_ctx_cfg *cfg)
     for (int i = 0; i < n - 1; i++) {
         struct kn_worker *w = &ctx->workers[i];
         w->ctx = ctx;
-        w->ith = i + 1;
         w->cpu = cfg->cpus ? cfg->cpus[i + 1] : -1;
         int rc = pthread_create(&w->tid, NULL, worker_main, w);
         if (rc != 0) {
@@ -402,7 +491,7 @@ void kn_run_rows(kn_ctx *ctx, int64_t M, int64_t align, bool fan_out, kn_rows_fn
         return;
     }
     struct rows_job j = {fn, arg, M, align};
-    kn_run(ctx, rows_job, &j);
+    kn_run(ctx, rows_job, &j, KN_WORK_ALWAYS);
 }
 
 void *kn_scratch(kn_ctx *ctx, int which, size_t bytes)
@@ -463,7 +552,7 @@ void kn_parallel_for(kn_ctx *ctx, int64_t n, kn_task_fn fn, void *arg)
     if (pf.chunk < 1)
         pf.chunk = 1;
     atomic_init(&pf.next, 0);
-    kn_run(ctx, pfor_job, &pf);
+    kn_run(ctx, pfor_job, &pf, KN_WORK_ALWAYS);
 }
 
 struct bw_job {
@@ -504,12 +593,12 @@ double kn_measure_read_bandwidth(kn_ctx *ctx, size_t bytes, int reps)
     if (!buf)
         return 0.0;
     struct bw_job j = {.impl = ctx->impl, .buf = buf, .bytes = bytes};
-    kn_run(ctx, bw_touch_job, &j);
-    kn_run(ctx, bw_read_job, &j); /* warm-up: page tables, pool threads awake */
+    kn_run(ctx, bw_touch_job, &j, KN_WORK_ALWAYS);
+    kn_run(ctx, bw_read_job, &j, KN_WORK_ALWAYS); /* warm-up: page tables, pool threads awake */
     double best = 0.0;
     for (int r = 0; r < reps; r++) {
         uint64_t t0 = cm_now_ns();
-        kn_run(ctx, bw_read_job, &j);
+        kn_run(ctx, bw_read_job, &j, KN_WORK_ALWAYS);
         uint64_t dt = cm_now_ns() - t0;
         double bw = dt ? (double)bytes * 1e9 / (double)dt : 0.0;
         if (bw > best)

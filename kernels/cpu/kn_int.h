@@ -4,11 +4,17 @@
  * arguments are validated; every table calls it first). Never included from
  * another module.
  *
- * Fan-out model: an op calls kn_run(ctx, job, arg); job(arg, ith, nth) runs
- * once on each of the nth pool threads (ith 0 is the calling thread) and
- * kn_run returns when all have finished. Jobs split their work into
- * contiguous ranges with kn_split so that threads never write the same
- * cache line of the output. */
+ * Fan-out model: an op calls kn_run(ctx, job, arg, work); job(arg, ith, nth)
+ * runs once for each share ith of nth (nth = the pool's threads), each on
+ * whichever thread claims it first (the calling thread included), and
+ * kn_run returns when all have finished. A share's output range and its
+ * scratch (indexed by ith) depend only on ith and nth, never on the thread
+ * that runs it, so the output does not depend on scheduling. Jobs split
+ * their work into contiguous ranges with kn_split so that shares never
+ * write the same cache line of the output; jobs that hand out chunks from
+ * an atomic counter of their own ignore ith (except for scratch). When
+ * `work` (bytes the op reads, roughly) is below the ctx's fan-out threshold
+ * the job runs as job(arg, 0, 1) on the calling thread. */
 #ifndef GORGON_KN_INT_H
 #define GORGON_KN_INT_H
 
@@ -42,8 +48,25 @@ extern const kn_impl kn_impl_avx512;
  * aligned_alloc'd copy, or NULL when w has no packed form; -ENOMEM. */
 int kn_avx512_pack(const kn_tensor *w, void **out);
 
-/* Run job on every pool thread and wait (see top of file). */
-void kn_run(kn_ctx *ctx, kn_job_fn job, void *arg);
+/* Run every share of job and wait (see top of file). KN_WORK_ALWAYS: fan
+ * out whatever the size (the caller has judged it). */
+#define KN_WORK_ALWAYS INT64_MAX
+void kn_run(kn_ctx *ctx, kn_job_fn job, void *arg, int64_t work);
+
+/* kn_run's `work` of a matmul: the n weights (each read once) and x. */
+static inline int64_t kn_mm_work(int n, const kn_tensor *const *w, int64_t M)
+{
+    int64_t b = M * w[0]->cols * (int64_t)sizeof(float);
+    for (int t = 0; t < n; t++)
+        b += w[t]->rows * (int64_t)kn_row_bytes(w[t]->type, w[t]->cols);
+    return b;
+}
+
+/* kn_run's `work` of attention: K and V rows seen by every query head. */
+static inline int64_t kn_attn_work(const kn_attn_args *a)
+{
+    return a->n_q * a->n_head * (a->n_past + a->n_q) * a->head_dim * 2 * (int64_t)sizeof(float);
+}
 int kn_nthreads(const kn_ctx *ctx);
 
 /* Scratch owned by the ctx, valid until the next kn_scratch call on it.

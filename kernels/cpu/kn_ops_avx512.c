@@ -375,9 +375,9 @@ static int q8p_run(kn_ctx *ctx, struct mm_args *a)
     if (a->M * nb < 2048)
         q8_quant_job(&qa, 0, 1);
     else
-        kn_run(ctx, q8_quant_job, &qa);
+        kn_run(ctx, q8_quant_job, &qa, KN_WORK_ALWAYS);
     struct q8p_args q = {.a = a, .xq = qa.xq};
-    kn_run(ctx, q8p_job, &q);
+    kn_run(ctx, q8p_job, &q, kn_mm_work(a->n_w, a->ws, a->M));
     return 0;
 }
 
@@ -409,8 +409,8 @@ static int q8_gemm(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t M, f
     if (M * nb < 2048)
         q8_quant_job(&a, 0, 1);
     else
-        kn_run(ctx, q8_quant_job, &a);
-    kn_run(ctx, q8_gemm_job, &a);
+        kn_run(ctx, q8_quant_job, &a, KN_WORK_ALWAYS);
+    kn_run(ctx, q8_gemm_job, &a, kn_mm_work(1, &w, M));
     return 0;
 }
 
@@ -555,6 +555,6 @@ static int q8_matvec(kn_ctx *ctx, struct mm_args *a)
     for (int64_t m = 0; m < M; m++)
         q8mv_quantize(a->x + m * K, K, xs + (size_t)m * q.xstride);
     q.xs = xs;
-    kn_run(ctx, q8mv_job, &q);
+    kn_run(ctx, q8mv_job, &q, kn_mm_work(a->n_w, a->ws, a->M));
     return 0;
 }

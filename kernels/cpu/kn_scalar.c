@@ -56,7 +56,7 @@ int kn_scalar_matmul(kn_ctx *ctx, const kn_tensor *w, const float *x, int64_t M,
     if (rc < 0)
         return rc;
     struct mm_args a = {w, x, M, y};
-    kn_run(ctx, mm_job, &a);
+    kn_run(ctx, mm_job, &a, kn_mm_work(1, &w, M));
     return 0;
 }
 
@@ -241,7 +241,7 @@ int kn_scalar_attention(kn_ctx *ctx, const kn_attn_args *a)
     if (rc < 0)
         return rc;
     struct attn_job_args j = {a, (a->n_past + a->n_q + 15) / 16 * 16 + 16};
-    kn_run(ctx, attn_job, &j);
+    kn_run(ctx, attn_job, &j, kn_attn_work(a));
     return 0;
 }
 

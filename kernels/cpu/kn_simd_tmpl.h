@@ -654,7 +654,7 @@ static void simd_matvec(kn_ctx *ctx, int n, const kn_tensor *const *w, const flo
         job = matvec_job_q4_0;
         break;
     }
-    kn_run(ctx, job, &a);
+    kn_run(ctx, job, &a, kn_mm_work(n, w, M));
 }
 
 /* The float GEMM of n weights of one width that share x: x is put in
@@ -669,7 +669,7 @@ static bool simd_gemm(kn_ctx *ctx, int n, const kn_tensor *const *w, const float
     a.xp = kn_scratch(ctx, KN_SCRATCH_ACT, xperm_bytes(M, w[0]->cols));
     if (!a.panels || !a.xp)
         return false;
-    kn_run(ctx, gemm_xperm_job, &a);
+    kn_run(ctx, gemm_xperm_job, &a, KN_WORK_ALWAYS);
     for (int t = 0; t < n; t++) {
         kn_job_fn job = NULL;
         switch (w[t]->type) {
@@ -692,7 +692,7 @@ static bool simd_gemm(kn_ctx *ctx, int n, const kn_tensor *const *w, const float
         a.w = w[t];
         a.y = y[t];
         atomic_init(&a.next, 0);
-        kn_run(ctx, job, &a);
+        kn_run(ctx, job, &a, kn_mm_work(1, &w[t], M));
     }
     return true;
 }
@@ -766,7 +766,7 @@ static float *fpack_xperm(kn_ctx *ctx, struct mm_args *a)
     if (a->M * K < 16384)
         gemm_xperm_job(a, 0, 1);
     else
-        kn_run(ctx, gemm_xperm_job, a);
+        kn_run(ctx, gemm_xperm_job, a, KN_WORK_ALWAYS);
     return a->xp;
 }
 
@@ -880,7 +880,7 @@ static bool fpack_matmul(kn_ctx *ctx, int n, const kn_tensor *const *w, const fl
     kn_job_fn job = w[0]->type == KN_F32 ? fpack_job_f32
                     : w[0]->type == KN_F16 ? fpack_job_f16
                                            : fpack_job_bf16;
-    kn_run(ctx, job, &f);
+    kn_run(ctx, job, &f, kn_mm_work(n, w, M));
     return true;
 }
 #endif /* KN_HAVE_FPACK */
@@ -1031,7 +1031,7 @@ static int simd_rmsnorm(kn_ctx *ctx, const float *x, const float *g, int64_t M, 
     if (M * n < KN_ELEM_PAR_MIN || M == 1)
         rmsnorm_rows(&a, 0, M);
     else
-        kn_run(ctx, rmsnorm_job, &a);
+        kn_run(ctx, rmsnorm_job, &a, M * n * (int64_t)sizeof(float));
     return 0;
 }
 
@@ -1093,7 +1093,7 @@ static int simd_silu_mul(kn_ctx *ctx, float *gate, const float *up, int64_t n)
         return 0;
     }
     struct ew_args a = {.y = gate, .x = up, .n = n};
-    kn_run(ctx, silu_job, &a);
+    kn_run(ctx, silu_job, &a, 2 * n * (int64_t)sizeof(float));
     return 0;
 }
 
@@ -1107,7 +1107,7 @@ static int simd_add(kn_ctx *ctx, float *y, const float *x, int64_t n)
         return 0;
     }
     struct ew_args a = {.y = y, .x = x, .n = n};
-    kn_run(ctx, add_job, &a);
+    kn_run(ctx, add_job, &a, 2 * n * (int64_t)sizeof(float));
     return 0;
 }
 
@@ -1176,7 +1176,7 @@ static int simd_rope(kn_ctx *ctx, float *x, int64_t M, int n_heads, int head_dim
     /* The sin/cos per position dominate: fan out over positions (a row is
      * n_heads * head_dim floats, far more than a cache line). */
     if (M > 1 && M * n_heads * head_dim >= KN_ELEM_PAR_MIN)
-        kn_run(ctx, rope_job, &r);
+        kn_run(ctx, rope_job, &r, KN_WORK_ALWAYS);
     else
         rope_rows(&r, 0, M);
     return 0;
@@ -1806,7 +1806,7 @@ static int simd_attention(kn_ctx *ctx, const kn_attn_args *a)
      * tree node equals its plain decode (attn_query, attn_tile_gather). */
     if (a->head_dim % 4 == 0 && a->head_dim <= KN_ATT_HD_MAX) {
         if (a->n_q < KN_ATT_QUERY_MAX) { /* attn_tile's arithmetic per query */
-            kn_run(ctx, attn_query_job, &j);
+            kn_run(ctx, attn_query_job, &j, kn_attn_work(a));
             return 0;
         }
         j.n_tiles = (a->n_q + VL - 1) / VL;
@@ -1817,10 +1817,10 @@ static int simd_attention(kn_ctx *ctx, const kn_attn_args *a)
                                  (size_t)kn_nthreads(ctx) * 2 * (size_t)j.pack_cap *
                                      (size_t)a->head_dim * VL * sizeof(float));
         }
-        kn_run(ctx, attn_tiled_job, &j);
+        kn_run(ctx, attn_tiled_job, &j, kn_attn_work(a));
         return 0;
     }
-    kn_run(ctx, attn_job, &j);
+    kn_run(ctx, attn_job, &j, kn_attn_work(a));
     return 0;
 }
 

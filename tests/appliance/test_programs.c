@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "common/cm_version.h"
+#include "tests/util/test_models.h"
 
 static const char *const PROGRAMS[] = {
     "gorgond",        "gorgon",         "gorgon-bench",  "gorgon-run",
@@ -79,4 +80,84 @@ Test(programs, version_flag_only_as_first_argument)
     cr_assert_eq(cm_version_requested(3, b, "x"), 0);
     cr_assert_eq(cm_version_requested(1, c, "x"), 0);
     cr_assert_gt(strlen(cm_version()), 0);
+}
+
+/* ---- gorgon-run ------------------------------------------------------------ */
+
+/* Runs gorgon-run with ARGS on stories260K; returns its exit status and
+ * its stdout and stderr together in out. */
+static int run_gorgon_run(const char *args, char *out, size_t cap)
+{
+    char path[PATH_MAX], cmd[3 * PATH_MAX + 8192];
+    bin_path("gorgon-run", path, sizeof(path));
+    cr_assert_lt((size_t)snprintf(cmd, sizeof(cmd), "'%s' --model '%s' --threads 1 %s 2>&1",
+                                  path, tu_model_path("stories260K/stories260K.gguf"), args),
+                 sizeof(cmd));
+    FILE *f = popen(cmd, "r");
+    cr_assert_not_null(f);
+    size_t len = fread(out, 1, cap - 1, f);
+    out[len] = '\0';
+    int st = pclose(f);
+    cr_assert(WIFEXITED(st), "gorgon-run %s did not exit", args);
+    return WEXITSTATUS(st);
+}
+
+/* The "generated N tok" count gorgon-run reports on stderr. */
+static long generated(const char *out)
+{
+    const char *g = strstr(out, "generated ");
+    cr_assert_not_null(g, "no timing line in: %s", out);
+    return strtol(g + strlen("generated "), NULL, 10);
+}
+
+/* -n counts new tokens: -n 3 after a 5-token prompt generates 3 (before
+ * -n counted BOS and the prompt, and this generated nothing) */
+Test(programs, gorgon_run_n_counts_new_tokens, .timeout = 60)
+{
+    static char out[65536];
+    cr_assert_eq(run_gorgon_run("--temp 0 -p 'Lily and Tom' -n 3", out, sizeof(out)), 0, "%s",
+                 out);
+    cr_assert_eq(generated(out), 3, "%s", out);
+    cr_assert(strstr(out, "prompt 5 tok"), "%s", out);
+    cr_assert_eq(run_gorgon_run("--temp 0 -p 'Lily and Tom' --new-tokens 7", out, sizeof(out)),
+                 0);
+    cr_assert_eq(generated(out), 7, "%s", out);
+    /* the same text as the golden greedy run, which counts llama2.c steps */
+    cr_assert_eq(run_gorgon_run("--temp 0 -p 'Lily and Tom' -n 60", out, sizeof(out)), 0);
+    FILE *g = fopen(tu_model_path("stories260K/golden_greedy_prompt_LilyAndTom_n64.txt"), "r");
+    cr_assert_not_null(g);
+    char want[1024];
+    size_t wn = fread(want, 1, sizeof(want) - 1, g);
+    want[wn] = '\0';
+    fclose(g);
+    cr_assert(strncmp(out, want, wn) == 0, "got:\n%s\nwant:\n%s", out, want);
+}
+
+/* --steps keeps llama2.c's positions: 3 steps cut a 5-token prompt */
+Test(programs, gorgon_run_steps_count_positions, .timeout = 60)
+{
+    static char out[65536];
+    cr_assert_eq(run_gorgon_run("--temp 0 -p 'Lily and Tom' --steps 3", out, sizeof(out)), 0);
+    cr_assert_eq(generated(out), 0, "%s", out);
+    cr_assert_eq(run_gorgon_run("--temp 0 -p 'Lily and Tom' --steps 10", out, sizeof(out)), 0);
+    cr_assert_eq(generated(out), 6, "%s", out);
+    cr_assert_eq(run_gorgon_run("--temp 0 -n 3 --steps 10", out, sizeof(out)), 2);
+    cr_assert(strstr(out, "not both"), "%s", out);
+}
+
+/* A prompt longer than the context is refused with a message and a
+ * non-zero exit (it was cut silently, exit 0), and so is an explicit -n
+ * that does not fit after the prompt */
+Test(programs, gorgon_run_refuses_what_does_not_fit_the_context, .timeout = 60)
+{
+    static char out[65536], args[60000];
+    int n = snprintf(args, sizeof(args), "--temp 0 -p '");
+    for (int i = 0; i < 500; i++) /* ~3,500 tokens; the context is 2,048 */
+        n += snprintf(args + n, sizeof(args) - (size_t)n, "Lily and Tom went out. ");
+    snprintf(args + n, sizeof(args) - (size_t)n, "'");
+    cr_assert_eq(run_gorgon_run(args, out, sizeof(out)), 1, "%s", out);
+    cr_assert(strstr(out, "longer than the model's context of 2048 tokens"), "%s", out);
+    cr_assert_eq(run_gorgon_run("--temp 0 -p 'Lily and Tom' -n 2044", out, sizeof(out)), 1);
+    cr_assert(strstr(out, "exceeds the model's context"), "%s", out);
+    cr_assert(strstr(out, "room for 2043 new"), "%s", out);
 }

@@ -41,7 +41,12 @@ static void generate(const char *model, enum kn_variant variant, int threads, co
                      int steps, eng_sampler *smp, text_buf *out)
 {
     kn_ctx *kn;
-    cr_assert_eq(kn_ctx_create(&kn, &(kn_ctx_cfg){.n_threads = threads, .variant = variant}), 0);
+    /* more than one thread: fan every op out (this model's ops are all below
+     * the default threshold), so that the parallel paths are what is checked */
+    cr_assert_eq(kn_ctx_create(&kn, &(kn_ctx_cfg){.n_threads = threads,
+                                                  .variant = variant,
+                                                  .fanout_min_bytes = threads > 1 ? -1 : 0}),
+                 0);
     eng_model *m;
     cr_assert_eq(eng_model_open(&m, tu_model_path(model)), 0, "%s", eng_error());
     const eng_tok *tok = eng_model_tokenizer(m);

@@ -869,7 +869,7 @@ Test(kernels_pool, create_rejects_bad_config)
     cr_assert_eq(kn_ctx_create(NULL, &(kn_ctx_cfg){0}), -EINVAL);
     kn_ctx_destroy(NULL);
     cr_assert_eq(kn_ctx_create(&ctx, &(kn_ctx_cfg){.n_threads = 0}), 0);
-    cr_assert_eq(kn_ctx_threads(ctx), cm_cpu()->n_cpus);
+    cr_assert_eq(kn_ctx_threads(ctx), kn_threads_auto());
     kn_ctx_destroy(ctx);
 }
 

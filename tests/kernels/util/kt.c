@@ -45,7 +45,7 @@ int kt_close(float got, float want, double mag, double tol)
 kn_ctx *kt_ctx(int threads, enum kn_variant v)
 {
     kn_ctx *ctx = NULL;
-    cr_assert_eq(kn_ctx_create(&ctx, &(kn_ctx_cfg){.n_threads = threads, .variant = v}), 0);
+    cr_assert_eq(kn_ctx_create(&ctx, &(kn_ctx_cfg){.n_threads = threads, .variant = v, .fanout_min_bytes = -1}), 0);
     return ctx;
 }
 
