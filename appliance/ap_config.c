@@ -28,7 +28,7 @@ void ap_config_defaults(ap_config *cfg)
     cfg->stats_interval_s = 60;
     cfg->numa_node = -1;
     cfg->log_level = CM_LOG_INFO;
-    cfg->threads = 1;
+    cfg->threads = 0; /* auto: the worker uses the CPUs it may (kn_threads_auto) */
     cfg->max_seqs = 64;
     cfg->batch_tokens = 256;
     cfg->max_requests = 512;
@@ -72,7 +72,7 @@ void ap_config_usage(FILE *f)
             "  --foreground         do not fork into the background\n"
             "  --eventfd-doorbells  sleep on eventfds even if io_uring FUTEX_WAIT works\n"
             "  --model FILE.gguf    serve generation with this model (worker: gorgon-worker)\n"
-            "  --threads N          worker kernel threads (default 1)\n"
+            "  --threads N          worker kernel threads (default 0: the usable CPUs)\n"
             "  --kv-blocks N        worker KV pool, 16-position blocks (0: auto)\n"
             "  --max-seqs N         sequences decoded together (default 64)\n"
             "  --batch-tokens N     new tokens per forward pass, prefill chunks (default 256)\n"
@@ -249,7 +249,7 @@ static int apply(ap_config *cfg, const char *key, const char *val)
         return parse_u32(key, val, 0, 4096, &cfg->medusa_max_batch);
     if (!strcmp(key, "threads")) {
         int64_t v;
-        CM_TRY(parse_i64(key, val, 1, 1024, &v));
+        CM_TRY(parse_i64(key, val, 0, 1024, &v));
         cfg->threads = (int)v;
         return 0;
     }
