@@ -6,6 +6,7 @@
  * batch limit must switch speculation off and on; with measured costs and
  * useless heads, speculation must switch itself off. */
 #include <criterion/criterion.h>
+#include <ftw.h>
 #include <limits.h>
 #include <stdio.h>
 #include <string.h>
@@ -31,9 +32,20 @@ static gd_proc gd;
 static char g_dir[64]; /* heads live here for the whole test process */
 static char model_buf[PATH_MAX];
 
+static int rm_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
+{
+    (void)sb, (void)flag, (void)ftw;
+    return remove(path);
+}
+
+/* Each test is its own process: its heads directory goes with it. */
 static void teardown(void)
 {
     gd_stop(&gd);
+    if (g_dir[0]) {
+        nftw(g_dir, rm_entry, 8, FTW_DEPTH | FTW_PHYS);
+        g_dir[0] = '\0';
+    }
 }
 
 typedef struct ids_out {
