@@ -43,10 +43,9 @@ struct io_uring_sqe *ap_get_sqe(struct ap_server *srv)
     return sqe;
 }
 
-/* The socket's own directory (/run/gorgon for the default socket) is
- * created when missing, but only that one level: a mistyped --socket must
- * not make gorgond, often root, create a chain of directories. -ENOENT when
- * the directory above it does not exist either. */
+/* Only the default socket's directory (/run/gorgon) is created when
+ * missing: a mistyped --socket must not make gorgond, often root, create
+ * directories anywhere. -ENOENT when another socket's directory is missing. */
 static int make_socket_dir(const char *path)
 {
     char dir[AP_PATH_MAX];
@@ -55,6 +54,13 @@ static int make_socket_dir(const char *path)
     if (!slash || slash == dir)
         return 0;
     *slash = '\0';
+    struct stat sb;
+    if (stat(dir, &sb) == 0)
+        return S_ISDIR(sb.st_mode) ? 0 : -ENOTDIR;
+    const char *def = IPC_DEFAULT_SOCKET;
+    size_t dlen = (size_t)(strrchr(def, '/') - def);
+    if (strlen(dir) != dlen || strncmp(dir, def, dlen) != 0)
+        return -ENOENT;
     if (mkdir(dir, 0755) < 0 && errno != EEXIST)
         return cm_neg_errno();
     return 0;
@@ -168,10 +174,9 @@ int ap_server_create(ap_server **out, const ap_config *cfg)
 
     rc = make_socket_dir(cfg->socket);
     if (rc < 0) {
-        CM_LOG_ERROR(TAG, "cannot create the directory of %s: %s%s", cfg->socket,
-                     cm_strerror(rc),
-                     rc == -ENOENT ? " (gorgond creates only the socket's own directory, not "
-                                     "the ones above it)"
+        CM_LOG_ERROR(TAG, "the directory of --socket %s: %s%s", cfg->socket, cm_strerror(rc),
+                     rc == -ENOENT ? " (gorgond creates only the default socket's directory, "
+                                     "/run/gorgon: create it first)"
                                    : "");
         goto fail;
     }

@@ -512,6 +512,13 @@ Test(appliance_gorgond, socket_in_missing_directories_refused_without_mkdir, .ti
     cr_assert(strstr(out, sock) && strstr(out, "directory"), "message: %s", out);
     struct stat sb;
     cr_assert_neq(stat(top, &sb), 0, "%s was created", top);
+    /* One level missing is refused the same way: only /run/gorgon is made. */
+    snprintf(sock, sizeof(sock), "%s/gorgond.sock", top);
+    st = gd_run_stderr(argv, false, out, sizeof(out));
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) != 0 && WEXITSTATUS(st) != 127,
+              "status %d, output: %s", st, out);
+    cr_assert(strstr(out, "/run/gorgon"), "message: %s", out);
+    cr_assert_neq(stat(top, &sb), 0, "%s was created", top);
 }
 
 Test(appliance_gorgond, silent_connection_dropped_without_blocking_others, .fini = teardown,
