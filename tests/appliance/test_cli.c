@@ -15,6 +15,7 @@
 #include "tests/appliance/util/wait.h"
 #include "tests/clients/util/gd_proc.h"
 #include "tests/util/test_models.h"
+#include "tests/util/test_tree.h"
 
 static gd_proc gd;
 static char model_buf[PATH_MAX];
@@ -30,23 +31,11 @@ static void start_gorgond(void)
     AT_START(&gd, "--model", model_buf, NULL);
 }
 
-/* build/<mode>/bin/gorgon beside this test's build/<mode>/tests/; a test
- * whose program is missing fails, it is not skipped. */
+/* build/<mode>/bin/gorgon of this test's build tree; a test whose program
+ * is missing fails, it is not skipped. */
 static const char *gorgon_bin(void)
 {
-    static char path[PATH_MAX];
-    char self[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
-    cr_assert_gt(n, 0);
-    self[n] = '\0';
-    for (int i = 0; i < 2; i++) {
-        char *slash = strrchr(self, '/');
-        cr_assert_not_null(slash);
-        *slash = '\0';
-    }
-    cr_assert_lt((size_t)snprintf(path, sizeof(path), "%s/bin/gorgon", self), sizeof(path));
-    cr_assert_eq(access(path, X_OK), 0, "%s not built: run `make`", path);
-    return path;
+    return tu_bin("gorgon");
 }
 
 /* Run `gorgon SUBCOMMAND --socket <gd> ARGS...` (NULL-terminated), stdout to

@@ -10,34 +10,18 @@
 
 #include "common/cm_version.h"
 #include "tests/util/test_models.h"
+#include "tests/util/test_tree.h"
 
 static const char *const PROGRAMS[] = {
     "gorgond",        "gorgon",         "gorgon-bench",  "gorgon-run",
     "gorgon-mkmodel", "gorgon-medusa-train", "gorgon-worker",
 };
 
-/* build/<mode>/bin beside this test's build/<mode>/tests */
-static void bin_path(const char *prog, char *out, size_t cap)
-{
-    char self[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
-    cr_assert_gt(n, 0);
-    self[n] = '\0';
-    for (int i = 0; i < 2; i++) {
-        char *slash = strrchr(self, '/');
-        cr_assert_not_null(slash);
-        *slash = '\0';
-    }
-    cr_assert_lt((size_t)snprintf(out, cap, "%s/bin/%s", self, prog), cap);
-    cr_assert_eq(access(out, X_OK), 0, "%s not built", out);
-}
-
 /* Runs PROG ARG, returns its exit status and its stdout in out. */
 static int run(const char *prog, const char *arg, char *out, size_t cap)
 {
-    char path[PATH_MAX], cmd[PATH_MAX + 64];
-    bin_path(prog, path, sizeof(path));
-    snprintf(cmd, sizeof(cmd), "'%s' %s 2>/dev/null", path, arg);
+    char cmd[PATH_MAX + 64];
+    snprintf(cmd, sizeof(cmd), "'%s' %s 2>/dev/null", tu_bin(prog), arg);
     FILE *f = popen(cmd, "r");
     cr_assert_not_null(f);
     size_t len = fread(out, 1, cap - 1, f);
@@ -89,7 +73,7 @@ Test(programs, version_flag_only_as_first_argument)
 static int run_gorgon_run(const char *args, char *out, size_t cap)
 {
     char path[PATH_MAX], cmd[3 * PATH_MAX + 8192];
-    bin_path("gorgon-run", path, sizeof(path));
+    snprintf(path, sizeof(path), "%s", tu_bin("gorgon-run"));
     cr_assert_lt((size_t)snprintf(cmd, sizeof(cmd), "'%s' --model '%s' --threads 1 %s 2>&1",
                                   path, tu_model_path("stories260K/stories260K.gguf"), args),
                  sizeof(cmd));

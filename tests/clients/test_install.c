@@ -14,6 +14,7 @@
 #include "clients/gorgon.h"
 #include "tests/clients/util/gd_proc.h"
 #include "tests/util/test_models.h"
+#include "tests/util/test_tree.h"
 
 static char dest[64];
 static gd_proc gd;
@@ -61,11 +62,7 @@ Test(clients_install, header_example_builds_with_pkg_config_and_runs, .fini = cl
 {
     /* the build tree this test binary belongs to: .../build/<mode>/tests/x */
     char self[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
-    cr_assert_gt(n, 0);
-    self[n] = '\0';
-    *strrchr(self, '/') = '\0';
-    *strrchr(self, '/') = '\0';
+    snprintf(self, sizeof(self), "%s", tu_build_dir());
     snprintf(dest, sizeof(dest), "/tmp/gorgon-install-XXXXXX");
     cr_assert_not_null(mkdtemp(dest));
     static char out[16384];

@@ -7,27 +7,13 @@
 #include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
-
-/* build/<flavour>/tests/test-comm-bench -> build/<flavour>/bin/gorgon-comm-bench */
-static void bench_path(char *out, size_t cap)
-{
-    char self[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
-    cr_assert_gt(n, 0);
-    self[n] = '\0';
-    char *slash = strrchr(self, '/');
-    cr_assert_not_null(slash);
-    *slash = '\0';
-    snprintf(out, cap, "%s/../bin/gorgon-comm-bench", self);
-    cr_assert_eq(access(out, X_OK), 0, "gorgon-comm-bench not built: run `make` (%s)", out);
-}
+#include "tests/util/test_tree.h"
 
 /* Run the bench with args, stdout+stderr into buf; returns the exit status. */
 static int run(const char *args, char *buf, size_t cap)
 {
-    char bin[PATH_MAX + 32], cmd[PATH_MAX + 256];
-    bench_path(bin, sizeof bin);
-    snprintf(cmd, sizeof cmd, "'%s' %s 2>&1", bin, args);
+    char cmd[PATH_MAX + 256];
+    snprintf(cmd, sizeof cmd, "'%s' %s 2>&1", tu_bin("gorgon-comm-bench"), args);
     FILE *f = popen(cmd, "r");
     cr_assert_not_null(f);
     size_t len = fread(buf, 1, cap - 1, f);

@@ -22,6 +22,7 @@
 #include "clients/gorgon.h"
 #include "tests/clients/util/gd_proc.h"
 #include "tests/util/test_models.h"
+#include "tests/util/test_tree.h"
 
 #define PYTHON "/usr/bin/python3"
 
@@ -111,16 +112,8 @@ static void write_layout(FILE *f)
 /* The build tree of this binary (build/<mode>), and the repo root above it. */
 static void build_tree(char *tree, char *root, size_t cap)
 {
-    char self[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
-    cr_assert_gt(n, 0);
-    self[n] = '\0';
-    for (int up = 0; up < 2; up++) /* .../build/<mode>/tests/test-python-x */
-        *strrchr(self, '/') = '\0';
-    snprintf(tree, cap, "%s", self);
-    *strrchr(self, '/') = '\0'; /* .../build */
-    *strrchr(self, '/') = '\0';
-    snprintf(root, cap, "%s", self);
+    snprintf(tree, cap, "%s", tu_build_dir());
+    snprintf(root, cap, "%s", tu_repo_root());
 }
 
 /* The sanitizer runtimes this binary runs with (from its own maps), as an

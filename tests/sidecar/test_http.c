@@ -711,7 +711,7 @@ static void start_with_template(const char *tmpl)
     cr_assert_not_null(f);
     fputs(tmpl, f);
     fclose(f);
-    const char *argv[] = {sct_bin("gorgon-mkmodel"), "--out", model, "--preset", "tiny",
+    const char *argv[] = {tu_bin("gorgon-mkmodel"), "--out", model, "--preset", "tiny",
                           "--vocab-from", tu_model_path("stories260K/stories260K.gguf"),
                           "--chat-template", path, NULL};
     char *err;

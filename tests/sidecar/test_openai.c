@@ -19,6 +19,7 @@
 #include "tests/clients/util/gd_proc.h"
 #include "tests/sidecar/util/sc_test.h"
 #include "tests/util/test_models.h"
+#include "tests/util/test_tree.h"
 
 static gd_proc gd;
 static sct_sidecar sc;
@@ -47,13 +48,7 @@ static const char *suite_dir(void)
 {
     if (access("tests/sidecar/package.json", R_OK) == 0)
         return realpath("tests/sidecar", dir);
-    char self[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
-    cr_assert_gt(n, 0);
-    self[n] = '\0';
-    for (int i = 0; i < 3; i++)
-        *strrchr(self, '/') = '\0';
-    snprintf(dir, sizeof(dir), "%.4000s/tests/sidecar", self);
+    snprintf(dir, sizeof(dir), "%.4000s/tests/sidecar", tu_repo_root());
     cr_assert_eq(access(dir, R_OK), 0, "cannot find tests/sidecar (cwd or %s)", dir);
     return dir;
 }

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include "tests/util/test_tree.h"
 
 /* Run `sh -c CMD` (stderr joined to stdout unless CMD redirects it); its
  * exit status (255 when killed), its output in out (truncated to cap). */
@@ -43,13 +44,7 @@ static inline int dp_sh(char *out, size_t cap, const char *fmt, ...)
 /* The build tree this test binary belongs to (.../build/<mode>). */
 static inline void dp_build_dir(char *out, size_t cap)
 {
-    char self[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
-    cr_assert_gt(n, 0);
-    self[n] = '\0';
-    *strrchr(self, '/') = '\0'; /* tests/ */
-    *strrchr(self, '/') = '\0';
-    snprintf(out, cap, "%s", self);
+    snprintf(out, cap, "%s", tu_build_dir());
 }
 
 static inline bool dp_exists(const char *dir, const char *rel)

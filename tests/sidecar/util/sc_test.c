@@ -16,29 +16,6 @@
 #include <time.h>
 #include <unistd.h>
 
-const char *sct_bin(const char *name)
-{
-    static char out[PATH_MAX];
-    char self[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
-    if (n > 0) {
-        self[n] = '\0';
-        char *slash = strrchr(self, '/'); /* .../build/<mode>/tests/test-x */
-        if (slash) {
-            *slash = '\0';
-            slash = strrchr(self, '/');
-            if (slash) {
-                *slash = '\0';
-                int k = snprintf(out, sizeof(out), "%.3000s/bin/%.200s", self, name);
-                if (k > 0 && (size_t)k < sizeof(out) && access(out, X_OK) == 0)
-                    return out;
-            }
-        }
-    }
-    snprintf(out, sizeof(out), "build/bin/%s", name);
-    return out;
-}
-
 static uint64_t now_ms(void)
 {
     struct timespec ts;
@@ -56,7 +33,7 @@ int sct_start(sct_sidecar *s, const char *gd_sock, ...)
         return -errno;
     const char *argv[40];
     int argc = 0;
-    argv[argc++] = sct_bin("gorgon-sidecar");
+    argv[argc++] = tu_bin("gorgon-sidecar");
     argv[argc++] = "--listen";
     argv[argc++] = "127.0.0.1:0";
     argv[argc++] = "--socket";
@@ -235,7 +212,7 @@ char *sct_gorgon_generate(const char *sock, const char *prompt, int n)
 {
     char ns[16];
     snprintf(ns, sizeof(ns), "%d", n);
-    const char *argv[] = {sct_bin("gorgon"), "generate", "--socket", sock, "-p", prompt, "-n", ns,
+    const char *argv[] = {tu_bin("gorgon"), "generate", "--socket", sock, "-p", prompt, "-n", ns,
                           NULL};
     char *out, *err;
     int st = sct_run(argv, NULL, &out, &err);
@@ -250,7 +227,7 @@ char *sct_gorgon_generate(const char *sock, const char *prompt, int n)
 
 unsigned long long sct_gorgon_stat(const char *sock, const char *name)
 {
-    const char *argv[] = {sct_bin("gorgon"), "stats", "--socket", sock, NULL};
+    const char *argv[] = {tu_bin("gorgon"), "stats", "--socket", sock, NULL};
     char *out, *err;
     int st = sct_run(argv, NULL, &out, &err);
     cr_assert_eq(sct_exit_code(st), 0, "gorgon stats: status %d: %s", st, err);

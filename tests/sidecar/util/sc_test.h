@@ -8,15 +8,14 @@
 #include <stddef.h>
 #include <sys/types.h>
 
+#include "tests/util/test_tree.h" /* tu_bin */
+
 typedef struct sct_sidecar {
     pid_t pid;
     char url[128];     /* http://127.0.0.1:PORT */
     char err_path[64]; /* its stderr, for messages */
 } sct_sidecar;
 
-/* The program NAME of the build tree this test binary belongs to
- * (build/<mode>/bin/NAME), else build/bin/NAME. Static storage. */
-const char *sct_bin(const char *name);
 
 /* Start gorgon-sidecar --listen 127.0.0.1:0 --socket gd_sock plus extra
  * arguments (NULL-terminated) and wait for its "listening on" line (10 s).
