@@ -14,7 +14,8 @@
 
 static const char *const PROGRAMS[] = {
     "gorgond",        "gorgon",         "gorgon-bench",  "gorgon-run",
-    "gorgon-mkmodel", "gorgon-medusa-train", "gorgon-worker",
+    "gorgon-mkmodel", "gorgon-medusa-train", "gorgon-worker", "gorgon-sidecar",
+    "gorgon-comm-bench",
 };
 
 /* Runs PROG ARG, returns its exit status and its stdout in out. */
