@@ -77,6 +77,9 @@ LDLIBS   +=
 ifneq ($(SAN),)
 CFLAGS  += -fsanitize=$(SAN) -fno-omit-frame-pointer
 LDFLAGS += -fsanitize=$(SAN)
+# Tests that link programs of their own against this build's libgorgon.a
+# need the same runtime (tests/clients/test_install.c).
+CPPFLAGS += -DGORGON_SAN_LDFLAGS='"-fsanitize=$(SAN)"'
 ifneq ($(findstring undefined,$(SAN)),)
 CFLAGS  += -fno-sanitize-recover=undefined
 endif

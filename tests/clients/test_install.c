@@ -57,6 +57,12 @@ static bool exists(const char *dir, const char *rel)
     return lstat(p, &sb) == 0;
 }
 
+#ifdef GORGON_SAN_LDFLAGS
+#define SAN_LDFLAGS GORGON_SAN_LDFLAGS
+#else
+#define SAN_LDFLAGS ""
+#endif
+
 Test(clients_install, header_example_builds_with_pkg_config_and_runs, .fini = cleanup,
      .timeout = 180)
 {
@@ -89,13 +95,16 @@ Test(clients_install, header_example_builds_with_pkg_config_and_runs, .fini = cl
     const char *pc = "PKG_CONFIG_SYSROOT_DIR=%s PKG_CONFIG_PATH=%s/usr/local/lib/pkgconfig";
     char env[256];
     snprintf(env, sizeof(env), pc, dest, dest);
+    /* A sanitizer build's libgorgon calls into the sanitizer runtime: the
+     * program that links it needs that runtime too (loaded first). */
     cr_assert_eq(sh(out, sizeof(out),
-                    "cc -std=c11 -Wall -Wextra -Werror -o %s/app_shared %s/app.c "
-                    "$(%s pkg-config --cflags --libs gorgon)", dest, dest, env),
+                    "cc -std=c11 -Wall -Wextra -Werror %s -o %s/app_shared %s/app.c "
+                    "$(%s pkg-config --cflags --libs gorgon)", SAN_LDFLAGS, dest, dest, env),
                  0, "shared build of the header's example:\n%s", out);
     cr_assert_eq(sh(out, sizeof(out),
-                    "cc -std=c11 -Wall -Wextra -Werror -o %s/app_static %s/app.c "
-                    "$(%s pkg-config --cflags --libs gorgon-static)", dest, dest, env),
+                    "cc -std=c11 -Wall -Wextra -Werror %s -o %s/app_static %s/app.c "
+                    "$(%s pkg-config --cflags --libs gorgon-static)", SAN_LDFLAGS, dest, dest,
+                    env),
                  0, "static build of the header's example:\n%s", out);
     cr_assert_neq(sh(out, sizeof(out), "ldd %s/app_static | grep -q libgorgon", dest), 0,
                   "app_static depends on libgorgon.so");
