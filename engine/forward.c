@@ -9,6 +9,7 @@
 #include "common/common.h"
 #include "engine/model/eng_err.h"
 #include "engine/engine.h"
+#include "engine/comm/comm.h"
 #include "engine/model_int.h"
 
 struct eng_ctx {
@@ -31,6 +32,16 @@ struct eng_ctx {
     float *hb2;  /* [M][ffn] up */
     float *hsel; /* [O][dim] output rows, final-normed */
     float *attn_scratch;
+    /* Tensor parallelism (comm != NULL): each rank's logits of a call,
+     * [tp][O][vocab_chunk] (rank r's [n_out][its rows] at the start of its
+     * block), gathered in place. */
+    comm *comm;
+    float *lg_all;
+    int32_t *ids_d; /* [O] argmax ids (eng_forward_greedy) */
+    struct tp_pair {
+        float v;
+        int32_t id;
+    } *pairs; /* host, tp > 1: [tp][O] each rank's (max, id) per row */
 
     /* The step plan: built on the host, uploaded in one copy before the
      * ops that read it. int32 words: tok [M], pos [M] (RoPE), slot [M] (KV
@@ -67,11 +78,21 @@ int eng_ctx_create(eng_ctx **out, const eng_model *m, const eng_ctx_cfg *cfg)
     *out = NULL;
     if (!cfg->kn || cfg->max_tokens <= 0 || cfg->max_outputs < 0 || cfg->max_ctx < 0)
         return eng_fail(-EINVAL, "forward: ctx needs a kernels ctx and max_tokens > 0");
-    const eng_hparams *hp = &m->hp;
+    const eng_hparams *hp = &m->lhp; /* this rank's shard */
+    int rank, tp = eng_model_tp(m, &rank);
+    if (tp > 1 && (!cfg->comm || comm_size(cfg->comm) != tp || comm_rank(cfg->comm) != rank))
+        return eng_fail(-EINVAL, "forward: the model is rank %d of %d tensor-parallel ranks; the "
+                                 "ctx needs that rank of a communicator of %d",
+                        rank, tp, tp);
+    if (tp == 1 && cfg->comm && comm_size(cfg->comm) != 1)
+        return eng_fail(-EINVAL, "forward: a communicator of %d ranks for a model that is not "
+                                 "sharded (open it with eng_model_open_tp)",
+                        comm_size(cfg->comm));
     eng_ctx *c = calloc(1, sizeof(*c));
     if (!c)
         return -ENOMEM;
     c->m = m;
+    c->comm = tp > 1 ? cfg->comm : NULL;
     c->kn = cfg->kn;
     c->ops = kn_ctx_ops(cfg->kn);
     c->max_tokens = cfg->max_tokens;
@@ -96,7 +117,10 @@ int eng_ctx_create(eng_ctx **out, const eng_model *m, const eng_ctx_cfg *cfg)
                            kn_attn_scratch_floats(c->max_ctx + c->max_tokens, kn_ctx_threads(kn)) *
                                fs,
                            (void **)&c->attn_scratch)) < 0 ||
-        (rc = kn_buf_alloc(kn, plan_bytes(c), (void **)&c->plan_d)) < 0) {
+        (rc = kn_buf_alloc(kn, plan_bytes(c), (void **)&c->plan_d)) < 0 ||
+        (rc = kn_buf_alloc(kn, O * sizeof(int32_t), (void **)&c->ids_d)) < 0 ||
+        (tp > 1 && (rc = kn_buf_alloc(kn, (size_t)tp * O * (size_t)m->vocab_chunk * fs,
+                                      (void **)&c->lg_all)) < 0)) {
         eng_ctx_destroy(c);
         return eng_fail(rc, "forward: cannot allocate activations for %zu tokens: %s", M,
                         cm_strerror(rc));
@@ -107,7 +131,10 @@ int eng_ctx_create(eng_ctx **out, const eng_model *m, const eng_ctx_cfg *cfg)
     c->seq_n = malloc(M * sizeof(int64_t));
     c->seq_past = malloc(M * sizeof(int64_t));
     c->seq_row = malloc(M * sizeof(int64_t));
-    if (!c->plan || !c->mask_d || !c->seq_id || !c->seq_n || !c->seq_past || !c->seq_row) {
+    if (tp > 1)
+        c->pairs = malloc((size_t)tp * O * sizeof(*c->pairs));
+    if (!c->plan || !c->mask_d || !c->seq_id || !c->seq_n || !c->seq_past || !c->seq_row ||
+        (tp > 1 && !c->pairs)) {
         eng_ctx_destroy(c);
         return -ENOMEM;
     }
@@ -128,12 +155,15 @@ void eng_ctx_destroy(eng_ctx *c)
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
         kn_buf_free(c->kn, bufs[i]);
     kn_buf_free(c->kn, c->plan_d);
+    kn_buf_free(c->kn, c->lg_all);
+    kn_buf_free(c->kn, c->ids_d);
     free(c->plan);
     free(c->mask_d);
     free(c->seq_id);
     free(c->seq_n);
     free(c->seq_past);
     free(c->seq_row);
+    free(c->pairs);
     free(c);
 }
 
@@ -247,11 +277,50 @@ static int matmul_n(const kn_ops *ops, kn_ctx *kn, int n, const kn_tensor *const
 
 #define OP(what, call) ENG_OP("forward", what, call)
 
+/* Tensor parallelism: the row-parallel matmul's partial sums, added over
+ * the ranks in rank order (so every rank, every run and every batch gets
+ * the same bits). The shm communicator reads host addresses: CPU backend
+ * memory is host memory (a GPU group uses NCCL on the device's stream). */
+static int all_reduce(eng_ctx *c, float *buf, int64_t n, const char *after)
+{
+    if (!c->comm)
+        return 0;
+    int rc = comm_all_reduce_sum_f32(c->comm, buf, (size_t)n);
+    if (rc < 0)
+        return eng_fail(rc, "forward: all-reduce after %s failed: %s", after,
+                        comm_last_error(c->comm));
+    return 0;
+}
+
+/* Tensor parallelism: every rank's vocabulary slice of n_out logits rows
+ * (rank r's [n_out][rows of r] at lg_all + r * n_out * chunk, this rank's
+ * already there) gathered, then laid out as [n_out][n_vocab]. */
+static int gather_logits(eng_ctx *c, int64_t n_out, float *logits)
+{
+    const eng_model *m = c->m;
+    const int tp = m->tp;
+    const int64_t V = m->hp.n_vocab, chunk = m->vocab_chunk;
+    const size_t block = (size_t)n_out * (size_t)chunk * sizeof(float);
+    int rc = comm_all_gather(c->comm, (char *)c->lg_all + (size_t)m->tp_rank * block, c->lg_all,
+                             block);
+    if (rc < 0)
+        return eng_fail(rc, "forward: gathering the logits failed: %s",
+                        comm_last_error(c->comm));
+    for (int r = 0; r < tp; r++) {
+        const int64_t v0 = r * chunk, vn = V - v0 < chunk ? V - v0 : chunk;
+        const float *src = c->lg_all + (size_t)r * (size_t)n_out * (size_t)chunk;
+        for (int64_t o = 0; o < n_out; o++)
+            OP("copy (logits)", kn_buf_copy(c->kn, logits + o * V + v0, src + o * vn,
+                                            (size_t)vn * sizeof(float)));
+    }
+    return 0;
+}
+
 /* The layers over the planned batch (plan uploaded, KV reserved). */
 static int run_layers(eng_ctx *c, eng_kv *kv, int n_seqs, int64_t M)
 {
     const eng_model *m = c->m;
-    const eng_hparams *hp = &m->hp;
+    const eng_hparams *hp = &m->lhp; /* this rank's heads and FFN columns */
     const kn_ops *ops = c->ops;
     kn_ctx *kn = c->kn;
     const int64_t dim = hp->dim, ffn = hp->ffn_dim;
@@ -306,6 +375,7 @@ static int run_layers(eng_ctx *c, eng_kv *kv, int n_seqs, int64_t M)
             OP("attention", ops->attention(kn, &a));
         }
         OP("matmul (Wo)", ops->matmul(kn, &L->wo, c->att, M, c->xb));
+        CM_TRY(all_reduce(c, c->xb, M * dim, "Wo"));
         OP("add", ops->add(kn, c->x, c->xb, M * dim));
         /* SwiGLU feed-forward */
         OP("rmsnorm", ops->rmsnorm(kn, c->x, L->ffn_norm, M, dim, hp->rms_eps, c->xb));
@@ -316,13 +386,16 @@ static int run_layers(eng_ctx *c, eng_kv *kv, int n_seqs, int64_t M)
         }
         OP("silu_mul", ops->silu_mul(kn, c->hb, c->hb2, M * ffn));
         OP("matmul (Wdown)", ops->matmul(kn, &L->w_down, c->hb, M, c->xb));
+        CM_TRY(all_reduce(c, c->xb, M * dim, "Wdown"));
         OP("add", ops->add(kn, c->x, c->xb, M * dim));
     }
     return 0;
 }
 
-int64_t eng_forward(eng_ctx *c, eng_kv *kv, const eng_seq_in *seqs, int n_seqs, float *logits,
-                    float *hidden)
+/* The forward up to the output rows: hidden (or the ctx's scratch) holds
+ * the n_out final-normed rows; *h_out says where. */
+static int64_t forward_rows(eng_ctx *c, eng_kv *kv, const eng_seq_in *seqs, int n_seqs,
+                            float *hidden, float **h_out)
 {
     const eng_model *m = c->m;
     const eng_hparams *hp = &m->hp;
@@ -359,17 +432,88 @@ int64_t eng_forward(eng_ctx *c, eng_kv *kv, const eng_seq_in *seqs, int n_seqs, 
         int64_t len = eng_kv_seq_append(kv, c->seq_id[s], c->seq_n[s]);
         CM_ASSERT(len == c->seq_past[s] + c->seq_n[s]); /* capacity was reserved */
     }
-    if (n_out == 0 || (!logits && !hidden))
+    *h_out = NULL;
+    if (n_out == 0)
         return n_out;
     /* Only the rows asked for go through the final norm and the (large)
      * output matrix. */
     float *h = hidden ? hidden : c->hsel;
+    *h_out = h;
     const kn_tensor xv = {.data = c->x, .type = KN_F32, .rows = M, .cols = hp->dim};
     OP("get_rows (outputs)",
        ops->get_rows(kn, &xv, c->plan_d + 3 * c->max_tokens, n_out, h));
     OP("rmsnorm (output)", ops->rmsnorm(kn, h, m->output_norm, n_out, hp->dim, hp->rms_eps, h));
-    if (logits)
-        OP("matmul (output)", ops->matmul(kn, &m->output, h, n_out, logits));
+    return n_out;
+}
+
+/* This rank's logits rows for h: the whole row without TP (into logits),
+ * its vocabulary slice with TP (into its block of lg_all). */
+static float *output_slice(eng_ctx *c, const float *h, int64_t n_out, float *logits)
+{
+    const eng_model *m = c->m;
+    float *dst = c->comm ? c->lg_all + (size_t)m->tp_rank * (size_t)n_out * (size_t)m->vocab_chunk
+                         : logits;
+    int rc = c->ops->matmul(c->kn, &m->output, h, n_out, dst);
+    if (rc < 0) {
+        eng_fail(rc, "forward: backend matmul (output) failed: %s", cm_strerror(rc));
+        return NULL;
+    }
+    return dst;
+}
+
+int64_t eng_forward(eng_ctx *c, eng_kv *kv, const eng_seq_in *seqs, int n_seqs, float *logits,
+                    float *hidden)
+{
+    float *h;
+    int64_t n_out = forward_rows(c, kv, seqs, n_seqs, hidden, &h);
+    if (n_out <= 0 || !logits)
+        return n_out;
+    if (!output_slice(c, h, n_out, logits))
+        return -EIO;
+    if (c->comm)
+        CM_TRY(gather_logits(c, n_out, logits));
+    return n_out;
+}
+
+int64_t eng_forward_greedy(eng_ctx *c, eng_kv *kv, const eng_seq_in *seqs, int n_seqs,
+                           float *logits, float *hidden, int32_t *ids)
+{
+    const eng_model *m = c->m;
+    kn_ctx *kn = c->kn;
+    float *h;
+    int64_t n_out = forward_rows(c, kv, seqs, n_seqs, hidden, &h);
+    if (n_out <= 0)
+        return n_out;
+    float *lg = output_slice(c, h, n_out, logits);
+    if (!lg)
+        return -EIO;
+    const int64_t vn = m->lhp.n_vocab;
+    OP("argmax", c->ops->argmax(kn, lg, n_out, vn, c->ids_d));
+    OP("download (ids)", kn_buf_download(kn, ids, c->ids_d, (size_t)n_out * sizeof(int32_t)));
+    if (!c->comm)
+        return n_out;
+    /* Each rank's (max, id) per row, gathered; the global argmax keeps the
+     * scan order of one row: a later rank wins only with a larger value,
+     * so ties go to the lowest id, as the argmax op's. (A NaN that starts a
+     * later rank's slice hides that slice's maximum: NaN logits are a
+     * broken model either way.) */
+    const int tp = m->tp;
+    struct tp_pair *all = c->pairs, *mine = all + (size_t)m->tp_rank * (size_t)n_out;
+    for (int64_t o = 0; o < n_out; o++) {
+        OP("download (max)", kn_buf_download(kn, &mine[o].v, lg + o * vn + ids[o], sizeof(float)));
+        mine[o].id = (int32_t)(m->vocab0 + ids[o]);
+    }
+    int rc = comm_all_gather(c->comm, mine, all, (size_t)n_out * sizeof(*all));
+    if (rc < 0)
+        return eng_fail(rc, "forward: gathering the argmax pairs failed: %s",
+                        comm_last_error(c->comm));
+    for (int64_t o = 0; o < n_out; o++) {
+        struct tp_pair best = all[o];
+        for (int r = 1; r < tp; r++)
+            if (all[(size_t)r * (size_t)n_out + (size_t)o].v > best.v)
+                best = all[(size_t)r * (size_t)n_out + (size_t)o];
+        ids[o] = best.id;
+    }
     return n_out;
 }
 
@@ -401,22 +545,31 @@ static int64_t gen_decode(gen_io *io, int32_t token)
     return n < 0 ? 0 : n;
 }
 
-/* The next token from the logits row (backend): greedy asks the backend
- * for the argmax and downloads one id; a sampler gets the row. */
+/* One forward of `in`; greedy decoding gets its next id at once
+ * (eng_forward_greedy: under TP one (max, id) pair per rank crosses), a
+ * sampler's row stays in `logits` for gen_next. */
+static int64_t gen_forward(eng_ctx *c, eng_kv *kv, const eng_seq_in *in, eng_sampler *smp,
+                           float *logits, int32_t *greedy_id)
+{
+    if (smp)
+        return eng_forward(c, kv, in, 1, logits, NULL);
+    return eng_forward_greedy(c, kv, in, 1, logits, NULL, greedy_id);
+}
+
+/* The next token: greedy's was chosen by gen_forward; a sampler gets the
+ * row. */
 static int gen_next(eng_ctx *c, eng_sampler *smp, const float *logits, float *row,
-                    int32_t *id_d, int32_t *next)
+                    int32_t greedy_id, int32_t *next)
 {
     const int64_t V = c->m->hp.n_vocab;
-    int rc;
-    if (smp) {
-        if ((rc = kn_buf_download(c->kn, row, logits, (size_t)V * sizeof(float))) < 0)
-            return eng_fail(rc, "generate: downloading logits: %s", cm_strerror(rc));
-        *next = eng_sampler_sample(smp, row);
+    if (!smp) {
+        *next = greedy_id;
         return 0;
     }
-    if ((rc = c->ops->argmax(c->kn, logits, 1, V, id_d)) < 0 ||
-        (rc = kn_buf_download(c->kn, next, id_d, sizeof(int32_t))) < 0)
-        return eng_fail(rc, "generate: argmax on the backend: %s", cm_strerror(rc));
+    int rc = kn_buf_download(c->kn, row, logits, (size_t)V * sizeof(float));
+    if (rc < 0)
+        return eng_fail(rc, "generate: downloading logits: %s", cm_strerror(rc));
+    *next = eng_sampler_sample(smp, row);
     return 0;
 }
 
@@ -454,14 +607,13 @@ int eng_generate(eng_ctx *c, eng_kv *kv, int seq, const eng_gen_cfg *cfg, eng_ge
      * (argmax op), a sampler its row. */
     const size_t row_bytes = (size_t)m->hp.n_vocab * sizeof(float);
     float *logits = NULL, *row = NULL;
-    int32_t *id_d = NULL;
+    int32_t greedy_id = -1;
     io.piece = malloc(io.piece_cap);
     io.text = malloc(io.text_cap);
     if (cfg->sampler)
         row = malloc(row_bytes);
     if (!io.piece || !io.text || (cfg->sampler && !row) ||
-        (rc = kn_buf_alloc(c->kn, row_bytes, (void **)&logits)) < 0 ||
-        (rc = kn_buf_alloc(c->kn, sizeof(int32_t), (void **)&id_d)) < 0) {
+        (rc = kn_buf_alloc(c->kn, row_bytes, (void **)&logits)) < 0) {
         rc = rc < 0 ? rc : -ENOMEM;
         goto out;
     }
@@ -469,7 +621,7 @@ int eng_generate(eng_ctx *c, eng_kv *kv, int seq, const eng_gen_cfg *cfg, eng_ge
 
     uint64_t t0 = cm_now_ns();
     eng_seq_in in = {.seq = seq, .tokens = cfg->prompt, .n_tokens = n_pre};
-    int64_t n = eng_forward(c, kv, &in, 1, logits, NULL);
+    int64_t n = gen_forward(c, kv, &in, cfg->sampler, logits, &greedy_id);
     if (n < 0) {
         rc = (int)n;
         goto out;
@@ -492,7 +644,7 @@ int eng_generate(eng_ctx *c, eng_kv *kv, int seq, const eng_gen_cfg *cfg, eng_ge
     int64_t pos = n_pre;
     while (!io.aborted) {
         int32_t next;
-        if ((rc = gen_next(c, cfg->sampler, logits, row, id_d, &next)) < 0)
+        if ((rc = gen_next(c, cfg->sampler, logits, row, greedy_id, &next)) < 0)
             break;
         res->n_generated++;
         if (cfg->sampler)
@@ -518,7 +670,7 @@ int eng_generate(eng_ctx *c, eng_kv *kv, int seq, const eng_gen_cfg *cfg, eng_ge
             break;
         }
         in = (eng_seq_in){.seq = seq, .tokens = &next, .n_tokens = 1};
-        n = eng_forward(c, kv, &in, 1, logits, NULL);
+        n = gen_forward(c, kv, &in, cfg->sampler, logits, &greedy_id);
         if (n < 0) {
             rc = (int)n;
             break;
@@ -534,7 +686,6 @@ flush:
     }
 out:
     kn_buf_free(c->kn, logits);
-    kn_buf_free(c->kn, id_d);
     free(row);
     free(io.piece);
     free(io.text);

@@ -10,6 +10,7 @@
 
 #include "common/common.h"
 #include "engine/model/eng_err.h"
+#include "engine/model/tp_split.h"
 #include "engine/model_int.h"
 
 /* ---- hyper-parameters --------------------------------------------------- */
@@ -230,6 +231,99 @@ static int64_t matrix_bytes(const kn_tensor *t)
     return (int64_t)kn_row_bytes(t->type, t->cols) * t->rows;
 }
 
+/* Bytes of every matmul weight as loaded (after sharding: this rank's). */
+static int64_t matrices_bytes(eng_model *m)
+{
+    int64_t b = 0;
+    for (int64_t i = 0; i < 1 + 7 * (int64_t)m->hp.n_layer; i++)
+        b += matrix_bytes(matmul_tensor(m, i));
+    return b;
+}
+
+/* ---- tensor-parallel shards -------------------------------------------- */
+
+/* Rows [r0, r0 + n) of w: a view into the same memory (rows are contiguous,
+ * in every type). */
+static void row_slice(kn_tensor *w, int64_t r0, int64_t n)
+{
+    w->data = (const char *)w->data + (size_t)r0 * kn_row_bytes(w->type, w->cols);
+    w->rows = n;
+}
+
+/* Columns [c0, c0 + n) of w, copied into memory of its own (*owned); the
+ * caller checked that c0 and n are whole blocks of w's type. */
+static int col_slice(kn_tensor *w, int64_t c0, int64_t n, void **owned)
+{
+    const size_t off = kn_row_bytes(w->type, c0), rb = kn_row_bytes(w->type, n);
+    const size_t full = kn_row_bytes(w->type, w->cols);
+    char *p = malloc(rb * (size_t)w->rows);
+    if (!p)
+        return eng_fail(-ENOMEM, "model: no memory for this rank's weight slices");
+    for (int64_t r = 0; r < w->rows; r++)
+        memcpy(p + (size_t)r * rb, (const char *)w->data + (size_t)r * full + off, rb);
+    *owned = p;
+    w->data = p;
+    w->cols = n;
+    return 0;
+}
+
+/* Megatron-style split for rank `rank` of `tp`: Wq/Wk/Wv and Wgate/Wup by
+ * output rows (whole heads; KV heads replicated when there are fewer than
+ * ranks, as vLLM does), Wo and Wdown by input columns (their outputs are
+ * partial sums the forward all-reduces), the output matrix by vocabulary
+ * rows. The embedding is not split: a rank reads the rows of the step's
+ * tokens from the file mapping (docs/tensor-parallel.md). */
+static int shard_weights(eng_model *m, int rank, int tp)
+{
+    const eng_hparams *hp = &m->hp;
+    eng_hparams *lhp = &m->lhp;
+    *lhp = *hp;
+    m->tp = tp;
+    m->tp_rank = rank;
+    m->vocab0 = 0;
+    m->vocab_chunk = hp->n_vocab;
+    if (tp == 1)
+        return 0;
+    CM_TRY(eng_tp_split_check(tp, hp->n_head, hp->n_kv_head, hp->ffn_dim, hp->n_vocab));
+    /* whole KV heads, or each replicated on tp / n_kv_head ranks */
+    const int nkv_l = hp->n_kv_head >= tp ? hp->n_kv_head / tp : 1;
+    const int kv0 = hp->n_kv_head >= tp ? rank * nkv_l : rank / (tp / hp->n_kv_head);
+    const int hd = hp->head_dim, nh_l = hp->n_head / tp;
+    const int64_t qcols = (int64_t)nh_l * hd, fcols = hp->ffn_dim / tp;
+    for (int l = 0; l < hp->n_layer; l++) {
+        const eng_layer *L = &m->layers[l];
+        if (kn_row_bytes(L->wo.type, qcols) == 0 || kn_row_bytes(L->w_down.type, fcols) == 0)
+            return eng_fail(-EINVAL, "model: tensor parallelism over %d ranks gives each rank "
+                                     "%" PRId64 " attention and %" PRId64 " FFN columns of the "
+                                     "%s/%s row-parallel matrices: not whole blocks of %d",
+                            tp, qcols, fcols, kn_dtype_name(L->wo.type),
+                            kn_dtype_name(L->w_down.type), KN_QK);
+    }
+    m->owned = calloc(2 * (size_t)hp->n_layer, sizeof(void *));
+    if (!m->owned)
+        return -ENOMEM;
+    for (int l = 0; l < hp->n_layer; l++) {
+        eng_layer *L = &m->layers[l];
+        row_slice(&L->wq, (int64_t)rank * qcols, qcols);
+        row_slice(&L->wk, (int64_t)kv0 * hd, (int64_t)nkv_l * hd);
+        row_slice(&L->wv, (int64_t)kv0 * hd, (int64_t)nkv_l * hd);
+        row_slice(&L->w_gate, rank * fcols, fcols);
+        row_slice(&L->w_up, rank * fcols, fcols);
+        CM_TRY(col_slice(&L->wo, rank * qcols, qcols, &m->owned[2 * l]));
+        CM_TRY(col_slice(&L->w_down, rank * fcols, fcols, &m->owned[2 * l + 1]));
+    }
+    m->vocab_chunk = (hp->n_vocab + tp - 1) / tp;
+    m->vocab0 = rank * m->vocab_chunk;
+    const int64_t vn = hp->n_vocab - m->vocab0 < m->vocab_chunk ? hp->n_vocab - m->vocab0
+                                                                 : m->vocab_chunk;
+    row_slice(&m->output, m->vocab0, vn);
+    lhp->n_head = nh_l;
+    lhp->n_kv_head = nkv_l;
+    lhp->ffn_dim = fcols;
+    lhp->n_vocab = vn;
+    return 0;
+}
+
 /* Repack the matmul weights once for this CPU's matmul (kn_tensor_pack):
  * on AVX-512 they are then streamed without per-call repacking. Only the
  * matmul reads a packed tensor's copy, so the file's pages of it are let
@@ -243,15 +337,23 @@ static int pack_weights(eng_model *m)
         if (kn_tensor_pack(t) < 0)
             return eng_fail(-ENOMEM, "model: no memory to repack the weights (%" PRId64
                                      " of %" PRId64 " done)", i, n);
-        if (t->packed && t->data != m->tok_embd.data)
+        /* (a tied output, whole or a rank's slice, is the embedding's
+         * memory, which the lookup keeps reading) */
+        const char *d = t->data, *e = m->tok_embd.data;
+        const bool in_embd = d >= e && d < e + matrix_bytes(&m->tok_embd);
+        if (t->packed && !in_embd)
             eng_gguf_release(m->gguf, t->data, (size_t)matrix_bytes(t));
     }
     return 0;
 }
 
-int eng_model_open_gguf(eng_model **out, eng_gguf *g)
+int eng_model_open_gguf_tp(eng_model **out, eng_gguf *g, int rank, int tp)
 {
     *out = NULL;
+    if (tp < 1 || rank < 0 || rank >= tp) {
+        eng_gguf_close(g);
+        return eng_fail(-EINVAL, "model: rank %d of a tensor-parallel group of %d", rank, tp);
+    }
     eng_model *m = calloc(1, sizeof(*m));
     if (!m) {
         eng_gguf_close(g);
@@ -261,6 +363,15 @@ int eng_model_open_gguf(eng_model **out, eng_gguf *g)
     int rc = read_hparams(g, &m->hp);
     if (rc == 0)
         rc = load_weights(m);
+    if (rc == 0) {
+        /* the whole model's figures (a rank's share: eng_model_shard_weight_bytes) */
+        m->bytes_per_token = matrices_bytes(m) + (int64_t)kn_row_bytes(m->tok_embd.type, m->hp.dim) +
+                             m->hp.dim * (int64_t)sizeof(float) * (1 + 2 * m->hp.n_layer);
+        m->matmul_params = 0;
+        for (int64_t i = 0; i < 1 + 7 * (int64_t)m->hp.n_layer; i++)
+            m->matmul_params += matmul_tensor(m, i)->rows * matmul_tensor(m, i)->cols;
+        rc = shard_weights(m, rank, tp);
+    }
     if (rc == 0)
         rc = pack_weights(m);
     if (rc == 0) {
@@ -278,32 +389,28 @@ int eng_model_open_gguf(eng_model **out, eng_gguf *g)
         eng_model_close(m);
         return rc;
     }
-    int64_t b = matrix_bytes(&m->output) + (int64_t)kn_row_bytes(m->tok_embd.type, m->hp.dim);
-    int64_t params = m->output.rows * m->output.cols;
-    b += m->hp.dim * (int64_t)sizeof(float) * (1 + 2 * m->hp.n_layer);
-    for (int l = 0; l < m->hp.n_layer; l++) {
-        const kn_tensor *ts[] = {&m->layers[l].wq,     &m->layers[l].wk,   &m->layers[l].wv,
-                                 &m->layers[l].wo,     &m->layers[l].w_gate,
-                                 &m->layers[l].w_up,   &m->layers[l].w_down};
-        for (size_t i = 0; i < CM_ARRAY_LEN(ts); i++) {
-            b += matrix_bytes(ts[i]);
-            params += ts[i]->rows * ts[i]->cols;
-        }
-    }
-    m->bytes_per_token = b;
-    m->matmul_params = params;
     *out = m;
     return 0;
 }
 
-int eng_model_open(eng_model **out, const char *path)
+int eng_model_open_gguf(eng_model **out, eng_gguf *g)
+{
+    return eng_model_open_gguf_tp(out, g, 0, 1);
+}
+
+int eng_model_open_tp(eng_model **out, const char *path, int rank, int tp)
 {
     *out = NULL;
     eng_gguf *g;
     int rc = eng_gguf_open(&g, path);
     if (rc < 0)
         return rc;
-    return eng_model_open_gguf(out, g);
+    return eng_model_open_gguf_tp(out, g, rank, tp);
+}
+
+int eng_model_open(eng_model **out, const char *path)
+{
+    return eng_model_open_tp(out, path, 0, 1);
 }
 
 void eng_model_close(eng_model *m)
@@ -315,6 +422,9 @@ void eng_model_close(eng_model *m)
     for (int64_t i = 1; m->layers && i < 1 + 7 * (int64_t)m->hp.n_layer; i++)
         kn_tensor_unpack(matmul_tensor(m, i));
     eng_gguf_close(m->gguf);
+    for (int i = 0; m->owned && i < 2 * m->hp.n_layer; i++)
+        free(m->owned[i]);
+    free(m->owned);
     free(m->layers);
     free(m);
 }
@@ -322,6 +432,32 @@ void eng_model_close(eng_model *m)
 const eng_hparams *eng_model_hparams(const eng_model *m)
 {
     return &m->hp;
+}
+
+const eng_hparams *eng_model_shard_hparams(const eng_model *m)
+{
+    return &m->lhp;
+}
+
+int eng_model_tp(const eng_model *m, int *rank)
+{
+    if (rank)
+        *rank = m->tp_rank;
+    return m->tp;
+}
+
+int64_t eng_model_vocab_slice(const eng_model *m, int64_t *first, int64_t *chunk)
+{
+    if (first)
+        *first = m->vocab0;
+    if (chunk)
+        *chunk = m->vocab_chunk;
+    return m->lhp.n_vocab;
+}
+
+int64_t eng_model_shard_weight_bytes(const eng_model *m)
+{
+    return matrices_bytes((eng_model *)m); /* reads only */
 }
 
 const eng_tok *eng_model_tokenizer(const eng_model *m)
@@ -369,7 +505,7 @@ void eng_model_kv_cfg(const eng_model *m, int block_size, int64_t n_blocks, int 
 {
     *out = (eng_kv_cfg){
         .n_layer = m->hp.n_layer,
-        .n_kv_head = m->hp.n_kv_head,
+        .n_kv_head = m->lhp.n_kv_head, /* this rank's (tp > 1: a shard) */
         .head_dim = m->hp.head_dim,
         .block_size = block_size,
         .n_blocks = n_blocks,

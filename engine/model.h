@@ -83,7 +83,34 @@ int eng_model_open(eng_model **out, const char *path);
 int eng_model_open_gguf(eng_model **out, eng_gguf *g);
 void eng_model_close(eng_model *m); /* NULL: no-op */
 
+/* Open rank `rank` of a tensor-parallel group of `tp` ranks (tp 1: the
+ * whole model, as eng_model_open). Megatron-style shards, made at load:
+ * Wq/Wk/Wv and Wgate/Wup split by output rows (whole heads; with fewer KV
+ * heads than ranks each KV head is replicated on tp / n_kv_head ranks),
+ * Wo and Wdown by input columns (copied: a rank's rows are strided in the
+ * file), the output matrix by vocabulary rows (ceil(n_vocab / tp) per rank,
+ * the last rank's shorter). Only the rank's slices are packed and touched;
+ * the embedding rows of each step's tokens are read from the mapping.
+ * Errors as eng_model_open, and -EINVAL (message) for a rank outside [0, tp)
+ * or a tp that divides the heads, the KV heads (or is not a multiple of
+ * them), the FFN width, or a quantized type's blocks, unevenly. A sharded
+ * model runs only with an eng_ctx given a communicator of the same group
+ * (eng_ctx_cfg.comm). */
+int eng_model_open_tp(eng_model **out, const char *path, int rank, int tp);
+int eng_model_open_gguf_tp(eng_model **out, eng_gguf *g, int rank, int tp);
+
+/* The whole model's hyper-parameters (whatever the shard). */
 const eng_hparams *eng_model_hparams(const eng_model *m);
+/* This rank's shard: n_head, n_kv_head, ffn_dim and n_vocab (its output
+ * rows) are its own; the rest equals eng_model_hparams. tp 1: the same. */
+const eng_hparams *eng_model_shard_hparams(const eng_model *m);
+/* The group size (1: not sharded); *rank (may be NULL) gets the rank. */
+int eng_model_tp(const eng_model *m, int *rank);
+/* This rank's output rows; *first (may be NULL): its first vocabulary id,
+ * *chunk (may be NULL): ceil(n_vocab / tp), every rank's padded share. */
+int64_t eng_model_vocab_slice(const eng_model *m, int64_t *first, int64_t *chunk);
+/* Bytes of matmul weights this rank holds (its shards; tp 1: all). */
+int64_t eng_model_shard_weight_bytes(const eng_model *m);
 /* NULL when the file carries no tokenizer. Owned by the model. */
 const eng_tok *eng_model_tokenizer(const eng_model *m);
 const eng_gguf *eng_model_gguf(const eng_model *m);
@@ -97,7 +124,7 @@ int64_t eng_model_bytes_per_token(const eng_model *m);
 /* Parameters in matrices multiplied per token (for FLOP counts: 2 per param). */
 int64_t eng_model_matmul_params(const eng_model *m);
 
-/* A KV cache configuration that fits this model. */
+/* A KV cache configuration that fits this model (a shard: its KV heads). */
 void eng_model_kv_cfg(const eng_model *m, int block_size, int64_t n_blocks, int max_seqs,
                       int64_t max_seq_len, eng_kv_cfg *out);
 
@@ -110,6 +137,11 @@ typedef struct eng_ctx_cfg {
     int64_t max_tokens;  /* most new tokens (all sequences together) of one forward */
     int64_t max_outputs; /* most output rows of one forward (0: max_tokens) */
     int64_t max_ctx;     /* longest sequence attended over (0: the model's n_ctx) */
+    /* The tensor-parallel group (engine/comm) when the model is a shard:
+     * every rank calls eng_forward with the same batch, and the forward
+     * all-reduces after Wo and Wdown and gathers the vocabulary slices.
+     * NULL for an unsharded model. Used by the ctx's thread only. */
+    struct comm *comm;
 } eng_ctx_cfg;
 
 /* -EINVAL (message), -ENOMEM. Allocates all forward scratch. */
@@ -155,5 +187,15 @@ typedef struct eng_seq_in {
  * max_ctx), -ENOSPC (KV pool exhausted). Message in eng_error(). */
 int64_t eng_forward(eng_ctx *c, eng_kv *kv, const eng_seq_in *seqs, int n_seqs, float *logits,
                     float *hidden);
+
+/* eng_forward for greedy decoding: ids[o] (host, [n_out]) gets the argmax
+ * of output row o — the lowest id among equal maxima, as the argmax op.
+ * Without TP the full logits rows land in `logits` ([n_out][n_vocab],
+ * backend) and one id per row is downloaded. With TP each rank takes the
+ * argmax of its vocabulary slice and the ranks exchange one (max, id) pair
+ * per row instead of n_vocab floats; `logits` is then left as it was.
+ * hidden as eng_forward. Returns n_out or the errors of eng_forward. */
+int64_t eng_forward_greedy(eng_ctx *c, eng_kv *kv, const eng_seq_in *seqs, int n_seqs,
+                           float *logits, float *hidden, int32_t *ids);
 
 #endif

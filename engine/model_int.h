@@ -9,8 +9,13 @@
 struct eng_model {
     eng_gguf *gguf; /* owns the mapping every kn_tensor points into */
     eng_tok *tok;   /* NULL when the file has no tokenizer */
-    eng_hparams hp;
+    eng_hparams hp;  /* the whole model's */
+    eng_hparams lhp; /* this rank's shard (tp == 1: hp); n_vocab = output rows */
+    int tp, tp_rank;
+    int64_t vocab0;  /* first vocabulary row of the output slice */
+    int64_t vocab_chunk; /* output rows per rank, padded: ceil(n_vocab / tp) */
     kn_tensor tok_embd, output;
+    void **owned; /* [2 * n_layer]: packed column slices (Wo, Wdown) this rank copied */
     const float *output_norm;
     eng_layer *layers; /* [n_layer] */
     int64_t bytes_per_token, matmul_params;

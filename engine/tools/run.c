@@ -9,6 +9,8 @@
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,6 +19,26 @@
 #include "engine/engine.h"
 #include "engine/medusa/medusa.h"
 #include "engine/medusa/medusa_fit.h"
+#include "engine/tp.h"
+
+/* Under --tp every rank runs the same generation; only rank 0 writes. */
+static _Thread_local bool t_quiet;
+static _Thread_local int t_rank = -1; /* -1: no group */
+static atomic_bool g_reported;        /* a rank printed its error */
+
+static void __attribute__((format(printf, 1, 2))) run_err(const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (t_rank >= 0)
+        fprintf(stderr, "gorgon-run: rank %d: %s\n", t_rank, msg);
+    else
+        fprintf(stderr, "gorgon-run: %s\n", msg);
+    atomic_store(&g_reported, true);
+}
 
 static void usage(FILE *f)
 {
@@ -24,14 +46,17 @@ static void usage(FILE *f)
             "usage: gorgon-run --model FILE [-p PROMPT] [-n N | --steps S] [--temp T] [--top-p P]\n"
             "                  [--top-k K] [--min-p M] [--repeat-penalty R] [--repeat-last-n N]\n"
             "                  [--seed S] [--rng xoshiro|llama2c] [--stop STR]... [--threads N]\n"
-            "                  [--tokens] [--medusa DIR [--medusa-tree NAME|LIST]\n"
+            "                  [--tokens] [--tp N] [--medusa DIR [--medusa-tree NAME|LIST]\n"
             "                  [--medusa-typical [--eps E] [--alpha A]]]\n"
             "  -n, --new-tokens N  tokens to generate after the prompt (default 256, fewer\n"
             "                      if the context ends first); the prompt plus N must fit\n"
             "                      the model's context\n"
             "  --steps S  llama2.c's count instead: S positions including BOS and the\n"
             "             prompt (at most the context; a shorter S cuts the prompt)\n"
-            "  --threads N  kernel threads (default 0: the CPUs this process may use)\n"
+            "  --threads N  kernel threads (default 0: the CPUs this process may use;\n"
+            "               with --tp, per rank, and 0 means 1)\n"
+            "  --tp N     tensor parallelism: N ranks (threads of this process, joined by\n"
+            "             shared memory), each holding 1/N of the weights (default 1)\n"
             "  --temp 0   greedy (default 1.0); --top-p default 0.9 as llama2.c\n"
             "  --tokens   print token ids (one per line) instead of text\n"
             "  --medusa DIR        Medusa heads (medusa_lm_head.safetensors + config.json);\n"
@@ -48,7 +73,7 @@ static int on_text(void *arg, int32_t token, const char *s, size_t n)
 {
     (void)arg;
     (void)token;
-    if (n)
+    if (n && !t_quiet)
         fwrite(s, 1, n, stdout);
     fflush(stdout);
     return 0;
@@ -59,7 +84,7 @@ static int on_id(void *arg, int32_t token, const char *s, size_t n)
     (void)arg;
     (void)s;
     (void)n;
-    if (token >= 0)
+    if (token >= 0 && !t_quiet)
         printf("%" PRId32 "\n", token);
     return 0;
 }
@@ -104,7 +129,7 @@ static int medusa_feed(medusa_out *o, int32_t t)
 }
 
 /* Prefill the prompt (steps > n_ids), then Medusa steps until a finish. */
-static int run_medusa(kn_ctx *kn, const eng_model *m, const int32_t *ids, int64_t n_ids,
+static int run_medusa(kn_ctx *kn, comm *cm, const eng_model *m, const int32_t *ids, int64_t n_ids,
                       int64_t steps, const char *const *stops, int n_stop, bool print_ids,
                       const medusa_opts *mo)
 {
@@ -120,7 +145,7 @@ static int run_medusa(kn_ctx *kn, const eng_model *m, const int32_t *ids, int64_
     int rc;
     /* Default tree: the one gorgon-medusa-train fitted to these heads. */
     if ((rc = eng_medusa_tree_choose(&tree, mo->tree, mo->dir, NULL)) < 0) {
-        fprintf(stderr, "gorgon-run: %s\n", eng_error());
+        run_err("%s", eng_error());
         goto out;
     }
     if ((rc = eng_medusa_heads_open(&mh, mo->dir, hp->dim, hp->n_vocab)) < 0 ||
@@ -135,8 +160,7 @@ static int run_medusa(kn_ctx *kn, const eng_model *m, const int32_t *ids, int64_
                                          .temperature = (float)mo->temp,
                                          .eps = (float)mo->eps,
                                          .alpha = (float)mo->alpha})) < 0) {
-        fprintf(stderr, "gorgon-run: %s: %s\n", mo->dir,
-                eng_error()[0] ? eng_error() : cm_strerror(rc));
+        run_err("%s: %s", mo->dir, eng_error()[0] ? eng_error() : cm_strerror(rc));
         goto out;
     }
     /* A whole tree may be written past the last position kept. */
@@ -145,9 +169,9 @@ static int run_medusa(kn_ctx *kn, const eng_model *m, const int32_t *ids, int64_
     eng_kv_cfg kc;
     eng_model_kv_cfg(m, 16, (max_len + 15) / 16, 1, max_len, &kc);
     if ((rc = eng_ctx_create(&c, m, &(eng_ctx_cfg){.kn = kn, .max_tokens = batch,
-                                                    .max_ctx = max_len})) < 0 ||
+                                                    .max_ctx = max_len, .comm = cm})) < 0 ||
         (rc = eng_kv_create(&kv, kn, &kc)) < 0) {
-        fprintf(stderr, "gorgon-run: setup: %s\n", eng_error()[0] ? eng_error() : cm_strerror(rc));
+        run_err("setup: %s", eng_error()[0] ? eng_error() : cm_strerror(rc));
         goto out;
     }
     if (eng_tok_bos(tok) >= 0)
@@ -157,7 +181,7 @@ static int run_medusa(kn_ctx *kn, const eng_model *m, const int32_t *ids, int64_
     if ((rc = eng_stop_init(&o.stop, &(eng_stop_cfg){.eos = o.ends, .n_eos = o.n_ends,
                                                      .stop = stops, .n_stop = n_stop,
                                                      .max_tokens = steps - n_ids + 1})) < 0) {
-        fprintf(stderr, "gorgon-run: %s\n", eng_error());
+        run_err("%s", eng_error());
         goto out;
     }
     o.piece_cap = 3 * eng_tok_max_piece_bytes(tok) + ENG_TOK_STREAM_SLACK;
@@ -169,7 +193,7 @@ static int run_medusa(kn_ctx *kn, const eng_model *m, const int32_t *ids, int64_
         kn_buf_alloc(kn, (size_t)hp->dim * sizeof(float), (void **)&hidden) < 0 || !o.piece ||
         !o.text) {
         rc = -ENOMEM;
-        fprintf(stderr, "gorgon-run: out of memory\n");
+        run_err("out of memory");
         goto out;
     }
     eng_tok_stream_init(&o.ts, ids[0]);
@@ -180,7 +204,7 @@ static int run_medusa(kn_ctx *kn, const eng_model *m, const int32_t *ids, int64_
     int64_t n = eng_forward(c, kv, &in, 1, logits, hidden);
     if (n < 0 || (rc = eng_medusa_seq_begin(md, seq, logits, hidden, mo->seed)) < 0) {
         rc = n < 0 ? (int)n : rc;
-        fprintf(stderr, "gorgon-run: prompt: %s\n", eng_error());
+        run_err("prompt: %s", eng_error());
         goto out;
     }
     const uint64_t pre_ns = cm_now_ns() - t0;
@@ -198,7 +222,7 @@ static int run_medusa(kn_ctx *kn, const eng_model *m, const int32_t *ids, int64_
         int64_t got = eng_medusa_step(md, c, kv, &seq, 1, &r);
         if (got < 0) {
             rc = (int)got;
-            fprintf(stderr, "gorgon-run: medusa step: %s\n", eng_error());
+            run_err("medusa step: %s", eng_error());
             goto out;
         }
         n_steps++;
@@ -211,7 +235,7 @@ static int run_medusa(kn_ctx *kn, const eng_model *m, const int32_t *ids, int64_
         }
         if (fin < 0) {
             rc = fin;
-            fprintf(stderr, "gorgon-run: %s\n", eng_error());
+            run_err("%s", eng_error());
             goto out;
         }
     }
@@ -219,9 +243,12 @@ static int run_medusa(kn_ctx *kn, const eng_model *m, const int32_t *ids, int64_
     int64_t f = eng_tok_stream_flush(tok, &o.ts, o.piece, o.piece_cap);
     if (f > 0)
         o.emit(NULL, -1, o.piece, (size_t)f);
-    if (!print_ids)
+    if (!print_ids && !t_quiet)
         printf("\n");
     fflush(stdout);
+    rc = 0;
+    if (t_quiet)
+        goto out;
 
     double pre_s = (double)pre_ns * 1e-9, dec_s = (double)dec_ns * 1e-9;
     fprintf(stderr,
@@ -253,6 +280,131 @@ out:
     return rc;
 }
 
+/* ---- one rank (the whole run when --tp is 1) ----------------------------- */
+
+typedef struct run_job {
+    const char *model_path;
+    int tp, threads;
+    eng_model *m0; /* rank 0's model (the whole one at --tp 1), opened by main */
+    const int32_t *ids;
+    int64_t n_ids, steps;
+    float temp, top_p, min_p, rep;
+    int top_k, last_n;
+    uint64_t seed; /* one seed for every rank: the ranks must draw alike */
+    enum eng_rng rng;
+    const char *const *stops;
+    int n_stop;
+    bool print_ids;
+    medusa_opts mo;
+} run_job;
+
+/* Every rank runs the same generation over its shard (the gathered logits
+ * are the same bits everywhere, so every rank picks the same tokens); only
+ * rank 0 writes the text and the timings. */
+static int run_rank(int rank, comm *cm, void *arg)
+{
+    const run_job *j = arg;
+    t_rank = j->tp > 1 ? rank : -1;
+    t_quiet = rank != 0;
+    kn_ctx *kn = NULL;
+    eng_model *m = rank == 0 ? j->m0 : NULL;
+    eng_ctx *c = NULL;
+    eng_kv *kv = NULL;
+    eng_sampler *smp = NULL;
+    int rc = 0;
+    if (!m && (rc = eng_model_open_tp(&m, j->model_path, rank, j->tp)) < 0) {
+        run_err("%s: %s", j->model_path, eng_error()[0] ? eng_error() : cm_strerror(rc));
+        goto out;
+    }
+    const eng_hparams *hp = eng_model_hparams(m);
+    if ((rc = kn_ctx_create(&kn, &(kn_ctx_cfg){.n_threads = j->threads})) < 0) {
+        run_err("kernels: %s", cm_strerror(rc));
+        goto out;
+    }
+    int64_t max_len = j->steps + 1;
+    int64_t batch = j->n_ids < j->steps ? j->n_ids : j->steps;
+    eng_kv_cfg kc;
+    eng_model_kv_cfg(m, 16, (max_len + 15) / 16, 1, max_len, &kc);
+    if ((rc = eng_ctx_create(&c, m, &(eng_ctx_cfg){.kn = kn, .max_tokens = batch,
+                                                    .max_ctx = max_len, .comm = cm})) < 0 ||
+        (rc = eng_kv_create(&kv, kn, &kc)) < 0) {
+        run_err("setup: %s", eng_error()[0] ? eng_error() : cm_strerror(rc));
+        goto out;
+    }
+    if (j->temp > 0) {
+        eng_sampler_cfg sc = {.temperature = j->temp,
+                              .top_k = j->top_k,
+                              .top_p = j->top_p,
+                              .min_p = j->min_p,
+                              .repeat_penalty = j->rep,
+                              .repeat_last_n = j->last_n,
+                              .seed = j->seed,
+                              .rng = j->rng};
+        if ((rc = eng_sampler_create(&smp, &sc, hp->n_vocab)) < 0) {
+            run_err("sampler: %s", eng_error());
+            goto out;
+        }
+    } else if (j->rep > 0 && j->rep != 1.0) {
+        /* greedy with a penalty: the sampler applies it, then takes argmax */
+        eng_sampler_cfg sc = {.temperature = 0, .repeat_penalty = j->rep,
+                              .repeat_last_n = j->last_n};
+        if ((rc = eng_sampler_create(&smp, &sc, hp->n_vocab)) < 0) {
+            run_err("sampler: %s", eng_error());
+            goto out;
+        }
+    }
+    /* every rank loaded: the timings below are of generation only */
+    if (cm && (rc = comm_barrier(cm)) < 0) {
+        run_err("waiting for the other ranks: %s", comm_last_error(cm));
+        goto out;
+    }
+    if (j->mo.dir && j->n_ids < j->steps) {
+        rc = run_medusa(kn, cm, m, j->ids, j->n_ids, j->steps, j->stops, j->n_stop, j->print_ids,
+                        &j->mo);
+        goto out;
+    }
+    int seq = eng_kv_seq_alloc(kv);
+    eng_gen_result r;
+    rc = eng_generate(c, kv, seq,
+                      &(eng_gen_cfg){.prompt = j->ids,
+                                     .n_prompt = j->n_ids,
+                                     .steps = j->steps,
+                                     .sampler = smp,
+                                     .stop = j->stops,
+                                     .n_stop = j->n_stop,
+                                     .on_token = j->print_ids ? on_id : on_text},
+                      &r);
+    if (!j->print_ids && !t_quiet)
+        printf("\n");
+    fflush(stdout);
+    if (rc < 0) {
+        run_err("%s", eng_error()[0] ? eng_error() : cm_strerror(rc));
+        goto out;
+    }
+    rc = 0;
+    if (t_quiet)
+        goto out;
+    double pre_s = (double)r.prefill_ns * 1e-9, dec_s = (double)r.decode_ns * 1e-9;
+    fprintf(stderr,
+            "prompt %" PRId64 " tok in %.3f ms (%.1f tok/s); generated %" PRId64
+            " tok in %.3f ms (%.1f tok/s); finish %s; %d thread(s), %s kernels\n",
+            r.n_prompt, pre_s * 1e3, pre_s > 0 ? (double)r.n_prompt / pre_s : 0.0,
+            r.n_generated, dec_s * 1e3, dec_s > 0 ? (double)r.n_generated / dec_s : 0.0,
+            eng_finish_name(r.finish), kn_ctx_threads(kn), kn_variant_name(kn_ctx_variant(kn)));
+    if (j->tp > 1)
+        fprintf(stderr, "tp %d: %d rank(s) x %d thread(s); rank 0 holds %.1f MiB of weights\n",
+                j->tp, j->tp, kn_ctx_threads(kn),
+                (double)eng_model_shard_weight_bytes(m) / (1 << 20));
+out:
+    eng_sampler_destroy(smp);
+    eng_kv_destroy(kv);
+    eng_ctx_destroy(c);
+    kn_ctx_destroy(kn);
+    if (m != j->m0)
+        eng_model_close(m);
+    return rc < 0 ? rc : 0;
+}
+
 static int parse_num(const char *opt, const char *s, double lo, double hi, double *out)
 {
     char *end;
@@ -271,7 +423,7 @@ int main(int argc, char **argv)
     if (cm_version_requested(argc, argv, "gorgon-run"))
         return 0;
     const char *model_path = NULL, *prompt = "";
-    double n_new = 256, steps = 0, threads = 0, top_k = 0, last_n = 64, seed = 0;
+    double n_new = 256, steps = 0, threads = 0, top_k = 0, last_n = 64, seed = 0, tp = 1;
     bool n_new_set = false, steps_set = false;
     double temp = 1.0, top_p = 0.9, min_p = 0.0, rep = 1.0;
     bool print_ids = false, seed_set = false;
@@ -281,7 +433,7 @@ int main(int argc, char **argv)
     medusa_opts mo = {0};
     bool eps_set = false, alpha_set = false, top_p_set = false;
     enum { O_TEMP = 256, O_TOPP, O_TOPK, O_MINP, O_REP, O_LASTN, O_SEED, O_RNG, O_STOP,
-           O_THREADS, O_TOKENS, O_MEDUSA, O_MTREE, O_MTYP, O_EPS, O_ALPHA, O_STEPS };
+           O_THREADS, O_TOKENS, O_MEDUSA, O_MTREE, O_MTYP, O_EPS, O_ALPHA, O_STEPS, O_TP };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},    {"prompt", required_argument, 0, 'p'},
         {"new-tokens", required_argument, 0, 'n'}, {"steps", required_argument, 0, O_STEPS},
@@ -292,6 +444,7 @@ int main(int argc, char **argv)
         {"seed", required_argument, 0, O_SEED},  {"rng", required_argument, 0, O_RNG},
         {"stop", required_argument, 0, O_STOP},  {"threads", required_argument, 0, O_THREADS},
         {"tokens", no_argument, 0, O_TOKENS},    {"help", no_argument, 0, 'h'},
+        {"tp", required_argument, 0, O_TP},
         {"medusa", required_argument, 0, O_MEDUSA},
         {"medusa-tree", required_argument, 0, O_MTREE},
         {"medusa-typical", no_argument, 0, O_MTYP},
@@ -344,6 +497,7 @@ int main(int argc, char **argv)
             }
             break;
         case O_THREADS: rc = parse_num("--threads", optarg, 0, 256, &threads); break;
+        case O_TP: rc = parse_num("--tp", optarg, 1, COMM_SHM_MAX_RANKS, &tp); break;
         case O_TOKENS: print_ids = true; break;
         case O_MEDUSA: mo.dir = optarg; break;
         case O_MTREE: mo.tree = optarg; break;
@@ -394,14 +548,10 @@ int main(int argc, char **argv)
         mo.temp = temp;
     }
 
-    kn_ctx *kn = NULL;
     eng_model *m = NULL;
-    eng_ctx *c = NULL;
-    eng_kv *kv = NULL;
-    eng_sampler *smp = NULL;
     int32_t *ids = NULL;
     int status = 1;
-    if ((rc = eng_model_open(&m, model_path)) < 0) {
+    if ((rc = eng_model_open_tp(&m, model_path, 0, (int)tp)) < 0) {
         fprintf(stderr, "gorgon-run: %s: %s\n", model_path,
                 eng_error()[0] ? eng_error() : cm_strerror(rc));
         goto out;
@@ -449,80 +599,34 @@ int main(int argc, char **argv)
         }
         steps = (double)(n_ids + (int64_t)n_new - 1);
     }
-    if ((rc = kn_ctx_create(&kn, &(kn_ctx_cfg){.n_threads = (int)threads})) < 0) { /* 0: auto */
-        fprintf(stderr, "gorgon-run: kernels: %s\n", cm_strerror(rc));
-        goto out;
-    }
-    int64_t max_len = (int64_t)steps + 1;
-    int64_t batch = n_ids < (int64_t)steps ? n_ids : (int64_t)steps;
-    eng_kv_cfg kc;
-    eng_model_kv_cfg(m, 16, (max_len + 15) / 16, 1, max_len, &kc);
-    if ((rc = eng_ctx_create(&c, m, &(eng_ctx_cfg){.kn = kn, .max_tokens = batch,
-                                                    .max_ctx = max_len})) < 0 ||
-        (rc = eng_kv_create(&kv, kn, &kc)) < 0) {
-        fprintf(stderr, "gorgon-run: setup: %s\n", eng_error()[0] ? eng_error() : cm_strerror(rc));
-        goto out;
-    }
-    if (temp > 0) {
-        eng_sampler_cfg sc = {.temperature = (float)temp,
-                              .top_k = (int)top_k,
-                              .top_p = (float)top_p,
-                              .min_p = (float)min_p,
-                              .repeat_penalty = (float)rep,
-                              .repeat_last_n = (int)last_n,
-                              .seed = seed_set ? (uint64_t)seed : cm_now_ns(),
-                              .rng = rng};
-        if ((rc = eng_sampler_create(&smp, &sc, hp->n_vocab)) < 0) {
-            fprintf(stderr, "gorgon-run: sampler: %s\n", eng_error());
-            goto out;
-        }
-    } else if (rep > 0 && rep != 1.0) {
-        /* greedy with a penalty: the sampler applies it, then takes argmax */
-        eng_sampler_cfg sc = {.temperature = 0, .repeat_penalty = (float)rep,
-                              .repeat_last_n = (int)last_n};
-        if ((rc = eng_sampler_create(&smp, &sc, hp->n_vocab)) < 0) {
-            fprintf(stderr, "gorgon-run: sampler: %s\n", eng_error());
-            goto out;
-        }
-    }
-    if (mo.dir && n_ids < (int64_t)steps) {
-        mo.seed = seed_set ? (uint64_t)seed : cm_now_ns();
-        rc = run_medusa(kn, m, ids, n_ids, (int64_t)steps, stops, n_stop, print_ids, &mo);
-        status = rc < 0 ? 1 : 0;
-        goto out;
-    }
-    int seq = eng_kv_seq_alloc(kv);
-    eng_gen_result r;
-    rc = eng_generate(c, kv, seq,
-                      &(eng_gen_cfg){.prompt = ids,
-                                     .n_prompt = n_ids,
-                                     .steps = (int64_t)steps,
-                                     .sampler = smp,
-                                     .stop = stops,
-                                     .n_stop = n_stop,
-                                     .on_token = print_ids ? on_id : on_text},
-                      &r);
-    if (!print_ids)
-        printf("\n");
-    fflush(stdout);
-    if (rc < 0) {
+    const uint64_t seed_used = seed_set ? (uint64_t)seed : cm_now_ns();
+    mo.seed = seed_used;
+    run_job job = {.model_path = model_path,
+                   .tp = (int)tp,
+                   .threads = tp > 1 && threads == 0 ? 1 : (int)threads, /* 0: auto */
+                   .m0 = m,
+                   .ids = ids,
+                   .n_ids = n_ids,
+                   .steps = (int64_t)steps,
+                   .temp = (float)temp,
+                   .top_p = (float)top_p,
+                   .min_p = (float)min_p,
+                   .rep = (float)rep,
+                   .top_k = (int)top_k,
+                   .last_n = (int)last_n,
+                   .seed = seed_used,
+                   .rng = rng,
+                   .stops = stops,
+                   .n_stop = n_stop,
+                   .print_ids = print_ids,
+                   .mo = mo};
+    rc = eng_tp_run(job.tp, run_rank, &job,
+                    &(eng_tp_opts){.threads_per_rank = job.threads > 0 ? job.threads : 1});
+    if (rc < 0 && !atomic_load(&g_reported))
         fprintf(stderr, "gorgon-run: %s\n", eng_error()[0] ? eng_error() : cm_strerror(rc));
-        goto out;
-    }
-    double pre_s = (double)r.prefill_ns * 1e-9, dec_s = (double)r.decode_ns * 1e-9;
-    fprintf(stderr,
-            "prompt %" PRId64 " tok in %.3f ms (%.1f tok/s); generated %" PRId64
-            " tok in %.3f ms (%.1f tok/s); finish %s; %d thread(s), %s kernels\n",
-            r.n_prompt, pre_s * 1e3, pre_s > 0 ? (double)r.n_prompt / pre_s : 0.0,
-            r.n_generated, dec_s * 1e3, dec_s > 0 ? (double)r.n_generated / dec_s : 0.0,
-            eng_finish_name(r.finish), kn_ctx_threads(kn), kn_variant_name(kn_ctx_variant(kn)));
-    status = 0;
+    status = rc < 0 ? 1 : 0;
 out:
     free(ids);
-    eng_sampler_destroy(smp);
-    eng_kv_destroy(kv);
-    eng_ctx_destroy(c);
-    kn_ctx_destroy(kn);
     eng_model_close(m);
     return status;
 }
