@@ -59,7 +59,11 @@ typedef struct ap_config {
     bool eventfd_doorbells; /* force the eventfd fallback (testing) */
     /* generation (appliance/ap_gen.c) */
     char model[4096];        /* GGUF model; "" = no generation (GENERATE -> -ENOTSUP) */
-    int threads;             /* worker kernel threads */
+    int threads;             /* worker kernel threads (per rank; 0: its share of the CPUs) */
+    int tp;                  /* tensor-parallel ranks of the worker group (1: one process) */
+    char cpus[256];          /* CPUs the ranks are pinned to, split evenly ("0-3,6"; "":
+                              * gorgond's own affinity mask, pinned only when each rank
+                              * gets at least one) */
     int64_t kv_blocks;       /* worker KV pool blocks (0: auto) */
     uint32_t max_seqs;       /* sequences the worker decodes at once */
     uint32_t batch_tokens;   /* new tokens per forward (prefill chunk budget) */
@@ -80,6 +84,9 @@ void ap_config_defaults(ap_config *cfg);
  * top (flags override the file). Returns 0, 1 when --help/--version was
  * printed (caller exits 0), or -EINVAL with the error printed to stderr. */
 int ap_config_from_args(ap_config *cfg, int argc, char **argv);
+/* A CPU list "0-3,6" into cpus[] (at most cap); the count, or -EINVAL
+ * (message to stderr) for a malformed list, a CPU >= 1024 or a repeat. */
+int ap_cpu_list_parse(const char *s, int *cpus, int cap);
 /* Apply the [gorgond] keys of one INI file. 0, -ENOENT or -EINVAL (message
  * printed to stderr naming the key). */
 int ap_config_load_file(ap_config *cfg, const char *path);

@@ -29,6 +29,7 @@ void ap_config_defaults(ap_config *cfg)
     cfg->numa_node = -1;
     cfg->log_level = CM_LOG_INFO;
     cfg->threads = 0; /* auto: the worker uses the CPUs it may (kn_threads_auto) */
+    cfg->tp = 1;
     cfg->max_seqs = 64;
     cfg->batch_tokens = 256;
     cfg->max_requests = 512;
@@ -72,7 +73,12 @@ void ap_config_usage(FILE *f)
             "  --foreground         do not fork into the background\n"
             "  --eventfd-doorbells  sleep on eventfds even if io_uring FUTEX_WAIT works\n"
             "  --model FILE.gguf    serve generation with this model (worker: gorgon-worker)\n"
-            "  --threads N          worker kernel threads (default 0: the usable CPUs)\n"
+            "  --threads N          worker kernel threads, per rank (default 0: the usable\n"
+            "                       CPUs, shared among the ranks)\n"
+            "  --tp N               tensor parallelism: the worker is a group of N rank\n"
+            "                       processes, each holding 1/N of the weights (default 1)\n"
+            "  --cpus LIST          CPUs for the ranks, split evenly, e.g. 0-3 (default:\n"
+            "                       gorgond's affinity mask)\n"
             "  --kv-blocks N        worker KV pool, 16-position blocks (0: auto)\n"
             "  --max-seqs N         sequences decoded together (default 64)\n"
             "  --batch-tokens N     new tokens per forward pass, prefill chunks (default 256)\n"
@@ -94,7 +100,7 @@ void ap_config_usage(FILE *f)
             "config keys: socket socket_mode socket_group allow_uids allow_gids poll_us\n"
             "  sq_entries cq_entries slots slot_in_bytes slot_out_bytes max_clients\n"
             "  max_handshakes max_handshakes_per_uid stats_interval_s hugepages numa_node\n"
-            "  log_level foreground eventfd_doorbells model threads kv_blocks max_seqs\n"
+            "  log_level foreground eventfd_doorbells model threads tp cpus kv_blocks max_seqs\n"
             "  batch_tokens max_requests max_requests_per_uid max_requests_per_session\n"
             "  grace_ms medusa medusa_tree medusa_max_batch\n"
             "  worker_timeout_ms worker_start_timeout_ms\n",
@@ -253,6 +259,18 @@ static int apply(ap_config *cfg, const char *key, const char *val)
         cfg->threads = (int)v;
         return 0;
     }
+    if (!strcmp(key, "tp")) {
+        int64_t v;
+        CM_TRY(parse_i64(key, val, 1, 64, &v));
+        cfg->tp = (int)v;
+        return 0;
+    }
+    if (!strcmp(key, "cpus")) {
+        int cpus[1024];
+        if (*val && ap_cpu_list_parse(val, cpus, 1024) < 0)
+            return -EINVAL;
+        return set_str(key, val, cfg->cpus, sizeof(cfg->cpus));
+    }
     if (!strcmp(key, "kv_blocks"))
         return parse_i64(key, val, 0, (int64_t)1 << 32, &cfg->kv_blocks);
     if (!strcmp(key, "max_seqs"))
@@ -289,8 +307,59 @@ static bool is_pow2(uint32_t v)
     return v && !(v & (v - 1));
 }
 
+int ap_cpu_list_parse(const char *s, int *cpus, int cap)
+{
+    int n = 0;
+    const char *p = s;
+    while (*p) {
+        char *end;
+        long a = strtol(p, &end, 10), b = a;
+        if (end == p || a < 0 || a >= 1024)
+            goto bad;
+        p = end;
+        if (*p == '-') {
+            b = strtol(p + 1, &end, 10);
+            if (end == p + 1 || b < a || b >= 1024)
+                goto bad;
+            p = end;
+        }
+        for (long c = a; c <= b; c++) {
+            for (int i = 0; i < n; i++)
+                if (cpus[i] == c) {
+                    fprintf(stderr, "gorgond: cpus: '%s' names CPU %ld twice\n", s, c);
+                    return -EINVAL;
+                }
+            if (n == cap)
+                goto bad;
+            cpus[n++] = (int)c;
+        }
+        if (*p == ',')
+            p++;
+        else if (*p)
+            goto bad;
+    }
+    if (n > 0)
+        return n;
+bad:
+    fprintf(stderr, "gorgond: cpus: '%s' is not a CPU list such as 0-3,6 (CPUs below 1024)\n",
+            s);
+    return -EINVAL;
+}
+
 static int check(const ap_config *cfg)
 {
+    if (cfg->cpus[0]) {
+        int cpus[1024];
+        int n = ap_cpu_list_parse(cfg->cpus, cpus, 1024);
+        if (n < 0)
+            return n;
+        if (n < cfg->tp) {
+            fprintf(stderr, "gorgond: tp = %d ranks need at least one CPU each; cpus = %s "
+                            "gives %d\n",
+                    cfg->tp, cfg->cpus, n);
+            return -EINVAL;
+        }
+    }
     if (!is_pow2(cfg->sq_entries) || !is_pow2(cfg->cq_entries)) {
         fprintf(stderr, "gorgond: sq_entries (%u) and cq_entries (%u) must be powers of two\n",
                 cfg->sq_entries, cfg->cq_entries);
@@ -347,6 +416,8 @@ enum {
     OPT_EVENTFD,
     OPT_MODEL,
     OPT_THREADS,
+    OPT_TP,
+    OPT_CPUS,
     OPT_KV_BLOCKS,
     OPT_MAX_SEQS,
     OPT_BATCH_TOKENS,
@@ -386,6 +457,8 @@ static const struct option long_opts[] = {
     {"eventfd-doorbells", no_argument, NULL, OPT_EVENTFD},
     {"model", required_argument, NULL, OPT_MODEL},
     {"threads", required_argument, NULL, OPT_THREADS},
+    {"tp", required_argument, NULL, OPT_TP},
+    {"cpus", required_argument, NULL, OPT_CPUS},
     {"kv-blocks", required_argument, NULL, OPT_KV_BLOCKS},
     {"max-seqs", required_argument, NULL, OPT_MAX_SEQS},
     {"batch-tokens", required_argument, NULL, OPT_BATCH_TOKENS},
@@ -424,6 +497,8 @@ static const char *opt_key(int c)
     case OPT_LOG_LEVEL: return "log_level";
     case OPT_MODEL: return "model";
     case OPT_THREADS: return "threads";
+    case OPT_TP: return "tp";
+    case OPT_CPUS: return "cpus";
     case OPT_KV_BLOCKS: return "kv_blocks";
     case OPT_MAX_SEQS: return "max_seqs";
     case OPT_BATCH_TOKENS: return "batch_tokens";

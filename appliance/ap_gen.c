@@ -26,6 +26,7 @@
 #include <limits.h>
 #include <math.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -38,10 +39,12 @@
 
 #include "appliance/ap_int.h"
 #include "common/common.h"
+#include "engine/comm/comm.h"
 #include "engine/model/eng_err.h"
 #include "engine/model/gguf.h"
 #include "engine/model/stop.h"
 #include "engine/model/tokenizer.h"
+#include "engine/model/tp_split.h"
 
 #define TAG "gorgond"
 #define AP_GEN_PEND 16384u   /* text a request may hold while its client does not read
@@ -49,6 +52,7 @@
 #define AP_EVT_ENTRIES 4096u /* worker event ring */
 #define AP_EVT_BURST 256u
 #define AP_WORKER_MAX_EARLY_DEATHS 3
+#define AP_TP_MAX 64 /* ranks of a worker group (gorgon-worker --tp) */
 
 enum gen_state { G_FREE = 0, G_ACTIVE, G_ZOMBIE /* client side done, worker still holds it */ };
 
@@ -105,10 +109,15 @@ struct ap_gen_state {
     uint32_t n_uids;
     uint32_t n_waiting;     /* G_ACTIVE and waiting */
     uint64_t submit_seq, serve_seq;
-    /* the worker */
+    /* the worker: rank 0 of the group (the only rank with tp 1) */
     char bin[PATH_MAX];
     pid_t pid;
     int pidfd, wake_fd;
+    /* ranks 1..tp-1 (tp > 1): their pids and pidfds, and the group's comm
+     * region (engine/comm); any rank's death stops and restarts the group */
+    pid_t rpid[AP_TP_MAX];
+    int rpidfd[AP_TP_MAX];
+    int comm_fd;
     uint32_t wgen;
     ipc_region reg;
     ipc_ring cmd, evt;
@@ -177,6 +186,148 @@ static uint32_t pow2_at_least(uint32_t v)
     return p;
 }
 
+static void arm_rank_pid(struct ap_server *srv, int r)
+{
+    struct ap_gen_state *G = srv->gen;
+    struct io_uring_sqe *sqe = ap_get_sqe(srv);
+    if (!sqe)
+        return;
+    io_uring_prep_poll_add(sqe, G->rpidfd[r], POLLIN);
+    io_uring_sqe_set_data64(sqe, ap_ud(AP_TAG_WK_PID, G->wgen, (uint32_t)r));
+}
+
+/* Kill and reap ranks 1.. of the group and drop its comm region. */
+static void stop_ranks(struct ap_gen_state *G)
+{
+    for (int r = 1; r < AP_TP_MAX; r++) {
+        if (G->rpid[r] > 0) {
+            kill(G->rpid[r], SIGKILL);
+            waitpid(G->rpid[r], NULL, 0);
+        }
+        if (G->rpidfd[r] >= 0)
+            close(G->rpidfd[r]);
+        G->rpid[r] = 0;
+        G->rpidfd[r] = -1;
+    }
+    if (G->comm_fd >= 0)
+        close(G->comm_fd);
+    G->comm_fd = -1;
+}
+
+/* The CPUs rank r of tp is pinned to (cpus = "LIST", else gorgond's
+ * affinity mask, split evenly); 0 when the ranks are not pinned (fewer
+ * CPUs than ranks). */
+static int rank_cpus(const ap_config *cfg, int r, cpu_set_t *set)
+{
+    int list[1024], n = 0;
+    if (cfg->cpus[0]) {
+        n = ap_cpu_list_parse(cfg->cpus, list, 1024);
+    } else {
+        cpu_set_t own;
+        if (sched_getaffinity(0, sizeof own, &own) < 0)
+            return 0;
+        for (int c = 0; c < CPU_SETSIZE && n < 1024; c++)
+            if (CPU_ISSET(c, &own))
+                list[n++] = c;
+        if (cfg->tp == 1)
+            return 0; /* one process: it inherits the mask */
+    }
+    if (n < cfg->tp)
+        return 0;
+    const int k = n / cfg->tp;
+    CPU_ZERO(set);
+    for (int i = r * k; i < (r + 1) * k; i++)
+        CPU_SET(list[i], set);
+    return k;
+}
+
+/* Fork and exec rank r of the worker group (rank 0: the region at fd 3, the
+ * wake eventfd at fd 4; with tp > 1 the comm region at fd 5); its pid or
+ * -errno. */
+static pid_t spawn_rank(struct ap_server *srv, int r)
+{
+    struct ap_gen_state *G = srv->gen;
+    const ap_config *cfg = &srv->cfg;
+    cpu_set_t set;
+    const int ncpu = rank_cpus(cfg, r, &set);
+    /* threads 0 with several ranks: each rank takes its share of the CPUs */
+    const int threads = cfg->threads > 0 || cfg->tp == 1
+                            ? cfg->threads
+                            : (ncpu > 0 ? ncpu : (cm_cpus_usable() / cfg->tp > 0
+                                                      ? cm_cpus_usable() / cfg->tp
+                                                      : 1));
+    char a_threads[16], a_kv[24], a_seqs[16], a_batch[16], a_parent[16], a_wake[16];
+    char a_mbatch[16], a_tp[16], a_rank[16];
+    snprintf(a_threads, sizeof(a_threads), "%d", threads);
+    snprintf(a_kv, sizeof(a_kv), "%" PRId64, cfg->kv_blocks);
+    snprintf(a_seqs, sizeof(a_seqs), "%u", cfg->max_seqs);
+    snprintf(a_batch, sizeof(a_batch), "%u", cfg->batch_tokens);
+    snprintf(a_parent, sizeof(a_parent), "%d", (int)getpid());
+    snprintf(a_wake, sizeof(a_wake), "%d", G->wake_fd >= 0 ? 4 : -1);
+    snprintf(a_mbatch, sizeof(a_mbatch), "%u", cfg->medusa_max_batch);
+    snprintf(a_tp, sizeof(a_tp), "%d", cfg->tp);
+    snprintf(a_rank, sizeof(a_rank), "%d", r);
+    const char *argv[40] = {G->bin,          "--model",     cfg->model,   "--threads", a_threads,
+                            "--kv-blocks",   a_kv,          "--max-seqs", a_seqs,
+                            "--batch-tokens", a_batch,      "--parent",   a_parent,
+                            "--log-level",   cm_log_level_name(cm_log_get_level())};
+    int argc = 0;
+    while (argv[argc])
+        argc++;
+    if (r == 0) {
+        argv[argc++] = "--region-fd";
+        argv[argc++] = "3";
+        argv[argc++] = "--wake-fd";
+        argv[argc++] = a_wake;
+    }
+    if (cfg->tp > 1) {
+        argv[argc++] = "--tp";
+        argv[argc++] = a_tp;
+        argv[argc++] = "--rank";
+        argv[argc++] = a_rank;
+        argv[argc++] = "--comm-fd";
+        argv[argc++] = "5";
+    }
+    if (cfg->medusa[0]) {
+        argv[argc++] = "--medusa";
+        argv[argc++] = cfg->medusa;
+        argv[argc++] = "--medusa-max-batch";
+        argv[argc++] = a_mbatch;
+        if (cfg->medusa_tree[0]) {
+            argv[argc++] = "--medusa-tree";
+            argv[argc++] = cfg->medusa_tree;
+        }
+    }
+    CM_ASSERT(argc < (int)(sizeof(argv) / sizeof(argv[0])));
+    argv[argc] = NULL;
+    pid_t pid = fork();
+    if (pid < 0) {
+        int rc = cm_neg_errno();
+        CM_LOG_ERROR(TAG, "fork for worker rank %d: %s", r, cm_strerror(rc));
+        return rc;
+    }
+    if (pid == 0) {
+        /* Child: undo what gorgond set for itself, then put the region at fd
+         * 3, the wake eventfd at fd 4 and the comm region at fd 5 (dup2
+         * clears close-on-exec). */
+        sigset_t all;
+        sigfillset(&all);
+        sigprocmask(SIG_UNBLOCK, &all, NULL);
+        signal(SIGPIPE, SIG_DFL);
+        int rfd = r == 0 ? fcntl(G->reg.fd, F_DUPFD_CLOEXEC, 10) : -1;
+        int wfd = r == 0 && G->wake_fd >= 0 ? fcntl(G->wake_fd, F_DUPFD_CLOEXEC, 10) : -1;
+        int cfd = G->comm_fd >= 0 ? fcntl(G->comm_fd, F_DUPFD_CLOEXEC, 10) : -1;
+        if ((r == 0 && (rfd < 0 || dup2(rfd, 3) < 0)) || (wfd >= 0 && dup2(wfd, 4) < 0) ||
+            (cfd >= 0 && dup2(cfd, 5) < 0))
+            _exit(126);
+        if (ncpu > 0 && sched_setaffinity(0, sizeof set, &set) < 0)
+            _exit(126);
+        execv(G->bin, (char *const *)argv);
+        _exit(127);
+    }
+    return pid;
+}
+
 static int worker_spawn(struct ap_server *srv)
 {
     struct ap_gen_state *G = srv->gen;
@@ -217,64 +368,38 @@ static int worker_spawn(struct ap_server *srv)
         if ((rc = ipc_ring_set_wake_fd(&G->evt, G->wake_fd)) < 0)
             goto fail;
     }
-    char a_threads[16], a_kv[24], a_seqs[16], a_batch[16], a_parent[16], a_wake[16];
-    snprintf(a_threads, sizeof(a_threads), "%d", cfg->threads);
-    snprintf(a_kv, sizeof(a_kv), "%" PRId64, cfg->kv_blocks);
-    snprintf(a_seqs, sizeof(a_seqs), "%u", cfg->max_seqs);
-    snprintf(a_batch, sizeof(a_batch), "%u", cfg->batch_tokens);
-    snprintf(a_parent, sizeof(a_parent), "%d", (int)getpid());
-    snprintf(a_wake, sizeof(a_wake), "%d", G->wake_fd >= 0 ? 4 : -1);
-    char a_mbatch[16];
-    snprintf(a_mbatch, sizeof(a_mbatch), "%u", cfg->medusa_max_batch);
-    const char *argv[32] = {G->bin,         "--model",     cfg->model,   "--threads", a_threads,
-                            "--kv-blocks",  a_kv,          "--max-seqs", a_seqs,
-                            "--batch-tokens", a_batch,     "--parent",   a_parent,
-                            "--region-fd",  "3",           "--wake-fd",  a_wake,
-                            "--log-level",  cm_log_level_name(cm_log_get_level())};
-    int argc = 0;
-    while (argv[argc])
-        argc++;
-    if (cfg->medusa[0]) {
-        argv[argc++] = "--medusa";
-        argv[argc++] = cfg->medusa;
-        argv[argc++] = "--medusa-max-batch";
-        argv[argc++] = a_mbatch;
-        if (cfg->medusa_tree[0]) {
-            argv[argc++] = "--medusa-tree";
-            argv[argc++] = cfg->medusa_tree;
+    if (cfg->tp > 1) {
+        char why[256];
+        G->comm_fd = comm_shm_create(&(comm_shm_cfg){.n_ranks = cfg->tp}, why, sizeof why);
+        if (G->comm_fd < 0) {
+            rc = G->comm_fd;
+            G->comm_fd = -1;
+            CM_LOG_ERROR(TAG, "worker group region: %s", why);
+            goto fail;
         }
     }
-    CM_ASSERT(argc < (int)(sizeof(argv) / sizeof(argv[0])));
-    argv[argc] = NULL;
-    pid_t pid = fork();
-    if (pid < 0) {
-        rc = cm_neg_errno();
-        CM_LOG_ERROR(TAG, "fork for the worker: %s", cm_strerror(rc));
-        goto fail;
-    }
-    if (pid == 0) {
-        /* Child: undo what gorgond set for itself, then put the region at fd
-         * 3 and the wake eventfd at fd 4 (dup2 clears close-on-exec). */
-        sigset_t all;
-        sigfillset(&all);
-        sigprocmask(SIG_UNBLOCK, &all, NULL);
-        signal(SIGPIPE, SIG_DFL);
-        int rfd = fcntl(G->reg.fd, F_DUPFD_CLOEXEC, 10);
-        int wfd = G->wake_fd >= 0 ? fcntl(G->wake_fd, F_DUPFD_CLOEXEC, 10) : -1;
-        if (rfd < 0 || dup2(rfd, 3) < 0 || (wfd >= 0 && dup2(wfd, 4) < 0))
-            _exit(126);
-        execv(G->bin, (char *const *)argv);
-        _exit(127);
-    }
-    G->pid = pid;
-    G->pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
-    if (G->pidfd < 0) {
-        rc = cm_neg_errno();
-        CM_LOG_ERROR(TAG, "pidfd_open: %s", cm_strerror(rc));
-        kill(pid, SIGKILL);
-        waitpid(pid, NULL, 0);
-        G->pid = 0;
-        goto fail;
+    /* Ranks 1.. first: rank 0 waits for them to join before it is ready. */
+    for (int r = cfg->tp - 1; r >= 0; r--) {
+        pid_t pid = spawn_rank(srv, r);
+        if (pid < 0) {
+            rc = (int)pid;
+            goto fail;
+        }
+        int pfd = (int)syscall(SYS_pidfd_open, pid, 0);
+        if (pfd < 0) {
+            rc = cm_neg_errno();
+            CM_LOG_ERROR(TAG, "pidfd_open: %s", cm_strerror(rc));
+            kill(pid, SIGKILL);
+            waitpid(pid, NULL, 0);
+            goto fail;
+        }
+        if (r == 0) {
+            G->pid = pid;
+            G->pidfd = pfd;
+        } else {
+            G->rpid[r] = pid;
+            G->rpidfd[r] = pfd;
+        }
     }
     /* The worker has its own fd now. */
     close(G->reg.fd);
@@ -282,9 +407,23 @@ static int worker_spawn(struct ap_server *srv)
     G->have_worker = true;
     G->evt_armed = false;
     arm_pid(srv);
-    CM_LOG_INFO(TAG, "worker pid %d started: %s", (int)pid, cfg->model);
+    for (int r = 1; r < cfg->tp; r++)
+        arm_rank_pid(srv, r);
+    if (cfg->tp > 1)
+        CM_LOG_INFO(TAG, "worker group of %d ranks started (rank 0: pid %d): %s", cfg->tp,
+                    (int)G->pid, cfg->model);
+    else
+        CM_LOG_INFO(TAG, "worker pid %d started: %s", (int)G->pid, cfg->model);
     return 0;
 fail:
+    stop_ranks(G);
+    if (G->pid > 0) {
+        kill(G->pid, SIGKILL);
+        waitpid(G->pid, NULL, 0);
+        close(G->pidfd);
+        G->pid = 0;
+        G->pidfd = -1;
+    }
     if (G->wake_fd >= 0)
         close(G->wake_fd);
     G->wake_fd = -1;
@@ -853,6 +992,41 @@ static int drain_events(struct ap_server *srv)
     return total;
 }
 
+/* Rank r > 0 of the group ended: stop the group (rank 0's death then fails
+ * the requests, naming this rank, and restarts it). */
+static void rank_died(struct ap_server *srv, int r)
+{
+    struct ap_gen_state *G = srv->gen;
+    if (r >= AP_TP_MAX || G->rpid[r] <= 0)
+        return; /* already reaped with its group */
+    int st = 0;
+    pid_t got = waitpid(G->rpid[r], &st, WNOHANG);
+    if (got == 0) {
+        arm_rank_pid(srv, r); /* spurious readiness: not dead yet */
+        return;
+    }
+    char how[64];
+    if (got == G->rpid[r] && WIFSIGNALED(st))
+        snprintf(how, sizeof how, "was killed by signal %d", WTERMSIG(st));
+    else if (got == G->rpid[r] && WIFEXITED(st))
+        snprintf(how, sizeof how, "exited with status %d", WEXITSTATUS(st));
+    else
+        snprintf(how, sizeof how, "is gone");
+    if (!G->killed_why[0])
+        snprintf(G->killed_why, sizeof(G->killed_why),
+                 "rank %d of the worker group (pid %d) %s; gorgond stopped the group", r,
+                 (int)G->rpid[r], how);
+    CM_LOG_ERROR(TAG, "worker rank %d (pid %d) %s: stopping its group", r, (int)G->rpid[r], how);
+    close(G->rpidfd[r]);
+    G->rpidfd[r] = -1;
+    G->rpid[r] = 0;
+    char why[128];
+    if (G->comm_fd >= 0)
+        comm_shm_abort_fd(G->comm_fd, G->killed_why, why, sizeof why);
+    if (G->pid > 0)
+        kill(G->pid, SIGKILL); /* its pidfd reports it: worker_died() */
+}
+
 static void worker_died(struct ap_server *srv)
 {
     struct ap_gen_state *G = srv->gen;
@@ -874,6 +1048,7 @@ static void worker_died(struct ap_server *srv)
         snprintf(how, sizeof(how), "gone");
     CM_LOG_ERROR(TAG, "worker pid %d %s%s", (int)G->pid, how,
                  G->ready ? "" : " before it was ready");
+    stop_ranks(G); /* a group lives and dies together */
     if (G->evt_armed) {
         struct io_uring_sqe *sqe = ap_get_sqe(srv);
         if (sqe) {
@@ -952,6 +1127,9 @@ int ap_gen_create(struct ap_server *srv)
     G->pidfd = -1;
     G->wake_fd = -1;
     G->reg.fd = -1;
+    G->comm_fd = -1;
+    for (int r = 0; r < AP_TP_MAX; r++)
+        G->rpidfd[r] = -1;
     if (!srv->cfg.model[0])
         return 0;
     eng_gguf *gg;
@@ -977,6 +1155,23 @@ int ap_gen_create(struct ap_server *srv)
         memcpy(G->chat_template, str, len);
         G->chat_template[len] = '\0';
         G->template_len = (uint32_t)len;
+    }
+    if (srv->cfg.tp > 1) {
+        /* Refuse a split the ranks would refuse, before starting any. */
+        uint32_t nh = 0, nkv = 0, ffn = 0;
+        (void)eng_gguf_get_u32(gg, "llama.attention.head_count", &nh);
+        nkv = nh;
+        (void)eng_gguf_get_u32(gg, "llama.attention.head_count_kv", &nkv);
+        (void)eng_gguf_get_u32(gg, "llama.feed_forward_length", &ffn);
+        const struct eng_gguf_tensor *emb = eng_gguf_find_tensor(gg, "token_embd.weight");
+        int64_t nv = emb && emb->n_dims >= 2 ? emb->ne[1] : 0;
+        if (nh == 0 || nkv == 0 || nv == 0 ||
+            eng_tp_split_check(srv->cfg.tp, (int)nh, (int)nkv, ffn, nv) < 0) {
+            CM_LOG_ERROR(TAG, "model %s: tp = %d: %s", srv->cfg.model, srv->cfg.tp,
+                         nh && nkv && nv ? eng_error() : "not a llama model with heads");
+            eng_gguf_close(gg);
+            return -EINVAL;
+        }
     }
     rc = eng_tok_create(&G->tok, gg);
     eng_gguf_close(gg);
@@ -1029,6 +1224,7 @@ void ap_gen_destroy(struct ap_server *srv)
         kill(G->pid, SIGKILL);
         waitpid(G->pid, NULL, 0);
     }
+    stop_ranks(G);
     if (G->pidfd >= 0)
         close(G->pidfd);
     if (G->wake_fd >= 0)
@@ -1114,6 +1310,10 @@ void ap_gen_dispatch(struct ap_server *srv, uint64_t ud, int res)
         G->evt_armed = false;
         if (G->wake_fd >= 0)
             (void)ipc_wake_fd_drain(G->wake_fd);
+    } else if (ap_ud_tag(ud) == AP_TAG_WK_PID && ap_ud_idx(ud) > 0) {
+        if (res == -ECANCELED)
+            return;
+        rank_died(srv, (int)ap_ud_idx(ud));
     } else if (ap_ud_tag(ud) == AP_TAG_WK_PID) {
         G->pid_armed = false;
         if (res == -ECANCELED)

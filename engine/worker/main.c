@@ -16,7 +16,10 @@ static void usage(FILE *f)
           "                     [--kv-blocks N] [--max-seqs N] [--batch-tokens N]\n"
           "                     [--medusa DIR [--medusa-tree SPEC] [--medusa-max-batch N]]\n"
           "                     [--parent PID] [--log-level LEVEL]\n"
+          "                     [--tp N --rank R --comm-fd FD]\n"
           "Started by gorgond; serves the worker region passed as an inherited fd.\n"
+          "With --tp N, one of N tensor-parallel ranks joined by the comm region FD:\n"
+          "rank 0 serves the region, ranks 1..N-1 take no --region-fd.\n"
           "--threads 0: as many kernel threads as CPUs this process may use (affinity\n"
           "mask and cgroup quota; default 1).\n",
           f);
@@ -40,9 +43,10 @@ int main(int argc, char **argv)
 {
     if (cm_version_requested(argc, argv, "gorgon-worker"))
         return 0;
-    eng_worker_cfg cfg = {.region_fd = -1, .wake_fd = -1, .n_threads = 1};
+    eng_worker_cfg cfg = {.region_fd = -1, .wake_fd = -1, .n_threads = 1, .tp = 1,
+                          .comm_fd = -1};
     enum { O_REGION = 256, O_WAKE, O_KV, O_SEQS, O_BATCH, O_PARENT, O_LOG, O_MEDUSA, O_MTREE,
-           O_MBATCH };
+           O_MBATCH, O_TP, O_RANK, O_COMM };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},       {"threads", required_argument, 0, 't'},
         {"region-fd", required_argument, 0, O_REGION}, {"wake-fd", required_argument, 0, O_WAKE},
@@ -51,6 +55,8 @@ int main(int argc, char **argv)
         {"parent", required_argument, 0, O_PARENT}, {"log-level", required_argument, 0, O_LOG},
         {"medusa", required_argument, 0, O_MEDUSA}, {"medusa-tree", required_argument, 0, O_MTREE},
         {"medusa-max-batch", required_argument, 0, O_MBATCH},
+        {"tp", required_argument, 0, O_TP},         {"rank", required_argument, 0, O_RANK},
+        {"comm-fd", required_argument, 0, O_COMM},
         {"help", no_argument, 0, 'h'},              {0, 0, 0, 0},
     };
     int c;
@@ -72,6 +78,9 @@ int main(int argc, char **argv)
         case O_MBATCH:
             rc = num("--medusa-max-batch", optarg, 0, 4096, &v), cfg.medusa_max_batch = (int)v;
             break;
+        case O_TP: rc = num("--tp", optarg, 1, 64, &v), cfg.tp = (int)v; break;
+        case O_RANK: rc = num("--rank", optarg, 0, 63, &v), cfg.rank = (int)v; break;
+        case O_COMM: rc = num("--comm-fd", optarg, 0, 1 << 20, &v), cfg.comm_fd = (int)v; break;
         case O_PARENT: rc = num("--parent", optarg, 0, 1ll << 31, &v), cfg.parent = (pid_t)v; break;
         case O_LOG: {
             int lvl = cm_log_parse_level(optarg);
@@ -88,9 +97,15 @@ int main(int argc, char **argv)
         if (rc < 0)
             return 2;
     }
-    if (!cfg.model_path || cfg.region_fd < 0) {
-        fprintf(stderr, "gorgon-worker: --model and --region-fd are required\n");
+    if (!cfg.model_path || (cfg.rank == 0 && cfg.region_fd < 0)) {
+        fprintf(stderr, "gorgon-worker: --model and (for rank 0) --region-fd are required\n");
         usage(stderr);
+        return 2;
+    }
+    if (cfg.rank >= cfg.tp || (cfg.tp > 1 && cfg.comm_fd < 0)) {
+        fprintf(stderr, "gorgon-worker: --rank %d --tp %d%s: a rank below --tp, and --comm-fd "
+                        "with --tp > 1\n",
+                cfg.rank, cfg.tp, cfg.comm_fd < 0 ? " without --comm-fd" : "");
         return 2;
     }
     return eng_worker_run(&cfg) < 0 ? 1 : 0;

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "common/common.h"
+#include "engine/comm/comm.h"
 #include "engine/engine.h"
 #include "engine/medusa/medusa.h"
 #include "engine/medusa/medusa_fit.h"
@@ -32,6 +33,10 @@
 #define WK_MED_CAL_PROMPT 64     /* calibration: context of each sequence (attention's share
                                   * of a step grows with it; less when the model's is short) */
 #define WK_MED_CAL_REPS 3        /* calibration: timed steps per batch size (min taken) */
+#define WK_PLAN_MAGIC 0x4e4c5047u /* "GPLN": a step plan of rank 0 (tensor parallelism) */
+#define WK_PLAN_MIN (1u << 20)   /* bytes of commands + prompts one plan carries, at least */
+#define WK_STEP_TIMEOUT_MS 30000 /* a collective inside a step that sees no progress this
+                                  * long ends the group (a hung rank) */
 
 enum wk_state { WK_FREE = 0, WK_QUEUED, WK_PREFILL, WK_DECODE };
 
@@ -52,8 +57,13 @@ typedef struct wk_req {
 
 typedef struct wk {
     eng_worker_cfg cfg;
-    ipc_region reg;
+    ipc_region reg; /* rank 0 only */
     ipc_ring cmd, evt;
+    uint32_t slot_in; /* bytes of a request slot's input (the prompt's ids) */
+    /* tensor parallelism (cm NULL: a whole model) */
+    comm *cm;
+    uint8_t *plan; /* commands read this pass (+ their prompts), [plan_cap] */
+    size_t plan_len, plan_cap;
     kn_ctx *kn;
     eng_model *m;
     const eng_tok *tok;
@@ -100,6 +110,8 @@ typedef struct wk {
  * loop pass; if it died, PR_SET_PDEATHSIG ends us). */
 static void emit(wk *w, const struct ipc_wevt *e)
 {
+    if (w->cfg.rank > 0)
+        return; /* rank 0 speaks for the group */
     for (unsigned spins = 0;; spins++) {
         int rc = ipc_ring_push(&w->evt, e);
         if (rc == 0)
@@ -198,7 +210,15 @@ static void queue_remove(wk *w, uint32_t r)
     }
 }
 
-static void cmd_start(wk *w, const struct ipc_wcmd *c)
+/* The number of prompt ids a START carries, or -1 when its count is bad
+ * (then it is refused before its prompt is read). */
+static int64_t start_words(const wk *w, const struct ipc_wcmd *c)
+{
+    int64_t n = c->n_prompt;
+    return n >= 1 && (size_t)n * sizeof(int32_t) <= w->slot_in ? n : -1;
+}
+
+static void cmd_start(wk *w, const struct ipc_wcmd *c, const int32_t *prompt)
 {
     uint32_t r = c->req;
     wk_req *q = &w->req[r];
@@ -208,8 +228,7 @@ static void cmd_start(wk *w, const struct ipc_wcmd *c)
     }
     int64_t n = c->n_prompt;
     int64_t positions = n + (int64_t)c->max_tokens - 1;
-    if (n < 1 || c->max_tokens < 1 || positions > w->n_ctx ||
-        (size_t)n * sizeof(int32_t) > w->reg.layout.slot_in_bytes) {
+    if (start_words(w, c) < 0 || c->max_tokens < 1 || positions > w->n_ctx) {
         emit_done(w, r, IPC_FINISH_ERROR, -EINVAL, 0, 0);
         return;
     }
@@ -235,7 +254,7 @@ static void cmd_start(wk *w, const struct ipc_wcmd *c)
     q->med_pending = q->med_now = false;
     q->med_steps = q->med_acc = 0;
     /* One copy out of shared memory; ids are checked here, not trusted. */
-    memcpy(q->prompt, ipc_region_slot_in(&w->reg, r), (size_t)n * sizeof(int32_t));
+    memcpy(q->prompt, prompt, (size_t)n * sizeof(int32_t));
     for (int64_t i = 0; i < n; i++)
         if (q->prompt[i] < 0 || q->prompt[i] >= w->n_vocab) {
             emit_done(w, r, IPC_FINISH_ERROR, -EINVAL, 0, 0);
@@ -277,11 +296,27 @@ static void cmd_cancel(wk *w, uint32_t r)
     emit_done(w, r, IPC_FINISH_CANCELLED, -ECANCELED, 0, 0);
 }
 
-/* Read every command; 1 if any, 0 if none, -1 when the ring is broken. */
+static void apply_cmd(wk *w, const struct ipc_wcmd *c, const int32_t *prompt)
+{
+    if (c->op == IPC_WCMD_START)
+        cmd_start(w, c, prompt);
+    else if (c->op == IPC_WCMD_CANCEL)
+        cmd_cancel(w, c->req);
+    else
+        CM_LOG_WARN(TAG, "unknown command %u: ignored", c->op);
+}
+
+/* Rank 0: read the commands (as many as one plan holds under TP); 1 if
+ * any, 0 if none, -1 when the ring is broken. Under TP each command and its
+ * prompt (copied once out of the slot: a client cannot change it between
+ * the ranks' reads) go into the plan, and the command is applied from it. */
 static int read_commands(wk *w)
 {
     int any = 0;
+    w->plan_len = 0;
     for (;;) {
+        if (w->cm && w->plan_cap - w->plan_len < sizeof(struct ipc_wcmd) + w->slot_in)
+            return any; /* the rest goes with the next step's plan */
         struct ipc_wcmd c;
         int rc = ipc_ring_pop(&w->cmd, &c);
         if (rc == 0)
@@ -295,13 +330,87 @@ static int read_commands(wk *w)
             CM_LOG_WARN(TAG, "command for request %u out of range: ignored", c.req);
             continue;
         }
-        if (c.op == IPC_WCMD_START)
-            cmd_start(w, &c);
-        else if (c.op == IPC_WCMD_CANCEL)
-            cmd_cancel(w, c.req);
-        else
-            CM_LOG_WARN(TAG, "unknown command %u: ignored", c.op);
+        int64_t n = c.op == IPC_WCMD_START ? start_words(w, &c) : -1;
+        const int32_t *prompt =
+            n > 0 ? (const int32_t *)(const void *)ipc_region_slot_in(&w->reg, c.req) : NULL;
+        if (w->cm) {
+            memcpy(w->plan + w->plan_len, &c, sizeof c);
+            w->plan_len += sizeof c;
+            if (n > 0) {
+                memcpy(w->plan + w->plan_len, prompt, (size_t)n * sizeof(int32_t));
+                prompt = (const int32_t *)(w->plan + w->plan_len);
+                w->plan_len += (size_t)n * sizeof(int32_t);
+            }
+        }
+        apply_cmd(w, &c, prompt);
     }
+}
+
+/* ---- tensor parallelism: rank 0's plan, the other ranks' replay -------------- */
+
+struct wk_plan_hdr {
+    uint32_t magic, flags;
+    uint64_t len;
+};
+
+static int comm_failed(wk *w, int rc, const char *what)
+{
+    char why[256];
+    if (comm_aborted(w->cm, why, sizeof why))
+        CM_LOG_ERROR(TAG, "rank %d: the group stopped (%s): %s", w->cfg.rank, what, why);
+    else
+        CM_LOG_ERROR(TAG, "rank %d: %s: %s", w->cfg.rank, what, comm_last_error(w->cm));
+    w->gone = true;
+    return rc;
+}
+
+/* Rank 0: the commands read this pass go to every rank before the step. */
+static int send_plan(wk *w)
+{
+    struct wk_plan_hdr h = {.magic = WK_PLAN_MAGIC, .len = w->plan_len};
+    int rc = comm_broadcast(w->cm, &h, sizeof h, 0);
+    if (rc == 0 && h.len)
+        rc = comm_broadcast(w->cm, w->plan, (size_t)h.len, 0);
+    return rc < 0 ? comm_failed(w, rc, "sending the step plan") : 0;
+}
+
+/* Ranks 1..: wait (without limit: rank 0 may be idle) for rank 0's plan
+ * and apply its commands as rank 0 did. 0, or < 0 when the group stops. */
+static int recv_plan(wk *w)
+{
+    struct wk_plan_hdr h;
+    comm_set_timeout_ms(w->cm, -1);
+    int rc = comm_broadcast(w->cm, &h, sizeof h, 0);
+    comm_set_timeout_ms(w->cm, WK_STEP_TIMEOUT_MS);
+    if (rc < 0)
+        return comm_failed(w, rc, "waiting for rank 0's plan");
+    if (h.magic != WK_PLAN_MAGIC || h.len > w->plan_cap) {
+        comm_abort(w->cm, "a rank received a malformed step plan");
+        return comm_failed(w, -EPROTO, "step plan");
+    }
+    if (h.len && (rc = comm_broadcast(w->cm, w->plan, (size_t)h.len, 0)) < 0)
+        return comm_failed(w, rc, "receiving the step plan");
+    size_t off = 0;
+    while (off + sizeof(struct ipc_wcmd) <= h.len) {
+        struct ipc_wcmd c;
+        memcpy(&c, w->plan + off, sizeof c);
+        off += sizeof c;
+        int64_t n = c.op == IPC_WCMD_START ? start_words(w, &c) : -1;
+        const int32_t *prompt = NULL;
+        if (n > 0) {
+            if (off + (size_t)n * sizeof(int32_t) > h.len)
+                break;
+            prompt = (const int32_t *)(w->plan + off);
+            off += (size_t)n * sizeof(int32_t);
+        }
+        if (c.req < w->n_req)
+            apply_cmd(w, &c, prompt);
+    }
+    if (off != h.len) {
+        comm_abort(w->cm, "a rank received a malformed step plan");
+        return comm_failed(w, -EPROTO, "step plan");
+    }
+    return 0;
 }
 
 /* FIFO admission against the worst case of every running request. */
@@ -505,6 +614,8 @@ static void step(wk *w)
     if (n_out < 0) {
         /* Nothing changed in the cache: fail the requests of this step. */
         CM_LOG_ERROR(TAG, "forward of %d sequences failed: %s", n_in, eng_error());
+        if (w->cm && comm_aborted(w->cm, NULL, 0))
+            w->gone = true; /* a rank is gone: gorgond restarts the group */
         if (n_med > 0)
             eng_medusa_step_abort(w->md, w->med_seqs, n_med);
         for (int i = 0; i < n_in; i++) {
@@ -720,25 +831,88 @@ static int med_calibrate(wk *w)
     return 0;
 }
 
-static int setup(wk *w)
+/* Tensor parallelism: the Medusa costs are rank 0's measurements (the
+ * ranks timed the same steps, but clocks differ), so that every rank's
+ * scheduler takes the same decisions. */
+static int share_calibration(wk *w)
 {
-    int rc = ipc_region_map(&w->reg, w->cfg.region_fd);
+    int32_t on = w->md != NULL;
+    int rc = comm_broadcast(w->cm, &on, sizeof on, 0);
+    if (rc == 0 && on && w->md)
+        rc = comm_broadcast(w->cm, w->med_cost, ((size_t)w->med_cap + 1) * sizeof(double), 0);
+    if (rc < 0)
+        return comm_failed(w, rc, "sharing the Medusa calibration");
+    if (!on && w->md) { /* rank 0 found no room to measure: off everywhere */
+        eng_medusa_destroy(w->md);
+        w->md = NULL;
+    } else if (on && !w->md) {
+        return comm_failed(w, -EPROTO, "Medusa is on at rank 0 only");
+    }
+    if (w->md)
+        med_update_limit(w);
+    return 0;
+}
+
+/* Tensor parallelism: join the group's communicator; rank 0 tells the
+ * others the region's shape (they have no region). */
+static int join_group(wk *w)
+{
+    char why[256];
+    comm_shm_opts o = COMM_SHM_OPTS_DEFAULT;
+    o.threads_per_rank = kn_ctx_threads(w->kn);
+    o.timeout_ms = -1; /* loading: gorgond's worker_start_timeout_ms bounds it */
+    int rc = comm_shm_attach(&w->cm, w->cfg.comm_fd, w->cfg.rank, &o, why, sizeof why);
     if (rc < 0) {
-        CM_LOG_ERROR(TAG, "cannot map the worker region: %s", cm_strerror(rc));
+        CM_LOG_ERROR(TAG, "rank %d of %d: cannot join the group: %s", w->cfg.rank, w->cfg.tp,
+                     why);
         return rc;
     }
-    if ((rc = ipc_region_sq(&w->reg, IPC_RING_CONSUMER, &w->cmd)) < 0 ||
-        (rc = ipc_region_cq(&w->reg, IPC_RING_PRODUCER, &w->evt)) < 0)
-        return rc;
-    if (w->cfg.wake_fd >= 0 && (rc = ipc_ring_set_wake_fd(&w->evt, w->cfg.wake_fd)) < 0)
-        return rc;
+    if (comm_size(w->cm) != w->cfg.tp) {
+        CM_LOG_ERROR(TAG, "rank %d: the group's region has %d ranks, not --tp %d", w->cfg.rank,
+                     comm_size(w->cm), w->cfg.tp);
+        return -EINVAL;
+    }
+    uint64_t shape[2] = {w->n_req, w->slot_in};
+    if ((rc = comm_broadcast(w->cm, shape, sizeof shape, 0)) < 0)
+        return comm_failed(w, rc, "receiving the region's shape");
+    if (shape[0] < 1 || shape[0] > UINT32_MAX || shape[1] > UINT32_MAX)
+        return comm_failed(w, -EPROTO, "the region's shape");
+    w->n_req = (uint32_t)shape[0];
+    w->slot_in = (uint32_t)shape[1];
+    /* room for several commands with whole prompts (same on every rank) */
+    w->plan_cap = 4 * (sizeof(struct ipc_wcmd) + w->slot_in);
+    if (w->plan_cap < WK_PLAN_MIN)
+        w->plan_cap = WK_PLAN_MIN;
+    if (!(w->plan = malloc(w->plan_cap)))
+        return -ENOMEM;
+    return 0;
+}
+
+static int setup(wk *w)
+{
+    int rc;
+    if (w->cfg.rank == 0) {
+        if ((rc = ipc_region_map(&w->reg, w->cfg.region_fd)) < 0) {
+            CM_LOG_ERROR(TAG, "cannot map the worker region: %s", cm_strerror(rc));
+            return rc;
+        }
+        if ((rc = ipc_region_sq(&w->reg, IPC_RING_CONSUMER, &w->cmd)) < 0 ||
+            (rc = ipc_region_cq(&w->reg, IPC_RING_PRODUCER, &w->evt)) < 0)
+            return rc;
+        if (w->cfg.wake_fd >= 0 && (rc = ipc_ring_set_wake_fd(&w->evt, w->cfg.wake_fd)) < 0)
+            return rc;
+        w->n_req = w->reg.layout.n_slots;
+        w->slot_in = w->reg.layout.slot_in_bytes;
+    }
     rc = kn_ctx_create(&w->kn, &(kn_ctx_cfg){.n_threads = w->cfg.n_threads,
                                              .variant = KN_VARIANT_AUTO});
     if (rc < 0) {
         CM_LOG_ERROR(TAG, "kernels: %s", cm_strerror(rc));
         return rc;
     }
-    rc = eng_model_open(&w->m, w->cfg.model_path);
+    if (w->cfg.tp > 1 && (rc = join_group(w)) < 0)
+        return rc;
+    rc = eng_model_open_tp(&w->m, w->cfg.model_path, w->cfg.rank, w->cfg.tp > 1 ? w->cfg.tp : 1);
     if (rc < 0) {
         CM_LOG_ERROR(TAG, "cannot load %s: %s", w->cfg.model_path, eng_error());
         return rc;
@@ -747,7 +921,6 @@ static int setup(wk *w)
     w->tok = eng_model_tokenizer(w->m);
     w->n_vocab = hp->n_vocab;
     w->n_ctx = hp->n_ctx;
-    w->n_req = w->reg.layout.n_slots;
     if (w->cfg.max_seqs <= 0)
         w->cfg.max_seqs = 64;
     if ((uint32_t)w->cfg.max_seqs > w->n_req)
@@ -777,7 +950,8 @@ static int setup(wk *w)
     int64_t max_out = w->cfg.max_seqs + tree_rows;
     rc = eng_ctx_create(&w->ctx, w->m,
                         &(eng_ctx_cfg){.kn = w->kn, .max_tokens = w->cfg.max_batch_tokens + tree_rows,
-                                       .max_outputs = max_out, .max_ctx = w->n_ctx});
+                                       .max_outputs = max_out, .max_ctx = w->n_ctx,
+                                       .comm = w->cm});
     if (rc < 0) {
         CM_LOG_ERROR(TAG, "forward context: %s", eng_error());
         return rc;
@@ -801,6 +975,10 @@ static int setup(wk *w)
     }
     if (w->md && (rc = med_calibrate(w)) < 0)
         return rc;
+    if (w->cm && (rc = share_calibration(w)) < 0)
+        return rc;
+    if (w->cm)
+        comm_set_timeout_ms(w->cm, WK_STEP_TIMEOUT_MS);
     int64_t max_prompt = w->n_ctx;
     for (uint32_t i = 0; i < w->n_req; i++)
         if (!(w->req[i].prompt = malloc((size_t)max_prompt * sizeof(int32_t))))
@@ -810,6 +988,9 @@ static int setup(wk *w)
                 " tokens per step, %d threads",
                 w->cfg.model_path, w->n_ctx, w->n_blocks, w->cfg.block_size, w->cfg.max_seqs,
                 w->cfg.max_batch_tokens, kn_ctx_threads(w->kn));
+    if (w->cm)
+        CM_LOG_INFO(TAG, "rank %d of %d: %.1f MiB of weights", w->cfg.rank, w->cfg.tp,
+                    (double)eng_model_shard_weight_bytes(w->m) / (1 << 20));
     return 0;
 }
 
@@ -844,6 +1025,10 @@ static void teardown(wk *w)
     eng_model_close(w->m);
     kn_ctx_destroy(w->kn);
     ipc_region_unmap(&w->reg);
+    if (w->cm) /* the others stop too: gorgond restarts the group */
+        comm_abort(w->cm, w->cfg.rank == 0 ? "rank 0 stopped" : "a rank stopped");
+    comm_destroy(w->cm);
+    free(w->plan);
 }
 
 int eng_worker_run(const eng_worker_cfg *cfg)
@@ -865,15 +1050,29 @@ int eng_worker_run(const eng_worker_cfg *cfg)
     }
     struct ipc_wevt ready = {.op = IPC_WEVT_READY,
                              .arg = {(uint64_t)w->n_blocks, (uint64_t)w->cfg.max_seqs}};
-    emit(w, &ready);
-    emit_step_stats(w, 0);
-    ipc_doorbell_notify(&w->evt);
+    const bool leader = w->cfg.rank == 0;
+    if (leader) {
+        emit(w, &ready);
+        emit_step_stats(w, 0);
+        ipc_doorbell_notify(&w->evt);
+    }
     while (!w->gone) {
-        int got = read_commands(w);
-        if (got < 0)
+        int got;
+        if (leader) {
+            got = read_commands(w);
+            if (got < 0)
+                break;
+            /* Under TP the other ranks replay this pass: its commands, then
+             * the same admission and step. */
+            if (w->cm && (w->plan_len || w->n_running || w->n_queued) && send_plan(w) < 0)
+                break;
+        } else if (recv_plan(w) < 0) {
             break;
+        }
         admit(w);
         if (w->n_running == 0) {
+            if (!leader)
+                continue;
             emit_step_stats(w, 0);
             ipc_doorbell_notify(&w->evt);
             if (got == 0) {
@@ -888,7 +1087,8 @@ int eng_worker_run(const eng_worker_cfg *cfg)
             continue;
         }
         step(w);
-        ipc_doorbell_notify(&w->evt);
+        if (leader)
+            ipc_doorbell_notify(&w->evt);
     }
     teardown(w);
     free(w);

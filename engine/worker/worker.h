@@ -27,6 +27,11 @@
  *
  *   eng_worker_cfg cfg = {.model_path = "m.gguf", .region_fd = 3, .wake_fd = -1,
  *                         .n_threads = 2};
+ *
+ * A tensor-parallel group is tp such processes (docs/tensor-parallel.md):
+ * rank 0 as above plus .tp, .rank = 0, .comm_fd; ranks 1..tp-1 with
+ * .region_fd = -1. Any rank that stops aborts the communicator, so the
+ * others stop too and gorgond restarts the group.
  *   return eng_worker_run(&cfg) < 0;
  */
 #ifndef GORGON_ENG_WORKER_H
@@ -52,6 +57,14 @@ typedef struct eng_worker_cfg {
     const char *medusa_dir;
     const char *medusa_tree;
     int medusa_max_batch;
+    /* Tensor parallelism: rank `rank` of `tp` (tp 0 or 1: the whole model).
+     * Every rank gets the same configuration and the group's comm region
+     * (comm_fd, engine/comm). Rank 0 owns the worker region (region_fd) and
+     * talks to gorgond; at each step it broadcasts the commands it read (the
+     * prompts copied once out of the slots) and every rank then runs the
+     * same scheduler over its shard, so all make the same collective calls.
+     * The other ranks take no region (region_fd -1) and emit nothing. */
+    int tp, rank, comm_fd;
 } eng_worker_cfg;
 
 /* Load the model, map the region, announce READY and serve until the

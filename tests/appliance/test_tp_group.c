@@ -1,0 +1,258 @@
+/* Tensor-parallel worker groups through gorgond (--tp N): N gorgon-worker
+ * rank processes serve the goldens byte for byte (greedy, with a prompt,
+ * sampled beside them, and with Medusa); a rank that dies fails the group's
+ * requests with a message naming it, and the group comes back; a split the
+ * model or the CPUs cannot take is refused at start. */
+#include <criterion/criterion.h>
+#include <dirent.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+
+#include "clients/gorgon.h"
+#include "ipc/ipc.h"
+#include "tests/appliance/util/ap_test.h"
+#include "tests/appliance/util/wait.h"
+#include "tests/clients/util/gd_proc.h"
+#include "tests/util/test_models.h"
+#include "tests/util/test_tree.h"
+
+static gd_proc gd;
+static char model_buf[PATH_MAX], heads_dir[64];
+
+static void teardown(void)
+{
+    gd_stop(&gd);
+    if (heads_dir[0]) {
+        char cmd[128];
+        snprintf(cmd, sizeof cmd, "rm -rf '%s'", heads_dir);
+        cr_expect_eq(system(cmd), 0);
+        heads_dir[0] = 0;
+    }
+}
+
+#define START_TP(...)                                                                        \
+    do {                                                                                     \
+        snprintf(model_buf, sizeof(model_buf), "%s",                                         \
+                 tu_model_path("stories260K/stories260K.gguf"));                             \
+        AT_START(&gd, "--model", model_buf, "--threads", "1", __VA_ARGS__);                  \
+    } while (0)
+
+/* The gorgon-worker child of gorgond started as --rank r (0 if none). */
+static pid_t rank_pid(int r)
+{
+    DIR *d = opendir("/proc");
+    cr_assert_not_null(d);
+    pid_t found = 0;
+    struct dirent *e;
+    char want[16];
+    snprintf(want, sizeof want, "%d", r);
+    while (!found && (e = readdir(d))) {
+        if (e->d_name[0] < '1' || e->d_name[0] > '9')
+            continue;
+        pid_t p = (pid_t)atoi(e->d_name);
+        char path[300], buf[4096];
+        snprintf(path, sizeof path, "/proc/%s/stat", e->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f)
+            continue;
+        size_t n = fread(buf, 1, sizeof buf - 1, f);
+        fclose(f);
+        buf[n] = 0;
+        char *rp = strrchr(buf, ')');
+        int ppid;
+        if (!rp || sscanf(rp + 2, "%*c %d", &ppid) != 1 || ppid != gd.pid ||
+            !strstr(buf, "(gorgon-worker)"))
+            continue;
+        snprintf(path, sizeof path, "/proc/%s/cmdline", e->d_name);
+        if (!(f = fopen(path, "r")))
+            continue;
+        n = fread(buf, 1, sizeof buf - 1, f);
+        fclose(f);
+        for (size_t i = 0; i + 7 < n; i += strlen(buf + i) + 1)
+            if (!strcmp(buf + i, "--rank") && !strcmp(buf + i + 7, want))
+                found = p;
+    }
+    closedir(d);
+    return found;
+}
+
+typedef struct gen_out {
+    char text[8192];
+    size_t len;
+    int rc;
+    gorgon_gen_chunk last;
+    char msg[512];
+} gen_out;
+
+static void drain(gorgon_client *cli, uint32_t req, gen_out *o)
+{
+    memset(o, 0, sizeof(*o));
+    gorgon_gen_chunk ch;
+    int rc;
+    while ((rc = gorgon_generate_next(cli, req, &ch, 30000000000ll)) >= 0) {
+        if (!ch.error && ch.len && o->len + ch.len < sizeof o->text) {
+            memcpy(o->text + o->len, ch.text, ch.len);
+            o->len += ch.len;
+        }
+        if (rc == 0)
+            break;
+    }
+    o->rc = rc;
+    o->last = ch;
+    if (ch.error)
+        snprintf(o->msg, sizeof o->msg, "%.*s", (int)ch.len, ch.text);
+}
+
+static void run_one(gorgon_client *cli, const gorgon_gen_params *p, gen_out *o)
+{
+    uint32_t req;
+    int rc = gorgon_generate_submit(cli, p, 1, &req);
+    cr_assert_eq(rc, 0, "submit: %s", gorgon_strerror(rc));
+    drain(cli, req, o);
+}
+
+/* The golden text is gorgon-run's: prompt echoed, then a newline. */
+static void expect_golden(const char *golden, const char *prefix, const gen_out *o)
+{
+    FILE *f = fopen(tu_model_path(golden), "rb");
+    cr_assert_not_null(f);
+    static char want[1 << 16], got[1 << 16];
+    size_t n = fread(want, 1, sizeof want, f);
+    fclose(f);
+    int k = snprintf(got, sizeof got, "%s%.*s\n", prefix, (int)o->len, o->text);
+    cr_assert(n == (size_t)k && memcmp(want, got, n) == 0, "%s: TP output differs:\n%s", golden,
+              got);
+}
+
+Test(appliance_tp_group, tp2_serves_the_goldens_in_one_batch, .fini = teardown, .timeout = 120)
+{
+    START_TP("--tp", "2", NULL);
+    cr_assert(ap_wait_worker(gd.pid, 0, AT_WAIT_MS) > 0);
+    AT_WAIT_UNTIL(rank_pid(0) > 0 && rank_pid(1) > 0, AT_WAIT_MS, "ranks 0 and 1 not started");
+    gorgon_client *cli = gd_connect(&gd, 0);
+    /* three requests in flight together: two goldens and a sampled one */
+    uint32_t a, b, c;
+    cr_assert_eq(gorgon_generate_submit(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 256},
+                                        1, &a),
+                 0);
+    cr_assert_eq(gorgon_generate_submit(
+                     cli, &(gorgon_gen_params){.prompt = "Lily and Tom", .max_tokens = 60}, 2, &b),
+                 0);
+    cr_assert_eq(gorgon_generate_submit(cli,
+                                        &(gorgon_gen_params){.prompt = "The cat",
+                                                             .max_tokens = 100,
+                                                             .temperature = 0.8f,
+                                                             .top_p = 0.9f,
+                                                             .seed = 7},
+                                        3, &c),
+                 0);
+    gen_out o;
+    drain(cli, a, &o);
+    cr_assert_eq(o.rc, 0, "greedy: %d %s", o.rc, o.msg);
+    expect_golden("stories260K/golden_greedy_n256.txt", "", &o);
+    drain(cli, b, &o);
+    cr_assert_eq(o.rc, 0, "prompt: %d %s", o.rc, o.msg);
+    expect_golden("stories260K/golden_greedy_prompt_LilyAndTom_n64.txt", "Lily and Tom", &o);
+    drain(cli, c, &o);
+    cr_assert_eq(o.rc, 0, "sampled: %d %s", o.rc, o.msg);
+    cr_assert_gt(o.last.usage.completion_tokens, 0);
+    /* the sampled request alone, same seed: the same text (batch invariance
+     * holds under TP too) */
+    static gen_out alone;
+    run_one(cli,
+            &(gorgon_gen_params){.prompt = "The cat", .max_tokens = 100, .temperature = 0.8f,
+                                 .top_p = 0.9f, .seed = 7},
+            &alone);
+    cr_assert_eq(alone.rc, 0);
+    cr_assert(alone.len == o.len && memcmp(alone.text, o.text, o.len) == 0,
+              "sampled text changed with the batch");
+    gorgon_close(cli);
+    GD_END(&gd);
+}
+
+Test(appliance_tp_group, killed_rank_fails_its_requests_by_name_then_the_group_restarts,
+     .fini = teardown, .timeout = 120)
+{
+    START_TP("--tp", "2", NULL);
+    AT_WAIT_UNTIL(rank_pid(0) > 0 && rank_pid(1) > 0, AT_WAIT_MS, "ranks 0 and 1 not started");
+    gorgon_client *cli = gd_connect(&gd, 0);
+    const pid_t r0 = rank_pid(0), r1 = rank_pid(1);
+    uint32_t a;
+    cr_assert_eq(gorgon_generate_submit(
+                     cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 1900, .temperature = 1},
+                     1, &a),
+                 0);
+    gorgon_gen_chunk ch;
+    cr_assert_eq(gorgon_generate_next(cli, a, &ch, 30000000000ll), 1);
+    cr_assert_eq(kill(r0, SIGSTOP), 0); /* surely mid-generation */
+    cr_assert_eq(kill(r1, SIGKILL), 0);
+    gen_out o;
+    drain(cli, a, &o);
+    cr_assert_eq(o.rc, -EIO, "rc %d", o.rc);
+    cr_assert_eq(o.last.finish, GORGON_FINISH_ERROR);
+    cr_assert(strstr(o.msg, "rank 1 of the worker group") && strstr(o.msg, "signal 9"),
+              "message: %s", o.msg);
+    /* both ranks are new, and they serve */
+    AT_WAIT_UNTIL(rank_pid(0) > 0 && rank_pid(0) != r0 && rank_pid(1) > 0 && rank_pid(1) != r1,
+                  AT_WAIT_MS, "the group was not restarted");
+    run_one(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 256}, &o);
+    cr_assert_eq(o.rc, 0, "after restart: %d %s", o.rc, o.msg);
+    expect_golden("stories260K/golden_greedy_n256.txt", "", &o);
+    gorgon_counters st = ap_stats(cli);
+    cr_assert_eq(st.worker_restarts, 1);
+    cr_assert_eq(st.gen_failed, 1);
+    gorgon_close(cli);
+    GD_END(&gd);
+}
+
+/* Greedy Medusa under TP 2 is lossless: the n256 golden, heads replicated. */
+Test(appliance_tp_group, tp2_with_medusa_serves_the_golden, .fini = teardown, .timeout = 180)
+{
+    snprintf(heads_dir, sizeof heads_dir, "/tmp/gorgon-tp-heads-XXXXXX");
+    cr_assert_not_null(mkdtemp(heads_dir));
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "'%s' --model '%s' --out '%s' --seqs 32 --len 48 --epochs 1 "
+                              "--heads 2 >/dev/null 2>&1",
+             tu_bin("gorgon-medusa-train"), tu_model_path("stories260K/stories260K.gguf"),
+             heads_dir);
+    cr_assert_eq(system(cmd), 0, "gorgon-medusa-train failed");
+    START_TP("--tp", "2", "--medusa", heads_dir, "--medusa-max-batch", "4", NULL);
+    gorgon_client *cli = gd_connect(&gd, 0);
+    gen_out o;
+    run_one(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 256}, &o);
+    cr_assert_eq(o.rc, 0, "%d %s", o.rc, o.msg);
+    expect_golden("stories260K/golden_greedy_n256.txt", "", &o);
+    gorgon_counters st = ap_stats(cli);
+    cr_assert_gt(st.medusa_steps, 0, "no Medusa step ran");
+    gorgon_close(cli);
+    GD_END(&gd);
+}
+
+Test(appliance_tp_group, splits_the_model_or_cpus_cannot_take_are_refused_at_start,
+     .timeout = 60)
+{
+    char bin[PATH_MAX], out[4096];
+    cr_assert_eq(gd_find_binary(bin, sizeof bin), 0);
+    snprintf(model_buf, sizeof(model_buf), "%s", tu_model_path("stories260K/stories260K.gguf"));
+    const char *heads[] = {bin, "--foreground", "--socket", "/tmp/gorgon-tp-never.sock",
+                           "--model", model_buf, "--tp", "3", NULL};
+    int st = gd_run_stderr(heads, false, out, sizeof out);
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) != 0, "gorgond --tp 3 started");
+    cr_assert(strstr(out, "tp = 3") && strstr(out, "does not divide the 8 attention heads"),
+              "stderr: %s", out);
+    const char *cpus[] = {bin, "--foreground", "--socket", "/tmp/gorgon-tp-never.sock",
+                          "--model", model_buf, "--tp", "4", "--cpus", "0", NULL};
+    st = gd_run_stderr(cpus, false, out, sizeof out);
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) != 0, "gorgond --tp 4 --cpus 0 started");
+    cr_assert(strstr(out, "tp = 4 ranks need at least one CPU each; cpus = 0 gives 1"),
+              "stderr: %s", out);
+    const char *list[] = {bin, "--foreground", "--cpus", "3-1", NULL};
+    st = gd_run_stderr(list, false, out, sizeof out);
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) != 0);
+    cr_assert(strstr(out, "not a CPU list"), "stderr: %s", out);
+}
