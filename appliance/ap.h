@@ -62,8 +62,7 @@ typedef struct ap_config {
     int threads;             /* worker kernel threads (per rank; 0: its share of the CPUs) */
     int tp;                  /* tensor-parallel ranks of the worker group (1: one process) */
     char cpus[256];          /* CPUs the ranks are pinned to, split evenly ("0-3,6"; "":
-                              * gorgond's own affinity mask, pinned only when each rank
-                              * gets at least one) */
+                              * not pinned) */
     int64_t kv_blocks;       /* worker KV pool blocks (0: auto) */
     uint32_t max_seqs;       /* sequences the worker decodes at once */
     uint32_t batch_tokens;   /* new tokens per forward (prefill chunk budget) */

@@ -214,25 +214,14 @@ static void stop_ranks(struct ap_gen_state *G)
     G->comm_fd = -1;
 }
 
-/* The CPUs rank r of tp is pinned to (cpus = "LIST", else gorgond's
- * affinity mask, split evenly); 0 when the ranks are not pinned (fewer
- * CPUs than ranks). */
+/* The CPUs rank r of tp is pinned to: an even share of cfg->cpus; 0 when
+ * no list is configured (the ranks then float over gorgond's CPUs: pinning
+ * on a shared host only moves the contention, docs/decisions.md). */
 static int rank_cpus(const ap_config *cfg, int r, cpu_set_t *set)
 {
-    int list[1024], n = 0;
-    if (cfg->cpus[0]) {
-        n = ap_cpu_list_parse(cfg->cpus, list, 1024);
-    } else {
-        cpu_set_t own;
-        if (sched_getaffinity(0, sizeof own, &own) < 0)
-            return 0;
-        for (int c = 0; c < CPU_SETSIZE && n < 1024; c++)
-            if (CPU_ISSET(c, &own))
-                list[n++] = c;
-        if (cfg->tp == 1)
-            return 0; /* one process: it inherits the mask */
-    }
-    if (n < cfg->tp)
+    int list[1024];
+    int n = cfg->cpus[0] ? ap_cpu_list_parse(cfg->cpus, list, 1024) : 0;
+    if (n < cfg->tp) /* (checked at start: a list has a CPU per rank) */
         return 0;
     const int k = n / cfg->tp;
     CPU_ZERO(set);
@@ -287,6 +276,8 @@ static pid_t spawn_rank(struct ap_server *srv, int r)
         argv[argc++] = a_rank;
         argv[argc++] = "--comm-fd";
         argv[argc++] = "5";
+        if (ncpu > 0)
+            argv[argc++] = "--pinned"; /* its CPUs are its own: collectives may spin */
     }
     if (cfg->medusa[0]) {
         argv[argc++] = "--medusa";

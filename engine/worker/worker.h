@@ -65,6 +65,10 @@ typedef struct eng_worker_cfg {
      * same scheduler over its shard, so all make the same collective calls.
      * The other ranks take no region (region_fd -1) and emit nothing. */
     int tp, rank, comm_fd;
+    /* the ranks run pinned to disjoint CPUs: waits in collectives spin
+     * first (else they spin only when every rank's threads fit the usable
+     * CPUs) */
+    bool pinned;
 } eng_worker_cfg;
 
 /* Load the model, map the region, announce READY and serve until the

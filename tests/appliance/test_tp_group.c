@@ -6,6 +6,8 @@
 #include <criterion/criterion.h>
 #include <dirent.h>
 #include <limits.h>
+#include <sched.h>
+#include <stdbool.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -255,4 +257,40 @@ Test(appliance_tp_group, splits_the_model_or_cpus_cannot_take_are_refused_at_sta
     st = gd_run_stderr(list, false, out, sizeof out);
     cr_assert(WIFEXITED(st) && WEXITSTATUS(st) != 0);
     cr_assert(strstr(out, "not a CPU list"), "stderr: %s", out);
+}
+
+/* cpus = LIST pins each rank to its even share, and the group still serves. */
+Test(appliance_tp_group, cpus_pin_each_rank_to_its_share, .fini = teardown, .timeout = 120)
+{
+    cpu_set_t own;
+    cr_assert_eq(sched_getaffinity(0, sizeof own, &own), 0);
+    int c[2], n = 0;
+    for (int i = 0; i < CPU_SETSIZE && n < 2; i++)
+        if (CPU_ISSET(i, &own))
+            c[n++] = i;
+    if (n < 2)
+        cr_skip_test("needs 2 CPUs in this process's affinity mask, has %d", n);
+    char list[32];
+    snprintf(list, sizeof list, "%d,%d", c[0], c[1]);
+    START_TP("--tp", "2", "--cpus", list, NULL);
+    AT_WAIT_UNTIL(rank_pid(0) > 0 && rank_pid(1) > 0, AT_WAIT_MS, "ranks 0 and 1 not started");
+    for (int r = 0; r < 2; r++) {
+        char path[64], line[256], want[64];
+        snprintf(path, sizeof path, "/proc/%d/status", (int)rank_pid(r));
+        FILE *f = fopen(path, "r");
+        cr_assert_not_null(f);
+        bool found = false;
+        snprintf(want, sizeof want, "Cpus_allowed_list:\t%d\n", c[r]);
+        while (fgets(line, sizeof line, f))
+            found |= !strcmp(line, want);
+        fclose(f);
+        cr_assert(found, "rank %d is not pinned to CPU %d", r, c[r]);
+    }
+    gorgon_client *cli = gd_connect(&gd, 0);
+    gen_out o;
+    run_one(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 256}, &o);
+    cr_assert_eq(o.rc, 0, "%d %s", o.rc, o.msg);
+    expect_golden("stories260K/golden_greedy_n256.txt", "", &o);
+    gorgon_close(cli);
+    GD_END(&gd);
 }
