@@ -32,7 +32,8 @@
                                   * the acceptance the limit is computed from */
 #define WK_MED_CAL_PROMPT 64     /* calibration: context of each sequence (attention's share
                                   * of a step grows with it; less when the model's is short) */
-#define WK_MED_CAL_REPS 3        /* calibration: timed steps per batch size (min taken) */
+#define WK_MED_CAL_REPS 5        /* calibration: timed steps of each kind per batch size
+                                  * (min taken) */
 #define WK_PLAN_MAGIC 0x4e4c5047u /* "GPLN": a step plan of rank 0 (tensor parallelism) */
 #define WK_PLAN_MIN (1u << 20)   /* bytes of commands + prompts one plan carries, at least */
 #define WK_STEP_TIMEOUT_MS 30000 /* a collective inside a step that sees no progress this
@@ -768,6 +769,8 @@ static double cal_ratio(wk *w, int b)
                              w->hidden + (int64_t)i * dim, 0);
         next[i] = eng_medusa_seq_root(w->md, w->med_seqs[i]);
     }
+    /* Plain and tree steps alternate, so that a stretch of interference
+     * (another process on the CPUs) slows both kinds rather than one. */
     double plain = 1e30, tree = 1e30;
     for (int r = 0; r < R; r++) {
         for (int i = 0; i < b; i++)
@@ -779,9 +782,7 @@ static double cal_ratio(wk *w, int b)
         memcpy(next, w->ids, (size_t)b * sizeof(int32_t));
         double dt = (double)(cm_now_ns() - t0);
         plain = dt < plain ? dt : plain;
-    }
-    for (int r = 0; r < R; r++) {
-        uint64_t t0 = cm_now_ns();
+        t0 = cm_now_ns();
         if (eng_medusa_step_prepare(w->md, w->kv, w->med_seqs, b, w->ins) < 0)
             goto out;
         if (eng_forward(w->ctx, w->kv, w->ins, b, w->logits, w->hidden) < 0) {
@@ -789,10 +790,12 @@ static double cal_ratio(wk *w, int b)
             goto out;
         }
         eng_medusa_step_finish(w->md, w->kv, w->med_seqs, b, w->logits, w->hidden, w->med_res);
-        double dt = (double)(cm_now_ns() - t0);
+        dt = (double)(cm_now_ns() - t0);
         tree = dt < tree ? dt : tree;
     }
-    ratio = tree / plain;
+    /* A tree step does a plain step's work and more: a ratio below 1 is
+     * noise, and would let heads that accept nothing look worth it. */
+    ratio = tree > plain ? tree / plain : 1.0;
 out:
     cal_free(w, n);
     return ratio;
