@@ -2,7 +2,9 @@
 # Run each Criterion test binary given, print its failures and skips, then
 # one total line.
 #
-# Exit status: non-zero when any suite failed or crashed, when a binary
+# Exit status: non-zero when any suite failed or crashed, printed a
+# sanitizer report (ThreadSanitizer warning, ASan/LSan error, UBSan runtime
+# error: these do not always change an exit status), when a binary
 # given is missing or printed no summary, or when a test skipped because
 # something it needs was not built (a skip whose reason says "not built":
 # that is a broken build, not an intended skip). Intended skips (no GPU,
@@ -32,6 +34,17 @@ for t in "$@"; do
         printf '%s\n' "$out" | tail -n 20
         bad=$((bad + 1)) broken=$((broken + 1))
         continue
+    fi
+    # A sanitizer report fails the suite even when every test passed (a
+    # report in Criterion's forked test process, or in a program a test
+    # started, does not always change an exit status).
+    san=$(grep -E '^WARNING: ThreadSanitizer|^==[0-9]+==ERROR: [A-Za-z]+Sanitizer|: runtime error: ' \
+        <<<"$out" | head -n 4)
+    if [[ -n $san ]]; then
+        echo "$name: sanitizer report(s), counted as a failure:"
+        printf '%s\n' "$out" | grep -E -A12 '^WARNING: ThreadSanitizer|^==[0-9]+==ERROR: [A-Za-z]+Sanitizer|: runtime error: ' | head -n 60
+        fail=$((fail + 1))
+        while IFS= read -r line; do failed+=("$name: $line"); done <<<"$san"
     fi
     p=$(sed -n 's/.*Passing: \([0-9]*\).*/\1/p' <<<"$syn")
     f=$(sed -n 's/.*Failing: \([0-9]*\).*/\1/p' <<<"$syn")
