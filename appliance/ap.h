@@ -61,6 +61,7 @@ typedef struct ap_config {
     char model[4096];        /* GGUF model; "" = no generation (GENERATE -> -ENOTSUP) */
     int threads;             /* worker kernel threads (per rank; 0: its share of the CPUs) */
     int tp;                  /* tensor-parallel ranks of the worker group (1: one process) */
+    int replicas;            /* worker groups serving at once (data parallelism) */
     char cpus[256];          /* CPUs the ranks are pinned to, split evenly ("0-3,6"; "":
                               * not pinned) */
     int64_t kv_blocks;       /* worker KV pool blocks (0: auto) */

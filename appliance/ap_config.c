@@ -30,6 +30,7 @@ void ap_config_defaults(ap_config *cfg)
     cfg->log_level = CM_LOG_INFO;
     cfg->threads = 0; /* auto: the worker uses the CPUs it may (kn_threads_auto) */
     cfg->tp = 1;
+    cfg->replicas = 1;
     cfg->max_seqs = 64;
     cfg->batch_tokens = 256;
     cfg->max_requests = 512;
@@ -77,7 +78,10 @@ void ap_config_usage(FILE *f)
             "                       CPUs, shared among the ranks)\n"
             "  --tp N               tensor parallelism: the worker is a group of N rank\n"
             "                       processes, each holding 1/N of the weights (default 1)\n"
-            "  --cpus LIST          pin the ranks to even shares of these CPUs, e.g. 0-3\n"
+            "  --replicas N         N worker groups serving at once, each request routed to\n"
+            "                       the least busy one (default 1)\n"
+            "  --cpus LIST          pin the ranks (of all groups) to even shares of these\n"
+            "                       CPUs, e.g. 0-3\n"
             "                       (default: not pinned)\n"
             "  --kv-blocks N        worker KV pool, 16-position blocks (0: auto)\n"
             "  --max-seqs N         sequences decoded together (default 64)\n"
@@ -100,8 +104,8 @@ void ap_config_usage(FILE *f)
             "config keys: socket socket_mode socket_group allow_uids allow_gids poll_us\n"
             "  sq_entries cq_entries slots slot_in_bytes slot_out_bytes max_clients\n"
             "  max_handshakes max_handshakes_per_uid stats_interval_s hugepages numa_node\n"
-            "  log_level foreground eventfd_doorbells model threads tp cpus kv_blocks max_seqs\n"
-            "  batch_tokens max_requests max_requests_per_uid max_requests_per_session\n"
+            "  log_level foreground eventfd_doorbells model threads tp replicas cpus kv_blocks\n"
+            "  max_seqs batch_tokens max_requests max_requests_per_uid max_requests_per_session\n"
             "  grace_ms medusa medusa_tree medusa_max_batch\n"
             "  worker_timeout_ms worker_start_timeout_ms\n",
             IPC_DEFAULT_SOCKET);
@@ -265,6 +269,12 @@ static int apply(ap_config *cfg, const char *key, const char *val)
         cfg->tp = (int)v;
         return 0;
     }
+    if (!strcmp(key, "replicas")) {
+        int64_t v;
+        CM_TRY(parse_i64(key, val, 1, 64, &v));
+        cfg->replicas = (int)v;
+        return 0;
+    }
     if (!strcmp(key, "cpus")) {
         int cpus[1024];
         if (*val && ap_cpu_list_parse(val, cpus, 1024) < 0)
@@ -353,10 +363,15 @@ static int check(const ap_config *cfg)
         int n = ap_cpu_list_parse(cfg->cpus, cpus, 1024);
         if (n < 0)
             return n;
-        if (n < cfg->tp) {
-            fprintf(stderr, "gorgond: tp = %d ranks need at least one CPU each; cpus = %s "
-                            "gives %d\n",
-                    cfg->tp, cfg->cpus, n);
+        if (n < cfg->tp * cfg->replicas) {
+            char ranks[64];
+            if (cfg->replicas > 1)
+                snprintf(ranks, sizeof ranks, "tp = %d x replicas = %d: %d", cfg->tp,
+                         cfg->replicas, cfg->tp * cfg->replicas);
+            else
+                snprintf(ranks, sizeof ranks, "tp = %d", cfg->tp);
+            fprintf(stderr, "gorgond: %s ranks need at least one CPU each; cpus = %s gives %d\n",
+                    ranks, cfg->cpus, n);
             return -EINVAL;
         }
     }
@@ -417,6 +432,7 @@ enum {
     OPT_MODEL,
     OPT_THREADS,
     OPT_TP,
+    OPT_REPLICAS,
     OPT_CPUS,
     OPT_KV_BLOCKS,
     OPT_MAX_SEQS,
@@ -458,6 +474,7 @@ static const struct option long_opts[] = {
     {"model", required_argument, NULL, OPT_MODEL},
     {"threads", required_argument, NULL, OPT_THREADS},
     {"tp", required_argument, NULL, OPT_TP},
+    {"replicas", required_argument, NULL, OPT_REPLICAS},
     {"cpus", required_argument, NULL, OPT_CPUS},
     {"kv-blocks", required_argument, NULL, OPT_KV_BLOCKS},
     {"max-seqs", required_argument, NULL, OPT_MAX_SEQS},
@@ -498,6 +515,7 @@ static const char *opt_key(int c)
     case OPT_MODEL: return "model";
     case OPT_THREADS: return "threads";
     case OPT_TP: return "tp";
+    case OPT_REPLICAS: return "replicas";
     case OPT_CPUS: return "cpus";
     case OPT_KV_BLOCKS: return "kv_blocks";
     case OPT_MAX_SEQS: return "max_seqs";

@@ -14,8 +14,11 @@
  * DONE for it was seen; the worker slot is reused only then, so an event is
  * never attributed to the wrong request.
  *
- * Worker death: every request it held ends with -EIO and a message saying
- * so; nothing is retried (a half-streamed answer cannot be replayed without
+ * The worker is `replicas` groups of `tp` rank processes (ap_group); a
+ * request runs in one of them, the least busy when it is sent.
+ *
+ * Worker death: every request its group held ends with -EIO and a message
+ * saying so; nothing is retried (a half-streamed answer cannot be replayed without
  * duplicating text, and a request that streamed nothing may still have side
  * effects the client timed). The worker is restarted at once; after three
  * deaths in a row before it reported READY gorgond gives up on it and
@@ -25,6 +28,8 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <math.h>
+#include <numa.h>
+#include <numaif.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
@@ -63,6 +68,7 @@ typedef struct ap_gen {
     bool final;     /* result decided; the final completion is still to be posted */
     bool listed;    /* on the flush list */
     uint32_t sess_idx, sess_gen, slot;
+    uint32_t grp; /* the group whose region holds its prompt (and that runs it) */
     uid_t uid;
     uint64_t seq;             /* submission order (FIFO within a session) */
     struct ipc_wcmd start;    /* sent when the request leaves the waiting queue */
@@ -90,6 +96,35 @@ typedef struct ap_uid_use {
     uint64_t last_served;
 } ap_uid_use;
 
+/* A worker group: tp rank processes that serve as one worker (rank 0
+ * talks to gorgond through the group's region; ranks 1.. only to rank 0,
+ * through the comm region). gorgond runs `replicas` of them; a request is
+ * served by one group from START to DONE. */
+typedef struct ap_group {
+    uint32_t idx;
+    pid_t pid; /* rank 0 */
+    int pidfd, wake_fd;
+    /* ranks 1..tp-1 (tp > 1): their pids and pidfds, and the group's comm
+     * region (engine/comm); any rank's death stops and restarts the group */
+    pid_t rpid[AP_TP_MAX];
+    int rpidfd[AP_TP_MAX];
+    int comm_fd;
+    uint32_t wgen;
+    ipc_region reg;
+    ipc_ring cmd, evt;
+    bool have_worker, ready, failed, evt_armed, pid_armed;
+    int early_deaths;
+    uint32_t n_in_worker; /* requests sent to it whose DONE is not seen yet */
+    uint32_t n_waiting;   /* waiting requests whose prompt is in this region */
+    /* watchdog: progress_ns is the last event (every step yields one: the
+     * worker resends unchanged STEP stats every 100 ms), or when the worker
+     * got work while idle; spawn_ns bounds the wait for READY. */
+    uint64_t spawn_ns, progress_ns, step_gap_max_ns;
+    char killed_why[160]; /* set when gorgond itself killed the worker */
+    uint64_t queued, running, kv_used, kv_total, batch_max, tokens_total, requests_total,
+        restarts, watchdog_kills, med_limit;
+} ap_group;
+
 struct ap_gen_state {
     eng_tok *tok;
     char name[128];       /* general.name, else the file name without .gguf */
@@ -109,34 +144,16 @@ struct ap_gen_state {
     uint32_t n_uids;
     uint32_t n_waiting;     /* G_ACTIVE and waiting */
     uint64_t submit_seq, serve_seq;
-    /* the worker: rank 0 of the group (the only rank with tp 1) */
-    char bin[PATH_MAX];
-    pid_t pid;
-    int pidfd, wake_fd;
-    /* ranks 1..tp-1 (tp > 1): their pids and pidfds, and the group's comm
-     * region (engine/comm); any rank's death stops and restarts the group */
-    pid_t rpid[AP_TP_MAX];
-    int rpidfd[AP_TP_MAX];
-    int comm_fd;
-    uint32_t wgen;
-    ipc_region reg;
-    ipc_ring cmd, evt;
-    bool have_worker, ready, failed, evt_armed, pid_armed;
-    int early_deaths;
-    /* watchdog: progress_ns is the last event (every step yields one: the
-     * worker resends unchanged STEP stats every 100 ms), or when the worker
-     * got work while idle; spawn_ns bounds the wait for READY. */
-    uint32_t n_in_worker;
-    uint64_t spawn_ns, progress_ns, step_gap_max_ns;
-    char killed_why[160]; /* set when gorgond itself killed the worker */
-    /* counters */
-    uint64_t queued, running, kv_used, kv_total, batch_max, tokens_total, requests_total,
-        failed_total, cancelled_total, restarts, watchdog_kills, med_steps, med_acc, med_limit;
+    char bin[PATH_MAX]; /* gorgon-worker */
+    uint32_t n_groups;  /* replicas */
+    ap_group *grp;      /* [n_groups] */
+    /* counters over all groups */
+    uint64_t tokens_total, requests_total, failed_total, cancelled_total, med_steps, med_acc;
     uint64_t rate_t0, rate_tok0, rate_milli;
     bool rate_full;
 };
 
-static int worker_spawn(struct ap_server *srv);
+static int worker_spawn(struct ap_server *srv, ap_group *W);
 
 /* ---- worker process ------------------------------------------------------- */
 
@@ -167,15 +184,22 @@ static int find_worker(char *out, size_t cap)
     return access(out, X_OK) == 0 ? 0 : -ENOENT;
 }
 
-static void arm_pid(struct ap_server *srv)
+/* io_uring tags of a group's polls: the group and the rank in the index,
+ * its incarnation in the generation (a poll of a group since restarted is
+ * ignored). */
+static uint64_t grp_ud(enum ap_tag tag, const ap_group *W, int rank)
 {
-    struct ap_gen_state *G = srv->gen;
+    return ap_ud(tag, W->wgen, W->idx * AP_TP_MAX + (uint32_t)rank);
+}
+
+static void arm_pid(struct ap_server *srv, ap_group *W)
+{
     struct io_uring_sqe *sqe = ap_get_sqe(srv);
     if (!sqe)
         return;
-    io_uring_prep_poll_add(sqe, G->pidfd, POLLIN);
-    io_uring_sqe_set_data64(sqe, ap_ud(AP_TAG_WK_PID, G->wgen, 0));
-    G->pid_armed = true;
+    io_uring_prep_poll_add(sqe, W->pidfd, POLLIN);
+    io_uring_sqe_set_data64(sqe, grp_ud(AP_TAG_WK_PID, W, 0));
+    W->pid_armed = true;
 }
 
 static uint32_t pow2_at_least(uint32_t v)
@@ -186,76 +210,108 @@ static uint32_t pow2_at_least(uint32_t v)
     return p;
 }
 
-static void arm_rank_pid(struct ap_server *srv, int r)
+static void arm_rank_pid(struct ap_server *srv, ap_group *W, int r)
 {
-    struct ap_gen_state *G = srv->gen;
     struct io_uring_sqe *sqe = ap_get_sqe(srv);
     if (!sqe)
         return;
-    io_uring_prep_poll_add(sqe, G->rpidfd[r], POLLIN);
-    io_uring_sqe_set_data64(sqe, ap_ud(AP_TAG_WK_PID, G->wgen, (uint32_t)r));
+    io_uring_prep_poll_add(sqe, W->rpidfd[r], POLLIN);
+    io_uring_sqe_set_data64(sqe, grp_ud(AP_TAG_WK_PID, W, r));
 }
 
 /* Kill and reap ranks 1.. of the group and drop its comm region. */
-static void stop_ranks(struct ap_gen_state *G)
+static void stop_ranks(ap_group *W)
 {
     for (int r = 1; r < AP_TP_MAX; r++) {
-        if (G->rpid[r] > 0) {
-            kill(G->rpid[r], SIGKILL);
-            waitpid(G->rpid[r], NULL, 0);
+        if (W->rpid[r] > 0) {
+            kill(W->rpid[r], SIGKILL);
+            waitpid(W->rpid[r], NULL, 0);
         }
-        if (G->rpidfd[r] >= 0)
-            close(G->rpidfd[r]);
-        G->rpid[r] = 0;
-        G->rpidfd[r] = -1;
+        if (W->rpidfd[r] >= 0)
+            close(W->rpidfd[r]);
+        W->rpid[r] = 0;
+        W->rpidfd[r] = -1;
     }
-    if (G->comm_fd >= 0)
-        close(G->comm_fd);
-    G->comm_fd = -1;
+    if (W->comm_fd >= 0)
+        close(W->comm_fd);
+    W->comm_fd = -1;
 }
 
-/* The CPUs rank r of tp is pinned to: an even share of cfg->cpus; 0 when
- * no list is configured (the ranks then float over gorgond's CPUs: pinning
- * on a shared host only moves the contention, docs/decisions.md). */
-static int rank_cpus(const ap_config *cfg, int r, cpu_set_t *set)
+/* The CPUs rank r of group grp is pinned to: share grp * tp + r of
+ * cfg->cpus split evenly among all ranks of all groups; 0 when no list is
+ * configured (the ranks then float over gorgond's CPUs: pinning on a
+ * shared host only moves the contention, docs/decisions.md). */
+static int rank_cpus(const ap_config *cfg, uint32_t grp, int r, cpu_set_t *set)
 {
     int list[1024];
+    const int ranks = cfg->tp * cfg->replicas;
     int n = cfg->cpus[0] ? ap_cpu_list_parse(cfg->cpus, list, 1024) : 0;
-    if (n < cfg->tp) /* (checked at start: a list has a CPU per rank) */
+    if (n < ranks) /* (checked at start: a list has a CPU per rank) */
         return 0;
-    const int k = n / cfg->tp;
+    const int k = n / ranks, share = (int)grp * cfg->tp + r;
     CPU_ZERO(set);
-    for (int i = r * k; i < (r + 1) * k; i++)
+    for (int i = share * k; i < (share + 1) * k; i++)
         CPU_SET(list[i], set);
     return k;
 }
 
-/* Fork and exec rank r of the worker group (rank 0: the region at fd 3, the
+#define AP_NODE_MAX 1024 /* nodes a memory policy mask below covers */
+
+/* The NUMA node all of set's CPUs are on; -1 when they span several, or
+ * the machine has one node (nothing to bind). */
+static int cpus_node(const cpu_set_t *set)
+{
+    if (numa_available() < 0 || numa_num_configured_nodes() < 2)
+        return -1;
+    int node = -1;
+    for (int c = 0; c < CPU_SETSIZE; c++) {
+        if (!CPU_ISSET(c, set))
+            continue;
+        int n = numa_node_of_cpu(c);
+        if (n < 0 || n >= AP_NODE_MAX || (node >= 0 && n != node))
+            return -1;
+        node = n;
+    }
+    return node;
+}
+
+/* Fork and exec rank r of worker group W (rank 0: the region at fd 3, the
  * wake eventfd at fd 4; with tp > 1 the comm region at fd 5); its pid or
  * -errno. */
-static pid_t spawn_rank(struct ap_server *srv, int r)
+static pid_t spawn_rank(struct ap_server *srv, ap_group *W, int r)
 {
     struct ap_gen_state *G = srv->gen;
     const ap_config *cfg = &srv->cfg;
     cpu_set_t set;
-    const int ncpu = rank_cpus(cfg, r, &set);
+    const int ncpu = rank_cpus(cfg, W->idx, r, &set);
+    /* A rank pinned to one node's CPUs gets its memory there (weights it
+     * packs, KV, activations): preferred, not bound, so that a full node
+     * spills over rather than the rank being killed. */
+    const int node = ncpu > 0 ? cpus_node(&set) : -1;
+    const int word_bits = 8 * (int)sizeof(unsigned long);
+    unsigned long nodemask[AP_NODE_MAX / (8 * sizeof(unsigned long))] = {0};
+    if (node >= 0) {
+        nodemask[node / word_bits] |= 1ul << (node % word_bits);
+        CM_LOG_INFO(TAG, "worker group %u rank %d: memory on NUMA node %d (its CPUs' node)",
+                    W->idx, r, node);
+    }
     /* threads 0 with several ranks: each rank takes its share of the CPUs */
-    const int threads = cfg->threads > 0 || cfg->tp == 1
+    const int ranks = cfg->tp * cfg->replicas, usable = cm_cpus_usable();
+    const int threads = cfg->threads > 0 || ranks == 1
                             ? cfg->threads
-                            : (ncpu > 0 ? ncpu : (cm_cpus_usable() / cfg->tp > 0
-                                                      ? cm_cpus_usable() / cfg->tp
-                                                      : 1));
+                            : (ncpu > 0 ? ncpu : (usable / ranks > 0 ? usable / ranks : 1));
     char a_threads[16], a_kv[24], a_seqs[16], a_batch[16], a_parent[16], a_wake[16];
-    char a_mbatch[16], a_tp[16], a_rank[16];
+    char a_mbatch[16], a_tp[16], a_rank[16], a_groups[16];
     snprintf(a_threads, sizeof(a_threads), "%d", threads);
     snprintf(a_kv, sizeof(a_kv), "%" PRId64, cfg->kv_blocks);
     snprintf(a_seqs, sizeof(a_seqs), "%u", cfg->max_seqs);
     snprintf(a_batch, sizeof(a_batch), "%u", cfg->batch_tokens);
     snprintf(a_parent, sizeof(a_parent), "%d", (int)getpid());
-    snprintf(a_wake, sizeof(a_wake), "%d", G->wake_fd >= 0 ? 4 : -1);
+    snprintf(a_wake, sizeof(a_wake), "%d", W->wake_fd >= 0 ? 4 : -1);
     snprintf(a_mbatch, sizeof(a_mbatch), "%u", cfg->medusa_max_batch);
     snprintf(a_tp, sizeof(a_tp), "%d", cfg->tp);
     snprintf(a_rank, sizeof(a_rank), "%d", r);
+    snprintf(a_groups, sizeof(a_groups), "%d", cfg->replicas);
     const char *argv[40] = {G->bin,          "--model",     cfg->model,   "--threads", a_threads,
                             "--kv-blocks",   a_kv,          "--max-seqs", a_seqs,
                             "--batch-tokens", a_batch,      "--parent",   a_parent,
@@ -278,6 +334,10 @@ static pid_t spawn_rank(struct ap_server *srv, int r)
         argv[argc++] = "5";
         if (ncpu > 0)
             argv[argc++] = "--pinned"; /* its CPUs are its own: collectives may spin */
+        if (cfg->replicas > 1) {
+            argv[argc++] = "--groups";
+            argv[argc++] = a_groups;
+        }
     }
     if (cfg->medusa[0]) {
         argv[argc++] = "--medusa";
@@ -294,7 +354,7 @@ static pid_t spawn_rank(struct ap_server *srv, int r)
     pid_t pid = fork();
     if (pid < 0) {
         int rc = cm_neg_errno();
-        CM_LOG_ERROR(TAG, "fork for worker rank %d: %s", r, cm_strerror(rc));
+        CM_LOG_ERROR(TAG, "fork for worker group %u rank %d: %s", W->idx, r, cm_strerror(rc));
         return rc;
     }
     if (pid == 0) {
@@ -305,13 +365,15 @@ static pid_t spawn_rank(struct ap_server *srv, int r)
         sigfillset(&all);
         sigprocmask(SIG_UNBLOCK, &all, NULL);
         signal(SIGPIPE, SIG_DFL);
-        int rfd = r == 0 ? fcntl(G->reg.fd, F_DUPFD_CLOEXEC, 10) : -1;
-        int wfd = r == 0 && G->wake_fd >= 0 ? fcntl(G->wake_fd, F_DUPFD_CLOEXEC, 10) : -1;
-        int cfd = G->comm_fd >= 0 ? fcntl(G->comm_fd, F_DUPFD_CLOEXEC, 10) : -1;
+        int rfd = r == 0 ? fcntl(W->reg.fd, F_DUPFD_CLOEXEC, 10) : -1;
+        int wfd = r == 0 && W->wake_fd >= 0 ? fcntl(W->wake_fd, F_DUPFD_CLOEXEC, 10) : -1;
+        int cfd = W->comm_fd >= 0 ? fcntl(W->comm_fd, F_DUPFD_CLOEXEC, 10) : -1;
         if ((r == 0 && (rfd < 0 || dup2(rfd, 3) < 0)) || (wfd >= 0 && dup2(wfd, 4) < 0) ||
             (cfd >= 0 && dup2(cfd, 5) < 0))
             _exit(126);
         if (ncpu > 0 && sched_setaffinity(0, sizeof set, &set) < 0)
+            _exit(126);
+        if (node >= 0 && set_mempolicy(MPOL_PREFERRED, nodemask, AP_NODE_MAX + 1) < 0)
             _exit(126);
         execv(G->bin, (char *const *)argv);
         _exit(127);
@@ -319,16 +381,16 @@ static pid_t spawn_rank(struct ap_server *srv, int r)
     return pid;
 }
 
-static int worker_spawn(struct ap_server *srv)
+static int worker_spawn(struct ap_server *srv, ap_group *W)
 {
     struct ap_gen_state *G = srv->gen;
     const ap_config *cfg = &srv->cfg;
-    G->wgen++;
-    G->ready = false;
-    G->spawn_ns = cm_now_ns();
-    G->killed_why[0] = '\0';
-    memset(&G->reg, 0, sizeof(G->reg));
-    G->reg.fd = -1;
+    W->wgen++;
+    W->ready = false;
+    W->spawn_ns = cm_now_ns();
+    W->killed_why[0] = '\0';
+    memset(&W->reg, 0, sizeof(W->reg));
+    W->reg.fd = -1;
     size_t in_bytes = ((size_t)G->n_ctx * sizeof(int32_t) + 63) & ~(size_t)63;
     ipc_region_cfg rc_cfg = {
         /* START and CANCEL at most once per request between two DONEs: the
@@ -341,37 +403,37 @@ static int worker_spawn(struct ap_server *srv)
         .numa_node = -1,
         .name = "gorgon-worker",
     };
-    int rc = ipc_region_create(&G->reg, &rc_cfg);
+    int rc = ipc_region_create(&W->reg, &rc_cfg);
     if (rc < 0) {
-        CM_LOG_ERROR(TAG, "worker region: %s", cm_strerror(rc));
+        CM_LOG_ERROR(TAG, "worker group %u region: %s", W->idx, cm_strerror(rc));
         return rc;
     }
-    if ((rc = ipc_region_sq(&G->reg, IPC_RING_PRODUCER, &G->cmd)) < 0 ||
-        (rc = ipc_region_cq(&G->reg, IPC_RING_CONSUMER, &G->evt)) < 0)
+    if ((rc = ipc_region_sq(&W->reg, IPC_RING_PRODUCER, &W->cmd)) < 0 ||
+        (rc = ipc_region_cq(&W->reg, IPC_RING_CONSUMER, &W->evt)) < 0)
         goto fail;
-    G->wake_fd = -1;
+    W->wake_fd = -1;
     if (!srv->futex_uring) {
-        G->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-        if (G->wake_fd < 0) {
+        W->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (W->wake_fd < 0) {
             rc = cm_neg_errno();
             goto fail;
         }
-        if ((rc = ipc_ring_set_wake_fd(&G->evt, G->wake_fd)) < 0)
+        if ((rc = ipc_ring_set_wake_fd(&W->evt, W->wake_fd)) < 0)
             goto fail;
     }
     if (cfg->tp > 1) {
         char why[256];
-        G->comm_fd = comm_shm_create(&(comm_shm_cfg){.n_ranks = cfg->tp}, why, sizeof why);
-        if (G->comm_fd < 0) {
-            rc = G->comm_fd;
-            G->comm_fd = -1;
-            CM_LOG_ERROR(TAG, "worker group region: %s", why);
+        W->comm_fd = comm_shm_create(&(comm_shm_cfg){.n_ranks = cfg->tp}, why, sizeof why);
+        if (W->comm_fd < 0) {
+            rc = W->comm_fd;
+            W->comm_fd = -1;
+            CM_LOG_ERROR(TAG, "worker group %u comm region: %s", W->idx, why);
             goto fail;
         }
     }
     /* Ranks 1.. first: rank 0 waits for them to join before it is ready. */
     for (int r = cfg->tp - 1; r >= 0; r--) {
-        pid_t pid = spawn_rank(srv, r);
+        pid_t pid = spawn_rank(srv, W, r);
         if (pid < 0) {
             rc = (int)pid;
             goto fail;
@@ -385,77 +447,83 @@ static int worker_spawn(struct ap_server *srv)
             goto fail;
         }
         if (r == 0) {
-            G->pid = pid;
-            G->pidfd = pfd;
+            W->pid = pid;
+            W->pidfd = pfd;
         } else {
-            G->rpid[r] = pid;
-            G->rpidfd[r] = pfd;
+            W->rpid[r] = pid;
+            W->rpidfd[r] = pfd;
         }
     }
     /* The worker has its own fd now. */
-    close(G->reg.fd);
-    G->reg.fd = -1;
-    G->have_worker = true;
-    G->evt_armed = false;
-    arm_pid(srv);
+    close(W->reg.fd);
+    W->reg.fd = -1;
+    W->have_worker = true;
+    W->evt_armed = false;
+    arm_pid(srv, W);
     for (int r = 1; r < cfg->tp; r++)
-        arm_rank_pid(srv, r);
+        arm_rank_pid(srv, W, r);
+    char grp[32] = "";
+    if (cfg->replicas > 1)
+        snprintf(grp, sizeof grp, " %u", W->idx);
     if (cfg->tp > 1)
-        CM_LOG_INFO(TAG, "worker group of %d ranks started (rank 0: pid %d): %s", cfg->tp,
-                    (int)G->pid, cfg->model);
+        CM_LOG_INFO(TAG, "worker group%s of %d ranks started (rank 0: pid %d): %s", grp, cfg->tp,
+                    (int)W->pid, cfg->model);
     else
-        CM_LOG_INFO(TAG, "worker pid %d started: %s", (int)G->pid, cfg->model);
+        CM_LOG_INFO(TAG, "worker%s pid %d started: %s", grp, (int)W->pid, cfg->model);
     return 0;
 fail:
-    stop_ranks(G);
-    if (G->pid > 0) {
-        kill(G->pid, SIGKILL);
-        waitpid(G->pid, NULL, 0);
-        close(G->pidfd);
-        G->pid = 0;
-        G->pidfd = -1;
+    stop_ranks(W);
+    if (W->pid > 0) {
+        kill(W->pid, SIGKILL);
+        waitpid(W->pid, NULL, 0);
+        close(W->pidfd);
+        W->pid = 0;
+        W->pidfd = -1;
     }
-    if (G->wake_fd >= 0)
-        close(G->wake_fd);
-    G->wake_fd = -1;
-    ipc_region_unmap(&G->reg);
+    if (W->wake_fd >= 0)
+        close(W->wake_fd);
+    W->wake_fd = -1;
+    ipc_region_unmap(&W->reg);
     return rc;
 }
 
-static void push_cmd(struct ap_gen_state *G, const struct ipc_wcmd *c)
+static void push_cmd(ap_group *W, const struct ipc_wcmd *c)
 {
-    int rc = ipc_ring_push(&G->cmd, c);
+    int rc = ipc_ring_push(&W->cmd, c);
     /* The ring is sized so that it cannot be full (see worker_spawn); a
      * failure means the worker scribbled on the head: it is killed and
      * restarted, which fails its requests. */
     if (rc < 0) {
-        CM_LOG_ERROR(TAG, "worker command ring: %s; killing the worker", cm_strerror(rc));
-        if (G->pid > 0)
-            kill(G->pid, SIGKILL);
+        CM_LOG_ERROR(TAG, "worker group %u command ring: %s; killing the worker", W->idx,
+                     cm_strerror(rc));
+        if (W->pid > 0)
+            kill(W->pid, SIGKILL);
         return;
     }
-    ipc_doorbell_notify(&G->cmd);
+    ipc_doorbell_notify(&W->cmd);
 }
 
 static void send_cancel(struct ap_gen_state *G, uint32_t gi)
 {
-    if (!G->have_worker || !G->g[gi].in_worker)
+    ap_group *W = &G->grp[G->g[gi].grp];
+    if (!W->have_worker || !G->g[gi].in_worker)
         return;
     struct ipc_wcmd c = {.op = IPC_WCMD_CANCEL, .req = gi};
-    push_cmd(G, &c);
+    push_cmd(W, &c);
 }
 
 /* in_worker transitions, counted for the watchdog: an idle worker that
  * gets work starts its step clock now, not at its last step. */
 static void set_in_worker(struct ap_gen_state *G, ap_gen *g, bool on)
 {
+    ap_group *W = &G->grp[g->grp];
     if (g->in_worker == on)
         return;
     g->in_worker = on;
-    if (on && G->n_in_worker++ == 0)
-        G->progress_ns = cm_now_ns();
+    if (on && W->n_in_worker++ == 0)
+        W->progress_ns = cm_now_ns();
     else if (!on)
-        G->n_in_worker--;
+        W->n_in_worker--;
 }
 
 /* ---- requests --------------------------------------------------------------- */
@@ -483,6 +551,7 @@ static void unwait(struct ap_gen_state *G, ap_gen *g)
         return;
     g->waiting = false;
     G->n_waiting--;
+    G->grp[g->grp].n_waiting--;
     ap_uid_use *u = uid_use(G, g->uid);
     if (u)
         u->n_waiting--;
@@ -685,21 +754,70 @@ static void flush_list(struct ap_server *srv)
     G->n_list = keep;
 }
 
-/* Send waiting requests to the worker while it has room for them: the
- * uid served least recently first, then its session served least recently,
- * then that session's oldest request. The worker gets what it can run plus
- * one, ready for the next free place, so its own FIFO never stands between
- * a newcomer and that place. What it can run: max_seqs, or, when its last
- * report had requests waiting for KV room, what it was running then (a
- * stale report only delays a dispatch until the next DONE: n_in_worker is
- * exact and drops below it). */
+/* The group that takes the next waiting request: of those with a worker
+ * and room, the one with the fewest requests (ready ones first, then the
+ * lowest index); NULL when none has room. A group's room is what it can
+ * run plus one, ready for the next free place, so its own FIFO never
+ * stands between a newcomer and that place. What it can run: max_seqs, or,
+ * when its last report had requests waiting for KV room, what it was
+ * running then (a stale report only delays a dispatch until the next DONE:
+ * n_in_worker is exact and drops below it). */
+static ap_group *group_with_room(struct ap_server *srv)
+{
+    struct ap_gen_state *G = srv->gen;
+    ap_group *best = NULL;
+    for (uint32_t i = 0; i < G->n_groups; i++) {
+        ap_group *W = &G->grp[i];
+        uint64_t room = W->queued ? W->running : srv->cfg.max_seqs;
+        if (!W->have_worker || W->n_in_worker >= room + 1)
+            continue;
+        if (!best || (W->ready && !best->ready) ||
+            (W->ready == best->ready && W->n_in_worker < best->n_in_worker))
+            best = W;
+    }
+    return best;
+}
+
+/* The group whose region a new request's prompt goes to (where it will
+ * most likely run): the one with a worker and the fewest requests sent or
+ * waiting; NULL when no group has a worker. */
+static ap_group *group_for_prompt(struct ap_gen_state *G)
+{
+    ap_group *best = NULL;
+    for (uint32_t i = 0; i < G->n_groups; i++) {
+        ap_group *W = &G->grp[i];
+        if (W->have_worker &&
+            (!best || W->n_in_worker + W->n_waiting < best->n_in_worker + best->n_waiting))
+            best = W;
+    }
+    return best;
+}
+
+/* Waiting request g now belongs to group W: its prompt moves there. */
+static void move_prompt(struct ap_gen_state *G, ap_gen *g, ap_group *W)
+{
+    if (g->grp == W->idx)
+        return;
+    uint32_t gi = (uint32_t)(g - G->g);
+    ap_group *from = &G->grp[g->grp];
+    memcpy(ipc_region_slot_in(&W->reg, gi), ipc_region_slot_in(&from->reg, gi),
+           (size_t)g->start.n_prompt * sizeof(int32_t));
+    if (g->waiting) {
+        from->n_waiting--;
+        W->n_waiting++;
+    }
+    g->grp = W->idx;
+}
+
+/* Send waiting requests to the groups while they have room for them: the
+ * uid served least recently first, then its session served least
+ * recently, then that session's oldest request, to the least busy group
+ * (group_with_room). */
 static void dispatch_waiting(struct ap_server *srv)
 {
     struct ap_gen_state *G = srv->gen;
-    for (;;) {
-        uint64_t room = G->queued ? G->running : srv->cfg.max_seqs;
-        if (!G->n_waiting || !G->have_worker || G->n_in_worker >= room + 1)
-            break;
+    ap_group *W;
+    while (G->n_waiting && (W = group_with_room(srv))) {
         ap_uid_use *u = NULL;
         for (uint32_t i = 0; i < G->n_uids; i++)
             if (G->uids[i].n_waiting && (!u || G->uids[i].last_served < u->last_served))
@@ -720,10 +838,12 @@ static void dispatch_waiting(struct ap_server *srv)
         }
         if (!best)
             break;
+        move_prompt(G, best, W);
         unwait(G, best);
         u->last_served = srv->sess[best->sess_idx].last_served = ++G->serve_seq;
         set_in_worker(G, best, true);
-        push_cmd(G, &best->start);
+        W->requests_total++;
+        push_cmd(W, &best->start);
     }
 }
 
@@ -856,103 +976,109 @@ static void rate_update(struct ap_gen_state *G)
 /* The longest a step took while requests waited on it: logged when it
  * grows past a quarter of worker_timeout_ms, so an operator sees the
  * margin shrink before the watchdog fires on a merely slow worker. */
-static void note_step_gap(struct ap_server *srv, uint64_t gap_ns)
+static void note_step_gap(struct ap_server *srv, ap_group *W, uint64_t gap_ns)
 {
-    struct ap_gen_state *G = srv->gen;
-    G->step_gap_max_ns = gap_ns;
+    W->step_gap_max_ns = gap_ns;
     uint64_t limit_ns = (uint64_t)srv->cfg.worker_timeout_ms * 1000000u;
     if (limit_ns && gap_ns * 4 > limit_ns)
-        CM_LOG_WARN(TAG, "worker step took %.1f ms, %.0f%% of worker_timeout_ms=%lld",
-                    (double)gap_ns / 1e6, 100.0 * (double)gap_ns / (double)limit_ns,
+        CM_LOG_WARN(TAG, "worker group %u: a step took %.1f ms, %.0f%% of "
+                    "worker_timeout_ms=%lld",
+                    W->idx, (double)gap_ns / 1e6, 100.0 * (double)gap_ns / (double)limit_ns,
                     (long long)srv->cfg.worker_timeout_ms);
 }
 
-/* Kill a worker that is alive but not working: no READY within
+/* When group W's watchdog fires (0: not armed): no READY within
  * worker_start_timeout_ms of its start, or no step for worker_timeout_ms
- * while it holds requests. Its pidfd then reports the death and
- * worker_died() fails its requests and restarts it, as for a crash. */
-static void watchdog(struct ap_server *srv, uint64_t now)
+ * while it holds requests. */
+static uint64_t group_deadline(const struct ap_server *srv, const ap_group *W)
 {
-    struct ap_gen_state *G = srv->gen;
-    if (!G->have_worker || G->killed_why[0] || G->pid <= 0)
+    if (!W->have_worker || W->killed_why[0] || W->pid <= 0)
+        return 0;
+    if (!W->ready && srv->cfg.worker_start_timeout_ms > 0)
+        return W->spawn_ns + (uint64_t)srv->cfg.worker_start_timeout_ms * 1000000u + 1;
+    if (W->ready && W->n_in_worker && srv->cfg.worker_timeout_ms > 0)
+        return W->progress_ns + (uint64_t)srv->cfg.worker_timeout_ms * 1000000u + 1;
+    return 0;
+}
+
+/* Kill a group that is alive but not working (its deadline passed). Its
+ * pidfd then reports the death and worker_died() fails its requests and
+ * restarts it, as for a crash. */
+static void watchdog(struct ap_server *srv, ap_group *W, uint64_t now)
+{
+    uint64_t deadline = group_deadline(srv, W);
+    if (!deadline || now < deadline)
         return;
     const ap_config *cfg = &srv->cfg;
-    int64_t limit_ms;
-    uint64_t since;
-    if (!G->ready) {
-        limit_ms = cfg->worker_start_timeout_ms;
-        since = G->spawn_ns;
-    } else if (G->n_in_worker) {
-        limit_ms = cfg->worker_timeout_ms;
-        since = G->progress_ns;
-    } else {
-        return;
-    }
-    if (limit_ms <= 0 || now - since <= (uint64_t)limit_ms * 1000000u)
-        return;
-    if (!G->ready)
-        snprintf(G->killed_why, sizeof(G->killed_why),
+    if (!W->ready)
+        snprintf(W->killed_why, sizeof(W->killed_why),
                  "killed by gorgond: not ready %lld ms after its start "
                  "(worker_start_timeout_ms=%lld)",
-                 (long long)((now - since) / 1000000u), (long long)limit_ms);
+                 (long long)((now - W->spawn_ns) / 1000000u),
+                 (long long)cfg->worker_start_timeout_ms);
     else
-        snprintf(G->killed_why, sizeof(G->killed_why),
+        snprintf(W->killed_why, sizeof(W->killed_why),
                  "killed by gorgond: no step for %lld ms with %u requests "
                  "(worker_timeout_ms=%lld)",
-                 (long long)((now - since) / 1000000u), G->n_in_worker, (long long)limit_ms);
-    G->watchdog_kills++; /* worker_died() logs it, with killed_why */
-    kill(G->pid, SIGKILL);
+                 (long long)((now - W->progress_ns) / 1000000u), W->n_in_worker,
+                 (long long)cfg->worker_timeout_ms);
+    W->watchdog_kills++; /* worker_died() logs it, with killed_why */
+    kill(W->pid, SIGKILL);
 }
 
 uint64_t ap_gen_deadline(const struct ap_server *srv)
 {
     const struct ap_gen_state *G = srv->gen;
-    if (!G || !G->have_worker || G->killed_why[0])
-        return 0;
-    if (!G->ready && srv->cfg.worker_start_timeout_ms > 0)
-        return G->spawn_ns + (uint64_t)srv->cfg.worker_start_timeout_ms * 1000000u + 1;
-    if (G->ready && G->n_in_worker && srv->cfg.worker_timeout_ms > 0)
-        return G->progress_ns + (uint64_t)srv->cfg.worker_timeout_ms * 1000000u + 1;
-    return 0;
+    uint64_t first = 0;
+    for (uint32_t i = 0; G && i < G->n_groups; i++) {
+        uint64_t d = group_deadline(srv, &G->grp[i]);
+        if (d && (!first || d < first))
+            first = d;
+    }
+    return first;
 }
 
-/* Drain the event ring; the number of events handled. */
-static int drain_events(struct ap_server *srv)
+/* Drain group W's event ring; the number of events handled. An event
+ * about a request the group does not hold is a worker bug (or a hostile
+ * worker) and is ignored: it never touches another group's request. */
+static int drain_events(struct ap_server *srv, ap_group *W)
 {
     struct ap_gen_state *G = srv->gen;
-    if (!G->have_worker)
+    if (!W->have_worker)
         return 0;
     int total = 0;
     for (;;) {
         struct ipc_wevt ev[AP_EVT_BURST];
-        int n = ipc_ring_pop_burst(&G->evt, ev, AP_EVT_BURST);
+        int n = ipc_ring_pop_burst(&W->evt, ev, AP_EVT_BURST);
         if (n < 0) {
-            CM_LOG_ERROR(TAG, "worker event ring index impossible; killing the worker");
-            if (G->pid > 0)
-                kill(G->pid, SIGKILL);
+            CM_LOG_ERROR(TAG, "worker group %u event ring index impossible; killing the worker",
+                         W->idx);
+            if (W->pid > 0)
+                kill(W->pid, SIGKILL);
             return total;
         }
         for (int i = 0; i < n; i++) {
             const struct ipc_wevt *e = &ev[i];
-            if (e->op != IPC_WEVT_READY && e->op != IPC_WEVT_STEP && e->req >= G->n_gens)
+            if (e->op != IPC_WEVT_READY && e->op != IPC_WEVT_STEP &&
+                (e->req >= G->n_gens || !G->g[e->req].in_worker || G->g[e->req].grp != W->idx))
                 continue;
             switch (e->op) {
             case IPC_WEVT_READY:
-                G->ready = true;
-                G->progress_ns = cm_now_ns();
-                G->early_deaths = 0;
-                G->kv_total = e->arg[0];
-                CM_LOG_INFO(TAG, "worker pid %d ready: %" PRIu64 " KV blocks, %" PRIu64
-                            " sequences", (int)G->pid, e->arg[0], e->arg[1]);
+                W->ready = true;
+                W->progress_ns = cm_now_ns();
+                W->early_deaths = 0;
+                W->kv_total = e->arg[0];
+                CM_LOG_INFO(TAG, "worker group %u (pid %d) ready: %" PRIu64 " KV blocks, %" PRIu64
+                            " sequences", W->idx, (int)W->pid, e->arg[0], e->arg[1]);
                 break;
             case IPC_WEVT_STEP:
-                G->queued = (uint32_t)e->arg[0];
-                G->running = e->arg[0] >> 32;
-                G->kv_used = (uint32_t)e->arg[1];
-                G->kv_total = e->arg[1] >> 32;
-                if (e->n_tokens > G->batch_max)
-                    G->batch_max = e->n_tokens;
-                G->med_limit = e->result > 0 ? (uint64_t)e->result : 0;
+                W->queued = (uint32_t)e->arg[0];
+                W->running = e->arg[0] >> 32;
+                W->kv_used = (uint32_t)e->arg[1];
+                W->kv_total = e->arg[1] >> 32;
+                if (e->n_tokens > W->batch_max)
+                    W->batch_max = e->n_tokens;
+                W->med_limit = e->result > 0 ? (uint64_t)e->result : 0;
                 break;
             case IPC_WEVT_TOKEN: {
                 uint32_t k = e->n_tokens <= 8 ? e->n_tokens : 8;
@@ -960,6 +1086,7 @@ static int drain_events(struct ap_server *srv)
                 on_medusa(G, e->req, e->arg[0], e->arg[1]);
                 for (uint32_t j = 0; j < k; j++)
                     on_token(G, e->req, e->tokens[j], e->n_gen - (k - 1 - j));
+                W->tokens_total += k;
                 G->tokens_total += k;
                 break;
             }
@@ -975,123 +1102,138 @@ static int drain_events(struct ap_server *srv)
         /* Every step yields events (tokens at least; STEP only when the
          * scheduler's state changed): any event is progress. */
         uint64_t now = cm_now_ns();
-        if (G->n_in_worker && G->ready && now - G->progress_ns > G->step_gap_max_ns)
-            note_step_gap(srv, now - G->progress_ns);
-        G->progress_ns = now;
+        if (W->n_in_worker && W->ready && now - W->progress_ns > W->step_gap_max_ns)
+            note_step_gap(srv, W, now - W->progress_ns);
+        W->progress_ns = now;
         rate_update(G);
     }
     return total;
 }
 
-/* Rank r > 0 of the group ended: stop the group (rank 0's death then fails
+/* Rank r > 0 of group W ended: stop the group (rank 0's death then fails
  * the requests, naming this rank, and restarts it). */
-static void rank_died(struct ap_server *srv, int r)
+static void rank_died(struct ap_server *srv, ap_group *W, int r)
 {
-    struct ap_gen_state *G = srv->gen;
-    if (r >= AP_TP_MAX || G->rpid[r] <= 0)
+    if (r >= AP_TP_MAX || W->rpid[r] <= 0)
         return; /* already reaped with its group */
     int st = 0;
-    pid_t got = waitpid(G->rpid[r], &st, WNOHANG);
+    pid_t got = waitpid(W->rpid[r], &st, WNOHANG);
     if (got == 0) {
-        arm_rank_pid(srv, r); /* spurious readiness: not dead yet */
+        arm_rank_pid(srv, W, r); /* spurious readiness: not dead yet */
         return;
     }
     char how[64];
-    if (got == G->rpid[r] && WIFSIGNALED(st))
+    if (got == W->rpid[r] && WIFSIGNALED(st))
         snprintf(how, sizeof how, "was killed by signal %d", WTERMSIG(st));
-    else if (got == G->rpid[r] && WIFEXITED(st))
+    else if (got == W->rpid[r] && WIFEXITED(st))
         snprintf(how, sizeof how, "exited with status %d", WEXITSTATUS(st));
     else
         snprintf(how, sizeof how, "is gone");
-    if (!G->killed_why[0])
-        snprintf(G->killed_why, sizeof(G->killed_why),
-                 "rank %d of the worker group (pid %d) %s; gorgond stopped the group", r,
-                 (int)G->rpid[r], how);
-    CM_LOG_ERROR(TAG, "worker rank %d (pid %d) %s: stopping its group", r, (int)G->rpid[r], how);
-    close(G->rpidfd[r]);
-    G->rpidfd[r] = -1;
-    G->rpid[r] = 0;
+    char grp[32] = "the worker group";
+    if (srv->cfg.replicas > 1)
+        snprintf(grp, sizeof grp, "worker group %u", W->idx);
+    if (!W->killed_why[0])
+        snprintf(W->killed_why, sizeof(W->killed_why),
+                 "rank %d of %s (pid %d) %s; gorgond stopped the group", r, grp,
+                 (int)W->rpid[r], how);
+    CM_LOG_ERROR(TAG, "rank %d of %s (pid %d) %s: stopping the group", r, grp,
+                 (int)W->rpid[r], how);
+    close(W->rpidfd[r]);
+    W->rpidfd[r] = -1;
+    W->rpid[r] = 0;
     char why[128];
-    if (G->comm_fd >= 0)
-        comm_shm_abort_fd(G->comm_fd, G->killed_why, why, sizeof why);
-    if (G->pid > 0)
-        kill(G->pid, SIGKILL); /* its pidfd reports it: worker_died() */
+    if (W->comm_fd >= 0)
+        comm_shm_abort_fd(W->comm_fd, W->killed_why, why, sizeof why);
+    if (W->pid > 0)
+        kill(W->pid, SIGKILL); /* its pidfd reports it: worker_died() */
 }
 
-static void worker_died(struct ap_server *srv)
+static void worker_died(struct ap_server *srv, ap_group *W)
 {
     struct ap_gen_state *G = srv->gen;
     int st = 0;
-    pid_t r = waitpid(G->pid, &st, WNOHANG);
+    pid_t r = waitpid(W->pid, &st, WNOHANG);
     if (r == 0)
         return; /* spurious readiness: not dead yet */
-    G->pid_armed = false;
+    W->pid_armed = false;
     /* Tokens it produced before dying are real: deliver them first. */
-    drain_events(srv);
-    char how[sizeof(G->killed_why)];
-    if (G->killed_why[0])
-        snprintf(how, sizeof(how), "%s", G->killed_why);
-    else if (r == G->pid && WIFSIGNALED(st))
+    drain_events(srv, W);
+    char how[sizeof(W->killed_why)];
+    if (W->killed_why[0])
+        snprintf(how, sizeof(how), "%s", W->killed_why);
+    else if (r == W->pid && WIFSIGNALED(st))
         snprintf(how, sizeof(how), "killed by signal %d", WTERMSIG(st));
-    else if (r == G->pid && WIFEXITED(st))
+    else if (r == W->pid && WIFEXITED(st))
         snprintf(how, sizeof(how), "exited with status %d", WEXITSTATUS(st));
     else
         snprintf(how, sizeof(how), "gone");
-    CM_LOG_ERROR(TAG, "worker pid %d %s%s", (int)G->pid, how,
-                 G->ready ? "" : " before it was ready");
-    stop_ranks(G); /* a group lives and dies together */
-    if (G->evt_armed) {
+    char grp[32] = "";
+    if (srv->cfg.replicas > 1)
+        snprintf(grp, sizeof grp, " of group %u", W->idx);
+    CM_LOG_ERROR(TAG, "worker%s pid %d %s%s", grp, (int)W->pid, how,
+                 W->ready ? "" : " before it was ready");
+    stop_ranks(W); /* a group lives and dies together */
+    if (W->evt_armed) {
         struct io_uring_sqe *sqe = ap_get_sqe(srv);
         if (sqe) {
-            io_uring_prep_cancel64(sqe, ap_ud(AP_TAG_WK_EVT, G->wgen, 0), 0);
+            io_uring_prep_cancel64(sqe, grp_ud(AP_TAG_WK_EVT, W, 0), 0);
             io_uring_sqe_set_data64(sqe, ap_ud(AP_TAG_NONE, 0, 0));
         }
-        G->evt_armed = false;
+        W->evt_armed = false;
     }
     for (uint32_t gi = 0; gi < G->n_gens; gi++) {
         ap_gen *g = &G->g[gi];
-        if (!g->in_worker)
+        if (!g->in_worker || g->grp != W->idx)
             continue;
         set_in_worker(G, g, false);
         if (g->state == G_ZOMBIE)
             gen_free(srv, gi);
         else
             finalize(G, gi, -EIO, IPC_FINISH_ERROR,
-                     "the worker process died (%s) while running this request; it was not "
+                     "the worker process%s died (%s) while running this request; it was not "
                      "retried",
-                     how);
+                     grp, how);
     }
-    close(G->pidfd);
-    G->pidfd = -1;
-    G->pid = 0;
-    G->have_worker = false;
-    if (G->wake_fd >= 0)
-        close(G->wake_fd);
-    G->wake_fd = -1;
-    G->queued = G->running = G->kv_used = 0;
+    close(W->pidfd);
+    W->pidfd = -1;
+    W->pid = 0;
+    W->have_worker = false;
+    if (W->wake_fd >= 0)
+        close(W->wake_fd);
+    W->wake_fd = -1;
+    W->queued = W->running = W->kv_used = 0;
     /* Requests still waiting had not started: they go to the next worker,
-     * whose region gets their prompts (slot gi of the old one). */
-    ipc_region old = G->reg;
-    if (!G->ready && ++G->early_deaths >= AP_WORKER_MAX_EARLY_DEATHS) {
-        G->failed = true;
-        CM_LOG_ERROR(TAG, "the worker died %d times before loading the model: generation "
-                     "disabled (see the worker's messages above)", G->early_deaths);
+     * whose region gets their prompts (slot gi of the old one), or to
+     * another group when this one cannot come back. */
+    ipc_region old = W->reg;
+    memset(&W->reg, 0, sizeof W->reg);
+    W->reg.fd = -1;
+    if (!W->ready && ++W->early_deaths >= AP_WORKER_MAX_EARLY_DEATHS) {
+        W->failed = true;
+        CM_LOG_ERROR(TAG, "the worker%s died %d times before loading the model: %s (see the "
+                     "worker's messages above)", grp, W->early_deaths,
+                     G->n_groups > 1 ? "the group is given up" : "generation disabled");
     } else if (!srv->stopping && !srv->draining) {
-        G->restarts++;
-        if (worker_spawn(srv) < 0)
-            G->failed = true;
+        W->restarts++;
+        if (worker_spawn(srv, W) < 0)
+            W->failed = true;
     }
+    ap_group *to = W->have_worker ? W : group_for_prompt(G);
     for (uint32_t gi = 0; gi < G->n_gens; gi++) {
         ap_gen *g = &G->g[gi];
-        if (!g->waiting)
+        if (!g->waiting || g->grp != W->idx)
             continue;
-        if (G->have_worker)
-            memcpy(ipc_region_slot_in(&G->reg, gi), ipc_region_slot_in(&old, gi),
+        if (to) {
+            memcpy(ipc_region_slot_in(&to->reg, gi), ipc_region_slot_in(&old, gi),
                    (size_t)g->start.n_prompt * sizeof(int32_t));
-        else if (G->failed)
+            W->n_waiting--;
+            to->n_waiting++;
+            g->grp = to->idx;
+        } else if (W->failed) {
             finalize(G, gi, -EIO, IPC_FINISH_ERROR,
                      "the worker cannot load the model (see gorgond's log): generation is "
                      "disabled");
+        }
     }
     ipc_region_unmap(&old);
 }
@@ -1115,12 +1257,16 @@ int ap_gen_create(struct ap_server *srv)
     if (!G)
         return -ENOMEM;
     srv->gen = G;
-    G->pidfd = -1;
-    G->wake_fd = -1;
-    G->reg.fd = -1;
-    G->comm_fd = -1;
-    for (int r = 0; r < AP_TP_MAX; r++)
-        G->rpidfd[r] = -1;
+    G->n_groups = (uint32_t)srv->cfg.replicas;
+    if (!(G->grp = calloc(G->n_groups, sizeof(*G->grp))))
+        return -ENOMEM;
+    for (uint32_t i = 0; i < G->n_groups; i++) {
+        ap_group *W = &G->grp[i];
+        W->idx = i;
+        W->pidfd = W->wake_fd = W->reg.fd = W->comm_fd = -1;
+        for (int r = 0; r < AP_TP_MAX; r++)
+            W->rpidfd[r] = -1;
+    }
     if (!srv->cfg.model[0])
         return 0;
     eng_gguf *gg;
@@ -1203,7 +1349,10 @@ int ap_gen_create(struct ap_server *srv)
     }
     CM_LOG_INFO(TAG, "model %s: context %" PRId64 ", vocabulary %d", srv->cfg.model, G->n_ctx,
                 G->n_vocab);
-    return worker_spawn(srv);
+    for (uint32_t i = 0; i < G->n_groups; i++)
+        if ((rc = worker_spawn(srv, &G->grp[i])) < 0)
+            return rc;
+    return 0;
 }
 
 void ap_gen_destroy(struct ap_server *srv)
@@ -1211,16 +1360,20 @@ void ap_gen_destroy(struct ap_server *srv)
     struct ap_gen_state *G = srv->gen;
     if (!G)
         return;
-    if (G->pid > 0) {
-        kill(G->pid, SIGKILL);
-        waitpid(G->pid, NULL, 0);
+    for (uint32_t i = 0; G->grp && i < G->n_groups; i++) {
+        ap_group *W = &G->grp[i];
+        if (W->pid > 0) {
+            kill(W->pid, SIGKILL);
+            waitpid(W->pid, NULL, 0);
+        }
+        stop_ranks(W);
+        if (W->pidfd >= 0)
+            close(W->pidfd);
+        if (W->wake_fd >= 0)
+            close(W->wake_fd);
+        ipc_region_unmap(&W->reg);
     }
-    stop_ranks(G);
-    if (G->pidfd >= 0)
-        close(G->pidfd);
-    if (G->wake_fd >= 0)
-        close(G->wake_fd);
-    ipc_region_unmap(&G->reg);
+    free(G->grp);
     if (G->g)
         for (uint32_t i = 0; i < G->n_gens; i++)
             free(G->g[i].pend);
@@ -1239,14 +1392,17 @@ void ap_gen_destroy(struct ap_server *srv)
 int ap_gen_poll(struct ap_server *srv)
 {
     struct ap_gen_state *G = srv->gen;
-    int n = drain_events(srv);
+    int n = 0;
+    for (uint32_t i = 0; i < G->n_groups; i++)
+        n += drain_events(srv, &G->grp[i]);
     if (G->n_waiting)
         dispatch_waiting(srv);
     uint64_t deadline = ap_gen_deadline(srv);
     if (deadline && !n) {
         uint64_t now = cm_now_ns();
         if (now >= deadline)
-            watchdog(srv, now);
+            for (uint32_t i = 0; i < G->n_groups; i++)
+                watchdog(srv, &G->grp[i], now);
     }
     if (G->n_list)
         flush_list(srv);
@@ -1263,55 +1419,69 @@ uint32_t ap_gen_active(const struct ap_server *srv)
     return srv->gen->n_active;
 }
 
-int ap_gen_arm(struct ap_server *srv)
+/* Arm group W's event doorbell; 1 when its ring has events already. */
+static int arm_group(struct ap_server *srv, ap_group *W)
 {
-    struct ap_gen_state *G = srv->gen;
-    if (!G->have_worker)
+    if (!W->have_worker)
         return 0;
     uint32_t val;
-    if (ipc_doorbell_prepare(&G->evt, &val) != 0)
+    if (ipc_doorbell_prepare(&W->evt, &val) != 0)
         return 1;
-    if (G->evt_armed)
+    if (W->evt_armed)
         return 0;
     struct io_uring_sqe *sqe = ap_get_sqe(srv);
     if (!sqe)
         return 1;
-    if (G->wake_fd >= 0)
-        io_uring_prep_poll_add(sqe, G->wake_fd, POLLIN);
+    if (W->wake_fd >= 0)
+        io_uring_prep_poll_add(sqe, W->wake_fd, POLLIN);
     else
-        ipc_uring_prep_futex_wait(sqe, &G->evt.sh->doorbell, val);
-    io_uring_sqe_set_data64(sqe, ap_ud(AP_TAG_WK_EVT, G->wgen, 0));
-    G->evt_armed = true;
+        ipc_uring_prep_futex_wait(sqe, &W->evt.sh->doorbell, val);
+    io_uring_sqe_set_data64(sqe, grp_ud(AP_TAG_WK_EVT, W, 0));
+    W->evt_armed = true;
     return 0;
+}
+
+int ap_gen_arm(struct ap_server *srv)
+{
+    struct ap_gen_state *G = srv->gen;
+    int work = 0;
+    for (uint32_t i = 0; i < G->n_groups; i++)
+        work |= arm_group(srv, &G->grp[i]);
+    return work;
 }
 
 void ap_gen_disarm_flag(struct ap_server *srv)
 {
-    if (srv->gen->have_worker)
-        ipc_doorbell_finish(&srv->gen->evt);
+    struct ap_gen_state *G = srv->gen;
+    for (uint32_t i = 0; i < G->n_groups; i++)
+        if (G->grp[i].have_worker)
+            ipc_doorbell_finish(&G->grp[i].evt);
 }
 
 void ap_gen_dispatch(struct ap_server *srv, uint64_t ud, int res)
 {
     struct ap_gen_state *G = srv->gen;
-    (void)res;
-    if (ap_ud_gen(ud) != (G->wgen & 0xffffffu))
+    const uint32_t gidx = ap_ud_idx(ud) / AP_TP_MAX, rank = ap_ud_idx(ud) % AP_TP_MAX;
+    if (gidx >= G->n_groups)
+        return;
+    ap_group *W = &G->grp[gidx];
+    if (ap_ud_gen(ud) != (W->wgen & 0xffffffu))
         return; /* for a worker that is gone */
     if (ap_ud_tag(ud) == AP_TAG_WK_EVT) {
-        G->evt_armed = false;
-        if (G->wake_fd >= 0)
-            (void)ipc_wake_fd_drain(G->wake_fd);
-    } else if (ap_ud_tag(ud) == AP_TAG_WK_PID && ap_ud_idx(ud) > 0) {
+        W->evt_armed = false;
+        if (W->wake_fd >= 0)
+            (void)ipc_wake_fd_drain(W->wake_fd);
+    } else if (ap_ud_tag(ud) == AP_TAG_WK_PID && rank > 0) {
         if (res == -ECANCELED)
             return;
-        rank_died(srv, (int)ap_ud_idx(ud));
+        rank_died(srv, W, (int)rank);
     } else if (ap_ud_tag(ud) == AP_TAG_WK_PID) {
-        G->pid_armed = false;
+        W->pid_armed = false;
         if (res == -ECANCELED)
             return;
-        worker_died(srv);
-        if (G->have_worker && !G->pid_armed && G->pid > 0)
-            arm_pid(srv); /* it was a spurious wake-up */
+        worker_died(srv, W);
+        if (W->have_worker && !W->pid_armed && W->pid > 0)
+            arm_pid(srv, W); /* it was a spurious wake-up */
     }
 }
 
@@ -1412,10 +1582,18 @@ static int submit_staged(struct ap_server *srv, ap_session *s, const struct ipc_
                       "gorgond was started without --model: generation is not available");
     if (srv->draining)
         return reject(s, sqe, cqe, -ESHUTDOWN, "gorgond is shutting down");
-    if (G->failed)
-        return reject(s, sqe, cqe, -EIO,
-                      "the worker cannot load the model (see gorgond's log): generation is "
-                      "disabled");
+    /* Its prompt goes to the region of the group likely to run it. */
+    ap_group *W = group_for_prompt(G);
+    if (!W) {
+        bool all_failed = true;
+        for (uint32_t i = 0; i < G->n_groups; i++)
+            all_failed &= G->grp[i].failed;
+        return all_failed ? reject(s, sqe, cqe, -EIO,
+                                   "the worker cannot load the model (see gorgond's log): "
+                                   "generation is disabled")
+                          : reject(s, sqe, cqe, -EIO,
+                                   "no worker is running (restarting after a failure)");
+    }
     struct ipc_gen_params p;
     if (sqe->in_len < sizeof(p))
         return reject(s, sqe, cqe, -EINVAL, "GENERATE input: %u bytes, need at least %zu "
@@ -1469,7 +1647,7 @@ static int submit_staged(struct ap_server *srv, ap_session *s, const struct ipc_
                       s->n_gen_active, cfg->max_requests_per_session);
     uint32_t gi = G->free_list[G->n_free - 1];
     ap_gen *g = &G->g[gi];
-    int32_t *ids = (int32_t *)ipc_region_slot_in(&G->reg, gi);
+    int32_t *ids = (int32_t *)ipc_region_slot_in(&W->reg, gi);
     int64_t n;
     if (!(p.flags & IPC_GEN_F_STAGED))
         staged_len = 0; /* staged without a GENERATE that asks for it: dropped */
@@ -1558,13 +1736,10 @@ static int submit_staged(struct ap_server *srv, ap_session *s, const struct ipc_
                          .repeat_penalty = p.repeat_penalty,
                          .top_k = p.top_k,
                          .seed = p.seed};
-    if (!G->have_worker) {
-        /* Between a death and the restart (or while stopping). */
-        finalize(G, gi, -EIO, IPC_FINISH_ERROR, "no worker is running");
-        return 0;
-    }
+    g->grp = W->idx;
     g->waiting = true;
     G->n_waiting++;
+    W->n_waiting++;
     u->n_waiting++;
     dispatch_waiting(srv);
     return 0;
@@ -1581,9 +1756,17 @@ int ap_gen_cancel(struct ap_server *srv, ap_session *s, uint32_t slot)
     return 0;
 }
 
+/* Every group has loaded the model (or was given up), one at least. */
 bool ap_gen_ready(const struct ap_server *srv)
 {
-    return srv->gen && srv->gen->ready;
+    const struct ap_gen_state *G = srv->gen;
+    bool any = false;
+    for (uint32_t i = 0; G && i < G->n_groups; i++) {
+        if (!G->grp[i].ready && !G->grp[i].failed)
+            return false;
+        any |= G->grp[i].ready;
+    }
+    return any;
 }
 
 void ap_gen_session_closed(struct ap_server *srv, ap_session *s)
@@ -1618,23 +1801,67 @@ void ap_gen_fill_stats(const struct ap_server *srv, struct ipc_stats *st)
     if (!G)
         return;
     rate_update(G);
-    st->gen_queued = G->queued;
     st->gen_waiting = G->n_waiting;
-    st->gen_running = G->running;
     st->gen_tokens_total = G->tokens_total;
     st->gen_tokens_per_s_milli = G->rate_milli;
-    st->kv_blocks_used = G->kv_used;
-    st->kv_blocks_total = G->kv_total;
-    st->decode_batch_max = G->batch_max;
     st->gen_requests_total = G->requests_total;
     st->gen_failed = G->failed_total;
     st->gen_cancelled = G->cancelled_total;
-    st->worker_restarts = G->restarts;
-    st->watchdog_kills = G->watchdog_kills;
-    st->step_max_us = G->step_gap_max_ns / 1000u;
     st->medusa_steps = G->med_steps;
     st->medusa_accepted = G->med_acc;
-    st->medusa_max_batch = G->med_limit;
+    st->gen_groups = G->tok ? G->n_groups : 0;
+    st->gen_tp = G->tok ? (uint64_t)srv->cfg.tp : 0;
+    /* the groups': sums, and the largest of the per-step figures */
+    for (uint32_t i = 0; i < G->n_groups; i++) {
+        const ap_group *W = &G->grp[i];
+        st->gen_queued += W->queued;
+        st->gen_running += W->running;
+        st->kv_blocks_used += W->kv_used;
+        st->kv_blocks_total += W->kv_total;
+        st->worker_restarts += W->restarts;
+        st->watchdog_kills += W->watchdog_kills;
+        if (W->batch_max > st->decode_batch_max)
+            st->decode_batch_max = W->batch_max;
+        if (W->step_gap_max_ns / 1000u > st->step_max_us)
+            st->step_max_us = W->step_gap_max_ns / 1000u;
+        if (W->med_limit > st->medusa_max_batch)
+            st->medusa_max_batch = W->med_limit;
+    }
+}
+
+size_t ap_gen_fill_groups(const struct ap_server *srv, void *out, size_t cap)
+{
+    const struct ap_gen_state *G = srv->gen;
+    size_t n = 0;
+    for (; G && G->tok && n < G->n_groups && n < cap; n++) {
+        const ap_group *W = &G->grp[n];
+        struct ipc_group_stats r = {
+            .group = W->idx,
+            .n_ranks = (uint32_t)srv->cfg.tp,
+            .state = W->failed         ? IPC_GROUP_FAILED
+                     : !W->have_worker ? IPC_GROUP_RESTARTING
+                     : W->ready        ? IPC_GROUP_READY
+                                       : IPC_GROUP_STARTING,
+            .in_worker = W->n_in_worker,
+            .waiting = W->n_waiting,
+            .queued = W->queued,
+            .running = W->running,
+            .kv_blocks_used = W->kv_used,
+            .kv_blocks_total = W->kv_total,
+            .tokens_total = W->tokens_total,
+            .requests_total = W->requests_total,
+            .restarts = W->restarts,
+            .watchdog_kills = W->watchdog_kills,
+            .decode_batch_max = W->batch_max,
+            .step_max_us = W->step_gap_max_ns / 1000u,
+            .medusa_max_batch = W->med_limit,
+        };
+        r.pid[0] = W->pid > 0 ? W->pid : 0;
+        for (int k = 1; k < srv->cfg.tp && k < (int)IPC_GROUP_MAX_RANKS; k++)
+            r.pid[k] = W->rpid[k] > 0 ? W->rpid[k] : 0;
+        memcpy((uint8_t *)out + n * sizeof r, &r, sizeof r);
+    }
+    return n;
 }
 
 /* ---- model info and tokens (IPC_OP_MODEL_INFO / TOKENIZE / DETOKENIZE) ---- */

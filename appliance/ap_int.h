@@ -184,5 +184,8 @@ void ap_gen_session_closed(struct ap_server *srv, ap_session *s);
 /* Cancel every request in flight (gorgond stopping) and post what can be. */
 void ap_gen_abort_all(struct ap_server *srv, const char *why);
 void ap_gen_fill_stats(const struct ap_server *srv, struct ipc_stats *st);
+/* One struct ipc_group_stats per worker group into out (unaligned), at
+ * most cap; how many were written. */
+size_t ap_gen_fill_groups(const struct ap_server *srv, void *out, size_t cap);
 
 #endif

@@ -131,8 +131,8 @@ static uint64_t poll_budget(const ap_config *cfg)
     int usable = cm_cpus_usable();
     if (cfg->poll_us >= 0)
         return (uint64_t)cfg->poll_us * 1000u;
-    /* auto threads: all of them; otherwise each rank of the group spins its own */
-    int worker = cfg->threads > 0 ? cfg->threads * cfg->tp : usable;
+    /* auto threads: all of them; otherwise each rank of every group spins its own */
+    int worker = cfg->threads > 0 ? cfg->threads * cfg->tp * cfg->replicas : usable;
     bool spin = cfg->model[0] ? 2 + worker <= usable : 2 <= usable;
     CM_LOG_INFO(TAG, "busy-poll: %s (%d usable CPUs for gorgond, %s and a client)",
                 spin ? "50 us" : "off", usable,

@@ -448,10 +448,14 @@ static int op_stats(struct ap_server *srv, ap_session *s, const struct ipc_sqe *
 {
     struct ipc_stats st;
     ap_fill_stats(srv, &st);
-    memcpy(ipc_region_slot_out(&s->reg, sqe->slot), &st, sizeof(st));
+    uint8_t *out = ipc_region_slot_out(&s->reg, sqe->slot);
+    memcpy(out, &st, sizeof(st));
+    size_t rows = ap_gen_fill_groups(srv, out + sizeof(st),
+                                     (s->reg.layout.slot_out_bytes - sizeof(st)) /
+                                         sizeof(struct ipc_group_stats));
     cqe->out_off = 0;
-    cqe->out_len = sizeof(st);
-    cqe->result = (int32_t)sizeof(st);
+    cqe->out_len = (uint32_t)(sizeof(st) + rows * sizeof(struct ipc_group_stats));
+    cqe->result = (int32_t)cqe->out_len;
     return 1;
 }
 

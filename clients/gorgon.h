@@ -225,6 +225,35 @@ int gorgon_ping(gorgon_client *cli, const void *payload, size_t len, int64_t tim
 /* gorgond's counters (IPC_OP_STATS round trip, 1 s timeout). */
 int gorgon_stats(gorgon_client *cli, gorgon_counters *st);
 
+#define GORGON_GROUP_MAX_RANKS 64
+enum gorgon_group_state {
+    GORGON_GROUP_STARTING = 0,   /* its ranks are loading the model */
+    GORGON_GROUP_READY = 1,      /* serving */
+    GORGON_GROUP_RESTARTING = 2, /* no process (a restart failed, or gorgond is stopping) */
+    GORGON_GROUP_FAILED = 3,     /* given up: it died before loading the model, repeatedly */
+};
+
+/* One worker group of gorgond (`replicas` of them, `tp` ranks each). */
+typedef struct gorgon_group {
+    uint32_t group;             /* 0 .. replicas-1 */
+    uint32_t n_ranks;           /* tp */
+    enum gorgon_group_state state;
+    uint32_t in_worker;         /* requests it holds (sent to it, not done) */
+    uint64_t waiting;           /* requests waiting in gorgond, headed for it */
+    uint64_t queued, running;   /* its scheduler's last report */
+    uint64_t kv_blocks_used, kv_blocks_total;
+    uint64_t tokens_total, requests_total, restarts, watchdog_kills;
+    uint64_t decode_batch_max, step_max_us, medusa_max_batch;
+    int32_t pid[GORGON_GROUP_MAX_RANKS]; /* pid of rank r (r < n_ranks); 0: not running */
+} gorgon_group;
+
+/* gorgond's worker groups, one row each (the IPC_OP_STATS round trip, 1 s
+ * timeout): fills out[0 .. min(n, cap)) and returns n, the rows gorgond
+ * sent: one per group (0 when it has no model), fewer only when its
+ * slot_out_bytes cannot hold them (256 bytes + 384 per group); -errno.
+ * out may be NULL when cap is 0. */
+int gorgon_groups(gorgon_client *cli, gorgon_group *out, size_t cap);
+
 /* gorgond's message for the last round trip of this client that failed
  * (e.g. "id 3: 99999 is not in [0, 512)"), "" when it sent none. */
 const char *gorgon_last_error(const gorgon_client *cli);

@@ -760,6 +760,51 @@ int gorgon_stats(gorgon_client *cli, gorgon_counters *st)
     return 0;
 }
 
+int gorgon_groups(gorgon_client *cli, gorgon_group *out, size_t cap)
+{
+    if (cap && !out)
+        return -EINVAL;
+    gorgon_completion c;
+    int saved = errno;
+    int rc = round_trip(cli, IPC_OP_STATS, NULL, 0, 0, 1000000000, &c, NULL);
+    errno = saved;
+    if (rc < 0)
+        return rc;
+    struct ipc_stats s;
+    if (c.out_len < sizeof(s) || !c.out)
+        return -EPROTO;
+    memcpy(&s, c.out, sizeof(s));
+    const size_t rows = (c.out_len - sizeof(s)) / sizeof(struct ipc_group_stats);
+    if (s.gen_groups > INT32_MAX || rows > s.gen_groups)
+        return -EPROTO;
+    for (size_t i = 0; i < rows && i < cap; i++) {
+        struct ipc_group_stats r;
+        memcpy(&r, (const uint8_t *)c.out + sizeof(s) + i * sizeof(r), sizeof(r));
+        gorgon_group *g = &out[i];
+        memset(g, 0, sizeof(*g));
+        g->group = r.group;
+        g->n_ranks = r.n_ranks < GORGON_GROUP_MAX_RANKS ? r.n_ranks : GORGON_GROUP_MAX_RANKS;
+        g->state = r.state <= IPC_GROUP_FAILED ? (enum gorgon_group_state)r.state
+                                               : GORGON_GROUP_RESTARTING;
+        g->in_worker = r.in_worker;
+        g->waiting = r.waiting;
+        g->queued = r.queued;
+        g->running = r.running;
+        g->kv_blocks_used = r.kv_blocks_used;
+        g->kv_blocks_total = r.kv_blocks_total;
+        g->tokens_total = r.tokens_total;
+        g->requests_total = r.requests_total;
+        g->restarts = r.restarts;
+        g->watchdog_kills = r.watchdog_kills;
+        g->decode_batch_max = r.decode_batch_max;
+        g->step_max_us = r.step_max_us;
+        g->medusa_max_batch = r.medusa_max_batch;
+        for (uint32_t k = 0; k < g->n_ranks; k++)
+            g->pid[k] = r.pid[k];
+    }
+    return (int)rows;
+}
+
 const char *gorgon_last_error(const gorgon_client *cli)
 {
     return cli ? cli->last_error : "";

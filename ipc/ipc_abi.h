@@ -366,8 +366,34 @@ struct ipc_stats {
     uint64_t step_max_us;        /* longest worker step while requests waited on it */
     /* ABI 4 */
     uint64_t gen_cancelled;      /* ended cancelled (gorgon_cancel, client gone, shutdown) */
-    uint64_t rsvd[7];            /* 0 */
+    /* ABI 4, later words (0 from older daemons, which send no group rows) */
+    uint64_t gen_groups;         /* worker groups (replicas); their rows follow this struct */
+    uint64_t gen_tp;             /* ranks per group */
+    uint64_t rsvd[5];            /* 0 */
 };
 _Static_assert(sizeof(struct ipc_stats) == 256, "stats");
+
+/* IPC_OP_STATS output after the ipc_stats: one row per worker group, as
+ * many as fit in the slot's output (out_len says how many came). */
+#define IPC_GROUP_MAX_RANKS 64u
+enum ipc_group_state {
+    IPC_GROUP_STARTING = 0,   /* started, the model not loaded yet */
+    IPC_GROUP_READY = 1,      /* serving */
+    IPC_GROUP_RESTARTING = 2, /* no process: a restart failed, or gorgond is stopping */
+    IPC_GROUP_FAILED = 3,     /* given up (died before loading the model, repeatedly) */
+};
+struct ipc_group_stats {
+    uint32_t group;
+    uint32_t n_ranks;
+    uint32_t state;     /* enum ipc_group_state */
+    uint32_t in_worker; /* requests sent to it and not done */
+    uint64_t waiting;   /* requests waiting in gorgond whose prompt is in its region */
+    uint64_t queued, running, kv_blocks_used, kv_blocks_total; /* its last STEP report */
+    uint64_t tokens_total, requests_total, restarts, watchdog_kills;
+    uint64_t decode_batch_max, step_max_us, medusa_max_batch;
+    int32_t pid[IPC_GROUP_MAX_RANKS]; /* pid of rank r, 0 when not running */
+    uint64_t rsvd[2];
+};
+_Static_assert(sizeof(struct ipc_group_stats) == 384, "group stats");
 
 #endif

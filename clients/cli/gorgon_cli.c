@@ -214,10 +214,12 @@ static int cmd_stats(int argc, char **argv)
     if (connect_or_explain(&cli, sock) < 0)
         return 1;
     gorgon_counters st;
+    static gorgon_group grp[64];
     int rc = gorgon_stats(cli, &st);
+    int n_grp = rc < 0 ? 0 : gorgon_groups(cli, grp, 64);
     gorgon_close(cli);
-    if (rc < 0) {
-        fprintf(stderr, "gorgon: stats: %s\n", gorgon_strerror(rc));
+    if (rc < 0 || n_grp < 0) {
+        fprintf(stderr, "gorgon: stats: %s\n", gorgon_strerror(rc < 0 ? rc : n_grp));
         return 1;
     }
     printf("clients_now         %llu\n", (unsigned long long)st.clients_now);
@@ -248,6 +250,20 @@ static int cmd_stats(int argc, char **argv)
     printf("handshakes_dropped  %llu\n", (unsigned long long)st.handshakes_dropped);
     printf("watchdog_kills      %llu\n", (unsigned long long)st.watchdog_kills);
     printf("step_max_ms         %.1f\n", (double)st.step_max_us / 1000.0);
+    static const char *const state[] = {"starting", "ready", "restarting", "failed"};
+    for (int i = 0; i < n_grp && i < 64; i++) {
+        const gorgon_group *g = &grp[i];
+        printf("group %-13u %s, pids", g->group,
+               (unsigned)g->state < 4 ? state[g->state] : "?");
+        for (uint32_t r = 0; r < g->n_ranks; r++)
+            printf("%c%d", r ? ',' : ' ', (int)g->pid[r]);
+        printf("; requests held %u, waiting %llu; running %llu, queued %llu; kv %llu / %llu; "
+               "tokens %llu; restarts %llu\n",
+               g->in_worker, (unsigned long long)g->waiting, (unsigned long long)g->running,
+               (unsigned long long)g->queued, (unsigned long long)g->kv_blocks_used,
+               (unsigned long long)g->kv_blocks_total, (unsigned long long)g->tokens_total,
+               (unsigned long long)g->restarts);
+    }
     return 0;
 }
 

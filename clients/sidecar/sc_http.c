@@ -1016,15 +1016,19 @@ static enum MHD_Result handle_metrics(struct MHD_Connection *conn, conn_ctx *cx)
 {
     char why[256];
     gorgon_counters st;
+    static _Thread_local gorgon_group groups[GORGON_GROUP_MAX_RANKS];
+    int n_groups = 0;
     bool have = false;
     gorgon_client *c = sc_ctl_lock(why, sizeof(why));
     if (c) {
         int rc = gorgon_stats(c, &st);
+        if (rc == 0 && (n_groups = gorgon_groups(c, groups, GORGON_GROUP_MAX_RANKS)) < 0)
+            rc = n_groups;
         have = rc == 0;
         sc_ctl_unlock(rc < 0);
     }
     size_t len;
-    char *text = sc_metrics_render(have ? &st : NULL, &len);
+    char *text = sc_metrics_render(have ? &st : NULL, groups, have ? n_groups : 0, &len);
     if (!text)
         return MHD_NO;
     return queue(conn, cx, 200, "text/plain; version=0.0.4; charset=utf-8", text, len, 0);

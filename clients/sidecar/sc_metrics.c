@@ -3,6 +3,7 @@
  * in the Prometheus text exposition format 0.0.4. Writers are the HTTP
  * threads and the engine thread; every cell is a relaxed atomic (a scrape
  * may see a histogram mid-update, which Prometheus tolerates). */
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -122,7 +123,18 @@ static void counter(sc_buf *b, const char *name, const char *help, unsigned long
     sc_buf_addf(b, "%s %llu\n", name, v);
 }
 
-char *sc_metrics_render(const gorgon_counters *st, size_t *len)
+/* One labelled sample per worker group. */
+static void per_group(sc_buf *b, const char *name, const char *type, const char *help,
+                      const gorgon_group *g, int n, size_t field_off)
+{
+    head(b, name, type, help);
+    for (int i = 0; i < n; i++)
+        sc_buf_addf(b, "%s{group=\"%u\"} %llu\n", name, g[i].group,
+                    (unsigned long long)*(const uint64_t *)((const char *)&g[i] + field_off));
+}
+
+char *sc_metrics_render(const gorgon_counters *st, const gorgon_group *groups, int n_groups,
+                        size_t *len)
 {
     sc_buf b = {0};
     head(&b, "gorgon_sidecar_requests_total", "counter",
@@ -174,6 +186,25 @@ char *sc_metrics_render(const gorgon_counters *st, size_t *len)
         counter(&b, "gorgon_worker_restarts_total", "Worker processes restarted",
                 st->worker_restarts);
         gauge(&b, "gorgon_clients", "Clients connected to gorgond", (double)st->clients_now);
+    }
+    if (n_groups > 0) {
+        head(&b, "gorgon_group_up", "gauge",
+             "1 when the worker group serves (0: starting, restarting or given up)");
+        for (int i = 0; i < n_groups; i++)
+            sc_buf_addf(&b, "gorgon_group_up{group=\"%u\"} %d\n", groups[i].group,
+                        groups[i].state == GORGON_GROUP_READY);
+        per_group(&b, "gorgon_group_requests_running", "gauge",
+                  "Generations running in the worker group", groups, n_groups,
+                  offsetof(gorgon_group, running));
+        per_group(&b, "gorgon_group_kv_blocks_used", "gauge",
+                  "KV cache blocks in use in the worker group", groups, n_groups,
+                  offsetof(gorgon_group, kv_blocks_used));
+        per_group(&b, "gorgon_group_generation_tokens_total", "counter",
+                  "Tokens the worker group generated", groups, n_groups,
+                  offsetof(gorgon_group, tokens_total));
+        per_group(&b, "gorgon_group_restarts_total", "counter",
+                  "Restarts of the worker group", groups, n_groups,
+                  offsetof(gorgon_group, restarts));
     }
     return sc_buf_take(&b, len);
 }

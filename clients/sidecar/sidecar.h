@@ -105,7 +105,8 @@ void sc_metrics_cancelled(void);
 extern atomic_long sc_running, sc_queued;
 /* Append the Prometheus text exposition (sidecar series, then gorgond's
  * when st is not NULL) to a malloc'd buffer; NULL on out of memory. */
-char *sc_metrics_render(const gorgon_counters *st, size_t *len);
+char *sc_metrics_render(const gorgon_counters *st, const gorgon_group *groups, int n_groups,
+                        size_t *len);
 
 /* ---- generation requests and the engine thread (sc_engine.c) ------------ */
 

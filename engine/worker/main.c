@@ -16,7 +16,7 @@ static void usage(FILE *f)
           "                     [--kv-blocks N] [--max-seqs N] [--batch-tokens N]\n"
           "                     [--medusa DIR [--medusa-tree SPEC] [--medusa-max-batch N]]\n"
           "                     [--parent PID] [--log-level LEVEL]\n"
-          "                     [--tp N --rank R --comm-fd FD [--pinned]]\n"
+          "                     [--tp N --rank R --comm-fd FD [--pinned] [--groups G]]\n"
           "Started by gorgond; serves the worker region passed as an inherited fd.\n"
           "With --tp N, one of N tensor-parallel ranks joined by the comm region FD:\n"
           "rank 0 serves the region, ranks 1..N-1 take no --region-fd.\n"
@@ -46,7 +46,7 @@ int main(int argc, char **argv)
     eng_worker_cfg cfg = {.region_fd = -1, .wake_fd = -1, .n_threads = 1, .tp = 1,
                           .comm_fd = -1};
     enum { O_REGION = 256, O_WAKE, O_KV, O_SEQS, O_BATCH, O_PARENT, O_LOG, O_MEDUSA, O_MTREE,
-           O_MBATCH, O_TP, O_RANK, O_COMM, O_PINNED };
+           O_MBATCH, O_TP, O_RANK, O_COMM, O_PINNED, O_GROUPS };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},       {"threads", required_argument, 0, 't'},
         {"region-fd", required_argument, 0, O_REGION}, {"wake-fd", required_argument, 0, O_WAKE},
@@ -57,6 +57,7 @@ int main(int argc, char **argv)
         {"medusa-max-batch", required_argument, 0, O_MBATCH},
         {"tp", required_argument, 0, O_TP},         {"rank", required_argument, 0, O_RANK},
         {"comm-fd", required_argument, 0, O_COMM}, {"pinned", no_argument, 0, O_PINNED},
+        {"groups", required_argument, 0, O_GROUPS},
         {"help", no_argument, 0, 'h'},              {0, 0, 0, 0},
     };
     int c;
@@ -82,6 +83,7 @@ int main(int argc, char **argv)
         case O_RANK: rc = num("--rank", optarg, 0, 63, &v), cfg.rank = (int)v; break;
         case O_COMM: rc = num("--comm-fd", optarg, 0, 1 << 20, &v), cfg.comm_fd = (int)v; break;
         case O_PINNED: cfg.pinned = true; break;
+        case O_GROUPS: rc = num("--groups", optarg, 1, 64, &v), cfg.groups = (int)v; break;
         case O_PARENT: rc = num("--parent", optarg, 0, 1ll << 31, &v), cfg.parent = (pid_t)v; break;
         case O_LOG: {
             int lvl = cm_log_parse_level(optarg);

@@ -872,12 +872,15 @@ static int join_group(wk *w)
     comm_shm_opts o = COMM_SHM_OPTS_DEFAULT;
     o.threads_per_rank = kn_ctx_threads(w->kn);
     /* Pinned ranks own their CPUs: spin first. Otherwise spin only when
-     * every rank's threads, gorgond's loop and a client waiting for tokens
-     * each have a CPU (gorgond's poll_us = auto rule): spinning ranks on a
+     * every rank's threads (of every group), gorgond's loop and a client
+     * waiting for tokens each have a CPU (gorgond's poll_us = auto rule): spinning ranks on a
      * full machine take the CPU from the rank, gorgond or client they wait
      * for (measured on 2 CPUs, gorgon-bench serve c=4: 0.9x the throughput of
      * sleeping at once). */
-    o.spin = w->cfg.pinned ? 1 : cm_spin_allowed(w->cfg.tp * o.threads_per_rank + 2) ? -1 : 0;
+    const int groups = w->cfg.groups > 1 ? w->cfg.groups : 1;
+    o.spin = w->cfg.pinned                                                  ? 1
+             : cm_spin_allowed(groups * w->cfg.tp * o.threads_per_rank + 2) ? -1
+                                                                            : 0;
     o.timeout_ms = -1; /* loading: gorgond's worker_start_timeout_ms bounds it */
     int rc = comm_shm_attach(&w->cm, w->cfg.comm_fd, w->cfg.rank, &o, why, sizeof why);
     if (rc < 0) {

@@ -69,6 +69,10 @@ typedef struct eng_worker_cfg {
      * first (else they spin only when every rank's threads fit the usable
      * CPUs) */
     bool pinned;
+    /* groups like this one on the machine (gorgond's replicas; 0 or 1:
+     * this one alone): their ranks count against the CPUs too when
+     * deciding whether unpinned ranks may spin */
+    int groups;
 } eng_worker_cfg;
 
 /* Load the model, map the region, announce READY and serve until the

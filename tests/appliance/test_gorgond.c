@@ -38,6 +38,9 @@ static gorgon_counters stats_of(void)
     gorgon_counters st;
     rc = gorgon_stats(cli, &st);
     cr_assert_eq(rc, 0, "gorgon_stats: %s", gorgon_strerror(rc));
+    /* no model here: no worker groups */
+    gorgon_group g;
+    cr_assert_eq(gorgon_groups(cli, &g, 1), 0);
     gorgon_close(cli);
     return st;
 }

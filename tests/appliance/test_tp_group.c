@@ -1,8 +1,9 @@
 /* Tensor-parallel worker groups through gorgond (--tp N): N gorgon-worker
  * rank processes serve the goldens byte for byte (greedy, with a prompt,
  * sampled beside them, and with Medusa); a rank that dies fails the group's
- * requests with a message naming it, and the group comes back; a split the
- * model or the CPUs cannot take is refused at start. */
+ * requests with a message naming it, and the group comes back; replicas
+ * serve at once and a dead rank fails only its own group's requests; a
+ * split the model or the CPUs cannot take is refused at start. */
 #include <criterion/criterion.h>
 #include <dirent.h>
 #include <limits.h>
@@ -131,12 +132,37 @@ static void expect_golden(const char *golden, const char *prefix, const gen_out 
               got);
 }
 
+/* The groups gorgond reports (gorgon_groups); fails unless there are n. */
+static void groups(gorgon_client *cli, gorgon_group *g, int n)
+{
+    int got = gorgon_groups(cli, g, 4);
+    cr_assert_eq(got, n, "gorgon_groups: %d (%s)", got, got < 0 ? gorgon_strerror(got) : "");
+}
+
+static bool all_ready(gorgon_client *cli, int n)
+{
+    gorgon_group g[4];
+    groups(cli, g, n);
+    for (int i = 0; i < n; i++)
+        if (g[i].state != GORGON_GROUP_READY)
+            return false;
+    return true;
+}
+
 Test(appliance_tp_group, tp2_serves_the_goldens_in_one_batch, .fini = teardown, .timeout = 120)
 {
     START_TP("--tp", "2", NULL);
     cr_assert(ap_wait_worker(gd.pid, 0, AT_WAIT_MS) > 0);
     AT_WAIT_UNTIL(rank_pid(0) > 0 && rank_pid(1) > 0, AT_WAIT_MS, "ranks 0 and 1 not started");
     gorgon_client *cli = gd_connect(&gd, 0);
+    /* one group of two ranks, as gorgon_groups reports it */
+    AT_WAIT_UNTIL(all_ready(cli, 1), AT_WAIT_MS, "the group did not get ready");
+    gorgon_group g;
+    groups(cli, &g, 1);
+    cr_assert(g.n_ranks == 2 && g.pid[0] == rank_pid(0) && g.pid[1] == rank_pid(1),
+              "group: %u ranks, pids %d %d", g.n_ranks, (int)g.pid[0], (int)g.pid[1]);
+    cr_assert_eq(gorgon_groups(cli, NULL, 0), 1);
+    cr_assert_eq(gorgon_groups(cli, NULL, 1), -EINVAL);
     /* three requests in flight together: two goldens and a sampled one */
     uint32_t a, b, c;
     cr_assert_eq(gorgon_generate_submit(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 256},
@@ -253,6 +279,15 @@ Test(appliance_tp_group, splits_the_model_or_cpus_cannot_take_are_refused_at_sta
     cr_assert(WIFEXITED(st) && WEXITSTATUS(st) != 0, "gorgond --tp 4 --cpus 0 started");
     cr_assert(strstr(out, "tp = 4 ranks need at least one CPU each; cpus = 0 gives 1"),
               "stderr: %s", out);
+    const char *reps[] = {bin,         "--foreground", "--socket", "/tmp/gorgon-tp-never.sock",
+                          "--model",   model_buf,      "--tp",     "2",
+                          "--replicas", "2",           "--cpus",   "0-2",
+                          NULL};
+    st = gd_run_stderr(reps, false, out, sizeof out);
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) != 0, "gorgond --tp 2 --replicas 2 --cpus 0-2");
+    cr_assert(strstr(out, "tp = 2 x replicas = 2: 4 ranks need at least one CPU each; "
+                          "cpus = 0-2 gives 3"),
+              "stderr: %s", out);
     const char *list[] = {bin, "--foreground", "--cpus", "3-1", NULL};
     st = gd_run_stderr(list, false, out, sizeof out);
     cr_assert(WIFEXITED(st) && WEXITSTATUS(st) != 0);
@@ -260,6 +295,122 @@ Test(appliance_tp_group, splits_the_model_or_cpus_cannot_take_are_refused_at_sta
 }
 
 /* cpus = LIST pins each rank to its even share, and the group still serves. */
+/* replicas = 2 of tp = 2: four rank processes, two groups serving at once
+ * (each new request goes to the group with fewer); a rank killed in one
+ * group fails that group's requests only, naming the rank and the group,
+ * while the other group's run to their end; the group comes back. */
+Test(appliance_tp_group, replicas_serve_at_once_and_a_dead_rank_fails_only_its_group,
+     .fini = teardown, .timeout = 180)
+{
+    START_TP("--tp", "2", "--replicas", "2", NULL);
+    gorgon_client *cli = gd_connect(&gd, 0);
+    AT_WAIT_UNTIL(all_ready(cli, 2), AT_WAIT_MS, "the two groups did not get ready");
+    gorgon_group g[4];
+    groups(cli, g, 2);
+    pid_t pids[4];
+    for (int i = 0; i < 2; i++) {
+        cr_assert_eq(g[i].group, (uint32_t)i);
+        cr_assert_eq(g[i].n_ranks, 2u);
+        for (int r = 0; r < 2; r++) {
+            pids[i * 2 + r] = g[i].pid[r];
+            cr_assert_gt(g[i].pid[r], 0, "group %d rank %d has no pid", i, r);
+        }
+    }
+    for (int a = 0; a < 4; a++)
+        for (int b = a + 1; b < 4; b++)
+            cr_assert_neq(pids[a], pids[b], "two ranks share a pid");
+    /* Four sampled requests (seeds whose stories run 347+ tokens alone),
+     * each seen streaming; then every rank 0 is stopped so that none ends
+     * while the groups are looked at. */
+    static const uint64_t seeds[4] = {2, 3, 6, 7};
+    uint32_t req[4];
+    for (int i = 0; i < 4; i++)
+        cr_assert_eq(gorgon_generate_submit(cli,
+                                            &(gorgon_gen_params){.prompt = "",
+                                                                 .max_tokens = 1900,
+                                                                 .temperature = 1,
+                                                                 .seed = seeds[i]},
+                                            (uint64_t)i, &req[i]),
+                     0);
+    static gen_out o[4];
+    for (int i = 0; i < 4; i++) {
+        gorgon_gen_chunk ch;
+        cr_assert_eq(gorgon_generate_next(cli, req[i], &ch, 30000000000ll), 1,
+                     "request %d ended at once", i);
+    }
+    cr_assert_eq(kill(g[0].pid[0], SIGSTOP), 0);
+    cr_assert_eq(kill(g[1].pid[0], SIGSTOP), 0);
+    gorgon_group now[4];
+    groups(cli, now, 2);
+    cr_assert(now[0].in_worker == 2 && now[1].in_worker == 2,
+              "requests not spread over the groups: %u and %u", now[0].in_worker,
+              now[1].in_worker);
+    cr_assert_eq(kill(g[0].pid[1], SIGKILL), 0);
+    cr_assert_eq(kill(g[1].pid[0], SIGCONT), 0);
+    int failed = 0, ok = 0;
+    for (int i = 0; i < 4; i++) {
+        drain(cli, req[i], &o[i]);
+        if (o[i].rc == -EIO) {
+            failed++;
+            cr_assert(strstr(o[i].msg, "rank 1 of worker group 0") &&
+                          strstr(o[i].msg, "signal 9"),
+                      "request %d: %s", i, o[i].msg);
+        } else {
+            cr_assert_eq(o[i].rc, 0, "request %d: %d %s", i, o[i].rc, o[i].msg);
+            cr_assert_eq(o[i].last.finish, GORGON_FINISH_EOS, "request %d", i);
+            ok++;
+        }
+    }
+    cr_assert(failed == 2 && ok == 2, "%d failed, %d ended well: only group 0's two should fail",
+              failed, ok);
+    /* group 0 comes back with new ranks; group 1 kept its own */
+    AT_WAIT_UNTIL(all_ready(cli, 2), AT_WAIT_MS, "group 0 did not come back");
+    groups(cli, now, 2);
+    cr_assert(now[0].pid[0] != g[0].pid[0] && now[0].pid[1] != g[0].pid[1] &&
+                  now[0].restarts == 1,
+              "group 0 not restarted");
+    cr_assert(now[1].pid[0] == g[1].pid[0] && now[1].pid[1] == g[1].pid[1] &&
+                  now[1].restarts == 0,
+              "group 1 was restarted too");
+    gorgon_counters st = ap_stats(cli);
+    cr_assert_eq(st.gen_failed, 2);
+    cr_assert_eq(st.worker_restarts, 1);
+    /* `gorgon stats` shows both groups with their ranks' pids */
+    char cmd[PATH_MAX + 64], out[8192], want[2][96];
+    snprintf(cmd, sizeof cmd, "'%s' stats --socket '%s'", tu_bin("gorgon"), gd.sock);
+    FILE *p = popen(cmd, "r");
+    cr_assert_not_null(p);
+    size_t n = fread(out, 1, sizeof out - 1, p);
+    out[n] = 0;
+    cr_assert_eq(pclose(p), 0, "gorgon stats failed:\n%s", out);
+    for (int i = 0; i < 2; i++) {
+        snprintf(want[i], sizeof want[i], "group %-13d ready, pids %d,%d;", i, (int)now[i].pid[0],
+                 (int)now[i].pid[1]);
+        cr_assert(strstr(out, want[i]), "no '%s' in:\n%s", want[i], out);
+    }
+    /* both serve the golden again, two requests at once */
+    uint32_t a, b;
+    cr_assert_eq(gorgon_generate_submit(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 256},
+                                        1, &a),
+                 0);
+    cr_assert_eq(gorgon_generate_submit(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 256},
+                                        2, &b),
+                 0);
+    drain(cli, a, &o[0]);
+    drain(cli, b, &o[1]);
+    for (int i = 0; i < 2; i++) {
+        cr_assert_eq(o[i].rc, 0, "after restart: %d %s", o[i].rc, o[i].msg);
+        expect_golden("stories260K/golden_greedy_n256.txt", "", &o[i]);
+    }
+    groups(cli, now, 2);
+    cr_assert(now[0].requests_total == 3 && now[1].requests_total == 3,
+              "requests per group: %llu and %llu (the last two went to the same group)",
+              (unsigned long long)now[0].requests_total,
+              (unsigned long long)now[1].requests_total);
+    gorgon_close(cli);
+    GD_END(&gd);
+}
+
 Test(appliance_tp_group, cpus_pin_each_rank_to_its_share, .fini = teardown, .timeout = 120)
 {
     cpu_set_t own;

@@ -74,6 +74,15 @@ static void write_layout(FILE *f)
     F(gorgon_counters, watchdog_kills); F(gorgon_counters, step_max_us);
     F(gorgon_counters, gen_cancelled);
 
+    S(gorgon_group);
+    F(gorgon_group, group); F(gorgon_group, n_ranks); F(gorgon_group, state);
+    F(gorgon_group, in_worker); F(gorgon_group, waiting); F(gorgon_group, queued);
+    F(gorgon_group, running); F(gorgon_group, kv_blocks_used);
+    F(gorgon_group, kv_blocks_total); F(gorgon_group, tokens_total);
+    F(gorgon_group, requests_total); F(gorgon_group, restarts);
+    F(gorgon_group, watchdog_kills); F(gorgon_group, decode_batch_max);
+    F(gorgon_group, step_max_us); F(gorgon_group, medusa_max_batch); F(gorgon_group, pid);
+
     S(gorgon_model);
     F(gorgon_model, name); F(gorgon_model, n_ctx); F(gorgon_model, n_vocab);
     F(gorgon_model, bos); F(gorgon_model, eos); F(gorgon_model, chat_template);
@@ -105,6 +114,7 @@ static void write_layout(FILE *f)
     fprintf(f, "C GORGON_TOK_ADD_BOS %u\n", GORGON_TOK_ADD_BOS);
     fprintf(f, "C GORGON_BUSY_POLL %u\n", GORGON_BUSY_POLL);
     fprintf(f, "C GORGON_NO_SPIN %u\n", GORGON_NO_SPIN);
+    fprintf(f, "C GORGON_GROUP_MAX_RANKS %d\n", GORGON_GROUP_MAX_RANKS);
     for (int i = GORGON_FINISH_NONE; i <= GORGON_FINISH_ERROR; i++)
         fprintf(f, "C finish.%d %s\n", i, gorgon_finish_name(i));
 }

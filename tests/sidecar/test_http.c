@@ -365,6 +365,11 @@ Test(sidecar_http, metrics_page_is_valid_and_counts_what_happened, .fini = teard
     cr_assert_geq(sct_metric(page, "gorgon_medusa_steps_total"), 0);
     cr_assert_geq(sct_metric(page, "gorgon_medusa_accepted_tokens_total"), 0);
     cr_assert_geq(sct_metric(page, "gorgon_requests_running"), 0);
+    /* one worker group, serving, that generated every token */
+    cr_assert_eq(sct_metric(page, "gorgon_group_up{group=\"0\"}"), 1, "%s", page);
+    cr_assert_eq(sct_metric(page, "gorgon_group_generation_tokens_total{group=\"0\"}"),
+                 sct_metric(page, "gorgon_generation_tokens_total"));
+    cr_assert_eq(sct_metric(page, "gorgon_group_restarts_total{group=\"0\"}"), 0);
     free(m.raw);
     /* this scrape itself is counted on the next one */
     m = get("/metrics");

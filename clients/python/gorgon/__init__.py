@@ -15,10 +15,10 @@ See clients/python/README.md.
 
 from ._lib import library_path
 from .aio import AsyncClient, AsyncGeneration
-from .client import Client, Completion, Generation, ModelInfo, Stats, Usage
+from .client import Client, Completion, Generation, Group, ModelInfo, Stats, Usage
 from .errors import GorgonError
 
-__all__ = ["AsyncClient", "AsyncGeneration", "Client", "Completion", "Generation", "GorgonError", "ModelInfo", "Stats", "Usage",
-           "library_path"]
+__all__ = ["AsyncClient", "AsyncGeneration", "Client", "Completion", "Generation", "GorgonError",
+           "Group", "ModelInfo", "Stats", "Usage", "library_path"]
 
 __version__ = "0.1.0"

@@ -86,6 +86,32 @@ class GorgonCounters(ctypes.Structure):
     ]
 
 
+GORGON_GROUP_MAX_RANKS = 64
+GROUP_STATES = {0: "starting", 1: "ready", 2: "restarting", 3: "failed"}
+
+
+class GorgonGroup(ctypes.Structure):
+    _fields_ = [
+        ("group", c_uint32),
+        ("n_ranks", c_uint32),
+        ("state", c_int),
+        ("in_worker", c_uint32),
+        ("waiting", c_uint64),
+        ("queued", c_uint64),
+        ("running", c_uint64),
+        ("kv_blocks_used", c_uint64),
+        ("kv_blocks_total", c_uint64),
+        ("tokens_total", c_uint64),
+        ("requests_total", c_uint64),
+        ("restarts", c_uint64),
+        ("watchdog_kills", c_uint64),
+        ("decode_batch_max", c_uint64),
+        ("step_max_us", c_uint64),
+        ("medusa_max_batch", c_uint64),
+        ("pid", c_int32 * GORGON_GROUP_MAX_RANKS),
+    ]
+
+
 class GorgonModel(ctypes.Structure):
     _fields_ = [
         ("name", ctypes.c_char * 128),
@@ -171,6 +197,7 @@ STRUCTS = {
     "gorgon_request": GorgonRequest,
     "gorgon_completion": GorgonCompletion,
     "gorgon_counters": GorgonCounters,
+    "gorgon_group": GorgonGroup,
     "gorgon_model": GorgonModel,
     "gorgon_gen_params": GorgonGenParams,
     "gorgon_gen_usage": GorgonGenUsage,
@@ -189,6 +216,7 @@ _PROTOTYPES = {
     "gorgon_last_error": (c_char_p, [_client_p]),
     "gorgon_ping": (c_int, [_client_p, c_void_p, c_size_t, c_int64, ctypes.POINTER(c_uint64)]),
     "gorgon_stats": (c_int, [_client_p, ctypes.POINTER(GorgonCounters)]),
+    "gorgon_groups": (c_int, [_client_p, ctypes.POINTER(GorgonGroup), c_size_t]),
     "gorgon_model_info": (c_int, [_client_p, ctypes.POINTER(GorgonModel)]),
     "gorgon_tokenize": (c_int, [_client_p, c_char_p, c_size_t, c_uint32,
                                 ctypes.POINTER(c_int32), c_size_t]),

@@ -266,6 +266,9 @@ class AsyncClient:
     async def stats(self):
         return self._after(self._c.stats())
 
+    async def groups(self):
+        return self._after(self._c.groups())
+
     async def model_info(self):
         return self._after(self._c.model_info())
 

@@ -73,6 +73,28 @@ Stats = dataclasses.make_dataclass(
 Stats.__module__ = __name__
 
 
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """One worker group of gorgond (gorgon_group in gorgon.h): `replicas`
+    of them serve at once, each of `tp` rank processes."""
+    group: int
+    state: str                 # "starting", "ready", "restarting" or "failed"
+    pids: tuple                # pid of each rank (0: not running)
+    in_worker: int             # requests it holds
+    waiting: int               # requests waiting in gorgond, headed for it
+    queued: int
+    running: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    tokens_total: int
+    requests_total: int
+    restarts: int
+    watchdog_kills: int
+    decode_batch_max: int
+    step_max_us: int
+    medusa_max_batch: int
+
+
 class Completion(str):
     """The whole text of a generation (a str), with its .usage."""
 
@@ -393,6 +415,24 @@ class Client:
             if rc < 0:
                 raise self._error(rc, "stats")
         return Stats(**{name: getattr(st, name) for name, _ in _lib.GorgonCounters._fields_})
+
+    def groups(self):
+        """gorgond's worker groups, a list of Group ([] without a model)."""
+        rows = (_lib.GorgonGroup * _lib.GORGON_GROUP_MAX_RANKS)()
+        with self._lock:
+            h = self._handle()
+            self._reap_abandoned()
+            n = self._L.gorgon_groups(h, rows, len(rows))
+            if n < 0:
+                raise self._error(n, "groups")
+        out = []
+        for r in rows[:min(n, len(rows))]:
+            out.append(Group(
+                group=r.group, state=_lib.GROUP_STATES.get(r.state, str(r.state)),
+                pids=tuple(r.pid[:r.n_ranks]),
+                **{name: getattr(r, name) for name, _ in _lib.GorgonGroup._fields_
+                   if name not in ("group", "state", "n_ranks", "pid")}))
+        return out
 
     def model_info(self):
         """What gorgond serves, as a ModelInfo. GorgonError ENOTSUP when

@@ -53,7 +53,7 @@ class LayoutTest(unittest.TestCase):
     def test_constants(self):
         for name in ("GORGON_GEN_MAX_STOP", "GORGON_GEN_PROMPT_IDS", "GORGON_GEN_WANT_IDS",
                      "GORGON_GEN_NO_MEDUSA", "GORGON_TOK_ADD_BOS", "GORGON_BUSY_POLL",
-                     "GORGON_NO_SPIN"):
+                     "GORGON_NO_SPIN", "GORGON_GROUP_MAX_RANKS"):
             self.assertEqual(getattr(_lib, name), int(self.consts[name]), name)
         finish = {int(k.split(".")[1]): v for k, v in self.consts.items()
                   if k.startswith("finish.")}

@@ -96,6 +96,21 @@ class ModelTest(unittest.TestCase):
         _support.wait_until(lambda: self.c.stats().clients_now == after.clients_now,
                             what="the second client's session to go")
 
+    def test_groups(self):
+        gs = self.c.groups()
+        self.assertEqual(len(gs), 1)
+        g = gs[0]
+        self.assertIsInstance(g, gorgon.Group)
+        self.assertEqual((g.group, g.state), (0, "ready"))
+        self.assertEqual(len(g.pids), 1)
+        self.assertGreater(g.pids[0], 0)
+        with open("/proc/%d/stat" % g.pids[0]) as f:
+            self.assertIn("(gorgon-worker)", f.read())
+        self.assertEqual(g.kv_blocks_total, self.c.stats().kv_blocks_total)
+        before = g.requests_total
+        self.c.complete("Once upon a time", max_tokens=5)
+        self.assertEqual(self.c.groups()[0].requests_total, before + 1)
+
     def test_stats_and_ping_while_streaming(self):
         g = self.c.generate("Once upon a time", max_tokens=200)
         first = next(g)
