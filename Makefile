@@ -9,6 +9,7 @@
 #
 # Knobs: MODE=release|debug  SAN=address,undefined|thread  V=1  WERROR=1
 #        CUDA=auto|0|1 (auto: on when nvcc is found and kernels/cuda/ exists)
+#        NCCL=auto|0|1 (auto: on when nccl.h is found beside nvcc)
 
 MODE   ?= release
 SAN    ?=
@@ -56,6 +57,22 @@ NVCC      := $(NVCC_PATH)
 CUDA_HOME := $(patsubst %/bin/nvcc,%,$(NVCC))
 else ifneq ($(CUDA),0)
 $(error CUDA=$(CUDA): expected auto, 0 or 1)
+endif
+# NCCL: comm's NCCL backend (engine/comm/comm_nccl.c) compiles against the
+# nccl.h beside nvcc and loads libnccl/libcudart at run time (dlopen), so it
+# needs no GPU and no CUDA library to build or to start. NCCL=auto (default):
+# when that nccl.h exists; NCCL=1 insists; NCCL=0 never.
+NCCL ?= auto
+NCCL_PREFIX := $(if $(NVCC_PATH),$(patsubst %/bin/nvcc,%,$(NVCC_PATH)))
+ifeq ($(NCCL),auto)
+NCCL := $(if $(wildcard $(NCCL_PREFIX)/include/nccl.h),1,0)
+endif
+ifeq ($(NCCL),1)
+ifeq ($(wildcard $(NCCL_PREFIX)/include/nccl.h),)
+$(error NCCL=1: no nccl.h beside nvcc ($(or $(NCCL_PREFIX),nvcc not found)/include))
+endif
+else ifneq ($(NCCL),0)
+$(error NCCL=$(NCCL): expected auto, 0 or 1)
 endif
 
 WARN := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Wvla

@@ -71,7 +71,7 @@ int comm_all_reduce_sum_f32(comm *c, float *buf, size_t n)
         return comm_seterr(c, -EINVAL, "all_reduce_sum_f32: buf is NULL with n = %zu", n);
     if (n > SIZE_MAX / sizeof(float))
         return comm_seterr(c, -EOVERFLOW, "all_reduce_sum_f32: n = %zu floats overflows", n);
-    if (n == 0 || c->size == 1)
+    if (n == 0 || (c->size == 1 && !c->ops->device_memory))
         return 0;
     return c->ops->all_reduce_sum_f32(c, buf, n);
 }
@@ -103,7 +103,7 @@ int comm_all_gather(comm *c, const void *in, void *out, size_t bytes_per_rank)
                            c->rank);
     if (bytes_per_rank == 0)
         return 0;
-    if (c->size == 1) {
+    if (c->size == 1 && !c->ops->device_memory) {
         if (in != out)
             memcpy(out, in, bytes_per_rank);
         return 0;
@@ -121,7 +121,7 @@ int comm_broadcast(comm *c, void *buf, size_t bytes, int root)
                            c->size);
     if (!buf && bytes)
         return comm_seterr(c, -EINVAL, "broadcast: buf is NULL with %zu bytes", bytes);
-    if (bytes == 0 || c->size == 1)
+    if (bytes == 0 || (c->size == 1 && !c->ops->device_memory))
         return 0;
     return c->ops->broadcast(c, buf, bytes, root);
 }
@@ -161,7 +161,7 @@ int comm_barrier(comm *c)
     if (!c)
         return -EINVAL;
     CM_TRY(comm_enter(c, "barrier"));
-    if (c->size == 1)
+    if (c->size == 1 && !c->ops->device_memory)
         return 0;
     return c->ops->barrier(c);
 }

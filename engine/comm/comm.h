@@ -7,8 +7,8 @@
  * hand-off between prefill and decode groups goes through comm_send/recv.
  *
  * One interface, several backends behind an ops table (comm_int.h): the
- * shared-memory backend here (CPU ranks: separate processes on one machine
- * sharing a memfd region), NCCL later (GPU ranks; see docs/comm.md).
+ * shared-memory backend (CPU ranks: separate processes on one machine
+ * sharing a memfd region) and NCCL (GPU ranks, comm_nccl.c; docs/comm.md).
  *
  * Threading: a communicator belongs to one thread of one rank process at a
  * time (the thread that drives the collectives). Every rank must make the
@@ -57,7 +57,7 @@ typedef struct comm comm;
 
 int comm_rank(const comm *c);
 int comm_size(const comm *c);
-/* "shm" (or "nccl" later). */
+/* "shm" or "nccl". */
 const char *comm_backend(const comm *c);
 
 /* buf[0..n) on every rank becomes the element-wise sum over the ranks, added
@@ -165,4 +165,39 @@ int comm_shm_attach(comm **out, int fd, int rank, const comm_shm_opts *opts, cha
  * -ECONNABORTED promptly. 0, or -errno with the reason in why_err. */
 int comm_shm_abort_fd(int fd, const char *why, char *why_err, size_t cap);
 
+/* ---- NCCL backend (GPU ranks) --------------------------------------------
+ *
+ * Built when the build found nccl.h under CUDA's prefix (Makefile NCCL=auto);
+ * otherwise every call below returns -EOPNOTSUPP saying so. libnccl and
+ * libcudart are loaded with dlopen on first use ($GORGON_NCCL_LIB and
+ * $GORGON_CUDART_LIB override where from), so programs linking comm start on
+ * machines without them: the calls then return -ENOENT, or -ENODEV without a
+ * device, with the reason in why.
+ *
+ * Buffers are device pointers. Each call is enqueued on the stream and
+ * waited for, so that a dead or hung peer ends in -EIO / -ETIMEDOUT (the
+ * communicator then aborted) rather than a hang. NCCL sums in its own order
+ * (ring or tree, fixed for a given group and size): repeatable run to run,
+ * but not the rank-order sum of the shm backend. comm_abort from another
+ * thread takes effect in the owning thread's wait. Launching groups on
+ * several GPUs and nodes: docs/comm.md. */
+#define COMM_NCCL_ID_BYTES 128
+/* ncclUniqueId: made by the coordinator, handed to every rank (it carries
+ * the address rank 0 listens on). */
+typedef struct comm_nccl_id {
+    unsigned char bytes[COMM_NCCL_ID_BYTES];
+} comm_nccl_id;
+typedef struct comm_nccl_opts {
+    int device;         /* CUDA device of this rank */
+    void *stream;       /* cudaStream_t to run on; NULL: a stream of its own */
+    int64_t timeout_ms; /* forming the group, and each call: -1 or >= 1 */
+} comm_nccl_opts;
+#define COMM_NCCL_OPTS_DEFAULT ((comm_nccl_opts){.device = 0, .stream = NULL, .timeout_ms = 30000})
+/* CUDA devices this process sees, or -errno with the reason. */
+int comm_nccl_devices(char *why, size_t cap);
+int comm_nccl_unique_id(comm_nccl_id *id, char *why, size_t cap);
+/* Join the group of n_ranks made with id as rank `rank` (every rank calls it
+ * with the same id; it returns once all have). */
+int comm_nccl_init(comm **out, const comm_nccl_id *id, int n_ranks, int rank,
+                   const comm_nccl_opts *opts, char *why, size_t cap);
 #endif

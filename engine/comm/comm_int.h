@@ -13,6 +13,9 @@
  * returns 0 or -errno and, on error, leaves its reason with comm_seterr. */
 struct comm_ops {
     const char *name;
+    /* buffers are device memory: the front end neither touches them nor
+     * short-cuts one-rank calls (they run on the device, in stream order) */
+    bool device_memory;
     int (*all_reduce_sum_f32)(comm *c, float *buf, size_t n);
     int (*all_gather)(comm *c, const void *in, void *out, size_t bytes_per_rank);
     int (*broadcast)(comm *c, void *buf, size_t bytes, int root);
