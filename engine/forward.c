@@ -11,6 +11,7 @@
 #include "engine/engine.h"
 #include "engine/comm/comm.h"
 #include "engine/model_int.h"
+#include "engine/sampler.h"
 
 struct eng_ctx {
     const eng_model *m;
@@ -42,6 +43,12 @@ struct eng_ctx {
         float v;
         int32_t id;
     } *pairs; /* host, tp > 1: [tp][O] each rank's (max, id) per row */
+    /* eng_forward_topk's host scratch, grown on first use: this rank's
+     * rows, and every rank's candidates [tp][O][kmax] */
+    float *tk_rows;
+    size_t tk_rows_cap;
+    eng_cand *tk_all;
+    size_t tk_all_cap;
 
     /* The step plan: built on the host, uploaded in one copy before the
      * ops that read it. int32 words: tok [M], pos [M] (RoPE), slot [M] (KV
@@ -164,6 +171,8 @@ void eng_ctx_destroy(eng_ctx *c)
     free(c->seq_past);
     free(c->seq_row);
     free(c->pairs);
+    free(c->tk_rows);
+    free(c->tk_all);
     free(c);
 }
 
@@ -517,6 +526,104 @@ int64_t eng_forward_greedy(eng_ctx *c, eng_kv *kv, const eng_seq_in *seqs, int n
     return n_out;
 }
 
+/* Grow *buf to hold n elements of size sz; 0 or -ENOMEM. */
+static int grow(void **buf, size_t *cap, size_t n, size_t sz)
+{
+    if (n <= *cap)
+        return 0;
+    void *p = realloc(*buf, n * sz);
+    if (!p)
+        return eng_fail(-ENOMEM, "forward: out of memory for %zu top-k entries", n);
+    *buf = p;
+    *cap = n;
+    return 0;
+}
+
+/* Is a before b in top-k order (larger first, lower id on ties)? */
+static bool cand_before(const eng_cand *a, const eng_cand *b)
+{
+    return a->p > b->p || (a->p == b->p && a->id < b->id);
+}
+
+int64_t eng_forward_topk(eng_ctx *c, eng_kv *kv, const eng_seq_in *seqs, int n_seqs,
+                         float *logits, const int32_t *k, const float *temp, int kmax,
+                         eng_cand *top)
+{
+    if (kmax < 1 || kmax > ENG_TOPK_MAX)
+        return eng_fail(-EINVAL, "forward: top-k of %d candidates: must be 1..%d", kmax,
+                        ENG_TOPK_MAX);
+    const eng_model *m = c->m;
+    kn_ctx *kn = c->kn;
+    float *h;
+    int64_t n_out = forward_rows(c, kv, seqs, n_seqs, NULL, &h);
+    if (n_out <= 0)
+        return n_out;
+    for (int64_t o = 0; o < n_out; o++)
+        if (k[o] < 1 || k[o] > kmax || k[o] > m->hp.n_vocab)
+            return eng_fail(-EINVAL, "forward: output row %lld asks for top-%d (at most %d, "
+                            "and the vocabulary's %lld)",
+                            (long long)o, k[o], kmax, (long long)m->hp.n_vocab);
+    float *lg = output_slice(c, h, n_out, logits);
+    if (!lg)
+        return -EIO;
+    /* This rank's rows (its vocabulary slice under TP), on the host. */
+    const int64_t vn = m->lhp.n_vocab;
+    const int tp = c->comm ? m->tp : 1, rank = c->comm ? m->tp_rank : 0;
+    CM_TRY(grow((void **)&c->tk_rows, &c->tk_rows_cap, (size_t)n_out * (size_t)vn,
+                sizeof(float)));
+    CM_TRY(grow((void **)&c->tk_all, &c->tk_all_cap, (size_t)tp * (size_t)n_out * (size_t)kmax,
+                sizeof(eng_cand)));
+    OP("download (rows)", kn_buf_download(kn, c->tk_rows, lg,
+                                          (size_t)n_out * (size_t)vn * sizeof(float)));
+    const size_t block = (size_t)n_out * (size_t)kmax;
+    eng_cand *mine = c->tk_all + (size_t)rank * block;
+    for (int64_t o = 0; o < n_out; o++) {
+        float *x = c->tk_rows + o * vn;
+        if (temp[o] != 1.0f) /* the sampler's own division, element for element */
+            for (int64_t i = 0; i < vn; i++)
+                x[i] /= temp[o];
+        const int64_t kk = k[o] < vn ? k[o] : vn;
+        eng_cand *t = mine + o * kmax;
+        eng_topk_select(x, vn, kk, t);
+        for (int64_t j = 0; j < kk; j++)
+            t[j].id += (int32_t)m->vocab0;
+    }
+    if (!c->comm) {
+        for (int64_t o = 0; o < n_out; o++)
+            memcpy(top + o * kmax, mine + o * kmax, (size_t)k[o] * sizeof(eng_cand));
+        return n_out;
+    }
+    int rc = comm_all_gather(c->comm, mine, c->tk_all, block * sizeof(eng_cand));
+    if (rc < 0)
+        return eng_fail(rc, "forward: gathering the top-k candidates failed: %s",
+                        comm_last_error(c->comm));
+    /* Merge: each rank's list is in top-k order, so the first k of the
+     * merged order are the row's top-k (exactly eng_topk_select's over the
+     * whole row: its ties go to the lower id too). */
+    const int64_t V = m->hp.n_vocab, chunk = m->vocab_chunk;
+    for (int64_t o = 0; o < n_out; o++) {
+        int64_t at[COMM_SHM_MAX_RANKS] = {0}, len[COMM_SHM_MAX_RANKS];
+        for (int r = 0; r < tp; r++) {
+            const int64_t vr = V - r * chunk < chunk ? V - r * chunk : chunk;
+            len[r] = k[o] < vr ? k[o] : vr;
+        }
+        for (int32_t j = 0; j < k[o]; j++) {
+            int best = -1;
+            for (int r = 0; r < tp; r++) {
+                if (at[r] == len[r])
+                    continue;
+                const eng_cand *cr = c->tk_all + (size_t)r * block + o * kmax + at[r];
+                if (best < 0 ||
+                    cand_before(cr, c->tk_all + (size_t)best * block + o * kmax + at[best]))
+                    best = r;
+            }
+            CM_ASSERT(best >= 0); /* k <= n_vocab: the slices hold enough */
+            top[o * kmax + j] = c->tk_all[(size_t)best * block + o * kmax + at[best]++];
+        }
+    }
+    return n_out;
+}
+
 /* ---- in-process generation ---------------------------------------------- */
 
 typedef struct gen_io {
@@ -546,24 +653,34 @@ static int64_t gen_decode(gen_io *io, int32_t token)
 }
 
 /* One forward of `in`; greedy decoding gets its next id at once
- * (eng_forward_greedy: under TP one (max, id) pair per rank crosses), a
- * sampler's row stays in `logits` for gen_next. */
+ * (eng_forward_greedy: under TP one (max, id) pair per rank crosses); with
+ * `top` (TP, a sampler that needs only its top-k) the candidates land
+ * there; otherwise a sampler's row stays in `logits` for gen_next. */
 static int64_t gen_forward(eng_ctx *c, eng_kv *kv, const eng_seq_in *in, eng_sampler *smp,
-                           float *logits, int32_t *greedy_id)
+                           float *logits, int32_t *greedy_id, eng_cand *top)
 {
+    if (smp && top) {
+        const int32_t k = eng_sampler_topk(smp);
+        const float t = eng_sampler_temperature(smp);
+        return eng_forward_topk(c, kv, in, 1, logits, &k, &t, k, top);
+    }
     if (smp)
         return eng_forward(c, kv, in, 1, logits, NULL);
     return eng_forward_greedy(c, kv, in, 1, logits, NULL, greedy_id);
 }
 
-/* The next token: greedy's was chosen by gen_forward; a sampler gets the
- * row. */
+/* The next token: greedy's was chosen by gen_forward; a sampler gets its
+ * top-k candidates or the row. */
 static int gen_next(eng_ctx *c, eng_sampler *smp, const float *logits, float *row,
-                    int32_t greedy_id, int32_t *next)
+                    int32_t greedy_id, const eng_cand *top, int32_t *next)
 {
     const int64_t V = c->m->hp.n_vocab;
     if (!smp) {
         *next = greedy_id;
+        return 0;
+    }
+    if (top) {
+        *next = eng_sampler_sample_topk(smp, top, eng_sampler_topk(smp));
         return 0;
     }
     int rc = kn_buf_download(c->kn, row, logits, (size_t)V * sizeof(float));
@@ -608,11 +725,17 @@ int eng_generate(eng_ctx *c, eng_kv *kv, int seq, const eng_gen_cfg *cfg, eng_ge
     const size_t row_bytes = (size_t)m->hp.n_vocab * sizeof(float);
     float *logits = NULL, *row = NULL;
     int32_t greedy_id = -1;
+    /* under TP a sampler that needs only its top-k gets the candidates */
+    const int topk = c->comm ? eng_sampler_topk(cfg->sampler) : 0;
+    eng_cand *top = NULL;
     io.piece = malloc(io.piece_cap);
     io.text = malloc(io.text_cap);
     if (cfg->sampler)
         row = malloc(row_bytes);
-    if (!io.piece || !io.text || (cfg->sampler && !row) ||
+    const bool use_top = topk > 0 && topk <= ENG_TOPK_MAX;
+    if (use_top)
+        top = malloc((size_t)topk * sizeof(*top));
+    if (!io.piece || !io.text || (cfg->sampler && !row) || (use_top && !top) ||
         (rc = kn_buf_alloc(c->kn, row_bytes, (void **)&logits)) < 0) {
         rc = rc < 0 ? rc : -ENOMEM;
         goto out;
@@ -621,7 +744,7 @@ int eng_generate(eng_ctx *c, eng_kv *kv, int seq, const eng_gen_cfg *cfg, eng_ge
 
     uint64_t t0 = cm_now_ns();
     eng_seq_in in = {.seq = seq, .tokens = cfg->prompt, .n_tokens = n_pre};
-    int64_t n = gen_forward(c, kv, &in, cfg->sampler, logits, &greedy_id);
+    int64_t n = gen_forward(c, kv, &in, cfg->sampler, logits, &greedy_id, top);
     if (n < 0) {
         rc = (int)n;
         goto out;
@@ -644,7 +767,7 @@ int eng_generate(eng_ctx *c, eng_kv *kv, int seq, const eng_gen_cfg *cfg, eng_ge
     int64_t pos = n_pre;
     while (!io.aborted) {
         int32_t next;
-        if ((rc = gen_next(c, cfg->sampler, logits, row, greedy_id, &next)) < 0)
+        if ((rc = gen_next(c, cfg->sampler, logits, row, greedy_id, top, &next)) < 0)
             break;
         res->n_generated++;
         if (cfg->sampler)
@@ -670,7 +793,7 @@ int eng_generate(eng_ctx *c, eng_kv *kv, int seq, const eng_gen_cfg *cfg, eng_ge
             break;
         }
         in = (eng_seq_in){.seq = seq, .tokens = &next, .n_tokens = 1};
-        n = gen_forward(c, kv, &in, cfg->sampler, logits, &greedy_id);
+        n = gen_forward(c, kv, &in, cfg->sampler, logits, &greedy_id, top);
         if (n < 0) {
             rc = (int)n;
             break;
@@ -687,6 +810,7 @@ flush:
 out:
     kn_buf_free(c->kn, logits);
     free(row);
+    free(top);
     free(io.piece);
     free(io.text);
     return rc;

@@ -198,4 +198,20 @@ int64_t eng_forward(eng_ctx *c, eng_kv *kv, const eng_seq_in *seqs, int n_seqs, 
 int64_t eng_forward_greedy(eng_ctx *c, eng_kv *kv, const eng_seq_in *seqs, int n_seqs,
                            float *logits, float *hidden, int32_t *ids);
 
+/* eng_forward for sampling from the top-k alone (engine/sampler.h): for
+ * output row o, top[o * kmax .. o * kmax + k[o]) gets the k[o] largest of
+ * logits / temp[o] (divided only when temp[o] != 1), in descending order,
+ * ties by lower id: what eng_topk_select gives on the whole row. k[o] is in
+ * [1, kmax], kmax <= ENG_TOPK_MAX. With TP each rank selects from its
+ * vocabulary slice and the ranks exchange kmax candidates per row instead
+ * of n_vocab floats. `logits` ([n_out][n_vocab], backend) is scratch; it
+ * holds the whole rows only without TP. Returns n_out or the errors of
+ * eng_forward; -EINVAL for a bad kmax (nothing changed) or a bad k[o]
+ * (found after the pass: a caller's bug, the KV has advanced). */
+#define ENG_TOPK_MAX 1024
+struct eng_cand; /* engine/sampler.h */
+int64_t eng_forward_topk(eng_ctx *c, eng_kv *kv, const eng_seq_in *seqs, int n_seqs,
+                         float *logits, const int32_t *k, const float *temp, int kmax,
+                         struct eng_cand *top);
+
 #endif

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/cm_assert.h"
 #include "engine/model/eng_err.h"
 
 /* ---- RNG ---------------------------------------------------------------- */
@@ -65,10 +66,7 @@ float eng_rng_f32(eng_rng_state *r)
 
 /* ---- sampler ------------------------------------------------------------ */
 
-typedef struct cand {
-    float p; /* logit, then probability */
-    int32_t id;
-} cand;
+typedef eng_cand cand; /* .p: logit, then probability */
 
 struct eng_sampler {
     eng_sampler_cfg cfg;
@@ -189,7 +187,7 @@ static void heap_sift_down(cand *h, int64_t n, int64_t i)
 
 /* The k largest logits into c[0..k) in descending order (ties: lower id
  * first, so that the result does not depend on heap order). */
-static void top_k_select(const float *logits, int64_t n, int64_t k, cand *c)
+void eng_topk_select(const float *logits, int64_t n, int64_t k, eng_cand *c)
 {
     for (int64_t i = 0; i < k; i++)
         c[i] = (cand){logits[i], (int32_t)i};
@@ -240,6 +238,8 @@ bool eng_sampler_is_greedy(const eng_sampler *s)
     return (c->temperature <= 0.0f || c->top_k == 1) && !penalty;
 }
 
+static int32_t sample_cands(eng_sampler *s, cand *cd, int64_t nc, bool full);
+
 int32_t eng_sampler_sample(eng_sampler *s, float *logits)
 {
     const eng_sampler_cfg *c = &s->cfg;
@@ -253,18 +253,43 @@ int32_t eng_sampler_sample(eng_sampler *s, float *logits)
             logits[i] /= c->temperature;
 
     cand *cd = s->cands;
-    int64_t nc;
-    bool full = true; /* candidates are the whole vocabulary in id order */
     if (c->top_k > 0 && c->top_k < n) {
-        nc = c->top_k;
-        top_k_select(logits, n, nc, cd);
-        full = false;
-    } else {
-        nc = n;
-        for (int64_t i = 0; i < n; i++)
-            cd[i] = (cand){logits[i], (int32_t)i};
+        eng_topk_select(logits, n, c->top_k, cd);
+        return sample_cands(s, cd, c->top_k, false);
     }
+    for (int64_t i = 0; i < n; i++)
+        cd[i] = (cand){logits[i], (int32_t)i};
+    return sample_cands(s, cd, n, true);
+}
 
+int eng_sampler_topk(const eng_sampler *s)
+{
+    if (!s)
+        return 0;
+    const eng_sampler_cfg *c = &s->cfg;
+    const bool penalty = c->repeat_penalty > 0.0f && c->repeat_penalty != 1.0f;
+    return c->temperature > 0.0f && c->top_k > 1 && c->top_k < s->n_vocab && !penalty
+               ? c->top_k
+               : 0;
+}
+
+float eng_sampler_temperature(const eng_sampler *s)
+{
+    return s ? s->cfg.temperature : 0.0f;
+}
+
+int32_t eng_sampler_sample_topk(eng_sampler *s, const eng_cand *top, int64_t k)
+{
+    CM_ASSERT(k == eng_sampler_topk(s));
+    memcpy(s->cands, top, (size_t)k * sizeof(cand));
+    return sample_cands(s, s->cands, k, false);
+}
+
+/* Steps 5 to 8 over the candidates cd[0..nc): the whole vocabulary in id
+ * order (full), or the top-k in descending order. */
+static int32_t sample_cands(eng_sampler *s, cand *cd, int64_t nc, bool full)
+{
+    const eng_sampler_cfg *c = &s->cfg;
     /* softmax exactly as llama2.c does it (max, exp, sum, divide) */
     float mx = cd[0].p;
     for (int64_t i = 1; i < nc; i++)

@@ -73,6 +73,28 @@ int32_t eng_sampler_sample(eng_sampler *s, float *logits);
  * the argmax instead of fetching the row. NULL (no sampler) is greedy. */
 bool eng_sampler_is_greedy(const eng_sampler *s);
 
+/* ---- sampling from the top-k alone (tensor parallelism) ----
+ * Under TP no rank holds a whole logits row: the ranks merge their slices'
+ * top-k candidates instead (eng_forward_topk). For a sampler whose choice
+ * depends only on the top-k of logits / temperature (eng_sampler_topk > 0:
+ * temperature > 0, 1 < top_k < n_vocab, no repetition penalty), sampling
+ * from those candidates is the same computation as eng_sampler_sample over
+ * the whole row: the same token, the same RNG draw. */
+typedef struct eng_cand {
+    float p;    /* logit / temperature (a probability inside the sampler) */
+    int32_t id; /* token id */
+} eng_cand;
+/* k when s may sample from the top-k candidates alone, else 0. */
+int eng_sampler_topk(const eng_sampler *s);
+float eng_sampler_temperature(const eng_sampler *s);
+/* top[0..k): the k largest of logits[i] / temperature (divided only when
+ * temperature != 1), in descending order, ties by lower id; k must be
+ * eng_sampler_topk(s). */
+int32_t eng_sampler_sample_topk(eng_sampler *s, const eng_cand *top, int64_t k);
+/* The k largest of x[n] into out[0..k), descending, ties by lower index
+ * (ids are indices into x). */
+void eng_topk_select(const float *x, int64_t n, int64_t k, eng_cand *out);
+
 /* Index of the largest of x[n] (lowest index on ties). */
 int32_t eng_argmax(const float *x, int64_t n);
 

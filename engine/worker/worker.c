@@ -85,6 +85,11 @@ typedef struct wk {
     int32_t *ids_d; /* [max_out] backend: argmax of output rows */
     int32_t *ids;   /* [max_out] host copy */
     float *row;     /* [n_vocab] host: a sampling request's logits row */
+    /* TP: rows sampled from their top-k alone (eng_forward_topk), per
+     * output row: k, temperature, and the candidates [max_seqs][TOPK_MAX] */
+    int32_t *tk_k;
+    float *tk_temp;
+    eng_cand *tk_top;
     uint64_t last_stats[2];
     uint16_t last_batch;
     int32_t last_limit;
@@ -569,6 +574,29 @@ static int32_t sample_row(wk *w, const wk_req *q, int64_t row, int32_t argmax)
     return eng_sampler_sample(q->smp, w->row);
 }
 
+/* Tensor parallelism without Medusa: when every output row of the step is
+ * greedy or sampled from its top-k alone (eng_sampler_topk), note each
+ * row's k and temperature and return the largest k (the ranks then
+ * exchange that many candidates per row instead of whole rows); else 0. */
+static int topk_plan(wk *w, int n_in)
+{
+    if (!w->cm || w->md)
+        return 0;
+    int kmax = 1, o = 0;
+    for (int i = 0; i < n_in; i++) {
+        const wk_req *q = &w->req[w->row_req[i]];
+        if (q->st == WK_PREFILL && q->n_done + w->ins[i].n_tokens < q->n_prompt)
+            continue; /* a middle chunk: no output row */
+        const int k = eng_sampler_is_greedy(q->smp) ? 1 : eng_sampler_topk(q->smp);
+        if (k < 1 || k > ENG_TOPK_MAX)
+            return 0;
+        w->tk_k[o] = k;
+        w->tk_temp[o++] = k == 1 ? 1.0f : eng_sampler_temperature(q->smp);
+        kmax = k > kmax ? k : kmax;
+    }
+    return kmax;
+}
+
 /* One forward over every running sequence, then sampling. */
 static void step(wk *w)
 {
@@ -617,9 +645,12 @@ static void step(wk *w)
     bool ids_only = !w->md;
     for (int i = 0; i < n_in && ids_only; i++)
         ids_only = eng_sampler_is_greedy(w->req[w->row_req[i]].smp);
-    int64_t n_out = ids_only ? eng_forward_greedy(w->ctx, w->kv, w->ins, n_in, w->logits, NULL,
-                                                  w->ids)
-                             : eng_forward(w->ctx, w->kv, w->ins, n_in, w->logits, w->hidden);
+    const int kmax = ids_only ? 0 : topk_plan(w, n_in);
+    int64_t n_out = ids_only   ? eng_forward_greedy(w->ctx, w->kv, w->ins, n_in, w->logits, NULL,
+                                                    w->ids)
+                    : kmax > 0 ? eng_forward_topk(w->ctx, w->kv, w->ins, n_in, w->logits, w->tk_k,
+                                                  w->tk_temp, kmax, w->tk_top)
+                               : eng_forward(w->ctx, w->kv, w->ins, n_in, w->logits, w->hidden);
     if (n_out < 0) {
         /* Nothing changed in the cache: fail the requests of this step. */
         CM_LOG_ERROR(TAG, "forward of %d sequences failed: %s", n_in, eng_error());
@@ -642,7 +673,10 @@ static void step(wk *w)
         row = (int64_t)n_med * w->nn;
     }
     const int64_t first = row;
-    if (!ids_only && n_out > first && argmax_rows(w, first, n_out - first) < 0) {
+    if (kmax > 0) /* the greedy rows' ids: their one candidate */
+        for (int64_t o = 0; o < n_out; o++)
+            w->ids[o] = w->tk_top[o * kmax].id;
+    else if (!ids_only && n_out > first && argmax_rows(w, first, n_out - first) < 0) {
         CM_LOG_ERROR(TAG, "argmax on the backend failed");
         w->gone = true;
         return;
@@ -666,6 +700,8 @@ static void step(wk *w)
             CM_ASSERT(rc == 0);
             q->med_pending = true;
             t = am;
+        } else if (kmax > 0 && !eng_sampler_is_greedy(q->smp)) {
+            t = eng_sampler_sample_topk(q->smp, w->tk_top + row * kmax, w->tk_k[row]);
         } else {
             t = sample_row(w, q, row, am);
         }
@@ -986,6 +1022,13 @@ static int setup(wk *w)
     w->row = malloc((size_t)w->n_vocab * sizeof(float));
     if (!w->req || !w->run || !w->ins || !w->row_req || !w->no_out || !w->ids || !w->row)
         return -ENOMEM;
+    if (w->cm) {
+        w->tk_k = malloc((size_t)w->cfg.max_seqs * sizeof(*w->tk_k));
+        w->tk_temp = malloc((size_t)w->cfg.max_seqs * sizeof(*w->tk_temp));
+        w->tk_top = malloc((size_t)w->cfg.max_seqs * ENG_TOPK_MAX * sizeof(*w->tk_top));
+        if (!w->tk_k || !w->tk_temp || !w->tk_top)
+            return -ENOMEM;
+    }
     if ((rc = kn_buf_alloc(w->kn, (size_t)max_out * (size_t)w->n_vocab * sizeof(float),
                            (void **)&w->logits)) < 0 ||
         (rc = kn_buf_alloc(w->kn, (size_t)max_out * (size_t)hp->dim * sizeof(float),
@@ -1034,6 +1077,9 @@ static void teardown(wk *w)
     }
     free(w->ids);
     free(w->row);
+    free(w->tk_k);
+    free(w->tk_temp);
+    free(w->tk_top);
     free(w->med_cost);
     free(w->med_seqs);
     free(w->med_req);

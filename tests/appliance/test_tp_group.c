@@ -203,6 +203,44 @@ Test(appliance_tp_group, tp2_serves_the_goldens_in_one_batch, .fini = teardown, 
     GD_END(&gd);
 }
 
+/* Top-k sampling under TP 2: the ranks exchange their top-k candidates,
+ * not whole rows, and the text is gorgon-run's at TP 1 (which samples the
+ * whole row), in a batch with a greedy request. */
+Test(appliance_tp_group, tp2_topk_sampling_equals_tp1, .fini = teardown, .timeout = 120)
+{
+    START_TP("--tp", "2", NULL);
+    gorgon_client *cli = gd_connect(&gd, 0);
+    const gorgon_gen_params tk = {.prompt = "The cat", .max_tokens = 100, .temperature = 0.8f,
+                                  .top_k = 40, .top_p = 0.9f, .seed = 7};
+    uint32_t a, b;
+    cr_assert_eq(gorgon_generate_submit(cli, &tk, 1, &a), 0);
+    cr_assert_eq(gorgon_generate_submit(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 256},
+                                        2, &b),
+                 0);
+    static gen_out o, greedy;
+    drain(cli, a, &o);
+    drain(cli, b, &greedy);
+    cr_assert_eq(o.rc, 0, "%d %s", o.rc, o.msg);
+    cr_assert_eq(greedy.rc, 0, "%d %s", greedy.rc, greedy.msg);
+    expect_golden("stories260K/golden_greedy_n256.txt", "", &greedy);
+    char cmd[3 * PATH_MAX];
+    snprintf(cmd, sizeof cmd,
+             "'%s' --model '%s' -p 'The cat' -n 100 --temp 0.8 --top-k 40 --top-p 0.9 "
+             "--seed 7 --threads 1 2>/dev/null",
+             tu_bin("gorgon-run"), model_buf);
+    FILE *p = popen(cmd, "r");
+    cr_assert_not_null(p);
+    static char want[8192];
+    size_t n = fread(want, 1, sizeof want - 1, p);
+    cr_assert_eq(pclose(p), 0, "gorgon-run failed");
+    want[n] = 0;
+    static char got[8192];
+    snprintf(got, sizeof got, "The cat%.*s\n", (int)o.len, o.text);
+    cr_assert_str_eq(got, want, "TP 2 top-k text differs from TP 1's");
+    gorgon_close(cli);
+    GD_END(&gd);
+}
+
 Test(appliance_tp_group, killed_rank_fails_its_requests_by_name_then_the_group_restarts,
      .fini = teardown, .timeout = 120)
 {

@@ -11,11 +11,16 @@
 
 #define V 16
 
-static eng_sampler *make(eng_sampler_cfg cfg)
+static eng_sampler *make_n(eng_sampler_cfg cfg, int64_t n_vocab)
 {
     eng_sampler *s = NULL;
-    cr_assert_eq(eng_sampler_create(&s, &cfg, V), 0, "%s", eng_error());
+    cr_assert_eq(eng_sampler_create(&s, &cfg, n_vocab), 0, "%s", eng_error());
     return s;
+}
+
+static eng_sampler *make(eng_sampler_cfg cfg)
+{
+    return make_n(cfg, V);
 }
 
 /* logits with probabilities roughly 0.5, 0.25, 0.125, ... for ids 3, 7, 1, ... */
@@ -210,6 +215,64 @@ Test(engine_sampler, llama2c_rng_matches_reference_values)
     for (int i = 0; i < 1000; i++) {
         float f = eng_rng_f32(&r);
         cr_assert(f >= 0.0f && f < 1.0f);
+    }
+}
+
+/* Sampling from the top-k candidates alone (what tensor-parallel ranks
+ * merge) is sampling the whole row: the same tokens, draw after draw, for
+ * rows with ties and for every tail filter; and only samplers whose choice
+ * depends on the top-k alone say they can. */
+Test(engine_sampler, sampling_the_topk_alone_equals_sampling_the_row)
+{
+    enum { NV = 300, DRAWS = 400 };
+    const eng_sampler_cfg cfgs[] = {
+        {.temperature = 1.0f, .top_k = 40, .seed = 1},
+        {.temperature = 0.7f, .top_k = 5, .top_p = 0.9f, .seed = 2},
+        {.temperature = 1.3f, .top_k = 64, .min_p = 0.05f, .seed = 3},
+        {.temperature = 0.9f, .top_k = 299, .top_p = 0.5f, .min_p = 0.01f, .seed = 4},
+    };
+    static float row[NV], scaled[NV], scratch[NV];
+    static eng_cand top[NV];
+    uint64_t lcg = 99;
+    for (size_t c = 0; c < sizeof cfgs / sizeof cfgs[0]; c++) {
+        eng_sampler *whole = make_n(cfgs[c], NV), *cands = make_n(cfgs[c], NV);
+        cr_assert_eq(eng_sampler_topk(cands), cfgs[c].top_k);
+        for (int d = 0; d < DRAWS; d++) {
+            for (int i = 0; i < NV; i++) {
+                lcg = lcg * 6364136223846793005ull + 1442695040888963407ull;
+                /* few distinct values: many ties, at the k boundary too */
+                row[i] = (float)((lcg >> 33) % 23) * 0.37f - 3.0f;
+            }
+            memcpy(scratch, row, sizeof row);
+            memcpy(scaled, row, sizeof row);
+            if (cfgs[c].temperature != 1.0f)
+                for (int i = 0; i < NV; i++)
+                    scaled[i] /= cfgs[c].temperature;
+            eng_topk_select(scaled, NV, cfgs[c].top_k, top);
+            for (int j = 1; j < cfgs[c].top_k; j++)
+                cr_assert(top[j - 1].p > top[j].p ||
+                          (top[j - 1].p == top[j].p && top[j - 1].id < top[j].id));
+            int32_t a = eng_sampler_sample(whole, scratch);
+            int32_t b = eng_sampler_sample_topk(cands, top, cfgs[c].top_k);
+            cr_assert_eq(a, b, "config %zu draw %d: the row gives %d, the top-k %d", c, d, a, b);
+            eng_sampler_accept(whole, a);
+            eng_sampler_accept(cands, b);
+        }
+        eng_sampler_destroy(whole);
+        eng_sampler_destroy(cands);
+    }
+    /* these need more than the top-k: greedy, a penalty, top-k off or too big */
+    const eng_sampler_cfg not_topk[] = {
+        {.temperature = 0.0f, .top_k = 40},
+        {.temperature = 1.0f, .top_k = 1},
+        {.temperature = 1.0f, .top_k = 40, .repeat_penalty = 1.1f},
+        {.temperature = 1.0f, .top_p = 0.9f},
+        {.temperature = 1.0f, .top_k = NV},
+    };
+    for (size_t c = 0; c < sizeof not_topk / sizeof not_topk[0]; c++) {
+        eng_sampler *s = make_n(not_topk[c], NV);
+        cr_assert_eq(eng_sampler_topk(s), 0, "config %zu", c);
+        eng_sampler_destroy(s);
     }
 }
 

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "engine/engine.h"
+#include "engine/sampler.h"
 #include "engine/model/eng_err.h"
 #include "engine/model/gguf_write.h"
 #include "engine/tp.h"
@@ -154,6 +155,7 @@ typedef struct golden_job {
     const char *path;
     int tp;
     bool sampled; /* llama2.c's RNG, T 1, top-p 0.9, seed 133742 (one sampler per rank) */
+    bool topk;    /* sampled from the top-k: top-k 40, T 0.8, top-p 0.9, min-p 0.05 */
     char text[1 << 14];
     size_t n;
 } golden_job;
@@ -184,10 +186,12 @@ static int golden_rank(int rank, comm *cm, void *arg)
     int32_t bos = eng_tok_bos(eng_model_tokenizer(m));
     eng_gen_result r;
     eng_sampler *smp = NULL;
-    if ((g->sampled &&
-         (rc = eng_sampler_create(&smp,
-                                  &(eng_sampler_cfg){.temperature = 1.0f, .top_p = 0.9f,
-                                                     .seed = 133742, .rng = ENG_RNG_LLAMA2C},
+    const eng_sampler_cfg llama2c = {.temperature = 1.0f, .top_p = 0.9f, .seed = 133742,
+                                     .rng = ENG_RNG_LLAMA2C},
+                          topk = {.temperature = 0.8f, .top_k = 40, .top_p = 0.9f,
+                                  .min_p = 0.05f, .seed = 7};
+    if (((g->sampled || g->topk) &&
+         (rc = eng_sampler_create(&smp, g->topk ? &topk : &llama2c,
                                   eng_model_hparams(m)->n_vocab)) < 0) ||
         (rc = kn_ctx_create(&kn, &(kn_ctx_cfg){.n_threads = 1})) < 0 ||
         (rc = eng_ctx_create(&c, m, &(eng_ctx_cfg){.kn = kn, .max_tokens = 1, .comm = cm})) < 0 ||
@@ -245,6 +249,29 @@ Test(engine_tp, stories260k_sampled_golden_at_tp2_and_tp4, .timeout = 120)
     check_golden(4, true);
 }
 
+/* A top-k sampler under TP draws from the merged candidates of the ranks
+ * (eng_forward_topk), not from a gathered row: the same text as TP 1,
+ * which samples the whole row. */
+Test(engine_tp, topk_sampling_at_tp2_and_tp4_equals_tp1, .timeout = 120)
+{
+    golden_job *g[3];
+    for (int i = 0; i < 3; i++) {
+        g[i] = calloc(1, sizeof(*g[i]));
+        cr_assert_not_null(g[i]);
+        g[i]->path = tu_model_path(k_260k);
+        g[i]->tp = 1 << i;
+        g[i]->topk = true;
+        cr_assert_eq(eng_tp_run(g[i]->tp, golden_rank, g[i], NULL), 0, "%s", eng_error());
+    }
+    cr_assert_gt(g[0]->n, 100, "TP 1 sampled only %zu bytes", g[0]->n);
+    for (int i = 1; i < 3; i++)
+        cr_assert(g[i]->n == g[0]->n && memcmp(g[i]->text, g[0]->text, g[0]->n) == 0,
+                  "TP %d top-k sampled text differs from TP 1:\n%.*s\n---\n%.*s", g[i]->tp,
+                  (int)g[i]->n, g[i]->text, (int)g[0]->n, g[0]->text);
+    for (int i = 0; i < 3; i++)
+        free(g[i]);
+}
+
 /* Fixed-order all-reduce: TP 2 gives the same logits bit for bit from run
  * to run, and a sequence decoded beside another gets the bits it gets
  * alone. */
@@ -267,11 +294,17 @@ Test(engine_tp, tp2_is_bitwise_repeatable_and_batch_invariant, .timeout = 120)
 }
 
 /* eng_forward_greedy exchanges one (max, id) pair per rank and row: its ids
- * are the argmax of the gathered rows, for every output row of a batch. */
+ * are the argmax of the gathered rows, for every output row of a batch.
+ * eng_forward_topk exchanges each rank's top-k: its candidates are the
+ * top-k of the gathered rows / temperature, value and id, bit for bit. */
+#define TK_MAX 40
 typedef struct greedy_ids_job {
     int tp;
     char path[1024]; /* (tu_model_path's buffer is not for threads) */
     int32_t want_ids[20], got_ids[20];
+    int32_t k[20];
+    float temp[20];
+    eng_cand want_top[20][TK_MAX], got_top[20][TK_MAX];
 } greedy_ids_job;
 
 static int greedy_ids_rank(int rank, comm *cm, void *arg)
@@ -291,7 +324,7 @@ static int greedy_ids_rank(int rank, comm *cm, void *arg)
     for (int i = 0; i < 20; i++)
         toks[i] = (int32_t)(1 + (i * 37) % (V - 1)), want[i] = 1;
     eng_kv_cfg kc;
-    eng_model_kv_cfg(m, 16, 8, 2, 64, &kc);
+    eng_model_kv_cfg(m, 16, 12, 3, 64, &kc);
     if ((rc = kn_ctx_create(&kn, &(kn_ctx_cfg){.n_threads = 1})) < 0 ||
         (rc = eng_ctx_create(&c, m, &(eng_ctx_cfg){.kn = kn, .max_tokens = 20, .comm = cm})) <
             0 ||
@@ -300,18 +333,28 @@ static int greedy_ids_rank(int rank, comm *cm, void *arg)
         goto out;
     row = malloc((size_t)V * sizeof(float));
     eng_seq_in a = {.seq = eng_kv_seq_alloc(kv), .tokens = toks, .n_tokens = 20, .want = want};
-    eng_seq_in b = a;
+    eng_seq_in b = a, d = a;
     b.seq = eng_kv_seq_alloc(kv);
+    d.seq = eng_kv_seq_alloc(kv);
     if ((rc = (int)eng_forward(c, kv, &a, 1, lg, NULL)) < 0)
         goto out;
     for (int o = 0; o < 20 && rank == 0; o++) {
         kn_buf_download(kn, row, lg + o * V, (size_t)V * sizeof(float));
         g->want_ids[o] = (int32_t)argmax_row(row, V);
+        if (g->temp[o] != 1.0f)
+            for (int64_t i = 0; i < V; i++)
+                row[i] /= g->temp[o];
+        eng_topk_select(row, V, g->k[o], g->want_top[o]);
     }
     if ((rc = (int)eng_forward_greedy(c, kv, &b, 1, lg, NULL, ids)) < 0)
         goto out;
     if (rank == 0)
         memcpy(g->got_ids, ids, sizeof ids);
+    static _Thread_local eng_cand top[20][TK_MAX];
+    if ((rc = (int)eng_forward_topk(c, kv, &d, 1, lg, g->k, g->temp, TK_MAX, &top[0][0])) < 0)
+        goto out;
+    if (rank == 0)
+        memcpy(g->got_top, top, sizeof top);
     rc = 0;
 out:
     free(row);
@@ -323,16 +366,30 @@ out:
     return rc;
 }
 
-Test(engine_tp, greedy_pairs_equal_the_argmax_of_gathered_rows, .timeout = 60)
+Test(engine_tp, greedy_pairs_and_topk_candidates_equal_those_of_gathered_rows, .timeout = 60)
 {
     for (int tp = 1; tp <= 4; tp *= 2) {
-        greedy_ids_job g = {.tp = tp};
+        static greedy_ids_job g;
+        memset(&g, 0, sizeof g);
+        g.tp = tp;
         snprintf(g.path, sizeof g.path, "%s", tu_model_path(k_260k));
+        for (int o = 0; o < 20; o++) {
+            g.k[o] = o == 0 ? 1 : o == 1 ? TK_MAX : 2 + (o * 7) % (TK_MAX - 1);
+            g.temp[o] = o % 3 == 0 ? 1.0f : o % 3 == 1 ? 0.7f : 1.3f;
+        }
         memset(g.got_ids, 0xff, sizeof g.got_ids); /* poisoned */
+        memset(g.got_top, 0xff, sizeof g.got_top);
         cr_assert_eq(eng_tp_run(tp, greedy_ids_rank, &g, NULL), 0, "%s", eng_error());
-        for (int o = 0; o < 20; o++)
+        for (int o = 0; o < 20; o++) {
             cr_assert_eq(g.got_ids[o], g.want_ids[o], "tp %d row %d: %d, the row's argmax %d",
                          tp, o, g.got_ids[o], g.want_ids[o]);
+            for (int j = 0; j < g.k[o]; j++)
+                cr_assert(g.got_top[o][j].id == g.want_top[o][j].id &&
+                              memcmp(&g.got_top[o][j].p, &g.want_top[o][j].p, sizeof(float)) == 0,
+                          "tp %d row %d candidate %d: (%d, %a), the rows' (%d, %a)", tp, o, j,
+                          g.got_top[o][j].id, (double)g.got_top[o][j].p, g.want_top[o][j].id,
+                          (double)g.want_top[o][j].p);
+        }
     }
 }
 
