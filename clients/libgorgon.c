@@ -718,20 +718,30 @@ int gorgon_ping(gorgon_client *cli, const void *payload, size_t len, int64_t tim
     return rc;
 }
 
+/* The STATS round trip: the counters into *s, the reply (with the group
+ * rows after the counters) in *c. */
+static int stats_round_trip(gorgon_client *cli, gorgon_completion *c, struct ipc_stats *s)
+{
+    int saved = errno;
+    int rc = round_trip(cli, IPC_OP_STATS, NULL, 0, 0, 1000000000, c, NULL);
+    errno = saved;
+    if (rc < 0)
+        return rc;
+    if (c->out_len < sizeof(*s) || !c->out)
+        return -EPROTO;
+    memcpy(s, c->out, sizeof(*s));
+    return 0;
+}
+
 int gorgon_stats(gorgon_client *cli, gorgon_counters *st)
 {
     if (!st)
         return -EINVAL;
     gorgon_completion c;
-    int saved = errno;
-    int rc = round_trip(cli, IPC_OP_STATS, NULL, 0, 0, 1000000000, &c, NULL);
-    errno = saved;
+    struct ipc_stats s;
+    int rc = stats_round_trip(cli, &c, &s);
     if (rc < 0)
         return rc;
-    struct ipc_stats s;
-    if (c.out_len < sizeof(s) || !c.out)
-        return -EPROTO;
-    memcpy(&s, c.out, sizeof(s));
     st->clients_now = s.clients_now;
     st->clients_total = s.clients_total;
     st->sessions_reclaimed = s.sessions_reclaimed;
@@ -765,15 +775,10 @@ int gorgon_groups(gorgon_client *cli, gorgon_group *out, size_t cap)
     if (cap && !out)
         return -EINVAL;
     gorgon_completion c;
-    int saved = errno;
-    int rc = round_trip(cli, IPC_OP_STATS, NULL, 0, 0, 1000000000, &c, NULL);
-    errno = saved;
+    struct ipc_stats s;
+    int rc = stats_round_trip(cli, &c, &s);
     if (rc < 0)
         return rc;
-    struct ipc_stats s;
-    if (c.out_len < sizeof(s) || !c.out)
-        return -EPROTO;
-    memcpy(&s, c.out, sizeof(s));
     const size_t rows = (c.out_len - sizeof(s)) / sizeof(struct ipc_group_stats);
     if (s.gen_groups > INT32_MAX || rows > s.gen_groups)
         return -EPROTO;
