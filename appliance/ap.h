@@ -62,6 +62,9 @@ typedef struct ap_config {
     int threads;             /* worker kernel threads (per rank; 0: its share of the CPUs) */
     int tp;                  /* tensor-parallel ranks of the worker group (1: one process) */
     int replicas;            /* worker groups serving at once (data parallelism) */
+    bool disaggregated;      /* mode = disaggregated: prompts run in prefill groups,
+                              * decoding in decode groups (docs/disaggregation.md) */
+    int prefill_groups, decode_groups; /* disaggregated: groups of each role */
     char cpus[256];          /* CPUs the ranks are pinned to, split evenly ("0-3,6"; "":
                               * not pinned) */
     int64_t kv_blocks;       /* worker KV pool blocks (0: auto) */
@@ -80,6 +83,11 @@ typedef struct ap_config {
 
 /* Built-in defaults (socket: $GORGON_SOCKET, else IPC_DEFAULT_SOCKET). */
 void ap_config_defaults(ap_config *cfg);
+/* Worker groups gorgond runs: replicas, or prefill + decode groups. */
+static inline int ap_config_groups(const ap_config *cfg)
+{
+    return cfg->disaggregated ? cfg->prefill_groups + cfg->decode_groups : cfg->replicas;
+}
 /* Apply `--config FILE` (section [gorgond]) first, then every other flag on
  * top (flags override the file). Returns 0, 1 when --help/--version was
  * printed (caller exits 0), or -EINVAL with the error printed to stderr. */

@@ -31,6 +31,7 @@ void ap_config_defaults(ap_config *cfg)
     cfg->threads = 0; /* auto: the worker uses the CPUs it may (kn_threads_auto) */
     cfg->tp = 1;
     cfg->replicas = 1;
+    cfg->prefill_groups = cfg->decode_groups = 1;
     cfg->max_seqs = 64;
     cfg->batch_tokens = 256;
     cfg->max_requests = 512;
@@ -80,6 +81,11 @@ void ap_config_usage(FILE *f)
             "                       processes, each holding 1/N of the weights (default 1)\n"
             "  --replicas N         N worker groups serving at once, each request routed to\n"
             "                       the least busy one (default 1)\n"
+"  --mode M            colocated (default: a group runs prompts and decoding)\n"
+            "                       or disaggregated (prompts in prefill groups, decoding in\n"
+            "                       decode groups, the KV handed over in a shared pool)\n"
+            "  --prefill-groups N   disaggregated: prefill groups (default 1)\n"
+            "  --decode-groups N    disaggregated: decode groups (default 1)\n"
             "  --cpus LIST          pin the ranks (of all groups) to even shares of these\n"
             "                       CPUs, e.g. 0-3\n"
             "                       (default: not pinned)\n"
@@ -104,7 +110,8 @@ void ap_config_usage(FILE *f)
             "config keys: socket socket_mode socket_group allow_uids allow_gids poll_us\n"
             "  sq_entries cq_entries slots slot_in_bytes slot_out_bytes max_clients\n"
             "  max_handshakes max_handshakes_per_uid stats_interval_s hugepages numa_node\n"
-            "  log_level foreground eventfd_doorbells model threads tp replicas cpus kv_blocks\n"
+            "  log_level foreground eventfd_doorbells model threads tp replicas mode\n"
+            "  prefill_groups decode_groups cpus kv_blocks\n"
             "  max_seqs batch_tokens max_requests max_requests_per_uid max_requests_per_session\n"
             "  grace_ms medusa medusa_tree medusa_max_batch\n"
             "  worker_timeout_ms worker_start_timeout_ms\n",
@@ -275,6 +282,20 @@ static int apply(ap_config *cfg, const char *key, const char *val)
         cfg->replicas = (int)v;
         return 0;
     }
+    if (!strcmp(key, "mode")) {
+        if (!strcmp(val, "colocated") || !strcmp(val, "disaggregated")) {
+            cfg->disaggregated = val[0] == 'd';
+            return 0;
+        }
+        fprintf(stderr, "gorgond: mode: '%s' is not colocated or disaggregated\n", val);
+        return -EINVAL;
+    }
+    if (!strcmp(key, "prefill_groups") || !strcmp(key, "decode_groups")) {
+        int64_t v;
+        CM_TRY(parse_i64(key, val, 1, 32, &v));
+        *(key[0] == 'p' ? &cfg->prefill_groups : &cfg->decode_groups) = (int)v;
+        return 0;
+    }
     if (!strcmp(key, "cpus")) {
         int cpus[1024];
         if (*val && ap_cpu_list_parse(val, cpus, 1024) < 0)
@@ -363,17 +384,23 @@ static int check(const ap_config *cfg)
         int n = ap_cpu_list_parse(cfg->cpus, cpus, 1024);
         if (n < 0)
             return n;
-        if (n < cfg->tp * cfg->replicas) {
+        if (n < cfg->tp * ap_config_groups(cfg)) {
             char ranks[64];
-            if (cfg->replicas > 1)
-                snprintf(ranks, sizeof ranks, "tp = %d x replicas = %d: %d", cfg->tp,
-                         cfg->replicas, cfg->tp * cfg->replicas);
+            if (ap_config_groups(cfg) > 1)
+                snprintf(ranks, sizeof ranks, "tp = %d x groups = %d: %d", cfg->tp,
+                         ap_config_groups(cfg), cfg->tp * ap_config_groups(cfg));
             else
                 snprintf(ranks, sizeof ranks, "tp = %d", cfg->tp);
             fprintf(stderr, "gorgond: %s ranks need at least one CPU each; cpus = %s gives %d\n",
                     ranks, cfg->cpus, n);
             return -EINVAL;
         }
+    }
+    if (cfg->disaggregated && cfg->replicas > 1) {
+        fprintf(stderr, "gorgond: replicas = %d is for mode = colocated; disaggregated mode "
+                        "sizes its groups with prefill_groups and decode_groups\n",
+                cfg->replicas);
+        return -EINVAL;
     }
     if (!is_pow2(cfg->sq_entries) || !is_pow2(cfg->cq_entries)) {
         fprintf(stderr, "gorgond: sq_entries (%u) and cq_entries (%u) must be powers of two\n",
@@ -433,6 +460,9 @@ enum {
     OPT_THREADS,
     OPT_TP,
     OPT_REPLICAS,
+    OPT_MODE,
+    OPT_PREFILL_GROUPS,
+    OPT_DECODE_GROUPS,
     OPT_CPUS,
     OPT_KV_BLOCKS,
     OPT_MAX_SEQS,
@@ -475,6 +505,9 @@ static const struct option long_opts[] = {
     {"threads", required_argument, NULL, OPT_THREADS},
     {"tp", required_argument, NULL, OPT_TP},
     {"replicas", required_argument, NULL, OPT_REPLICAS},
+    {"mode", required_argument, NULL, OPT_MODE},
+    {"prefill-groups", required_argument, NULL, OPT_PREFILL_GROUPS},
+    {"decode-groups", required_argument, NULL, OPT_DECODE_GROUPS},
     {"cpus", required_argument, NULL, OPT_CPUS},
     {"kv-blocks", required_argument, NULL, OPT_KV_BLOCKS},
     {"max-seqs", required_argument, NULL, OPT_MAX_SEQS},
@@ -516,6 +549,9 @@ static const char *opt_key(int c)
     case OPT_THREADS: return "threads";
     case OPT_TP: return "tp";
     case OPT_REPLICAS: return "replicas";
+    case OPT_MODE: return "mode";
+    case OPT_PREFILL_GROUPS: return "prefill_groups";
+    case OPT_DECODE_GROUPS: return "decode_groups";
     case OPT_CPUS: return "cpus";
     case OPT_KV_BLOCKS: return "kv_blocks";
     case OPT_MAX_SEQS: return "max_seqs";

@@ -17,6 +17,17 @@
  * The worker is `replicas` groups of `tp` rank processes (ap_group); a
  * request runs in one of them, the least busy when it is sent.
  *
+ * Disaggregated mode (docs/disaggregation.md): prefill groups and decode
+ * groups over one shared KV pool (ipc/ipc_kv.h). A request starts in the
+ * least busy prefill group, which streams its first token and hands the
+ * prompt's KV off (HANDOFF: its block table); gorgond checks the blocks
+ * against the owner table it alone writes, marks them in transit and sends
+ * ADOPT to the least busy decode group, which takes them when it has room
+ * and gives as many of its free blocks back (ADOPTED); those go to the
+ * prefill group with RECLAIM. A hand-off that does not complete (the
+ * decode group refuses, cancels or dies first) returns the prompt's blocks
+ * to the prefill group the same way: blocks are never lost or shared.
+ *
  * Worker death: every request its group held ends with -EIO and a message
  * saying so; nothing is retried (a half-streamed answer cannot be replayed without
  * duplicating text, and a request that streamed nothing may still have side
@@ -50,6 +61,7 @@
 #include "engine/model/stop.h"
 #include "engine/model/tokenizer.h"
 #include "engine/model/tp_split.h"
+#include "ipc/ipc_kv.h"
 
 #define TAG "gorgond"
 #define AP_GEN_PEND 16384u   /* text a request may hold while its client does not read
@@ -69,6 +81,11 @@ typedef struct ap_gen {
     bool listed;    /* on the flush list */
     uint32_t sess_idx, sess_gen, slot;
     uint32_t grp; /* the group whose region holds its prompt (and that runs it) */
+    /* disaggregated: hand = 1 from HANDOFF until ADOPTED (the blocks, n_hand
+     * of them in blocks[], are in transit from prefill group pgrp), 2 after */
+    uint8_t hand;
+    uint32_t pgrp, n_hand;
+    int32_t *blocks; /* [max_hand] */
     uid_t uid;
     uint64_t seq;             /* submission order (FIFO within a session) */
     struct ipc_wcmd start;    /* sent when the request leaves the waiting queue */
@@ -102,6 +119,7 @@ typedef struct ap_uid_use {
  * served by one group from START to DONE. */
 typedef struct ap_group {
     uint32_t idx;
+    enum ipc_group_role role;
     pid_t pid; /* rank 0 */
     int pidfd, wake_fd;
     /* ranks 1..tp-1 (tp > 1): their pids and pidfds, and the group's comm
@@ -123,6 +141,8 @@ typedef struct ap_group {
     char killed_why[160]; /* set when gorgond itself killed the worker */
     uint64_t queued, running, kv_used, kv_total, batch_max, tokens_total, requests_total,
         restarts, watchdog_kills, med_limit;
+    uint32_t hand_wait;      /* decode: ADOPTs sent, ADOPTED not seen */
+    uint64_t handoffs_total; /* prefill: HANDOFFs; decode: ADOPTEDs */
 } ap_group;
 
 struct ap_gen_state {
@@ -145,8 +165,16 @@ struct ap_gen_state {
     uint32_t n_waiting;     /* G_ACTIVE and waiting */
     uint64_t submit_seq, serve_seq;
     char bin[PATH_MAX]; /* gorgon-worker */
-    uint32_t n_groups;  /* replicas */
-    ap_group *grp;      /* [n_groups] */
+    uint32_t n_groups;  /* replicas, or prefill + decode groups */
+    ap_group *grp;      /* [n_groups] (disaggregated: prefill groups first) */
+    /* disaggregated: the shared KV pool (kvc.fd -1: none), one pool memfd
+     * per rank index, and the owner table's authoritative copy */
+    ipc_kv_ctl kvc;
+    int pool_fd[AP_TP_MAX];
+    uint32_t *owner;
+    uint32_t n_blocks, max_hand;
+    int32_t *scratch; /* [max_hand] */
+    uint64_t handoffs_total;
     /* counters over all groups */
     uint64_t tokens_total, requests_total, failed_total, cancelled_total, med_steps, med_acc;
     uint64_t rate_t0, rate_tok0, rate_milli;
@@ -244,7 +272,7 @@ static void stop_ranks(ap_group *W)
 static int rank_cpus(const ap_config *cfg, uint32_t grp, int r, cpu_set_t *set)
 {
     int list[1024];
-    const int ranks = cfg->tp * cfg->replicas;
+    const int ranks = cfg->tp * ap_config_groups(cfg);
     int n = cfg->cpus[0] ? ap_cpu_list_parse(cfg->cpus, list, 1024) : 0;
     if (n < ranks) /* (checked at start: a list has a CPU per rank) */
         return 0;
@@ -296,12 +324,12 @@ static pid_t spawn_rank(struct ap_server *srv, ap_group *W, int r)
                     W->idx, r, node);
     }
     /* threads 0 with several ranks: each rank takes its share of the CPUs */
-    const int ranks = cfg->tp * cfg->replicas, usable = cm_cpus_usable();
+    const int ranks = cfg->tp * ap_config_groups(cfg), usable = cm_cpus_usable();
     const int threads = cfg->threads > 0 || ranks == 1
                             ? cfg->threads
                             : (ncpu > 0 ? ncpu : (usable / ranks > 0 ? usable / ranks : 1));
     char a_threads[16], a_kv[24], a_seqs[16], a_batch[16], a_parent[16], a_wake[16];
-    char a_mbatch[16], a_tp[16], a_rank[16], a_groups[16];
+    char a_mbatch[16], a_tp[16], a_rank[16], a_groups[16], a_owner[16];
     snprintf(a_threads, sizeof(a_threads), "%d", threads);
     snprintf(a_kv, sizeof(a_kv), "%" PRId64, cfg->kv_blocks);
     snprintf(a_seqs, sizeof(a_seqs), "%u", cfg->max_seqs);
@@ -311,7 +339,8 @@ static pid_t spawn_rank(struct ap_server *srv, ap_group *W, int r)
     snprintf(a_mbatch, sizeof(a_mbatch), "%u", cfg->medusa_max_batch);
     snprintf(a_tp, sizeof(a_tp), "%d", cfg->tp);
     snprintf(a_rank, sizeof(a_rank), "%d", r);
-    snprintf(a_groups, sizeof(a_groups), "%d", cfg->replicas);
+    snprintf(a_groups, sizeof(a_groups), "%d", ap_config_groups(cfg));
+    snprintf(a_owner, sizeof(a_owner), "%u", W->idx);
     const char *argv[40] = {G->bin,          "--model",     cfg->model,   "--threads", a_threads,
                             "--kv-blocks",   a_kv,          "--max-seqs", a_seqs,
                             "--batch-tokens", a_batch,      "--parent",   a_parent,
@@ -334,12 +363,22 @@ static pid_t spawn_rank(struct ap_server *srv, ap_group *W, int r)
         argv[argc++] = "5";
         if (ncpu > 0)
             argv[argc++] = "--pinned"; /* its CPUs are its own: collectives may spin */
-        if (cfg->replicas > 1) {
+        if (ap_config_groups(cfg) > 1) {
             argv[argc++] = "--groups";
             argv[argc++] = a_groups;
         }
     }
-    if (cfg->medusa[0]) {
+    if (W->role != IPC_GROUP_COLOCATED) {
+        argv[argc++] = "--role";
+        argv[argc++] = W->role == IPC_GROUP_PREFILL ? "prefill" : "decode";
+        argv[argc++] = "--kv-ctl-fd";
+        argv[argc++] = "6";
+        argv[argc++] = "--kv-pool-fd";
+        argv[argc++] = "7";
+        argv[argc++] = "--kv-owner";
+        argv[argc++] = a_owner;
+    }
+    if (cfg->medusa[0] && W->role != IPC_GROUP_PREFILL) {
         argv[argc++] = "--medusa";
         argv[argc++] = cfg->medusa;
         argv[argc++] = "--medusa-max-batch";
@@ -368,8 +407,12 @@ static pid_t spawn_rank(struct ap_server *srv, ap_group *W, int r)
         int rfd = r == 0 ? fcntl(W->reg.fd, F_DUPFD_CLOEXEC, 10) : -1;
         int wfd = r == 0 && W->wake_fd >= 0 ? fcntl(W->wake_fd, F_DUPFD_CLOEXEC, 10) : -1;
         int cfd = W->comm_fd >= 0 ? fcntl(W->comm_fd, F_DUPFD_CLOEXEC, 10) : -1;
+        const bool kv = W->role != IPC_GROUP_COLOCATED;
+        int kfd = kv ? fcntl(G->kvc.fd, F_DUPFD_CLOEXEC, 10) : -1;
+        int pfd = kv ? fcntl(G->pool_fd[r], F_DUPFD_CLOEXEC, 10) : -1;
         if ((r == 0 && (rfd < 0 || dup2(rfd, 3) < 0)) || (wfd >= 0 && dup2(wfd, 4) < 0) ||
-            (cfd >= 0 && dup2(cfd, 5) < 0))
+            (cfd >= 0 && dup2(cfd, 5) < 0) ||
+            (kv && (kfd < 0 || pfd < 0 || dup2(kfd, 6) < 0 || dup2(pfd, 7) < 0)))
             _exit(126);
         if (ncpu > 0 && sched_setaffinity(0, sizeof set, &set) < 0)
             _exit(126);
@@ -393,9 +436,9 @@ static int worker_spawn(struct ap_server *srv, ap_group *W)
     W->reg.fd = -1;
     size_t in_bytes = ((size_t)G->n_ctx * sizeof(int32_t) + 63) & ~(size_t)63;
     ipc_region_cfg rc_cfg = {
-        /* START and CANCEL at most once per request between two DONEs: the
-         * command ring can never fill. */
-        .sq_entries = pow2_at_least(2 * G->n_gens),
+        /* START (or ADOPT), CANCEL and RECLAIM at most once per request
+         * between two DONEs: the command ring can never fill. */
+        .sq_entries = pow2_at_least(4 * G->n_gens),
         .cq_entries = AP_EVT_ENTRIES,
         .n_slots = G->n_gens,
         .slot_in_bytes = (uint32_t)in_bytes,
@@ -462,9 +505,12 @@ static int worker_spawn(struct ap_server *srv, ap_group *W)
     arm_pid(srv, W);
     for (int r = 1; r < cfg->tp; r++)
         arm_rank_pid(srv, W, r);
-    char grp[32] = "";
-    if (cfg->replicas > 1)
-        snprintf(grp, sizeof grp, " %u", W->idx);
+    char grp[48] = "";
+    if (ap_config_groups(cfg) > 1)
+        snprintf(grp, sizeof grp, " %u%s", W->idx,
+                 W->role == IPC_GROUP_PREFILL  ? " (prefill)"
+                 : W->role == IPC_GROUP_DECODE ? " (decode)"
+                                               : "");
     if (cfg->tp > 1)
         CM_LOG_INFO(TAG, "worker group%s of %d ranks started (rank 0: pid %d): %s", grp, cfg->tp,
                     (int)W->pid, cfg->model);
@@ -769,7 +815,7 @@ static ap_group *group_with_room(struct ap_server *srv)
     for (uint32_t i = 0; i < G->n_groups; i++) {
         ap_group *W = &G->grp[i];
         uint64_t room = W->queued ? W->running : srv->cfg.max_seqs;
-        if (!W->have_worker || W->n_in_worker >= room + 1)
+        if (!W->have_worker || W->n_in_worker >= room + 1 || W->role == IPC_GROUP_DECODE)
             continue;
         if (!best || (W->ready && !best->ready) ||
             (W->ready == best->ready && W->n_in_worker < best->n_in_worker))
@@ -786,7 +832,7 @@ static ap_group *group_for_prompt(struct ap_gen_state *G)
     ap_group *best = NULL;
     for (uint32_t i = 0; i < G->n_groups; i++) {
         ap_group *W = &G->grp[i];
-        if (W->have_worker &&
+        if (W->have_worker && W->role != IPC_GROUP_DECODE &&
             (!best || W->n_in_worker + W->n_waiting < best->n_in_worker + best->n_waiting))
             best = W;
     }
@@ -921,6 +967,163 @@ static void on_token(struct ap_gen_state *G, uint32_t gi, int32_t t, uint32_t n_
         send_cancel(G, gi); /* EOS and LENGTH: the worker ends it by the same rule */
 }
 
+/* ---- disaggregated: KV hand-off -------------------------------------------- */
+
+static void set_owner(struct ap_gen_state *G, const int32_t *blocks, uint32_t n, uint32_t owner)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        G->owner[blocks[i]] = owner;
+        __atomic_store_n(&G->kvc.owner[blocks[i]], owner, __ATOMIC_RELEASE);
+    }
+}
+
+/* Send blocks[0..n) to prefill group P (RECLAIM of request gi): they are
+ * P's again, and P's hold on gi ends. A group without a worker gets
+ * nothing: its next start finds them in owner[]. */
+static void reclaim(struct ap_gen_state *G, uint32_t P, uint32_t gi, const int32_t *blocks,
+                    uint32_t n)
+{
+    set_owner(G, blocks, n, P);
+    ap_group *W = &G->grp[P];
+    if (!W->have_worker)
+        return;
+    struct ipc_kv_area *a = ipc_kv_area(&G->kvc, IPC_KV_IN, P, gi);
+    memcpy(a->blocks, blocks, (size_t)n * sizeof(int32_t));
+    a->n_blocks = n;
+    struct ipc_wcmd c = {.op = IPC_WCMD_RECLAIM, .req = gi, .n_blocks = n};
+    push_cmd(W, &c);
+}
+
+/* A hand-off that will not complete (the decode group refused, cancelled
+ * or lost the request before adopting it): the prompt's blocks go back. */
+static void hand_back(struct ap_gen_state *G, ap_gen *g)
+{
+    if (g->hand != 1)
+        return;
+    G->grp[g->grp].hand_wait--;
+    g->hand = 0;
+    reclaim(G, g->pgrp, (uint32_t)(g - G->g), g->blocks, g->n_hand);
+}
+
+/* Copy and check a worker's OUT area for request gi: n blocks, each in the
+ * pool, distinct and owned by group `owner` per gorgond's table. The
+ * blocks land in out[]; false (message logged) when anything is off. */
+static bool take_blocks(struct ap_gen_state *G, const ap_group *W, uint32_t gi, uint64_t n,
+                        uint32_t owner, int32_t *out, uint64_t *rng)
+{
+    const struct ipc_kv_area *a = ipc_kv_area(&G->kvc, IPC_KV_OUT, 0, gi);
+    uint32_t an = a->n_blocks;
+    if (an != n || n > G->max_hand) {
+        CM_LOG_ERROR(TAG, "worker group %u: hand-off of request %u names %" PRIu64 " blocks, "
+                     "its area %u (at most %u)", W->idx, gi, n, an, G->max_hand);
+        return false;
+    }
+    memcpy(out, a->blocks, (size_t)n * sizeof(int32_t));
+    if (rng)
+        memcpy(rng, a->rng, sizeof a->rng);
+    uint32_t i = 0;
+    for (; i < n; i++) {
+        const int32_t b = out[i];
+        if (b < 0 || (uint32_t)b >= G->n_blocks || G->owner[b] != owner)
+            break;
+        G->owner[b] = IPC_KV_TRANSIT - 1; /* marks duplicates; restored below */
+    }
+    for (uint32_t j = 0; j < i; j++)
+        G->owner[out[j]] = owner;
+    if (i < n) {
+        CM_LOG_ERROR(TAG, "worker group %u: hand-off of request %u names block %d, which is "
+                     "out of the pool, listed twice or not the group's", W->idx, gi, out[i]);
+        return false;
+    }
+    return true;
+}
+
+/* The decode group that adopts the next hand-off: of those with a worker,
+ * the one with the fewest requests; NULL when none has one. */
+static ap_group *decode_group(struct ap_gen_state *G)
+{
+    ap_group *best = NULL;
+    for (uint32_t i = 0; i < G->n_groups; i++) {
+        ap_group *W = &G->grp[i];
+        if (W->role == IPC_GROUP_DECODE && W->have_worker &&
+            (!best || W->n_in_worker < best->n_in_worker))
+            best = W;
+    }
+    return best;
+}
+
+/* HANDOFF from prefill group P: the request moves to a decode group. */
+static void on_handoff(struct ap_server *srv, ap_group *P, const struct ipc_wevt *e)
+{
+    struct ap_gen_state *G = srv->gen;
+    const uint32_t gi = e->req;
+    ap_gen *g = &G->g[gi];
+    uint64_t rng[4];
+    if (P->role != IPC_GROUP_PREFILL ||
+        !take_blocks(G, P, gi, e->arg[1], P->idx, g->blocks, rng) ||
+        e->arg[0] != g->start.n_prompt) {
+        CM_LOG_ERROR(TAG, "worker group %u: bad HANDOFF of request %u; killing the worker",
+                     P->idx, gi);
+        if (P->pid > 0)
+            kill(P->pid, SIGKILL); /* its death fails the request */
+        return;
+    }
+    const uint32_t n = (uint32_t)e->arg[1];
+    P->handoffs_total++;
+    G->handoffs_total++;
+    set_in_worker(G, g, false); /* P's part is over (its hold ends with RECLAIM) */
+    ap_group *D = g->state == G_ACTIVE && !g->final ? decode_group(G) : NULL;
+    if (!D) {
+        reclaim(G, P->idx, gi, g->blocks, n);
+        if (g->state == G_ZOMBIE)
+            gen_free(srv, gi);
+        else
+            finalize(G, gi, -EIO, IPC_FINISH_ERROR,
+                     "no decode group is running to continue this request");
+        return;
+    }
+    set_owner(G, g->blocks, n, IPC_KV_TRANSIT);
+    g->hand = 1;
+    g->pgrp = P->idx;
+    g->n_hand = n;
+    struct ipc_kv_area *a = ipc_kv_area(&G->kvc, IPC_KV_IN, D->idx, gi);
+    memcpy(a->rng, rng, sizeof rng);
+    memcpy(a->blocks, g->blocks, (size_t)n * sizeof(int32_t));
+    a->n_blocks = n;
+    a->kv_len = (uint32_t)e->arg[0];
+    move_prompt(G, g, D);
+    D->hand_wait++;
+    D->requests_total++;
+    set_in_worker(G, g, true);
+    struct ipc_wcmd c = g->start;
+    c.op = IPC_WCMD_ADOPT;
+    c.first = e->tokens[0];
+    c.n_blocks = n;
+    push_cmd(D, &c);
+}
+
+/* ADOPTED from decode group D: the blocks it gave in exchange go to the
+ * request's prefill group. */
+static void on_adopted(struct ap_server *srv, ap_group *D, const struct ipc_wevt *e)
+{
+    struct ap_gen_state *G = srv->gen;
+    const uint32_t gi = e->req;
+    ap_gen *g = &G->g[gi];
+    if (g->hand != 1 || e->arg[1] != g->n_hand ||
+        !take_blocks(G, D, gi, e->arg[1], D->idx, G->scratch, NULL)) {
+        CM_LOG_ERROR(TAG, "worker group %u: bad ADOPTED of request %u; killing the worker",
+                     D->idx, gi);
+        if (D->pid > 0)
+            kill(D->pid, SIGKILL);
+        return;
+    }
+    g->hand = 2;
+    D->hand_wait--;
+    D->handoffs_total++;
+    set_owner(G, g->blocks, g->n_hand, D->idx);
+    reclaim(G, g->pgrp, gi, G->scratch, g->n_hand);
+}
+
 static void on_done(struct ap_server *srv, const struct ipc_wevt *e)
 {
     struct ap_gen_state *G = srv->gen;
@@ -929,6 +1132,8 @@ static void on_done(struct ap_server *srv, const struct ipc_wevt *e)
     if (!g->in_worker)
         return;
     set_in_worker(G, g, false);
+    hand_back(G, g); /* ended in a decode group before it adopted the blocks */
+    g->hand = 0;
     if (g->state == G_ZOMBIE) {
         gen_free(srv, gi);
         return;
@@ -1091,6 +1296,8 @@ static int drain_events(struct ap_server *srv, ap_group *W)
                 break;
             }
             case IPC_WEVT_DONE: on_done(srv, e); break;
+            case IPC_WEVT_HANDOFF: on_handoff(srv, W, e); break;
+            case IPC_WEVT_ADOPTED: on_adopted(srv, W, e); break;
             default: break;
             }
         }
@@ -1130,7 +1337,7 @@ static void rank_died(struct ap_server *srv, ap_group *W, int r)
     else
         snprintf(how, sizeof how, "is gone");
     char grp[32] = "the worker group";
-    if (srv->cfg.replicas > 1)
+    if (ap_config_groups(&srv->cfg) > 1)
         snprintf(grp, sizeof grp, "worker group %u", W->idx);
     if (!W->killed_why[0])
         snprintf(W->killed_why, sizeof(W->killed_why),
@@ -1168,7 +1375,7 @@ static void worker_died(struct ap_server *srv, ap_group *W)
     else
         snprintf(how, sizeof(how), "gone");
     char grp[32] = "";
-    if (srv->cfg.replicas > 1)
+    if (ap_config_groups(&srv->cfg) > 1)
         snprintf(grp, sizeof grp, " of group %u", W->idx);
     CM_LOG_ERROR(TAG, "worker%s pid %d %s%s", grp, (int)W->pid, how,
                  W->ready ? "" : " before it was ready");
@@ -1186,6 +1393,8 @@ static void worker_died(struct ap_server *srv, ap_group *W)
         if (!g->in_worker || g->grp != W->idx)
             continue;
         set_in_worker(G, g, false);
+        hand_back(G, g);
+        g->hand = 0;
         if (g->state == G_ZOMBIE)
             gen_free(srv, gi);
         else
@@ -1249,6 +1458,53 @@ static void model_file_name(const char *path, char *out, size_t cap)
     snprintf(out, cap, "%.*s", (int)n, base);
 }
 
+/* Disaggregated mode: the shared KV pool. Each group gets an equal share
+ * of it: kv_blocks, or (0) what a colocated worker takes by default. */
+static int shared_pool_create(struct ap_server *srv)
+{
+    struct ap_gen_state *G = srv->gen;
+    const ap_config *cfg = &srv->cfg;
+    const int64_t bs = 16; /* the worker's block size */
+    const int64_t per_seq = (G->n_ctx + bs - 1) / bs;
+    const int64_t seqs = cfg->max_seqs < G->n_gens ? cfg->max_seqs : G->n_gens;
+    int64_t share = cfg->kv_blocks > 0 ? cfg->kv_blocks : per_seq * seqs / 4;
+    if (share < 1)
+        share = 1;
+    if (share * G->n_groups > INT32_MAX / bs) {
+        CM_LOG_ERROR(TAG, "kv_blocks = %" PRId64 " for each of %u groups is too large a pool",
+                     share, G->n_groups);
+        return -EINVAL;
+    }
+    G->n_blocks = (uint32_t)(share * G->n_groups);
+    G->max_hand = (uint32_t)per_seq;
+    int rc = ipc_kv_ctl_create(&G->kvc, G->n_blocks, G->n_gens, G->max_hand, G->n_groups);
+    if (rc < 0) {
+        CM_LOG_ERROR(TAG, "shared KV pool control area: %s", cm_strerror(rc));
+        return rc;
+    }
+    G->owner = malloc((size_t)G->n_blocks * sizeof(uint32_t));
+    G->scratch = malloc((size_t)G->max_hand * sizeof(int32_t));
+    if (!G->owner || !G->scratch)
+        return -ENOMEM;
+    for (uint32_t b = 0; b < G->n_blocks; b++)
+        G->owner[b] = G->kvc.owner[b] = (uint32_t)(b / share);
+    for (uint32_t i = 0; i < G->n_gens; i++)
+        if (!(G->g[i].blocks = malloc((size_t)G->max_hand * sizeof(int32_t))))
+            return -ENOMEM;
+    for (int r = 0; r < cfg->tp; r++)
+        if ((G->pool_fd[r] = ipc_kv_pool_create()) < 0) {
+            rc = G->pool_fd[r];
+            G->pool_fd[r] = -1;
+            CM_LOG_ERROR(TAG, "shared KV pool: %s", cm_strerror(rc));
+            return rc;
+        }
+    CM_LOG_INFO(TAG, "disaggregated: %d prefill and %d decode groups of %d rank%s; shared KV "
+                "pool of %u blocks of %" PRId64 " positions, %" PRId64 " per group",
+                cfg->prefill_groups, cfg->decode_groups, cfg->tp, cfg->tp > 1 ? "s" : "",
+                G->n_blocks, bs, share);
+    return 0;
+}
+
 /* ---- gorgond hooks (ap_int.h) -------------------------------------------------- */
 
 int ap_gen_create(struct ap_server *srv)
@@ -1257,12 +1513,18 @@ int ap_gen_create(struct ap_server *srv)
     if (!G)
         return -ENOMEM;
     srv->gen = G;
-    G->n_groups = (uint32_t)srv->cfg.replicas;
+    G->n_groups = (uint32_t)ap_config_groups(&srv->cfg);
+    G->kvc.fd = -1;
+    for (int r = 0; r < AP_TP_MAX; r++)
+        G->pool_fd[r] = -1;
     if (!(G->grp = calloc(G->n_groups, sizeof(*G->grp))))
         return -ENOMEM;
     for (uint32_t i = 0; i < G->n_groups; i++) {
         ap_group *W = &G->grp[i];
         W->idx = i;
+        W->role = !srv->cfg.disaggregated                      ? IPC_GROUP_COLOCATED
+                  : i < (uint32_t)srv->cfg.prefill_groups ? IPC_GROUP_PREFILL
+                                                           : IPC_GROUP_DECODE;
         W->pidfd = W->wake_fd = W->reg.fd = W->comm_fd = -1;
         for (int r = 0; r < AP_TP_MAX; r++)
             W->rpidfd[r] = -1;
@@ -1349,6 +1611,8 @@ int ap_gen_create(struct ap_server *srv)
     }
     CM_LOG_INFO(TAG, "model %s: context %" PRId64 ", vocabulary %d", srv->cfg.model, G->n_ctx,
                 G->n_vocab);
+    if (srv->cfg.disaggregated && (rc = shared_pool_create(srv)) < 0)
+        return rc;
     for (uint32_t i = 0; i < G->n_groups; i++)
         if ((rc = worker_spawn(srv, &G->grp[i])) < 0)
             return rc;
@@ -1375,8 +1639,16 @@ void ap_gen_destroy(struct ap_server *srv)
     }
     free(G->grp);
     if (G->g)
-        for (uint32_t i = 0; i < G->n_gens; i++)
+        for (uint32_t i = 0; i < G->n_gens; i++) {
             free(G->g[i].pend);
+            free(G->g[i].blocks);
+        }
+    ipc_kv_ctl_unmap(&G->kvc);
+    for (int r = 0; r < AP_TP_MAX; r++)
+        if (G->pool_fd[r] >= 0)
+            close(G->pool_fd[r]);
+    free(G->owner);
+    free(G->scratch);
     free(G->g);
     free(G->uids);
     free(G->free_list);
@@ -1811,6 +2083,7 @@ void ap_gen_fill_stats(const struct ap_server *srv, struct ipc_stats *st)
     st->medusa_accepted = G->med_acc;
     st->gen_groups = G->tok ? G->n_groups : 0;
     st->gen_tp = G->tok ? (uint64_t)srv->cfg.tp : 0;
+    st->gen_handoffs_total = G->handoffs_total;
     /* the groups': sums, and the largest of the per-step figures */
     for (uint32_t i = 0; i < G->n_groups; i++) {
         const ap_group *W = &G->grp[i];
@@ -1826,6 +2099,7 @@ void ap_gen_fill_stats(const struct ap_server *srv, struct ipc_stats *st)
             st->step_max_us = W->step_gap_max_ns / 1000u;
         if (W->med_limit > st->medusa_max_batch)
             st->medusa_max_batch = W->med_limit;
+        st->gen_handoff_waiting += W->hand_wait;
     }
 }
 
@@ -1855,6 +2129,9 @@ size_t ap_gen_fill_groups(const struct ap_server *srv, void *out, size_t cap)
             .decode_batch_max = W->batch_max,
             .step_max_us = W->step_gap_max_ns / 1000u,
             .medusa_max_batch = W->med_limit,
+            .role = W->role,
+            .handoff_waiting = W->hand_wait,
+            .handoffs_total = W->handoffs_total,
         };
         r.pid[0] = W->pid > 0 ? W->pid : 0;
         for (int k = 1; k < srv->cfg.tp && k < (int)IPC_GROUP_MAX_RANKS; k++)

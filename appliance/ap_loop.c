@@ -132,7 +132,7 @@ static uint64_t poll_budget(const ap_config *cfg)
     if (cfg->poll_us >= 0)
         return (uint64_t)cfg->poll_us * 1000u;
     /* auto threads: all of them; otherwise each rank of every group spins its own */
-    int worker = cfg->threads > 0 ? cfg->threads * cfg->tp * cfg->replicas : usable;
+    int worker = cfg->threads > 0 ? cfg->threads * cfg->tp * ap_config_groups(cfg) : usable;
     bool spin = cfg->model[0] ? 2 + worker <= usable : 2 <= usable;
     CM_LOG_INFO(TAG, "busy-poll: %s (%d usable CPUs for gorgond, %s and a client)",
                 spin ? "50 us" : "off", usable,

@@ -30,6 +30,8 @@ struct eng_kv {
      * keeps the working set of the pool small and warm in cache. */
     int32_t *free_stack;
     int64_t n_free;
+    uint8_t *mine;   /* [n_blocks]: 1 = this cache's (free or in a table) */
+    int64_t n_owned; /* blocks with mine set */
 
     kv_seq *seqs;
     int32_t *tables;   /* max_seqs * max_blocks_per_seq */
@@ -89,11 +91,12 @@ int eng_kv_create(eng_kv **out, kn_ctx *kn, const eng_kv_cfg *cfg)
     kv->layer_floats = cfg->n_blocks * cfg->block_size * kv->pos_floats;
     kv->pool_bytes = bytes;
     kv->free_stack = malloc((size_t)cfg->n_blocks * sizeof(int32_t));
+    kv->mine = calloc((size_t)cfg->n_blocks, 1);
     kv->seqs = calloc((size_t)cfg->max_seqs, sizeof(kv_seq));
     kv->tables = malloc((size_t)cfg->max_seqs * (size_t)kv->max_blocks_per_seq * sizeof(int32_t));
     const size_t table_bytes =
         (size_t)cfg->max_seqs * (size_t)kv->max_blocks_per_seq * sizeof(int32_t);
-    if (!kv->free_stack || !kv->seqs || !kv->tables ||
+    if (!kv->free_stack || !kv->mine || !kv->seqs || !kv->tables ||
         kn_buf_alloc(kn, table_bytes, (void **)&kv->tables_d) < 0) {
         eng_kv_destroy(kv);
         return -ENOMEM;
@@ -109,10 +112,25 @@ int eng_kv_create(eng_kv **out, kn_ctx *kn, const eng_kv_cfg *cfg)
         }
         kv->pool_owned = true;
     }
-    /* Block 0 on top of the stack, so a fresh cache hands out 0, 1, 2, ... */
-    for (int64_t i = 0; i < cfg->n_blocks; i++)
-        kv->free_stack[i] = (int32_t)(cfg->n_blocks - 1 - i);
-    kv->n_free = cfg->n_blocks;
+    /* Block 0 (or the first own block) on top of the stack, so a fresh
+     * cache hands out 0, 1, 2, ... */
+    const int64_t n_own = cfg->own ? cfg->n_own : cfg->n_blocks;
+    if (n_own < 0 || n_own > cfg->n_blocks) {
+        eng_kv_destroy(kv);
+        return eng_fail(-EINVAL, "kv: %lld own blocks in a pool of %lld", (long long)n_own,
+                        (long long)cfg->n_blocks);
+    }
+    for (int64_t i = 0; i < n_own; i++) {
+        int32_t b = cfg->own ? cfg->own[n_own - 1 - i] : (int32_t)(cfg->n_blocks - 1 - i);
+        if (b < 0 || b >= cfg->n_blocks || kv->mine[b]) {
+            eng_kv_destroy(kv);
+            return eng_fail(-EINVAL, "kv: own block %d is out of the pool's %lld or listed twice",
+                            b, (long long)cfg->n_blocks);
+        }
+        kv->mine[b] = 1;
+        kv->free_stack[i] = b;
+    }
+    kv->n_free = kv->n_owned = n_own;
     for (int i = 0; i < cfg->max_seqs; i++)
         kv->seqs[i].table = kv->tables + (size_t)i * (size_t)kv->max_blocks_per_seq;
     *out = kv;
@@ -127,6 +145,7 @@ void eng_kv_destroy(eng_kv *kv)
         kn_buf_free(kv->kn, kv->pool);
     kn_buf_free(kv->kn, kv->tables_d);
     free(kv->free_stack);
+    free(kv->mine);
     free(kv->seqs);
     free(kv->tables);
     free(kv);
@@ -381,6 +400,93 @@ int64_t eng_kv_free_blocks(const eng_kv *kv)
 int64_t eng_kv_n_blocks(const eng_kv *kv)
 {
     return kv->cfg.n_blocks;
+}
+
+int64_t eng_kv_owned_blocks(const eng_kv *kv)
+{
+    return kv->n_owned;
+}
+
+int64_t eng_kv_seq_detach(eng_kv *kv, int seq, int32_t *blocks, int64_t cap)
+{
+    kv_seq *s = seq_get(kv, seq);
+    if (!s)
+        return eng_fail(-EINVAL, "kv: detach of sequence %d, which is not allocated", seq);
+    const int64_t n = s->n_blocks;
+    if (n > cap)
+        return eng_fail(-ENOSPC, "kv: sequence %d has %lld blocks, room for %lld", seq,
+                        (long long)n, (long long)cap);
+    for (int64_t i = 0; i < n; i++) {
+        blocks[i] = s->table[i];
+        kv->mine[s->table[i]] = 0;
+    }
+    kv->n_owned -= n;
+    s->n_blocks = 0;
+    s->len = 0;
+    s->used = false;
+    return n;
+}
+
+int eng_kv_seq_adopt(eng_kv *kv, int seq, const int32_t *blocks, int64_t n, int64_t len,
+                     int32_t *give_back)
+{
+    kv_seq *s = seq_get(kv, seq);
+    if (!s || s->n_blocks || s->len)
+        return eng_fail(-EINVAL, "kv: adopt into sequence %d, which is not allocated and empty",
+                        seq);
+    if (n < 0 || n > kv->max_blocks_per_seq || len < 0 || len > n * kv->cfg.block_size)
+        return eng_fail(-EINVAL, "kv: adopt of %lld blocks holding %lld positions (at most %lld "
+                                 "blocks of %d per sequence)",
+                        (long long)n, (long long)len, (long long)kv->max_blocks_per_seq,
+                        kv->cfg.block_size);
+    if (n > kv->n_free)
+        return no_space(kv, n);
+    int64_t i = 0;
+    for (; i < n; i++) {
+        const int32_t b = blocks[i];
+        if (b < 0 || b >= kv->cfg.n_blocks || kv->mine[b])
+            break;
+        kv->mine[b] = 1; /* marks duplicates too; undone below on failure */
+    }
+    if (i < n) {
+        const int32_t bad = blocks[i];
+        while (i-- > 0)
+            kv->mine[blocks[i]] = 0;
+        return eng_fail(-EINVAL, "kv: adopted block %d is out of the pool's %lld, this "
+                                 "cache's already, or listed twice",
+                        bad, (long long)kv->cfg.n_blocks);
+    }
+    for (i = 0; i < n; i++) {
+        give_back[i] = kv->free_stack[--kv->n_free];
+        kv->mine[give_back[i]] = 0;
+        s->table[i] = blocks[i];
+    }
+    s->n_blocks = n;
+    s->len = len;
+    if (n) {
+        const size_t off = (size_t)(s->table - kv->tables);
+        int rc = kn_buf_upload(kv->kn, kv->tables_d + off, s->table, (size_t)n * sizeof(int32_t));
+        CM_ASSERT(rc == 0);
+    }
+    return 0;
+}
+
+int64_t eng_kv_give(eng_kv *kv, const int32_t *blocks, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++)
+        if (blocks[i] < 0 || blocks[i] >= kv->cfg.n_blocks)
+            return eng_fail(-EINVAL, "kv: given block %d is out of the pool's %lld", blocks[i],
+                            (long long)kv->cfg.n_blocks);
+    int64_t added = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (kv->mine[blocks[i]])
+            continue;
+        kv->mine[blocks[i]] = 1;
+        kv->free_stack[kv->n_free++] = blocks[i];
+        added++;
+    }
+    kv->n_owned += added;
+    return added;
 }
 
 int eng_kv_block_size(const eng_kv *kv)

@@ -19,6 +19,14 @@
  * updated as blocks are handed out. Pool contents move only through backend
  * ops (the forward's kv_write, kv_copy here).
  *
+ * Hand-off between caches (disaggregated prefill/decode, docs/disaggregation.md):
+ * several caches may share one pool area (cfg.mem), each starting with its
+ * own blocks (cfg.own). eng_kv_seq_detach() takes a sequence's blocks out of
+ * one cache with their contents; eng_kv_seq_adopt() makes them a sequence of
+ * another, which gives as many of its free blocks back in exchange, and
+ * eng_kv_give() puts those into the first cache's free list. Each cache's
+ * block count stays the same; no K/V is copied.
+ *
  * Threading: an eng_kv is not locked; one thread (the worker loop) calls it.
  * No call allocates after eng_kv_create(). Every call that fails leaves the
  * cache exactly as it was and (for errors a user can cause) leaves a message
@@ -56,6 +64,10 @@ typedef struct eng_kv_cfg {
      * outlives the cache. NULL: kn_buf_alloc. */
     void *mem;
     size_t mem_size;
+    /* Optional: the blocks this cache starts with (distinct, < n_blocks);
+     * NULL: all n_blocks. The others belong to other caches sharing mem. */
+    const int32_t *own;
+    int64_t n_own;
 } eng_kv_cfg;
 
 /* Bytes of the K/V pool for cfg (0 when cfg is invalid or overflows). */
@@ -109,9 +121,28 @@ int eng_kv_seq_truncate(eng_kv *kv, int seq, int64_t len);
 int eng_kv_copy_positions(eng_kv *kv, int seq, const int32_t *src, const int32_t *dst,
                           int64_t n);
 
-/* Pool geometry and accounting. */
+/* Hand-off. Detach: the sequence's blocks (its table, n entries, written to
+ * blocks[0..n), cap entries at most) leave this cache with their contents
+ * and the sequence slot is freed; returns n, -EINVAL for a sequence that is
+ * not allocated, -ENOSPC when cap is too small (nothing changed). */
+int64_t eng_kv_seq_detach(eng_kv *kv, int seq, int32_t *blocks, int64_t cap);
+/* Adopt: allocated sequence seq, still empty, takes blocks[0..n) (blocks
+ * that are not this cache's, distinct, in range) as its table holding len
+ * (<= n * block_size) positions, and n of this cache's free blocks leave it
+ * in exchange, written to give_back[0..n). -EINVAL for bad blocks or a bad
+ * sequence, -ENOSPC when fewer than n blocks are free; nothing changed then. */
+int eng_kv_seq_adopt(eng_kv *kv, int seq, const int32_t *blocks, int64_t n, int64_t len,
+                     int32_t *give_back);
+/* Give: blocks[0..n) join this cache's free blocks; blocks it already has
+ * are skipped (a give may be repeated). Returns how many joined, or -EINVAL
+ * for a block out of range (nothing changed). */
+int64_t eng_kv_give(eng_kv *kv, const int32_t *blocks, int64_t n);
+
+/* Pool geometry and accounting. eng_kv_n_blocks is the pool's; the cache's
+ * own share is eng_kv_owned_blocks (free or in its sequences). */
 int64_t eng_kv_free_blocks(const eng_kv *kv);
 int64_t eng_kv_n_blocks(const eng_kv *kv);
+int64_t eng_kv_owned_blocks(const eng_kv *kv);
 int eng_kv_block_size(const eng_kv *kv);
 int eng_kv_max_seqs(const eng_kv *kv);
 int64_t eng_kv_max_seq_len(const eng_kv *kv);

@@ -361,3 +361,13 @@ static int32_t sample_cands(eng_sampler *s, cand *cd, int64_t nc, bool full)
     }
     return cd[nc - 1].id; /* rounding */
 }
+
+void eng_sampler_rng_get(const eng_sampler *s, uint64_t st[4])
+{
+    memcpy(st, s->rng.s, sizeof s->rng.s);
+}
+
+void eng_sampler_rng_set(eng_sampler *s, const uint64_t st[4])
+{
+    memcpy(s->rng.s, st, sizeof s->rng.s);
+}

@@ -72,6 +72,10 @@ int32_t eng_sampler_sample(eng_sampler *s, float *logits);
  * top_k 1, no repetition penalty): the caller may then ask the backend for
  * the argmax instead of fetching the row. NULL (no sampler) is greedy. */
 bool eng_sampler_is_greedy(const eng_sampler *s);
+/* The RNG's state (4 words), to continue a request's draws in another
+ * sampler with the same settings (a prefill -> decode hand-off). */
+void eng_sampler_rng_get(const eng_sampler *s, uint64_t st[4]);
+void eng_sampler_rng_set(eng_sampler *s, const uint64_t st[4]);
 
 /* ---- sampling from the top-k alone (tensor parallelism) ----
  * Under TP no rank holds a whole logits row: the ranks merge their slices'

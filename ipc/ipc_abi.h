@@ -222,6 +222,16 @@ _Static_assert(sizeof(struct ipc_gen_params) == 64, "gen params");
 enum ipc_wcmd_op {
     IPC_WCMD_START = 1,  /* run request `req` */
     IPC_WCMD_CANCEL = 2, /* drop request `req` (answered by DONE, CANCELLED) */
+    /* Disaggregated mode (ipc_kv.h). ADOPT, to a decode group: continue
+     * request `req` whose prompt KV a prefill group wrote: the START fields
+     * plus `first` (the token sampled after the prompt, already streamed)
+     * and `n_blocks`; its block table and sampler state are in the
+     * request's IN area. Answered by ADOPTED (or DONE). */
+    IPC_WCMD_ADOPT = 3,
+    /* RECLAIM, to a prefill group: the `n_blocks` blocks in the IN area of
+     * `req` are the group's again, and its hold on `req` (since HANDOFF)
+     * is over. No answer. */
+    IPC_WCMD_RECLAIM = 4,
 };
 
 #define IPC_WCMD_F_NO_MEDUSA 1u /* START: never decode this request with Medusa */
@@ -237,7 +247,9 @@ struct ipc_wcmd {
     int32_t top_k;
     uint32_t rsvd1;
     uint64_t seed;
-    uint8_t pad[16];
+    int32_t first;     /* ADOPT */
+    uint32_t n_blocks; /* ADOPT, RECLAIM */
+    uint8_t pad[8];
 };
 _Static_assert(sizeof(struct ipc_wcmd) == IPC_DESC_SIZE, "worker command is one descriptor");
 
@@ -251,6 +263,14 @@ enum ipc_wevt_op {
                          * arg[1] kv used | kv total << 32; n_tokens = sequences in
                          * that step's forward; result = the largest decode batch
                          * at which Medusa still pays (measured; 0: no Medusa) */
+    /* Disaggregated mode (ipc_kv.h). HANDOFF, from a prefill group: req's
+     * prompt is in the KV (arg[0] positions), its table (arg[1] blocks)
+     * and sampler state in its OUT area, tokens[0] its first token (already
+     * sent in a TOKEN event); the group holds the blocks until
+     * gorgond sends RECLAIM. ADOPTED, from a decode group: req runs there
+     * now; the arg[1] blocks it gave in exchange are in req's OUT area. */
+    IPC_WEVT_HANDOFF = 5,
+    IPC_WEVT_ADOPTED = 6,
 };
 
 struct ipc_wevt {
@@ -369,7 +389,9 @@ struct ipc_stats {
     /* ABI 4, later words (0 from older daemons, which send no group rows) */
     uint64_t gen_groups;         /* worker groups (replicas); their rows follow this struct */
     uint64_t gen_tp;             /* ranks per group */
-    uint64_t rsvd[5];            /* 0 */
+    uint64_t gen_handoff_waiting; /* disaggregated: requests handed off, not adopted yet */
+    uint64_t gen_handoffs_total;  /* disaggregated: prefill -> decode hand-offs */
+    uint64_t rsvd[3];            /* 0 */
 };
 _Static_assert(sizeof(struct ipc_stats) == 256, "stats");
 
@@ -382,6 +404,11 @@ enum ipc_group_state {
     IPC_GROUP_RESTARTING = 2, /* no process: a restart failed, or gorgond is stopping */
     IPC_GROUP_FAILED = 3,     /* given up (died before loading the model, repeatedly) */
 };
+enum ipc_group_role {
+    IPC_GROUP_COLOCATED = 0, /* prompts and decoding */
+    IPC_GROUP_PREFILL = 1,   /* disaggregated: prompts, then the KV is handed off */
+    IPC_GROUP_DECODE = 2,    /* disaggregated: decodes what prefill groups handed off */
+};
 struct ipc_group_stats {
     uint32_t group;
     uint32_t n_ranks;
@@ -392,7 +419,9 @@ struct ipc_group_stats {
     uint64_t tokens_total, requests_total, restarts, watchdog_kills;
     uint64_t decode_batch_max, step_max_us, medusa_max_batch;
     int32_t pid[IPC_GROUP_MAX_RANKS]; /* pid of rank r, 0 when not running */
-    uint64_t rsvd[2];
+    uint32_t role;            /* enum ipc_group_role */
+    uint32_t handoff_waiting; /* decode group: handed-off requests not adopted yet */
+    uint64_t handoffs_total;  /* prefill: requests handed off; decode: adopted */
 };
 _Static_assert(sizeof(struct ipc_group_stats) == 384, "group stats");
 

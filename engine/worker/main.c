@@ -17,9 +17,13 @@ static void usage(FILE *f)
           "                     [--medusa DIR [--medusa-tree SPEC] [--medusa-max-batch N]]\n"
           "                     [--parent PID] [--log-level LEVEL]\n"
           "                     [--tp N --rank R --comm-fd FD [--pinned] [--groups G]]\n"
+          "                     [--role prefill|decode --kv-ctl-fd FD --kv-pool-fd FD\n"
+          "                      --kv-owner ID]\n"
           "Started by gorgond; serves the worker region passed as an inherited fd.\n"
           "With --tp N, one of N tensor-parallel ranks joined by the comm region FD:\n"
           "rank 0 serves the region, ranks 1..N-1 take no --region-fd.\n"
+          "With --role, a prefill or decode group of disaggregated serving over the\n"
+          "shared KV pool (control memfd, this rank's pool memfd, the group's owner id).\n"
           "--threads 0: as many kernel threads as CPUs this process may use (affinity\n"
           "mask and cgroup quota; default 1).\n",
           f);
@@ -44,9 +48,10 @@ int main(int argc, char **argv)
     if (cm_version_requested(argc, argv, "gorgon-worker"))
         return 0;
     eng_worker_cfg cfg = {.region_fd = -1, .wake_fd = -1, .n_threads = 1, .tp = 1,
-                          .comm_fd = -1};
+                          .comm_fd = -1, .kv_ctl_fd = -1, .kv_pool_fd = -1};
     enum { O_REGION = 256, O_WAKE, O_KV, O_SEQS, O_BATCH, O_PARENT, O_LOG, O_MEDUSA, O_MTREE,
-           O_MBATCH, O_TP, O_RANK, O_COMM, O_PINNED, O_GROUPS };
+           O_MBATCH, O_TP, O_RANK, O_COMM, O_PINNED, O_GROUPS,
+           O_ROLE, O_KVCTL, O_KVPOOL, O_KVOWNER };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},       {"threads", required_argument, 0, 't'},
         {"region-fd", required_argument, 0, O_REGION}, {"wake-fd", required_argument, 0, O_WAKE},
@@ -58,6 +63,9 @@ int main(int argc, char **argv)
         {"tp", required_argument, 0, O_TP},         {"rank", required_argument, 0, O_RANK},
         {"comm-fd", required_argument, 0, O_COMM}, {"pinned", no_argument, 0, O_PINNED},
         {"groups", required_argument, 0, O_GROUPS},
+        {"role", required_argument, 0, O_ROLE},     {"kv-ctl-fd", required_argument, 0, O_KVCTL},
+        {"kv-pool-fd", required_argument, 0, O_KVPOOL},
+        {"kv-owner", required_argument, 0, O_KVOWNER},
         {"help", no_argument, 0, 'h'},              {0, 0, 0, 0},
     };
     int c;
@@ -84,6 +92,23 @@ int main(int argc, char **argv)
         case O_COMM: rc = num("--comm-fd", optarg, 0, 1 << 20, &v), cfg.comm_fd = (int)v; break;
         case O_PINNED: cfg.pinned = true; break;
         case O_GROUPS: rc = num("--groups", optarg, 1, 64, &v), cfg.groups = (int)v; break;
+        case O_ROLE:
+            if (!strcmp(optarg, "prefill")) {
+                cfg.role = ENG_WORKER_PREFILL;
+            } else if (!strcmp(optarg, "decode")) {
+                cfg.role = ENG_WORKER_DECODE;
+            } else {
+                fprintf(stderr, "gorgon-worker: --role: '%s' is not prefill or decode\n", optarg);
+                return 2;
+            }
+            break;
+        case O_KVCTL: rc = num("--kv-ctl-fd", optarg, 0, 1 << 20, &v), cfg.kv_ctl_fd = (int)v; break;
+        case O_KVPOOL:
+            rc = num("--kv-pool-fd", optarg, 0, 1 << 20, &v), cfg.kv_pool_fd = (int)v;
+            break;
+        case O_KVOWNER:
+            rc = num("--kv-owner", optarg, 0, 1 << 20, &v), cfg.kv_owner = (uint32_t)v;
+            break;
         case O_PARENT: rc = num("--parent", optarg, 0, 1ll << 31, &v), cfg.parent = (pid_t)v; break;
         case O_LOG: {
             int lvl = cm_log_parse_level(optarg);
@@ -109,6 +134,11 @@ int main(int argc, char **argv)
         fprintf(stderr, "gorgon-worker: --rank %d --tp %d%s: a rank below --tp, and --comm-fd "
                         "with --tp > 1\n",
                 cfg.rank, cfg.tp, cfg.comm_fd < 0 ? " without --comm-fd" : "");
+        return 2;
+    }
+    if (cfg.role != ENG_WORKER_BOTH && (cfg.kv_ctl_fd < 0 || cfg.kv_pool_fd < 0)) {
+        fprintf(stderr, "gorgon-worker: --role needs --kv-ctl-fd and --kv-pool-fd (the shared "
+                        "KV pool)\n");
         return 2;
     }
     return eng_worker_run(&cfg) < 0 ? 1 : 0;

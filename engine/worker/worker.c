@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <unistd.h>
 
@@ -21,6 +22,7 @@
 #include "engine/medusa/medusa_fit.h"
 #include "engine/worker/worker.h"
 #include "ipc/ipc.h"
+#include "ipc/ipc_kv.h"
 
 #define TAG "worker"
 #define WK_IDLE_WAIT_NS 200000000 /* idle sleep slice: bounds how late a dead parent is seen */
@@ -39,7 +41,9 @@
 #define WK_STEP_TIMEOUT_MS 30000 /* a collective inside a step that sees no progress this
                                   * long ends the group (a hung rank) */
 
-enum wk_state { WK_FREE = 0, WK_QUEUED, WK_PREFILL, WK_DECODE };
+/* WK_HANDOFF (prefill role): the prompt's blocks left for a decode group;
+ * the request holds its reservation until gorgond's RECLAIM. */
+enum wk_state { WK_FREE = 0, WK_QUEUED, WK_PREFILL, WK_DECODE, WK_HANDOFF };
 
 typedef struct wk_req {
     enum wk_state st;
@@ -54,6 +58,11 @@ typedef struct wk_req {
      * (from which `last` was taken), so a Medusa step can run. */
     bool med_ok, med_pending, med_now;
     uint32_t med_steps, med_acc;
+    /* ADOPT (decode role): queued to continue a handed-off request with
+     * `first` after n_hand blocks (table in the worker's hand_tbl) */
+    bool adopt;
+    int32_t first;
+    uint32_t n_hand;
 } wk_req;
 
 typedef struct wk {
@@ -73,6 +82,14 @@ typedef struct wk {
     int64_t n_vocab, n_ctx, block_size, n_blocks;
     uint32_t n_req;
     wk_req *req;
+    /* disaggregated serving: the shared pool (kvc.fd -1: a private one) */
+    ipc_kv_ctl kvc;
+    void *pool;
+    size_t pool_bytes;
+    int64_t max_hand;   /* table entries of one hand-off */
+    int32_t *hand_tbl;  /* [n_req][max_hand] adopted tables (decode role) */
+    int32_t *xfer;      /* [max_hand] scratch */
+    uint8_t *payload;   /* rank 0 without TP: a command's hand-off payload */
     uint32_t q_head, q_tail; /* FIFO of QUEUED requests */
     uint32_t n_queued, n_running;
     int64_t reserved; /* worst-case blocks of running requests */
@@ -145,6 +162,16 @@ static void emit_done(wk *w, uint32_t r, enum ipc_finish fin, int result, uint64
     emit(w, &e);
 }
 
+static void run_remove(wk *w, uint32_t r)
+{
+    w->n_running--;
+    for (uint32_t i = 0; i < w->n_running + 1; i++)
+        if (w->run[i] == r) {
+            memmove(&w->run[i], &w->run[i + 1], (w->n_running - i) * sizeof(*w->run));
+            break;
+        }
+}
+
 static void req_release(wk *w, uint32_t r)
 {
     wk_req *q = &w->req[r];
@@ -153,12 +180,9 @@ static void req_release(wk *w, uint32_t r)
         if (w->md)
             eng_medusa_seq_end(w->md, q->seq);
         w->reserved -= q->blocks;
-        w->n_running--;
-        for (uint32_t i = 0; i < w->n_running + 1; i++)
-            if (w->run[i] == r) {
-                memmove(&w->run[i], &w->run[i + 1], (w->n_running - i) * sizeof(*w->run));
-                break;
-            }
+        run_remove(w, r);
+    } else if (q->st == WK_HANDOFF) {
+        w->reserved -= q->blocks;
     }
     eng_sampler_destroy(q->smp);
     q->smp = NULL;
@@ -216,32 +240,41 @@ static void queue_remove(wk *w, uint32_t r)
     }
 }
 
-/* The number of prompt ids a START carries, or -1 when its count is bad
- * (then it is refused before its prompt is read). */
+/* The number of prompt ids a START or ADOPT carries, or -1 when its count
+ * is bad (then it is refused before its prompt is read). */
 static int64_t start_words(const wk *w, const struct ipc_wcmd *c)
 {
+    if (c->op != IPC_WCMD_START && c->op != IPC_WCMD_ADOPT)
+        return -1;
     int64_t n = c->n_prompt;
     return n >= 1 && (size_t)n * sizeof(int32_t) <= w->slot_in ? n : -1;
 }
 
-static void cmd_start(wk *w, const struct ipc_wcmd *c, const int32_t *prompt)
+/* The checks and state START and ADOPT share: the request's reservation,
+ * Medusa eligibility, its prompt (copied and checked) and sampler. false
+ * when it was refused (DONE sent). */
+static bool req_init(wk *w, const struct ipc_wcmd *c, const int32_t *prompt)
 {
     uint32_t r = c->req;
     wk_req *q = &w->req[r];
     if (q->st != WK_FREE) {
-        CM_LOG_WARN(TAG, "START for request %u that is already running: ignored", r);
-        return;
+        CM_LOG_WARN(TAG, "command %u for request %u that is already running: ignored", c->op, r);
+        return false;
     }
     int64_t n = c->n_prompt;
     int64_t positions = n + (int64_t)c->max_tokens - 1;
     if (start_words(w, c) < 0 || c->max_tokens < 1 || positions > w->n_ctx) {
         emit_done(w, r, IPC_FINISH_ERROR, -EINVAL, 0, 0);
-        return;
+        return false;
     }
+    /* A prefill group holds the prompt only: the decode group reserves the
+     * rest when it adopts the request. */
+    if (w->cfg.role == ENG_WORKER_PREFILL)
+        positions = n;
     q->blocks = (positions + w->block_size - 1) / w->block_size;
     if (q->blocks > w->n_blocks) {
         emit_done(w, r, IPC_FINISH_ERROR, -E2BIG, (uint64_t)q->blocks, (uint64_t)w->n_blocks);
-        return;
+        return false;
     }
     /* Medusa serves greedy requests (its greedy acceptance is exactly
      * greedy decoding); a tree step writes n_nodes positions past the
@@ -259,12 +292,13 @@ static void cmd_start(wk *w, const struct ipc_wcmd *c, const int32_t *prompt)
     }
     q->med_pending = q->med_now = false;
     q->med_steps = q->med_acc = 0;
+    q->adopt = false;
     /* One copy out of shared memory; ids are checked here, not trusted. */
     memcpy(q->prompt, prompt, (size_t)n * sizeof(int32_t));
     for (int64_t i = 0; i < n; i++)
         if (q->prompt[i] < 0 || q->prompt[i] >= w->n_vocab) {
             emit_done(w, r, IPC_FINISH_ERROR, -EINVAL, 0, 0);
-            return;
+            return false;
         }
     eng_sampler_cfg sc = {.temperature = c->temperature, .top_k = c->top_k, .top_p = c->top_p,
                           .min_p = c->min_p, .repeat_penalty = c->repeat_penalty,
@@ -273,7 +307,7 @@ static void cmd_start(wk *w, const struct ipc_wcmd *c, const int32_t *prompt)
     if (rc < 0) {
         CM_LOG_WARN(TAG, "request %u: sampler: %s", r, eng_error());
         emit_done(w, r, IPC_FINISH_ERROR, rc, 0, 0);
-        return;
+        return false;
     }
     for (int64_t i = 0; i < n; i++)
         eng_sampler_accept(q->smp, q->prompt[i]);
@@ -281,6 +315,12 @@ static void cmd_start(wk *w, const struct ipc_wcmd *c, const int32_t *prompt)
     q->n_done = 0;
     q->n_gen = 0;
     q->max_tokens = c->max_tokens;
+    return true;
+}
+
+static void enqueue(wk *w, uint32_t r)
+{
+    wk_req *q = &w->req[r];
     q->st = WK_QUEUED;
     q->next_q = UINT32_MAX;
     if (w->q_tail == UINT32_MAX)
@@ -291,23 +331,106 @@ static void cmd_start(wk *w, const struct ipc_wcmd *c, const int32_t *prompt)
     w->n_queued++;
 }
 
+static void cmd_start(wk *w, const struct ipc_wcmd *c, const int32_t *prompt)
+{
+    if (w->cfg.role == ENG_WORKER_DECODE) {
+        CM_LOG_WARN(TAG, "START for request %u in a decode group: refused", c->req);
+        emit_done(w, c->req, IPC_FINISH_ERROR, -EPROTO, 0, 0);
+        return;
+    }
+    if (req_init(w, c, prompt))
+        enqueue(w, c->req);
+}
+
+/* A command's hand-off payload (ADOPT, RECLAIM): the RNG state, then the
+ * n_blocks block ids, copied once out of the request's IN area. */
+#define WK_HAND_HDR (4 * sizeof(uint64_t))
+static bool has_payload(const wk *w, const struct ipc_wcmd *c)
+{
+    return (c->op == IPC_WCMD_ADOPT || c->op == IPC_WCMD_RECLAIM) && w->kvc.fd >= 0 &&
+           c->n_blocks <= w->max_hand;
+}
+
+static size_t payload_bytes(const struct ipc_wcmd *c)
+{
+    return WK_HAND_HDR + (size_t)c->n_blocks * sizeof(int32_t);
+}
+
+/* ADOPT (decode role): the request continues here from `first`, over the
+ * blocks a prefill group wrote; admitted in FIFO order like START. */
+static void cmd_adopt(wk *w, const struct ipc_wcmd *c, const int32_t *prompt, const uint8_t *hp)
+{
+    const uint32_t r = c->req;
+    if (w->cfg.role != ENG_WORKER_DECODE || !hp || c->first < 0 || c->first >= w->n_vocab ||
+        c->max_tokens < 2) {
+        CM_LOG_WARN(TAG, "bad ADOPT of request %u (%u blocks, first token %d): refused", r,
+                    c->n_blocks, c->first);
+        emit_done(w, r, IPC_FINISH_ERROR, -EPROTO, 0, 0);
+        return;
+    }
+    if (!req_init(w, c, prompt))
+        return;
+    wk_req *q = &w->req[r];
+    if ((int64_t)c->n_blocks > q->blocks ||
+        (int64_t)c->n_blocks * w->block_size < q->n_prompt) {
+        CM_LOG_WARN(TAG, "ADOPT of request %u: %u blocks for a %" PRId64 "-token prompt", r,
+                    c->n_blocks, q->n_prompt);
+        req_release(w, r);
+        emit_done(w, r, IPC_FINISH_ERROR, -EPROTO, 0, 0);
+        return;
+    }
+    uint64_t rng[4];
+    memcpy(rng, hp, sizeof rng);
+    eng_sampler_rng_set(q->smp, rng);
+    eng_sampler_accept(q->smp, c->first);
+    memcpy(w->hand_tbl + (size_t)r * (size_t)w->max_hand, hp + WK_HAND_HDR,
+           (size_t)c->n_blocks * sizeof(int32_t));
+    q->adopt = true;
+    q->first = c->first;
+    q->n_hand = c->n_blocks;
+    q->n_gen = 1;
+    enqueue(w, r);
+}
+
+/* RECLAIM (prefill role): blocks are this group's again (a decode group's
+ * exchange, or a hand-off that did not happen), and the request's hold
+ * since HANDOFF ends. */
+static void cmd_reclaim(wk *w, const struct ipc_wcmd *c, const uint8_t *hp)
+{
+    if (!hp) {
+        CM_LOG_WARN(TAG, "bad RECLAIM of request %u (%u blocks): ignored", c->req, c->n_blocks);
+        return;
+    }
+    memcpy(w->xfer, hp + WK_HAND_HDR, (size_t)c->n_blocks * sizeof(int32_t));
+    if (eng_kv_give(w->kv, w->xfer, c->n_blocks) < 0)
+        CM_LOG_WARN(TAG, "RECLAIM of request %u: %s", c->req, eng_error());
+    if (w->req[c->req].st == WK_HANDOFF)
+        req_release(w, c->req);
+}
+
 static void cmd_cancel(wk *w, uint32_t r)
 {
     wk_req *q = &w->req[r];
-    if (q->st == WK_FREE)
-        return; /* already finished: its DONE is on the way */
+    if (q->st == WK_FREE || q->st == WK_HANDOFF)
+        return; /* already finished (its DONE is on the way) or handed off: gorgond ends
+                 * the hold with RECLAIM */
     if (q->st == WK_QUEUED)
         queue_remove(w, r);
     req_release(w, r);
     emit_done(w, r, IPC_FINISH_CANCELLED, -ECANCELED, 0, 0);
 }
 
-static void apply_cmd(wk *w, const struct ipc_wcmd *c, const int32_t *prompt)
+static void apply_cmd(wk *w, const struct ipc_wcmd *c, const int32_t *prompt,
+                      const uint8_t *hp)
 {
     if (c->op == IPC_WCMD_START)
         cmd_start(w, c, prompt);
     else if (c->op == IPC_WCMD_CANCEL)
         cmd_cancel(w, c->req);
+    else if (c->op == IPC_WCMD_ADOPT)
+        cmd_adopt(w, c, prompt, hp);
+    else if (c->op == IPC_WCMD_RECLAIM)
+        cmd_reclaim(w, c, hp);
     else
         CM_LOG_WARN(TAG, "unknown command %u: ignored", c->op);
 }
@@ -321,7 +444,9 @@ static int read_commands(wk *w)
     int any = 0;
     w->plan_len = 0;
     for (;;) {
-        if (w->cm && w->plan_cap - w->plan_len < sizeof(struct ipc_wcmd) + w->slot_in)
+        if (w->cm && w->plan_cap - w->plan_len < sizeof(struct ipc_wcmd) + w->slot_in +
+                                                     WK_HAND_HDR +
+                                                     (size_t)w->max_hand * sizeof(int32_t))
             return any; /* the rest goes with the next step's plan */
         struct ipc_wcmd c;
         int rc = ipc_ring_pop(&w->cmd, &c);
@@ -336,9 +461,10 @@ static int read_commands(wk *w)
             CM_LOG_WARN(TAG, "command for request %u out of range: ignored", c.req);
             continue;
         }
-        int64_t n = c.op == IPC_WCMD_START ? start_words(w, &c) : -1;
+        int64_t n = start_words(w, &c);
         const int32_t *prompt =
             n > 0 ? (const int32_t *)(const void *)ipc_region_slot_in(&w->reg, c.req) : NULL;
+        const uint8_t *hp = NULL;
         if (w->cm) {
             memcpy(w->plan + w->plan_len, &c, sizeof c);
             w->plan_len += sizeof c;
@@ -348,7 +474,18 @@ static int read_commands(wk *w)
                 w->plan_len += (size_t)n * sizeof(int32_t);
             }
         }
-        apply_cmd(w, &c, prompt);
+        if (has_payload(w, &c)) {
+            /* copied once out of the IN area, which gorgond wrote before
+             * pushing the command */
+            uint8_t *dst = w->cm ? w->plan + w->plan_len : w->payload;
+            const struct ipc_kv_area *a = ipc_kv_area(&w->kvc, IPC_KV_IN, w->cfg.kv_owner, c.req);
+            memcpy(dst, a->rng, WK_HAND_HDR);
+            memcpy(dst + WK_HAND_HDR, a->blocks, (size_t)c.n_blocks * sizeof(int32_t));
+            hp = dst;
+            if (w->cm)
+                w->plan_len += payload_bytes(&c);
+        }
+        apply_cmd(w, &c, prompt, hp);
     }
 }
 
@@ -401,22 +538,79 @@ static int recv_plan(wk *w)
         struct ipc_wcmd c;
         memcpy(&c, w->plan + off, sizeof c);
         off += sizeof c;
-        int64_t n = c.op == IPC_WCMD_START ? start_words(w, &c) : -1;
+        int64_t n = start_words(w, &c);
         const int32_t *prompt = NULL;
+        const uint8_t *hp = NULL;
         if (n > 0) {
             if (off + (size_t)n * sizeof(int32_t) > h.len)
                 break;
             prompt = (const int32_t *)(w->plan + off);
             off += (size_t)n * sizeof(int32_t);
         }
+        if (c.req < w->n_req && has_payload(w, &c)) {
+            if (off + payload_bytes(&c) > h.len)
+                break;
+            hp = w->plan + off;
+            off += payload_bytes(&c);
+        }
         if (c.req < w->n_req)
-            apply_cmd(w, &c, prompt);
+            apply_cmd(w, &c, prompt, hp);
     }
     if (off != h.len) {
         comm_abort(w->cm, "a rank received a malformed step plan");
         return comm_failed(w, -EPROTO, "step plan");
     }
     return 0;
+}
+
+/* An ADOPT admitted: its sequence takes the handed-off blocks, as many of
+ * ours go back to the prefill group (OUT area, ADOPTED), and it decodes
+ * from `first` (one plain step, then Medusa if it may). */
+static void adopt_admitted(wk *w, uint32_t r)
+{
+    wk_req *q = &w->req[r];
+    const int32_t *tbl = w->hand_tbl + (size_t)r * (size_t)w->max_hand;
+    if (eng_kv_seq_adopt(w->kv, q->seq, tbl, q->n_hand, q->n_prompt, w->xfer) < 0) {
+        CM_LOG_WARN(TAG, "ADOPT of request %u: %s", r, eng_error());
+        req_release(w, r);
+        emit_done(w, r, IPC_FINISH_ERROR, -EPROTO, 0, 0);
+        return;
+    }
+    if (w->cfg.rank == 0) {
+        struct ipc_kv_area *a = ipc_kv_area(&w->kvc, IPC_KV_OUT, 0, r);
+        memcpy(a->blocks, w->xfer, (size_t)q->n_hand * sizeof(int32_t));
+        a->n_blocks = q->n_hand;
+        a->kv_len = (uint32_t)q->n_prompt;
+    }
+    q->adopt = false;
+    q->st = WK_DECODE;
+    q->n_done = q->n_prompt;
+    q->last = q->first;
+    struct ipc_wevt e = {.op = IPC_WEVT_ADOPTED, .req = r, .n_gen = (uint32_t)q->n_gen,
+                         .arg = {(uint64_t)q->n_prompt, q->n_hand}};
+    emit(w, &e);
+}
+
+/* Prefill role, after a request's first token: its prompt's blocks leave
+ * for a decode group (table and RNG state in the OUT area, HANDOFF); the
+ * request keeps its reservation until gorgond's RECLAIM. */
+static void hand_off(wk *w, uint32_t r)
+{
+    wk_req *q = &w->req[r];
+    int64_t n = eng_kv_seq_detach(w->kv, q->seq, w->xfer, w->max_hand);
+    CM_ASSERT(n >= 0); /* max_hand holds a whole context's table */
+    if (w->cfg.rank == 0) {
+        struct ipc_kv_area *a = ipc_kv_area(&w->kvc, IPC_KV_OUT, 0, r);
+        eng_sampler_rng_get(q->smp, a->rng);
+        memcpy(a->blocks, w->xfer, (size_t)n * sizeof(int32_t));
+        a->n_blocks = (uint32_t)n;
+        a->kv_len = (uint32_t)q->n_prompt;
+    }
+    run_remove(w, r);
+    q->st = WK_HANDOFF;
+    struct ipc_wevt e = {.op = IPC_WEVT_HANDOFF, .req = r, .n_gen = (uint32_t)q->n_gen,
+                         .tokens = {q->last}, .arg = {(uint64_t)q->n_prompt, (uint64_t)n}};
+    emit(w, &e);
 }
 
 /* FIFO admission against the worst case of every running request. */
@@ -438,6 +632,8 @@ static void admit(wk *w)
         q->st = WK_PREFILL;
         w->reserved += q->blocks;
         w->run[w->n_running++] = r;
+        if (q->adopt)
+            adopt_admitted(w, r);
     }
 }
 
@@ -707,6 +903,8 @@ static void step(wk *w)
         }
         row++;
         emit_tokens(w, r, &t, 1);
+        if (w->cfg.role == ENG_WORKER_PREFILL && q->st == WK_DECODE)
+            hand_off(w, r);
     }
     if (n_med > 0)
         med_emit(w, n_med);
@@ -945,6 +1143,62 @@ static int join_group(wk *w)
     return 0;
 }
 
+/* Disaggregated serving: the cache lives in the shared pool (this rank's
+ * pool memfd), and starts with the blocks owner[] gives this group. */
+static int shared_pool(wk *w, eng_kv_cfg *kc, int32_t **own)
+{
+    char why[256];
+    int rc = ipc_kv_ctl_map(&w->kvc, w->cfg.kv_ctl_fd, why, sizeof why);
+    if (rc < 0) {
+        CM_LOG_ERROR(TAG, "shared KV pool control area: %s", why);
+        return rc;
+    }
+    const struct ipc_kv_hdr *h = w->kvc.hdr;
+    w->max_hand = h->max_blocks;
+    const int64_t per_seq = (w->n_ctx + w->block_size - 1) / w->block_size;
+    if (h->n_req < w->n_req || w->max_hand < per_seq || w->cfg.kv_owner >= h->n_groups) {
+        CM_LOG_ERROR(TAG, "shared KV pool: areas for %u groups' %u requests of %u blocks; this "
+                     "worker is group %u with %u requests of up to %" PRId64 " blocks (block "
+                     "size %" PRId64 ")",
+                     h->n_groups, h->n_req, h->max_blocks, w->cfg.kv_owner, w->n_req, per_seq,
+                     w->block_size);
+        return -EPROTO;
+    }
+    kc->n_blocks = h->n_blocks;
+    w->pool_bytes = eng_kv_pool_bytes(kc);
+    if (!w->pool_bytes)
+        return -EINVAL;
+    if ((rc = ipc_kv_pool_map(w->cfg.kv_pool_fd, w->pool_bytes, &w->pool, why, sizeof why)) < 0) {
+        CM_LOG_ERROR(TAG, "shared KV pool (rank %d): %s", w->cfg.rank, why);
+        return rc;
+    }
+    close(w->cfg.kv_pool_fd); /* the mapping stays */
+    kc->mem = w->pool;
+    kc->mem_size = w->pool_bytes;
+    if (!(*own = malloc((size_t)h->n_blocks * sizeof(int32_t))))
+        return -ENOMEM;
+    int64_t n = 0;
+    for (uint32_t b = 0; b < h->n_blocks; b++)
+        if (__atomic_load_n(&w->kvc.owner[b], __ATOMIC_ACQUIRE) == w->cfg.kv_owner)
+            (*own)[n++] = (int32_t)b;
+    if (n == 0) {
+        CM_LOG_ERROR(TAG, "shared KV pool: no block belongs to group %u", w->cfg.kv_owner);
+        return -EPROTO;
+    }
+    kc->own = *own;
+    kc->n_own = n;
+    w->n_blocks = n;
+    w->hand_tbl = malloc((size_t)w->n_req * (size_t)w->max_hand * sizeof(int32_t));
+    w->xfer = malloc((size_t)w->max_hand * sizeof(int32_t));
+    w->payload = malloc(WK_HAND_HDR + (size_t)w->max_hand * sizeof(int32_t));
+    if (!w->hand_tbl || !w->xfer || !w->payload)
+        return -ENOMEM;
+    CM_LOG_INFO(TAG, "%s group %u: %" PRId64 " of the shared pool's %u KV blocks",
+                w->cfg.role == ENG_WORKER_PREFILL ? "prefill" : "decode", w->cfg.kv_owner, n,
+                h->n_blocks);
+    return 0;
+}
+
 static int setup(wk *w)
 {
     int rc;
@@ -995,11 +1249,16 @@ static int setup(wk *w)
         w->n_blocks = 1;
     eng_kv_cfg kc;
     eng_model_kv_cfg(w->m, w->cfg.block_size, w->n_blocks, w->cfg.max_seqs, w->n_ctx, &kc);
-    if ((rc = eng_kv_create(&w->kv, w->kn, &kc)) < 0) {
+    int32_t *own = NULL;
+    if (w->cfg.kv_ctl_fd >= 0 && (rc = shared_pool(w, &kc, &own)) < 0)
+        return rc;
+    rc = eng_kv_create(&w->kv, w->kn, &kc);
+    free(own);
+    if (rc < 0) {
         CM_LOG_ERROR(TAG, "KV cache of %" PRId64 " blocks: %s", w->n_blocks, eng_error());
         return rc;
     }
-    if (w->cfg.medusa_dir && (rc = med_open(w)) < 0)
+    if (w->cfg.medusa_dir && w->cfg.role != ENG_WORKER_PREFILL && (rc = med_open(w)) < 0)
         return rc;
     /* Trees ride on top of the prefill budget (decode and trees first, so
      * they never starve prompts of a step). */
@@ -1096,6 +1355,12 @@ static void teardown(wk *w)
         comm_abort(w->cm, w->cfg.rank == 0 ? "rank 0 stopped" : "a rank stopped");
     comm_destroy(w->cm);
     free(w->plan);
+    free(w->hand_tbl);
+    free(w->xfer);
+    free(w->payload);
+    if (w->pool)
+        munmap(w->pool, w->pool_bytes);
+    ipc_kv_ctl_unmap(&w->kvc);
 }
 
 int eng_worker_run(const eng_worker_cfg *cfg)
@@ -1109,6 +1374,7 @@ int eng_worker_run(const eng_worker_cfg *cfg)
         return -ENOMEM;
     w->cfg = *cfg;
     w->reg.fd = -1;
+    w->kvc.fd = -1;
     int rc = setup(w);
     if (rc < 0) {
         teardown(w);

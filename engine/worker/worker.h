@@ -37,8 +37,15 @@
 #ifndef GORGON_ENG_WORKER_H
 #define GORGON_ENG_WORKER_H
 
+#include <stdbool.h>
 #include <stdint.h>
 #include <sys/types.h>
+
+enum eng_worker_role {
+    ENG_WORKER_BOTH = 0, /* colocated: prefill and decode */
+    ENG_WORKER_PREFILL,  /* runs prompts, streams the first token, hands the KV off */
+    ENG_WORKER_DECODE,   /* adopts handed-off requests and decodes them */
+};
 
 typedef struct eng_worker_cfg {
     const char *model_path;
@@ -73,6 +80,13 @@ typedef struct eng_worker_cfg {
      * this one alone): their ranks count against the CPUs too when
      * deciding whether unpinned ranks may spin */
     int groups;
+    /* Disaggregated serving (docs/disaggregation.md, ipc/ipc_kv.h): the
+     * role, the shared KV pool's control memfd and this rank's pool memfd
+     * (-1 both: a private pool), and the group's id in the owner table
+     * (its blocks are those owner[] gives it; kv_blocks is ignored). */
+    enum eng_worker_role role;
+    int kv_ctl_fd, kv_pool_fd;
+    uint32_t kv_owner;
 } eng_worker_cfg;
 
 /* Load the model, map the region, announce READY and serve until the

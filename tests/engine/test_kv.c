@@ -237,3 +237,82 @@ Test(engine_kv, rejects_bad_geometry)
     cr_assert_eq(eng_kv_create(&kv, NULL, &cfg), -EINVAL, "a cache needs a backend");
     cr_assert_null(kv);
 }
+
+/* Two caches over one area: a prefill cache owning blocks 0..3 hands a
+ * sequence to a decode cache owning 4..7, which reads the same K/V and
+ * gives as many of its free blocks back; each keeps its share. */
+Test(engine_kv, handoff_moves_ownership_not_data)
+{
+    eng_kv_cfg cfg = small_cfg();
+    size_t bytes = eng_kv_pool_bytes(&cfg);
+    void *mem = aligned_alloc(64, bytes);
+    const int32_t pre_own[4] = {0, 1, 2, 3}, dec_own[4] = {4, 5, 6, 7};
+    cfg.mem = mem;
+    cfg.mem_size = bytes;
+    cfg.own = pre_own;
+    cfg.n_own = 4;
+    eng_kv *pre = make(&cfg);
+    cfg.own = dec_own;
+    eng_kv *dec = make(&cfg);
+    cr_assert_eq(eng_kv_owned_blocks(pre), 4);
+    cr_assert_eq(eng_kv_free_blocks(dec), 4);
+
+    int a = eng_kv_seq_alloc(pre);
+    cr_assert_eq(eng_kv_seq_append(pre, a, 6), 6); /* 2 blocks */
+    fill(pre, a, 6);
+    int32_t tbl[8], back[8];
+    cr_assert_eq(eng_kv_seq_detach(pre, a, tbl, 1), -ENOSPC, "table larger than cap");
+    cr_assert_eq(eng_kv_seq_detach(pre, a, tbl, 8), 2);
+    cr_assert_eq(eng_kv_owned_blocks(pre), 2);
+    cr_assert_eq(eng_kv_free_blocks(pre), 2);
+    cr_assert_eq(eng_kv_seq_len(pre, a), -EINVAL, "slot freed");
+
+    int d = eng_kv_seq_alloc(dec);
+    int32_t dup[2] = {tbl[0], tbl[0]};
+    cr_assert_eq(eng_kv_seq_adopt(dec, d, dup, 2, 6, back), -EINVAL, "duplicate block");
+    int32_t theirs[2] = {tbl[0], 5};
+    cr_assert_eq(eng_kv_seq_adopt(dec, d, theirs, 2, 6, back), -EINVAL, "own block");
+    cr_assert_eq(eng_kv_seq_adopt(dec, d, tbl, 2, 9, back), -EINVAL, "len past the blocks");
+    cr_assert_eq(eng_kv_free_blocks(dec), 4, "failed adopts change nothing");
+    cr_assert_eq(eng_kv_seq_adopt(dec, d, tbl, 2, 6, back), 0, "%s", eng_error());
+    cr_assert_eq(eng_kv_seq_len(dec, d), 6);
+    cr_assert_eq(eng_kv_owned_blocks(dec), 4);
+    cr_assert_eq(eng_kv_free_blocks(dec), 2);
+    for (int l = 0; l < 2; l++)
+        for (int64_t p = 0; p < 6; p++)
+            for (int e = 0; e < 8; e++) {
+                cr_assert_eq(eng_kv_k_at(dec, l, d, p)[e], tag(l, 0, p, e));
+                cr_assert_eq(eng_kv_v_at(dec, l, d, p)[e], tag(l, 1, p, e));
+            }
+    for (int i = 0; i < 2; i++)
+        cr_assert(back[i] >= 4 && back[i] <= 7, "gives its own blocks: %d", back[i]);
+    /* the decode cache keeps growing the sequence from its own blocks */
+    cr_assert_eq(eng_kv_seq_append(dec, d, 4), 10);
+    cr_assert_eq(eng_kv_free_blocks(dec), 1);
+
+    int32_t bad = 8;
+    cr_assert_eq(eng_kv_give(pre, &bad, 1), -EINVAL);
+    cr_assert_eq(eng_kv_give(pre, back, 2), 2);
+    cr_assert_eq(eng_kv_give(pre, back, 2), 0, "a repeated give adds nothing");
+    cr_assert_eq(eng_kv_owned_blocks(pre), 4);
+    cr_assert_eq(eng_kv_free_blocks(pre), 4);
+    cr_assert_eq(eng_kv_seq_free(dec, d), 0);
+    cr_assert_eq(eng_kv_free_blocks(dec), 4, "the adopted blocks are the decode cache's now");
+    eng_kv_destroy(pre);
+    eng_kv_destroy(dec);
+    free(mem);
+}
+
+Test(engine_kv, own_list_is_checked)
+{
+    eng_kv_cfg cfg = small_cfg();
+    const int32_t twice[2] = {1, 1}, out[1] = {8};
+    eng_kv *kv = NULL;
+    cfg.own = twice;
+    cfg.n_own = 2;
+    cr_assert_eq(eng_kv_create(&kv, backend(), &cfg), -EINVAL);
+    cfg.own = out;
+    cfg.n_own = 1;
+    cr_assert_eq(eng_kv_create(&kv, backend(), &cfg), -EINVAL);
+    cr_assert_null(kv);
+}

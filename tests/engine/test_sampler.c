@@ -103,6 +103,25 @@ Test(engine_sampler, same_seed_same_sequence)
     eng_sampler_destroy(c);
 }
 
+/* A hand-off: a second sampler given the first one's RNG state continues
+ * its draws exactly. */
+Test(engine_sampler, rng_state_continues_in_another_sampler)
+{
+    eng_sampler_cfg cfg = {.temperature = 1.0f, .seed = 77};
+    eng_sampler *a = make(cfg);
+    cfg.seed = 78;
+    eng_sampler *b = make(cfg);
+    for (int i = 0; i < 13; i++)
+        (void)draw(a);
+    uint64_t st[4];
+    eng_sampler_rng_get(a, st);
+    eng_sampler_rng_set(b, st);
+    for (int i = 0; i < 100; i++)
+        cr_assert_eq(draw(b), draw(a), "draw %d after the hand-off", i);
+    eng_sampler_destroy(a);
+    eng_sampler_destroy(b);
+}
+
 Test(engine_sampler, top_k_1_equals_greedy)
 {
     eng_sampler *s = make((eng_sampler_cfg){.temperature = 5.0f, .top_k = 1, .seed = 9});
