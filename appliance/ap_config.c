@@ -385,9 +385,10 @@ static int check(const ap_config *cfg)
         if (n < 0)
             return n;
         if (n < cfg->tp * ap_config_groups(cfg)) {
-            char ranks[64];
+            char ranks[96];
             if (ap_config_groups(cfg) > 1)
-                snprintf(ranks, sizeof ranks, "tp = %d x groups = %d: %d", cfg->tp,
+                snprintf(ranks, sizeof ranks, "tp = %d x %s = %d: %d", cfg->tp,
+                         cfg->disaggregated ? "prefill + decode groups" : "replicas",
                          ap_config_groups(cfg), cfg->tp * ap_config_groups(cfg));
             else
                 snprintf(ranks, sizeof ranks, "tp = %d", cfg->tp);

@@ -215,6 +215,9 @@ typedef struct gorgon_counters {
     /* Generations that ended cancelled (gorgon_cancel, their client gone,
      * gorgond shutting down); gen_failed counts those that ended in error. */
     uint64_t gen_cancelled;
+    /* mode = disaggregated: requests handed off by a prefill group that no
+     * decode group has adopted yet (waiting for KV room), and hand-offs */
+    uint64_t gen_handoff_waiting, gen_handoffs_total;
 } gorgon_counters;
 
 /* Round trip of one PING. Returns the bytes echoed (checked byte for byte:
@@ -233,7 +236,14 @@ enum gorgon_group_state {
     GORGON_GROUP_FAILED = 3,     /* given up: it died before loading the model, repeatedly */
 };
 
-/* One worker group of gorgond (`replicas` of them, `tp` ranks each). */
+enum gorgon_group_role {
+    GORGON_GROUP_COLOCATED = 0, /* runs prompts and decodes them */
+    GORGON_GROUP_PREFILL = 1,   /* mode = disaggregated: runs prompts, hands the KV off */
+    GORGON_GROUP_DECODE = 2,    /* mode = disaggregated: decodes handed-off requests */
+};
+
+/* One worker group of gorgond (`replicas` of them, or prefill and decode
+ * groups; `tp` ranks each). */
 typedef struct gorgon_group {
     uint32_t group;             /* 0 .. replicas-1 */
     uint32_t n_ranks;           /* tp */
@@ -245,6 +255,9 @@ typedef struct gorgon_group {
     uint64_t tokens_total, requests_total, restarts, watchdog_kills;
     uint64_t decode_batch_max, step_max_us, medusa_max_batch;
     int32_t pid[GORGON_GROUP_MAX_RANKS]; /* pid of rank r (r < n_ranks); 0: not running */
+    enum gorgon_group_role role;
+    uint32_t handoff_waiting; /* decode group: requests handed to it, not adopted yet */
+    uint64_t handoffs_total;  /* prefill: requests handed off; decode: adopted */
 } gorgon_group;
 
 /* gorgond's worker groups, one row each (the IPC_OP_STATS round trip, 1 s

@@ -767,6 +767,8 @@ int gorgon_stats(gorgon_client *cli, gorgon_counters *st)
     st->watchdog_kills = s.watchdog_kills;
     st->step_max_us = s.step_max_us;
     st->gen_cancelled = s.gen_cancelled;
+    st->gen_handoff_waiting = s.gen_handoff_waiting;
+    st->gen_handoffs_total = s.gen_handoffs_total;
     return 0;
 }
 
@@ -806,6 +808,10 @@ int gorgon_groups(gorgon_client *cli, gorgon_group *out, size_t cap)
         g->medusa_max_batch = r.medusa_max_batch;
         for (uint32_t k = 0; k < g->n_ranks; k++)
             g->pid[k] = r.pid[k];
+        g->role = r.role <= IPC_GROUP_DECODE ? (enum gorgon_group_role)r.role
+                                             : GORGON_GROUP_COLOCATED;
+        g->handoff_waiting = r.handoff_waiting;
+        g->handoffs_total = r.handoffs_total;
     }
     return (int)rows;
 }

@@ -250,11 +250,17 @@ static int cmd_stats(int argc, char **argv)
     printf("handshakes_dropped  %llu\n", (unsigned long long)st.handshakes_dropped);
     printf("watchdog_kills      %llu\n", (unsigned long long)st.watchdog_kills);
     printf("step_max_ms         %.1f\n", (double)st.step_max_us / 1000.0);
+    if (st.gen_handoffs_total || st.gen_handoff_waiting) {
+        printf("handoffs_total      %llu\n", (unsigned long long)st.gen_handoffs_total);
+        printf("handoff_waiting     %llu\n", (unsigned long long)st.gen_handoff_waiting);
+    }
     static const char *const state[] = {"starting", "ready", "restarting", "failed"};
+    static const char *const role[] = {"", " prefill", " decode"};
     for (int i = 0; i < n_grp && i < 64; i++) {
         const gorgon_group *g = &grp[i];
-        printf("group %-13u %s, pids", g->group,
-               (unsigned)g->state < 4 ? state[g->state] : "?");
+        printf("group %-13u %s%s, pids", g->group,
+               (unsigned)g->state < 4 ? state[g->state] : "?",
+               (unsigned)g->role < 3 ? role[g->role] : "");
         for (uint32_t r = 0; r < g->n_ranks; r++)
             printf("%c%d", r ? ',' : ' ', (int)g->pid[r]);
         printf("; requests held %u, waiting %llu; running %llu, queued %llu; kv %llu / %llu; "
@@ -263,6 +269,9 @@ static int cmd_stats(int argc, char **argv)
                (unsigned long long)g->queued, (unsigned long long)g->kv_blocks_used,
                (unsigned long long)g->kv_blocks_total, (unsigned long long)g->tokens_total,
                (unsigned long long)g->restarts);
+        if (g->role != GORGON_GROUP_COLOCATED)
+            printf("%-19s handoffs %llu, waiting for adoption %u\n", "",
+                   (unsigned long long)g->handoffs_total, g->handoff_waiting);
     }
     return 0;
 }

@@ -72,7 +72,8 @@ static void write_layout(FILE *f)
     F(gorgon_counters, medusa_max_batch); F(gorgon_counters, gen_waiting);
     F(gorgon_counters, handshakes_pending); F(gorgon_counters, handshakes_dropped);
     F(gorgon_counters, watchdog_kills); F(gorgon_counters, step_max_us);
-    F(gorgon_counters, gen_cancelled);
+    F(gorgon_counters, gen_cancelled); F(gorgon_counters, gen_handoff_waiting);
+    F(gorgon_counters, gen_handoffs_total);
 
     S(gorgon_group);
     F(gorgon_group, group); F(gorgon_group, n_ranks); F(gorgon_group, state);
@@ -82,6 +83,7 @@ static void write_layout(FILE *f)
     F(gorgon_group, requests_total); F(gorgon_group, restarts);
     F(gorgon_group, watchdog_kills); F(gorgon_group, decode_batch_max);
     F(gorgon_group, step_max_us); F(gorgon_group, medusa_max_batch); F(gorgon_group, pid);
+    F(gorgon_group, role); F(gorgon_group, handoff_waiting); F(gorgon_group, handoffs_total);
 
     S(gorgon_model);
     F(gorgon_model, name); F(gorgon_model, n_ctx); F(gorgon_model, n_vocab);

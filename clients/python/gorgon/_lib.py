@@ -83,11 +83,14 @@ class GorgonCounters(ctypes.Structure):
         ("watchdog_kills", c_uint64),
         ("step_max_us", c_uint64),
         ("gen_cancelled", c_uint64),
+        ("gen_handoff_waiting", c_uint64),
+        ("gen_handoffs_total", c_uint64),
     ]
 
 
 GORGON_GROUP_MAX_RANKS = 64
 GROUP_STATES = {0: "starting", 1: "ready", 2: "restarting", 3: "failed"}
+GROUP_ROLES = {0: "colocated", 1: "prefill", 2: "decode"}
 
 
 class GorgonGroup(ctypes.Structure):
@@ -109,6 +112,9 @@ class GorgonGroup(ctypes.Structure):
         ("step_max_us", c_uint64),
         ("medusa_max_batch", c_uint64),
         ("pid", c_int32 * GORGON_GROUP_MAX_RANKS),
+        ("role", c_int),
+        ("handoff_waiting", c_uint32),
+        ("handoffs_total", c_uint64),
     ]
 
 

@@ -76,7 +76,8 @@ Stats.__module__ = __name__
 @dataclasses.dataclass(frozen=True)
 class Group:
     """One worker group of gorgond (gorgon_group in gorgon.h): `replicas`
-    of them serve at once, each of `tp` rank processes."""
+    of them serve at once (or prefill and decode groups, with
+    mode = disaggregated), each of `tp` rank processes."""
     group: int
     state: str                 # "starting", "ready", "restarting" or "failed"
     pids: tuple                # pid of each rank (0: not running)
@@ -93,6 +94,9 @@ class Group:
     decode_batch_max: int
     step_max_us: int
     medusa_max_batch: int
+    role: str = "colocated"    # "colocated", "prefill" or "decode"
+    handoff_waiting: int = 0   # decode: requests handed to it, not adopted yet
+    handoffs_total: int = 0    # prefill: requests handed off; decode: adopted
 
 
 class Completion(str):
@@ -430,8 +434,9 @@ class Client:
             out.append(Group(
                 group=r.group, state=_lib.GROUP_STATES.get(r.state, str(r.state)),
                 pids=tuple(r.pid[:r.n_ranks]),
+                role=_lib.GROUP_ROLES.get(r.role, str(r.role)),
                 **{name: getattr(r, name) for name, _ in _lib.GorgonGroup._fields_
-                   if name not in ("group", "state", "n_ranks", "pid")}))
+                   if name not in ("group", "state", "n_ranks", "pid", "role")}))
         return out
 
     def model_info(self):

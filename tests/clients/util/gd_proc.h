@@ -84,7 +84,12 @@ static inline bool gd_listening(const char *sock)
     if (fd < 0)
         return false;
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
-    snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", sock);
+    const size_t n = strlen(sock);
+    if (n >= sizeof(sa.sun_path)) {
+        close(fd);
+        return false;
+    }
+    memcpy(sa.sun_path, sock, n + 1);
     bool ok = connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0;
     close(fd);
     return ok;
