@@ -267,15 +267,18 @@ static bool req_init(wk *w, const struct ipc_wcmd *c, const int32_t *prompt)
         emit_done(w, r, IPC_FINISH_ERROR, -EINVAL, 0, 0);
         return false;
     }
-    /* A prefill group holds the prompt only: the decode group reserves the
-     * rest when it adopts the request. */
-    if (w->cfg.role == ENG_WORKER_PREFILL)
-        positions = n;
     q->blocks = (positions + w->block_size - 1) / w->block_size;
+    /* (In a prefill group too: every group's share is the same size, so a
+     * request the decode group could never adopt is refused before its
+     * prompt runs.) */
     if (q->blocks > w->n_blocks) {
         emit_done(w, r, IPC_FINISH_ERROR, -E2BIG, (uint64_t)q->blocks, (uint64_t)w->n_blocks);
         return false;
     }
+    /* A prefill group holds the prompt only: the decode group reserves the
+     * rest when it adopts the request. */
+    if (w->cfg.role == ENG_WORKER_PREFILL)
+        q->blocks = (n + w->block_size - 1) / w->block_size;
     /* Medusa serves greedy requests (its greedy acceptance is exactly
      * greedy decoding); a tree step writes n_nodes positions past the
      * sequence, so such a request reserves that slack too, when the pool
@@ -1390,7 +1393,7 @@ int eng_worker_run(const eng_worker_cfg *cfg)
         ipc_doorbell_notify(&w->evt);
     }
     while (!w->gone) {
-        int got;
+        int got = 0;
         if (leader) {
             got = read_commands(w);
             if (got < 0)

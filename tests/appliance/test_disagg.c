@@ -130,9 +130,9 @@ static bool pool_whole(gorgon_client *cli, uint64_t share)
 Test(appliance_disagg, output_equals_colocated_goldens_and_seeded_sampling, .fini = teardown,
      .timeout = 120)
 {
-    START("--kv-blocks", "300", NULL);
+    START("--kv-blocks", "120", NULL);
     gorgon_client *cli = gd_connect(&gd, 0);
-    AT_WAIT_UNTIL(pool_whole(cli, 300), AT_WAIT_MS, "the groups did not get ready");
+    AT_WAIT_UNTIL(pool_whole(cli, 120), AT_WAIT_MS, "the groups did not get ready");
     gorgon_group g[4];
     cr_assert_eq(groups(cli, g), 2);
     cr_assert(g[0].role == GORGON_GROUP_PREFILL && g[1].role == GORGON_GROUP_DECODE,
@@ -172,7 +172,13 @@ Test(appliance_disagg, output_equals_colocated_goldens_and_seeded_sampling, .fin
     run_one(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 1}, &o);
     cr_assert_eq(o.rc, 0);
     cr_assert_eq(o.last.usage.completion_tokens, 1u);
-    AT_WAIT_UNTIL(pool_whole(cli, 300), AT_WAIT_MS, "blocks still in use after the requests");
+    /* one the decode group could never adopt (125 blocks of 120) is refused
+     * before its prompt runs: no token, no hand-off */
+    run_one(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 1990}, &o);
+    cr_assert_eq(o.rc, -E2BIG, "%d %s", o.rc, o.msg);
+    cr_assert_eq(o.len, 0u);
+    cr_assert(strstr(o.msg, "needs 125 KV blocks"), "%s", o.msg);
+    AT_WAIT_UNTIL(pool_whole(cli, 120), AT_WAIT_MS, "blocks still in use after the requests");
     cr_assert_eq(groups(cli, g), 2);
     cr_assert(g[0].handoffs_total == 4 && g[1].handoffs_total == 4,
               "hand-offs %llu out, %llu adopted (want 4 and 4)",
@@ -200,6 +206,45 @@ Test(appliance_disagg, output_equals_colocated_goldens_and_seeded_sampling, .fin
               (int)penalised.len, penalised.text, (int)o.len, o.text);
     gorgon_close(cli);
     GD_END(&colo);
+}
+
+/* tp = 2 on both sides: rank r of the prefill group hands its heads' KV to
+ * rank r of the decode group through pool r. */
+Test(appliance_disagg, tp2_groups_hand_off_rank_by_rank, .fini = teardown, .timeout = 120)
+{
+    START("--tp", "2", NULL);
+    gorgon_client *cli = gd_connect(&gd, 0);
+    uint32_t a, b;
+    cr_assert_eq(gorgon_generate_submit(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 256},
+                                        1, &a),
+                 0);
+    cr_assert_eq(gorgon_generate_submit(cli,
+                                        &(gorgon_gen_params){.prompt = "The cat",
+                                                             .max_tokens = 100,
+                                                             .temperature = 0.8f,
+                                                             .top_k = 40,
+                                                             .top_p = 0.9f,
+                                                             .seed = 7},
+                                        2, &b),
+                 0);
+    static gen_out o;
+    drain(cli, a, &o);
+    cr_assert_eq(o.rc, 0, "%d %s", o.rc, o.msg);
+    expect_golden("stories260K/golden_greedy_n256.txt", "", &o);
+    drain(cli, b, &o);
+    cr_assert_eq(o.rc, 0, "%d %s", o.rc, o.msg);
+    static char want[8192], got[8192];
+    gorgon_run("-p 'The cat' -n 100 --temp 0.8 --top-k 40 --top-p 0.9 --seed 7", want,
+               sizeof want);
+    snprintf(got, sizeof got, "The cat%.*s\n", (int)o.len, o.text);
+    cr_assert_str_eq(got, want, "TP 2 disaggregated text differs from TP 1 colocated");
+    gorgon_group g[4];
+    cr_assert_eq(groups(cli, g), 2);
+    cr_assert(g[0].n_ranks == 2 && g[1].n_ranks == 2 && g[1].handoffs_total == 2,
+              "ranks %u %u, adopted %llu", g[0].n_ranks, g[1].n_ranks,
+              (unsigned long long)g[1].handoffs_total);
+    gorgon_close(cli);
+    GD_END(&gd);
 }
 
 /* Medusa runs in the decode group only, and stays lossless. */
