@@ -341,7 +341,7 @@ static pid_t spawn_rank(struct ap_server *srv, ap_group *W, int r)
     snprintf(a_rank, sizeof(a_rank), "%d", r);
     snprintf(a_groups, sizeof(a_groups), "%d", ap_config_groups(cfg));
     snprintf(a_owner, sizeof(a_owner), "%u", W->idx);
-    const char *argv[40] = {G->bin,          "--model",     cfg->model,   "--threads", a_threads,
+    const char *argv[64] = {G->bin,          "--model",     cfg->model,   "--threads", a_threads,
                             "--kv-blocks",   a_kv,          "--max-seqs", a_seqs,
                             "--batch-tokens", a_batch,      "--parent",   a_parent,
                             "--log-level",   cm_log_level_name(cm_log_get_level())};

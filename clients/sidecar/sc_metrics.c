@@ -186,6 +186,12 @@ char *sc_metrics_render(const gorgon_counters *st, const gorgon_group *groups, i
         counter(&b, "gorgon_worker_restarts_total", "Worker processes restarted",
                 st->worker_restarts);
         gauge(&b, "gorgon_clients", "Clients connected to gorgond", (double)st->clients_now);
+        counter(&b, "gorgon_handoffs_total",
+                "Requests handed from a prefill to a decode group (mode = disaggregated)",
+                st->gen_handoffs_total);
+        gauge(&b, "gorgon_handoff_waiting",
+              "Requests handed off that no decode group has adopted yet (waiting for KV room)",
+              (double)st->gen_handoff_waiting);
     }
     if (n_groups > 0) {
         head(&b, "gorgon_group_up", "gauge",
@@ -193,6 +199,11 @@ char *sc_metrics_render(const gorgon_counters *st, const gorgon_group *groups, i
         for (int i = 0; i < n_groups; i++)
             sc_buf_addf(&b, "gorgon_group_up{group=\"%u\"} %d\n", groups[i].group,
                         groups[i].state == GORGON_GROUP_READY);
+        static const char *const roles[] = {"colocated", "prefill", "decode"};
+        head(&b, "gorgon_group_role", "gauge", "1, labelled with the worker group's role");
+        for (int i = 0; i < n_groups; i++)
+            sc_buf_addf(&b, "gorgon_group_role{group=\"%u\",role=\"%s\"} 1\n", groups[i].group,
+                        (unsigned)groups[i].role < 3 ? roles[groups[i].role] : "colocated");
         per_group(&b, "gorgon_group_requests_running", "gauge",
                   "Generations running in the worker group", groups, n_groups,
                   offsetof(gorgon_group, running));

@@ -247,7 +247,7 @@ Test(appliance_disagg, tp2_groups_hand_off_rank_by_rank, .fini = teardown, .time
     GD_END(&gd);
 }
 
-/* Medusa runs in the decode group only, and stays lossless. */
+/* Medusa runs in the decode group only, and stays lossless (TP 2). */
 Test(appliance_disagg, medusa_in_the_decode_group_serves_the_golden, .fini = teardown,
      .timeout = 180)
 {
@@ -259,7 +259,9 @@ Test(appliance_disagg, medusa_in_the_decode_group_serves_the_golden, .fini = tea
              tu_bin("gorgon-medusa-train"), tu_model_path("stories260K/stories260K.gguf"),
              heads_dir);
     cr_assert_eq(system(cmd), 0, "gorgon-medusa-train failed");
-    START("--medusa", heads_dir, "--medusa-max-batch", "4", NULL);
+    /* (with TP 2 and a tree: the longest worker command line gorgond builds) */
+    START("--tp", "2", "--medusa", heads_dir, "--medusa-max-batch", "4", "--medusa-tree",
+          "[[0],[0,0],[1]]", NULL);
     gorgon_client *cli = gd_connect(&gd, 0);
     static gen_out o, plain;
     run_one(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 256}, &o);

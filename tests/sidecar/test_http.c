@@ -370,6 +370,9 @@ Test(sidecar_http, metrics_page_is_valid_and_counts_what_happened, .fini = teard
     cr_assert_eq(sct_metric(page, "gorgon_group_generation_tokens_total{group=\"0\"}"),
                  sct_metric(page, "gorgon_generation_tokens_total"));
     cr_assert_eq(sct_metric(page, "gorgon_group_restarts_total{group=\"0\"}"), 0);
+    cr_assert_eq(sct_metric(page, "gorgon_group_role{group=\"0\",role=\"colocated\"}"), 1, "%s",
+                 page);
+    cr_assert_eq(sct_metric(page, "gorgon_handoffs_total"), 0, "colocated: no hand-off");
     free(m.raw);
     /* this scrape itself is counted on the next one */
     m = get("/metrics");
