@@ -1,7 +1,7 @@
 /* gorgon-bench suites. Each suite is `int bench_<suite>_main(int argc, char **argv)`
  * (argv[0] is the suite name), prints a table to stdout and, with --json, one
- * JSON object (serve: one per --concurrency value, one per line); returns a
- * process exit status. */
+ * JSON object (serve: one per run, i.e. per --request-rate x --concurrency
+ * pair, one per line); returns a process exit status. */
 #ifndef GORGON_BENCH_H
 #define GORGON_BENCH_H
 
@@ -26,7 +26,8 @@ void bench_json_puts(const char *s);
 
 /* ---- serve: shared by its two drivers and the plot ----------------------
  * bench_serve.c parses the options, generates the workload (arrival times,
- * prompts), runs it once per --concurrency value through a driver (the
+ * prompts), runs it once per (--request-rate, --concurrency) pair through a
+ * driver (the
  * shared-memory rings in bench_serve.c, OpenAI HTTP in bench_http.c), and
  * turns what the driver recorded into vllm's metrics (bench_plot.c draws
  * them). Single-threaded: a driver runs on the caller's thread. */
@@ -46,20 +47,26 @@ typedef struct bench_sreq {
     char *err; /* why it failed (heap), or NULL */
 } bench_sreq;
 
-/* The workload, identical whichever driver runs it. */
+/* The workload of one run, identical whichever driver runs it. */
 typedef struct bench_workload {
     int64_t n_prompts;
-    int64_t in_len;     /* random prompt length in tokens (without prompt) */
-    int64_t out_len;    /* max_tokens */
-    double rate, burst; /* arrivals: requests/s (inf: all at once), gamma shape */
+    int64_t in_min, in_max; /* random prompt length in tokens, uniform in
+                               [in_min, in_max] per request (without prompt) */
+    int64_t out_len;        /* max_tokens */
+    double rate, burst;     /* arrivals: requests/s (inf: all at once), gamma shape */
     double temperature;
-    const char *prompt; /* text prompt, or NULL: in_len random token ids */
+    const char *prompt; /* text prompt, or NULL: random token-id prompts */
     bool no_medusa;
 } bench_workload;
 
-/* Workload generators (bench_serve.c; reseeded before each run, so every
- * run and both drivers see the same prompts and arrival gaps). */
-void bench_serve_prompt_ids(int32_t *ids, int64_t n); /* BOS (1) + random ids */
+/* Workload generators (bench_serve.c). Prompts and arrival gaps come from
+ * two separate random streams, both reseeded before each run: every run
+ * and both drivers see the same prompts (whatever the rate) and, at one
+ * rate, the same arrival gaps, as long as a driver asks for the prompts in
+ * request order, once per request. */
+/* The next request's prompt: its length drawn in [w->in_min, w->in_max],
+ * BOS (1) then random ids into ids (room for w->in_max). Returns the length. */
+int64_t bench_serve_prompt_ids(const bench_workload *w, int32_t *ids);
 uint64_t bench_serve_next_gap_ns(const bench_workload *w);
 /* Append an inter-token gap; 0 or -ENOMEM. */
 int bench_sreq_add_itl(bench_sreq *r, double ms);
@@ -85,6 +92,7 @@ void bench_http_destroy(bench_http *h);
 
 /* The metrics of one run. Arrays are sorted ascending, in ms. */
 typedef struct bench_result {
+    double rate;         /* --request-rate of the run, requests/s; inf: all at once */
     int64_t concurrency; /* cap on requests in flight; 0: none */
     long completed, failed;
     double dur_s, req_tp, out_tp;
@@ -93,7 +101,8 @@ typedef struct bench_result {
 } bench_result;
 
 /* Draw CDFs of TTFT and ITL (one curve per run) and, with several runs,
- * throughput against concurrency into `file` (.png or .svg) with gnuplot;
+ * throughput against concurrency and/or request rate (whichever differ
+ * between runs) into `file` (.png or .svg) with gnuplot;
  * the raw data goes to the same name with .csv. 0, or -errno after
  * printing why. */
 int bench_plot(const char *file, const bench_result *runs, size_t n_runs);

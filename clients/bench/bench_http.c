@@ -268,10 +268,14 @@ static int slot_setup(bench_http *h, hslot *q)
     return 0;
 }
 
-/* The request body of one request: JSON from jansson (free with free). */
+/* The request body of the next request: JSON from jansson (free with
+ * free). A token-id prompt is drawn into ids (room for w->in_max) and its
+ * length stored in *n_in (0 for a text prompt); called once per request,
+ * in request order, so both drivers send the same prompts. */
 static char *make_body(const bench_http *h, const bench_workload *w, int64_t max_tokens,
-                       int32_t *ids)
+                       int32_t *ids, uint32_t *n_in)
 {
+    *n_in = 0;
     json_t *o = json_object();
     if (h->model)
         json_object_set_new(o, "model", json_string(h->model));
@@ -285,9 +289,10 @@ static char *make_body(const bench_http *h, const bench_workload *w, int64_t max
     } else if (w->prompt) {
         json_object_set_new(o, "prompt", json_string(w->prompt));
     } else {
-        bench_serve_prompt_ids(ids, w->in_len);
+        int64_t n = bench_serve_prompt_ids(w, ids);
+        *n_in = (uint32_t)n;
         json_t *a = json_array();
-        for (int64_t i = 0; i < w->in_len; i++)
+        for (int64_t i = 0; i < n; i++)
             json_array_append_new(a, json_integer(ids[i]));
         json_object_set_new(o, "prompt", a);
     }
@@ -336,7 +341,7 @@ static int run(bench_http *h, const bench_workload *w, int64_t max_tokens, int64
         fprintf(stderr, "gorgon-bench serve: out of memory\n");
         return -ENOMEM;
     }
-    int32_t *ids = w->prompt ? NULL : malloc((size_t)w->in_len * sizeof(int32_t));
+    int32_t *ids = w->prompt ? NULL : malloc((size_t)w->in_max * sizeof(int32_t));
     if (!w->prompt && !ids) {
         fprintf(stderr, "gorgon-bench serve: out of memory\n");
         return -ENOMEM;
@@ -353,13 +358,12 @@ static int run(bench_http *h, const bench_workload *w, int64_t max_tokens, int64
             hslot *q = &h->slots[h->free_list[--h->n_free]];
             bench_sreq *r = &rq[issued++];
             free(q->body);
-            q->body = make_body(h, w, max_tokens, ids);
+            q->body = make_body(h, w, max_tokens, ids, &r->n_in);
             q->r = r;
             q->in.len = q->ev.len = q->errbody.len = 0;
             q->status = 0;
             q->checked = q->sse = q->usage_out = false;
             q->errbuf[0] = '\0';
-            r->n_in = w->prompt ? 0 : (uint32_t)w->in_len;
             next_arrival += bench_serve_next_gap_ns(w);
             if (!q->body) {
                 bench_sreq_fail(r, "out of memory for the request body");

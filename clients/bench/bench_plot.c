@@ -1,18 +1,23 @@
 /* gorgon-bench serve --plot FILE.png|FILE.svg: CDFs of TTFT and ITL (one
- * curve per --concurrency value) and, with several values, output
- * throughput against concurrency, drawn by gnuplot (run as a child, the
- * script on its stdin, the data inline as datablocks).
+ * curve per run, i.e. per --request-rate x --concurrency pair) and, with
+ * several runs, output throughput per run, labelled by what differs between
+ * the runs (concurrency, rate or both), drawn by gnuplot (run as a child,
+ * the script on its stdin, the data inline as datablocks).
  *
  * The raw data goes to FILE.csv (FILE's extension replaced), long format,
  * one sample per row:
  *
- *   concurrency,metric,value
+ *   concurrency,metric,value                  (every run at one rate)
+ *   request_rate,concurrency,metric,value     (runs at several rates)
  *
+ * request_rate is the run's rate in requests/s (inf: all at once);
  * concurrency is the run's cap on requests in flight (0: none); metric is
  * ttft_ms, tpot_ms, itl_ms or e2el_ms (one row per completed request, per
  * gap between chunks for itl_ms; ascending) or request_throughput
- * (requests/s) and output_throughput (tokens/s), one row per run. */
+ * (requests/s) and output_throughput (tokens/s), one row per run. The
+ * first form is the one of the runs before --request-rate took a list. */
 #include <errno.h>
+#include <math.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdbool.h>
@@ -80,6 +85,32 @@ int bench_plot_check(const char *file)
     return 0;
 }
 
+/* Do the runs differ in rate / in concurrency? (rates compare equal as
+ * inf == inf) */
+static bool rates_differ(const bench_result *runs, size_t n_runs)
+{
+    for (size_t i = 1; i < n_runs; i++)
+        if (runs[i].rate != runs[0].rate)
+            return true;
+    return false;
+}
+
+static bool concs_differ(const bench_result *runs, size_t n_runs)
+{
+    for (size_t i = 1; i < n_runs; i++)
+        if (runs[i].concurrency != runs[0].concurrency)
+            return true;
+    return false;
+}
+
+static void rate_str(char *out, size_t cap, double rate)
+{
+    if (isfinite(rate))
+        snprintf(out, cap, "%g", rate);
+    else
+        snprintf(out, cap, "inf");
+}
+
 static int write_csv(const char *path, const bench_result *runs, size_t n_runs)
 {
     FILE *f = fopen(path, "w");
@@ -87,18 +118,23 @@ static int write_csv(const char *path, const bench_result *runs, size_t n_runs)
         fprintf(stderr, "gorgon-bench serve: cannot write %s: %s\n", path, strerror(errno));
         return -errno;
     }
-    fprintf(f, "concurrency,metric,value\n");
+    bool by_rate = rates_differ(runs, n_runs);
+    fprintf(f, "%sconcurrency,metric,value\n", by_rate ? "request_rate," : "");
     for (size_t i = 0; i < n_runs; i++) {
         const bench_result *r = &runs[i];
-        long long c = (long long)r->concurrency;
+        /* the key columns of the run's rows: [rate,]concurrency */
+        char key[64], rate[32];
+        rate_str(rate, sizeof(rate), r->rate);
+        snprintf(key, sizeof(key), "%s%s%lld", by_rate ? rate : "", by_rate ? "," : "",
+                 (long long)r->concurrency);
         const char *names[4] = {"ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"};
         const double *v[4] = {r->ttft, r->tpot, r->itl, r->e2el};
         size_t n[4] = {r->n_ttft, r->n_tpot, r->n_itl, r->n_e2el};
         for (int m = 0; m < 4; m++)
             for (size_t k = 0; k < n[m]; k++)
-                fprintf(f, "%lld,%s,%.6f\n", c, names[m], v[m][k]);
-        fprintf(f, "%lld,request_throughput,%.6f\n", c, r->req_tp);
-        fprintf(f, "%lld,output_throughput,%.6f\n", c, r->out_tp);
+                fprintf(f, "%s,%s,%.6f\n", key, names[m], v[m][k]);
+        fprintf(f, "%s,request_throughput,%.6f\n", key, r->req_tp);
+        fprintf(f, "%s,output_throughput,%.6f\n", key, r->out_tp);
     }
     int rc = ferror(f) ? -EIO : 0;
     if (fclose(f) != 0 || rc < 0) {
@@ -108,12 +144,24 @@ static int write_csv(const char *path, const bench_result *runs, size_t n_runs)
     return 0;
 }
 
-static void conc_label(char *out, size_t cap, int64_t c)
+/* How run r is told from the others: by concurrency (the default: one
+ * run, or runs at one rate), by rate, or by both. `words` spells out what
+ * the values are (a curve's title); without, the bare values (an x tick). */
+static void run_label(char *out, size_t cap, const bench_result *r, bool by_rate, bool by_conc,
+                      bool words)
 {
-    if (c > 0)
-        snprintf(out, cap, "%lld", (long long)c);
+    char c[32], rate[32];
+    if (r->concurrency > 0)
+        snprintf(c, sizeof(c), "%lld", (long long)r->concurrency);
     else
-        snprintf(out, cap, "no cap");
+        snprintf(c, sizeof(c), "no cap");
+    rate_str(rate, sizeof(rate), r->rate);
+    if (by_rate && by_conc)
+        snprintf(out, cap, words ? "rate %s, concurrency %s" : "%s / %s", rate, c);
+    else if (by_rate)
+        snprintf(out, cap, words ? "rate %s req/s" : "%s", rate);
+    else
+        snprintf(out, cap, words ? "concurrency %s" : "%s", c);
 }
 
 /* A datablock $NAME of (value, cumulative fraction) through v (sorted). */
@@ -144,15 +192,16 @@ static void cdf_panel(FILE *g, const char *title, const char *xlabel, bool itl,
                    "plot 2 notitle\nunset label 1\n");
         return;
     }
+    bool by_rate = rates_differ(runs, n_runs), by_conc = concs_differ(runs, n_runs);
     fprintf(g, "plot ");
     int k = 0;
     for (size_t i = 0; i < n_runs; i++) {
         if (!(itl ? runs[i].n_itl : runs[i].n_ttft))
             continue;
-        char lab[32];
-        conc_label(lab, sizeof(lab), runs[i].concurrency);
-        fprintf(g, "%s$%s%zu using 1:2 with steps linewidth 2 title 'concurrency %s'",
-                k++ ? ", " : "", block, i, lab);
+        char lab[96];
+        run_label(lab, sizeof(lab), &runs[i], by_rate, by_conc, true);
+        fprintf(g, "%s$%s%zu using 1:2 with steps linewidth 2 title '%s'", k++ ? ", " : "",
+                block, i, lab);
     }
     fprintf(g, "\n");
 }
@@ -182,14 +231,18 @@ static int write_script(FILE *g, const char *file, const bench_result *runs, siz
     cdf_panel(g, "TTFT (CDF)", "time to first token (ms)", false, runs, n_runs);
     cdf_panel(g, "ITL (CDF)", "inter-token latency (ms)", true, runs, n_runs);
     if (panels == 3) {
+        bool by_rate = rates_differ(runs, n_runs), by_conc = concs_differ(runs, n_runs);
         fprintf(g, "$tp << EOD\n");
         for (size_t i = 0; i < n_runs; i++) {
-            char lab[32];
-            conc_label(lab, sizeof(lab), runs[i].concurrency);
+            char lab[96];
+            run_label(lab, sizeof(lab), &runs[i], by_rate, by_conc, false);
             fprintf(g, "\"%s\" %.6f %.6f\n", lab, runs[i].out_tp, runs[i].req_tp);
         }
         fprintf(g, "EOD\n");
-        fprintf(g, "set title 'Throughput'\nset xlabel 'max concurrency'\n"
+        const char *xlabel = by_rate && by_conc ? "request rate (req/s) / max concurrency"
+                             : by_rate          ? "request rate (req/s)"
+                                                : "max concurrency";
+        fprintf(g, "set title 'Throughput'\nset xlabel '%s'\n"
                    "set ylabel 'output tokens/s'\nset y2label 'requests/s'\nset ytics nomirror\n"
                    "set y2tics\nset autoscale y\nset yrange [0:*]\nset y2range [0:*]\n"
                    "set xrange [-0.5:%zu.5]\nset key top left\n"
@@ -197,7 +250,7 @@ static int write_script(FILE *g, const char *file, const bench_result *runs, siz
                    "title 'output tokens/s', "
                    "$tp using 0:3 axes x1y2 with linespoints linewidth 2 pointtype 5 "
                    "title 'requests/s'\n",
-                n_runs - 1);
+                xlabel, n_runs - 1);
     }
     fprintf(g, "unset multiplot\nset output\n");
     return ferror(g) ? -EIO : 0;

@@ -3,7 +3,8 @@
  *
  *   TTFT  submit -> first streamed token          E2EL  submit -> last token
  *   TPOT  (E2EL - TTFT) / (output tokens - 1)     ITL   every gap between chunks
- *   goodput: completed requests per second meeting every SLO given
+ *   goodput: completed requests per second meeting every SLO given, and
+ *   goodput_fraction: those requests over all requests (failed ones count)
  *
  * Two drivers run the same workload: a running gorgond (started with
  * --model) through libgorgon's shared-memory rings (this file), or any
@@ -12,14 +13,20 @@
  *
  * Arrivals: --request-rate R (requests/s; gamma inter-arrival times with
  * shape B = --burstiness and scale 1/(R*B); B = 1 is Poisson) or all at once
- * (rate inf), optionally capped by --concurrency C requests in flight; a
- * list (--concurrency 1,4) runs the workload once per value, each run with
- * the same prompts and arrival gaps.
- * Prompts are --input-len random token ids after BOS (id 1), so the length
- * is exact, or --prompt TEXT. On the shm path the stream carries token ids,
- * so output tokens are counted exactly (a model may end early on EOS: the
- * count is what it produced); over HTTP the server's usage counts them, or
- * each chunk counts one when it sends none.
+ * (rate inf), optionally capped by --concurrency C requests in flight. Both
+ * take a comma list (--request-rate 5,10,inf --concurrency 1,4): the
+ * workload runs once per pair of the cross product, rates outer, each run
+ * with the same prompts and, at one rate, the same arrival gaps (prompts
+ * and gaps come from two random streams reseeded from --seed per run).
+ * Each run prints its table, or one JSON line carrying its request_rate
+ * (null for inf) and max_concurrency (null for no cap).
+ * Prompts are random token ids after BOS (id 1), --input-len N of them, or
+ * a length drawn uniformly in [A, B] per request with --input-len A:B (the
+ * lengths are exact; min/mean/max are reported), or --prompt TEXT. On the
+ * shm path the stream carries token ids, so output tokens are counted
+ * exactly (a model may end early on EOS: the count is what it produced);
+ * over HTTP the server's usage counts them, or each chunk counts one when
+ * it sends none.
  * One thread drives every request through non-blocking gorgon_poll over as
  * many client sessions as the in-flight count needs. */
 #include <errno.h>
@@ -37,56 +44,82 @@
 #include "common/common.h"
 
 #define PER_CLIENT 48 /* requests in flight per session (gorgond's default: 64 slots) */
-#define MAX_CONC 64   /* values in one --concurrency list */
+#define MAX_LIST 64   /* values in one --concurrency or --request-rate list */
+#define MAX_IN_LEN (1 << 24) /* --input-len's bound */
 #define MAX_ERRORS 8  /* failure messages reported per run */
 
 /* ---- workload ------------------------------------------------------------ */
 
-static uint64_t rng_state;
-static uint64_t rng_seed_state = 0x9e3779b97f4a7c15ull;
+/* Two xorshift64 streams, reseeded from --seed before each run: prompts
+ * (lengths and ids) apart from arrival gaps, so runs at different rates,
+ * whose gaps consume different numbers of draws, still send the same
+ * prompts. */
+static uint64_t prompt_rng, arrival_rng;
 
-static double urand(void)
+static double urand(uint64_t *st)
 {
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return ((double)(rng_state >> 11) + 0.5) / 9007199254740992.0;
+    *st ^= *st << 13;
+    *st ^= *st >> 7;
+    *st ^= *st << 17;
+    return ((double)(*st >> 11) + 0.5) / 9007199254740992.0;
 }
 
-static double nrand(void)
+static uint64_t splitmix64(uint64_t *x)
 {
-    return sqrt(-2.0 * log(urand())) * cos(2.0 * M_PI * urand());
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static void rng_reseed(uint64_t seed)
+{
+    uint64_t x = seed;
+    prompt_rng = splitmix64(&x) | 1; /* xorshift's state must not be 0 */
+    arrival_rng = splitmix64(&x) | 1;
+}
+
+static double nrand(uint64_t *st)
+{
+    return sqrt(-2.0 * log(urand(st))) * cos(2.0 * M_PI * urand(st));
 }
 
 /* Marsaglia-Tsang; shape < 1 through the boost u^(1/shape). */
-static double gamma_rand(double shape, double scale)
+static double gamma_rand(uint64_t *st, double shape, double scale)
 {
     if (shape < 1.0)
-        return gamma_rand(shape + 1.0, scale) * pow(urand(), 1.0 / shape);
+        return gamma_rand(st, shape + 1.0, scale) * pow(urand(st), 1.0 / shape);
     double d = shape - 1.0 / 3.0, c = 1.0 / sqrt(9.0 * d);
     for (;;) {
-        double x = nrand(), v = 1.0 + c * x;
+        double x = nrand(st), v = 1.0 + c * x;
         if (v <= 0)
             continue;
         v = v * v * v;
-        double u = urand();
+        double u = urand(st);
         if (log(u) < 0.5 * x * x + d - d * v + d * log(v))
             return d * v * scale;
     }
 }
 
-void bench_serve_prompt_ids(int32_t *ids, int64_t n)
+int64_t bench_serve_prompt_ids(const bench_workload *w, int32_t *ids)
 {
+    int64_t n = w->in_min;
+    if (w->in_max > w->in_min) {
+        n += (int64_t)(urand(&prompt_rng) * (double)(w->in_max - w->in_min + 1));
+        if (n > w->in_max) /* u * span can round up to span */
+            n = w->in_max;
+    }
     ids[0] = 1;
     for (int64_t j = 1; j < n; j++)
-        ids[j] = 10 + (int32_t)(urand() * 250);
+        ids[j] = 10 + (int32_t)(urand(&prompt_rng) * 250);
+    return n;
 }
 
 uint64_t bench_serve_next_gap_ns(const bench_workload *w)
 {
     if (!isfinite(w->rate))
         return 0;
-    return (uint64_t)(gamma_rand(w->burst, 1.0 / (w->rate * w->burst)) * 1e9);
+    return (uint64_t)(gamma_rand(&arrival_rng, w->burst, 1.0 / (w->rate * w->burst)) * 1e9);
 }
 
 int bench_sreq_add_itl(bench_sreq *r, double ms)
@@ -168,13 +201,14 @@ static void shm_close(shm_drv *d)
 static int shm_run(shm_drv *d, const bench_workload *w, int64_t max_inflight, bench_sreq *rq,
                    double *dur_s)
 {
-    int32_t *ids = malloc((size_t)w->in_len * sizeof(int32_t));
+    int32_t *ids = malloc((size_t)w->in_max * sizeof(int32_t));
     if (!ids) {
         fprintf(stderr, "gorgon-bench serve: out of memory\n");
         return -ENOMEM;
     }
     int64_t n_prompts = w->n_prompts;
     int64_t issued = 0, finished = 0, inflight = 0;
+    int64_t ids_for = -1, n_ids = 0; /* the request whose prompt is in ids */
     uint64_t t0 = cm_now_ns();
     uint64_t next_arrival = t0;
     gorgon_completion comps[64];
@@ -195,9 +229,14 @@ static int shm_run(shm_drv *d, const bench_workload *w, int64_t max_inflight, be
             if (w->prompt) {
                 gp.prompt = w->prompt;
             } else {
-                bench_serve_prompt_ids(ids, w->in_len);
+                /* once per request: a retry after a full ring (-EAGAIN
+                 * below) sends the prompt drawn the first time */
+                if (ids_for != issued) {
+                    n_ids = bench_serve_prompt_ids(w, ids);
+                    ids_for = issued;
+                }
                 gp.prompt_ids = ids;
-                gp.n_ids = (size_t)w->in_len;
+                gp.n_ids = (size_t)n_ids;
                 gp.flags |= GORGON_GEN_PROMPT_IDS;
             }
             uint32_t slot;
@@ -209,7 +248,7 @@ static int shm_run(shm_drv *d, const bench_workload *w, int64_t max_inflight, be
                 break; /* ring full: reap first */
             bench_sreq *r = &rq[issued];
             r->t_submit = t_submit;
-            r->n_in = w->prompt ? 0 : (uint32_t)w->in_len;
+            r->n_in = w->prompt ? 0 : (uint32_t)n_ids;
             if (rc < 0) {
                 bench_sreq_fail(r, "submit: %s", gorgon_strerror(rc));
                 r->done = true;
@@ -305,8 +344,13 @@ typedef struct slo {
 } slo;
 
 typedef struct run_totals {
-    long good;
+    long good; /* completed requests meeting every SLO */
     uint64_t in_total, out_total, med_steps, med_acc;
+    /* prompt lengths of the completed requests whose length is known (the
+     * server's count, else the ids sent; a text prompt over HTTP without
+     * usage has none) */
+    long in_known;
+    uint32_t in_min, in_max;
 } run_totals;
 
 static void result_fini(bench_result *res)
@@ -329,6 +373,14 @@ static int result_of(bench_result *res, run_totals *tot, const bench_sreq *rq, i
         if (!rq[i].failed) {
             ok++;
             tot->in_total += rq[i].n_in;
+            uint32_t k = rq[i].n_in;
+            if (k) {
+                if (!tot->in_known || k < tot->in_min)
+                    tot->in_min = k;
+                if (k > tot->in_max)
+                    tot->in_max = k;
+                tot->in_known++;
+            }
             tot->out_total += rq[i].n_out;
             itl_n += rq[i].n_itl;
             tot->med_steps += rq[i].med_steps;
@@ -381,6 +433,9 @@ static void print_result(const bench_result *res, const run_totals *tot, const b
     stat3 v[4] = {summarize(res->ttft, res->n_ttft), summarize(res->tpot, res->n_tpot),
                   summarize(res->itl, res->n_itl), summarize(res->e2el, res->n_e2el)};
     bool has_slo = s->ttft > 0 || s->tpot > 0 || s->e2el > 0;
+    /* of all requests, failed ones included: a failure misses every SLO */
+    double good_frac = n > 0 ? (double)tot->good / (double)n : 0.0;
+    double in_mean = tot->in_known ? (double)tot->in_total / (double)tot->in_known : 0.0;
     if (json) {
         printf("{\"completed\": %ld, \"failed\": %ld, \"max_concurrency\": ", res->completed,
                res->failed);
@@ -388,13 +443,24 @@ static void print_result(const bench_result *res, const run_totals *tot, const b
             printf("%lld", (long long)res->concurrency);
         else
             printf("null");
-        printf(", \"duration_s\": %.4f, \"total_input_tokens\": %llu, "
-               "\"total_output_tokens\": %llu, \"request_throughput\": %.4f, "
+        printf(", \"request_rate\": ");
+        if (isfinite(res->rate))
+            printf("%.4f", res->rate);
+        else
+            printf("null"); /* inf: every request at once (JSON has no inf) */
+        printf(", \"duration_s\": %.4f, \"total_input_tokens\": %llu", res->dur_s,
+               (unsigned long long)tot->in_total);
+        if (tot->in_known)
+            printf(", \"input_len_min\": %lu, \"input_len_mean\": %.4f, \"input_len_max\": %lu",
+                   (unsigned long)tot->in_min, in_mean, (unsigned long)tot->in_max);
+        else
+            printf(", \"input_len_min\": null, \"input_len_mean\": null, \"input_len_max\": null");
+        printf(", \"total_output_tokens\": %llu, \"request_throughput\": %.4f, "
                "\"output_throughput\": %.4f",
-               res->dur_s, (unsigned long long)tot->in_total, (unsigned long long)tot->out_total,
-               res->req_tp, res->out_tp);
+               (unsigned long long)tot->out_total, res->req_tp, res->out_tp);
         if (has_slo)
-            printf(", \"request_goodput\": %.4f", (double)tot->good / res->dur_s);
+            printf(", \"request_goodput\": %.4f, \"goodput_fraction\": %.4f",
+                   (double)tot->good / res->dur_s, good_frac);
         printf(", \"medusa_steps\": %llu, \"medusa_tokens_per_step\": %.4f",
                (unsigned long long)tot->med_steps, med_tps);
         const char *names[4] = {"ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"};
@@ -416,12 +482,24 @@ static void print_result(const bench_result *res, const run_totals *tot, const b
         printf("%-40s %10ld\n", "Failed requests:", res->failed);
         if (res->concurrency > 0)
             printf("%-40s %10lld\n", "Maximum request concurrency:", (long long)res->concurrency);
+        if (isfinite(res->rate))
+            printf("%-40s %10.2f\n", "Request rate (req/s):", res->rate);
+        else
+            printf("%-40s %10s\n", "Request rate (req/s):", "inf");
         printf("%-40s %10.2f\n", "Benchmark duration (s):", res->dur_s);
         printf("%-40s %10llu\n", "Total input tokens:", (unsigned long long)tot->in_total);
+        if (tot->in_known)
+            printf("%-40s %10lu\n%-40s %10.2f\n%-40s %10lu\n", "Input length min (tokens):",
+                   (unsigned long)tot->in_min, "Input length mean (tokens):", in_mean,
+                   "Input length max (tokens):", (unsigned long)tot->in_max);
+        else
+            printf("%-40s %10s\n", "Input length (tokens):", "unknown");
         printf("%-40s %10llu\n", "Total generated tokens:", (unsigned long long)tot->out_total);
         printf("%-40s %10.2f\n", "Request throughput (req/s):", res->req_tp);
-        if (has_slo)
+        if (has_slo) {
             printf("%-40s %10.2f\n", "Request goodput (req/s):", (double)tot->good / res->dur_s);
+            printf("%-40s %10.4f\n", "Goodput fraction (SLOs met / all):", good_frac);
+        }
         printf("%-40s %10.2f\n", "Output token throughput (tok/s):", res->out_tp);
         if (tot->med_steps)
             printf("%-40s %10.2f\n", "Medusa tokens per step:", med_tps);
@@ -446,8 +524,9 @@ static void usage(FILE *f)
 {
     fputs("usage: gorgon-bench serve [--socket PATH | --base-url http://HOST:PORT [--endpoint PATH]\n"
           "                           [--model NAME] [--api-key KEY]]\n"
-          "         [--num-prompts N] [--request-rate R [--burstiness B]] [--concurrency C[,C...]]\n"
-          "         [--input-len I | --prompt TEXT] [--output-len O] [--temperature T]\n"
+          "         [--num-prompts N] [--request-rate R[,R...] [--burstiness B]]\n"
+          "         [--concurrency C[,C...]] [--input-len I|A:B | --prompt TEXT]\n"
+          "         [--output-len O] [--temperature T]\n"
           "         [--goodput ttft:MS [tpot:MS] [e2el:MS]] [--seed S] [--no-medusa]\n"
           "         [--plot FILE.png|FILE.svg] [--json]\n"
           "Drives a running gorgond (started with --model) through shared memory, or with\n"
@@ -456,32 +535,98 @@ static void usage(FILE *f)
           "--model defaults to the first of GET /v1/models).\n"
           "Defaults: 100 prompts, rate inf, no concurrency cap, input 32 random token ids,\n"
           "output 64 tokens, temperature 0 (greedy), burstiness 1 (Poisson). Aliases:\n"
-          "--requests = --num-prompts, --max-tokens = --output-len. A --concurrency list\n"
-          "runs once per value (one table, or one JSON line, each). --plot draws CDFs of\n"
-          "TTFT and ITL (and throughput against concurrency) with gnuplot, raw data in\n"
-          "FILE.csv. With gorgond --medusa, greedy requests speculate unless --no-medusa.\n",
+          "--requests = --num-prompts, --max-tokens = --output-len.\n"
+          "--input-len A:B draws each prompt's length uniformly in [A, B] (1 <= A <= B);\n"
+          "every run sends the same prompts (another --seed draws others).\n"
+          "--request-rate and --concurrency take comma lists (a rate may be inf): the\n"
+          "workload runs once per pair of their cross product, rates outer (one table, or\n"
+          "one JSON line, each). --goodput reports the requests meeting every SLO given,\n"
+          "per second (goodput) and as a fraction of all requests. --plot draws CDFs of\n"
+          "TTFT and ITL (and throughput against concurrency and/or rate) with gnuplot, raw\n"
+          "data in FILE.csv. With gorgond --medusa, greedy requests speculate unless\n"
+          "--no-medusa.\n",
           f);
 }
 
+/* One KEY:MS of --goodput into o. 0, or -EINVAL after printing why. */
 static int parse_goodput(const char *s, slo *o)
 {
-    char key[16];
-    double v;
-    if (sscanf(s, "%15[a-z]:%lf", key, &v) != 2 || v <= 0)
+    const char *colon = strchr(s, ':');
+    double *dst = NULL;
+    if (colon && colon - s == 4) {
+        if (!strncmp(s, "ttft", 4))
+            dst = &o->ttft;
+        else if (!strncmp(s, "tpot", 4))
+            dst = &o->tpot;
+        else if (!strncmp(s, "e2el", 4))
+            dst = &o->e2el;
+    }
+    if (!dst) {
+        fprintf(stderr, "gorgon-bench serve: --goodput %s: want ttft:MS, tpot:MS or e2el:MS\n", s);
         return -EINVAL;
-    if (!strcmp(key, "ttft"))
-        o->ttft = v;
-    else if (!strcmp(key, "tpot"))
-        o->tpot = v;
-    else if (!strcmp(key, "e2el"))
-        o->e2el = v;
-    else
+    }
+    char opt[16];
+    snprintf(opt, sizeof(opt), "--goodput %.4s", s);
+    return bench_parse_f64("serve", opt, colon + 1, 1e-6, 1e9, dst);
+}
+
+/* --input-len N or A:B into w->in_min, w->in_max. 0, or -EINVAL after
+ * printing why. */
+static int parse_input_len(const char *s, bench_workload *w)
+{
+    const char *colon = strchr(s, ':');
+    if (!colon) {
+        if (bench_parse_i64("serve", "--input-len", s, 1, MAX_IN_LEN, &w->in_min) < 0)
+            return -EINVAL;
+        w->in_max = w->in_min;
+        return 0;
+    }
+    char lo[32], opt[64];
+    size_t len = (size_t)(colon - s);
+    int64_t a, b;
+    if (len >= sizeof(lo)) {
+        fprintf(stderr, "gorgon-bench serve: --input-len \"%s\": expected N or A:B\n", s);
         return -EINVAL;
+    }
+    memcpy(lo, s, len);
+    lo[len] = '\0';
+    /* the errors name the whole range and then its bad end */
+    snprintf(opt, sizeof(opt), "--input-len \"%.40s\"", s);
+    if (bench_parse_i64("serve", opt, lo, 1, MAX_IN_LEN, &a) < 0 ||
+        bench_parse_i64("serve", opt, colon + 1, 1, MAX_IN_LEN, &b) < 0)
+        return -EINVAL;
+    if (a > b) {
+        fprintf(stderr, "gorgon-bench serve: --input-len \"%s\": expected A:B with A <= B\n", s);
+        return -EINVAL;
+    }
+    w->in_min = a;
+    w->in_max = b;
     return 0;
 }
 
-/* "1,4,16" -> conc[]; 0 (no cap) allowed. Count, or -EINVAL (printed). */
-static int parse_conc_list(const char *s, int64_t *conc, int cap)
+/* One item of a comma list into out[i]. 0, or -EINVAL after printing why. */
+typedef int list_item_fn(const char *item, void *out, int i);
+
+static int conc_item(const char *item, void *out, int i)
+{
+    return bench_parse_i64("serve", "--concurrency", item, 0, 1000000, (int64_t *)out + i);
+}
+
+static int rate_item(const char *item, void *out, int i)
+{
+    double *rate = (double *)out + i;
+    if (!strcmp(item, "inf")) {
+        *rate = INFINITY;
+        return 0;
+    }
+    return bench_parse_f64("serve", "--request-rate (req/s, or inf)", item, 1e-9, 1e9, rate);
+}
+
+/* Split the comma list s of option opt ("1,4,16") into at most cap items
+ * (`want` says what an item is), each parsed by one() into out[i]. Count,
+ * or -EINVAL after printing why. */
+static int parse_list(const char *opt, const char *want, const char *s, int cap,
+                      list_item_fn *one, void *out)
 {
     int n = 0;
     const char *p = s;
@@ -491,14 +636,14 @@ static int parse_conc_list(const char *s, int64_t *conc, int cap)
         char item[32];
         if (n == cap || len == 0 || len >= sizeof(item)) {
             fprintf(stderr,
-                    "gorgon-bench serve: --concurrency \"%s\": expected a list of up to %d "
-                    "integers in [0, 1000000] separated by commas\n",
-                    s, cap);
+                    "gorgon-bench serve: %s \"%s\": expected a list of up to %d %s separated by "
+                    "commas\n",
+                    opt, s, cap, want);
             return -EINVAL;
         }
         memcpy(item, p, len);
         item[len] = '\0';
-        if (bench_parse_i64("serve", "--concurrency", item, 0, 1000000, &conc[n]) < 0)
+        if (one(item, out, n) < 0)
             return -EINVAL;
         n++;
         if (!comma)
@@ -511,12 +656,13 @@ int bench_serve_main(int argc, char **argv)
 {
     const char *sock = NULL, *plot = NULL;
     bench_http_cfg hc = {.endpoint = "/v1/completions"};
-    bench_workload w = {.n_prompts = 100, .in_len = 32, .out_len = 64, .rate = INFINITY,
-                        .burst = 1.0};
-    int64_t conc[MAX_CONC] = {0}, seed = 0;
-    int n_conc = 1, bad = 0;
+    bench_workload w = {.n_prompts = 100, .in_min = 32, .in_max = 32, .out_len = 64,
+                        .rate = INFINITY, .burst = 1.0};
+    int64_t conc[MAX_LIST] = {0}, seed = 0;
+    double rates[MAX_LIST] = {INFINITY};
+    int n_conc = 1, n_rate = 1, bad = 0;
     slo s = {0};
-    bool json = false;
+    bool json = false, in_given = false;
     enum { O_SOCK = 256, O_N, O_RATE, O_BURST, O_CONC, O_IN, O_OUT, O_GOOD, O_JSON, O_SEED,
            O_NOMED, O_URL, O_EP, O_PROMPT, O_TEMP, O_KEY, O_MODEL, O_PLOT };
     static const struct option opts[] = {
@@ -539,32 +685,29 @@ int bench_serve_main(int argc, char **argv)
         case O_SOCK: sock = optarg; break;
         case O_N: bad = bench_parse_i64("serve", "--num-prompts", optarg, 1, 10000000, &w.n_prompts); break;
         case O_RATE:
-            if (strcmp(optarg, "inf"))
-                bad = bench_parse_f64("serve", "--request-rate", optarg, 1e-9, 1e9, &w.rate);
-            else
-                w.rate = INFINITY;
+            n_rate = parse_list("--request-rate", "rates in [1e-9, 1e9] req/s or inf", optarg,
+                                MAX_LIST, rate_item, rates);
+            bad = n_rate < 0 ? n_rate : 0;
             break;
         case O_BURST: bad = bench_parse_f64("serve", "--burstiness", optarg, 1e-6, 1e6, &w.burst); break;
         case O_CONC:
-            n_conc = parse_conc_list(optarg, conc, MAX_CONC);
+            n_conc = parse_list("--concurrency", "integers in [0, 1000000]", optarg, MAX_LIST,
+                                conc_item, conc);
             bad = n_conc < 0 ? n_conc : 0;
             break;
-        case O_IN: bad = bench_parse_i64("serve", "--input-len", optarg, 1, 1 << 24, &w.in_len); break;
-        case O_OUT: bad = bench_parse_i64("serve", "--output-len", optarg, 1, 1 << 24, &w.out_len); break;
-        case O_SEED:
-            bad = bench_parse_i64("serve", "--seed", optarg, 0, INT64_MAX, &seed);
-            rng_seed_state = (uint64_t)seed * 2654435761u + 1;
+        case O_IN:
+            bad = parse_input_len(optarg, &w);
+            in_given = true;
             break;
+        case O_OUT: bad = bench_parse_i64("serve", "--output-len", optarg, 1, 1 << 24, &w.out_len); break;
+        case O_SEED: bad = bench_parse_i64("serve", "--seed", optarg, 0, INT64_MAX, &seed); break;
         case O_GOOD:
-            if (parse_goodput(optarg, &s) < 0) {
-                fprintf(stderr, "gorgon-bench serve: --goodput %s: want ttft:MS, tpot:MS or e2el:MS\n",
-                        optarg);
-                return 2;
-            }
-            /* vllm takes several KEY:VALUE in one flag; accept the next word too */
-            while (optind < argc && strchr(argv[optind], ':') && argv[optind][0] != '-' &&
-                   parse_goodput(argv[optind], &s) == 0)
-                optind++;
+            bad = parse_goodput(optarg, &s);
+            /* vllm takes several KEY:VALUE in one flag: the words after it
+             * with a ':' are its too (a stray word is an error either way) */
+            while (bad == 0 && optind < argc && argv[optind][0] != '-' &&
+                   strchr(argv[optind], ':'))
+                bad = parse_goodput(argv[optind++], &s);
             break;
         case O_JSON: json = true; break;
         case O_NOMED: w.no_medusa = true; break;
@@ -601,6 +744,11 @@ int bench_serve_main(int argc, char **argv)
                         "OpenAI request cannot carry it (start gorgond without --medusa)\n");
         return 2;
     }
+    if (in_given && w.prompt) {
+        fprintf(stderr, "gorgon-bench serve: --input-len and --prompt both give the prompt: give "
+                        "one\n");
+        return 2;
+    }
     if (!hc.base_url && (hc.api_key || hc.model)) {
         fprintf(stderr, "gorgon-bench serve: --api-key and --model are for --base-url (HTTP)\n");
         return 2;
@@ -613,38 +761,49 @@ int bench_serve_main(int argc, char **argv)
         int64_t m = conc[i] > 0 && conc[i] < w.n_prompts ? conc[i] : w.n_prompts;
         max_all = m > max_all ? m : max_all;
     }
+    /* runs: the cross product, rates outer; run k has rate k / n_conc and
+     * concurrency k % n_conc */
+    size_t n_runs = (size_t)n_rate * (size_t)n_conc;
+    bench_result *res = calloc(n_runs, sizeof(*res));
+    if (!res) {
+        fprintf(stderr, "gorgon-bench serve: out of memory\n");
+        return 1;
+    }
     shm_drv shm = {0};
     bench_http *http = NULL;
     int rc = hc.base_url ? bench_http_open(&http, &hc, &w) : shm_open(&shm, sock, max_all);
     if (rc < 0) {
         shm_close(&shm);
+        free(res);
         return rc == -EINVAL ? 2 : 1;
     }
-    bench_result res[MAX_CONC];
-    memset(res, 0, sizeof(res));
     bool all_ok = true;
-    int n_done = 0;
-    for (int i = 0; i < n_conc && rc == 0; i++) {
-        int64_t max_inflight = conc[i] > 0 && conc[i] < w.n_prompts ? conc[i] : w.n_prompts;
+    size_t n_done = 0;
+    for (size_t k = 0; k < n_runs && rc == 0; k++) {
+        bench_workload wr = w;
+        wr.rate = rates[k / (size_t)n_conc];
+        int64_t cc = conc[k % (size_t)n_conc];
+        int64_t max_inflight = cc > 0 && cc < w.n_prompts ? cc : w.n_prompts;
         bench_sreq *rq = calloc((size_t)w.n_prompts, sizeof(*rq));
         if (!rq) {
             fprintf(stderr, "gorgon-bench serve: out of memory\n");
             rc = -ENOMEM;
             break;
         }
-        rng_state = rng_seed_state;
+        rng_reseed((uint64_t)seed);
         double dur = 0;
-        rc = http ? bench_http_run(http, &w, max_inflight, rq, &dur)
-                  : shm_run(&shm, &w, max_inflight, rq, &dur);
+        rc = http ? bench_http_run(http, &wr, max_inflight, rq, &dur)
+                  : shm_run(&shm, &wr, max_inflight, rq, &dur);
         run_totals tot;
         if (rc == 0) {
-            res[i].concurrency = conc[i];
-            rc = result_of(&res[i], &tot, rq, w.n_prompts, dur, &s);
+            res[k].rate = wr.rate;
+            res[k].concurrency = cc;
+            rc = result_of(&res[k], &tot, rq, w.n_prompts, dur, &s);
             if (rc < 0)
                 fprintf(stderr, "gorgon-bench serve: out of memory\n");
             else {
-                print_result(&res[i], &tot, rq, w.n_prompts, &s, json);
-                all_ok &= res[i].failed == 0;
+                print_result(&res[k], &tot, rq, w.n_prompts, &s, json);
+                all_ok &= res[k].failed == 0;
                 n_done++;
             }
         }
@@ -654,10 +813,11 @@ int bench_serve_main(int argc, char **argv)
         }
         free(rq);
     }
-    if (rc == 0 && plot && bench_plot(plot, res, (size_t)n_done) < 0)
+    if (rc == 0 && plot && bench_plot(plot, res, n_done) < 0)
         rc = -EIO;
-    for (int i = 0; i < n_conc; i++)
-        result_fini(&res[i]);
+    for (size_t k = 0; k < n_runs; k++)
+        result_fini(&res[k]);
+    free(res);
     bench_http_destroy(http);
     shm_close(&shm);
     return rc == 0 && all_ok ? 0 : 1;
