@@ -102,6 +102,8 @@ class ModelTest(unittest.TestCase):
         g = gs[0]
         self.assertIsInstance(g, gorgon.Group)
         self.assertEqual((g.group, g.state), (0, "ready"))
+        self.assertEqual((g.role, g.handoff_waiting, g.handoffs_total), ("colocated", 0, 0))
+        self.assertEqual(self.c.stats().gen_handoffs_total, 0)
         self.assertEqual(len(g.pids), 1)
         self.assertGreater(g.pids[0], 0)
         with open("/proc/%d/stat" % g.pids[0]) as f:
