@@ -413,11 +413,41 @@ int eng_model_open(eng_model **out, const char *path)
     return eng_model_open_tp(out, path, 0, 1);
 }
 
+/* Free the backend copies of the weights (eng_model_to_device,
+ * eng_model_synthetic); the model's tensors then point at nothing. */
+static void release_device(eng_model *m)
+{
+    kn_ctx *kn = m->dev;
+    const int64_t n = m->layers ? 1 + 7 * (int64_t)m->hp.n_layer : 1;
+    for (int64_t i = 0; i < n; i++) {
+        kn_tensor *t = matmul_tensor(m, i);
+        if (i == 0 && m->hp.tied_output)
+            continue; /* the embedding's (below) */
+        if (!t->data)
+            continue;
+        if (m->synthetic)
+            kn_buf_free(kn, (void *)t->data);
+        else
+            kn_tensor_release(kn, t);
+    }
+    if (m->tok_embd.data) {
+        if (m->synthetic)
+            kn_buf_free(kn, (void *)m->tok_embd.data);
+        else
+            kn_tensor_release(kn, &m->tok_embd);
+    }
+    kn_buf_free(kn, m->norms);
+    m->norms = NULL;
+    m->dev = NULL;
+}
+
 void eng_model_close(eng_model *m)
 {
     if (!m)
         return;
     eng_tok_destroy(m->tok);
+    if (m->dev)
+        release_device(m);
     kn_tensor_unpack(&m->output);
     for (int64_t i = 1; m->layers && i < 1 + 7 * (int64_t)m->hp.n_layer; i++)
         kn_tensor_unpack(matmul_tensor(m, i));
@@ -512,4 +542,206 @@ void eng_model_kv_cfg(const eng_model *m, int block_size, int64_t n_blocks, int 
         .max_seqs = max_seqs,
         .max_seq_len = max_seq_len,
     };
+}
+
+/* ---- device placement ---------------------------------------------------- */
+
+/* Bytes the weights take in backend memory: every matrix (a tied output
+ * once), the embedding, the norm vectors. */
+static int64_t device_bytes(eng_model *m)
+{
+    int64_t b = matrices_bytes(m) + matrix_bytes(&m->tok_embd);
+    if (m->hp.tied_output)
+        b -= matrix_bytes(&m->output);
+    return b + (int64_t)sizeof(float) * m->hp.dim * (1 + 2 * (int64_t)m->hp.n_layer);
+}
+
+/* A device with less free memory than the weights need is refused before
+ * anything is uploaded, saying how much is needed and available. */
+static int check_room(kn_ctx *kn, int64_t need)
+{
+    size_t free_b, total_b;
+    if (kn_ctx_mem_info(kn, &free_b, &total_b) < 0)
+        return 0; /* cannot tell: allocation failures will say */
+    if ((uint64_t)need > free_b)
+        return eng_fail(-ENOMEM, "model: the weights need %.2f GiB of device memory; %s has "
+                                 "%.2f GiB free of %.2f GiB",
+                        (double)need / (1 << 30), kn_ctx_device(kn),
+                        (double)free_b / (1 << 30), (double)total_b / (1 << 30));
+    return 0;
+}
+
+/* The norm vectors, in one backend buffer: output_norm, then each layer's
+ * attn_norm and ffn_norm. src[i] gives vector i on the host (NULL: fill
+ * with ones). */
+static int upload_norms(eng_model *m, kn_ctx *kn, bool ones)
+{
+    const int64_t dim = m->hp.dim, nv = 1 + 2 * (int64_t)m->hp.n_layer;
+    int rc = kn_buf_alloc(kn, (size_t)(nv * dim) * sizeof(float), (void **)&m->norms);
+    if (rc < 0)
+        return eng_fail(rc, "model: no device memory for the norm vectors: %s",
+                        kn_ctx_error(kn));
+    float *ones_v = NULL;
+    if (ones) {
+        if (!(ones_v = malloc((size_t)dim * sizeof(float))))
+            return -ENOMEM;
+        for (int64_t i = 0; i < dim; i++)
+            ones_v[i] = 1.0f;
+    }
+    for (int64_t v = 0; v < nv && rc == 0; v++) {
+        const float **slot = v == 0 ? &m->output_norm
+                             : (v - 1) % 2 == 0 ? &m->layers[(v - 1) / 2].attn_norm
+                                                : &m->layers[(v - 1) / 2].ffn_norm;
+        float *d = m->norms + v * dim;
+        rc = kn_buf_upload(kn, d, ones ? ones_v : *slot, (size_t)dim * sizeof(float));
+        *slot = d;
+    }
+    free(ones_v);
+    return rc < 0 ? eng_fail(rc, "model: uploading the norm vectors: %s", kn_ctx_error(kn)) : 0;
+}
+
+int eng_model_to_device(eng_model *m, kn_ctx *kn)
+{
+    if (!m || !kn)
+        return -EINVAL;
+    if (kn_ctx_host_memory(kn))
+        return 0; /* the mapped file is this backend's memory */
+    if (m->dev)
+        return m->dev == kn ? 0 : eng_fail(-EINVAL, "model: already placed on another device");
+    if (m->tp > 1)
+        return eng_fail(-ENOTSUP, "model: tensor-parallel shards run on the CPU only (the "
+                                  "device path is one device per model)");
+    CM_TRY(check_room(kn, device_bytes(m)));
+    m->dev = kn;
+    const int64_t n = 1 + 7 * (int64_t)m->hp.n_layer;
+    int rc = 0;
+    for (int64_t i = 0; i <= n && rc == 0; i++) {
+        /* i == n: the embedding (after the matrices, so a tied output is
+         * uploaded once, as the embedding, and shared) */
+        kn_tensor *t = i == n ? &m->tok_embd : matmul_tensor(m, i);
+        if (i == 0 && m->hp.tied_output) {
+            kn_tensor_unpack(t); /* the tied output becomes the embedding's copy */
+            continue;
+        }
+        kn_tensor host = *t;
+        if ((rc = kn_tensor_to_backend(kn, t)) < 0) {
+            /* This tensor and the ones after it still point at host
+             * memory, which release_device must not hand to the device's
+             * free: forget them (the model is unusable now; the caller
+             * closes it). */
+            kn_tensor_unpack(&host);
+            *t = (kn_tensor){0};
+            for (int64_t j = i + 1; j < n; j++)
+                matmul_tensor(m, j)->data = NULL;
+            m->tok_embd.data = NULL;
+            if (m->hp.tied_output)
+                m->output.data = NULL;
+            rc = eng_fail(rc, "model: uploading the weights to %s: %s", kn_ctx_device(kn),
+                          kn_ctx_error(kn));
+            break;
+        }
+        kn_tensor_unpack(&host); /* the CPU's packed copy is no longer read */
+    }
+    if (rc == 0 && m->hp.tied_output)
+        m->output = m->tok_embd;
+    if (rc == 0)
+        rc = upload_norms(m, kn, false);
+    if (rc < 0) {
+        release_device(m);
+        m->output_norm = NULL;
+        return rc;
+    }
+    return 0;
+}
+
+int eng_model_synthetic(eng_model **out, const eng_hparams *hp_in, enum kn_dtype t,
+                        kn_ctx *kn, uint64_t seed)
+{
+    if (!out || !hp_in || !kn)
+        return -EINVAL;
+    *out = NULL;
+    eng_hparams hp = *hp_in;
+    if (hp.head_dim <= 0 && hp.n_head > 0)
+        hp.head_dim = (int)(hp.dim / hp.n_head);
+    if (hp.n_kv_head <= 0)
+        hp.n_kv_head = hp.n_head;
+    if (hp.rope_dims <= 0)
+        hp.rope_dims = hp.head_dim;
+    if (hp.rope_base <= 0)
+        hp.rope_base = 10000.0f;
+    if (hp.rms_eps <= 0)
+        hp.rms_eps = 1e-5f;
+    if (hp.n_ctx <= 0)
+        hp.n_ctx = 2048;
+    if (hp.n_vocab < 1 || hp.dim < 1 || hp.ffn_dim < 1 || hp.n_layer < 1 || hp.n_head < 1 ||
+        hp.head_dim < 1 || hp.n_head % hp.n_kv_head != 0 || hp.rope_dims % 2 != 0 ||
+        hp.rope_dims > hp.head_dim)
+        return eng_fail(-EINVAL, "model: synthetic shape is inconsistent (vocab %" PRId64
+                                 ", dim %" PRId64 ", ffn %" PRId64 ", layers %d, heads %d/%d "
+                                 "of %d)",
+                        hp.n_vocab, hp.dim, hp.ffn_dim, hp.n_layer, hp.n_head, hp.n_kv_head,
+                        hp.head_dim);
+    const int64_t qd = (int64_t)hp.n_head * hp.head_dim, kvd = (int64_t)hp.n_kv_head * hp.head_dim;
+    if (!kn_row_bytes(t, hp.dim) || !kn_row_bytes(t, qd) || !kn_row_bytes(t, hp.ffn_dim))
+        return eng_fail(-EINVAL, "model: synthetic %s weights need widths that are whole "
+                                 "blocks (dim %" PRId64 ", heads x head_dim %" PRId64
+                                 ", ffn %" PRId64 ")",
+                        kn_dtype_name(t), hp.dim, qd, hp.ffn_dim);
+    eng_model *m = calloc(1, sizeof(*m));
+    if (!m)
+        return -ENOMEM;
+    m->hp = m->lhp = hp;
+    m->tp = 1;
+    m->vocab_chunk = hp.n_vocab;
+    m->synthetic = true;
+    m->layers = calloc((size_t)hp.n_layer, sizeof(eng_layer));
+    if (!m->layers) {
+        free(m);
+        return -ENOMEM;
+    }
+    m->tok_embd = (kn_tensor){.type = t, .rows = hp.n_vocab, .cols = hp.dim};
+    m->output = m->tok_embd;
+    for (int l = 0; l < hp.n_layer; l++) {
+        eng_layer *L = &m->layers[l];
+        L->wq = (kn_tensor){.type = t, .rows = qd, .cols = hp.dim};
+        L->wk = (kn_tensor){.type = t, .rows = kvd, .cols = hp.dim};
+        L->wv = L->wk;
+        L->wo = (kn_tensor){.type = t, .rows = hp.dim, .cols = qd};
+        L->w_gate = (kn_tensor){.type = t, .rows = hp.ffn_dim, .cols = hp.dim};
+        L->w_up = L->w_gate;
+        L->w_down = (kn_tensor){.type = t, .rows = hp.dim, .cols = hp.ffn_dim};
+    }
+    m->bytes_per_token = matrices_bytes(m) + (int64_t)kn_row_bytes(t, hp.dim) +
+                         hp.dim * (int64_t)sizeof(float) * (1 + 2 * hp.n_layer);
+    for (int64_t i = 0; i < 1 + 7 * (int64_t)hp.n_layer; i++)
+        m->matmul_params += matmul_tensor(m, i)->rows * matmul_tensor(m, i)->cols;
+    m->dev = kn;
+    int rc = check_room(kn, device_bytes(m));
+    /* Weights uniform in +-1/sqrt(width): activations keep their scale
+     * through the layers, as in a trained model; the embedding +-1. */
+    for (int64_t i = 0; i <= 1 + 7 * (int64_t)hp.n_layer && rc == 0; i++) {
+        const bool emb = i == 1 + 7 * (int64_t)hp.n_layer;
+        kn_tensor *w = emb ? &m->tok_embd : matmul_tensor(m, i);
+        void *d;
+        const size_t bytes = (size_t)matrix_bytes(w);
+        if ((rc = kn_buf_alloc(kn, bytes, &d)) < 0) {
+            rc = eng_fail(rc, "model: no device memory for synthetic weights: %s",
+                          kn_ctx_error(kn));
+            break;
+        }
+        w->data = d;
+        const float amp = emb ? 1.0f : 1.0f / sqrtf((float)w->cols);
+        if ((rc = kn_buf_fill_random(kn, d, t, w->rows * w->cols, seed + (uint64_t)i, amp)) < 0)
+            rc = eng_fail(rc, "model: filling synthetic weights: %s", kn_ctx_error(kn));
+    }
+    /* Only the output slot was given a buffer of its own (the model is not
+     * tied); the other copies of the struct above were placeholders. */
+    if (rc == 0)
+        rc = upload_norms(m, kn, true);
+    if (rc < 0) {
+        eng_model_close(m);
+        return rc;
+    }
+    *out = m;
+    return 0;
 }

@@ -99,6 +99,29 @@ void eng_model_close(eng_model *m); /* NULL: no-op */
 int eng_model_open_tp(eng_model **out, const char *path, int rank, int tp);
 int eng_model_open_gguf_tp(eng_model **out, eng_gguf *g, int rank, int tp);
 
+/* Place the weights in kn's memory, once, before an eng_ctx on kn runs the
+ * model: on a device (kn_ctx_host_memory 0) every matrix, the embedding
+ * and the norm vectors are uploaded (kn_tensor_to_backend: the CPU's
+ * packed copies are freed, the file mapping stays for the tokenizer); on
+ * the CPU it does nothing. Tensor-parallel shards stay on the CPU
+ * (-ENOTSUP). A device without room for the weights is refused before
+ * anything is uploaded: -ENOMEM, the message says how much is needed and
+ * how much is free. After any other failure the model is unusable: close
+ * it. Message in eng_error(). */
+int eng_model_to_device(eng_model *m, kn_ctx *kn);
+
+/* A model with no file: the shape of hp (n_vocab, dim, ffn_dim, n_layer,
+ * n_head required; head_dim, n_kv_head, rope_dims, rope_base, rms_eps and
+ * n_ctx default as eng_model_open's keys do; untied output), weights of
+ * dtype t allocated in kn's memory and filled there by kn_buf_fill_random
+ * (seeded: the same on every backend), norm vectors of ones. No
+ * tokenizer. For benchmarks of shapes whose file would be too big to
+ * carry (gorgon-bench engine --synthetic 7b): a 7B F16 model is made on a
+ * GPU in a second, never crossing PCIe. -EINVAL (message) for an
+ * inconsistent shape or widths that are not whole blocks of t, -ENOMEM. */
+int eng_model_synthetic(eng_model **out, const eng_hparams *hp, enum kn_dtype t, kn_ctx *kn,
+                        uint64_t seed);
+
 /* The whole model's hyper-parameters (whatever the shard). */
 const eng_hparams *eng_model_hparams(const eng_model *m);
 /* This rank's shard: n_head, n_kv_head, ffn_dim and n_vocab (its output

@@ -19,6 +19,13 @@ struct eng_model {
     const float *output_norm;
     eng_layer *layers; /* [n_layer] */
     int64_t bytes_per_token, matmul_params;
+    /* Non-NULL once the weights live in this backend's buffers
+     * (eng_model_to_device, eng_model_synthetic): the matrices were made
+     * with kn_tensor_to_backend or kn_buf_alloc, the norm vectors sit in
+     * `norms`; all are freed with the model. */
+    kn_ctx *dev;
+    float *norms;
+    bool synthetic; /* matrices from kn_buf_alloc (freed with kn_buf_free) */
 };
 
 #endif

@@ -143,6 +143,11 @@ typedef struct kn_ctx_cfg {
     const int *cpus;           /* optional: pin pool thread i to cpus[i] (n_threads entries);
                                 * thread 0 is the thread calling kn_ctx_create, which is
                                 * pinned there and then (it must be the one calling ops) */
+    /* Which device runs the ops: NULL, "" or "cpu": this CPU (the fields
+     * above apply); "cuda" or "cuda:N": CUDA device N (default 0), in a
+     * build with the CUDA backend (kernels/cuda/); n_threads, variant and
+     * cpus are then ignored (one stream; the calling thread issues). */
+    const char *device;
 } kn_ctx_cfg;
 
 /* Paged attention over a KV cache.
@@ -309,7 +314,7 @@ int kn_threads_auto(void);
 int kn_ctx_create(kn_ctx **out, const kn_ctx_cfg *cfg);
 void kn_ctx_destroy(kn_ctx *ctx);
 const kn_ops *kn_ctx_ops(const kn_ctx *ctx);
-enum kn_variant kn_ctx_variant(const kn_ctx *ctx);
+enum kn_variant kn_ctx_variant(const kn_ctx *ctx); /* KN_VARIANT_AUTO on a device ctx */
 int kn_ctx_threads(const kn_ctx *ctx);
 /* 1 when host memory is backend memory (the CPU backend): a caller may then
  * pass host arrays and mapped files to ops directly. */
@@ -334,6 +339,52 @@ int kn_buf_download(kn_ctx *ctx, void *dst, const void *src, size_t n);
 int kn_buf_copy(kn_ctx *ctx, void *dst, const void *src, size_t n);
 int kn_sync(kn_ctx *ctx);
 
+/* ---- devices --------------------------------------------------------------
+ * kn_device_parse: *cuda_index = -1 for the CPU (NULL, "", "cpu"), N for
+ * "cuda" (0) or "cuda:N"; -EINVAL for anything else.
+ * kn_cuda_device_count: the CUDA devices this process can use (> 0), or
+ * 0 / -errno with the reason written to why (cap bytes, may be NULL):
+ * -EOPNOTSUPP when this build has no CUDA backend, -ENODEV when there is
+ * no driver or no device. Never crashes without a driver or GPU.
+ * kn_ctx_create with a CUDA device that cannot be used fails with that
+ * code and logs the reason.
+ * kn_ctx_device: "cpu" or e.g. "cuda:0 (NVIDIA H200)".
+ * kn_ctx_mem_info: free and total bytes of the device's memory
+ * (-EOPNOTSUPP on the CPU).
+ * kn_ctx_error: the message of the last failed op or buffer call on a
+ * device ctx ("" when none; on the CPU always ""): a CUDA error names the
+ * kernel and the CUDA error string. Such an error is sticky: every later
+ * call on the ctx returns -EIO (the ctx must be destroyed). */
+int kn_device_parse(const char *s, int *cuda_index);
+int kn_cuda_device_count(char *why, size_t cap);
+const char *kn_ctx_device(const kn_ctx *ctx);
+int kn_ctx_mem_info(kn_ctx *ctx, size_t *free_bytes, size_t *total_bytes);
+const char *kn_ctx_error(const kn_ctx *ctx);
+
+/* Give a weight to ctx's ops. On the CPU this is kn_tensor_pack (w->data
+ * stays the caller's). On a device: w->data is uploaded into a new backend
+ * buffer that replaces it (the host data is no longer read), and w->packed
+ * may get a device copy in the layout the backend's matmul streams best.
+ * kn_tensor_release(ctx, w) frees what kn_tensor_to_backend made (on the
+ * CPU: kn_tensor_unpack); call it only for tensors made that way, before
+ * ctx is destroyed. -ENOMEM (message in kn_ctx_error), -EINVAL. */
+int kn_tensor_to_backend(kn_ctx *ctx, kn_tensor *w);
+void kn_tensor_release(kn_ctx *ctx, kn_tensor *w);
+
+/* Fill a backend buffer with n elements of dtype t, drawn uniformly in
+ * [-amplitude, amplitude) from a counter-based generator keyed by seed, so
+ * every backend writes the same values (up to the dtype's rounding):
+ *   z = seed + (i + 1) * 0x9E3779B97F4A7C15            (element i, uint64)
+ *   z = (z ^ z >> 30) * 0xBF58476D1CE4E5B9; z = (z ^ z >> 27) * 0x94D049BB133111EB;
+ *   z ^= z >> 31                                         (splitmix64's mix)
+ *   v = ((float)(z >> 40) * 0x1p-24f * 2.0f - 1.0f) * amplitude
+ * then stored as t (F16/BF16 round to nearest even; Q8_0/Q4_0 quantise each
+ * block of 32 with kn_quantize_row's rounding; n % 32 == 0 for those).
+ * Synthetic weights for shapes that have no file (gorgon-bench
+ * --synthetic). p is a backend address of at least kn_row_bytes(t, n). */
+int kn_buf_fill_random(kn_ctx *ctx, void *p, enum kn_dtype t, int64_t n, uint64_t seed,
+                       float amplitude);
+
 /* The op table of a given variant (NULL when unsupported on this CPU); lets
  * tests run every variant against the scalar reference on one ctx. */
 const kn_ops *kn_ops_for(enum kn_variant v);
@@ -356,9 +407,18 @@ int64_t kn_quantize_row(enum kn_dtype t, const float *src, int64_t n, void *dst)
 /* Dequantise one row of n elements. */
 void kn_dequantize_row(enum kn_dtype t, const void *src, int64_t n, float *dst);
 
-/* Memory read bandwidth of this machine: the fastest multi-threaded streaming
- * read over `bytes` (choose well above the last-level cache), best of `reps`.
- * Returns bytes/s. */
+/* Memory read bandwidth of ctx's memory: on the CPU the fastest
+ * multi-threaded streaming read over `bytes` (choose well above the
+ * last-level cache), on a device a streaming-read kernel over device
+ * memory (HBM); best of `reps`. Returns bytes/s (<= 0 on failure). */
 double kn_measure_read_bandwidth(kn_ctx *ctx, size_t bytes, int reps);
+
+/* The backend's best throughput for the GEMM of matmul with M rows of
+ * activations and an N x K weight of dtype t (F16/BF16/F32): on a device,
+ * cuBLASLt's fastest algorithm for that shape over device buffers it
+ * allocates; best of reps. Returns FLOP/s (2*M*N*K per call), -EOPNOTSUPP
+ * on the CPU, or another -errno. */
+double kn_measure_gemm_peak(kn_ctx *ctx, enum kn_dtype t, int64_t M, int64_t N, int64_t K,
+                            int reps);
 
 #endif

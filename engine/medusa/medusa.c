@@ -89,6 +89,17 @@ void eng_medusa_destroy(eng_medusa *md)
 {
     if (!md)
         return;
+    if (md->kn && !kn_ctx_host_memory(md->kn)) {
+        /* device copies from kn_tensor_to_backend: data and packed together */
+        if (md->w_cat_data)
+            kn_tensor_release(md->kn, &md->w_cat);
+        md->w_cat_data = NULL;
+        for (int i = 0; i < ENG_MEDUSA_MAX_DEPTH; i++) {
+            if (md->lm_data[i])
+                kn_tensor_release(md->kn, &md->lm[i]);
+            md->lm_data[i] = NULL;
+        }
+    }
     void *dev[] = {md->pend_logits, md->pend_hidden, md->seq_d,    md->h_in,
                    md->h_z,         md->h_mid,       md->h_logits, md->top_d,
                    md->out_logits,  md->out_hidden,  md->am_d,     md->stats_d,
@@ -132,27 +143,40 @@ static bool is_quant(enum kn_dtype t)
     return t == KN_Q8_0 || t == KN_Q4_0;
 }
 
-/* Row r of t as floats. */
+/* Row r of t (host memory) as floats. */
 static void tensor_row(const kn_tensor *t, int64_t r, float *out)
 {
     const size_t rb = kn_row_bytes(t->type, t->cols);
     kn_dequantize_row(t->type, (const char *)t->data + (size_t)r * rb, t->cols, out);
 }
 
-/* Whether a and b (same shape) hold the same values, compared as floats. */
-static bool same_values(const kn_tensor *a, const kn_tensor *b, float *ra, float *rb)
+/* Whether a (host memory) and b (kn's memory: the base model's output,
+ * which may be on a device) hold the same values, compared as floats.
+ * stage: a host buffer of one row of b's bytes. -errno when b cannot be
+ * read. */
+static int same_values(kn_ctx *kn, const kn_tensor *a, const kn_tensor *b, float *ra, float *rb,
+                       void *stage)
 {
     if (a->rows != b->rows || a->cols != b->cols)
-        return false;
+        return 0;
     if (a->data == b->data && a->type == b->type)
-        return true;
+        return 1;
+    const bool host = kn_ctx_host_memory(kn);
+    const size_t bb = kn_row_bytes(b->type, b->cols);
     for (int64_t r = 0; r < a->rows; r++) {
         tensor_row(a, r, ra);
-        tensor_row(b, r, rb);
+        const char *src = (const char *)b->data + (size_t)r * bb;
+        if (!host) {
+            int rc = kn_buf_download(kn, stage, src, bb);
+            if (rc < 0)
+                return rc;
+            src = stage;
+        }
+        kn_dequantize_row(b->type, src, b->cols, rb);
         if (memcmp(ra, rb, (size_t)a->cols * sizeof(float)) != 0)
-            return false;
+            return 0;
     }
-    return true;
+    return 1;
 }
 
 /* An owned rows x cols tensor of type t whose row r is row r % src_rows of
@@ -170,6 +194,18 @@ static int make_tensor(kn_ctx *kn, kn_tensor *out, void **owned, enum kn_dtype t
         tensor_row(src[r / src_rows], r % src_rows, row);
         if (kn_quantize_row(t, row, cols, data + (size_t)r * rb) < 0)
             rc = -EINVAL;
+    }
+    if (rc == 0 && !kn_ctx_host_memory(kn)) {
+        /* a device: uploaded (and laid out for its matmul) like the
+         * model's own weights; kn_tensor_release frees it */
+        kn_tensor dt = {.data = data, .type = t, .rows = rows, .cols = cols};
+        rc = kn_tensor_to_backend(kn, &dt);
+        free(data);
+        if (rc == 0) {
+            *owned = (void *)dt.data;
+            *out = dt;
+        }
+        return rc;
     }
     void *dev = NULL;
     if (rc == 0 && (rc = kn_buf_alloc(kn, bytes, &dev)) == 0)
@@ -196,8 +232,9 @@ static int prepare_heads(eng_medusa *md)
     const bool q = is_quant(out->type) && H % KN_QK == 0;
     const enum kn_dtype wt = q ? out->type : KN_F32;
     float *ra = malloc((size_t)H * sizeof(float)), *rb = malloc((size_t)H * sizeof(float));
+    void *stage = malloc(kn_row_bytes(out->type, H) + 1);
     const size_t bias_bytes = (size_t)md->nh * (size_t)H * sizeof(float);
-    int rc = ra && rb ? kn_buf_alloc(md->kn, bias_bytes, (void **)&md->b_cat) : -ENOMEM;
+    int rc = ra && rb && stage ? kn_buf_alloc(md->kn, bias_bytes, (void **)&md->b_cat) : -ENOMEM;
     const kn_tensor *src[ENG_MEDUSA_MAX_DEPTH];
     bool shared = true;
     for (int i = 0; i < md->nh && rc == 0; i++) {
@@ -205,7 +242,12 @@ static int prepare_heads(eng_medusa *md)
         src[i] = &hd->w;
         rc = kn_buf_upload(md->kn, md->b_cat + (size_t)i * (size_t)H, hd->bias,
                            (size_t)H * sizeof(float));
-        shared = shared && same_values(&hd->lm_head, out, ra, rb);
+        if (rc == 0 && shared) {
+            int same = same_values(md->kn, &hd->lm_head, out, ra, rb, stage);
+            if (same < 0)
+                rc = same;
+            shared = same == 1;
+        }
     }
     if (rc == 0)
         rc = make_tensor(md->kn, &md->w_cat, &md->w_cat_data, wt, md->nh * H, H, src, H, ra);
@@ -218,12 +260,17 @@ static int prepare_heads(eng_medusa *md)
         } else if (q) {
             const kn_tensor *one = &hd->lm_head;
             rc = make_tensor(md->kn, &md->lm[i], &md->lm_data[i], wt, V, H, &one, V, ra);
+        } else if (!kn_ctx_host_memory(md->kn)) {
+            /* the heads' own projection lives on the host: a device copy */
+            const kn_tensor *one = &hd->lm_head;
+            rc = make_tensor(md->kn, &md->lm[i], &md->lm_data[i], wt, V, H, &one, V, ra);
         } else {
             md->lm[i] = hd->lm_head;
         }
     }
     free(ra);
     free(rb);
+    free(stage);
     return rc;
 }
 

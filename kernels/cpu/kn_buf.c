@@ -174,3 +174,93 @@ int kn_sync(kn_ctx *ctx)
         return -EINVAL;
     return kn_ctx_buf(ctx)->sync(ctx);
 }
+
+/* ---- weights and synthetic data ------------------------------------------- */
+
+#ifdef GORGON_CUDA
+#include "kernels/cuda/kn_cuda.h"
+#endif
+
+int kn_tensor_to_backend(kn_ctx *ctx, kn_tensor *w)
+{
+    if (!ctx || !kn_weight_ok(w))
+        return -EINVAL;
+    if (kn_ctx_host_memory(ctx))
+        return kn_tensor_pack(w);
+#ifdef GORGON_CUDA
+    const size_t bytes = (size_t)w->rows * kn_row_bytes(w->type, w->cols);
+    void *d;
+    int rc = kn_buf_alloc(ctx, bytes, &d);
+    if (rc < 0)
+        return rc;
+    if ((rc = kn_buf_upload(ctx, d, w->data, bytes)) < 0) {
+        kn_buf_free(ctx, d);
+        return rc;
+    }
+    kn_tensor dev = *w;
+    dev.data = d;
+    dev.packed = NULL;
+    if ((rc = kn_cuda_weight_prepare(kn_ctx_cuda(ctx), &dev)) < 0) {
+        kn_buf_free(ctx, d);
+        return rc;
+    }
+    *w = dev;
+    return 0;
+#else
+    return -EOPNOTSUPP; /* no other backend without host memory */
+#endif
+}
+
+void kn_tensor_release(kn_ctx *ctx, kn_tensor *w)
+{
+    if (!ctx || !w)
+        return;
+    if (kn_ctx_host_memory(ctx)) {
+        kn_tensor_unpack(w);
+        return;
+    }
+#ifdef GORGON_CUDA
+    kn_cuda_weight_release(kn_ctx_cuda(ctx), w);
+    kn_buf_free(ctx, (void *)w->data);
+    w->data = NULL;
+    w->packed = NULL;
+#endif
+}
+
+/* kn.h's generator: splitmix64's mix of a per-element counter. */
+static float fill_value(uint64_t seed, int64_t i, float amplitude)
+{
+    uint64_t z = seed + (uint64_t)(i + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ z >> 30) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ z >> 27) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return ((float)(z >> 40) * 0x1p-24f * 2.0f - 1.0f) * amplitude;
+}
+
+int kn_buf_fill_random(kn_ctx *ctx, void *p, enum kn_dtype t, int64_t n, uint64_t seed,
+                       float amplitude)
+{
+    if (!ctx || !p || n <= 0 || kn_row_bytes(t, n) == 0)
+        return -EINVAL;
+    if (!kn_ctx_host_memory(ctx)) {
+#ifdef GORGON_CUDA
+        return kn_cuda_fill_random(kn_ctx_cuda(ctx), p, t, n, seed, amplitude);
+#else
+        return -EOPNOTSUPP;
+#endif
+    }
+    /* A block of 32 at a time: the quantised types' unit, and for the
+     * others a chunk (n need not be a multiple of 32 for them). */
+    float v[KN_QK];
+    char *dst = p;
+    for (int64_t i0 = 0; i0 < n; i0 += KN_QK) {
+        const int64_t len = n - i0 < KN_QK ? n - i0 : KN_QK;
+        for (int64_t j = 0; j < len; j++)
+            v[j] = fill_value(seed, i0 + j, amplitude);
+        int64_t wrote = kn_quantize_row(t, v, len, dst);
+        if (wrote < 0)
+            return (int)wrote;
+        dst += wrote;
+    }
+    return 0;
+}

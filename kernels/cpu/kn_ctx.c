@@ -32,12 +32,16 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include "common/common.h"
 #include "kernels/cpu/kn_int.h"
+#ifdef GORGON_CUDA
+#include "kernels/cuda/kn_cuda.h"
+#endif
 
 /* Polling budget before sleeping, in time rather than iterations (PAUSE
  * costs ~20 ns on some x86 cores and ~140 cycles on others): long enough to
@@ -96,6 +100,8 @@ struct kn_ctx {
 
     _Alignas(KN_CACHELINE) void *scratch[KN_SCRATCH_COUNT];
     size_t scratch_size[KN_SCRATCH_COUNT];
+
+    struct kn_cuda *cuda; /* a CUDA device ctx's state (kernels/cuda), else NULL */
 };
 
 static long futex_wait(atomic_uint *addr, unsigned val)
@@ -371,11 +377,92 @@ static int64_t fanout_min(int64_t cfg)
     return KN_FANOUT_MIN_BYTES;
 }
 
+int kn_device_parse(const char *s, int *cuda_index)
+{
+    if (!cuda_index)
+        return -EINVAL;
+    if (!s || !*s || strcmp(s, "cpu") == 0) {
+        *cuda_index = -1;
+        return 0;
+    }
+    if (strncmp(s, "cuda", 4) != 0)
+        return -EINVAL;
+    if (s[4] == '\0') {
+        *cuda_index = 0;
+        return 0;
+    }
+    if (s[4] != ':' || s[5] < '0' || s[5] > '9')
+        return -EINVAL;
+    char *end;
+    errno = 0;
+    long v = strtol(s + 5, &end, 10);
+    if (errno || *end || v > 1023)
+        return -EINVAL;
+    *cuda_index = (int)v;
+    return 0;
+}
+
+#define KN_NO_CUDA_WHY "this build has no CUDA backend (built with CUDA=0 or without nvcc)"
+
+int kn_cuda_device_count(char *why, size_t cap)
+{
+#ifdef GORGON_CUDA
+    return kn_cuda_count(why, cap);
+#else
+    if (why && cap)
+        snprintf(why, cap, "%s", KN_NO_CUDA_WHY);
+    return -EOPNOTSUPP;
+#endif
+}
+
+/* A ctx on CUDA device `index`: one stream, no pool threads (the calling
+ * thread only issues work). */
+static int ctx_create_cuda(kn_ctx **out, const char *device, int index)
+{
+#ifdef GORGON_CUDA
+    char why[256] = "";
+    struct kn_cuda *cu;
+    int rc = kn_cuda_open(index, &cu, why, sizeof(why));
+    if (rc < 0) {
+        CM_LOG_ERROR("kernels", "cannot use device %s: %s", device, why);
+        return rc;
+    }
+    kn_ctx *ctx = aligned_alloc(KN_CACHELINE, (sizeof(*ctx) + KN_CACHELINE - 1) /
+                                                  KN_CACHELINE * KN_CACHELINE);
+    if (!ctx) {
+        kn_cuda_close(cu);
+        return -ENOMEM;
+    }
+    memset(ctx, 0, sizeof(*ctx));
+    ctx->impl = &kn_impl_cuda;
+    ctx->buf = &kn_buf_cuda;
+    ctx->variant = KN_VARIANT_AUTO;
+    ctx->n_threads = 1;
+    ctx->fanout_min = KN_WORK_ALWAYS;
+    ctx->cuda = cu;
+    *out = ctx;
+    return 0;
+#else
+    (void)out;
+    (void)index;
+    CM_LOG_ERROR("kernels", "cannot use device %s: %s", device, KN_NO_CUDA_WHY);
+    return -EOPNOTSUPP;
+#endif
+}
+
 int kn_ctx_create(kn_ctx **out, const kn_ctx_cfg *cfg)
 {
     if (!out || !cfg)
         return -EINVAL;
     *out = NULL;
+    int cuda_index;
+    if (kn_device_parse(cfg->device, &cuda_index) < 0) {
+        CM_LOG_ERROR("kernels", "unknown device '%s' (expected cpu, cuda or cuda:N)",
+                     cfg->device);
+        return -EINVAL;
+    }
+    if (cuda_index >= 0)
+        return ctx_create_cuda(out, cfg->device, cuda_index);
     if (cfg->variant < KN_VARIANT_AUTO || cfg->variant >= KN_VARIANT_COUNT) {
         CM_LOG_ERROR("kernels", "unknown kernel variant %d", (int)cfg->variant);
         return -EINVAL;
@@ -437,6 +524,10 @@ void kn_ctx_destroy(kn_ctx *ctx)
 {
     if (!ctx)
         return;
+#ifdef GORGON_CUDA
+    if (ctx->cuda)
+        kn_cuda_close(ctx->cuda);
+#endif
     stop_workers(ctx, ctx->n_threads - 1);
     for (int i = 0; i < KN_SCRATCH_COUNT; i++)
         free(ctx->scratch[i]);
@@ -467,6 +558,56 @@ int kn_ctx_host_memory(const kn_ctx *ctx)
 const kn_buf_impl *kn_ctx_buf(const kn_ctx *ctx)
 {
     return ctx->buf;
+}
+
+struct kn_cuda *kn_ctx_cuda(const kn_ctx *ctx)
+{
+    return ctx->cuda;
+}
+
+const char *kn_ctx_device(const kn_ctx *ctx)
+{
+#ifdef GORGON_CUDA
+    if (ctx && ctx->cuda)
+        return kn_cuda_name(ctx->cuda);
+#endif
+    (void)ctx;
+    return "cpu";
+}
+
+int kn_ctx_mem_info(kn_ctx *ctx, size_t *free_bytes, size_t *total_bytes)
+{
+    if (!ctx || !free_bytes || !total_bytes)
+        return -EINVAL;
+#ifdef GORGON_CUDA
+    if (ctx->cuda)
+        return kn_cuda_mem_info(ctx->cuda, free_bytes, total_bytes);
+#endif
+    return -EOPNOTSUPP;
+}
+
+const char *kn_ctx_error(const kn_ctx *ctx)
+{
+#ifdef GORGON_CUDA
+    if (ctx && ctx->cuda)
+        return kn_cuda_errmsg(ctx->cuda);
+#endif
+    (void)ctx;
+    return "";
+}
+
+double kn_measure_gemm_peak(kn_ctx *ctx, enum kn_dtype t, int64_t M, int64_t N, int64_t K,
+                            int reps)
+{
+    if (!ctx || M <= 0 || N <= 0 || K <= 0)
+        return -EINVAL;
+#ifdef GORGON_CUDA
+    if (ctx->cuda)
+        return kn_cuda_gemm_peak(ctx->cuda, t, M, N, K, reps < 1 ? 1 : reps);
+#endif
+    (void)t;
+    (void)reps;
+    return -EOPNOTSUPP;
 }
 
 struct rows_job {
@@ -586,6 +727,10 @@ double kn_measure_read_bandwidth(kn_ctx *ctx, size_t bytes, int reps)
 {
     if (!ctx || bytes < 4096)
         return 0.0;
+#ifdef GORGON_CUDA
+    if (ctx->cuda)
+        return kn_cuda_read_bandwidth(ctx->cuda, bytes, reps < 1 ? 1 : reps);
+#endif
     bytes &= ~(size_t)4095;
     if (reps < 1)
         reps = 1;

@@ -139,6 +139,13 @@ typedef struct kn_buf_impl {
 extern const kn_buf_impl kn_buf_cpu;
 const kn_buf_impl *kn_ctx_buf(const kn_ctx *ctx);
 
+/* The CUDA backend (kernels/cuda/kn_cuda_ops.c, in builds with
+ * GORGON_CUDA): its op and buffer tables, and a device ctx's state. */
+struct kn_cuda;
+extern const kn_impl kn_impl_cuda;
+extern const kn_buf_impl kn_buf_cuda;
+struct kn_cuda *kn_ctx_cuda(const kn_ctx *ctx);
+
 /* ---- row fan-out ------------------------------------------------------------
  * fn(arg, m0, m1) over rows [0, M): on the calling thread unless fan_out
  * (the caller's judgement that the work pays for a pool round trip), else
