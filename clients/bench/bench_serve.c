@@ -32,6 +32,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <math.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -154,6 +155,12 @@ typedef struct shm_drv {
     gorgon_client **cli;
     uint32_t *inflight;
     int n_cli;
+    /* --wait event: sleep in poll(2) on the clients' completion event fds
+     * while nothing is due (what gorgon-sidecar does), instead of spinning
+     * on gorgon_poll, which on a small host takes a CPU from gorgond and
+     * its worker. */
+    bool event_wait;
+    struct pollfd *pfd;
 } shm_drv;
 
 static int shm_open(shm_drv *d, const char *sock, int64_t max_inflight)
@@ -161,7 +168,8 @@ static int shm_open(shm_drv *d, const char *sock, int64_t max_inflight)
     d->n_cli = (int)((max_inflight + PER_CLIENT - 1) / PER_CLIENT);
     d->cli = calloc((size_t)d->n_cli, sizeof(*d->cli));
     d->inflight = calloc((size_t)d->n_cli, sizeof(uint32_t));
-    if (!d->cli || !d->inflight) {
+    d->pfd = calloc((size_t)d->n_cli, sizeof(*d->pfd));
+    if (!d->cli || !d->inflight || !d->pfd) {
         fprintf(stderr, "gorgon-bench serve: out of memory\n");
         return -ENOMEM;
     }
@@ -172,6 +180,16 @@ static int shm_open(shm_drv *d, const char *sock, int64_t max_inflight)
             fprintf(stderr, "gorgon-bench serve: cannot connect to %s: %s\n", gorgon_last_socket(),
                     gorgon_strerror(rc));
             return rc;
+        }
+        if (d->event_wait) {
+            int fd = gorgon_event_fd(d->cli[i]);
+            if (fd < 0) {
+                fprintf(stderr, "gorgon-bench serve: --wait event: gorgond gives no completion "
+                                "event fd: %s\n",
+                        gorgon_strerror(fd));
+                return fd;
+            }
+            d->pfd[i] = (struct pollfd){.fd = fd, .events = POLLIN};
         }
     }
     /* Warm-up: one short request, so the worker has loaded the model. */
@@ -196,6 +214,29 @@ static void shm_close(shm_drv *d)
         gorgon_close(d->cli[i]);
     free(d->cli);
     free(d->inflight);
+    free(d->pfd);
+}
+
+/* --wait event, with nothing reaped or submitted this round: arm every
+ * client's event fd and sleep until one is readable or the next arrival is
+ * due (wake_ns, UINT64_MAX: none). A client with completions ready skips
+ * the sleep. */
+static int shm_sleep(shm_drv *d, uint64_t wake_ns)
+{
+    for (int i = 0; i < d->n_cli; i++) {
+        int rc = gorgon_event_arm(d->cli[i]);
+        if (rc != 0)
+            return rc < 0 ? rc : 0;
+    }
+    int timeout_ms = -1;
+    if (wake_ns != UINT64_MAX) {
+        uint64_t now = cm_now_ns();
+        if (wake_ns <= now)
+            return 0;
+        timeout_ms = (int)((wake_ns - now + 999999) / 1000000);
+    }
+    int n = poll(d->pfd, (nfds_t)d->n_cli, timeout_ms);
+    return n < 0 && errno != EINTR ? -errno : 0;
 }
 
 static int shm_run(shm_drv *d, const bench_workload *w, int64_t max_inflight, bench_sreq *rq,
@@ -300,8 +341,19 @@ static int shm_run(shm_drv *d, const bench_workload *w, int64_t max_inflight, be
             }
             busy |= n > 0;
         }
-        if (!busy)
+        if (busy)
+            continue;
+        if (d->event_wait) {
+            const bool due = issued < n_prompts && inflight < max_inflight;
+            int rc = shm_sleep(d, due ? next_arrival : UINT64_MAX);
+            if (rc < 0) {
+                fprintf(stderr, "gorgon-bench serve: %s\n", gorgon_strerror(rc));
+                free(ids);
+                return rc;
+            }
+        } else {
             __builtin_ia32_pause();
+        }
     }
     *dur_s = (double)(cm_now_ns() - t0) / 1e9;
     free(ids);
@@ -528,7 +580,7 @@ static void usage(FILE *f)
           "         [--concurrency C[,C...]] [--input-len I|A:B | --prompt TEXT]\n"
           "         [--output-len O] [--temperature T]\n"
           "         [--goodput ttft:MS [tpot:MS] [e2el:MS]] [--seed S] [--no-medusa]\n"
-          "         [--plot FILE.png|FILE.svg] [--json]\n"
+          "         [--plot FILE.png|FILE.svg] [--wait spin|event] [--json]\n"
           "Drives a running gorgond (started with --model) through shared memory, or with\n"
           "--base-url any OpenAI-compatible server (gorgon-sidecar, llama-server, vLLM) over\n"
           "streaming HTTP (--endpoint /v1/completions, the default, or /v1/chat/completions;\n"
@@ -544,7 +596,10 @@ static void usage(FILE *f)
           "per second (goodput) and as a fraction of all requests. --plot draws CDFs of\n"
           "TTFT and ITL (and throughput against concurrency and/or rate) with gnuplot, raw\n"
           "data in FILE.csv. With gorgond --medusa, greedy requests speculate unless\n"
-          "--no-medusa.\n",
+          "--no-medusa.\n"
+          "--wait (shared memory): spin on gorgon_poll (the default: lowest latency when\n"
+          "the host has a CPU to spare) or sleep on libgorgon's completion event fds\n"
+          "between completions (as gorgon-sidecar does; fair on a small host).\n",
           f);
 }
 
@@ -662,9 +717,9 @@ int bench_serve_main(int argc, char **argv)
     double rates[MAX_LIST] = {INFINITY};
     int n_conc = 1, n_rate = 1, bad = 0;
     slo s = {0};
-    bool json = false, in_given = false;
+    bool json = false, in_given = false, wait_event = false;
     enum { O_SOCK = 256, O_N, O_RATE, O_BURST, O_CONC, O_IN, O_OUT, O_GOOD, O_JSON, O_SEED,
-           O_NOMED, O_URL, O_EP, O_PROMPT, O_TEMP, O_KEY, O_MODEL, O_PLOT };
+           O_NOMED, O_URL, O_EP, O_PROMPT, O_TEMP, O_KEY, O_MODEL, O_PLOT, O_WAIT };
     static const struct option opts[] = {
         {"socket", required_argument, 0, O_SOCK},      {"num-prompts", required_argument, 0, O_N},
         {"requests", required_argument, 0, O_N},       {"request-rate", required_argument, 0, O_RATE},
@@ -676,7 +731,8 @@ int bench_serve_main(int argc, char **argv)
         {"endpoint", required_argument, 0, O_EP},      {"prompt", required_argument, 0, O_PROMPT},
         {"temperature", required_argument, 0, O_TEMP}, {"api-key", required_argument, 0, O_KEY},
         {"model", required_argument, 0, O_MODEL},      {"plot", required_argument, 0, O_PLOT},
-        {"help", no_argument, 0, 'h'},                 {0, 0, 0, 0},
+        {"wait", required_argument, 0, O_WAIT},        {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0},
     };
     int c;
     optind = 1;
@@ -724,6 +780,14 @@ int bench_serve_main(int argc, char **argv)
         case O_KEY: hc.api_key = optarg; break;
         case O_MODEL: hc.model = optarg; break;
         case O_PLOT: plot = optarg; break;
+        case O_WAIT:
+            if (strcmp(optarg, "spin") != 0 && strcmp(optarg, "event") != 0) {
+                fprintf(stderr, "gorgon-bench serve: --wait: expected spin or event, got \"%s\"\n",
+                        optarg);
+                return 2;
+            }
+            wait_event = strcmp(optarg, "event") == 0;
+            break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
@@ -749,6 +813,11 @@ int bench_serve_main(int argc, char **argv)
                         "one\n");
         return 2;
     }
+    if (hc.base_url && wait_event) {
+        fprintf(stderr, "gorgon-bench serve: --wait is for the shared-memory path (the HTTP "
+                        "client always sleeps in curl_multi_poll)\n");
+        return 2;
+    }
     if (!hc.base_url && (hc.api_key || hc.model)) {
         fprintf(stderr, "gorgon-bench serve: --api-key and --model are for --base-url (HTTP)\n");
         return 2;
@@ -769,7 +838,7 @@ int bench_serve_main(int argc, char **argv)
         fprintf(stderr, "gorgon-bench serve: out of memory\n");
         return 1;
     }
-    shm_drv shm = {0};
+    shm_drv shm = {.event_wait = wait_event};
     bench_http *http = NULL;
     int rc = hc.base_url ? bench_http_open(&http, &hc, &w) : shm_open(&shm, sock, max_all);
     if (rc < 0) {

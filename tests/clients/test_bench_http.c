@@ -419,3 +419,163 @@ Test(clients_bench_http, plot_on_the_shm_path_with_a_concurrency_list_draws_svg,
         cr_assert_eq(csv_rows(csv, c, "output_throughput"), 1, "c=%ld", c);
     }
 }
+
+/* The line after the first of out (the second run's JSON). */
+static const char *second_line(const char *s)
+{
+    const char *nl = strchr(s, '\n');
+    cr_assert_not_null(nl, "no second line in %s", s);
+    return nl + 1;
+}
+
+static int cmp_long(const void *a, const void *b)
+{
+    long x = *(const long *)a, y = *(const long *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* The token-id prompt lengths of the fake's POSTs first..last (1-based,
+ * as its log numbers them) into len[], sorted: POSTs can arrive out of
+ * order when several are in flight. */
+static void logged_prompt_lens(const char *log, int first, int last, long *len)
+{
+    int k = 0;
+    for (int n = first; n <= last; n++) {
+        char key[32];
+        snprintf(key, sizeof(key), "{\"n\": %d, ", n);
+        const char *p = strstr(log, key);
+        cr_assert_not_null(p, "no POST %d in %s", n, log);
+        const char *eol = strchr(p, '\n');
+        p = strstr(p, "\"prompt\": [");
+        cr_assert(p && (!eol || p < eol), "POST %d has no token-id prompt", n);
+        long commas = 0;
+        for (p += strlen("\"prompt\": ["); *p && *p != ']'; p++)
+            commas += *p == ',';
+        len[k++] = commas + 1;
+    }
+    qsort(len, (size_t)k, sizeof(*len), cmp_long);
+}
+
+Test(clients_bench_http, input_len_range_and_rate_list_send_the_same_prompts_in_each_run_and_driver,
+     .init = setup, .fini = cleanup, .timeout = 120)
+{
+    int rc = gd_start(&gd, "--model", tu_model_path("stories260K/stories260K.gguf"), NULL);
+    cr_assert_eq(rc, 0, "gd_start: %d", rc);
+    /* SLOs of 100 s: every request meets them */
+    int st = bench("--socket", gd.sock, "--input-len", "8:64", "--output-len", "4",
+                   "--num-prompts", "12", "--request-rate", "200,400", "--seed", "7", "--goodput",
+                   "ttft:100000", "tpot:100000", "--json", NULL);
+    cr_assert_eq(st, 0, "%s", err);
+    char shm_out[sizeof(out)];
+    memcpy(shm_out, out, sizeof(out));
+    /* 1 ns: the parser's minimum (1e-6 ms), below any real TTFT */
+    int st0 = bench("--socket", gd.sock, "--input-len", "8:64", "--output-len", "4",
+                    "--num-prompts", "12", "--seed", "7", "--goodput", "ttft:0.000001", "--json",
+                    NULL);
+    GD_END(&gd);
+    cr_assert_eq(st0, 0, "%s", err);
+    cr_assert_eq(count_of(out, "\n"), 1, "%s", out);
+    cr_assert_eq(jnum(out, "completed"), 12, "%s", out);
+    cr_assert_eq(jnum(out, "goodput_fraction"), 0.0, "no TTFT is under 1 ns: %s", out);
+    cr_assert_eq(jnum(out, "request_goodput"), 0.0, "%s", out);
+    cr_assert(strstr(out, "\"request_rate\": null,"), "rate inf is null: %s", out);
+
+    const char *l1 = shm_out, *l2 = second_line(shm_out);
+    cr_assert_eq(count_of(shm_out, "\n"), 2, "one JSON line per rate: %s", shm_out);
+    cr_assert_eq(jnum(l1, "request_rate"), 200.0, "rates in the order given: %s", shm_out);
+    cr_assert_eq(jnum(l2, "request_rate"), 400.0, "rates in the order given: %s", shm_out);
+    double total = jnum(l1, "total_input_tokens");
+    double lo = jnum(l1, "input_len_min"), hi = jnum(l1, "input_len_max");
+    for (int i = 0; i < 2; i++) {
+        const char *l = i ? l2 : l1;
+        cr_assert_eq(jnum(l, "completed"), 12, "run %d: %s", i, shm_out);
+        cr_assert_eq(jnum(l, "failed"), 0, "run %d: %s", i, shm_out);
+        cr_assert_eq(jnum(l, "goodput_fraction"), 1.0, "run %d: %s", i, shm_out);
+        cr_assert_float_eq(jnum(l, "input_len_mean"), total / 12, 1e-4, "run %d: %s", i, shm_out);
+    }
+    /* the same prompts at either rate */
+    cr_assert_eq(jnum(l2, "total_input_tokens"), total, "%s", shm_out);
+    cr_assert_eq(jnum(l2, "input_len_min"), lo, "%s", shm_out);
+    cr_assert_eq(jnum(l2, "input_len_max"), hi, "%s", shm_out);
+    cr_assert(lo >= 8 && lo <= hi && hi <= 64, "lengths in [8, 64]: %s", shm_out);
+    cr_assert_lt(lo, hi, "12 draws from [8, 64] are not all equal: %s", shm_out);
+    cr_assert(total >= 12 * lo && total <= 12 * hi, "%s", shm_out);
+
+    /* over HTTP with the same seed: the same lengths, and the fake saw them */
+    start_fake("--chunks", "4", NULL);
+    cr_assert_eq(bench("--base-url", base_url(), "--input-len", "8:64", "--output-len", "4",
+                       "--num-prompts", "12", "--request-rate", "200,400", "--seed", "7", "--json",
+                       NULL),
+                 0, "%s", err);
+    cr_assert_eq(count_of(out, "\n"), 2, "%s", out);
+    for (int i = 0; i < 2; i++) {
+        const char *l = i ? second_line(out) : out;
+        cr_assert_eq(jnum(l, "total_input_tokens"), total, "run %d: http %s\nshm %s", i, out,
+                     shm_out);
+        cr_assert_eq(jnum(l, "input_len_min"), lo, "run %d: %s", i, out);
+        cr_assert_eq(jnum(l, "input_len_max"), hi, "run %d: %s", i, out);
+    }
+    /* POST 1 is the warm-up; 2..13 the first run, 14..25 the second */
+    const char *log = fake_log();
+    cr_assert_eq(count_of(log, "\n"), 25, "%s", log);
+    long a[12], b[12], sum = 0;
+    logged_prompt_lens(log, 2, 13, a);
+    logged_prompt_lens(log, 14, 25, b);
+    for (int i = 0; i < 12; i++) {
+        cr_assert_eq(a[i], b[i], "prompt length %d differs between the runs", i);
+        sum += a[i];
+    }
+    cr_assert_eq((double)sum, total, "the lengths sent add up to total_input_tokens");
+    cr_assert_eq((double)a[0], lo);
+    cr_assert_eq((double)a[11], hi);
+}
+
+Test(clients_bench_http, bad_input_len_and_request_rate_are_named, .init = setup, .fini = cleanup,
+     .timeout = 30)
+{
+    cr_assert_eq(bench("--input-len", "64:8", NULL), 2);
+    cr_assert(strstr(err, "--input-len \"64:8\": expected A:B with A <= B"), "%s", err);
+    cr_assert_eq(bench("--input-len", "8:x", NULL), 2);
+    cr_assert(strstr(err, "--input-len \"8:x\"") && strstr(err, "got \"x\""), "%s", err);
+    cr_assert_eq(bench("--input-len", "0:8", NULL), 2);
+    cr_assert(strstr(err, "--input-len \"0:8\"") && strstr(err, "got \"0\""), "%s", err);
+    cr_assert_eq(bench("--request-rate", "0", NULL), 2);
+    cr_assert(strstr(err, "--request-rate") && strstr(err, "got \"0\""), "%s", err);
+    cr_assert_eq(bench("--request-rate", "5,,10", NULL), 2);
+    cr_assert(strstr(err, "--request-rate \"5,,10\""), "%s", err);
+    cr_assert_eq(bench("--input-len", "8", "--prompt", "hi", NULL), 2);
+    cr_assert(strstr(err, "--input-len and --prompt"), "%s", err);
+    cr_assert_eq(bench("--goodput", "ttft:0", NULL), 2);
+    cr_assert(strstr(err, "--goodput ttft") && strstr(err, "got \"0\""), "%s", err);
+    cr_assert_str_empty(out);
+}
+
+/* --wait event sleeps on the completion event fds instead of spinning: the
+ * same requests complete with the same token counts as the spinning
+ * default, and the option is refused where it means nothing. */
+Test(clients_bench_http, shm_wait_event_completes_the_same_work_as_spinning, .init = setup,
+     .fini = cleanup, .timeout = 120)
+{
+    int rc = gd_start(&gd, "--model", tu_model_path("stories260K/stories260K.gguf"), NULL);
+    cr_assert_eq(rc, 0, "gd_start: %d", rc);
+    int st_spin = bench("--socket", gd.sock, "--num-prompts", "6", "--concurrency", "1,3",
+                        "--output-len", "16", "--json", NULL);
+    static char spin[sizeof(out)];
+    memcpy(spin, out, sizeof(out));
+    int st_ev = bench("--socket", gd.sock, "--num-prompts", "6", "--concurrency", "1,3",
+                      "--output-len", "16", "--wait", "event", "--json", NULL);
+    GD_END(&gd);
+    cr_assert_eq(st_spin, 0, "%s", err);
+    cr_assert_eq(st_ev, 0, "%s", err);
+    cr_assert_eq(count_of(spin, "\"completed\": 6, \"failed\": 0,"), 2, "%s", spin);
+    cr_assert_eq(count_of(out, "\"completed\": 6, \"failed\": 0,"), 2, "%s", out);
+    /* greedy, 16 tokens each (stories260K does not stop that early) */
+    cr_assert_eq(count_of(out, "\"total_output_tokens\": 96,"), 2, "%s", out);
+    cr_assert_eq(count_of(spin, "\"total_output_tokens\": 96,"), 2, "%s", spin);
+    cr_assert_gt(jnum(out, "ttft_ms.median"), 0.0, "%s", out);
+
+    cr_assert_eq(bench("--wait", "nap", NULL), 2);
+    cr_assert(strstr(err, "--wait: expected spin or event, got \"nap\""), "%s", err);
+    cr_assert_eq(bench("--base-url", "http://127.0.0.1:1", "--wait", "event", NULL), 2);
+    cr_assert(strstr(err, "--wait is for the shared-memory path"), "%s", err);
+}
