@@ -63,9 +63,11 @@
  *   }
  * [/example]
  *
- * Build: cc app.c $(pkg-config --cflags --libs gorgon), or with
- * `pkg-config --static --libs gorgon` to link libgorgon.a (then also
- * -luring -lnuma -lm, which --static lists).
+ * Build: cc app.c $(pkg-config --cflags --libs gorgon) links libgorgon.so;
+ * cc app.c $(pkg-config --cflags --libs gorgon-static) links libgorgon.a
+ * (self-contained, plus -luring -lnuma -lm). Not `pkg-config --static
+ * gorgon`: beside libgorgon.so in the same directory the linker would still
+ * pick the shared library.
  */
 #ifndef GORGON_H
 #define GORGON_H

@@ -108,6 +108,12 @@ Test(clients_install, header_example_builds_with_pkg_config_and_runs, .fini = cl
                  0, "static build of the header's example:\n%s", out);
     cr_assert_neq(sh(out, sizeof(out), "ldd %s/app_static | grep -q libgorgon", dest), 0,
                   "app_static depends on libgorgon.so");
+    /* A client never reads our INI files: the shared library must not
+     * drag libinih into every program that links it. */
+    cr_assert_eq(sh(out, sizeof(out), "readelf -d %s/usr/local/lib/libgorgon.so.0", dest), 0,
+                 "%s", out);
+    cr_assert(strstr(out, "(NEEDED)") && strstr(out, "liburing"), "readelf -d: %s", out);
+    cr_assert_null(strstr(out, "libinih"), "libgorgon.so needs libinih: %s", out);
 
     /* The installed gorgond, which finds gorgon-worker in ../libexec/gorgon. */
     char gd_bin[256], model[PATH_MAX];
