@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 
 #include "clients/gorgon.h"
@@ -259,4 +260,50 @@ Test(appliance_abuse, one_uid_flood_does_not_starve_another, .fini = teardown, .
                   (unsigned long long)tokens, (unsigned long long)bound);
     gorgon_close(cli);
     teardown();
+}
+
+/* The per-connection cap: a session over max_requests_per_session gets
+ * -EBUSY naming that cap, while another session of the same uid (under
+ * the per-uid cap) is still served. */
+Test(appliance_abuse, per_session_cap_refuses_by_name_and_spares_other_sessions,
+     .fini = teardown, .timeout = 120)
+{
+    start("--max-requests-per-session", "4");
+    gorgon_client *a = gd_connect(&gd, 0), *b = gd_connect(&gd, 0);
+    gorgon_gen_params p = {.prompt = "Once upon a time", .max_tokens = 200};
+    uint32_t r[6];
+    for (int i = 0; i < 6; i++)
+        cr_assert_eq(gorgon_generate_submit(a, &p, (uint64_t)i, &r[i]), 0);
+    /* the refusals are final chunks posted at once, in submission order;
+     * nobody reads the first four, which keep their slots */
+    for (int i = 4; i < 6; i++) {
+        gorgon_gen_chunk ch;
+        int rc = gorgon_generate_next(a, r[i], &ch, 10000000000ll);
+        cr_assert_eq(rc, -EBUSY, "request %d: rc %d (%.*s)", i, rc, (int)ch.len, ch.text);
+        cr_assert(strstr(ch.text, "max_requests_per_session=4") &&
+                      strstr(ch.text, "this connection has 4"),
+                  "request %d: %.*s", i, (int)ch.len, ch.text);
+    }
+    uint32_t rb;
+    gorgon_gen_params q = {.prompt = "Once upon a time", .max_tokens = 8};
+    cr_assert_eq(gorgon_generate_submit(b, &q, 9, &rb), 0);
+    char text[4096], err[256];
+    cr_assert_eq(ap_drain(b, rb, text, sizeof(text), err, sizeof(err), 60000000000ll), 0,
+                 "the other session's request failed: %s", err);
+    cr_assert_gt(strlen(text), 0);
+    gorgon_close(a);
+    gorgon_close(b);
+}
+
+/* Without --socket-mode the socket is 0660: other local users reach it
+ * only through the group (socket_group), never by default. */
+Test(appliance_abuse, socket_mode_defaults_to_0660, .fini = teardown, .timeout = 60)
+{
+    snprintf(model, sizeof(model), "%s", tu_model_path("stories260K/stories260K.gguf"));
+    int rc = gd_start(&gd, "--model", model, NULL);
+    cr_assert_eq(rc, 0, "gorgond did not start: %s", strerror(-rc));
+    struct stat st;
+    cr_assert_eq(stat(gd.sock, &st), 0, "%s: %s", gd.sock, strerror(errno));
+    cr_assert(S_ISSOCK(st.st_mode));
+    cr_assert_eq(st.st_mode & 07777, 0660, "socket mode %04o", (unsigned)(st.st_mode & 07777));
 }
