@@ -27,6 +27,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <string.h>
 #include <sys/types.h>
 
 #define AP_MAX_ALLOW 64
@@ -79,10 +80,22 @@ typedef struct ap_config {
     uint32_t medusa_max_batch; /* largest batch that speculates; 0 = measured */
     int64_t worker_timeout_ms;       /* no step for this long with work: killed (0: never) */
     int64_t worker_start_timeout_ms; /* no READY this long after start: killed (0: never) */
+    /* Where the worker runs the model: "cpu", "cuda" or "cuda:N" (the
+     * grammar of kn_device_parse; gorgond itself never touches the
+     * device). One device per gorgond: with a CUDA device tp, replicas and
+     * the disaggregated mode are refused at load (docs/gpu.md). */
+    char device[32];
+    double kv_fraction; /* on a device with kv_blocks 0: share of the free memory
+                         * the KV pool takes, (0, 1] */
 } ap_config;
 
 /* Built-in defaults (socket: $GORGON_SOCKET, else IPC_DEFAULT_SOCKET). */
 void ap_config_defaults(ap_config *cfg);
+/* The worker runs on a CUDA device (device = cuda or cuda:N). */
+static inline bool ap_config_on_device(const ap_config *cfg)
+{
+    return strncmp(cfg->device, "cuda", 4) == 0;
+}
 /* Worker groups gorgond runs: replicas, or prefill + decode groups. */
 static inline int ap_config_groups(const ap_config *cfg)
 {

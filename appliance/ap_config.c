@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "appliance/ap.h"
+#include "common/cm_device.h"
 #include "common/common.h"
 #include "ipc/ipc.h"
 
@@ -43,6 +44,8 @@ void ap_config_defaults(ap_config *cfg)
      * (docs/decisions.md, "Worker watchdog"). */
     cfg->worker_timeout_ms = 60000;
     cfg->worker_start_timeout_ms = 120000;
+    snprintf(cfg->device, sizeof(cfg->device), "cpu");
+    cfg->kv_fraction = 0.9;
 }
 
 void ap_config_usage(FILE *f)
@@ -90,6 +93,12 @@ void ap_config_usage(FILE *f)
             "                       CPUs, e.g. 0-3\n"
             "                       (default: not pinned)\n"
             "  --kv-blocks N        worker KV pool, 16-position blocks (0: auto)\n"
+            "  --device D           where the worker runs the model: cpu (default), cuda\n"
+            "                       (device 0) or cuda:N; one GPU per gorgond: no tp > 1,\n"
+            "                       replicas > 1 or mode = disaggregated with a GPU\n"
+            "  --kv-fraction F      on a GPU with kv_blocks 0: the KV pool takes F of the\n"
+            "                       device memory free after the weights (0 < F <= 1;\n"
+            "                       default 0.9)\n"
             "  --max-seqs N         sequences decoded together (default 64)\n"
             "  --batch-tokens N     new tokens per forward pass, prefill chunks (default 256)\n"
             "  --max-requests N     generate requests in flight, all clients (default 512)\n"
@@ -111,7 +120,7 @@ void ap_config_usage(FILE *f)
             "  sq_entries cq_entries slots slot_in_bytes slot_out_bytes max_clients\n"
             "  max_handshakes max_handshakes_per_uid stats_interval_s hugepages numa_node\n"
             "  log_level foreground eventfd_doorbells model threads tp replicas mode\n"
-            "  prefill_groups decode_groups cpus kv_blocks\n"
+            "  prefill_groups decode_groups cpus kv_blocks device kv_fraction\n"
             "  max_seqs batch_tokens max_requests max_requests_per_uid max_requests_per_session\n"
             "  grace_ms medusa medusa_tree medusa_max_batch\n"
             "  worker_timeout_ms worker_start_timeout_ms\n",
@@ -161,6 +170,24 @@ static int parse_id_list(const char *what, const char *s, uint32_t *ids, size_t 
         ids[k++] = (uint32_t)v;
     }
     *n = k;
+    return 0;
+}
+
+/* The worker's device, normalised (cm_device_parse: the grammar the
+ * kernels take; gorgond itself never links them). */
+static int parse_device(const char *what, const char *s, char *out, size_t cap)
+{
+    int idx;
+    if (cm_device_parse(s, &idx) < 0) {
+        fprintf(stderr, "gorgond: %s: '%s' is not cpu, cuda or cuda:N\n", what, s);
+        return -EINVAL;
+    }
+    if (idx < 0)
+        snprintf(out, cap, "cpu"); /* "device =": the CPU, as for the kernels */
+    else if (!strcmp(s, "cuda"))
+        snprintf(out, cap, "cuda"); /* as written: messages quote it */
+    else
+        snprintf(out, cap, "cuda:%d", idx); /* "cuda:007" is cuda:7 */
     return 0;
 }
 
@@ -304,6 +331,19 @@ static int apply(ap_config *cfg, const char *key, const char *val)
     }
     if (!strcmp(key, "kv_blocks"))
         return parse_i64(key, val, 0, (int64_t)1 << 32, &cfg->kv_blocks);
+    if (!strcmp(key, "device"))
+        return parse_device(key, val, cfg->device, sizeof(cfg->device));
+    if (!strcmp(key, "kv_fraction")) {
+        char *end;
+        errno = 0;
+        double f = strtod(val, &end);
+        if (errno || end == val || *end || !(f > 0 && f <= 1)) {
+            fprintf(stderr, "gorgond: kv_fraction: '%s' is not a number in (0, 1]\n", val);
+            return -EINVAL;
+        }
+        cfg->kv_fraction = f;
+        return 0;
+    }
     if (!strcmp(key, "max_seqs"))
         return parse_u32(key, val, 1, 4096, &cfg->max_seqs);
     if (!strcmp(key, "batch_tokens"))
@@ -397,6 +437,25 @@ static int check(const ap_config *cfg)
             return -EINVAL;
         }
     }
+    /* One GPU per gorgond for now: a worker group is one process on one
+     * device (docs/gpu.md). */
+    if (ap_config_on_device(cfg) && cfg->tp > 1) {
+        fprintf(stderr, "gorgond: device = %s with tp = %d: tensor parallelism on GPUs needs "
+                        "NCCL groups, which the worker does not have yet (one GPU per gorgond: "
+                        "tp = 1)\n", cfg->device, cfg->tp);
+        return -EINVAL;
+    }
+    if (ap_config_on_device(cfg) && cfg->disaggregated) {
+        fprintf(stderr, "gorgond: device = %s with mode = disaggregated: the prefill -> decode "
+                        "hand-off pool is host shared memory, which GPU workers do not read "
+                        "(one GPU per gorgond: mode = colocated)\n", cfg->device);
+        return -EINVAL;
+    }
+    if (ap_config_on_device(cfg) && cfg->replicas > 1) {
+        fprintf(stderr, "gorgond: device = %s with replicas = %d: one GPU per gorgond for now "
+                        "(replicas = 1; run one gorgond per GPU)\n", cfg->device, cfg->replicas);
+        return -EINVAL;
+    }
     if (cfg->disaggregated && cfg->replicas > 1) {
         fprintf(stderr, "gorgond: replicas = %d is for mode = colocated; disaggregated mode "
                         "sizes its groups with prefill_groups and decode_groups\n",
@@ -481,7 +540,9 @@ enum {
     OPT_SOCKET_GROUP,
     OPT_MAX_REQ_UID,
     OPT_MAX_REQ_SESSION,
-    OPT_HELP,
+    OPT_DEVICE,
+    OPT_KV_FRACTION,
+    OPT_HELP, /* (the order above is long_opts' order: errors name the flag from it) */
 };
 
 static const struct option long_opts[] = {
@@ -526,6 +587,8 @@ static const struct option long_opts[] = {
     {"socket-group", required_argument, NULL, OPT_SOCKET_GROUP},
     {"max-requests-per-uid", required_argument, NULL, OPT_MAX_REQ_UID},
     {"max-requests-per-session", required_argument, NULL, OPT_MAX_REQ_SESSION},
+    {"device", required_argument, NULL, OPT_DEVICE},
+    {"kv-fraction", required_argument, NULL, OPT_KV_FRACTION},
     {"help", no_argument, NULL, OPT_HELP},
     {NULL, 0, NULL, 0},
 };
@@ -570,6 +633,8 @@ static const char *opt_key(int c)
     case OPT_SOCKET_GROUP: return "socket_group";
     case OPT_MAX_REQ_UID: return "max_requests_per_uid";
     case OPT_MAX_REQ_SESSION: return "max_requests_per_session";
+    case OPT_DEVICE: return "device";
+    case OPT_KV_FRACTION: return "kv_fraction";
     default: return NULL;
     }
 }

@@ -33,7 +33,15 @@
  * duplicating text, and a request that streamed nothing may still have side
  * effects the client timed). The worker is restarted at once; after three
  * deaths in a row before it reported READY gorgond gives up on it and
- * GENERATE fails with -EIO. */
+ * GENERATE fails with -EIO.
+ *
+ * On a GPU (device = cuda[:N], docs/gpu.md) gorgond passes the device to
+ * the worker and never touches it itself. A worker that cannot use the
+ * device (ENG_WORKER_EXIT_DEVICE: no CUDA backend, no driver or device,
+ * the model does not fit) is not started again: when no worker was ever
+ * ready, gorgond stops with an error (its log has the worker's reason),
+ * else generation is disabled. A worker whose device failed while serving
+ * (ENG_WORKER_EXIT_DEVICE_LOST) is restarted like any other. */
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -61,6 +69,7 @@
 #include "engine/model/stop.h"
 #include "engine/model/tokenizer.h"
 #include "engine/model/tp_split.h"
+#include "engine/worker/worker.h" /* its exit statuses */
 #include "ipc/ipc_kv.h"
 
 #define TAG "gorgond"
@@ -131,6 +140,7 @@ typedef struct ap_group {
     ipc_region reg;
     ipc_ring cmd, evt;
     bool have_worker, ready, failed, evt_armed, pid_armed;
+    bool no_device; /* failed: its worker cannot use the configured device */
     int early_deaths;
     uint32_t n_in_worker; /* requests sent to it whose DONE is not seen yet */
     uint32_t n_waiting;   /* waiting requests whose prompt is in this region */
@@ -175,6 +185,7 @@ struct ap_gen_state {
     uint32_t n_blocks, max_hand;
     int32_t *scratch; /* [max_hand] */
     uint64_t handoffs_total;
+    bool ever_ready; /* some group said READY since gorgond started */
     /* counters over all groups */
     uint64_t tokens_total, requests_total, failed_total, cancelled_total, med_steps, med_acc;
     uint64_t rate_t0, rate_tok0, rate_milli;
@@ -329,7 +340,7 @@ static pid_t spawn_rank(struct ap_server *srv, ap_group *W, int r)
                             ? cfg->threads
                             : (ncpu > 0 ? ncpu : (usable / ranks > 0 ? usable / ranks : 1));
     char a_threads[16], a_kv[24], a_seqs[16], a_batch[16], a_parent[16], a_wake[16];
-    char a_mbatch[16], a_tp[16], a_rank[16], a_groups[16], a_owner[16];
+    char a_mbatch[16], a_tp[16], a_rank[16], a_groups[16], a_owner[16], a_kvf[32];
     snprintf(a_threads, sizeof(a_threads), "%d", threads);
     snprintf(a_kv, sizeof(a_kv), "%" PRId64, cfg->kv_blocks);
     snprintf(a_seqs, sizeof(a_seqs), "%u", cfg->max_seqs);
@@ -341,10 +352,13 @@ static pid_t spawn_rank(struct ap_server *srv, ap_group *W, int r)
     snprintf(a_rank, sizeof(a_rank), "%d", r);
     snprintf(a_groups, sizeof(a_groups), "%d", ap_config_groups(cfg));
     snprintf(a_owner, sizeof(a_owner), "%u", W->idx);
+    snprintf(a_kvf, sizeof(a_kvf), "%.15g", cfg->kv_fraction);
+    /* (the longest line, TP + disaggregated + Medusa, has 46 entries) */
     const char *argv[64] = {G->bin,          "--model",     cfg->model,   "--threads", a_threads,
                             "--kv-blocks",   a_kv,          "--max-seqs", a_seqs,
                             "--batch-tokens", a_batch,      "--parent",   a_parent,
-                            "--log-level",   cm_log_level_name(cm_log_get_level())};
+                            "--log-level",   cm_log_level_name(cm_log_get_level()),
+                            "--device",      cfg->device,   "--kv-fraction", a_kvf};
     int argc = 0;
     while (argv[argc])
         argc++;
@@ -1145,6 +1159,11 @@ static void on_done(struct ap_server *srv, const struct ipc_wevt *e)
                  "request needs %" PRIu64 " KV blocks, the worker's whole pool has %" PRIu64
                  " (shorten prompt/max_tokens or raise kv_blocks)",
                  e->arg[0], e->arg[1]);
+    else if (e->result == -EIO && ap_config_on_device(&srv->cfg))
+        finalize(G, gi, -EIO, IPC_FINISH_ERROR,
+                 "the worker's device %s failed while running this request (the CUDA error "
+                 "is in gorgond's log); the worker restarts, the request was not retried",
+                 srv->cfg.device);
     else if (e->result < 0)
         finalize(G, gi, e->result, IPC_FINISH_ERROR, "worker failed the request: %s",
                  cm_strerror(e->result));
@@ -1270,11 +1289,13 @@ static int drain_events(struct ap_server *srv, ap_group *W)
             switch (e->op) {
             case IPC_WEVT_READY:
                 W->ready = true;
+                G->ever_ready = true;
                 W->progress_ns = cm_now_ns();
                 W->early_deaths = 0;
                 W->kv_total = e->arg[0];
-                CM_LOG_INFO(TAG, "worker group %u (pid %d) ready: %" PRIu64 " KV blocks, %" PRIu64
-                            " sequences", W->idx, (int)W->pid, e->arg[0], e->arg[1]);
+                CM_LOG_INFO(TAG, "worker group %u (pid %d) ready on %s: %" PRIu64 " KV blocks, "
+                            "%" PRIu64 " sequences", W->idx, (int)W->pid, srv->cfg.device,
+                            e->arg[0], e->arg[1]);
                 break;
             case IPC_WEVT_STEP:
                 W->queued = (uint32_t)e->arg[0];
@@ -1366,12 +1387,19 @@ static void worker_died(struct ap_server *srv, ap_group *W)
     /* Tokens it produced before dying are real: deliver them first. */
     drain_events(srv, W);
     char how[sizeof(W->killed_why)];
+    const int code = r == W->pid && WIFEXITED(st) ? WEXITSTATUS(st) : -1;
     if (W->killed_why[0])
         snprintf(how, sizeof(how), "%s", W->killed_why);
     else if (r == W->pid && WIFSIGNALED(st))
         snprintf(how, sizeof(how), "killed by signal %d", WTERMSIG(st));
-    else if (r == W->pid && WIFEXITED(st))
-        snprintf(how, sizeof(how), "exited with status %d", WEXITSTATUS(st));
+    else if (code == ENG_WORKER_EXIT_DEVICE)
+        snprintf(how, sizeof(how), "exited with status %d: it cannot use device %s (its "
+                 "message above says why)", code, srv->cfg.device);
+    else if (code == ENG_WORKER_EXIT_DEVICE_LOST)
+        snprintf(how, sizeof(how), "exited with status %d: device %s failed (its message "
+                 "above has the CUDA error)", code, srv->cfg.device);
+    else if (code >= 0)
+        snprintf(how, sizeof(how), "exited with status %d", code);
     else
         snprintf(how, sizeof(how), "gone");
     char grp[32] = "";
@@ -1417,7 +1445,21 @@ static void worker_died(struct ap_server *srv, ap_group *W)
     ipc_region old = W->reg;
     memset(&W->reg, 0, sizeof W->reg);
     W->reg.fd = -1;
-    if (!W->ready && ++W->early_deaths >= AP_WORKER_MAX_EARLY_DEATHS) {
+    if (!W->ready && !W->killed_why[0] && code == ENG_WORKER_EXIT_DEVICE) {
+        /* No restart can make the device usable (or the model fit). At
+         * start-up the user wants gorgond to fail with the reason, not to
+         * listen and fail every request. */
+        W->failed = W->no_device = true;
+        if (!G->ever_ready && !srv->fatal) {
+            CM_LOG_ERROR(TAG, "device = %s cannot serve %s (the worker's message above says "
+                         "why): stopping", srv->cfg.device, srv->cfg.model);
+            srv->fatal = -ENODEV;
+            srv->stopping = true;
+        } else {
+            CM_LOG_ERROR(TAG, "the worker%s cannot use device %s: %s", grp, srv->cfg.device,
+                         G->n_groups > 1 ? "the group is given up" : "generation disabled");
+        }
+    } else if (!W->ready && ++W->early_deaths >= AP_WORKER_MAX_EARLY_DEATHS) {
         W->failed = true;
         CM_LOG_ERROR(TAG, "the worker%s died %d times before loading the model: %s (see the "
                      "worker's messages above)", grp, W->early_deaths,
@@ -1438,6 +1480,10 @@ static void worker_died(struct ap_server *srv, ap_group *W)
             W->n_waiting--;
             to->n_waiting++;
             g->grp = to->idx;
+        } else if (W->no_device) {
+            finalize(G, gi, -EIO, IPC_FINISH_ERROR,
+                     "the worker cannot use device %s (see gorgond's log): generation is "
+                     "disabled", srv->cfg.device);
         } else if (W->failed) {
             finalize(G, gi, -EIO, IPC_FINISH_ERROR,
                      "the worker cannot load the model (see gorgond's log): generation is "
@@ -1857,9 +1903,15 @@ static int submit_staged(struct ap_server *srv, ap_session *s, const struct ipc_
     /* Its prompt goes to the region of the group likely to run it. */
     ap_group *W = group_for_prompt(G);
     if (!W) {
-        bool all_failed = true;
-        for (uint32_t i = 0; i < G->n_groups; i++)
+        bool all_failed = true, no_device = false;
+        for (uint32_t i = 0; i < G->n_groups; i++) {
             all_failed &= G->grp[i].failed;
+            no_device |= G->grp[i].no_device;
+        }
+        if (all_failed && no_device)
+            return reject(s, sqe, cqe, -EIO,
+                          "the worker cannot use device %s (see gorgond's log): generation is "
+                          "disabled", srv->cfg.device);
         return all_failed ? reject(s, sqe, cqe, -EIO,
                                    "the worker cannot load the model (see gorgond's log): "
                                    "generation is disabled")

@@ -103,6 +103,7 @@ struct ap_server {
     uint64_t poll_ns; /* busy-poll budget in effect (cfg.poll_us resolved) */
     bool accept_armed;
     bool stopping;
+    int fatal;                 /* -errno ap_server_run returns once stopping (0: a clean stop) */
     bool draining;             /* SIGTERM with generations in flight: finish them first */
     uint64_t drain_deadline;   /* cm_now_ns() after which they are cancelled */
     struct ap_gen_state *gen;  /* ap_gen.c */

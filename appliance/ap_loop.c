@@ -517,7 +517,7 @@ int ap_server_run(ap_server *srv)
         last_work = cm_now_ns();
         spins = 0;
     }
-    return 0;
+    return srv->fatal;
 }
 
 void ap_server_destroy(ap_server *srv)

@@ -128,6 +128,11 @@ int main(int argc, char **argv)
         return 1;
     rc = ap_server_run(srv);
     ap_server_destroy(srv);
+    if (rc == -ENODEV && ap_config_on_device(&cfg)) {
+        fprintf(stderr, "gorgond: stopped: the worker cannot use device %s (its message above "
+                        "says why)\n", cfg.device);
+        return 1;
+    }
     if (rc < 0) {
         fprintf(stderr, "gorgond: stopped on error: %s\n", cm_strerror(rc));
         return 1;

@@ -91,7 +91,8 @@ int eng_ctx_create(eng_ctx **out, const eng_model *m, const eng_ctx_cfg *cfg)
         return eng_fail(-EINVAL, "forward: the model is rank %d of %d tensor-parallel ranks; the "
                                  "ctx needs that rank of a communicator of %d",
                         rank, tp, tp);
-    if (!kn_ctx_host_memory(cfg->kn) && m->dev != cfg->kn)
+    if ((!kn_ctx_host_memory(cfg->kn) || (m->dev && !kn_ctx_host_memory(m->dev))) &&
+        m->dev != cfg->kn)
         return eng_fail(-EINVAL, "forward: the model's weights are not on %s (call "
                                  "eng_model_to_device first)",
                         kn_ctx_device(cfg->kn));

@@ -438,6 +438,8 @@ static void release_device(eng_model *m)
     }
     kn_buf_free(kn, m->norms);
     m->norms = NULL;
+    if (m->hp.tied_output)
+        m->output = (kn_tensor){0}; /* a copy of the embedding's, released above */
     m->dev = NULL;
 }
 
@@ -605,7 +607,10 @@ int eng_model_to_device(eng_model *m, kn_ctx *kn)
     if (!m || !kn)
         return -EINVAL;
     if (kn_ctx_host_memory(kn))
-        return 0; /* the mapped file is this backend's memory */
+        return m->dev && m->dev != kn && !kn_ctx_host_memory(m->dev)
+                   ? eng_fail(-EINVAL, "model: the weights are on %s, not in host memory",
+                              kn_ctx_device(m->dev))
+                   : 0; /* the mapped file is this backend's memory */
     if (m->dev)
         return m->dev == kn ? 0 : eng_fail(-EINVAL, "model: already placed on another device");
     if (m->tp > 1)
@@ -661,6 +666,7 @@ int eng_model_synthetic(eng_model **out, const eng_hparams *hp_in, enum kn_dtype
         return -EINVAL;
     *out = NULL;
     eng_hparams hp = *hp_in;
+    hp.tied_output = false; /* every matrix has a buffer of its own */
     if (hp.head_dim <= 0 && hp.n_head > 0)
         hp.head_dim = (int)(hp.dim / hp.n_head);
     if (hp.n_kv_head <= 0)
@@ -731,7 +737,8 @@ int eng_model_synthetic(eng_model **out, const eng_hparams *hp_in, enum kn_dtype
         }
         w->data = d;
         const float amp = emb ? 1.0f : 1.0f / sqrtf((float)w->cols);
-        if ((rc = kn_buf_fill_random(kn, d, t, w->rows * w->cols, seed + (uint64_t)i, amp)) < 0)
+        if ((rc = kn_buf_fill_random(kn, d, t, w->rows * w->cols, ENG_SYNTH_SEED(seed, i),
+                                     amp)) < 0)
             rc = eng_fail(rc, "model: filling synthetic weights: %s", kn_ctx_error(kn));
     }
     /* Only the output slot was given a buffer of its own (the model is not

@@ -114,13 +114,18 @@ int eng_model_to_device(eng_model *m, kn_ctx *kn);
  * n_head required; head_dim, n_kv_head, rope_dims, rope_base, rms_eps and
  * n_ctx default as eng_model_open's keys do; untied output), weights of
  * dtype t allocated in kn's memory and filled there by kn_buf_fill_random
- * (seeded: the same on every backend), norm vectors of ones. No
+ * (the same on every backend; matrix i — the output 0, then each layer's
+ * Wq Wk Wv Wo Wgate Wup Wdown, the embedding last — from seed
+ * ENG_SYNTH_SEED(seed, i), amplitude 1/sqrt(cols), the embedding 1), norm
+ * vectors of ones. No
  * tokenizer. For benchmarks of shapes whose file would be too big to
  * carry (gorgon-bench engine --synthetic 7b): a 7B F16 model is made on a
  * GPU in a second, never crossing PCIe. -EINVAL (message) for an
  * inconsistent shape or widths that are not whole blocks of t, -ENOMEM. */
 int eng_model_synthetic(eng_model **out, const eng_hparams *hp, enum kn_dtype t, kn_ctx *kn,
                         uint64_t seed);
+/* (a prime stride: seed s and s + 1 share no matrix) */
+#define ENG_SYNTH_SEED(seed, i) ((uint64_t)(seed) * 1000003ull + (uint64_t)(i))
 
 /* The whole model's hyper-parameters (whatever the shard). */
 const eng_hparams *eng_model_hparams(const eng_model *m);

@@ -5,7 +5,10 @@
  * including BOS and the prompt. A prompt that does not fit the context is
  * refused, as gorgond refuses it. With --medusa DIR it decodes with Medusa heads (engine/medusa/medusa.h):
  * at --temp 0 the text is identical to plain greedy decoding, only the
- * number of forwards changes; tokens/step and acceptance go to stderr. */
+ * number of forwards changes; tokens/step and acceptance go to stderr.
+ * With --device cuda[:N] the weights are uploaded to that GPU and every op
+ * runs there (docs/gpu.md); a device this build or machine cannot use is
+ * refused with the reason before the model is read. */
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
@@ -46,7 +49,8 @@ static void usage(FILE *f)
             "usage: gorgon-run --model FILE [-p PROMPT] [-n N | --steps S] [--temp T] [--top-p P]\n"
             "                  [--top-k K] [--min-p M] [--repeat-penalty R] [--repeat-last-n N]\n"
             "                  [--seed S] [--rng xoshiro|llama2c] [--stop STR]... [--threads N]\n"
-            "                  [--tokens] [--tp N] [--medusa DIR [--medusa-tree NAME|LIST]\n"
+            "                  [--tokens] [--tp N] [--device cpu|cuda|cuda:N]\n"
+            "                  [--medusa DIR [--medusa-tree NAME|LIST]\n"
             "                  [--medusa-typical [--eps E] [--alpha A]]]\n"
             "  -n, --new-tokens N  tokens to generate after the prompt (default 256, fewer\n"
             "                      if the context ends first); the prompt plus N must fit\n"
@@ -56,7 +60,10 @@ static void usage(FILE *f)
             "  --threads N  kernel threads (default 0: the CPUs this process may use;\n"
             "               with --tp, per rank, and 0 means 1)\n"
             "  --tp N     tensor parallelism: N ranks (threads of this process, joined by\n"
-            "             shared memory), each holding 1/N of the weights (default 1)\n"
+            "             shared memory), each holding 1/N of the weights (default 1;\n"
+            "             CPU only)\n"
+            "  --device D  where the model runs: cpu (default), cuda (device 0) or cuda:N;\n"
+            "              on a GPU the weights are uploaded to it and --threads is unused\n"
             "  --temp 0   greedy (default 1.0); --top-p default 0.9 as llama2.c\n"
             "  --tokens   print token ids (one per line) instead of text\n"
             "  --medusa DIR        Medusa heads (medusa_lm_head.safetensors + config.json);\n"
@@ -87,6 +94,29 @@ static int on_id(void *arg, int32_t token, const char *s, size_t n)
     if (token >= 0 && !t_quiet)
         printf("%" PRId32 "\n", token);
     return 0;
+}
+
+/* An engine call failed: its message, and the device's too when that says
+ * more (a CUDA error names the kernel and the CUDA error). */
+static void run_fail(kn_ctx *kn, const char *what, int rc)
+{
+    const char *ee = eng_error(), *ke = kn ? kn_ctx_error(kn) : "";
+    const char *msg = ee[0] ? ee : ke[0] ? ke : cm_strerror(rc);
+    const bool both = ee[0] && ke[0] && !strstr(ee, ke);
+    run_err("%s%s%s%s%s", what, what[0] ? ": " : "", msg, both ? "; device: " : "",
+            both ? ke : "");
+}
+
+/* What ran the ops, for the timing line: "2 thread(s), avx512 kernels" or
+ * "device cuda:0 (NVIDIA H200)". */
+static const char *ran_on(kn_ctx *kn, char *buf, size_t cap)
+{
+    if (kn_ctx_host_memory(kn))
+        snprintf(buf, cap, "%d thread(s), %s kernels", kn_ctx_threads(kn),
+                 kn_variant_name(kn_ctx_variant(kn)));
+    else
+        snprintf(buf, cap, "device %s", kn_ctx_device(kn));
+    return buf;
 }
 
 /* ---- Medusa generation (eng_generate's output rules, Medusa steps) ------ */
@@ -171,7 +201,7 @@ static int run_medusa(kn_ctx *kn, comm *cm, const eng_model *m, const int32_t *i
     if ((rc = eng_ctx_create(&c, m, &(eng_ctx_cfg){.kn = kn, .max_tokens = batch,
                                                     .max_ctx = max_len, .comm = cm})) < 0 ||
         (rc = eng_kv_create(&kv, kn, &kc)) < 0) {
-        run_err("setup: %s", eng_error()[0] ? eng_error() : cm_strerror(rc));
+        run_fail(kn, "setup", rc);
         goto out;
     }
     if (eng_tok_bos(tok) >= 0)
@@ -204,7 +234,7 @@ static int run_medusa(kn_ctx *kn, comm *cm, const eng_model *m, const int32_t *i
     int64_t n = eng_forward(c, kv, &in, 1, logits, hidden);
     if (n < 0 || (rc = eng_medusa_seq_begin(md, seq, logits, hidden, mo->seed)) < 0) {
         rc = n < 0 ? (int)n : rc;
-        run_err("prompt: %s", eng_error());
+        run_fail(kn, "prompt", rc);
         goto out;
     }
     const uint64_t pre_ns = cm_now_ns() - t0;
@@ -222,7 +252,7 @@ static int run_medusa(kn_ctx *kn, comm *cm, const eng_model *m, const int32_t *i
         int64_t got = eng_medusa_step(md, c, kv, &seq, 1, &r);
         if (got < 0) {
             rc = (int)got;
-            run_err("medusa step: %s", eng_error());
+            run_fail(kn, "medusa step", rc);
             goto out;
         }
         n_steps++;
@@ -251,12 +281,13 @@ static int run_medusa(kn_ctx *kn, comm *cm, const eng_model *m, const int32_t *i
         goto out;
 
     double pre_s = (double)pre_ns * 1e-9, dec_s = (double)dec_ns * 1e-9;
+    char where[160];
     fprintf(stderr,
             "prompt %" PRId64 " tok in %.3f ms (%.1f tok/s); generated %" PRId64
-            " tok in %.3f ms (%.1f tok/s); finish %s; %d thread(s), %s kernels\n",
+            " tok in %.3f ms (%.1f tok/s); finish %s; %s\n",
             n_ids, pre_s * 1e3, pre_s > 0 ? (double)n_ids / pre_s : 0.0, n_used, dec_s * 1e3,
             dec_s > 0 ? (double)n_used / dec_s : 0.0, eng_finish_name((enum eng_finish)fin),
-            kn_ctx_threads(kn), kn_variant_name(kn_ctx_variant(kn)));
+            ran_on(kn, where, sizeof where));
     fprintf(stderr,
             "medusa: %s acceptance, %d heads, %d-node tree: %" PRId64 " steps, %" PRId64
             " tokens, %.3f tokens/step; steps accepting >= d candidates:",
@@ -284,6 +315,8 @@ out:
 
 typedef struct run_job {
     const char *model_path;
+    const char *device; /* kn_ctx_cfg.device: "cpu", "cuda", "cuda:N" */
+    bool on_device;     /* a CUDA device (then tp is 1) */
     int tp, threads;
     eng_model *m0; /* rank 0's model (the whole one at --tp 1), opened by main */
     const int32_t *ids;
@@ -303,7 +336,7 @@ typedef struct run_job {
  * rank 0 writes the text and the timings. */
 static int run_rank(int rank, comm *cm, void *arg)
 {
-    const run_job *j = arg;
+    run_job *j = arg; /* (m0 is written on a device only, where tp is 1) */
     t_rank = j->tp > 1 ? rank : -1;
     t_quiet = rank != 0;
     kn_ctx *kn = NULL;
@@ -317,8 +350,16 @@ static int run_rank(int rank, comm *cm, void *arg)
         goto out;
     }
     const eng_hparams *hp = eng_model_hparams(m);
-    if ((rc = kn_ctx_create(&kn, &(kn_ctx_cfg){.n_threads = j->threads})) < 0) {
-        run_err("kernels: %s", cm_strerror(rc));
+    if ((rc = kn_ctx_create(&kn, &(kn_ctx_cfg){.n_threads = j->threads,
+                                               .device = j->device})) < 0) {
+        if (j->on_device) /* (main checked it: the kernels' message above says why) */
+            run_err("cannot use device %s: %s", j->device, cm_strerror(rc));
+        else
+            run_err("kernels: %s", cm_strerror(rc));
+        goto out;
+    }
+    if ((rc = eng_model_to_device(m, kn)) < 0) {
+        run_err("%s: %s", j->model_path, eng_error());
         goto out;
     }
     int64_t max_len = j->steps + 1;
@@ -328,7 +369,7 @@ static int run_rank(int rank, comm *cm, void *arg)
     if ((rc = eng_ctx_create(&c, m, &(eng_ctx_cfg){.kn = kn, .max_tokens = batch,
                                                     .max_ctx = max_len, .comm = cm})) < 0 ||
         (rc = eng_kv_create(&kv, kn, &kc)) < 0) {
-        run_err("setup: %s", eng_error()[0] ? eng_error() : cm_strerror(rc));
+        run_fail(kn, "setup", rc);
         goto out;
     }
     if (j->temp > 0) {
@@ -378,19 +419,20 @@ static int run_rank(int rank, comm *cm, void *arg)
         printf("\n");
     fflush(stdout);
     if (rc < 0) {
-        run_err("%s", eng_error()[0] ? eng_error() : cm_strerror(rc));
+        run_fail(kn, "", rc);
         goto out;
     }
     rc = 0;
     if (t_quiet)
         goto out;
     double pre_s = (double)r.prefill_ns * 1e-9, dec_s = (double)r.decode_ns * 1e-9;
+    char where[160];
     fprintf(stderr,
             "prompt %" PRId64 " tok in %.3f ms (%.1f tok/s); generated %" PRId64
-            " tok in %.3f ms (%.1f tok/s); finish %s; %d thread(s), %s kernels\n",
+            " tok in %.3f ms (%.1f tok/s); finish %s; %s\n",
             r.n_prompt, pre_s * 1e3, pre_s > 0 ? (double)r.n_prompt / pre_s : 0.0,
             r.n_generated, dec_s * 1e3, dec_s > 0 ? (double)r.n_generated / dec_s : 0.0,
-            eng_finish_name(r.finish), kn_ctx_threads(kn), kn_variant_name(kn_ctx_variant(kn)));
+            eng_finish_name(r.finish), ran_on(kn, where, sizeof where));
     if (j->tp > 1)
         fprintf(stderr, "tp %d: %d rank(s) x %d thread(s); rank 0 holds %.1f MiB of weights\n",
                 j->tp, j->tp, kn_ctx_threads(kn),
@@ -399,6 +441,11 @@ out:
     eng_sampler_destroy(smp);
     eng_kv_destroy(kv);
     eng_ctx_destroy(c);
+    if (j->on_device && m) {
+        /* main's model, its weights in kn's memory: freed before kn goes */
+        eng_model_close(m);
+        j->m0 = m = NULL;
+    }
     kn_ctx_destroy(kn);
     if (m != j->m0)
         eng_model_close(m);
@@ -422,7 +469,7 @@ int main(int argc, char **argv)
 {
     if (cm_version_requested(argc, argv, "gorgon-run"))
         return 0;
-    const char *model_path = NULL, *prompt = "";
+    const char *model_path = NULL, *prompt = "", *device = "cpu";
     double n_new = 256, steps = 0, threads = 0, top_k = 0, last_n = 64, seed = 0, tp = 1;
     bool n_new_set = false, steps_set = false;
     double temp = 1.0, top_p = 0.9, min_p = 0.0, rep = 1.0;
@@ -433,7 +480,8 @@ int main(int argc, char **argv)
     medusa_opts mo = {0};
     bool eps_set = false, alpha_set = false, top_p_set = false;
     enum { O_TEMP = 256, O_TOPP, O_TOPK, O_MINP, O_REP, O_LASTN, O_SEED, O_RNG, O_STOP,
-           O_THREADS, O_TOKENS, O_MEDUSA, O_MTREE, O_MTYP, O_EPS, O_ALPHA, O_STEPS, O_TP };
+           O_THREADS, O_TOKENS, O_MEDUSA, O_MTREE, O_MTYP, O_EPS, O_ALPHA, O_STEPS, O_TP,
+           O_DEVICE };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},    {"prompt", required_argument, 0, 'p'},
         {"new-tokens", required_argument, 0, 'n'}, {"steps", required_argument, 0, O_STEPS},
@@ -444,7 +492,7 @@ int main(int argc, char **argv)
         {"seed", required_argument, 0, O_SEED},  {"rng", required_argument, 0, O_RNG},
         {"stop", required_argument, 0, O_STOP},  {"threads", required_argument, 0, O_THREADS},
         {"tokens", no_argument, 0, O_TOKENS},    {"help", no_argument, 0, 'h'},
-        {"tp", required_argument, 0, O_TP},
+        {"tp", required_argument, 0, O_TP},      {"device", required_argument, 0, O_DEVICE},
         {"medusa", required_argument, 0, O_MEDUSA},
         {"medusa-tree", required_argument, 0, O_MTREE},
         {"medusa-typical", no_argument, 0, O_MTYP},
@@ -498,6 +546,7 @@ int main(int argc, char **argv)
             break;
         case O_THREADS: rc = parse_num("--threads", optarg, 0, 256, &threads); break;
         case O_TP: rc = parse_num("--tp", optarg, 1, COMM_SHM_MAX_RANKS, &tp); break;
+        case O_DEVICE: device = optarg; break;
         case O_TOKENS: print_ids = true; break;
         case O_MEDUSA: mo.dir = optarg; break;
         case O_MTREE: mo.tree = optarg; break;
@@ -518,6 +567,17 @@ int main(int argc, char **argv)
     }
     if (!model_path || optind < argc) {
         usage(stderr);
+        return 2;
+    }
+    int cuda = -1;
+    if (kn_device_parse(device, &cuda) < 0) {
+        fprintf(stderr, "gorgon-run: --device: '%s' is not cpu, cuda or cuda:N\n", device);
+        return 2;
+    }
+    if (cuda >= 0 && tp > 1) {
+        fprintf(stderr, "gorgon-run: --tp %d with --device %s: tensor parallelism on a device "
+                        "needs NCCL groups, which gorgon-run does not have yet (use --tp 1)\n",
+                (int)tp, device);
         return 2;
     }
     if (n_new_set && steps_set) {
@@ -551,6 +611,22 @@ int main(int argc, char **argv)
     eng_model *m = NULL;
     int32_t *ids = NULL;
     int status = 1;
+    if (cuda >= 0) {
+        /* The reason a device cannot be used (this build, the driver, the
+         * index) before anything is read. */
+        char why[256] = "";
+        int n = kn_cuda_device_count(why, sizeof why);
+        if (n <= 0) {
+            fprintf(stderr, "gorgon-run: --device %s: cannot use it: %s\n", device,
+                    why[0] ? why : cm_strerror(n));
+            goto out;
+        }
+        if (cuda >= n) {
+            fprintf(stderr, "gorgon-run: --device %s: this machine has %d CUDA device%s "
+                            "(cuda:0 to cuda:%d)\n", device, n, n == 1 ? "" : "s", n - 1);
+            goto out;
+        }
+    }
     if ((rc = eng_model_open_tp(&m, model_path, 0, (int)tp)) < 0) {
         fprintf(stderr, "gorgon-run: %s: %s\n", model_path,
                 eng_error()[0] ? eng_error() : cm_strerror(rc));
@@ -602,6 +678,8 @@ int main(int argc, char **argv)
     const uint64_t seed_used = seed_set ? (uint64_t)seed : cm_now_ns();
     mo.seed = seed_used;
     run_job job = {.model_path = model_path,
+                   .device = device,
+                   .on_device = cuda >= 0,
                    .tp = (int)tp,
                    .threads = tp > 1 && threads == 0 ? 1 : (int)threads, /* 0: auto */
                    .m0 = m,
@@ -622,6 +700,7 @@ int main(int argc, char **argv)
                    .mo = mo};
     rc = eng_tp_run(job.tp, run_rank, &job,
                     &(eng_tp_opts){.threads_per_rank = job.threads > 0 ? job.threads : 1});
+    m = job.m0; /* NULL when the rank closed it (its weights were on the device) */
     if (rc < 0 && !atomic_load(&g_reported))
         fprintf(stderr, "gorgon-run: %s\n", eng_error()[0] ? eng_error() : cm_strerror(rc));
     status = rc < 0 ? 1 : 0;

@@ -16,6 +16,7 @@ static void usage(FILE *f)
           "                     [--kv-blocks N] [--max-seqs N] [--batch-tokens N]\n"
           "                     [--medusa DIR [--medusa-tree SPEC] [--medusa-max-batch N]]\n"
           "                     [--parent PID] [--log-level LEVEL]\n"
+          "                     [--device cpu|cuda|cuda:N] [--kv-fraction F]\n"
           "                     [--tp N --rank R --comm-fd FD [--pinned] [--groups G]]\n"
           "                     [--role prefill|decode --kv-ctl-fd FD --kv-pool-fd FD\n"
           "                      --kv-owner ID]\n"
@@ -25,7 +26,13 @@ static void usage(FILE *f)
           "With --role, a prefill or decode group of disaggregated serving over the\n"
           "shared KV pool (control memfd, this rank's pool memfd, the group's owner id).\n"
           "--threads 0: as many kernel threads as CPUs this process may use (affinity\n"
-          "mask and cgroup quota; default 1).\n",
+          "mask and cgroup quota; default 1).\n"
+          "--device: where the model runs (default cpu); on a CUDA device the weights and\n"
+          "the KV pool are in device memory, and --kv-blocks 0 sizes the pool to\n"
+          "--kv-fraction F (0 < F <= 1, default 0.9) of the memory free after the\n"
+          "weights. One device per worker: no --tp > 1, no --role.\n"
+          "Exit status 78: the device cannot serve this model (restarting cannot help);\n"
+          "74: the device failed while serving.\n",
           f);
 }
 
@@ -48,10 +55,11 @@ int main(int argc, char **argv)
     if (cm_version_requested(argc, argv, "gorgon-worker"))
         return 0;
     eng_worker_cfg cfg = {.region_fd = -1, .wake_fd = -1, .n_threads = 1, .tp = 1,
-                          .comm_fd = -1, .kv_ctl_fd = -1, .kv_pool_fd = -1};
+                          .comm_fd = -1, .kv_ctl_fd = -1, .kv_pool_fd = -1,
+                          .device = "cpu", .kv_fraction = 0.9};
     enum { O_REGION = 256, O_WAKE, O_KV, O_SEQS, O_BATCH, O_PARENT, O_LOG, O_MEDUSA, O_MTREE,
            O_MBATCH, O_TP, O_RANK, O_COMM, O_PINNED, O_GROUPS,
-           O_ROLE, O_KVCTL, O_KVPOOL, O_KVOWNER };
+           O_ROLE, O_KVCTL, O_KVPOOL, O_KVOWNER, O_DEVICE, O_KVFRAC };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},       {"threads", required_argument, 0, 't'},
         {"region-fd", required_argument, 0, O_REGION}, {"wake-fd", required_argument, 0, O_WAKE},
@@ -66,6 +74,7 @@ int main(int argc, char **argv)
         {"role", required_argument, 0, O_ROLE},     {"kv-ctl-fd", required_argument, 0, O_KVCTL},
         {"kv-pool-fd", required_argument, 0, O_KVPOOL},
         {"kv-owner", required_argument, 0, O_KVOWNER},
+        {"device", required_argument, 0, O_DEVICE}, {"kv-fraction", required_argument, 0, O_KVFRAC},
         {"help", no_argument, 0, 'h'},              {0, 0, 0, 0},
     };
     int c;
@@ -109,6 +118,19 @@ int main(int argc, char **argv)
         case O_KVOWNER:
             rc = num("--kv-owner", optarg, 0, 1 << 20, &v), cfg.kv_owner = (uint32_t)v;
             break;
+        case O_DEVICE: cfg.device = optarg; break;
+        case O_KVFRAC: {
+            char *end;
+            errno = 0;
+            double f = strtod(optarg, &end);
+            if (errno || end == optarg || *end || !(f > 0 && f <= 1)) {
+                fprintf(stderr, "gorgon-worker: --kv-fraction: '%s' is not a number in (0, 1]\n",
+                        optarg);
+                return 2;
+            }
+            cfg.kv_fraction = f;
+            break;
+        }
         case O_PARENT: rc = num("--parent", optarg, 0, 1ll << 31, &v), cfg.parent = (pid_t)v; break;
         case O_LOG: {
             int lvl = cm_log_parse_level(optarg);
@@ -141,5 +163,14 @@ int main(int argc, char **argv)
                         "KV pool)\n");
         return 2;
     }
-    return eng_worker_run(&cfg) < 0 ? 1 : 0;
+    char why[512];
+    if (eng_worker_cfg_check(&cfg, why, sizeof why) < 0) {
+        fprintf(stderr, "gorgon-worker: %s\n", why);
+        return 2;
+    }
+    int rc = eng_worker_run(&cfg);
+    return rc == -ENODEV             ? ENG_WORKER_EXIT_DEVICE
+           : rc == -ENOTRECOVERABLE ? ENG_WORKER_EXIT_DEVICE_LOST
+           : rc < 0                 ? 1
+                                    : 0;
 }

@@ -75,6 +75,9 @@ typedef struct wk {
     uint8_t *plan; /* commands read this pass (+ their prompts), [plan_cap] */
     size_t plan_len, plan_cap;
     kn_ctx *kn;
+    bool on_device;   /* kn runs on a CUDA device (cfg.device) */
+    bool dev_failed;  /* its ctx hit a sticky error: the worker exits */
+    int64_t weight_bytes; /* device memory the weights took (on a device) */
     eng_model *m;
     const eng_tok *tok;
     eng_ctx *ctx;
@@ -187,6 +190,42 @@ static void req_release(wk *w, uint32_t r)
     eng_sampler_destroy(q->smp);
     q->smp = NULL;
     q->st = WK_FREE;
+}
+
+/* rc from a backend call in a step: true when the device failed (a
+ * sticky CUDA error: every later call on the kernel ctx fails too). The
+ * first time the reason is logged and the loop set to end, so that the
+ * worker exits and gorgond starts a fresh one on a fresh ctx. Never on
+ * the CPU. */
+static bool device_lost(wk *w, int64_t rc, const char *what)
+{
+    if (!w->on_device || rc != -EIO)
+        return false;
+    if (!w->dev_failed) {
+        const char *ke = kn_ctx_error(w->kn), *ee = eng_error();
+        const bool both = ke[0] && !strstr(ee, ke);
+        CM_LOG_ERROR(TAG, "%s failed on device %s: %s%s%s; the step's requests fail with -EIO "
+                     "and the worker exits (its kernel context is unusable) for gorgond to "
+                     "restart it",
+                     what, kn_ctx_device(w->kn), ee[0] ? ee : ke, both ? ": " : "",
+                     both ? ke : "");
+    }
+    w->dev_failed = true;
+    w->gone = true;
+    return true;
+}
+
+/* End the requests of a step's rows [0, n_in) that are still running
+ * (those that finished in it have had their DONE) with `result`. */
+static void fail_rows(wk *w, int n_in, int result)
+{
+    for (int i = 0; i < n_in; i++) {
+        uint32_t r = w->row_req[i];
+        if (w->req[r].st == WK_FREE)
+            continue;
+        req_release(w, r);
+        emit_done(w, r, IPC_FINISH_ERROR, result, 0, 0);
+    }
 }
 
 /* Emit tokens t[0..n) for request r, in TOKEN events of up to 8; the
@@ -760,17 +799,22 @@ static int argmax_rows(wk *w, int64_t first, int64_t n)
     return rc;
 }
 
-/* The next token of request q from its output row: greedy takes the
- * argmax the backend computed (ids, from argmax_rows), a sampler downloads
- * the row. */
-static int32_t sample_row(wk *w, const wk_req *q, int64_t row, int32_t argmax)
+/* The next token of request q from its output row into *t: greedy takes
+ * the argmax the backend computed (ids, from argmax_rows), a sampler
+ * downloads the row. 0, or the download's -errno (only a device that
+ * failed: the row is a buffer of ours). */
+static int sample_row(wk *w, const wk_req *q, int64_t row, int32_t argmax, int32_t *t)
 {
-    if (eng_sampler_is_greedy(q->smp))
-        return argmax;
+    if (eng_sampler_is_greedy(q->smp)) {
+        *t = argmax;
+        return 0;
+    }
     int rc = kn_buf_download(w->kn, w->row, w->logits + row * w->n_vocab,
                              (size_t)w->n_vocab * sizeof(float));
-    CM_ASSERT(rc == 0); /* a row of a buffer of ours */
-    return eng_sampler_sample(q->smp, w->row);
+    if (rc < 0)
+        return rc;
+    *t = eng_sampler_sample(q->smp, w->row);
+    return 0;
 }
 
 /* Tensor parallelism without Medusa: when every output row of the step is
@@ -851,31 +895,39 @@ static void step(wk *w)
                                                   w->tk_temp, kmax, w->tk_top)
                                : eng_forward(w->ctx, w->kv, w->ins, n_in, w->logits, w->hidden);
     if (n_out < 0) {
-        /* Nothing changed in the cache: fail the requests of this step. */
-        CM_LOG_ERROR(TAG, "forward of %d sequences failed: %s", n_in, eng_error());
+        /* Nothing changed in the cache: fail the requests of this step (on
+         * a device that failed, with -EIO, and the worker then exits). */
+        if (!device_lost(w, n_out, "a forward"))
+            CM_LOG_ERROR(TAG, "forward of %d sequences failed: %s", n_in, eng_error());
         if (w->cm && comm_aborted(w->cm, NULL, 0))
             w->gone = true; /* a rank is gone: gorgond restarts the group */
         if (n_med > 0)
             eng_medusa_step_abort(w->md, w->med_seqs, n_med);
-        for (int i = 0; i < n_in; i++) {
-            uint32_t r = w->row_req[i];
-            req_release(w, r);
-            emit_done(w, r, IPC_FINISH_ERROR, (int)n_out, 0, 0);
-        }
+        fail_rows(w, n_in, (int)n_out);
         return;
     }
     int64_t row = 0;
     if (n_med > 0) {
         int64_t got = eng_medusa_step_finish(w->md, w->kv, w->med_seqs, n_med, w->logits,
                                              w->hidden, w->med_res);
+        if (got < 0 && device_lost(w, got, "a Medusa step")) {
+            fail_rows(w, n_in, -EIO);
+            return;
+        }
         CM_ASSERT(got > 0);
         row = (int64_t)n_med * w->nn;
     }
     const int64_t first = row;
-    if (kmax > 0) /* the greedy rows' ids: their one candidate */
+    int rc;
+    if (kmax > 0) { /* the greedy rows' ids: their one candidate */
         for (int64_t o = 0; o < n_out; o++)
             w->ids[o] = w->tk_top[o * kmax].id;
-    else if (!ids_only && n_out > first && argmax_rows(w, first, n_out - first) < 0) {
+    } else if (!ids_only && n_out > first &&
+               (rc = argmax_rows(w, first, n_out - first)) < 0) {
+        if (device_lost(w, rc, "the argmax of the logits")) {
+            fail_rows(w, n_in, -EIO);
+            return;
+        }
         CM_LOG_ERROR(TAG, "argmax on the backend failed");
         w->gone = true;
         return;
@@ -892,18 +944,23 @@ static void step(wk *w)
         const float *lg = w->logits + row * w->n_vocab, *hd = w->hidden + row * dim;
         const int32_t am = w->ids[row - first];
         q->st = WK_DECODE;
-        int32_t t;
+        int32_t t = am;
+        rc = 0;
         if (q->med_ok) {
             /* Keep the decoder ready: a later step may speculate from here. */
-            int rc = eng_medusa_seq_begin(w->md, q->seq, lg, hd, 0);
-            CM_ASSERT(rc == 0);
-            q->med_pending = true;
+            rc = eng_medusa_seq_begin(w->md, q->seq, lg, hd, 0);
+            q->med_pending = rc == 0;
             t = am;
         } else if (kmax > 0 && !eng_sampler_is_greedy(q->smp)) {
             t = eng_sampler_sample_topk(q->smp, w->tk_top + row * kmax, w->tk_k[row]);
         } else {
-            t = sample_row(w, q, row, am);
+            rc = sample_row(w, q, row, am, &t);
         }
+        if (rc < 0 && device_lost(w, rc, q->med_ok ? "Medusa's decoder" : "a logits download")) {
+            fail_rows(w, n_in, -EIO);
+            return;
+        }
+        CM_ASSERT(rc == 0); /* on the CPU neither can fail: buffers of ours */
         row++;
         emit_tokens(w, r, &t, 1);
         if (w->cfg.role == ENG_WORKER_PREFILL && q->st == WK_DECODE)
@@ -1202,9 +1259,139 @@ static int shared_pool(wk *w, eng_kv_cfg *kc, int32_t **own)
     return 0;
 }
 
+int eng_worker_cfg_check(const eng_worker_cfg *cfg, char *why, size_t cap)
+{
+    int cuda;
+    if (kn_device_parse(cfg->device, &cuda) < 0) {
+        snprintf(why, cap, "device '%s' is not cpu, cuda or cuda:N", cfg->device);
+        return -EINVAL;
+    }
+    if (!(cfg->kv_fraction >= 0 && cfg->kv_fraction <= 1)) {
+        snprintf(why, cap, "kv_fraction %g is not in (0, 1]", cfg->kv_fraction);
+        return -EINVAL;
+    }
+    if (cuda < 0)
+        return 0;
+    if (cfg->tp > 1) {
+        snprintf(why, cap, "tensor parallelism (tp %d) on device %s is not supported: device "
+                 "ranks need NCCL groups, which the worker does not have yet (one device, "
+                 "tp 1)", cfg->tp, cfg->device);
+        return -EINVAL;
+    }
+    if (cfg->role != ENG_WORKER_BOTH || cfg->kv_ctl_fd >= 0) {
+        snprintf(why, cap, "disaggregated serving (a prefill or decode role) on device %s is "
+                 "not supported: the hand-off KV pool is host shared memory, which device "
+                 "kernels do not read (colocated only)", cfg->device);
+        return -EINVAL;
+    }
+    return 0;
+}
+
+/* The kernel ctx: this CPU's thread pool, or the configured device. A
+ * device this process cannot use is -ENODEV, logged with the reason (this
+ * build's, the driver's, or an index past the devices present). */
+static int open_kernels(wk *w)
+{
+    const char *dev = w->cfg.device;
+    int cuda = -1;
+    (void)kn_device_parse(dev, &cuda); /* checked by eng_worker_cfg_check */
+    if (cuda >= 0) {
+        char why[256] = "";
+        int n = kn_cuda_device_count(why, sizeof why);
+        if (n <= 0) {
+            CM_LOG_ERROR(TAG, "cannot use device %s: %s", dev, why[0] ? why : cm_strerror(n));
+            return -ENODEV;
+        }
+        if (cuda >= n) {
+            CM_LOG_ERROR(TAG, "cannot use device %s: this machine has %d CUDA device%s "
+                         "(cuda:0 to cuda:%d)", dev, n, n == 1 ? "" : "s", n - 1);
+            return -ENODEV;
+        }
+    }
+    int rc = kn_ctx_create(&w->kn, &(kn_ctx_cfg){.n_threads = w->cfg.n_threads,
+                                                 .variant = KN_VARIANT_AUTO, .device = dev});
+    if (rc < 0 && cuda >= 0) {
+        CM_LOG_ERROR(TAG, "cannot use device %s: %s (the kernels' message above says why)", dev,
+                     cm_strerror(rc));
+        return -ENODEV;
+    }
+    if (rc < 0) {
+        CM_LOG_ERROR(TAG, "kernels: %s", cm_strerror(rc));
+        return rc;
+    }
+    w->on_device = cuda >= 0;
+    return 0;
+}
+
+/* On a device: upload the weights and note the memory they took. Weights
+ * that do not fit are -ENODEV (no restart can help; the message gives
+ * needed and free GiB). */
+static int place_weights(wk *w)
+{
+    size_t free0 = 0, free1 = 0, total = 0;
+    const bool known = kn_ctx_mem_info(w->kn, &free0, &total) == 0;
+    int rc = eng_model_to_device(w->m, w->kn);
+    if (rc < 0) {
+        CM_LOG_ERROR(TAG, "cannot place %s on device %s: %s", w->cfg.model_path,
+                     kn_ctx_device(w->kn), eng_error());
+        return rc == -ENOMEM ? -ENODEV : rc;
+    }
+    if (known && kn_ctx_mem_info(w->kn, &free1, &total) == 0 && free0 > free1)
+        w->weight_bytes = (int64_t)(free0 - free1);
+    else
+        w->weight_bytes = eng_model_shard_weight_bytes(w->m);
+    return 0;
+}
+
+/* On a device with kv_blocks = 0 (auto): floor(kv_fraction x free device
+ * memory / bytes of one block), the memory free once the weights, the
+ * forward's scratch and the output buffers are in place; at most every
+ * sequence at full context (more could never be used). -ENODEV when not
+ * one block fits. */
+static int device_kv_blocks(wk *w, const eng_kv_cfg *kc, int64_t *out)
+{
+    size_t free_b = 0, total_b = 0;
+    int rc = kn_ctx_mem_info(w->kn, &free_b, &total_b);
+    if (rc < 0) {
+        CM_LOG_ERROR(TAG, "device %s: cannot read its free memory to size the KV pool (%s): "
+                     "set kv_blocks", kn_ctx_device(w->kn), cm_strerror(rc));
+        return -ENODEV;
+    }
+    eng_kv_cfg one = *kc;
+    one.n_blocks = 1;
+    const size_t per = eng_kv_pool_bytes(&one);
+    const double f = w->cfg.kv_fraction > 0 ? w->cfg.kv_fraction : 0.9;
+    const double fit = per ? floor(f * (double)free_b / (double)per) : 0;
+    const int64_t per_seq = (w->n_ctx + w->block_size - 1) / w->block_size;
+    const int64_t most = per_seq * w->cfg.max_seqs;
+    int64_t n = fit < (double)most ? (int64_t)fit : most;
+    if (n < 1) {
+        CM_LOG_ERROR(TAG, "device %s: no room for the KV cache: kv_fraction %.2f of %.2f GiB "
+                     "free is less than one block of %zu bytes",
+                     kn_ctx_device(w->kn), f, (double)free_b / (1 << 30), per);
+        return -ENODEV;
+    }
+    CM_LOG_INFO(TAG, "KV pool on %s: %" PRId64 " blocks of %d positions (%.2f GiB): kv_fraction "
+                "%.2f of the %.2f GiB free after the weights%s",
+                kn_ctx_device(w->kn), n, w->cfg.block_size,
+                (double)n * (double)per / (1 << 30), f, (double)free_b / (1 << 30),
+                n == most ? " (capped: every sequence at full context)" : "");
+    if (n < per_seq)
+        CM_LOG_WARN(TAG, "the KV pool holds %" PRId64 " positions, fewer than the model's "
+                    "context of %" PRId64 ": longer requests are refused",
+                    n * w->block_size, w->n_ctx);
+    *out = n;
+    return 0;
+}
+
 static int setup(wk *w)
 {
     int rc;
+    char why[512];
+    if ((rc = eng_worker_cfg_check(&w->cfg, why, sizeof why)) < 0) {
+        CM_LOG_ERROR(TAG, "%s", why);
+        return rc;
+    }
     if (w->cfg.rank == 0) {
         if ((rc = ipc_region_map(&w->reg, w->cfg.region_fd)) < 0) {
             CM_LOG_ERROR(TAG, "cannot map the worker region: %s", cm_strerror(rc));
@@ -1218,12 +1405,8 @@ static int setup(wk *w)
         w->n_req = w->reg.layout.n_slots;
         w->slot_in = w->reg.layout.slot_in_bytes;
     }
-    rc = kn_ctx_create(&w->kn, &(kn_ctx_cfg){.n_threads = w->cfg.n_threads,
-                                             .variant = KN_VARIANT_AUTO});
-    if (rc < 0) {
-        CM_LOG_ERROR(TAG, "kernels: %s", cm_strerror(rc));
+    if ((rc = open_kernels(w)) < 0)
         return rc;
-    }
     if (w->cfg.tp > 1 && (rc = join_group(w)) < 0)
         return rc;
     rc = eng_model_open_tp(&w->m, w->cfg.model_path, w->cfg.rank, w->cfg.tp > 1 ? w->cfg.tp : 1);
@@ -1231,6 +1414,8 @@ static int setup(wk *w)
         CM_LOG_ERROR(TAG, "cannot load %s: %s", w->cfg.model_path, eng_error());
         return rc;
     }
+    if (w->on_device && (rc = place_weights(w)) < 0)
+        return rc;
     const eng_hparams *hp = eng_model_hparams(w->m);
     w->tok = eng_model_tokenizer(w->m);
     w->n_vocab = hp->n_vocab;
@@ -1250,17 +1435,6 @@ static int setup(wk *w)
     w->n_blocks = w->cfg.kv_blocks > 0 ? w->cfg.kv_blocks : per_seq * w->cfg.max_seqs / 4;
     if (w->n_blocks < 1)
         w->n_blocks = 1;
-    eng_kv_cfg kc;
-    eng_model_kv_cfg(w->m, w->cfg.block_size, w->n_blocks, w->cfg.max_seqs, w->n_ctx, &kc);
-    int32_t *own = NULL;
-    if (w->cfg.kv_ctl_fd >= 0 && (rc = shared_pool(w, &kc, &own)) < 0)
-        return rc;
-    rc = eng_kv_create(&w->kv, w->kn, &kc);
-    free(own);
-    if (rc < 0) {
-        CM_LOG_ERROR(TAG, "KV cache of %" PRId64 " blocks: %s", w->n_blocks, eng_error());
-        return rc;
-    }
     if (w->cfg.medusa_dir && w->cfg.role != ENG_WORKER_PREFILL && (rc = med_open(w)) < 0)
         return rc;
     /* Trees ride on top of the prefill budget (decode and trees first, so
@@ -1299,6 +1473,30 @@ static int setup(wk *w)
         CM_LOG_ERROR(TAG, "output buffers for %" PRId64 " rows: %s", max_out, cm_strerror(rc));
         return rc;
     }
+    /* The KV pool last: on a device it takes what the rest left free. */
+    eng_kv_cfg kc;
+    eng_model_kv_cfg(w->m, w->cfg.block_size, w->n_blocks, w->cfg.max_seqs, w->n_ctx, &kc);
+    if (w->on_device && w->cfg.kv_blocks <= 0) {
+        if ((rc = device_kv_blocks(w, &kc, &w->n_blocks)) < 0)
+            return rc;
+        kc.n_blocks = w->n_blocks;
+    }
+    int32_t *own = NULL;
+    if (w->cfg.kv_ctl_fd >= 0 && (rc = shared_pool(w, &kc, &own)) < 0)
+        return rc;
+    rc = eng_kv_create(&w->kv, w->kn, &kc);
+    free(own);
+    if (rc < 0) {
+        if (w->on_device && rc == -ENOMEM) {
+            CM_LOG_ERROR(TAG, "KV cache of %" PRId64 " blocks (%.2f GiB) does not fit on device "
+                         "%s: %s; lower kv_blocks or kv_fraction", w->n_blocks,
+                         (double)eng_kv_pool_bytes(&kc) / (1 << 30), kn_ctx_device(w->kn),
+                         eng_error());
+            return -ENODEV;
+        }
+        CM_LOG_ERROR(TAG, "KV cache of %" PRId64 " blocks: %s", w->n_blocks, eng_error());
+        return rc;
+    }
     if (w->md && (rc = med_calibrate(w)) < 0)
         return rc;
     if (w->cm && (rc = share_calibration(w)) < 0)
@@ -1310,10 +1508,24 @@ static int setup(wk *w)
         if (!(w->req[i].prompt = malloc((size_t)max_prompt * sizeof(int32_t))))
             return -ENOMEM;
     w->q_head = w->q_tail = UINT32_MAX;
-    CM_LOG_INFO(TAG, "%s: ctx %" PRId64 ", KV %" PRId64 " blocks of %d, %d sequences, %" PRId64
-                " tokens per step, %d threads",
-                w->cfg.model_path, w->n_ctx, w->n_blocks, w->cfg.block_size, w->cfg.max_seqs,
-                w->cfg.max_batch_tokens, kn_ctx_threads(w->kn));
+    /* A device that failed while starting (Medusa's calibration steps
+     * report no errors): its ctx is unusable. */
+    if (w->on_device && (rc = kn_sync(w->kn)) < 0) {
+        CM_LOG_ERROR(TAG, "device %s failed while starting: %s", kn_ctx_device(w->kn),
+                     kn_ctx_error(w->kn));
+        return rc;
+    }
+    if (w->on_device)
+        CM_LOG_INFO(TAG, "device %s, weights %.2f GiB, KV pool %" PRId64 " blocks (%.2f GiB); "
+                    "%s: ctx %" PRId64 ", %d sequences, %" PRId64 " tokens per step",
+                    kn_ctx_device(w->kn), (double)w->weight_bytes / (1 << 30), w->n_blocks,
+                    (double)eng_kv_pool_bytes(&kc) / (1 << 30), w->cfg.model_path, w->n_ctx,
+                    w->cfg.max_seqs, w->cfg.max_batch_tokens);
+    else
+        CM_LOG_INFO(TAG, "%s: ctx %" PRId64 ", KV %" PRId64 " blocks of %d, %d sequences, %" PRId64
+                    " tokens per step, %d threads",
+                    w->cfg.model_path, w->n_ctx, w->n_blocks, w->cfg.block_size,
+                    w->cfg.max_seqs, w->cfg.max_batch_tokens, kn_ctx_threads(w->kn));
     if (w->cm)
         CM_LOG_INFO(TAG, "rank %d of %d: %.1f MiB of weights", w->cfg.rank, w->cfg.tp,
                     (double)eng_model_shard_weight_bytes(w->m) / (1 << 20));
@@ -1426,7 +1638,8 @@ int eng_worker_run(const eng_worker_cfg *cfg)
         if (leader)
             ipc_doorbell_notify(&w->evt);
     }
+    const bool lost = w->dev_failed;
     teardown(w);
     free(w);
-    return 0;
+    return lost ? -ENOTRECOVERABLE : 0;
 }

@@ -33,13 +33,30 @@
  * .region_fd = -1. Any rank that stops aborts the communicator, so the
  * others stop too and gorgond restarts the group.
  *   return eng_worker_run(&cfg) < 0;
+ *
+ * On a device (.device = "cuda" or "cuda:N", docs/gpu.md) the weights and
+ * the KV pool live in device memory; one process, one device: tensor
+ * parallelism and the disaggregated roles are refused (eng_worker_cfg_check).
+ * A CUDA error in a step leaves the kernel ctx unusable: the step's requests
+ * end with -EIO, the message is logged, and the worker exits
+ * (ENG_WORKER_EXIT_DEVICE_LOST) so that gorgond restarts it.
  */
 #ifndef GORGON_ENG_WORKER_H
 #define GORGON_ENG_WORKER_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+
+/* gorgon-worker's exit status (sysexits.h numbers), which gorgond reads:
+ * DEVICE: the configured device cannot serve this model (no CUDA backend in
+ * this build, no driver or device, the weights or a KV pool do not fit):
+ * starting it again cannot help, gorgond gives up (and stops, when no
+ * worker was ever ready). DEVICE_LOST: the device failed while serving (a
+ * sticky CUDA error): gorgond restarts the worker as after any death. */
+#define ENG_WORKER_EXIT_DEVICE 78      /* EX_CONFIG */
+#define ENG_WORKER_EXIT_DEVICE_LOST 74 /* EX_IOERR */
 
 enum eng_worker_role {
     ENG_WORKER_BOTH = 0, /* colocated: prefill and decode */
@@ -87,11 +104,28 @@ typedef struct eng_worker_cfg {
     enum eng_worker_role role;
     int kv_ctl_fd, kv_pool_fd;
     uint32_t kv_owner;
+    /* Where the model runs: NULL or "cpu", "cuda" or "cuda:N"
+     * (kn_device_parse). On a device with kv_blocks 0 the KV pool takes
+     * kv_fraction (0 < F <= 1; 0: 0.9) of the device memory still free
+     * once the weights, the forward's scratch and the output buffers are
+     * in place, at most what max_seqs full contexts can use. */
+    const char *device;
+    double kv_fraction;
 } eng_worker_cfg;
+
+/* The combinations a worker refuses before loading anything: a device
+ * string kn_device_parse does not take, kv_fraction outside (0, 1], and on
+ * a device tensor parallelism (device TP needs NCCL groups, not built yet)
+ * or a disaggregated role (the hand-off pool is host shared memory).
+ * 0, or -EINVAL with the reason in why (cap bytes). */
+int eng_worker_cfg_check(const eng_worker_cfg *cfg, char *why, size_t cap);
 
 /* Load the model, map the region, announce READY and serve until the
  * parent dies or the command ring breaks. Returns 0 when gorgond went away,
- * -errno on a setup error (message logged). */
+ * or -errno with the message logged: -ENODEV when the configured device
+ * cannot serve (see ENG_WORKER_EXIT_DEVICE), -ENOTRECOVERABLE when it
+ * failed while serving (the step's requests were failed with -EIO first),
+ * another -errno for any other setup error. */
 int eng_worker_run(const eng_worker_cfg *cfg);
 
 #endif

@@ -37,6 +37,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "common/cm_device.h"
 #include "common/common.h"
 #include "kernels/cpu/kn_int.h"
 #ifdef GORGON_CUDA
@@ -379,27 +380,7 @@ static int64_t fanout_min(int64_t cfg)
 
 int kn_device_parse(const char *s, int *cuda_index)
 {
-    if (!cuda_index)
-        return -EINVAL;
-    if (!s || !*s || strcmp(s, "cpu") == 0) {
-        *cuda_index = -1;
-        return 0;
-    }
-    if (strncmp(s, "cuda", 4) != 0)
-        return -EINVAL;
-    if (s[4] == '\0') {
-        *cuda_index = 0;
-        return 0;
-    }
-    if (s[4] != ':' || s[5] < '0' || s[5] > '9')
-        return -EINVAL;
-    char *end;
-    errno = 0;
-    long v = strtol(s + 5, &end, 10);
-    if (errno || *end || v > 1023)
-        return -EINVAL;
-    *cuda_index = (int)v;
-    return 0;
+    return cm_device_parse(s, cuda_index);
 }
 
 #define KN_NO_CUDA_WHY "this build has no CUDA backend (built with CUDA=0 or without nvcc)"
