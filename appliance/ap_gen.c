@@ -340,7 +340,7 @@ static pid_t spawn_rank(struct ap_server *srv, ap_group *W, int r)
                             ? cfg->threads
                             : (ncpu > 0 ? ncpu : (usable / ranks > 0 ? usable / ranks : 1));
     char a_threads[16], a_kv[24], a_seqs[16], a_batch[16], a_parent[16], a_wake[16];
-    char a_mbatch[16], a_tp[16], a_rank[16], a_groups[16], a_owner[16], a_kvf[32];
+    char a_mbatch[16], a_tp[16], a_rank[16], a_groups[16], a_owner[16], a_kvf[32], a_step[24];
     snprintf(a_threads, sizeof(a_threads), "%d", threads);
     snprintf(a_kv, sizeof(a_kv), "%" PRId64, cfg->kv_blocks);
     snprintf(a_seqs, sizeof(a_seqs), "%u", cfg->max_seqs);
@@ -353,7 +353,7 @@ static pid_t spawn_rank(struct ap_server *srv, ap_group *W, int r)
     snprintf(a_groups, sizeof(a_groups), "%d", ap_config_groups(cfg));
     snprintf(a_owner, sizeof(a_owner), "%u", W->idx);
     snprintf(a_kvf, sizeof(a_kvf), "%.15g", cfg->kv_fraction);
-    /* (the longest line, TP + disaggregated + Medusa, has 46 entries) */
+    /* (the longest line, TP + disaggregated + Medusa, has 48 entries) */
     const char *argv[64] = {G->bin,          "--model",     cfg->model,   "--threads", a_threads,
                             "--kv-blocks",   a_kv,          "--max-seqs", a_seqs,
                             "--batch-tokens", a_batch,      "--parent",   a_parent,
@@ -375,6 +375,12 @@ static pid_t spawn_rank(struct ap_server *srv, ap_group *W, int r)
         argv[argc++] = a_rank;
         argv[argc++] = "--comm-fd";
         argv[argc++] = "5";
+        /* the ranks' collectives give up when gorgond's watchdog would:
+         * one setting for the group (0 there: no watchdog, no limit) */
+        snprintf(a_step, sizeof(a_step), "%lld",
+                 cfg->worker_timeout_ms > 0 ? (long long)cfg->worker_timeout_ms : -1ll);
+        argv[argc++] = "--step-timeout-ms";
+        argv[argc++] = a_step;
         if (ncpu > 0)
             argv[argc++] = "--pinned"; /* its CPUs are its own: collectives may spin */
         if (ap_config_groups(cfg) > 1) {

@@ -17,12 +17,15 @@ static void usage(FILE *f)
           "                     [--medusa DIR [--medusa-tree SPEC] [--medusa-max-batch N]]\n"
           "                     [--parent PID] [--log-level LEVEL]\n"
           "                     [--device cpu|cuda|cuda:N] [--kv-fraction F]\n"
-          "                     [--tp N --rank R --comm-fd FD [--pinned] [--groups G]]\n"
+          "                     [--tp N --rank R --comm-fd FD [--pinned] [--groups G]\n"
+          "                      [--step-timeout-ms MS]]\n"
           "                     [--role prefill|decode --kv-ctl-fd FD --kv-pool-fd FD\n"
           "                      --kv-owner ID]\n"
           "Started by gorgond; serves the worker region passed as an inherited fd.\n"
           "With --tp N, one of N tensor-parallel ranks joined by the comm region FD:\n"
-          "rank 0 serves the region, ranks 1..N-1 take no --region-fd.\n"
+          "rank 0 serves the region, ranks 1..N-1 take no --region-fd. A collective\n"
+          "inside a step that sees no progress for --step-timeout-ms (default 30000;\n"
+          "-1: no limit; gorgond passes its worker_timeout_ms) ends the group.\n"
           "With --role, a prefill or decode group of disaggregated serving over the\n"
           "shared KV pool (control memfd, this rank's pool memfd, the group's owner id).\n"
           "--threads 0: as many kernel threads as CPUs this process may use (affinity\n"
@@ -59,7 +62,7 @@ int main(int argc, char **argv)
                           .device = "cpu", .kv_fraction = 0.9};
     enum { O_REGION = 256, O_WAKE, O_KV, O_SEQS, O_BATCH, O_PARENT, O_LOG, O_MEDUSA, O_MTREE,
            O_MBATCH, O_TP, O_RANK, O_COMM, O_PINNED, O_GROUPS,
-           O_ROLE, O_KVCTL, O_KVPOOL, O_KVOWNER, O_DEVICE, O_KVFRAC };
+           O_ROLE, O_KVCTL, O_KVPOOL, O_KVOWNER, O_DEVICE, O_KVFRAC, O_STEPTO };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},       {"threads", required_argument, 0, 't'},
         {"region-fd", required_argument, 0, O_REGION}, {"wake-fd", required_argument, 0, O_WAKE},
@@ -75,6 +78,7 @@ int main(int argc, char **argv)
         {"kv-pool-fd", required_argument, 0, O_KVPOOL},
         {"kv-owner", required_argument, 0, O_KVOWNER},
         {"device", required_argument, 0, O_DEVICE}, {"kv-fraction", required_argument, 0, O_KVFRAC},
+        {"step-timeout-ms", required_argument, 0, O_STEPTO},
         {"help", no_argument, 0, 'h'},              {0, 0, 0, 0},
     };
     int c;
@@ -119,6 +123,9 @@ int main(int argc, char **argv)
             rc = num("--kv-owner", optarg, 0, 1 << 20, &v), cfg.kv_owner = (uint32_t)v;
             break;
         case O_DEVICE: cfg.device = optarg; break;
+        case O_STEPTO:
+            rc = num("--step-timeout-ms", optarg, -1, 86400000, &v), cfg.step_timeout_ms = v;
+            break;
         case O_KVFRAC: {
             char *end;
             errno = 0;

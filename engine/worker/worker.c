@@ -38,8 +38,8 @@
                                   * (min taken) */
 #define WK_PLAN_MAGIC 0x4e4c5047u /* "GPLN": a step plan of rank 0 (tensor parallelism) */
 #define WK_PLAN_MIN (1u << 20)   /* bytes of commands + prompts one plan carries, at least */
-#define WK_STEP_TIMEOUT_MS 30000 /* a collective inside a step that sees no progress this
-                                  * long ends the group (a hung rank) */
+#define WK_STEP_TIMEOUT_MS 30000 /* cfg.step_timeout_ms 0: a collective inside a step that
+                                  * sees no progress this long ends the group (a hung rank) */
 
 /* WK_HANDOFF (prefill role): the prompt's blocks left for a decode group;
  * the request holds its reservation until gorgond's RECLAIM. */
@@ -559,6 +559,13 @@ static int send_plan(wk *w)
     return rc < 0 ? comm_failed(w, rc, "sending the step plan") : 0;
 }
 
+/* The collectives' limit inside a step (cfg.step_timeout_ms). */
+static int64_t step_timeout(const wk *w)
+{
+    const int64_t t = w->cfg.step_timeout_ms;
+    return t == 0 ? WK_STEP_TIMEOUT_MS : t < 0 ? -1 : t;
+}
+
 /* Ranks 1..: wait (without limit: rank 0 may be idle) for rank 0's plan
  * and apply its commands as rank 0 did. 0, or < 0 when the group stops. */
 static int recv_plan(wk *w)
@@ -566,7 +573,7 @@ static int recv_plan(wk *w)
     struct wk_plan_hdr h;
     comm_set_timeout_ms(w->cm, -1);
     int rc = comm_broadcast(w->cm, &h, sizeof h, 0);
-    comm_set_timeout_ms(w->cm, WK_STEP_TIMEOUT_MS);
+    comm_set_timeout_ms(w->cm, step_timeout(w));
     if (rc < 0)
         return comm_failed(w, rc, "waiting for rank 0's plan");
     if (h.magic != WK_PLAN_MAGIC || h.len > w->plan_cap) {
@@ -1502,7 +1509,7 @@ static int setup(wk *w)
     if (w->cm && (rc = share_calibration(w)) < 0)
         return rc;
     if (w->cm)
-        comm_set_timeout_ms(w->cm, WK_STEP_TIMEOUT_MS);
+        comm_set_timeout_ms(w->cm, step_timeout(w));
     int64_t max_prompt = w->n_ctx;
     for (uint32_t i = 0; i < w->n_req; i++)
         if (!(w->req[i].prompt = malloc((size_t)max_prompt * sizeof(int32_t))))

@@ -111,6 +111,11 @@ typedef struct eng_worker_cfg {
      * in place, at most what max_seqs full contexts can use. */
     const char *device;
     double kv_fraction;
+    /* Tensor parallelism: a collective inside a step that sees no progress
+     * this long ends the group (a hung or stopped rank). gorgond passes its
+     * worker_timeout_ms, so every rank and gorgond's own watchdog use one
+     * setting; 0: WK's default (30 s); < 0: no limit. */
+    int64_t step_timeout_ms;
 } eng_worker_cfg;
 
 /* The combinations a worker refuses before loading anything: a device

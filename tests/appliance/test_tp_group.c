@@ -276,6 +276,52 @@ Test(appliance_tp_group, killed_rank_fails_its_requests_by_name_then_the_group_r
     GD_END(&gd);
 }
 
+/* The ranks' collectives use gorgond's worker_timeout_ms, not a limit of
+ * their own: with worker_timeout_ms = 45 s, rank 1 stopped for 33 s in the
+ * middle of a generation (longer than the workers' 30 s default) holds the
+ * group up, and once it runs again the request completes, the group never
+ * restarted (short limits: test_watchdog.c). */
+Test(appliance_tp_group, ranks_wait_as_long_as_worker_timeout_ms_and_no_longer,
+     .fini = teardown, .timeout = 180)
+{
+    START_TP("--tp", "2", "--worker-timeout-ms", "45000", NULL);
+    AT_WAIT_UNTIL(rank_pid(0) > 0 && rank_pid(1) > 0, AT_WAIT_MS, "ranks 0 and 1 not started");
+    gorgon_client *cli = gd_connect(&gd, 0);
+    const pid_t r1 = rank_pid(1);
+    uint32_t a;
+    cr_assert_eq(gorgon_generate_submit(cli, &(gorgon_gen_params){.prompt = "", .max_tokens = 256},
+                                        1, &a),
+                 0);
+    gorgon_gen_chunk ch;
+    cr_assert_eq(gorgon_generate_next(cli, a, &ch, 30000000000ll), 1);
+    static char text[1 << 16];
+    size_t n = ch.len;
+    memcpy(text, ch.text, ch.len);
+    cr_assert_eq(kill(r1, SIGSTOP), 0);
+    struct timespec ts = {.tv_sec = 33};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ; /* the stop itself is the point: nothing to wait for */
+    cr_assert_eq(kill(r1, SIGCONT), 0);
+    int rc;
+    while ((rc = gorgon_generate_next(cli, a, &ch, 60000000000ll)) >= 0) {
+        cr_assert_eq(ch.error, 0, "the request failed: %.*s", (int)ch.len, ch.text);
+        memcpy(text + n, ch.text, ch.len);
+        n += ch.len;
+        if (rc == 0)
+            break;
+    }
+    cr_assert_eq(rc, 0, "rc %d", rc);
+    gen_out o = {.len = n};
+    cr_assert_lt(n, sizeof o.text);
+    memcpy(o.text, text, n);
+    expect_golden("stories260K/golden_greedy_n256.txt", "", &o);
+    cr_assert_eq(rank_pid(1), r1, "rank 1 was replaced");
+    gorgon_counters st = ap_stats(cli);
+    cr_assert_eq(st.worker_restarts, 0);
+    gorgon_close(cli);
+    GD_END(&gd);
+}
+
 /* Greedy Medusa under TP 2 is lossless: the n256 golden, heads replicated. */
 Test(appliance_tp_group, tp2_with_medusa_serves_the_golden, .fini = teardown, .timeout = 180)
 {

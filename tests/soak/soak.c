@@ -468,7 +468,7 @@ static pid_t worker_pid(void)
 static bool worker_ready(pid_t pid)
 {
     char want[64], line[1024];
-    snprintf(want, sizeof(want), "worker pid %d ready", (int)pid);
+    snprintf(want, sizeof(want), "(pid %d) ready", (int)pid); /* "worker group G (pid P) ready" */
     FILE *f = fopen(log_path, "r");
     bool ok = false;
     while (f && !ok && fgets(line, sizeof(line), f))
@@ -887,6 +887,13 @@ int main(int argc, char **argv)
            "(slack %ld)%s\n",
            (unsigned long long)st.kv_blocks_used, (unsigned long long)st.kv_blocks_total,
            base.fds, end.fds, base.anon_kb, end.anon_kb, slack_kb, flat ? "" : " NOT FLAT");
+    /* The first worker kill is due 5-15 s into the abuse: a run of a
+     * minute or more without one did not test what it claims. */
+    if (total_s >= 60 && sh->worker_kills == 0)
+        fail_msg("the chaos never killed the worker (is its ready line still recognised?)");
+    if (st.worker_restarts < sh->worker_kills)
+        fail_msg("%llu worker kills but gorgond restarted it %llu times",
+                 (unsigned long long)sh->worker_kills, (unsigned long long)st.worker_restarts);
     if (atomic_load(&sh->errors) || client_crashes) {
         printf("FAILED: %llu errors; the first:\n", (unsigned long long)sh->errors);
         for (int i = 0; i < N_MSGS && i < atomic_load(&sh->n_msgs); i++)
