@@ -24,6 +24,34 @@ int bench_parse_f64(const char *suite, const char *opt, const char *s, double lo
 /* Print s as a JSON string body (quotes, backslashes, control bytes escaped). */
 void bench_json_puts(const char *s);
 
+/* ---- devices and synthetic models: shared by engine and medusa ----------
+ * (bench_engine.c). Every parser prints an error naming the option and
+ * returns -EINVAL; the suites exit 2 on those. */
+struct eng_hparams;
+struct kn_ctx;
+/* The shape of a --synthetic NAME (7b, 1b, 110m, tiny); -EINVAL for an
+ * unknown name. */
+int bench_parse_synthetic(const char *suite, const char *s, const struct eng_hparams **hp);
+/* --dtype: f32, f16, bf16, q8_0 or q4_0 into *t (an enum kn_dtype). */
+int bench_parse_dtype(const char *suite, const char *s, int *t);
+/* --device: cpu, cuda or cuda:N (kn_device_parse). */
+int bench_parse_device(const char *suite, const char *s);
+/* A comma-separated list of integers in [lo, hi] ("1,8,64"), at most cap
+ * of them, into out: the count, or -EINVAL. */
+int bench_parse_i64_list(const char *suite, const char *opt, const char *s, int64_t lo,
+                         int64_t hi, int64_t *out, int cap);
+/* Whether `device` (already parsed) can be used here: 0 for the CPU or a
+ * CUDA device this process sees, else -EOPNOTSUPP / -ENODEV after
+ * printing why (no CUDA backend in this build, no driver or device, an
+ * index beyond the devices). */
+int bench_device_usable(const char *suite, const char *device);
+/* A kn_ctx on `device` (threads: the CPU's pool size, 0 auto). 0, or
+ * -errno after printing why. */
+int bench_kn_open(const char *suite, const char *device, int threads, struct kn_ctx **out);
+/* `gorgon-bench engine --list-devices`: the CPU's thread count and every
+ * CUDA device (or why there is none); returns an exit status. */
+int bench_list_devices(bool json);
+
 /* ---- serve: shared by its two drivers and the plot ----------------------
  * bench_serve.c parses the options, generates the workload (arrival times,
  * prompts), runs it once per (--request-rate, --concurrency) pair through a
