@@ -77,6 +77,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" { /* the CUDA backend's .cu files are C++ */
+#endif
+
 /* Values equal ggml's type ids so GGUF tensor types map directly. */
 enum kn_dtype {
     KN_F32 = 0,
@@ -420,5 +424,9 @@ double kn_measure_read_bandwidth(kn_ctx *ctx, size_t bytes, int reps);
  * on the CPU, or another -errno. */
 double kn_measure_gemm_peak(kn_ctx *ctx, enum kn_dtype t, int64_t M, int64_t N, int64_t K,
                             int reps);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

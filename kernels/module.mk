@@ -11,3 +11,16 @@ KN_AVX512_FLAGS := -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni -mavx
 $(B)/kernels/cpu/%_avx2.o: CFLAGS += $(KN_AVX2_FLAGS)
 $(B)/kernels/cpu/%_avx512.o: CFLAGS += $(KN_AVX512_FLAGS)
 KERNELS_LDLIBS := -lm $(KERNELS_CUDA_LDLIBS)
+
+# kn_ctx.c and kn_buf.c offer the CUDA backend when it is built
+# (GORGON_CUDA). A stamp holding the CUDA setting recompiles them when it
+# changes, so one build tree can switch between CUDA=0 and CUDA=1 without
+# mixing objects of both.
+KN_DEV_OBJS := $(B)/kernels/cpu/kn_ctx.o $(B)/kernels/cpu/kn_buf.o
+$(B)/gen/kn_cuda.flag: FORCE
+	@mkdir -p $(@D)
+	$(Q)v='$(CUDA)'; [ "$$(cat $@ 2>/dev/null)" = "$$v" ] || echo "$$v" > $@
+$(KN_DEV_OBJS): $(B)/gen/kn_cuda.flag
+ifeq ($(CUDA),1)
+$(KN_DEV_OBJS): CPPFLAGS += -DGORGON_CUDA
+endif
