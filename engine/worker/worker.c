@@ -824,13 +824,14 @@ static int sample_row(wk *w, const wk_req *q, int64_t row, int32_t argmax, int32
     return 0;
 }
 
-/* Tensor parallelism without Medusa: when every output row of the step is
- * greedy or sampled from its top-k alone (eng_sampler_topk), note each
- * row's k and temperature and return the largest k (the ranks then
- * exchange that many candidates per row instead of whole rows); else 0. */
+/* Tensor parallelism or a device, without Medusa: when every output row of
+ * the step is greedy or sampled from its top-k alone (eng_sampler_topk),
+ * note each row's k and temperature and return the largest k (the ranks
+ * then exchange, and a device downloads, that many candidates per row
+ * instead of whole rows); else 0. */
 static int topk_plan(wk *w, int n_in)
 {
-    if (!w->cm || w->md)
+    if ((!w->cm && !w->on_device) || w->md)
         return 0;
     int kmax = 1, o = 0;
     for (int i = 0; i < n_in; i++) {
