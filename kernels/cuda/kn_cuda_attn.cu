@@ -71,7 +71,7 @@
 
 #define ATT_C 64         /* visible keys per chunk: fixed, see the top */
 #define ATT_ROWS_MAX 64  /* (query, head) rows per CTA */
-#define ATT_WARPS_MAX 8  /* ATT_ROWS_MAX / smallest rows-per-warp we tile with */
+#define ATT_WARPS_MAX 8  /* ATT_ROWS_MAX / 8: tiles of over 4 rows put 8 on a warp */
 #define ATT_BIG_THREADS ATT_C
 #define ATT_COMBINE_WARPS 8
 /* split mode only while its partials stay below this (else fold) */
@@ -962,8 +962,9 @@ extern "C" int kn_cuda_attention(kn_cuda *cu, const kn_attn_args *a)
 
     p.chunks_max = chunks_max;
     if (p.split) {
+        const size_t ml_bytes = att_align((size_t)rows_all * (size_t)chunks_max * 8);
         p.part_ml = (float2 *)(scr + vis_bytes);
-        p.part_acc = (float *)(scr + vis_bytes + att_align((size_t)rows_all * (size_t)chunks_max * 8));
+        p.part_acc = (float *)(scr + vis_bytes + ml_bytes);
     }
     /* Fold mode streams steps: double-buffer them when it fits. */
     p.nbuf = !p.split && p.steps_max > 1 &&
