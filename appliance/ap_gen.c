@@ -1165,11 +1165,20 @@ static void on_done(struct ap_server *srv, const struct ipc_wevt *e)
                  "request needs %" PRIu64 " KV blocks, the worker's whole pool has %" PRIu64
                  " (shorten prompt/max_tokens or raise kv_blocks)",
                  e->arg[0], e->arg[1]);
-    else if (e->result == -EIO && ap_config_on_device(&srv->cfg))
+    else if (e->result == -EIO && ap_config_on_device(&srv->cfg)) {
+        /* the kernel's name, as the worker wrote it: printable bytes only */
+        char k[17];
+        memcpy(k, e->arg, 16);
+        k[16] = '\0';
+        for (int i = 0; k[i]; i++)
+            if (k[i] < 0x21 || k[i] > 0x7e)
+                k[i] = '?';
         finalize(G, gi, -EIO, IPC_FINISH_ERROR,
-                 "the worker's device %s failed while running this request (the CUDA error "
-                 "is in gorgond's log); the worker restarts, the request was not retried",
-                 srv->cfg.device);
+                 "the worker's device %s failed in kernel %s while running this request (the "
+                 "CUDA error is in gorgond's log); the worker restarts, the request was not "
+                 "retried",
+                 srv->cfg.device, k[0] ? k : "(unknown)");
+    }
     else if (e->result < 0)
         finalize(G, gi, e->result, IPC_FINISH_ERROR, "worker failed the request: %s",
                  cm_strerror(e->result));

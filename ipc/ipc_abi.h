@@ -278,7 +278,9 @@ struct ipc_wevt {
     uint8_t finish;    /* DONE: enum ipc_finish */
     uint16_t n_tokens; /* TOKEN: <= 8 */
     uint32_t req;
-    int32_t result;    /* DONE: 0 or -errno (-E2BIG: arg[0] blocks needed, arg[1] pool) */
+    int32_t result;    /* DONE: 0 or -errno (-E2BIG: arg[0] blocks needed, arg[1] pool;
+                        * -EIO from a device: arg[] holds the failing kernel's name,
+                        * up to 16 bytes, NUL-padded, untrusted) */
     uint32_t n_gen;    /* tokens generated for req so far */
     int32_t tokens[8];
     uint64_t arg[2];

@@ -215,16 +215,39 @@ static bool device_lost(wk *w, int64_t rc, const char *what)
     return true;
 }
 
+/* The kernel a device error names, for the DONE event's arg[] (16 bytes,
+ * NUL-padded): kn_ctx_error reads "op: <CUDA error>" or "<CUDA error>
+ * (last kernel issued: op)". */
+static void failed_kernel(const wk *w, uint64_t arg[2])
+{
+    char name[16] = {0};
+    const char *m = kn_ctx_error(w->kn), *p = strstr(m, "(last kernel issued: ");
+    size_t n;
+    if (p) {
+        p += strlen("(last kernel issued: ");
+        n = strcspn(p, ")");
+    } else {
+        p = m;
+        n = strcspn(p, ": ");
+    }
+    memcpy(name, p, n < sizeof(name) ? n : sizeof(name));
+    memcpy(arg, name, sizeof(name));
+}
+
 /* End the requests of a step's rows [0, n_in) that are still running
- * (those that finished in it have had their DONE) with `result`. */
+ * (those that finished in it have had their DONE) with `result` (after a
+ * device error, with the failing kernel's name). */
 static void fail_rows(wk *w, int n_in, int result)
 {
+    uint64_t arg[2] = {0, 0};
+    if (w->dev_failed)
+        failed_kernel(w, arg);
     for (int i = 0; i < n_in; i++) {
         uint32_t r = w->row_req[i];
         if (w->req[r].st == WK_FREE)
             continue;
         req_release(w, r);
-        emit_done(w, r, IPC_FINISH_ERROR, result, 0, 0);
+        emit_done(w, r, IPC_FINISH_ERROR, result, arg[0], arg[1]);
     }
 }
 
