@@ -87,6 +87,7 @@ typedef struct ap_config {
     char device[32];
     double kv_fraction; /* on a device with kv_blocks 0: share of the free memory
                          * the KV pool takes, (0, 1] */
+    bool allow_tf32;    /* on a device: F32 weights' GEMMs may round to TF32 */
 } ap_config;
 
 /* Built-in defaults (socket: $GORGON_SOCKET, else IPC_DEFAULT_SOCKET). */

@@ -99,6 +99,7 @@ void ap_config_usage(FILE *f)
             "  --kv-fraction F      on a GPU with kv_blocks 0: the KV pool takes F of the\n"
             "                       device memory free after the weights (0 < F <= 1;\n"
             "                       default 0.9)\n"
+            "  --allow-tf32         on a GPU, F32 weights' GEMMs may round to TF32\n"
             "  --max-seqs N         sequences decoded together (default 64)\n"
             "  --batch-tokens N     new tokens per forward pass, prefill chunks (default 256)\n"
             "  --max-requests N     generate requests in flight, all clients (default 512)\n"
@@ -120,7 +121,7 @@ void ap_config_usage(FILE *f)
             "  sq_entries cq_entries slots slot_in_bytes slot_out_bytes max_clients\n"
             "  max_handshakes max_handshakes_per_uid stats_interval_s hugepages numa_node\n"
             "  log_level foreground eventfd_doorbells model threads tp replicas mode\n"
-            "  prefill_groups decode_groups cpus kv_blocks device kv_fraction\n"
+            "  prefill_groups decode_groups cpus kv_blocks device kv_fraction allow_tf32\n"
             "  max_seqs batch_tokens max_requests max_requests_per_uid max_requests_per_session\n"
             "  grace_ms medusa medusa_tree medusa_max_batch\n"
             "  worker_timeout_ms worker_start_timeout_ms\n",
@@ -333,6 +334,8 @@ static int apply(ap_config *cfg, const char *key, const char *val)
         return parse_i64(key, val, 0, (int64_t)1 << 32, &cfg->kv_blocks);
     if (!strcmp(key, "device"))
         return parse_device(key, val, cfg->device, sizeof(cfg->device));
+    if (!strcmp(key, "allow_tf32"))
+        return parse_bool(key, val, &cfg->allow_tf32);
     if (!strcmp(key, "kv_fraction")) {
         char *end;
         errno = 0;
@@ -542,6 +545,7 @@ enum {
     OPT_MAX_REQ_SESSION,
     OPT_DEVICE,
     OPT_KV_FRACTION,
+    OPT_ALLOW_TF32,
     OPT_HELP, /* (the order above is long_opts' order: errors name the flag from it) */
 };
 
@@ -589,6 +593,7 @@ static const struct option long_opts[] = {
     {"max-requests-per-session", required_argument, NULL, OPT_MAX_REQ_SESSION},
     {"device", required_argument, NULL, OPT_DEVICE},
     {"kv-fraction", required_argument, NULL, OPT_KV_FRACTION},
+    {"allow-tf32", no_argument, NULL, OPT_ALLOW_TF32},
     {"help", no_argument, NULL, OPT_HELP},
     {NULL, 0, NULL, 0},
 };
@@ -676,6 +681,7 @@ int ap_config_from_args(ap_config *cfg, int argc, char **argv)
         case OPT_HELP:
         case 'h': break;
         case OPT_HUGEPAGES: cfg->hugepages = true; break;
+        case OPT_ALLOW_TF32: cfg->allow_tf32 = true; break;
         case OPT_FOREGROUND: cfg->foreground = true; break;
         case OPT_EVENTFD: cfg->eventfd_doorbells = true; break;
         default:

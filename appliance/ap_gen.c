@@ -353,7 +353,7 @@ static pid_t spawn_rank(struct ap_server *srv, ap_group *W, int r)
     snprintf(a_groups, sizeof(a_groups), "%d", ap_config_groups(cfg));
     snprintf(a_owner, sizeof(a_owner), "%u", W->idx);
     snprintf(a_kvf, sizeof(a_kvf), "%.15g", cfg->kv_fraction);
-    /* (the longest line, TP + disaggregated + Medusa, has 48 entries) */
+    /* (the longest line, TP + disaggregated + Medusa, has 49 entries) */
     const char *argv[64] = {G->bin,          "--model",     cfg->model,   "--threads", a_threads,
                             "--kv-blocks",   a_kv,          "--max-seqs", a_seqs,
                             "--batch-tokens", a_batch,      "--parent",   a_parent,
@@ -362,6 +362,8 @@ static pid_t spawn_rank(struct ap_server *srv, ap_group *W, int r)
     int argc = 0;
     while (argv[argc])
         argc++;
+    if (cfg->allow_tf32)
+        argv[argc++] = "--allow-tf32";
     if (r == 0) {
         argv[argc++] = "--region-fd";
         argv[argc++] = "3";

@@ -70,7 +70,7 @@ static void usage(FILE *f)
 {
     fprintf(f,
             "usage: gorgon-bench engine (--model FILE | --synthetic 7b|1b|110m|tiny)\n"
-            "         [--device cpu|cuda|cuda:N (cpu)] [--dtype f32|f16|bf16|q8_0|q4_0 (f16)]\n"
+            "         [--device cpu|cuda|cuda:N (cpu)] [--allow-tf32] [--dtype f32|f16|bf16|q8_0|q4_0 (f16)]\n"
             "         [--batch B[,B...] (1)] [--context N (0)] [--threads N] [--tp N] [--json]\n"
             "         [--prompt-len N (512)] [--decode-tokens N (128)] [--reps R (3)]\n"
             "         [--bw-mib M (1024; 2048 on a device)] [--contention N (0)]\n"
@@ -676,7 +676,7 @@ int bench_engine_main(int argc, char **argv)
     int64_t contention = 0, context = 0, batch[MAX_BATCHES] = {1};
     int n_batch = 1;
     bool json = false;
-    enum { O_SYN = 256, O_DTYPE, O_DEVICE, O_BATCH, O_CONTEXT, O_LIST };
+    enum { O_SYN = 256, O_DTYPE, O_DEVICE, O_BATCH, O_CONTEXT, O_LIST, O_TF32 };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},      {"threads", required_argument, 0, 't'},
         {"json", no_argument, 0, 'j'},             {"prompt-len", required_argument, 0, 'p'},
@@ -685,6 +685,7 @@ int bench_engine_main(int argc, char **argv)
         {"contention", required_argument, 0, 'c'}, {"tp", required_argument, 0, 'T'},
         {"synthetic", required_argument, 0, O_SYN}, {"dtype", required_argument, 0, O_DTYPE},
         {"device", required_argument, 0, O_DEVICE}, {"batch", required_argument, 0, O_BATCH},
+        {"allow-tf32", no_argument, 0, O_TF32},
         {"context", required_argument, 0, O_CONTEXT}, {"list-devices", no_argument, 0, O_LIST},
         {0, 0, 0, 0},
     };
@@ -705,6 +706,7 @@ int bench_engine_main(int argc, char **argv)
         case O_SYN: synth = optarg; rc = bench_parse_synthetic("engine", optarg, &shape); break;
         case O_DTYPE: rc = bench_parse_dtype("engine", optarg, &dtype); dtype_given = true; break;
         case O_DEVICE: device = optarg; rc = bench_parse_device("engine", optarg); break;
+        case O_TF32: setenv("GORGON_ALLOW_TF32", "1", 1); break; /* read by the CUDA matmul */
         case O_BATCH:
             rc = n_batch = bench_parse_i64_list("engine", "--batch", optarg, 1, MAX_BATCH, batch,
                                                 MAX_BATCHES);

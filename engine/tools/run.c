@@ -62,6 +62,7 @@ static void usage(FILE *f)
             "  --tp N     tensor parallelism: N ranks (threads of this process, joined by\n"
             "             shared memory), each holding 1/N of the weights (default 1;\n"
             "             CPU only)\n"
+            "  --allow-tf32  on a GPU, let F32 weights' GEMMs round to TF32 (faster, ~1e-3)\n"
             "  --device D  where the model runs: cpu (default), cuda (device 0) or cuda:N;\n"
             "              on a GPU the weights are uploaded to it and --threads is unused\n"
             "  --temp 0   greedy (default 1.0); --top-p default 0.9 as llama2.c\n"
@@ -481,7 +482,7 @@ int main(int argc, char **argv)
     bool eps_set = false, alpha_set = false, top_p_set = false;
     enum { O_TEMP = 256, O_TOPP, O_TOPK, O_MINP, O_REP, O_LASTN, O_SEED, O_RNG, O_STOP,
            O_THREADS, O_TOKENS, O_MEDUSA, O_MTREE, O_MTYP, O_EPS, O_ALPHA, O_STEPS, O_TP,
-           O_DEVICE };
+           O_DEVICE, O_TF32 };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},    {"prompt", required_argument, 0, 'p'},
         {"new-tokens", required_argument, 0, 'n'}, {"steps", required_argument, 0, O_STEPS},
@@ -493,6 +494,7 @@ int main(int argc, char **argv)
         {"stop", required_argument, 0, O_STOP},  {"threads", required_argument, 0, O_THREADS},
         {"tokens", no_argument, 0, O_TOKENS},    {"help", no_argument, 0, 'h'},
         {"tp", required_argument, 0, O_TP},      {"device", required_argument, 0, O_DEVICE},
+        {"allow-tf32", no_argument, 0, O_TF32},
         {"medusa", required_argument, 0, O_MEDUSA},
         {"medusa-tree", required_argument, 0, O_MTREE},
         {"medusa-typical", no_argument, 0, O_MTYP},
@@ -547,6 +549,7 @@ int main(int argc, char **argv)
         case O_THREADS: rc = parse_num("--threads", optarg, 0, 256, &threads); break;
         case O_TP: rc = parse_num("--tp", optarg, 1, COMM_SHM_MAX_RANKS, &tp); break;
         case O_DEVICE: device = optarg; break;
+        case O_TF32: setenv("GORGON_ALLOW_TF32", "1", 1); break; /* read by the CUDA matmul */
         case O_TOKENS: print_ids = true; break;
         case O_MEDUSA: mo.dir = optarg; break;
         case O_MTREE: mo.tree = optarg; break;

@@ -16,7 +16,7 @@ static void usage(FILE *f)
           "                     [--kv-blocks N] [--max-seqs N] [--batch-tokens N]\n"
           "                     [--medusa DIR [--medusa-tree SPEC] [--medusa-max-batch N]]\n"
           "                     [--parent PID] [--log-level LEVEL]\n"
-          "                     [--device cpu|cuda|cuda:N] [--kv-fraction F]\n"
+          "                     [--device cpu|cuda|cuda:N] [--kv-fraction F] [--allow-tf32]\n"
           "                     [--tp N --rank R --comm-fd FD [--pinned] [--groups G]\n"
           "                      [--step-timeout-ms MS]]\n"
           "                     [--role prefill|decode --kv-ctl-fd FD --kv-pool-fd FD\n"
@@ -62,7 +62,7 @@ int main(int argc, char **argv)
                           .device = "cpu", .kv_fraction = 0.9};
     enum { O_REGION = 256, O_WAKE, O_KV, O_SEQS, O_BATCH, O_PARENT, O_LOG, O_MEDUSA, O_MTREE,
            O_MBATCH, O_TP, O_RANK, O_COMM, O_PINNED, O_GROUPS,
-           O_ROLE, O_KVCTL, O_KVPOOL, O_KVOWNER, O_DEVICE, O_KVFRAC, O_STEPTO };
+           O_ROLE, O_KVCTL, O_KVPOOL, O_KVOWNER, O_DEVICE, O_KVFRAC, O_STEPTO, O_TF32 };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},       {"threads", required_argument, 0, 't'},
         {"region-fd", required_argument, 0, O_REGION}, {"wake-fd", required_argument, 0, O_WAKE},
@@ -79,6 +79,7 @@ int main(int argc, char **argv)
         {"kv-owner", required_argument, 0, O_KVOWNER},
         {"device", required_argument, 0, O_DEVICE}, {"kv-fraction", required_argument, 0, O_KVFRAC},
         {"step-timeout-ms", required_argument, 0, O_STEPTO},
+        {"allow-tf32", no_argument, 0, O_TF32},
         {"help", no_argument, 0, 'h'},              {0, 0, 0, 0},
     };
     int c;
@@ -123,6 +124,7 @@ int main(int argc, char **argv)
             rc = num("--kv-owner", optarg, 0, 1 << 20, &v), cfg.kv_owner = (uint32_t)v;
             break;
         case O_DEVICE: cfg.device = optarg; break;
+        case O_TF32: setenv("GORGON_ALLOW_TF32", "1", 1); break; /* read by the CUDA matmul */
         case O_STEPTO:
             rc = num("--step-timeout-ms", optarg, -1, 86400000, &v), cfg.step_timeout_ms = v;
             break;

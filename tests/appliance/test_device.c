@@ -251,3 +251,32 @@ Test(appliance_device, cuda_serves_the_stories260k_golden, .fini = teardown, .ti
     gorgon_close(cli);
     GD_END(&gd);
 }
+
+/* allow_tf32 reaches the worker as --allow-tf32 (its CUDA matmul reads
+ * it; on the CPU it changes nothing), and only when set. */
+Test(appliance_device, allow_tf32_is_passed_to_the_worker, .fini = teardown, .timeout = 60)
+{
+    for (int on = 0; on < 2; on++) {
+        const char *model = tu_model_path("stories260K/stories260K.gguf");
+        int rc = on ? gd_start(&gd, "--model", model, "--allow-tf32", NULL)
+                    : gd_start(&gd, "--model", model, NULL);
+        cr_assert_eq(rc, 0, "gd_start: %d", rc);
+        gorgon_client *cli = gd_connect(&gd, 0);
+        gorgon_group g[1];
+        AT_WAIT_UNTIL(gorgon_groups(cli, g, 1) == 1 && g[0].pid[0] > 0, AT_WAIT_MS,
+                      "no worker");
+        char path[64], args[4096];
+        snprintf(path, sizeof path, "/proc/%d/cmdline", (int)g[0].pid[0]);
+        FILE *f = fopen(path, "rb");
+        cr_assert_not_null(f, "%s", path);
+        size_t n = fread(args, 1, sizeof args - 1, f);
+        fclose(f);
+        args[n] = '\0';
+        bool seen = false;
+        for (size_t i = 0; i < n; i += strlen(args + i) + 1)
+            seen |= strcmp(args + i, "--allow-tf32") == 0;
+        cr_assert_eq(seen, on == 1, "worker argv %s --allow-tf32", seen ? "has" : "lacks");
+        gorgon_close(cli);
+        gd_stop(&gd);
+    }
+}
