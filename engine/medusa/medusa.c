@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "common/common.h"
+#include "engine/comm/comm.h"
 #include "engine/model/eng_err.h"
 
 /* Flattened candidates per sequence, as Medusa's `candidates` before
@@ -28,6 +29,15 @@ struct eng_medusa {
     float temp, eps, alpha;
     int64_t V, H;
     int nn, nh, md; /* tree nodes, heads used, max depth */
+    /* Tensor parallelism (cfg.comm): the heads project onto this rank's
+     * vocabulary slice [vocab0, vocab0 + vn) of chunk-sized slices; else
+     * vn = V, vocab0 = 0, cm NULL. */
+    comm *cm;
+    int tp, rank;
+    int64_t vn, vocab0, chunk;
+    int kl;                 /* candidates per head row from this rank: min(kmax, vn) */
+    float *topv_h, *topv_d; /* [nh][max_seqs][kl] their logits (tp > 1) */
+    eng_cand *tk_all;       /* [tp][nh * max_seqs * kmax] the ranks' lists (tp > 1) */
 
     /* Head weights as the step uses them (see prepare_heads): every used
      * head's ResBlock stacked into one [nh*H][H] matrix (one weight read
@@ -60,7 +70,7 @@ struct eng_medusa {
     float *h_in;             /* [max_seqs][H] pending hidden of the batch */
     float *h_z;              /* [max_seqs][nh*H] W_cat h */
     float *h_mid;            /* [nh][max_seqs][H] h + SiLU(W_i h + b_i), head-major */
-    float *h_logits;         /* [nh][max_seqs][V] heads' logits */
+    float *h_logits;         /* [nh][max_seqs][vn] heads' logits (this rank's slice) */
     int kmax;                /* candidates the topk op keeps per head row */
     int32_t *top_h, *top_d;  /* [nh][max_seqs][kmax] their ids, best first */
     int32_t *cand;           /* [max_seqs][CAND_STRIDE] */
@@ -103,7 +113,8 @@ void eng_medusa_destroy(eng_medusa *md)
     void *dev[] = {md->pend_logits, md->pend_hidden, md->seq_d,    md->h_in,
                    md->h_z,         md->h_mid,       md->h_logits, md->top_d,
                    md->out_logits,  md->out_hidden,  md->am_d,     md->stats_d,
-                   md->val_d,       md->idx_d,       md->b_cat,    md->w_cat_data};
+                   md->val_d,       md->idx_d,       md->b_cat,    md->w_cat_data,
+                   md->topv_d};
     for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
         kn_buf_free(md->kn, dev[i]);
     free(md->active);
@@ -130,6 +141,8 @@ void eng_medusa_destroy(eng_medusa *md)
     free(md->val_h);
     free(md->idx_h);
     free(md->row_h);
+    free(md->topv_h);
+    free(md->tk_all);
     free(md);
 }
 
@@ -227,8 +240,8 @@ static int make_tensor(kn_ctx *kn, kn_tensor *out, void **owned, enum kn_dtype t
  * never does, the verification being exact). */
 static int prepare_heads(eng_medusa *md)
 {
-    const kn_tensor *out = eng_model_output(md->m);
-    const int64_t H = md->H, V = md->V;
+    const kn_tensor *out = eng_model_output(md->m); /* under TP: this rank's slice */
+    const int64_t H = md->H, vn = md->vn;
     const bool q = is_quant(out->type) && H % KN_QK == 0;
     const enum kn_dtype wt = q ? out->type : KN_F32;
     float *ra = malloc((size_t)H * sizeof(float)), *rb = malloc((size_t)H * sizeof(float));
@@ -236,14 +249,19 @@ static int prepare_heads(eng_medusa *md)
     const size_t bias_bytes = (size_t)md->nh * (size_t)H * sizeof(float);
     int rc = ra && rb && stage ? kn_buf_alloc(md->kn, bias_bytes, (void **)&md->b_cat) : -ENOMEM;
     const kn_tensor *src[ENG_MEDUSA_MAX_DEPTH];
+    kn_tensor proj[ENG_MEDUSA_MAX_DEPTH]; /* each head's projection rows of this rank */
     bool shared = true;
     for (int i = 0; i < md->nh && rc == 0; i++) {
         const eng_medusa_head *hd = eng_medusa_heads_get(md->heads, i);
         src[i] = &hd->w;
+        proj[i] = hd->lm_head;
+        proj[i].data = (const char *)hd->lm_head.data +
+                       (size_t)md->vocab0 * kn_row_bytes(hd->lm_head.type, H);
+        proj[i].rows = vn;
         rc = kn_buf_upload(md->kn, md->b_cat + (size_t)i * (size_t)H, hd->bias,
                            (size_t)H * sizeof(float));
         if (rc == 0 && shared) {
-            int same = same_values(md->kn, &hd->lm_head, out, ra, rb, stage);
+            int same = same_values(md->kn, &proj[i], out, ra, rb, stage);
             if (same < 0)
                 rc = same;
             shared = same == 1;
@@ -254,18 +272,15 @@ static int prepare_heads(eng_medusa *md)
     md->proj = shared ? ENG_MEDUSA_PROJ_SHARED
                       : q ? ENG_MEDUSA_PROJ_QUANTIZED : ENG_MEDUSA_PROJ_HEADS;
     for (int i = 0; i < md->nh && rc == 0; i++) {
-        const eng_medusa_head *hd = eng_medusa_heads_get(md->heads, i);
         if (shared) {
             md->lm[i] = *out;
-        } else if (q) {
-            const kn_tensor *one = &hd->lm_head;
-            rc = make_tensor(md->kn, &md->lm[i], &md->lm_data[i], wt, V, H, &one, V, ra);
-        } else if (!kn_ctx_host_memory(md->kn)) {
-            /* the heads' own projection lives on the host: a device copy */
-            const kn_tensor *one = &hd->lm_head;
-            rc = make_tensor(md->kn, &md->lm[i], &md->lm_data[i], wt, V, H, &one, V, ra);
+        } else if (q || !kn_ctx_host_memory(md->kn)) {
+            /* quantised like the base output, or (a device) a copy of the
+             * heads' own, which live on the host */
+            const kn_tensor *one = &proj[i];
+            rc = make_tensor(md->kn, &md->lm[i], &md->lm_data[i], wt, vn, H, &one, vn, ra);
         } else {
-            md->lm[i] = hd->lm_head;
+            md->lm[i] = proj[i];
         }
     }
     free(ra);
@@ -324,6 +339,17 @@ int eng_medusa_create(eng_medusa **out, const eng_medusa_cfg *cfg)
     md->nn = t->n_nodes;
     md->nh = t->n_heads;
     md->md = t->max_depth;
+    int rank = 0, tp = eng_model_tp(cfg->model, &rank);
+    if (tp > 1 && (!cfg->comm || comm_size(cfg->comm) != tp || comm_rank(cfg->comm) != rank)) {
+        free(md);
+        return eng_fail(-EINVAL, "medusa: the model is rank %d of %d tensor-parallel ranks; "
+                                 "the decoder needs that rank of a communicator of %d",
+                        rank, tp, tp);
+    }
+    md->cm = tp > 1 ? cfg->comm : NULL;
+    md->tp = tp;
+    md->rank = rank;
+    md->vn = eng_model_vocab_slice(cfg->model, &md->vocab0, &md->chunk);
 
     const size_t S = (size_t)cfg->max_seqs, V = (size_t)md->V, H = (size_t)md->H;
     const size_t NN = (size_t)md->nn, NH = (size_t)md->nh, fs = sizeof(float);
@@ -332,7 +358,12 @@ int eng_medusa_create(eng_medusa **out, const eng_medusa_cfg *cfg)
         md->kmax = t->topk[h] > md->kmax ? t->topk[h] : md->kmax;
     if (md->kmax > md->V)
         md->kmax = (int)md->V;
-    const size_t K = (size_t)md->kmax;
+    md->kl = md->kmax < md->vn ? md->kmax : (int)md->vn;
+    const size_t K = (size_t)md->kmax, VN = (size_t)md->vn;
+    if (md->cm) {
+        md->topv_h = alloc_n(NH * S * (size_t)md->kl, fs);
+        md->tk_all = alloc_n((size_t)tp * NH * S * K, sizeof(eng_cand));
+    }
     md->active = alloc_n(S, sizeof(bool));
     md->rng = alloc_n(S, sizeof(eng_rng_state));
     md->pend_root = alloc_n(S, sizeof(int32_t));
@@ -362,7 +393,7 @@ int eng_medusa_create(eng_medusa **out, const eng_medusa_cfg *cfg)
         {(void **)&md->h_in, S * H * fs},
         {(void **)&md->h_z, S * NH * H * fs},
         {(void **)&md->h_mid, S * NH * H * fs},
-        {(void **)&md->h_logits, S * NH * V * fs},
+        {(void **)&md->h_logits, S * NH * VN * fs},
         {(void **)&md->top_d, NH * S * K * sizeof(int32_t)},
         {(void **)&md->out_logits, S * NN * V * fs},
         {(void **)&md->out_hidden, S * NN * H * fs},
@@ -373,7 +404,9 @@ int eng_medusa_create(eng_medusa **out, const eng_medusa_cfg *cfg)
     };
     for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]) && rc == 0; i++)
         rc = kn_buf_alloc(md->kn, dev[i].bytes, dev[i].p);
-    if (rc < 0 || !md->active || !md->rng || !md->pend_root || !md->stamp || !md->rng_save ||
+    if (rc == 0 && md->cm)
+        rc = kn_buf_alloc(md->kn, NH * S * (size_t)md->kl * fs, (void **)&md->topv_d);
+    if (rc < 0 || (md->cm && (!md->topv_h || !md->tk_all)) || !md->active || !md->rng || !md->pend_root || !md->stamp || !md->rng_save ||
         !md->seq_h || !md->top_h || !md->cand || !md->tok || !md->pos ||
         !md->len0 || !md->want || !md->in || !md->node_am || !md->stats_h || !md->val_h ||
         !md->idx_h || !md->row_h) {
@@ -496,10 +529,55 @@ static int32_t sample_typical(const eng_medusa *md, const float *logits, const f
 
 /* Every head on the batch's pending hidden states (seq_d, uploaded) →
  * top-k candidates; only the candidates' ids come back. */
+/* Is a before b in the topk op's order (larger first, lower id on ties)? */
+static bool cand_before(const eng_cand *a, const eng_cand *b)
+{
+    return a->p > b->p || (a->p == b->p && a->id < b->id);
+}
+
+/* Tensor parallelism: top_h/topv_h hold this rank's best kl of each of the
+ * rows head rows ([rows][kl], ids within its slice). Gather every rank's
+ * list and leave in top_h ([rows][kmax]) the whole vocabulary's best kmax
+ * of each row: each list is in the topk op's order, so merging them gives
+ * exactly the order the op gives over the whole row. */
+static int merge_ranks(eng_medusa *md, int64_t rows)
+{
+    const int K = md->kmax, KL = md->kl;
+    const size_t block = (size_t)rows * (size_t)K;
+    eng_cand *mine = md->tk_all + (size_t)md->rank * block;
+    for (int64_t r = 0; r < rows; r++)
+        for (int j = 0; j < KL; j++)
+            mine[r * K + j] = (eng_cand){.p = md->topv_h[r * KL + j],
+                                         .id = md->top_h[r * KL + j] + (int32_t)md->vocab0};
+    int rc = comm_all_gather(md->cm, mine, md->tk_all, block * sizeof(eng_cand));
+    if (rc < 0)
+        return eng_fail(rc, "medusa: gathering the heads' candidates failed: %s",
+                        comm_last_error(md->cm));
+    int64_t len[COMM_SHM_MAX_RANKS];
+    for (int q = 0; q < md->tp; q++) {
+        const int64_t vq = md->V - q * md->chunk < md->chunk ? md->V - q * md->chunk : md->chunk;
+        len[q] = K < vq ? K : vq;
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t at[COMM_SHM_MAX_RANKS] = {0};
+        for (int j = 0; j < K; j++) {
+            int best = -1;
+            for (int q = 0; q < md->tp; q++)
+                if (at[q] < len[q] &&
+                    (best < 0 || cand_before(md->tk_all + (size_t)q * block + r * K + at[q],
+                                             md->tk_all + (size_t)best * block + r * K + at[best])))
+                    best = q;
+            CM_ASSERT(best >= 0); /* kmax <= n_vocab: the slices hold enough */
+            md->top_h[r * K + j] = md->tk_all[(size_t)best * block + r * K + at[best]++].id;
+        }
+    }
+    return 0;
+}
+
 static int run_heads(eng_medusa *md, int n)
 {
-    const int64_t H = md->H, V = md->V, stride = CAND_STRIDE(md->nh), NH = md->nh;
-    const int K = md->kmax;
+    const int64_t H = md->H, vn = md->vn, stride = CAND_STRIDE(md->nh), NH = md->nh;
+    const int K = md->kmax, KL = md->kl;
     kn_ctx *kn = md->kn;
     const kn_tensor pend = {.data = md->pend_hidden, .type = KN_F32, .rows = md->max_seqs,
                             .cols = H};
@@ -507,6 +585,7 @@ static int run_heads(eng_medusa *md, int n)
     /* z[b] = W_cat h[b]: all heads' ResBlocks in one product */
     OP("matmul (W_cat)", md->ops->matmul(kn, &md->w_cat, md->h_in, n, md->h_z));
     OP("silu_res", md->ops->silu_res(kn, md->h_in, md->h_z, md->b_cat, n, NH, H, md->h_mid));
+    /* logits over this rank's vocabulary slice (all of it without TP) */
     if (md->proj == ENG_MEDUSA_PROJ_SHARED) {
         OP("matmul (shared projection)",
            md->ops->matmul(kn, &md->lm[0], md->h_mid, NH * n, md->h_logits));
@@ -514,11 +593,17 @@ static int run_heads(eng_medusa *md, int n)
         for (int h = 0; h < md->nh; h++)
             OP("matmul (head projection)",
                md->ops->matmul(kn, &md->lm[h], md->h_mid + (size_t)h * (size_t)n * (size_t)H, n,
-                               md->h_logits + (size_t)h * (size_t)n * (size_t)V));
+                               md->h_logits + (size_t)h * (size_t)n * (size_t)vn));
     }
-    OP("topk", md->ops->topk(kn, md->h_logits, NH * n, V, K, NULL, md->top_d));
+    OP("topk", md->ops->topk(kn, md->h_logits, NH * n, vn, KL, md->cm ? md->topv_d : NULL,
+                             md->top_d));
     OP("download (candidates)", kn_buf_download(kn, md->top_h, md->top_d,
-                                                (size_t)(NH * n * K) * sizeof(int32_t)));
+                                                (size_t)(NH * n * KL) * sizeof(int32_t)));
+    if (md->cm) {
+        OP("download (candidate logits)",
+           kn_buf_download(kn, md->topv_h, md->topv_d, (size_t)(NH * n * KL) * sizeof(float)));
+        CM_TRY(merge_ranks(md, NH * n));
+    }
     /* the best k of a row are the first k of its best kmax */
     for (int h = 0; h < md->nh; h++) {
         const int k = md->t->topk[h] < K ? md->t->topk[h] : K;

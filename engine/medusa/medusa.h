@@ -87,6 +87,16 @@ typedef struct eng_medusa_cfg {
     /* Typical only: softmax temperature (> 0; 0 means 1.0) and the threshold
      * min(eps, alpha·exp(−H)); 0 picks the defaults above. */
     float temperature, eps, alpha;
+    /* A tensor-parallel model (eng_model_open_tp): its group's
+     * communicator, the eng_ctx's. The heads' vocabulary projections are
+     * then split like the model's output matrix: each rank projects onto
+     * its vocabulary slice and takes its top-k there, and the ranks merge
+     * their (logit, id) lists into the whole row's top-k (larger first,
+     * ties to the lower id: the topk op's order), so every rank draws the
+     * same candidates as an unsplit model and holds 1/tp of the
+     * projections. Every rank calls the step functions in the same order
+     * (they run a collective). NULL for a model that is not sharded. */
+    struct comm *comm;
 } eng_medusa_cfg;
 
 typedef struct eng_medusa eng_medusa;

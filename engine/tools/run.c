@@ -190,7 +190,8 @@ static int run_medusa(kn_ctx *kn, comm *cm, const eng_model *m, const int32_t *i
                                                                : ENG_MEDUSA_GREEDY,
                                          .temperature = (float)mo->temp,
                                          .eps = (float)mo->eps,
-                                         .alpha = (float)mo->alpha})) < 0) {
+                                         .alpha = (float)mo->alpha,
+                                         .comm = eng_model_tp(m, NULL) > 1 ? cm : NULL})) < 0) {
         run_err("%s: %s", mo->dir, eng_error()[0] ? eng_error() : cm_strerror(rc));
         goto out;
     }

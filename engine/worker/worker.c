@@ -1020,7 +1020,8 @@ static int med_open(wk *w)
     rc = eng_medusa_create(&w->md, &(eng_medusa_cfg){.model = w->m, .kn = w->kn,
                                                      .heads = w->mh, .tree = w->tree,
                                                      .max_seqs = w->cfg.max_seqs,
-                                                     .accept = ENG_MEDUSA_GREEDY});
+                                                     .accept = ENG_MEDUSA_GREEDY,
+                                                     .comm = w->cm});
     if (rc < 0) {
         CM_LOG_ERROR(TAG, "medusa decoder: %s", eng_error());
         return rc;
