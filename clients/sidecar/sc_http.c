@@ -1,24 +1,30 @@
 /* The HTTP side: libmicrohttpd's access handler, the OpenAI request checks
  * and the response bodies (jansson), Server-Sent Events from a content
- * reader that suspends its connection until the engine thread resumes it.
+ * reader that suspends its connection until the text it waits for is there.
+ * Every callback runs on the serving thread that runs the daemon
+ * (sc_engine.c), the one that also reaps the request's completions.
  *
  * A connection's life: the first call of the access handler checks the
  * route, the API key and Content-Length (413 before any body byte is read);
  * body calls append to a bounded buffer; the last call parses and, for a
- * generation, queues an sc_req on the engine and suspends. It is resumed on
- * the request's first text (streaming) or its end (not streaming), and the
- * handler runs again to queue the response. A streaming response's reader
- * formats events from the text the engine appended, suspending again when
- * there is none. MHD's completion callback cancels a generation whose client
- * went away.
+ * generation, submits an sc_req (sc_engine_submit) and suspends. It is
+ * resumed on the request's first text (streaming) or its end (not
+ * streaming), and the handler runs again to queue the response. A streaming
+ * response's reader formats events from the text the engine appended,
+ * suspending again when there is none. MHD's completion callback cancels a
+ * generation whose client went away.
  */
 #include <errno.h>
 #include <inttypes.h>
 #include <jansson.h>
+#include <limits.h>
 #include <microhttpd.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 
 #include "clients/sidecar/sc_http.h"
@@ -712,31 +718,63 @@ static unsigned status_of(int32_t err, const char **code, int *retry)
     }
 }
 
-static json_t *chunk_obj(const sc_req *r)
+/* The start of a streamed event: "data: " and the keys every chunk opens
+ * with. Events are written directly, with the bytes json_dumps(JSON_COMPACT)
+ * gives for the objects OpenAI defines (keys in this order): no JSON
+ * objects to build and dump for every token. */
+static void chunk_head(sc_buf *b, const sc_req *r)
 {
     bool chat = r->ep == SC_EP_CHAT;
-    return json_pack("{s:s,s:s,s:I,s:s}", "id", r->id, "object",
-                     chat ? "chat.completion.chunk" : "text_completion", "created",
-                     (json_int_t)r->created, "model", r->model);
+    char num[32];
+    sc_buf_adds(b, "data: {\"id\":");
+    sc_buf_add_json(b, r->id, strlen(r->id));
+    sc_buf_adds(b, chat ? ",\"object\":\"chat.completion.chunk\",\"created\":"
+                        : ",\"object\":\"text_completion\",\"created\":");
+    sc_buf_add(b, num, (size_t)snprintf(num, sizeof(num), "%" PRId64, r->created));
+    sc_buf_adds(b, ",\"model\":");
+    sc_buf_add_json(b, r->model, strlen(r->model));
 }
 
-static json_t *choice_obj(const sc_req *r, const char *text, size_t len, bool role,
-                          const char *finish)
+/* A chunk with one choice: text (NULL: none; chat: no "content"), the
+ * assistant role (chat, first chunk) and finish_reason (NULL: null). With
+ * stream_options.include_usage every chunk but the last has "usage":null. */
+static void sse_chunk(sc_buf *b, const sc_req *r, const char *text, size_t len, bool role,
+                      const char *finish)
 {
-    json_t *c;
+    chunk_head(b, r);
     if (r->ep == SC_EP_CHAT) {
-        json_t *delta = json_object();
+        sc_buf_adds(b, ",\"choices\":[{\"index\":0,\"delta\":{");
         if (role)
-            json_object_set_new(delta, "role", json_string("assistant"));
-        if (text)
-            json_object_set_new(delta, "content", json_stringn(text, len));
-        c = json_pack("{s:i,s:o,s:n,s:s?}", "index", 0, "delta", delta, "logprobs",
-                      "finish_reason", finish);
+            sc_buf_adds(b, text ? "\"role\":\"assistant\"," : "\"role\":\"assistant\"");
+        if (text) {
+            sc_buf_adds(b, "\"content\":");
+            sc_buf_add_json(b, text, len);
+        }
+        sc_buf_adds(b, "},\"logprobs\":null,\"finish_reason\":");
     } else {
-        c = json_pack("{s:s%,s:i,s:n,s:s?}", "text", text ? text : "", text ? len : 0, "index", 0,
-                      "logprobs", "finish_reason", finish);
+        sc_buf_adds(b, ",\"choices\":[{\"text\":");
+        sc_buf_add_json(b, text ? text : "", text ? len : 0);
+        sc_buf_adds(b, ",\"index\":0,\"logprobs\":null,\"finish_reason\":");
     }
-    return c;
+    if (finish)
+        sc_buf_add_json(b, finish, strlen(finish));
+    else
+        sc_buf_adds(b, "null");
+    sc_buf_adds(b, r->include_usage ? "}],\"usage\":null}\n\n" : "}]}\n\n");
+}
+
+/* The last chunk of a stream with stream_options.include_usage. */
+static void sse_usage(sc_buf *b, const sc_req *r)
+{
+    char num[96];
+    chunk_head(b, r);
+    sc_buf_add(b, num, (size_t)snprintf(num, sizeof(num),
+                                        ",\"choices\":[],\"usage\":{\"prompt_tokens\":%" PRIu32
+                                        ",\"completion_tokens\":%" PRIu32
+                                        ",\"total_tokens\":%" PRIu64 "}}\n\n",
+                                        r->usage.prompt_tokens, r->usage.completion_tokens,
+                                        (uint64_t)r->usage.prompt_tokens +
+                                            r->usage.completion_tokens));
 }
 
 static void sse_event(sc_buf *b, json_t *j)
@@ -758,6 +796,7 @@ static void sse_event(sc_buf *b, json_t *j)
  * was held for the check), -1 on out of memory. */
 static int sse_refill(sc_req *r, struct MHD_Connection *conn)
 {
+    sc_buf b = {0};
     pthread_mutex_lock(&r->mu);
     bool done = r->state == SC_REQ_DONE;
     size_t n = sc_utf8_complete(r->text, r->text_len, done);
@@ -767,27 +806,14 @@ static int sse_refill(sc_req *r, struct MHD_Connection *conn)
         pthread_mutex_unlock(&r->mu);
         return 1;
     }
-    size_t clean_len = 0;
-    char *clean = n ? sc_utf8_clean(r->text, n, &clean_len) : NULL;
+    if (n || (!r->first_sent && r->ep == SC_EP_CHAT)) {
+        /* invalid UTF-8 in the text becomes U+FFFD (sc_buf_add_json) */
+        sse_chunk(&b, r, n ? r->text : "", n, !r->first_sent, NULL);
+        r->first_sent = true;
+    }
     memmove(r->text, r->text + n, r->text_len - n);
     r->text_len -= n;
     pthread_mutex_unlock(&r->mu);
-    if (n && !clean)
-        return -1;
-
-    sc_buf b = {0};
-    bool usage_null = r->include_usage;
-    if (clean || (!r->first_sent && r->ep == SC_EP_CHAT)) {
-        json_t *j = chunk_obj(r);
-        json_object_set_new(j, "choices",
-                            json_pack("[o]", choice_obj(r, clean ? clean : "", clean_len,
-                                                        !r->first_sent, NULL)));
-        if (usage_null)
-            json_object_set_new(j, "usage", json_null());
-        sse_event(&b, j);
-        r->first_sent = true;
-    }
-    free(clean);
     if (done) {
         /* r->mu not needed: the engine writes nothing after DONE */
         if (r->error < 0) {
@@ -797,18 +823,9 @@ static int sse_refill(sc_req *r, struct MHD_Connection *conn)
             sse_event(&b, error_obj(st, r->errmsg[0] ? r->errmsg : "generation failed", NULL,
                                     code));
         } else {
-            json_t *j = chunk_obj(r);
-            json_object_set_new(j, "choices", json_pack("[o]", choice_obj(r, NULL, 0, false,
-                                                                          finish_name(r->finish))));
-            if (usage_null)
-                json_object_set_new(j, "usage", json_null());
-            sse_event(&b, j);
-            if (r->include_usage) {
-                j = chunk_obj(r);
-                json_object_set_new(j, "choices", json_array());
-                json_object_set_new(j, "usage", usage_obj(r));
-                sse_event(&b, j);
-            }
+            sse_chunk(&b, r, NULL, 0, false, finish_name(r->finish));
+            if (r->include_usage)
+                sse_usage(&b, r);
         }
         sc_buf_adds(&b, "data: [DONE]\n\n");
         r->sse_ended = true;
@@ -822,17 +839,44 @@ static int sse_refill(sc_req *r, struct MHD_Connection *conn)
 typedef struct stream_cls {
     sc_req *r;
     struct MHD_Connection *conn;
+    int corked_fd; /* the connection's socket while it is corked, else -1 */
+    bool gave;     /* a call returned bytes */
 } stream_cls;
+
+/* The head of a stream goes out in one segment with its first event:
+ * libmicrohttpd (0.9.75) sends the header of a callback response on its own
+ * and pushes it, so the client would wake for the header and again for the
+ * first token. reply_stream corks the TCP socket; the reader uncorks it on
+ * its next call (libmicrohttpd has written the bytes the previous call gave
+ * by then) or as soon as it has nothing to give, so nothing stays corked
+ * while the stream waits. libmicrohttpd never corks a plain socket itself
+ * on Linux (it buffers with MSG_MORE), so the two do not conflict; but on a
+ * connection's first response it pushes the header by turning TCP_NODELAY
+ * on, which flushes the cork: that header still goes out alone. */
+static void uncork(stream_cls *s)
+{
+    if (s->corked_fd < 0)
+        return;
+    int off = 0;
+    (void)setsockopt(s->corked_fd, IPPROTO_TCP, TCP_CORK, &off, sizeof(off));
+    s->corked_fd = -1;
+}
 
 static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max)
 {
     (void)pos;
     stream_cls *s = cls;
     sc_req *r = s->r;
+    if (s->gave)
+        uncork(s);
     while (r->sse_off >= r->sse_len) {
-        if (r->sse_ended)
+        if (r->sse_ended) {
+            uncork(s);
             return MHD_CONTENT_READER_END_OF_STREAM;
+        }
         int rc = sse_refill(r, s->conn);
+        if (rc != 0)
+            uncork(s);
         if (rc == 1)
             return 0;
         if (rc < 0)
@@ -843,6 +887,7 @@ static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max)
         n = max;
     memcpy(buf, r->sse + r->sse_off, n);
     r->sse_off += n;
+    s->gave = true;
     return (ssize_t)n;
 }
 
@@ -858,7 +903,7 @@ static enum MHD_Result reply_stream(struct MHD_Connection *conn, conn_ctx *cx, s
     stream_cls *s = malloc(sizeof(*s));
     if (!s)
         return MHD_NO;
-    *s = (stream_cls){.r = r, .conn = conn};
+    *s = (stream_cls){.r = r, .conn = conn, .corked_fd = -1};
     sc_req_ref(r);
     struct MHD_Response *rsp =
         MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384, stream_read, s, stream_free);
@@ -872,6 +917,15 @@ static enum MHD_Result reply_stream(struct MHD_Connection *conn, conn_ctx *cx, s
     MHD_destroy_response(rsp);
     cx->replied = true;
     cx->status = 200;
+    /* Queued: libmicrohttpd writes the header once this handler returns,
+     * and calls the reader for the first event (see uncork). A Unix socket
+     * (--unix) refuses TCP_CORK: nothing to coalesce there. */
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    int on = 1;
+    if (rc == MHD_YES && ci &&
+        setsockopt(ci->connect_fd, IPPROTO_TCP, TCP_CORK, &on, sizeof(on)) == 0)
+        s->corked_fd = ci->connect_fd;
     return rc;
 }
 
@@ -897,12 +951,19 @@ static enum MHD_Result reply_whole(struct MHD_Connection *conn, conn_ctx *cx, sc
     return reply_json(conn, cx, 200, j, 0);
 }
 
-void sc_http_wake_locked(sc_req *r)
+struct MHD_Connection *sc_http_wake_locked(sc_req *r)
 {
     if (r->suspended && r->conn && (r->stream || r->state == SC_REQ_DONE)) {
         r->suspended = false;
-        MHD_resume_connection(r->conn);
+        return r->conn;
     }
+    return NULL;
+}
+
+void sc_http_resume(struct MHD_Connection *c)
+{
+    if (c)
+        MHD_resume_connection(c);
 }
 
 /* The generation request is back from a suspension (or just queued). */
@@ -1319,25 +1380,76 @@ static void log_cb(void *cls, const char *fmt, va_list ap)
     vfprintf(stderr, fmt, ap);
 }
 
-struct MHD_Daemon *sc_http_start(const sc_http_cfg *cfg, char *why, size_t cap)
+int sc_http_start(const sc_http_cfg *cfg, struct MHD_Daemon **d, char *why, size_t cap)
 {
     H = *cfg;
     started_at = (int64_t)time(NULL);
-    unsigned flags = MHD_USE_EPOLL_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG;
-    struct MHD_OptionItem opts[8];
-    int n = 0;
-    if (cfg->listen_fd >= 0)
-        opts[n++] = (struct MHD_OptionItem){MHD_OPTION_LISTEN_SOCKET, cfg->listen_fd, NULL};
-    else
-        opts[n++] = (struct MHD_OptionItem){MHD_OPTION_SOCK_ADDR, 0, (void *)cfg->addr};
-    if (cfg->threads > 1)
-        opts[n++] = (struct MHD_OptionItem){MHD_OPTION_THREAD_POOL_SIZE, cfg->threads, NULL};
-    opts[n++] = (struct MHD_OptionItem){MHD_OPTION_CONNECTION_TIMEOUT, 300, NULL};
-    opts[n++] = (struct MHD_OptionItem){MHD_OPTION_END, 0, NULL};
-    struct MHD_Daemon *d = MHD_start_daemon(
-        flags, cfg->port, NULL, NULL, access_cb, NULL, MHD_OPTION_EXTERNAL_LOGGER, log_cb, NULL,
-        MHD_OPTION_NOTIFY_COMPLETED, completed_cb, NULL, MHD_OPTION_ARRAY, opts, MHD_OPTION_END);
-    if (!d)
-        snprintf(why, cap, "libmicrohttpd could not start (address in use, or bad address?)");
-    return d;
+    /* External epoll mode: the serving threads run the daemons, so a
+     * callback submits to gorgond and a resumed connection is written
+     * without a thread hop (and no inter-thread channel is needed: a
+     * connection is only ever resumed by the thread that runs it). */
+    unsigned flags = MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG;
+    int lfd = cfg->listen_fd;
+    for (unsigned i = 0; i < cfg->threads; i++) {
+        struct MHD_OptionItem opts[4];
+        int n = 0;
+        if (lfd >= 0)
+            opts[n++] = (struct MHD_OptionItem){MHD_OPTION_LISTEN_SOCKET, lfd, NULL};
+        else
+            opts[n++] = (struct MHD_OptionItem){MHD_OPTION_SOCK_ADDR, 0, (void *)cfg->addr};
+        opts[n++] = (struct MHD_OptionItem){MHD_OPTION_CONNECTION_TIMEOUT, 300, NULL};
+        opts[n++] = (struct MHD_OptionItem){MHD_OPTION_END, 0, NULL};
+        d[i] = MHD_start_daemon(flags, cfg->port, NULL, NULL, access_cb, NULL,
+                                MHD_OPTION_EXTERNAL_LOGGER, log_cb, NULL,
+                                MHD_OPTION_NOTIFY_COMPLETED, completed_cb, NULL,
+                                MHD_OPTION_ARRAY, opts, MHD_OPTION_END);
+        const union MHD_DaemonInfo *li =
+            d[i] && lfd < 0 ? MHD_get_daemon_info(d[i], MHD_DAEMON_INFO_LISTEN_FD) : NULL;
+        if (li)
+            lfd = li->listen_fd; /* the others accept on d[0]'s socket */
+        if (!d[i] || lfd < 0) {
+            snprintf(why, cap, "libmicrohttpd could not start (address in use, or bad address?)");
+            sc_http_stop(d, i + (d[i] != NULL));
+            return -1;
+        }
+    }
+    return 0;
+}
+
+void sc_http_stop(struct MHD_Daemon **d, unsigned n)
+{
+    /* all but d[0] let go of the shared listening socket first */
+    for (unsigned i = 1; i < n; i++)
+        if (d[i])
+            (void)MHD_quiesce_daemon(d[i]);
+    for (unsigned i = 0; i < n; i++) {
+        if (d[i])
+            MHD_stop_daemon(d[i]);
+        d[i] = NULL;
+    }
+}
+
+unsigned short sc_http_port(struct MHD_Daemon *d)
+{
+    const union MHD_DaemonInfo *di = MHD_get_daemon_info(d, MHD_DAEMON_INFO_BIND_PORT);
+    return di ? di->port : 0;
+}
+
+int sc_http_fd(struct MHD_Daemon *d)
+{
+    const union MHD_DaemonInfo *di = MHD_get_daemon_info(d, MHD_DAEMON_INFO_EPOLL_FD);
+    return di ? di->epoll_fd : -1;
+}
+
+void sc_http_run(struct MHD_Daemon *d)
+{
+    (void)MHD_run(d);
+}
+
+int sc_http_timeout_ms(struct MHD_Daemon *d)
+{
+    MHD_UNSIGNED_LONG_LONG ms;
+    if (MHD_get_timeout(d, &ms) != MHD_YES)
+        return -1;
+    return ms > INT_MAX ? INT_MAX : (int)ms;
 }

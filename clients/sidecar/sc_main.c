@@ -3,7 +3,6 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <getopt.h>
-#include <microhttpd.h>
 #include <netdb.h>
 #include <signal.h>
 #include <stdio.h>
@@ -32,7 +31,9 @@ static void usage(FILE *f)
             "  --unix PATH         serve on a Unix stream socket instead (curl --unix-socket)\n"
             "  --socket PATH       gorgond's socket (default $GORGON_SOCKET, else\n"
             "                      /run/gorgon/gorgon.sock)\n"
-            "  --threads N         HTTP (libmicrohttpd epoll) threads, 1..256 (default 2)\n"
+            "  --threads N         serving threads, 1..256 (default 2): each runs an HTTP\n"
+            "                      server (libmicrohttpd) on the listening socket and its\n"
+            "                      own gorgond session for the generations it accepts\n"
             "  --api-key KEY       require 'Authorization: Bearer KEY' (401 otherwise) on every\n"
             "                      endpoint but /health and /metrics; also $GORGON_SIDECAR_API_KEY\n"
             "  --max-body BYTES    larger request bodies get 413 unread (default 1048576)\n"
@@ -196,48 +197,52 @@ int main(int argc, char **argv)
     else if (!m.ok)
         fprintf(stderr, "gorgon-sidecar: %s; requests get 503 until it serves one\n", why);
 
-    sc_engine_cfg ec = {.socket = sock, .max_queue = max_queue};
-    int rc = sc_engine_start(&ec);
-    if (rc < 0) {
-        fprintf(stderr, "gorgon-sidecar: cannot start the engine thread: %s\n", strerror(-rc));
-        return 1;
-    }
     if (unix_path) {
         hc.listen_fd = unix_listen(unix_path);
-        if (hc.listen_fd < 0) {
-            sc_engine_stop();
+        if (hc.listen_fd < 0)
             return 1;
-        }
     }
-    struct MHD_Daemon *d = sc_http_start(&hc, why, sizeof(why));
+    struct MHD_Daemon **d = calloc((size_t)threads, sizeof(*d));
     if (!d) {
+        fprintf(stderr, "gorgon-sidecar: out of memory\n");
+        return 1;
+    }
+    if (sc_http_start(&hc, d, why, sizeof(why)) < 0) {
         fprintf(stderr, "gorgon-sidecar: %s: %s\n", unix_path ? unix_path : listen_spec, why);
-        sc_engine_stop();
+        return 1;
+    }
+    sc_engine_cfg ec = {.socket = sock, .max_queue = max_queue, .daemons = d,
+                        .n_daemons = (unsigned)threads};
+    int rc = sc_engine_start(&ec);
+    if (rc < 0) {
+        fprintf(stderr, "gorgon-sidecar: cannot start the serving threads: %s\n", strerror(-rc));
+        sc_http_stop(d, (unsigned)threads);
         return 1;
     }
     if (unix_path) {
         printf("gorgon-sidecar: listening on unix:%s\n", unix_path);
     } else {
-        const union MHD_DaemonInfo *di = MHD_get_daemon_info(d, MHD_DAEMON_INFO_BIND_PORT);
         char host[INET6_ADDRSTRLEN] = "?";
         if (ss.ss_family == AF_INET)
             inet_ntop(AF_INET, &((struct sockaddr_in *)&ss)->sin_addr, host, sizeof(host));
         else
             inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&ss)->sin6_addr, host, sizeof(host));
+        unsigned short port = sc_http_port(d[0]);
         printf(ss.ss_family == AF_INET6 ? "gorgon-sidecar: listening on http://[%s]:%u\n"
                                         : "gorgon-sidecar: listening on http://%s:%u\n",
-               host, di ? di->port : hc.port);
+               host, port ? port : hc.port);
     }
     fflush(stdout);
-    CM_LOG_INFO("sidecar", "engine waits with %s", sc_engine_wait_kind());
+    CM_LOG_INFO("sidecar", "serving threads wait with %s", sc_engine_wait_kind());
 
     int sig = 0;
     sigwait(&set, &sig);
     fprintf(stderr, "gorgon-sidecar: %s: shutting down\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
-    /* the engine fails and resumes what it holds, so that no connection
-     * stays suspended while the daemon stops */
+    /* the serving threads fail and resume what they hold, so that no
+     * connection stays suspended while the daemons stop */
     sc_engine_stop();
-    MHD_stop_daemon(d);
+    sc_http_stop(d, (unsigned)threads);
+    free(d);
     if (unix_path)
         unlink(unix_path);
     sc_ctl_fini();

@@ -1,8 +1,8 @@
 /* /metrics: the sidecar's own series (requests by endpoint and status,
  * tokens, latency histograms as vLLM names them) and gorgond's counters,
- * in the Prometheus text exposition format 0.0.4. Writers are the HTTP
- * threads and the engine thread; every cell is a relaxed atomic (a scrape
- * may see a histogram mid-update, which Prometheus tolerates). */
+ * in the Prometheus text exposition format 0.0.4. Writers are the serving
+ * threads; every cell is a relaxed atomic (a scrape may see a histogram
+ * mid-update, which Prometheus tolerates). */
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>

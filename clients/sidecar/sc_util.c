@@ -141,3 +141,50 @@ char *sc_utf8_clean(const char *buf, size_t len, size_t *out_len)
     sc_buf_add(&b, buf + run, len - run);
     return sc_buf_take(&b, out_len);
 }
+
+void sc_buf_add_json(sc_buf *b, const char *s, size_t len)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    const unsigned char *u = (const unsigned char *)s;
+    size_t i = 0, run = 0; /* s[run..i) is waiting to be copied verbatim */
+    sc_buf_add(b, "\"", 1);
+    while (i < len) {
+        unsigned c = u[i];
+        if (c >= 0x20 && c != '"' && c != '\\' && c < 0x80) {
+            i++;
+            continue;
+        }
+        if (c >= 0x80) {
+            int n = seq_len(u + i, len - i);
+            if (n > 0) {
+                i += (size_t)n;
+                continue;
+            }
+            sc_buf_add(b, s + run, i - run);
+            sc_buf_adds(b, "\xef\xbf\xbd"); /* one per byte, as sc_utf8_clean */
+            run = ++i;
+            continue;
+        }
+        sc_buf_add(b, s + run, i - run);
+        char esc[6] = {'\\', 0};
+        size_t n = 2;
+        switch (c) {
+        case '"': esc[1] = '"'; break;
+        case '\\': esc[1] = '\\'; break;
+        case '\b': esc[1] = 'b'; break;
+        case '\f': esc[1] = 'f'; break;
+        case '\n': esc[1] = 'n'; break;
+        case '\r': esc[1] = 'r'; break;
+        case '\t': esc[1] = 't'; break;
+        default:
+            memcpy(esc + 1, "u00", 3);
+            esc[4] = hex[c >> 4];
+            esc[5] = hex[c & 15];
+            n = 6;
+        }
+        sc_buf_add(b, esc, n);
+        run = ++i;
+    }
+    sc_buf_add(b, s + run, len - run);
+    sc_buf_add(b, "\"", 1);
+}

@@ -1,20 +1,24 @@
 /* gorgon-sidecar — an OpenAI-compatible HTTP server beside the application,
  * reaching gorgond only through libgorgon's shared-memory rings.
  *
- * Request path: libmicrohttpd's epoll threads (sc_http.c) parse and check a
- * request, then hand it to the engine thread (sc_engine.c) through a locked
- * queue and an eventfd, and suspend the connection. The engine thread owns
- * the one generating gorgon_client: it submits, reaps completions, appends
- * text to the request and resumes its connection; the HTTP thread formats
- * the Server-Sent Events itself. An HTTP thread therefore never waits on a
- * ring: a full ring (no free slot) keeps the request queued in the engine.
+ * Request path: --threads serving threads (sc_engine.c) each run one
+ * libmicrohttpd daemon (sc_http.c, external epoll mode, all on one
+ * listening socket) and own one generating gorgon_client. The daemon's
+ * callback parses and checks a request, submits it to gorgond on its
+ * thread's client, and suspends the connection; the same thread reaps the
+ * completions, appends text to the request, resumes the connection and runs
+ * the daemon, whose content reader formats the Server-Sent Events. Nothing
+ * crosses a thread between the request and its first token. A full ring (no
+ * free slot) keeps the request waiting on its thread, never in a callback.
  * Short round trips that are not generations (/tokenize, /metrics' counters,
  * /health, the model info) use a second client shared under a mutex
  * (sc_ctl_*), bounded by libgorgon's 1 s timeouts.
  *
  * Lifetimes: an sc_req is reference-counted: the HTTP connection, the engine
  * (from submission to its final chunk) and a streaming response each hold
- * one. Its output fields are under its mutex.
+ * one. It lives on the serving thread of its connection; its output fields
+ * are under its mutex all the same (MHD_stop_daemon's completion callbacks
+ * run on the main thread, after the serving threads ended).
  */
 #ifndef GORGON_SIDECAR_H
 #define GORGON_SIDECAR_H
@@ -80,6 +84,11 @@ char *sc_buf_take(sc_buf *b, size_t *len);
 size_t sc_utf8_complete(const char *buf, size_t len, bool final);
 /* A copy of s[0..len) with invalid UTF-8 replaced by U+FFFD (malloc'd). */
 char *sc_utf8_clean(const char *s, size_t len, size_t *out_len);
+/* Append s[0..len) as a JSON string, quotes included, as jansson's
+ * json_dumps writes it (\\ \" \b \f \n \r \t, other control characters
+ * as \u00XX, everything else verbatim) after sc_utf8_clean's replacement of
+ * invalid UTF-8: the same bytes, without the copy and the JSON objects. */
+void sc_buf_add_json(sc_buf *b, const char *s, size_t len);
 
 /* ---- metrics (sc_metrics.c) ------------------------------------------- */
 
@@ -108,10 +117,10 @@ extern atomic_long sc_running, sc_queued;
 char *sc_metrics_render(const gorgon_counters *st, const gorgon_group *groups, int n_groups,
                         size_t *len);
 
-/* ---- generation requests and the engine thread (sc_engine.c) ------------ */
+/* ---- generation requests and the serving threads (sc_engine.c) ---------- */
 
 enum sc_req_state {
-    SC_REQ_NEW,     /* queued for the engine */
+    SC_REQ_NEW,     /* not submitted yet (waiting for a slot) */
     SC_REQ_RUNNING, /* submitted; text may be arriving */
     SC_REQ_DONE,    /* final chunk seen (finish/usage or error set) */
 };
@@ -121,7 +130,7 @@ struct MHD_Connection;
 typedef struct sc_req {
     atomic_int refs;
     pthread_mutex_t mu;
-    /* ---- input: set by the HTTP thread before sc_engine_submit, then read-only */
+    /* ---- input: set by the access handler before sc_engine_submit, then read-only */
     enum sc_endpoint ep;
     bool stream, include_usage;
     bool want_max;            /* max_tokens not given: fill the context */
@@ -136,11 +145,11 @@ typedef struct sc_req {
     const char *stop_ptrs[GORGON_GEN_MAX_STOP];
     gorgon_gen_params gp;
     uint64_t t_start;         /* request received (ns) */
-    /* ---- engine-only */
+    /* ---- its serving thread only */
     uint32_t gid;
     bool cancel_sent;
     uint64_t t_last;
-    struct sc_req *next;      /* engine lists */
+    struct sc_req *next;      /* its serving thread's waiting/active list */
     /* ---- under mu */
     enum sc_req_state state;
     struct MHD_Connection *conn; /* NULL once the connection is gone */
@@ -163,25 +172,43 @@ sc_req *sc_req_create(void);
 void sc_req_ref(sc_req *r);
 void sc_req_unref(sc_req *r);
 
+struct MHD_Daemon;
+
 typedef struct sc_engine_cfg {
     const char *socket;   /* gorgond's socket (NULL: libgorgon's default) */
-    uint32_t n_ctx;       /* for requests without max_tokens */
-    long max_queue;       /* requests held waiting for a slot before 503 */
+    long max_queue;       /* requests held waiting for a slot before 503 (all threads) */
+    struct MHD_Daemon *const *daemons; /* from sc_http_start: one serving thread each */
+    unsigned n_daemons;
 } sc_engine_cfg;
 
-/* Start/stop the engine thread. sc_engine_stop fails the requests it holds
- * ("the sidecar is shutting down") and resumes their connections. */
+/* Start one serving thread per daemon (-errno: none left running). The
+ * daemons are the threads' from then on, until sc_engine_stop: it fails the
+ * requests they hold ("the sidecar is shutting down"), lets each daemon
+ * write what it can of that, and joins them; the caller then stops the
+ * daemons (sc_http_stop). */
 int sc_engine_start(const sc_engine_cfg *cfg);
 void sc_engine_stop(void);
-/* Queue r (takes a reference). -EAGAIN when max_queue requests wait. */
+/* From a daemon callback (its serving thread): submit r to gorgond on the
+ * thread's client now, or let it wait on the thread for a free slot; either
+ * way the engine takes a reference until r's final chunk. On return r->state
+ * is SC_REQ_RUNNING (gorgond has it), SC_REQ_NEW (waiting) or SC_REQ_DONE
+ * (failed, with its error). -EAGAIN when max_queue requests wait,
+ * -ESHUTDOWN (nothing taken). */
 int sc_engine_submit(sc_req *r);
-/* The client of r went away: cancel it (any thread). */
+/* The client of r went away: cancel it (from its daemon's completion
+ * callback; the serving thread sends the cancellation on its next pass). */
 void sc_engine_cancel(sc_req *r);
-/* The completion-notification mechanism the engine waits on (for logs). */
+/* The completion-notification mechanism the serving threads wait on (for logs). */
 const char *sc_engine_wait_kind(void);
 
-/* Resume r's connection if the HTTP side suspended it (r->mu held). */
-void sc_http_wake_locked(sc_req *r);
+/* With r->mu held: if the HTTP side suspended r's connection and there is
+ * something for it now, mark it resumed and return it for sc_http_resume,
+ * which the caller calls after unlocking r->mu (the connection stays
+ * suspended, so valid, until then); else NULL. */
+struct MHD_Connection *sc_http_wake_locked(sc_req *r);
+/* MHD_resume_connection(c) (c's serving thread; the loop then runs the
+ * daemon to write what is new). NULL is a no-op. */
+void sc_http_resume(struct MHD_Connection *c);
 
 /* ---- the control client (sc_engine.c) ----------------------------------- */
 

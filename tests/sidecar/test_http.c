@@ -3,13 +3,18 @@
  * text-format checker, /health while gorgond is down, OpenAI-style errors
  * naming the parameter, 413/401/404/405, gorgond at capacity (429) and the
  * sidecar's own queue (503), greedy text equal to `gorgon generate` and the
- * stories260K golden, /tokenize and /detokenize against libgorgon, --unix. */
+ * stories260K golden, /tokenize and /detokenize against libgorgon, --unix,
+ * a stream's head and first event in one segment. */
 #include <criterion/criterion.h>
 #include <jansson.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -881,5 +886,60 @@ Test(sidecar_http, concurrent_streams_each_get_their_own_text, .fini = teardown,
         free(got);
         free(want[i]);
     }
+    SC_END();
+}
+
+/* A stream's response header used to go out on its own (libmicrohttpd
+ * pushes the header of a callback response) and its first event a moment
+ * later: the client woke twice before its first token. The sidecar corks
+ * the socket until that event is written, so one read gets both; on every
+ * response but a connection's first, where libmicrohttpd pushes the header
+ * by turning TCP_NODELAY on. */
+Test(sidecar_http, a_stream_head_arrives_with_its_first_event, .fini = teardown, .timeout = 60)
+{
+    start_gd(NULL, NULL, NULL, NULL);
+    start_sidecar(NULL, NULL, NULL, NULL);
+    unsigned port = 0;
+    cr_assert_eq(sscanf(sc.url, "http://127.0.0.1:%u", &port), 1, "%s", sc.url);
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    cr_assert_geq(fd, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    cr_assert_eq(connect(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    static const char body[] = "{\"prompt\":\"Once upon a time\",\"max_tokens\":40,"
+                               "\"temperature\":0,\"stream\":true}";
+    for (int round = 0; round < 4; round++) { /* on one kept-alive connection */
+        char req[512];
+        int n = snprintf(req, sizeof(req), "POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                         "Content-Type: application/json\r\nContent-Length: %zu\r\n\r\n%s",
+                         sizeof(body) - 1, body);
+        cr_assert_eq(send(fd, req, (size_t)n, MSG_NOSIGNAL), n);
+        static char in[1 << 16];
+        size_t len = 0;
+        struct pollfd pf = {.fd = fd, .events = POLLIN};
+        cr_assert_eq(poll(&pf, 1, 20000), 1, "no answer");
+        ssize_t k = recv(fd, in, sizeof(in) - 1, 0);
+        cr_assert_gt(k, 0);
+        len = (size_t)k;
+        in[len] = '\0';
+        char *end = strstr(in, "\r\n\r\n");
+        cr_assert_not_null(end, "round %d: the first read has no whole header: %s", round, in);
+        cr_assert_eq(strncmp(in, "HTTP/1.1 200", 12), 0, "%s", in);
+        /* the chunk after the header: SIZE\r\ndata: {...}\n\n */
+        char *chunk = strstr(end + 4, "\r\n");
+        if (round > 0)
+            cr_assert(chunk && !strncmp(chunk + 2, "data: {", 7) && strstr(chunk, "\n\n"),
+                      "round %d: the first read ends before the first event: %s", round, in);
+        /* read the rest of the stream: it ends with the last chunk */
+        while (!(len >= 5 && !memcmp(in + len - 5, "0\r\n\r\n", 5))) {
+            cr_assert_eq(poll(&pf, 1, 20000), 1, "the stream stalled: %s", in);
+            k = recv(fd, in + len, sizeof(in) - 1 - len, 0);
+            cr_assert_gt(k, 0, "the stream was cut: %s", in);
+            len += (size_t)k;
+            in[len] = '\0';
+        }
+        cr_assert_not_null(strstr(in, "data: [DONE]\n\n"), "%s", in);
+    }
+    close(fd);
     SC_END();
 }
