@@ -263,8 +263,11 @@ Test(appliance_device, allow_tf32_is_passed_to_the_worker, .fini = teardown, .ti
         cr_assert_eq(rc, 0, "gd_start: %d", rc);
         gorgon_client *cli = gd_connect(&gd, 0);
         gorgon_group g[1];
-        AT_WAIT_UNTIL(gorgon_groups(cli, g, 1) == 1 && g[0].pid[0] > 0, AT_WAIT_MS,
-                      "no worker");
+        /* ready: the worker has exec'd (before that its pid's cmdline is
+         * still gorgond's) */
+        AT_WAIT_UNTIL(gorgon_groups(cli, g, 1) == 1 && g[0].state == GORGON_GROUP_READY &&
+                          g[0].pid[0] > 0,
+                      AT_WAIT_MS, "no worker ready");
         char path[64], args[4096];
         snprintf(path, sizeof path, "/proc/%d/cmdline", (int)g[0].pid[0]);
         FILE *f = fopen(path, "rb");
