@@ -1056,16 +1056,21 @@ static enum MHD_Result handle_models(struct MHD_Connection *conn, conn_ctx *cx)
 
 static enum MHD_Result handle_health(struct MHD_Connection *conn, conn_ctx *cx)
 {
-    char why[256];
-    gorgon_client *c = sc_ctl_lock(why, sizeof(why));
-    if (!c)
-        return reply_json(conn, cx, 503, json_pack("{s:s,s:s}", "status", "unavailable", "error",
-                                                   why), 2);
+    char why[256], name[128];
     gorgon_model mi;
-    int rc = gorgon_model_info(c, &mi);
-    char name[128];
-    snprintf(name, sizeof(name), "%s", rc == 0 ? mi.name : "");
-    sc_ctl_unlock(rc < 0 && rc != -ENOTSUP);
+    int rc = -EPIPE;
+    /* A control session that lost gorgond (-EPIPE) is dropped and tried
+     * once more: the answer then says whether gorgond is reachable now,
+     * not that an old connection broke. */
+    for (int attempt = 0; attempt < 2 && rc == -EPIPE; attempt++) {
+        gorgon_client *c = sc_ctl_lock(why, sizeof(why));
+        if (!c)
+            return reply_json(conn, cx, 503,
+                              json_pack("{s:s,s:s}", "status", "unavailable", "error", why), 2);
+        rc = gorgon_model_info(c, &mi);
+        snprintf(name, sizeof(name), "%s", rc == 0 ? mi.name : "");
+        sc_ctl_unlock(rc < 0 && rc != -ENOTSUP);
+    }
     if (rc < 0)
         return reply_json(conn, cx, 503, json_pack("{s:s,s:s}", "status", "unavailable", "error",
                                                    rc == -ENOTSUP ? "gorgond serves no model"
