@@ -39,12 +39,23 @@ CC := gcc
 endif
 # CUDA: the backend in kernels/cuda/ (its module.mk adds its objects to
 # libkernels and its libraries to KERNELS_LDLIBS) is built when CUDA=1, or
-# with CUDA=auto (the default) when nvcc is found and the tree has it.
-# CUDA=1 without nvcc or without kernels/cuda/module.mk is an error.
+# with CUDA=auto (the default) when nvcc is found, the toolkit beside it has
+# the static CUDA runtime, and the tree has the backend. CUDA=1 without them
+# is an error.
+#
+# CUDA_HOME (the toolkit's root) is where nvcc itself lives, which it reports
+# as _HERE_ under -dryrun: the nvcc on PATH may be a wrapper script elsewhere
+# (/usr/local/bin/nvcc on these machines execs /usr/local/cuda-13.0/bin/nvcc),
+# so the root cannot be read off its path. Set CUDA_HOME to override.
 NVCC_PATH := $(shell command -v nvcc 2>/dev/null || { test -x /usr/local/cuda/bin/nvcc && echo /usr/local/cuda/bin/nvcc; })
+ifeq ($(origin CUDA_HOME),undefined)
+CUDA_HOME := $(if $(NVCC_PATH),$(patsubst %/bin,%,$(shell $(NVCC_PATH) -dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/.*_HERE_=//p' | head -n 1)))
+endif
+CUDA_LIBDIR := $(patsubst %/libcudart_static.a,%,$(firstword $(wildcard \
+	$(CUDA_HOME)/lib64/libcudart_static.a $(CUDA_HOME)/targets/x86_64-linux/lib/libcudart_static.a)))
 CUDA_MODULE := $(wildcard kernels/cuda/module.mk)
 ifeq ($(CUDA),auto)
-CUDA := $(if $(and $(NVCC_PATH),$(CUDA_MODULE)),1,0)
+CUDA := $(if $(and $(NVCC_PATH),$(CUDA_LIBDIR),$(CUDA_MODULE)),1,0)
 endif
 ifeq ($(CUDA),1)
 ifeq ($(CUDA_MODULE),)
@@ -53,23 +64,25 @@ endif
 ifeq ($(NVCC_PATH),)
 $(error CUDA=1: nvcc not found (PATH or /usr/local/cuda/bin))
 endif
+ifeq ($(CUDA_LIBDIR),)
+$(error CUDA=1: no libcudart_static.a in $(or $(CUDA_HOME),<nvcc reported no root>)/lib64 or targets/x86_64-linux/lib (set CUDA_HOME to the toolkit's root))
+endif
 NVCC      := $(NVCC_PATH)
-CUDA_HOME := $(patsubst %/bin/nvcc,%,$(NVCC))
 else ifneq ($(CUDA),0)
 $(error CUDA=$(CUDA): expected auto, 0 or 1)
 endif
 # NCCL: comm's NCCL backend (engine/comm/comm_nccl.c) compiles against the
-# nccl.h beside nvcc and loads libnccl/libcudart at run time (dlopen), so it
-# needs no GPU and no CUDA library to build or to start. NCCL=auto (default):
-# when that nccl.h exists; NCCL=1 insists; NCCL=0 never.
+# nccl.h in the toolkit (CUDA_HOME) and loads libnccl/libcudart at run time
+# (dlopen), so it needs no GPU and no CUDA library to build or to start.
+# NCCL=auto (default): when that nccl.h exists; NCCL=1 insists; NCCL=0 never.
 NCCL ?= auto
-NCCL_PREFIX := $(if $(NVCC_PATH),$(patsubst %/bin/nvcc,%,$(NVCC_PATH)))
+NCCL_PREFIX := $(CUDA_HOME)
 ifeq ($(NCCL),auto)
-NCCL := $(if $(wildcard $(NCCL_PREFIX)/include/nccl.h),1,0)
+NCCL := $(if $(and $(NCCL_PREFIX),$(wildcard $(NCCL_PREFIX)/include/nccl.h)),1,0)
 endif
 ifeq ($(NCCL),1)
 ifeq ($(wildcard $(NCCL_PREFIX)/include/nccl.h),)
-$(error NCCL=1: no nccl.h beside nvcc ($(or $(NCCL_PREFIX),nvcc not found)/include))
+$(error NCCL=1: no nccl.h in the CUDA toolkit ($(or $(NCCL_PREFIX),nvcc not found)/include))
 endif
 else ifneq ($(NCCL),0)
 $(error NCCL=$(NCCL): expected auto, 0 or 1)

@@ -1,7 +1,7 @@
 # kernels/cuda: the CUDA backend (kn_cuda.h says how its files meet).
 # Included before kernels/module.mk when CUDA=1 (the top-level Makefile has
-# set NVCC and CUDA_HOME by then). It sets what kernels/module.mk and the
-# top-level %.cu rule use:
+# set NVCC, CUDA_HOME and CUDA_LIBDIR by then). It sets what kernels/module.mk
+# and the top-level %.cu rule use:
 #   KERNELS_CUDA_SRCS    every .cu and .c here; their objects go into
 #                        libkernels
 #   KERNELS_CUDA_LDLIBS  the static CUDA runtime, so that binaries start on
@@ -15,7 +15,7 @@
 # (kernels/module.mk defines GORGON_CUDA for the C files that offer the
 # backend.)
 KERNELS_CUDA_SRCS   := $(wildcard kernels/cuda/*.cu) $(wildcard kernels/cuda/*.c)
-KERNELS_CUDA_LDLIBS := -L$(CUDA_HOME)/lib64 -lcudart_static -ldl -lrt -lpthread -lstdc++
+KERNELS_CUDA_LDLIBS := -L$(CUDA_LIBDIR) -lcudart_static -ldl -lrt -lpthread -lstdc++
 
 NVCC_ARCH := -gencode arch=compute_90,code=sm_90 -gencode arch=compute_90,code=compute_90
 # -MMD -MP: nvcc writes X.cu.d beside X.cu.o, which the top level includes.
