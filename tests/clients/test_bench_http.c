@@ -69,9 +69,11 @@ static void start_fake(const char *first, ...)
     argv[argc] = NULL;
     int p[2];
     cr_assert_eq(pipe(p), 0);
+    const pid_t self = getpid();
     server = fork();
     cr_assert_geq(server, 0);
     if (server == 0) {
+        tu_child_dies_with_test(self);
         dup2(p[1], 1);
         close(p[0]);
         execv("/usr/bin/python3", (char *const *)argv);

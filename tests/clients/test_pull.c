@@ -45,9 +45,11 @@ static void start_server(void)
         cr_assert_fail("python3 is needed for the local HTTP server (deploy/install-deps.sh)");
     int p[2];
     cr_assert_eq(pipe(p), 0);
+    const pid_t self = getpid();
     server = fork();
     cr_assert_geq(server, 0);
     if (server == 0) {
+        tu_child_dies_with_test(self);
         dup2(p[1], 1);
         close(p[0]);
         execl("/usr/bin/python3", "python3", "tests/clients/util/pull_server.py", (char *)NULL);

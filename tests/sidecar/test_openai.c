@@ -59,41 +59,72 @@ static bool newer_or_same(const char *a, const char *b)
     return stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_mtime >= sb.st_mtime;
 }
 
-/* node_modules as package-lock.json pins it: `npm ci` unless the cached
- * install is already newer than the lock file. Serialised with a lock on
- * package.json (Criterion runs tests in parallel). */
-static void npm_ready(void)
+/* node_modules as package-lock.json pins it: `npm ci` in directory d
+ * unless the cached install is already newer than the lock file.
+ * Serialised with a lock on package.json (Criterion runs tests in
+ * parallel). 0 when installed; 1 when the registry cannot be reached and
+ * -1 when npm failed, with why filled in. No Criterion assertions: the
+ * PRE_ALL hook below calls it outside any test. */
+static int npm_install(const char *d, char *why, size_t cap)
 {
-    const char *d = suite_dir();
     char pkg[PATH_MAX + 32], lock[PATH_MAX + 32], stamp[PATH_MAX + 64], mod[PATH_MAX + 64];
     snprintf(pkg, sizeof(pkg), "%s/package.json", d);
     snprintf(lock, sizeof(lock), "%s/package-lock.json", d);
     snprintf(stamp, sizeof(stamp), "%s/node_modules/.package-lock.json", d);
     snprintf(mod, sizeof(mod), "%s/node_modules/openai/package.json", d);
     int fd = open(pkg, O_RDONLY | O_CLOEXEC);
-    cr_assert_geq(fd, 0, "%s: %s", pkg, strerror(errno));
-    cr_assert_eq(flock(fd, LOCK_EX), 0);
+    if (fd < 0 || flock(fd, LOCK_EX) != 0) {
+        snprintf(why, cap, "%s: %s", pkg, strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        return -1;
+    }
+    int rc = 0;
     if (!(newer_or_same(stamp, lock) && access(mod, R_OK) == 0)) {
         const char *argv[] = {"npm", "ci", "--prefix", d, "--no-audit", "--no-fund", NULL};
-        char *out, *err;
+        char *out = NULL, *err = NULL;
         int st = sct_run(argv, NULL, &out, &err);
         if (sct_exit_code(st) != 0) {
             static const char *offline[] = {"ENOTFOUND", "EAI_AGAIN", "ENETUNREACH",
                                             "ECONNREFUSED", "ETIMEDOUT", "ECONNRESET"};
-            for (size_t i = 0; i < sizeof(offline) / sizeof(offline[0]); i++)
+            rc = -1;
+            snprintf(why, cap, "npm ci failed (status %d):\n%s\n%s", st, out ? out : "",
+                     err ? err : "");
+            for (size_t i = 0; err && i < sizeof(offline) / sizeof(offline[0]); i++)
                 if (strstr(err, offline[i])) {
-                    flock(fd, LOCK_UN);
-                    close(fd);
-                    cr_skip_test("npm ci cannot reach the npm registry (%s: offline): the "
-                                 "openai client is not installed", offline[i]);
+                    rc = 1;
+                    snprintf(why, cap, "%s", offline[i]);
+                    break;
                 }
-            cr_assert_fail("npm ci failed (status %d):\n%s\n%s", st, out, err);
         }
         free(out);
         free(err);
     }
     flock(fd, LOCK_UN);
     close(fd);
+    return rc;
+}
+
+/* Install before the first test, outside the tests' timeouts: a slow
+ * registry then cannot time a test out halfway (each test still checks,
+ * and reports what npm said). Only from the repository root, where make
+ * test runs; elsewhere the tests install it themselves. */
+ReportHook(PRE_ALL)(struct criterion_test_set *set)
+{
+    (void)set;
+    char d[PATH_MAX], why[4096];
+    if (realpath("tests/sidecar", d) && access("tests/sidecar/package.json", R_OK) == 0)
+        (void)npm_install(d, why, sizeof(why));
+}
+
+static void npm_ready(void)
+{
+    static char why[16384];
+    int rc = npm_install(suite_dir(), why, sizeof(why));
+    if (rc > 0)
+        cr_skip_test("npm ci cannot reach the npm registry (%s: offline): the openai client "
+                     "is not installed", why);
+    cr_assert_eq(rc, 0, "%s", why);
 }
 
 static void start(void)

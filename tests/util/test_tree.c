@@ -2,8 +2,10 @@
 
 #include <criterion/criterion.h>
 #include <limits.h>
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <unistd.h>
 
 /* The directory `up` levels above this executable. */
@@ -42,4 +44,13 @@ const char *tu_bin(const char *name)
                  sizeof(path));
     cr_assert_eq(access(path, X_OK), 0, "%s not built: run `make`", path);
     return path;
+}
+
+void tu_child_dies_with_test(pid_t parent)
+{
+    /* the death signal survives exec (but for setuid programs, which tests
+     * do not start); checking the parent afterwards closes the window in
+     * which it died before the prctl */
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != parent)
+        _exit(127);
 }

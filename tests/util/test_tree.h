@@ -14,4 +14,13 @@ const char *tu_repo_root(void);
  * make" otherwise). Overwritten by the next call. */
 const char *tu_bin(const char *name);
 
+#include <sys/types.h>
+
+/* In a child just forked by the test (before exec): the child gets SIGKILL
+ * when `parent`, the test process, dies. A test killed by its timeout or a
+ * crash then leaves no gorgond, sidecar or server behind, holding the test
+ * runner's output pipe open (tests/run-tests.sh would wait on it forever)
+ * or a port. Exits 127 if the parent is already gone. */
+void tu_child_dies_with_test(pid_t parent);
+
 #endif

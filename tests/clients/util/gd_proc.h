@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include "clients/gorgon.h"
+#include "tests/util/test_tree.h" /* tu_child_dies_with_test */
 
 typedef struct gd_proc {
     pid_t pid;
@@ -124,10 +125,12 @@ static inline int gd_start(gd_proc *p, ...)
         argv[argc++] = a;
     va_end(ap);
     argv[argc] = NULL;
+    const pid_t self = getpid();
     pid_t pid = fork();
     if (pid < 0)
         return -errno;
     if (pid == 0) {
+        tu_child_dies_with_test(self);
         execv(p->bin, (char *const *)argv);
         _exit(127);
     }

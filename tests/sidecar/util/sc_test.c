@@ -50,10 +50,12 @@ int sct_start(sct_sidecar *s, const char *gd_sock, ...)
         close(efd);
         return -errno;
     }
+    const pid_t self = getpid();
     pid_t pid = fork();
     if (pid < 0)
         return -errno;
     if (pid == 0) {
+        tu_child_dies_with_test(self);
         dup2(p[1], 1);
         dup2(efd, 2);
         execv(argv[0], (char *const *)argv);
@@ -157,8 +159,10 @@ int sct_run(const char *const *argv, const char *in, char **out, char **err)
     int ip[2] = {-1, -1};
     if (in && pipe(ip) < 0)
         return -1;
+    const pid_t self = getpid();
     pid_t pid = fork();
     if (pid == 0) {
+        tu_child_dies_with_test(self);
         if (in) {
             dup2(ip[0], 0);
             close(ip[1]);
