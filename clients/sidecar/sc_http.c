@@ -1394,6 +1394,10 @@ int sc_http_start(const sc_http_cfg *cfg, struct MHD_Daemon **d, char *why, size
      * without a thread hop (and no inter-thread channel is needed: a
      * connection is only ever resumed by the thread that runs it). */
     unsigned flags = MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG;
+    /* MHD creates an IPv4 socket unless told: an IPv6 address to bind
+     * (--listen [::1]:PORT) then failed with EAFNOSUPPORT */
+    if (cfg->listen_fd < 0 && cfg->addr && cfg->addr->sa_family == AF_INET6)
+        flags |= MHD_USE_IPv6;
     int lfd = cfg->listen_fd;
     for (unsigned i = 0; i < cfg->threads; i++) {
         struct MHD_OptionItem opts[4];

@@ -76,6 +76,7 @@ static resp http_req(const char *method, const char *path, const char *body, con
     int n = 0;
     argv[n++] = "curl";
     argv[n++] = "-sS";
+    argv[n++] = "-g"; /* no URL globbing: [::1] is an address */
     argv[n++] = "-i";
     argv[n++] = "-N";
     argv[n++] = "--max-time";
@@ -710,6 +711,29 @@ Test(sidecar_http, serves_on_a_unix_socket, .fini = teardown, .timeout = 60)
     free(r.raw);
     SC_END();
     cr_assert_neq(access(path, F_OK), 0, "the socket file is left behind");
+}
+
+Test(sidecar_http, serves_on_ipv6_loopback, .fini = teardown, .timeout = 60)
+{
+    int fd = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in6 a6 = {.sin6_family = AF_INET6, .sin6_addr = IN6ADDR_LOOPBACK_INIT};
+    if (fd < 0 || bind(fd, (struct sockaddr *)&a6, sizeof(a6)) != 0) {
+        int e = errno;
+        if (fd >= 0)
+            close(fd);
+        cr_skip_test("this host has no IPv6 loopback to listen on ([::1]: %s)", strerror(e));
+    }
+    close(fd);
+    start_gd(NULL, NULL, NULL, NULL);
+    start_sidecar("--listen", "[::1]:0", NULL, NULL);
+    cr_assert_eq(strncmp(sc.url, "http://[::1]:", 13), 0, "%s", sc.url);
+    resp r = get("/health");
+    cr_assert_eq(r.status, 200, "%s", r.body);
+    free(r.raw);
+    r = post("/v1/completions", "{\"prompt\":\"Once upon a time\",\"max_tokens\":3}");
+    cr_assert_eq(r.status, 200, "%s", r.body);
+    free(r.raw);
+    SC_END();
 }
 
 /* A model whose GGUF carries `tmpl` as tokenizer.chat_template (random
