@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "tests/clients/util/gd_proc.h"
+#include "tests/clients/util/run_proc.h"
 
 static char bench_bin[PATH_MAX];
 static char dir[64];
@@ -26,33 +27,13 @@ static char out[1 << 16], err[1 << 16];
 
 static void setup(void)
 {
-    cr_assert_eq(gd_find_binary(bench_bin, sizeof(bench_bin)), 0, "gorgond not built");
-    char *slash = strrchr(bench_bin, '/');
-    cr_assert_not_null(slash);
-    snprintf(slash + 1, sizeof(bench_bin) - (size_t)(slash + 1 - bench_bin), "gorgon-bench");
-    cr_assert_eq(access(bench_bin, X_OK), 0, "%s not built", bench_bin);
-    snprintf(dir, sizeof(dir), "/tmp/gorgon-bench-device-XXXXXX");
-    cr_assert_not_null(mkdtemp(dir));
+    snprintf(bench_bin, sizeof(bench_bin), "%s", tu_bin("gorgon-bench"));
+    rp_tmpdir(dir, sizeof(dir), "/tmp/gorgon-bench-device-XXXXXX");
 }
 
 static void cleanup(void)
 {
-    if (dir[0]) {
-        char cmd[128];
-        snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
-        (void)!system(cmd);
-        dir[0] = '\0';
-    }
-}
-
-static void slurp(const char *path, char *buf, size_t cap)
-{
-    buf[0] = '\0';
-    FILE *f = fopen(path, "r");
-    if (f) {
-        buf[fread(buf, 1, cap - 1, f)] = '\0';
-        fclose(f);
-    }
+    rp_rmdir(dir);
 }
 
 /* Run `gorgon-bench ARGS...` (NULL-terminated): its exit status; stdout in
@@ -67,23 +48,7 @@ static int bench(const char *first, ...)
         argv[argc++] = a;
     va_end(ap);
     argv[argc] = NULL;
-    char outf[128], errf[128];
-    snprintf(outf, sizeof(outf), "%s/.stdout", dir);
-    snprintf(errf, sizeof(errf), "%s/.stderr", dir);
-    pid_t pid = fork();
-    cr_assert_geq(pid, 0);
-    if (pid == 0) {
-        if (!freopen(outf, "w", stdout) || !freopen(errf, "w", stderr))
-            _exit(126);
-        execv(bench_bin, (char *const *)argv);
-        _exit(127);
-    }
-    int st;
-    cr_assert_eq(waitpid(pid, &st, 0), pid);
-    slurp(outf, out, sizeof(out));
-    slurp(errf, err, sizeof(err));
-    cr_assert(WIFEXITED(st), "gorgon-bench did not exit: wait status %d\n%s", st, err);
-    return WEXITSTATUS(st);
+    return rp_run(argv, dir, out, sizeof(out), err, sizeof(err));
 }
 
 /* The last run's stdout is one valid JSON object per line. */

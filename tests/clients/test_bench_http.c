@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "tests/clients/util/gd_proc.h"
+#include "tests/clients/util/run_proc.h"
 #include "tests/util/test_models.h"
 
 static pid_t server = -1;
@@ -30,70 +31,28 @@ static char out[1 << 16], err[1 << 16];
 
 static void cleanup(void)
 {
-    if (server > 0) {
-        kill(server, SIGKILL);
-        waitpid(server, NULL, 0);
-        server = -1;
-    }
-    if (dir[0]) {
-        char cmd[128];
-        snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
-        (void)!system(cmd);
-        dir[0] = '\0';
-    }
+    rp_server_stop(&server);
+    rp_rmdir(dir);
 }
 
 static void setup(void)
 {
-    cr_assert_eq(gd_find_binary(bench_bin, sizeof(bench_bin)), 0, "gorgond not built");
-    char *slash = strrchr(bench_bin, '/');
-    cr_assert_not_null(slash);
-    snprintf(slash + 1, sizeof(bench_bin) - (size_t)(slash + 1 - bench_bin), "gorgon-bench");
-    cr_assert_eq(access(bench_bin, X_OK), 0, "%s not built", bench_bin);
-    snprintf(dir, sizeof(dir), "/tmp/gorgon-bench-http-XXXXXX");
-    cr_assert_not_null(mkdtemp(dir));
+    snprintf(bench_bin, sizeof(bench_bin), "%s", tu_bin("gorgon-bench"));
+    rp_tmpdir(dir, sizeof(dir), "/tmp/gorgon-bench-http-XXXXXX");
 }
 
 /* Start the fake server with its options (NULL-terminated); port set. */
 static void start_fake(const char *first, ...)
 {
-    if (access("/usr/bin/python3", X_OK) != 0)
-        cr_assert_fail("python3 is needed for the fake OpenAI server (deploy/install-deps.sh)");
-    const char *argv[24] = {"python3", "tests/clients/util/fake_openai.py"};
-    int argc = 2;
+    const char *args[22];
+    int n = 0;
     va_list ap;
     va_start(ap, first);
-    for (const char *a = first; a && argc < 23; a = va_arg(ap, const char *))
-        argv[argc++] = a;
+    for (const char *a = first; a && n < 21; a = va_arg(ap, const char *))
+        args[n++] = a;
     va_end(ap);
-    argv[argc] = NULL;
-    int p[2];
-    cr_assert_eq(pipe(p), 0);
-    const pid_t self = getpid();
-    server = fork();
-    cr_assert_geq(server, 0);
-    if (server == 0) {
-        tu_child_dies_with_test(self);
-        dup2(p[1], 1);
-        close(p[0]);
-        execv("/usr/bin/python3", (char *const *)argv);
-        _exit(127);
-    }
-    close(p[1]);
-    char buf[32] = "";
-    size_t n = 0;
-    while (n < sizeof(buf) - 1 && !memchr(buf, '\n', n)) {
-        ssize_t k = read(p[0], buf + n, sizeof(buf) - 1 - n);
-        if (k < 0 && errno == EINTR)
-            continue;
-        if (k <= 0)
-            break;
-        n += (size_t)k;
-    }
-    close(p[0]);
-    cr_assert(memchr(buf, '\n', n), "the fake OpenAI server did not start");
-    port = atoi(buf);
-    cr_assert_gt(port, 0);
+    args[n] = NULL;
+    server = rp_server_start("tests/clients/util/fake_openai.py", args, &port);
 }
 
 static char url_buf[64];
@@ -101,16 +60,6 @@ static const char *base_url(void)
 {
     snprintf(url_buf, sizeof(url_buf), "http://127.0.0.1:%d", port);
     return url_buf;
-}
-
-static void slurp(const char *path, char *buf, size_t cap)
-{
-    buf[0] = '\0';
-    FILE *f = fopen(path, "r");
-    if (f) {
-        buf[fread(buf, 1, cap - 1, f)] = '\0';
-        fclose(f);
-    }
 }
 
 /* Run `gorgon-bench serve ARGS...` (NULL-terminated): exit status; stdout
@@ -125,23 +74,7 @@ static int bench(const char *first, ...)
         argv[argc++] = a;
     va_end(ap);
     argv[argc] = NULL;
-    char outf[128], errf[128];
-    snprintf(outf, sizeof(outf), "%s/.stdout", dir);
-    snprintf(errf, sizeof(errf), "%s/.stderr", dir);
-    pid_t pid = fork();
-    cr_assert_geq(pid, 0);
-    if (pid == 0) {
-        if (!freopen(outf, "w", stdout) || !freopen(errf, "w", stderr))
-            _exit(126);
-        execv(bench_bin, (char *const *)argv);
-        _exit(127);
-    }
-    int st;
-    cr_assert_eq(waitpid(pid, &st, 0), pid);
-    slurp(outf, out, sizeof(out));
-    slurp(errf, err, sizeof(err));
-    cr_assert(WIFEXITED(st), "gorgon-bench did not exit: wait status %d\n%s", st, err);
-    return WEXITSTATUS(st);
+    return rp_run(argv, dir, out, sizeof(out), err, sizeof(err));
 }
 
 /* The number after "key": in json; "a.b" looks up b inside a's object.
@@ -383,7 +316,7 @@ Test(clients_bench_http, plot_draws_a_png_and_writes_the_samples_as_csv, .init =
     cr_assert_eq(stat(png, &sb), 0);
     cr_assert_gt(sb.st_size, 1000, "the PNG is nearly empty");
 
-    slurp(csvf, csv, sizeof(csv));
+    rp_slurp(csvf, csv, sizeof(csv));
     cr_assert(!strncmp(csv, "concurrency,metric,value\n", 25), "header: %.80s", csv);
     for (long c = 1; c <= 4; c += 3) {
         cr_assert_eq(csv_rows(csv, c, "ttft_ms"), 8, "c=%ld", c);
@@ -411,10 +344,10 @@ Test(clients_bench_http, plot_on_the_shm_path_with_a_concurrency_list_draws_svg,
     cr_assert_eq(count_of(out, "\n"), 2, "%s", out);
     cr_assert_eq(count_of(out, "\"completed\": 4,"), 2, "%s", out);
     cr_assert_eq(count_of(out, "\"total_input_tokens\": 128,"), 2, "4 prompts of 32 ids: %s", out);
-    slurp(svg, csv, sizeof(csv));
+    rp_slurp(svg, csv, sizeof(csv));
     cr_assert(strstr(csv, "<svg") && strstr(csv, "TTFT (CDF)") && strstr(csv, "Throughput"),
               "not the SVG expected: %.200s", csv);
-    slurp(csvf, csv, sizeof(csv));
+    rp_slurp(csvf, csv, sizeof(csv));
     cr_assert(!strncmp(csv, "concurrency,metric,value\n", 25), "header: %.80s", csv);
     for (long c = 1; c <= 2; c++) {
         cr_assert_eq(csv_rows(csv, c, "ttft_ms"), 4, "c=%ld", c);

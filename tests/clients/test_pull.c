@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "tests/clients/util/gd_proc.h"
+#include "tests/clients/util/run_proc.h"
 
 #define SIZE (1 << 20)
 
@@ -24,93 +25,30 @@ static char gorgon_bin[PATH_MAX];
 
 static void stop_server(void)
 {
-    if (server > 0) {
-        kill(server, SIGKILL);
-        waitpid(server, NULL, 0);
-        server = -1;
-    }
-    if (cache[0]) {
-        char cmd[128];
-        snprintf(cmd, sizeof(cmd), "rm -rf %s", cache);
-        (void)!system(cmd);
-        cache[0] = '\0';
-    }
+    rp_server_stop(&server);
+    rp_rmdir(cache);
 }
 
 static void start_server(void)
 {
-    cr_assert_eq(gd_find_binary(gorgon_bin, sizeof(gorgon_bin)), 0, "gorgond not built");
-    gorgon_bin[strlen(gorgon_bin) - 1] = '\0'; /* .../bin/gorgond -> .../bin/gorgon */
-    if (access("/usr/bin/python3", X_OK) != 0)
-        cr_assert_fail("python3 is needed for the local HTTP server (deploy/install-deps.sh)");
-    int p[2];
-    cr_assert_eq(pipe(p), 0);
-    const pid_t self = getpid();
-    server = fork();
-    cr_assert_geq(server, 0);
-    if (server == 0) {
-        tu_child_dies_with_test(self);
-        dup2(p[1], 1);
-        close(p[0]);
-        execl("/usr/bin/python3", "python3", "tests/clients/util/pull_server.py", (char *)NULL);
-        _exit(127);
-    }
-    close(p[1]);
-    char buf[32] = "";
-    size_t n = 0;
-    while (n < sizeof(buf) - 1 && !memchr(buf, '\n', n)) {
-        ssize_t k = read(p[0], buf + n, sizeof(buf) - 1 - n);
-        if (k < 0 && errno == EINTR)
-            continue;
-        if (k <= 0)
-            break;
-        n += (size_t)k;
-    }
-    close(p[0]);
-    cr_assert(memchr(buf, '\n', n), "the test HTTP server did not start");
-    port = atoi(buf);
-    cr_assert_gt(port, 0);
-    snprintf(cache, sizeof(cache), "/tmp/gorgon-pull-XXXXXX");
-    cr_assert_not_null(mkdtemp(cache));
+    snprintf(gorgon_bin, sizeof(gorgon_bin), "%s", tu_bin("gorgon"));
+    server = rp_server_start("tests/clients/util/pull_server.py", NULL, &port);
+    rp_tmpdir(cache, sizeof(cache), "/tmp/gorgon-pull-XXXXXX");
 }
 
 /* Run `gorgon pull ARGS... SOURCE`: exit status; stdout and stderr kept. */
 static char out[4096], err[4096];
 static int pull(const char *source, const char *extra1, const char *extra2)
 {
-    char outf[128], errf[128];
-    snprintf(outf, sizeof(outf), "%s/.stdout", cache);
-    snprintf(errf, sizeof(errf), "%s/.stderr", cache);
-    pid_t pid = fork();
-    cr_assert_geq(pid, 0);
-    if (pid == 0) {
-        if (!freopen(outf, "w", stdout) || !freopen(errf, "w", stderr))
-            _exit(126);
-        const char *argv[8] = {gorgon_bin, "pull", "--cache-dir", cache};
-        int k = 4;
-        if (extra1)
-            argv[k++] = extra1;
-        if (extra2)
-            argv[k++] = extra2;
-        argv[k++] = source;
-        argv[k] = NULL;
-        execv(gorgon_bin, (char *const *)argv);
-        _exit(127);
-    }
-    int st;
-    cr_assert_eq(waitpid(pid, &st, 0), pid);
-    FILE *f;
-    out[0] = err[0] = '\0';
-    if ((f = fopen(outf, "r"))) {
-        out[fread(out, 1, sizeof(out) - 1, f)] = '\0';
-        fclose(f);
-    }
-    if ((f = fopen(errf, "r"))) {
-        err[fread(err, 1, sizeof(err) - 1, f)] = '\0';
-        fclose(f);
-    }
-    cr_assert(WIFEXITED(st), "gorgon pull did not exit: %d", st);
-    return WEXITSTATUS(st);
+    const char *argv[8] = {gorgon_bin, "pull", "--cache-dir", cache};
+    int k = 4;
+    if (extra1)
+        argv[k++] = extra1;
+    if (extra2)
+        argv[k++] = extra2;
+    argv[k++] = source;
+    argv[k] = NULL;
+    return rp_run(argv, cache, out, sizeof(out), err, sizeof(err));
 }
 
 static char url_buf[256];
