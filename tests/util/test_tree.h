@@ -6,6 +6,8 @@
 #ifndef GORGON_TEST_TREE_H
 #define GORGON_TEST_TREE_H
 
+#include <sys/types.h>
+
 /* <repo>/build/<mode> */
 const char *tu_build_dir(void);
 /* <repo> */
@@ -13,8 +15,6 @@ const char *tu_repo_root(void);
 /* <repo>/build/<mode>/bin/NAME, which must be executable ("not built: run
  * make" otherwise). Overwritten by the next call. */
 const char *tu_bin(const char *name);
-
-#include <sys/types.h>
 
 /* In a child just forked by the test (before exec): the child gets SIGKILL
  * when `parent`, the test process, dies. A test killed by its timeout or a
