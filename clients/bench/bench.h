@@ -107,6 +107,7 @@ typedef struct bench_http_cfg {
     const char *endpoint; /* /v1/completions or /v1/chat/completions */
     const char *api_key;  /* Bearer token, or NULL */
     const char *model;    /* "model" sent; NULL: the first of GET /v1/models */
+    const char *unix_socket; /* connect here instead of HOST:PORT (as curl --unix-socket) */
 } bench_http_cfg;
 typedef struct bench_http bench_http;
 /* Check the URL, find the model, send one warm-up request. 0, or -errno

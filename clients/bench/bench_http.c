@@ -69,6 +69,7 @@ struct bench_http {
     CURLM *multi;
     struct curl_slist *headers;
     char *url; /* base_url + endpoint */
+    char *unix_socket; /* or NULL: TCP to the URL's host */
     char *model;
     bool chat;
     hslot *slots;
@@ -256,6 +257,7 @@ static int slot_setup(bench_http *h, hslot *q)
         return -ENOMEM;
     q->h = h;
     curl_easy_setopt(q->easy, CURLOPT_URL, h->url);
+    curl_easy_setopt(q->easy, CURLOPT_UNIX_SOCKET_PATH, h->unix_socket);
     curl_easy_setopt(q->easy, CURLOPT_HTTPHEADER, h->headers);
     curl_easy_setopt(q->easy, CURLOPT_WRITEFUNCTION, on_write);
     curl_easy_setopt(q->easy, CURLOPT_WRITEDATA, q);
@@ -446,7 +448,8 @@ static size_t collect(char *p, size_t size, size_t nmemb, void *ud)
 }
 
 /* GET base/v1/models: the first model's id (heap), or NULL (why printed). */
-static char *first_model(const char *base, const struct curl_slist *headers)
+static char *first_model(const char *base, const char *unix_socket,
+                         const struct curl_slist *headers)
 {
     char *url = NULL, *id = NULL;
     buf body = {0};
@@ -457,6 +460,7 @@ static char *first_model(const char *base, const struct curl_slist *headers)
         goto out;
     }
     curl_easy_setopt(e, CURLOPT_URL, url);
+    curl_easy_setopt(e, CURLOPT_UNIX_SOCKET_PATH, unix_socket);
     curl_easy_setopt(e, CURLOPT_HTTPHEADER, headers);
     curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, collect);
     curl_easy_setopt(e, CURLOPT_WRITEDATA, &body);
@@ -468,7 +472,8 @@ static char *first_model(const char *base, const struct curl_slist *headers)
     long status = 0;
     curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &status);
     if (cr != CURLE_OK) {
-        fprintf(stderr, "gorgon-bench serve: %s: %s\n", url, errbuf[0] ? errbuf : curl_easy_strerror(cr));
+        fprintf(stderr, "gorgon-bench serve: %s%s%s: %s\n", url, unix_socket ? " over " : "",
+                unix_socket ? unix_socket : "", errbuf[0] ? errbuf : curl_easy_strerror(cr));
         goto out;
     }
     json_t *o = status == 200 && body.len ? json_loadb(body.p, body.len, 0, NULL) : NULL;
@@ -551,7 +556,11 @@ int bench_http_open(bench_http **out, const bench_http_cfg *cfg, const bench_wor
     }
     free(auth);
     h->headers = hd;
-    h->model = cfg->model ? strdup(cfg->model) : first_model(base, hd);
+    if (cfg->unix_socket && !(h->unix_socket = strdup(cfg->unix_socket))) {
+        free(base);
+        goto nomem;
+    }
+    h->model = cfg->model ? strdup(cfg->model) : first_model(base, h->unix_socket, hd);
     free(base);
     h->multi = curl_multi_init();
     if (!h->multi || (cfg->model && !h->model))
@@ -565,7 +574,8 @@ int bench_http_open(bench_http **out, const bench_http_cfg *cfg, const bench_wor
     double dur;
     int rc = run(h, &ww, w->out_len < 2 ? w->out_len : 2, 1, &r, &dur);
     if (rc == 0 && r.failed) {
-        fprintf(stderr, "gorgon-bench serve: warm-up request to %s failed: %s\n", h->url,
+        fprintf(stderr, "gorgon-bench serve: warm-up request to %s%s%s failed: %s\n", h->url,
+                h->unix_socket ? " over " : "", h->unix_socket ? h->unix_socket : "",
                 r.err ? r.err : "(no message)");
         rc = -EIO;
     }
@@ -603,6 +613,7 @@ void bench_http_destroy(bench_http *h)
         curl_multi_cleanup(h->multi);
     curl_slist_free_all(h->headers);
     free(h->url);
+    free(h->unix_socket);
     free(h->model);
     free(h);
 }

@@ -575,7 +575,7 @@ static void print_result(const bench_result *res, const run_totals *tot, const b
 static void usage(FILE *f)
 {
     fputs("usage: gorgon-bench serve [--socket PATH | --base-url http://HOST:PORT [--endpoint PATH]\n"
-          "                           [--model NAME] [--api-key KEY]]\n"
+          "                           [--model NAME] [--api-key KEY] [--unix-socket PATH]]\n"
           "         [--num-prompts N] [--request-rate R[,R...] [--burstiness B]]\n"
           "         [--concurrency C[,C...]] [--input-len I|A:B | --prompt TEXT]\n"
           "         [--output-len O] [--temperature T]\n"
@@ -584,7 +584,9 @@ static void usage(FILE *f)
           "Drives a running gorgond (started with --model) through shared memory, or with\n"
           "--base-url any OpenAI-compatible server (gorgon-sidecar, llama-server, vLLM) over\n"
           "streaming HTTP (--endpoint /v1/completions, the default, or /v1/chat/completions;\n"
-          "--model defaults to the first of GET /v1/models).\n"
+          "--model defaults to the first of GET /v1/models). --unix-socket PATH: HTTP over\n"
+          "that Unix socket instead of TCP (as curl's; e.g. gorgon-sidecar --unix PATH, with\n"
+          "--base-url http://localhost).\n"
           "Defaults: 100 prompts, rate inf, no concurrency cap, input 32 random token ids,\n"
           "output 64 tokens, temperature 0 (greedy), burstiness 1 (Poisson). Aliases:\n"
           "--requests = --num-prompts, --max-tokens = --output-len.\n"
@@ -719,7 +721,7 @@ int bench_serve_main(int argc, char **argv)
     slo s = {0};
     bool json = false, in_given = false, wait_event = false;
     enum { O_SOCK = 256, O_N, O_RATE, O_BURST, O_CONC, O_IN, O_OUT, O_GOOD, O_JSON, O_SEED,
-           O_NOMED, O_URL, O_EP, O_PROMPT, O_TEMP, O_KEY, O_MODEL, O_PLOT, O_WAIT };
+           O_NOMED, O_URL, O_EP, O_PROMPT, O_TEMP, O_KEY, O_MODEL, O_PLOT, O_WAIT, O_UNIX };
     static const struct option opts[] = {
         {"socket", required_argument, 0, O_SOCK},      {"num-prompts", required_argument, 0, O_N},
         {"requests", required_argument, 0, O_N},       {"request-rate", required_argument, 0, O_RATE},
@@ -730,6 +732,7 @@ int bench_serve_main(int argc, char **argv)
         {"no-medusa", no_argument, 0, O_NOMED},        {"base-url", required_argument, 0, O_URL},
         {"endpoint", required_argument, 0, O_EP},      {"prompt", required_argument, 0, O_PROMPT},
         {"temperature", required_argument, 0, O_TEMP}, {"api-key", required_argument, 0, O_KEY},
+        {"unix-socket", required_argument, 0, O_UNIX},
         {"model", required_argument, 0, O_MODEL},      {"plot", required_argument, 0, O_PLOT},
         {"wait", required_argument, 0, O_WAIT},        {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
@@ -778,6 +781,7 @@ int bench_serve_main(int argc, char **argv)
             break;
         case O_TEMP: bad = bench_parse_f64("serve", "--temperature", optarg, 0, 100, &w.temperature); break;
         case O_KEY: hc.api_key = optarg; break;
+        case O_UNIX: hc.unix_socket = optarg; break;
         case O_MODEL: hc.model = optarg; break;
         case O_PLOT: plot = optarg; break;
         case O_WAIT:
@@ -818,8 +822,9 @@ int bench_serve_main(int argc, char **argv)
                         "client always sleeps in curl_multi_poll)\n");
         return 2;
     }
-    if (!hc.base_url && (hc.api_key || hc.model)) {
-        fprintf(stderr, "gorgon-bench serve: --api-key and --model are for --base-url (HTTP)\n");
+    if (!hc.base_url && (hc.api_key || hc.model || hc.unix_socket)) {
+        fprintf(stderr, "gorgon-bench serve: --api-key, --model and --unix-socket are for "
+                        "--base-url (HTTP)\n");
         return 2;
     }
     if (plot && bench_plot_check(plot) < 0)

@@ -716,6 +716,23 @@ Test(sidecar_http, serves_on_a_unix_socket, .fini = teardown, .timeout = 60)
     snprintf(path, sizeof(path), "%s/sidecar.sock", gd.dir);
     start_sidecar("--unix", path, NULL, NULL);
     cr_assert_eq(strncmp(sc.url, "unix:", 5), 0, "%s", sc.url);
+    /* gorgon-bench serve drives it over the same socket (--unix-socket) */
+    const char *argv[] = {tu_bin("gorgon-bench"), "serve", "--base-url", "http://localhost",
+                          "--unix-socket", path, "--prompt", "Once upon a time", "--max-tokens",
+                          "8", "--num-prompts", "3", "--json", NULL};
+    char *out, *err;
+    int st = sct_run(argv, NULL, &out, &err);
+    cr_assert_eq(sct_exit_code(st), 0, "gorgon-bench serve --unix-socket: status %d\n%s%s", st,
+                 out, err);
+    json_error_t je;
+    json_t *j = json_loads(out, 0, &je);
+    cr_assert_not_null(j, "gorgon-bench printed no JSON (%s): %s", je.text, out);
+    cr_assert_eq(json_integer_value(json_object_get(j, "completed")), 3, "%s", out);
+    cr_assert_eq(json_integer_value(json_object_get(j, "failed")), 0, "%s", out);
+    cr_assert_eq(json_integer_value(json_object_get(j, "total_output_tokens")), 24, "%s", out);
+    json_decref(j);
+    free(out);
+    free(err);
     serves_health_and_a_completion();
     cr_assert_neq(access(path, F_OK), 0, "the socket file is left behind");
 }
