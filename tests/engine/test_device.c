@@ -17,6 +17,7 @@
 
 #include "engine/engine.h"
 #include "engine/model/gguf_write.h"
+#include "tests/engine/util/eng_test.h"
 #include "tests/util/test_models.h"
 
 #define S260 "stories260K/stories260K.gguf"
@@ -463,35 +464,9 @@ Test(engine_device, synthetic_weights_are_the_documented_fill)
 
 /* ---- eng_model_to_device on the CPU ------------------------------------- */
 
-static char *read_golden(const char *rel, size_t *len)
-{
-    FILE *f = fopen(tu_model_path(rel), "rb");
-    cr_assert_not_null(f);
-    static char buf[1 << 16];
-    *len = fread(buf, 1, sizeof(buf) - 1, f);
-    buf[*len] = 0;
-    fclose(f);
-    return buf;
-}
-
-typedef struct text_buf {
-    char s[1 << 16];
-    size_t n;
-} text_buf;
-
-static int collect(void *arg, int32_t token, const char *s, size_t n)
-{
-    (void)token;
-    text_buf *t = arg;
-    cr_assert(t->n + n < sizeof(t->s));
-    memcpy(t->s + t->n, s, n);
-    t->n += n;
-    return 0;
-}
-
 /* Greedy generation on kn like gorgon-run (final newline included). */
 static void generate_on(kn_ctx *kn, const eng_model *m, const char *prompt, int steps,
-                        text_buf *out)
+                        et_text *out)
 {
     const eng_tok *tok = eng_model_tokenizer(m);
     cr_assert_not_null(tok);
@@ -510,25 +485,12 @@ static void generate_on(kn_ctx *kn, const eng_model *m, const char *prompt, int 
     eng_gen_result r;
     cr_assert_eq(eng_generate(c, kv, seq,
                               &(eng_gen_cfg){.prompt = ids, .n_prompt = n, .steps = steps,
-                                             .on_token = collect, .arg = out},
+                                             .on_token = et_collect, .arg = out},
                               &r),
                  0, "%s", eng_error());
-    collect(out, -1, "\n", 1);
+    et_collect(out, -1, "\n", 1);
     eng_kv_destroy(kv);
     eng_ctx_destroy(c);
-}
-
-static void expect_golden(const char *golden, const text_buf *got)
-{
-    size_t n;
-    const char *want = read_golden(golden, &n);
-    size_t i = 0;
-    while (i < n && i < got->n && want[i] == got->s[i])
-        i++;
-    cr_assert(i == n && n == got->n,
-              "%s: first difference at byte %zu (got %zu bytes, want %zu)\n got: %.60s\nwant: "
-              "%.60s",
-              golden, i, got->n, n, got->s + (i > 20 ? i - 20 : 0), want + (i > 20 ? i - 20 : 0));
 }
 
 /* The CPU's memory is the mapping's: nothing moves, and the golden holds. */
@@ -545,9 +507,9 @@ Test(engine_device, to_device_on_cpu_is_a_noop_and_golden_holds, .timeout = 60)
     cr_assert_eq(eng_model_layer(m, 0)->wq.data, wq);
     cr_assert_eq(eng_model_layer(m, 4)->wq.packed, wq_packed, "the CPU's packed copy is kept");
     cr_assert_eq(eng_model_output_norm(m), norm);
-    static text_buf t;
+    static et_text t;
     generate_on(kn, m, "", 256, &t);
-    expect_golden("stories260K/golden_greedy_n256.txt", &t);
+    et_expect_golden("stories260K/golden_greedy_n256.txt", &t);
 
     /* a synthetic model made on a CPU ctx: also a no-op on (another) CPU ctx */
     kn_ctx *kn2 = cpu_ctx();
@@ -570,9 +532,9 @@ static void device_golden(const char *model, const char *prompt, int steps, cons
     cr_assert_eq(eng_model_to_device(m, kn), 0, "%s", eng_error());
     cr_assert_eq(eng_model_to_device(m, kn), 0, "placing it again on the same ctx: a no-op");
     cr_assert_not_null(eng_model_tokenizer(m), "the tokenizer stays on the host");
-    static text_buf t;
+    static et_text t;
     generate_on(kn, m, prompt, steps, &t);
-    expect_golden(golden, &t);
+    et_expect_golden(golden, &t);
     eng_model_close(m);
     kn_ctx_destroy(kn);
 }
@@ -603,33 +565,7 @@ static eng_model *open_tied(void **buf)
     cr_assert_eq(eng_gguf_open(&src, tu_model_path(S260)), 0, "%s", eng_error());
     eng_gguf_writer *w;
     cr_assert_eq(eng_gguf_writer_create(&w, 3, 0), 0);
-    for (int64_t i = 0; i < eng_gguf_kv_count(src); i++) {
-        const char *k = eng_gguf_kv_key(src, i);
-        if (strncmp(k, "llama.", 6) && strcmp(k, "general.architecture"))
-            continue;
-        switch (eng_gguf_kv_type(src, i)) {
-        case ENG_GGUF_U32: {
-            uint32_t v;
-            cr_assert_eq(eng_gguf_get_u32(src, k, &v), 0);
-            cr_assert_eq(eng_gguf_writer_add_u32(w, k, v), 0);
-            break;
-        }
-        case ENG_GGUF_F32: {
-            float v;
-            cr_assert_eq(eng_gguf_get_f32(src, k, &v), 0);
-            cr_assert_eq(eng_gguf_writer_add_f32(w, k, v), 0);
-            break;
-        }
-        case ENG_GGUF_STR: {
-            const char *v;
-            cr_assert_eq(eng_gguf_get_str(src, k, &v, NULL), 0);
-            cr_assert_eq(eng_gguf_writer_add_str(w, k, v), 0);
-            break;
-        }
-        default:
-            cr_assert_fail("unexpected key type of %s", k);
-        }
-    }
+    et_copy_llama_keys(src, w, NULL);
     for (int64_t i = 0; i < eng_gguf_tensor_count(src); i++) {
         const struct eng_gguf_tensor *t = eng_gguf_tensor_at(src, i);
         if (strcmp(t->name, "output.weight"))

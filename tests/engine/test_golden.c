@@ -8,37 +8,12 @@
 #include <unistd.h>
 
 #include "engine/engine.h"
+#include "tests/engine/util/eng_test.h"
 #include "tests/util/test_models.h"
-
-static char *read_file(const char *rel, size_t *len)
-{
-    FILE *f = fopen(tu_model_path(rel), "rb");
-    cr_assert_not_null(f);
-    static char buf[1 << 16];
-    *len = fread(buf, 1, sizeof(buf) - 1, f);
-    buf[*len] = 0;
-    fclose(f);
-    return buf;
-}
-
-typedef struct text_buf {
-    char s[1 << 16];
-    size_t n;
-} text_buf;
-
-static int collect(void *arg, int32_t token, const char *s, size_t n)
-{
-    (void)token;
-    text_buf *t = arg;
-    cr_assert(t->n + n < sizeof(t->s));
-    memcpy(t->s + t->n, s, n);
-    t->n += n;
-    return 0;
-}
 
 /* Generate like gorgon-run (which prints a final newline, as llama2.c). */
 static void generate(const char *model, enum kn_variant variant, int threads, const char *prompt,
-                     int steps, eng_sampler *smp, text_buf *out)
+                     int steps, eng_sampler *smp, et_text *out)
 {
     kn_ctx *kn;
     /* more than one thread: fan every op out (this model's ops are all below
@@ -65,36 +40,23 @@ static void generate(const char *model, enum kn_variant variant, int threads, co
     eng_gen_result r;
     cr_assert_eq(eng_generate(c, kv, seq,
                               &(eng_gen_cfg){.prompt = ids, .n_prompt = n, .steps = steps,
-                                             .sampler = smp, .on_token = collect, .arg = out},
+                                             .sampler = smp, .on_token = et_collect, .arg = out},
                               &r),
                  0, "%s", eng_error());
-    collect(out, -1, "\n", 1);
+    et_collect(out, -1, "\n", 1);
     eng_kv_destroy(kv);
     eng_ctx_destroy(c);
     eng_model_close(m);
     kn_ctx_destroy(kn);
 }
 
-static void expect_golden(const char *golden, const text_buf *got)
-{
-    size_t n;
-    const char *want = read_file(golden, &n);
-    size_t i = 0;
-    while (i < n && i < got->n && want[i] == got->s[i])
-        i++;
-    cr_assert(i == n && n == got->n,
-              "%s: first difference at byte %zu (got %zu bytes, want %zu)\n got: %.60s\nwant: "
-              "%.60s",
-              golden, i, got->n, n, got->s + (i > 20 ? i - 20 : 0), want + (i > 20 ? i - 20 : 0));
-}
-
 #define S260 "stories260K/stories260K.gguf"
 
 Test(engine_golden, stories260k_greedy_n200_from_bos, .timeout = 60)
 {
-    static text_buf t;
+    static et_text t;
     generate(S260, KN_VARIANT_AUTO, 1, "", 200, NULL, &t);
-    expect_golden("stories260K/golden_greedy_n200.txt", &t);
+    et_expect_golden("stories260K/golden_greedy_n200.txt", &t);
 }
 
 /* The golden text from every kernel variant; one this CPU cannot run is
@@ -103,9 +65,9 @@ static void golden_n256_on(enum kn_variant v)
 {
     if (!kn_variant_supported(v))
         cr_skip_test("%s: not supported by this CPU", kn_variant_name(v));
-    static text_buf t;
+    static et_text t;
     generate(S260, v, 1, "", 256, NULL, &t);
-    expect_golden("stories260K/golden_greedy_n256.txt", &t);
+    et_expect_golden("stories260K/golden_greedy_n256.txt", &t);
 }
 
 Test(engine_golden, stories260k_greedy_n256_scalar, .timeout = 120)
@@ -127,29 +89,29 @@ Test(engine_golden, stories260k_greedy_n256_avx512, .timeout = 120)
  * pays a scheduler round trip per op. */
 Test(engine_golden, stories260k_greedy_prompt_two_threads, .timeout = 120)
 {
-    static text_buf t;
+    static et_text t;
     generate(S260, KN_VARIANT_AUTO, 2, "Lily and Tom", 64, NULL, &t);
-    expect_golden("stories260K/golden_greedy_prompt_LilyAndTom_n64.txt", &t);
+    et_expect_golden("stories260K/golden_greedy_prompt_LilyAndTom_n64.txt", &t);
 }
 
 Test(engine_golden, stories260k_greedy_prompt_lily_and_tom_n64, .timeout = 60)
 {
-    static text_buf t;
+    static et_text t;
     generate(S260, KN_VARIANT_AUTO, 1, "Lily and Tom", 64, NULL, &t);
-    expect_golden("stories260K/golden_greedy_prompt_LilyAndTom_n64.txt", &t);
+    et_expect_golden("stories260K/golden_greedy_prompt_LilyAndTom_n64.txt", &t);
 }
 
 Test(engine_golden, babyllama_greedy_n256_from_bos, .timeout = 60)
 {
-    static text_buf t;
+    static et_text t;
     generate("babyllama-tok105/babyllama-tok105.gguf", KN_VARIANT_AUTO, 1, "", 256, NULL, &t);
-    expect_golden("babyllama-tok105/golden_greedy_n256.txt", &t);
+    et_expect_golden("babyllama-tok105/golden_greedy_n256.txt", &t);
 }
 
 Test(engine_golden, stories260k_llama2c_rng_t1_p09_seed133742, .timeout = 60)
 {
     /* llama2.c's xorshift RNG and top-p path reproduce its sampled output */
-    static text_buf t;
+    static et_text t;
     eng_sampler *s;
     cr_assert_eq(eng_sampler_create(&s,
                                     &(eng_sampler_cfg){.temperature = 1.0f, .top_p = 0.9f,
@@ -157,6 +119,6 @@ Test(engine_golden, stories260k_llama2c_rng_t1_p09_seed133742, .timeout = 60)
                                     512),
                  0);
     generate(S260, KN_VARIANT_SCALAR, 1, "", 256, s, &t);
-    expect_golden("stories260K/golden_t1.0_p0.9_s133742.txt", &t);
+    et_expect_golden("stories260K/golden_t1.0_p0.9_s133742.txt", &t);
     eng_sampler_destroy(s);
 }

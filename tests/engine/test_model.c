@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "engine/engine.h"
+#include "tests/engine/util/eng_test.h"
 #include "tests/util/test_models.h"
 #include "engine/model/gguf_write.h"
 
@@ -82,34 +83,7 @@ static int rebuild(const change *ch, eng_model **m, void **buf)
     cr_assert_eq(eng_gguf_open(&src, tu_model_path(S260)), 0);
     eng_gguf_writer *w;
     cr_assert_eq(eng_gguf_writer_create(&w, 3, 0), 0);
-    for (int64_t i = 0; i < eng_gguf_kv_count(src); i++) {
-        const char *k = eng_gguf_kv_key(src, i);
-        if ((strncmp(k, "llama.", 6) && strcmp(k, "general.architecture")) ||
-            (ch->drop_key && !strcmp(k, ch->drop_key)))
-            continue;
-        switch (eng_gguf_kv_type(src, i)) {
-        case ENG_GGUF_U32: {
-            uint32_t v;
-            cr_assert_eq(eng_gguf_get_u32(src, k, &v), 0);
-            cr_assert_eq(eng_gguf_writer_add_u32(w, k, v), 0);
-            break;
-        }
-        case ENG_GGUF_F32: {
-            float v;
-            cr_assert_eq(eng_gguf_get_f32(src, k, &v), 0);
-            cr_assert_eq(eng_gguf_writer_add_f32(w, k, v), 0);
-            break;
-        }
-        case ENG_GGUF_STR: {
-            const char *s;
-            cr_assert_eq(eng_gguf_get_str(src, k, &s, NULL), 0);
-            cr_assert_eq(eng_gguf_writer_add_str(w, k, s), 0);
-            break;
-        }
-        default:
-            cr_assert_fail("unexpected key type of %s", k);
-        }
-    }
+    et_copy_llama_keys(src, w, ch->drop_key);
     static float zeros[64 * 1024];
     for (int64_t i = 0; i < eng_gguf_tensor_count(src); i++) {
         const struct eng_gguf_tensor *t = eng_gguf_tensor_at(src, i);
